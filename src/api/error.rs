@@ -1,0 +1,139 @@
+//! The one place where errors become the wire error shape:
+//! `{"detail": "...", "code": "...", "errors": [{"field", "message"}]}`.
+
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use super::{json_response, Body};
+use crate::model::FieldError;
+use crate::store::StoreError;
+
+/// An answer other than success.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct WireError<'a> {
+    detail: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request cannot be parsed.
+    pub fn malformed(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed", detail)
+    }
+
+    /// 400 for a WebSocket channel that does not exist.
+    pub fn unknown_channel(name: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unknown_channel",
+            format!("Unknown channel '{name}'; expected sensors, readings or general"),
+        )
+    }
+
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed",
+        )
+    }
+
+    /// 413.
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("Request body larger than {limit} bytes"),
+        )
+    }
+
+    /// 422, naming every bad field.
+    pub fn invalid(errors: Vec<FieldError>) -> ApiError {
+        let summary: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        ApiError {
+            errors,
+            ..ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("Validation failed: {}", summary.join("; ")),
+            )
+        }
+    }
+
+    /// 422 for a single field.
+    pub fn invalid_field(field: &str, message: &str) -> ApiError {
+        ApiError::invalid(vec![FieldError::new(field, message)])
+    }
+
+    /// 503: the daemon is stopping or storage is unavailable.
+    pub fn unavailable(detail: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
+    }
+
+    /// The response carrying this error.
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = json_response(
+            self.status,
+            &WireError {
+                detail: &self.detail,
+                code: self.code,
+                errors: &self.errors,
+            },
+        );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound { entity, id } => {
+                ApiError::not_found(format!("{entity} {id} not found"))
+            }
+            StoreError::Closed => ApiError::unavailable("Shutting down"),
+            other => {
+                log::error!("storage: {other}");
+                ApiError::unavailable(format!("Storage unavailable: {other}"))
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! REST handlers: parse and validate, call the store, shape the answer. None of them
+//! writes anything itself; every change goes through the store writer, which emits the
+//! matching event.
+
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::query::Query;
+use super::{full, json_response, ApiError, Body, State};
+use crate::events::Channel;
+use crate::model::{parse_time, FieldError, NewReading, NewSensor, SensorPatch};
+use crate::store::{Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter, SCHEMA_VERSION};
+
+const OPENAPI: &str = include_str!("../../assets/openapi.json");
+const INDEX: &str = include_str!("../../assets/index.html");
+
+/// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
+async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
+    let limit = state.server.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let bytes = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::malformed(format!("Could not read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed(format!("Malformed JSON: {e}")))
+}
+
+fn query(req: &Request<Incoming>) -> Query {
+    Query::parse(req.uri().query())
+}
+
+/// Parses an optional number parameter within bounds, naming it when it is bad.
+fn number_param(query: &Query, name: &str, default: u32, max: u32) -> Result<u32, FieldError> {
+    match query.get(name) {
+        None => Ok(default),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if n <= max => Ok(n),
+            _ => Err(FieldError::new(name, &format!("must be an integer from 0 to {max}"))),
+        },
+    }
+}
+
+/// Collects query errors into one 422.
+fn checked<T>(errors: &mut Vec<FieldError>, result: Result<T, FieldError>) -> Option<T> {
+    result.map_err(|e| errors.push(e)).ok()
+}
+
+pub fn index() -> Response<Body> {
+    let mut response = Response::new(full(INDEX));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    response
+}
+
+pub fn openapi() -> Response<Body> {
+    let mut response = Response::new(full(OPENAPI));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Liveness and storage status. 503 while storage is failing, so a supervisor or load
+/// balancer sees it.
+pub async fn health(state: &State) -> Response<Body> {
+    let writer = state.store.health();
+    let counts = state.store.counts().await;
+    let last_error = writer.last_error();
+    let (ok, storage) = match &counts {
+        Ok(c) => (
+            last_error.is_none(),
+            json!({
+                "ok": last_error.is_none(),
+                "last_error": last_error,
+                "commits": writer.commits(),
+                "schema_version": SCHEMA_VERSION,
+                "sensors": c.sensors,
+                "last_seq": c.last_seq,
+                "oldest_seq": c.oldest_seq,
+            }),
+        ),
+        Err(e) => (false, json!({"ok": false, "last_error": e.to_string()})),
+    };
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": state.started.elapsed().as_secs(),
+        "storage": storage,
+        "websocket_clients": state.hub.stats().total_connections,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &body)
+}
+
+pub async fn list_sensors(req: &Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+    let q = query(req);
+    let mut errors = Vec::new();
+    let activo = match q.get("activo") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => {
+            errors.push(FieldError::new("activo", "must be true or false"));
+            None
+        }
+    };
+    let limit = checked(&mut errors, number_param(&q, "limit", 100, 1000));
+    let offset = checked(&mut errors, number_param(&q, "offset", 0, u32::MAX));
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let filter = SensorFilter {
+        tipo: q.get("tipo").map(str::to_owned),
+        activo,
+        limit: limit.unwrap_or_default(),
+        offset: offset.unwrap_or_default(),
+    };
+    let sensors = state.store.sensors(filter).await?;
+    Ok(json_response(StatusCode::OK, &sensors))
+}
+
+pub async fn create_sensor(req: Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+    let new = NewSensor::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let sensor = state.store.create_sensor(new).await?;
+    Ok(json_response(StatusCode::CREATED, &sensor))
+}
+
+pub async fn get_sensor(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
+    match state.store.sensor(id).await? {
+        Some(sensor) => Ok(json_response(StatusCode::OK, &sensor)),
+        None => Err(ApiError::not_found(format!("Sensor {id} not found"))),
+    }
+}
+
+pub async fn update_sensor(
+    req: Request<Incoming>,
+    state: &State,
+    id: i64,
+) -> Result<Response<Body>, ApiError> {
+    let patch = SensorPatch::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let sensor = state.store.update_sensor(id, patch).await?;
+    Ok(json_response(StatusCode::OK, &sensor))
+}
+
+pub async fn delete_sensor(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
+    let sensor = state.store.delete_sensor(id).await?;
+    Ok(json_response(StatusCode::OK, &sensor))
+}
+
+pub async fn list_readings(req: &Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+    let q = query(req);
+    let mut errors = Vec::new();
+    let sensor_id = match q.get("sensor_id") {
+        None => None,
+        Some(text) => checked(
+            &mut errors,
+            text.parse::<i64>()
+                .map_err(|_| FieldError::new("sensor_id", "must be an integer")),
+        ),
+    };
+    let mut time = |name: &str| match q.get(name) {
+        None => None,
+        Some(text) => checked(
+            &mut errors,
+            parse_time(text).ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
+        ),
+    };
+    let from = time("desde");
+    let to = time("hasta");
+    let order = match q.get("order") {
+        None | Some("desc") => ReadingOrder::Desc,
+        Some("asc") => ReadingOrder::Asc,
+        Some(_) => {
+            errors.push(FieldError::new("order", "must be asc or desc"));
+            ReadingOrder::Desc
+        }
+    };
+    let limit = checked(&mut errors, number_param(&q, "limit", 100, 10_000));
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let filter = ReadingFilter {
+        sensor_id,
+        tipo: q.get("tipo").map(str::to_owned),
+        from,
+        to,
+        limit: limit.unwrap_or_default(),
+        order,
+    };
+    let readings = state.store.readings(filter).await?;
+    Ok(json_response(StatusCode::OK, &readings))
+}
+
+pub async fn create_reading(req: Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+    let new = NewReading::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let reading = state.store.insert_reading(new).await?;
+    Ok(json_response(StatusCode::CREATED, &reading))
+}
+
+pub fn ws_stats(state: &State) -> Response<Body> {
+    json_response(StatusCode::OK, &state.hub.stats())
+}
+
+pub fn ws_channel_stats(state: &State, channel: &str) -> Result<Response<Body>, ApiError> {
+    let channel: Channel = channel
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("Unknown channel '{channel}'")))?;
+    let mut body = serde_json::to_value(state.hub.channel_stats(channel))
+        .expect("stats always serialise");
+    body["channel"] = json!(channel.as_str());
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Broadcasts `{"channel": ..., "data": ...}` as a `test_event`; stored and numbered like
+/// every event, so resuming clients see it too.
+pub async fn test_event(req: Request<Incoming>, state: &Arc<State>) -> Result<Response<Body>, ApiError> {
+    let body = read_json(req, state).await?;
+    let Value::Object(mut fields) = body else {
+        return Err(ApiError::invalid_field("body", "must be a JSON object"));
+    };
+    let channel = match fields.remove("channel") {
+        None => Channel::General,
+        Some(Value::String(name)) => name
+            .parse()
+            .map_err(|_| ApiError::invalid_field("channel", "must be sensors, readings or general"))?,
+        Some(_) => return Err(ApiError::invalid_field("channel", "must be a string")),
+    };
+    let data = fields.remove("data").unwrap_or(Value::Null);
+    if let Some(unknown) = fields.keys().next() {
+        return Err(ApiError::invalid_field(unknown, "unknown field"));
+    }
+    let seq = state
+        .store
+        .emit(Emission {
+            channel,
+            kind: EmissionKind::Test,
+            sensor_id: None,
+            data,
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "sent", "channel": channel.as_str(), "seq": seq}),
+    ))
+}

@@ -1,0 +1,298 @@
+//! Typed configuration, read from TOML once at start and validated before anything runs.
+//!
+//! The packaged default (`systemd/config.toml`) is embedded so that
+//! `print-default-config` always matches the binary.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
+pub const DEFAULT_CONFIG: &str = include_str!("../systemd/config.toml");
+
+/// The configuration `--demo` runs: simulated sensors, development mode, loopback only.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// Everything the daemon can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub realtime: RealtimeConfig,
+    #[serde(default, rename = "sensor")]
+    pub sensors: Vec<SensorConfig>,
+}
+
+/// HTTP server and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub dev: bool,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub header_read_timeout_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            dev: false,
+            max_connections: 256,
+            max_body_bytes: 64 * 1024,
+            header_read_timeout_s: 10,
+        }
+    }
+}
+
+/// How SQLite trades durability against card writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Normal,
+    Full,
+}
+
+/// The database and what it keeps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub synchronous: Synchronous,
+    pub max_events: u64,
+    /// Raw readings older than this many days are removed; 0 keeps them forever.
+    pub readings_retention_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("/var/lib/sensorgate"),
+            synchronous: Synchronous::Normal,
+            max_events: 1_000_000,
+            readings_retention_days: 365,
+        }
+    }
+}
+
+/// WebSocket sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealtimeConfig {
+    pub client_queue: usize,
+    pub ping_interval_s: u64,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        RealtimeConfig {
+            client_queue: 1024,
+            ping_interval_s: 30,
+        }
+    }
+}
+
+/// One sensor this gateway samples.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    /// Stable name; the sensor record is found by it across restarts.
+    pub name: String,
+    pub tipo: String,
+    pub modelo: String,
+    #[serde(default)]
+    pub ubicacion: Option<String>,
+    #[serde(default = "default_interval")]
+    pub interval_s: f64,
+    pub source: SourceSpec,
+}
+
+fn default_interval() -> f64 {
+    2.0
+}
+
+/// Where a sensor's samples come from.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceSpec {
+    /// A simulated DHT22-like sensor.
+    Sim(crate::sensors::sim::SimConfig),
+}
+
+/// A configuration that could not be loaded, with enough context to fix it.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, error: std::io::Error },
+    Parse { path: PathBuf, message: String },
+    Invalid { path: PathBuf, message: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, error } => write!(f, "{}: {error}", path.display()),
+            ConfigError::Parse { path, message } | ConfigError::Invalid { path, message } => {
+                write!(f, "{}: {message}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message: locate(text, &message),
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Problem> {
+        if self.server.max_connections == 0 {
+            return Err(Problem::key("server.max_connections", "must be at least 1"));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(Problem::key("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.storage.max_events == 0 {
+            return Err(Problem::key("storage.max_events", "must be at least 1"));
+        }
+        if self.realtime.client_queue < 16 {
+            return Err(Problem::key("realtime.client_queue", "must be at least 16"));
+        }
+        if self.realtime.ping_interval_s == 0 {
+            return Err(Problem::key("realtime.ping_interval_s", "must be at least 1"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for sensor in &self.sensors {
+            let at = |key: &str, message: &str| Problem {
+                anchor: Some(format!("\"{}\"", sensor.name)),
+                text: format!("sensor \"{}\": {key} {message}", sensor.name),
+            };
+            if sensor.name.trim().is_empty() {
+                return Err(Problem::key("sensor.name", "must not be empty"));
+            }
+            if !names.insert(sensor.name.as_str()) {
+                return Err(at("name", "is used twice"));
+            }
+            if sensor.tipo.trim().is_empty() {
+                return Err(at("tipo", "must not be empty"));
+            }
+            if sensor.modelo.trim().is_empty() {
+                return Err(at("modelo", "must not be empty"));
+            }
+            if !(sensor.interval_s >= 0.05 && sensor.interval_s <= 86_400.0) {
+                return Err(at("interval_s", "must be between 0.05 and 86400 seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A validation problem and the text to look for to find its line.
+struct Problem {
+    anchor: Option<String>,
+    text: String,
+}
+
+impl Problem {
+    fn key(key: &str, message: &str) -> Problem {
+        let last = key.rsplit('.').next().unwrap_or(key);
+        Problem {
+            anchor: Some(format!("{last} ")),
+            text: format!("{key} {message}"),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Prefixes a validation message with the line of the file it is about, when the key or
+/// sensor name can be found there.
+fn locate(text: &str, problem: &Problem) -> String {
+    let line = problem.anchor.as_deref().and_then(|anchor| {
+        text.lines()
+            .position(|l| !l.trim_start().starts_with('#') && l.contains(anchor))
+    });
+    match line {
+        Some(n) => format!("line {}: {}", n + 1, problem.text),
+        None => problem.text.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_configs_are_valid() {
+        let default = Config::parse(DEFAULT_CONFIG, Path::new("default")).unwrap();
+        assert_eq!(default.server.listen.port(), 8000);
+        assert!(!default.server.dev);
+        let demo = Config::parse(DEMO_CONFIG, Path::new("demo")).unwrap();
+        assert!(demo.server.dev);
+        assert!(!demo.sensors.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nport = 5\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_line() {
+        let text = "[server]\nmax_connections = 0\n";
+        let err = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        assert_eq!(err, "x.toml: line 2: server.max_connections must be at least 1");
+    }
+
+    #[test]
+    fn duplicate_sensor_names_are_refused() {
+        let text = r#"
+[[sensor]]
+name = "a"
+tipo = "temperatura"
+modelo = "DHT22"
+source = { kind = "sim" }
+[[sensor]]
+name = "a"
+tipo = "temperatura"
+modelo = "DHT22"
+source = { kind = "sim" }
+"#;
+        let err = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("used twice"), "{err}");
+    }
+}

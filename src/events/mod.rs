@@ -1,0 +1,84 @@
+//! Events: what clients are told, in the original service's envelope, plus the `seq`
+//! that makes resuming possible.
+//!
+//! An event is built and serialised exactly once, by the store writer right after it has
+//! written what the event describes; the frame text is stored with it and the same bytes
+//! go to every subscriber.
+
+mod envelope;
+mod hub;
+
+pub use envelope::{connection_message, error_message, stats_message};
+pub(crate) use envelope::{reading_frame, sensor_frame, system_frame, test_frame};
+pub use hub::{ChannelStats, Hub, HubStats};
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// A topic clients subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Sensors created, updated, deleted.
+    Sensors,
+    /// Every stored reading.
+    Readings,
+    /// System events (sensor health, storage) and test events.
+    General,
+}
+
+impl Channel {
+    /// Every channel, in the order stats list them.
+    pub const ALL: [Channel; 3] = [Channel::Sensors, Channel::Readings, Channel::General];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sensors => "sensors",
+            Channel::Readings => "readings",
+            Channel::General => "general",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name is not one of [`Channel::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownChannel(pub String);
+
+impl FromStr for Channel {
+    type Err = UnknownChannel;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sensors" => Ok(Channel::Sensors),
+            "readings" => Ok(Channel::Readings),
+            "general" => Ok(Channel::General),
+            other => Err(UnknownChannel(other.to_owned())),
+        }
+    }
+}
+
+/// One emitted event: its place in the sequence, what subscriptions filter on, and the
+/// frame every subscriber receives.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub seq: u64,
+    pub channel: Channel,
+    /// `created`, `updated`, `deleted`, or the kind of a system or test event.
+    pub event_type: String,
+    /// The sensor the event is about (the reading's sensor for readings).
+    pub sensor_id: Option<i64>,
+    pub tipo: Option<String>,
+    /// The serialised JSON envelope, shared by every subscriber without copying.
+    pub frame: Utf8Bytes,
+}

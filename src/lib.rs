@@ -1,0 +1,30 @@
+//! sensorgate: an edge daemon for sensor gateways.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! sensors (source threads) ─┐
+//!                           ├─> store::Store ─> writer thread ─> SQLite (one transaction per batch)
+//! api (REST writes) ────────┘                        │
+//!                                                    └─> events::Hub ─> api::ws sessions
+//! ```
+//!
+//! - [`config`]: typed configuration, validated once.
+//! - [`model`]: sensors and readings as clients see them, and validated inputs.
+//! - [`store`]: schema, the writer thread (group commit, event numbering), read queries.
+//! - [`events`]: the event envelope and the hub that fans events out.
+//! - [`sensors`]: sources and the scheduler that drives them.
+//! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions.
+//! - [`app`]: wiring and ordered shutdown.
+//! - [`shutdown`]: the shutdown signal and drain.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod events;
+pub mod model;
+pub mod sensors;
+pub mod shutdown;
+pub mod store;

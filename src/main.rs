@@ -1,0 +1,218 @@
+//! The `sensorgate` command: parse the command line, load the config, set up logging
+//! and the runtime, run the daemon.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
+
+const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
+
+const HELP: &str = "\
+sensorgate: sensor gateway daemon (REST, WebSocket, SQLite)
+
+USAGE:
+    sensorgate [OPTIONS]
+    sensorgate check-config FILE
+    sensorgate print-default-config
+
+OPTIONS:
+    --config FILE     Config file (default: /etc/sensorgate/config.toml if present)
+    --listen ADDR     Address to serve on, e.g. 0.0.0.0:8000 (overrides the config)
+    --data-dir DIR    Where the database lives (overrides the config)
+    --demo            Simulated sensors, development mode, 127.0.0.1:8000, ./sensorgate-demo/
+    --dev             Enable development-only routes (/api/v1/test-sensors/)
+    -h, --help        Print this help
+    -V, --version     Print the version
+
+Logging is set with RUST_LOG (default: info).
+";
+
+/// What the command line asks for.
+enum Command {
+    Run(RunArgs),
+    CheckConfig(PathBuf),
+    PrintDefaultConfig,
+    Help,
+    Version,
+}
+
+#[derive(Default)]
+struct RunArgs {
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    demo: bool,
+    dev: bool,
+}
+
+fn parse_args() -> Result<Command, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let mut args = RunArgs::default();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") => args.config = Some(parser.value()?.into()),
+            Long("listen") => args.listen = Some(parser.value()?.parse()?),
+            Long("data-dir") => args.data_dir = Some(parser.value()?.into()),
+            Long("demo") => args.demo = true,
+            Long("dev") => args.dev = true,
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Value(word) if word == "check-config" => {
+                return Ok(Command::CheckConfig(parser.value()?.into()))
+            }
+            Value(word) if word == "print-default-config" => return Ok(Command::PrintDefaultConfig),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Command::Run(args))
+}
+
+/// The config to run with: the file, or the demo's, or the packaged default, with
+/// command-line flags on top.
+fn resolve_config(args: &RunArgs) -> Result<Config, String> {
+    let mut config = match (&args.config, args.demo) {
+        (Some(_), true) => return Err("--demo runs its own config; leave out --config".into()),
+        (Some(path), false) => Config::load(path).map_err(|e| e.to_string())?,
+        (None, true) => Config::parse(DEMO_CONFIG, Path::new("<demo>")).map_err(|e| e.to_string())?,
+        (None, false) if Path::new(SYSTEM_CONFIG).exists() => {
+            Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?
+        }
+        (None, false) => {
+            Config::parse(DEFAULT_CONFIG, Path::new("<default>")).map_err(|e| e.to_string())?
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.storage.data_dir = dir.clone();
+    }
+    if args.dev {
+        config.server.dev = true;
+    }
+    Ok(config)
+}
+
+/// Terminal logs get timestamps; under systemd (`JOURNAL_STREAM` set) journald adds its
+/// own, so lines carry only a `<N>` priority prefix that journald turns into a level.
+fn init_logging() {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.format(|buf, record| {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{priority}>{}", record.args())
+        });
+    }
+    builder.init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            log::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = match resolve_config(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("sensorgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sensorgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("cannot listen on {}: {e}", config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().unwrap_or(config.server.listen);
+        log::info!("listening on http://{addr}/");
+        if args.demo {
+            println!("sensorgate demo running with simulated sensors (Ctrl-C to stop)");
+            println!("  dashboard:  http://{addr}/");
+            println!("  sensors:    http://{addr}/api/v1/sensores/");
+            println!("  readings:   http://{addr}/api/v1/lecturas/");
+            println!("  live:       ws://{addr}/api/v1/ws?channel=readings");
+            println!("  api docs:   http://{addr}/api/v1/openapi.json");
+            println!("  data in:    {}", config.storage.data_dir.display());
+        }
+        if config.server.dev {
+            log::warn!("development mode: /api/v1/test-sensors/ is enabled");
+        }
+        match sensorgate::app::run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                log::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let command = match parse_args() {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("sensorgate: {e}\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            print!("{HELP}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("sensorgate {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig(path) => match Config::load(&path) {
+            Ok(config) => {
+                println!("{}: ok ({} sensors)", path.display(), config.sensors.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            init_logging();
+            run(args)
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! The wire shapes: sensors and readings as clients see them, and the validated inputs
+//! that create or change them.
+//!
+//! Field names are Spanish because existing dashboards speak the original service's
+//! format; see `API.md` in the README's API section.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A point in time as stored: microseconds since the Unix epoch, UTC.
+pub type Micros = i64;
+
+/// Current time in storage units.
+pub fn now_micros() -> Micros {
+    Utc::now().timestamp_micros()
+}
+
+/// Formats stored time the way the wire wants it: RFC 3339, UTC, microseconds, `Z`.
+pub fn format_time(t: Micros) -> String {
+    Utc.timestamp_micros(t)
+        .single()
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Parses a wire time (RFC 3339 with any offset) into storage units.
+pub fn parse_time(text: &str) -> Option<Micros> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc).timestamp_micros())
+}
+
+fn serialize_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(*t))
+}
+
+/// A sensor as stored and as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sensor {
+    pub id: i64,
+    pub tipo: String,
+    pub modelo: String,
+    pub nombre: Option<String>,
+    pub ubicacion: Option<String>,
+    /// Acquisition source spec (`{"kind": "serial", ...}`), absent for sensors that only
+    /// receive readings over REST.
+    pub fuente: Option<Value>,
+    /// Sampling interval in seconds.
+    pub intervalo: Option<f64>,
+    pub activo: bool,
+    #[serde(serialize_with = "serialize_time")]
+    pub created_at: Micros,
+    #[serde(serialize_with = "serialize_time")]
+    pub updated_at: Micros,
+}
+
+/// The sensor fields a client may set, in schema order. `updated_fields` lists changes in
+/// this order.
+pub const SENSOR_FIELDS: [&str; 7] = [
+    "tipo",
+    "modelo",
+    "nombre",
+    "ubicacion",
+    "fuente",
+    "intervalo",
+    "activo",
+];
+
+/// A reading as stored and as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reading {
+    pub id: i64,
+    pub sensor_id: i64,
+    pub tipo: String,
+    pub valor: f64,
+    pub unidad: String,
+    /// When the sample was taken, not when it was stored.
+    #[serde(serialize_with = "serialize_time")]
+    pub timestamp: Micros,
+}
+
+/// One field that failed validation, as listed in a 422 answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+const MAX_TEXT: usize = 128;
+const MAX_INTERVAL_S: f64 = 86_400.0;
+
+/// Reads typed fields out of a JSON object and collects every problem, so that one 422
+/// answer names all bad fields at once instead of the first.
+struct Fields {
+    object: Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl Fields {
+    fn new(body: Value) -> Result<Self, Vec<FieldError>> {
+        match body {
+            Value::Object(object) => Ok(Fields {
+                object,
+                errors: Vec::new(),
+            }),
+            _ => Err(vec![FieldError::new("body", "must be a JSON object")]),
+        }
+    }
+
+    /// `None` when absent; `Some(None)` when explicitly null.
+    fn take(&mut self, name: &str) -> Option<Option<Value>> {
+        self.object
+            .remove(name)
+            .map(|v| if v.is_null() { None } else { Some(v) })
+    }
+
+    fn fail(&mut self, name: &str, message: &str) {
+        self.errors.push(FieldError::new(name, message));
+    }
+
+    fn text(&mut self, name: &str, value: Value) -> Option<String> {
+        match value {
+            Value::String(s) if s.trim().is_empty() => {
+                self.fail(name, "must not be empty");
+                None
+            }
+            Value::String(s) if s.chars().count() > MAX_TEXT => {
+                self.fail(name, "must be at most 128 characters");
+                None
+            }
+            Value::String(s) => Some(s),
+            _ => {
+                self.fail(name, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn required_text(&mut self, name: &str) -> Option<String> {
+        match self.take(name) {
+            Some(Some(v)) => self.text(name, v),
+            _ => {
+                self.fail(name, "field required");
+                None
+            }
+        }
+    }
+
+    /// Absent: `None`. Present: `Some(new value)`, where null clears the field.
+    fn nullable_text(&mut self, name: &str) -> Option<Option<String>> {
+        match self.take(name)? {
+            None => Some(None),
+            Some(v) => self.text(name, v).map(Some),
+        }
+    }
+
+    fn fuente(&mut self) -> Option<Option<Value>> {
+        match self.take("fuente")? {
+            None => Some(None),
+            Some(v @ Value::Object(_)) => Some(Some(v)),
+            Some(_) => {
+                self.fail("fuente", "must be an object describing the source");
+                None
+            }
+        }
+    }
+
+    fn intervalo(&mut self) -> Option<Option<f64>> {
+        match self.take("intervalo")? {
+            None => Some(None),
+            Some(v) => match v.as_f64() {
+                Some(s) if s > 0.0 && s <= MAX_INTERVAL_S => Some(Some(s)),
+                _ => {
+                    self.fail("intervalo", "must be a number of seconds above 0 and at most 86400");
+                    None
+                }
+            },
+        }
+    }
+
+    fn activo(&mut self) -> Option<bool> {
+        match self.take("activo")? {
+            Some(Value::Bool(b)) => Some(b),
+            _ => {
+                self.fail("activo", "must be true or false");
+                None
+            }
+        }
+    }
+
+    /// Unknown fields are errors: a typo in a field name must not be silently ignored.
+    fn finish(mut self) -> Result<(), Vec<FieldError>> {
+        let unknown: Vec<String> = self.object.keys().cloned().collect();
+        for name in unknown {
+            self.fail(&name, "unknown field");
+        }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
+/// A validated request to create a sensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSensor {
+    pub tipo: String,
+    pub modelo: String,
+    pub nombre: Option<String>,
+    pub ubicacion: Option<String>,
+    pub fuente: Option<Value>,
+    pub intervalo: Option<f64>,
+    pub activo: bool,
+}
+
+impl NewSensor {
+    /// Validates a create body; every problem is reported.
+    pub fn from_json(body: Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields::new(body)?;
+        let tipo = f.required_text("tipo");
+        let modelo = f.required_text("modelo");
+        let nombre = f.nullable_text("nombre").flatten();
+        let ubicacion = f.nullable_text("ubicacion").flatten();
+        let fuente = f.fuente().flatten();
+        let intervalo = f.intervalo().flatten();
+        let activo = f.activo().unwrap_or(true);
+        f.finish()?;
+        Ok(NewSensor {
+            tipo: tipo.unwrap_or_default(),
+            modelo: modelo.unwrap_or_default(),
+            nombre,
+            ubicacion,
+            fuente,
+            intervalo,
+            activo,
+        })
+    }
+}
+
+/// A validated partial update: only the fields present in the body.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SensorPatch {
+    pub tipo: Option<String>,
+    pub modelo: Option<String>,
+    pub nombre: Option<Option<String>>,
+    pub ubicacion: Option<Option<String>>,
+    pub fuente: Option<Option<Value>>,
+    pub intervalo: Option<Option<f64>>,
+    pub activo: Option<bool>,
+}
+
+impl SensorPatch {
+    /// Validates an update body. `tipo` and `modelo` cannot be cleared; the optional
+    /// fields can, with `null`.
+    pub fn from_json(body: Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields::new(body)?;
+        let mut patch = SensorPatch::default();
+        for name in ["tipo", "modelo"] {
+            let value = match f.take(name) {
+                None => None,
+                Some(None) => {
+                    f.fail(name, "must not be null");
+                    None
+                }
+                Some(Some(v)) => f.text(name, v),
+            };
+            if name == "tipo" {
+                patch.tipo = value;
+            } else {
+                patch.modelo = value;
+            }
+        }
+        patch.nombre = f.nullable_text("nombre");
+        patch.ubicacion = f.nullable_text("ubicacion");
+        patch.fuente = f.fuente();
+        patch.intervalo = f.intervalo();
+        patch.activo = f.activo();
+        f.finish()?;
+        Ok(patch)
+    }
+
+    /// Applies the patch and returns the names of the fields whose value really changed,
+    /// in schema order. Writing a field with its current value is not a change.
+    pub fn apply(&self, sensor: &mut Sensor) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        fn set<T: PartialEq + Clone>(
+            slot: &mut T,
+            new: &Option<T>,
+            name: &'static str,
+            changed: &mut Vec<&'static str>,
+        ) {
+            if let Some(value) = new {
+                if slot != value {
+                    *slot = value.clone();
+                    changed.push(name);
+                }
+            }
+        }
+        set(&mut sensor.tipo, &self.tipo, "tipo", &mut changed);
+        set(&mut sensor.modelo, &self.modelo, "modelo", &mut changed);
+        set(&mut sensor.nombre, &self.nombre, "nombre", &mut changed);
+        set(&mut sensor.ubicacion, &self.ubicacion, "ubicacion", &mut changed);
+        set(&mut sensor.fuente, &self.fuente, "fuente", &mut changed);
+        set(&mut sensor.intervalo, &self.intervalo, "intervalo", &mut changed);
+        set(&mut sensor.activo, &self.activo, "activo", &mut changed);
+        changed
+    }
+}
+
+/// A validated reading pushed by a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewReading {
+    pub sensor_id: i64,
+    pub tipo: String,
+    pub valor: f64,
+    pub unidad: String,
+    /// When the sample was taken; `None` means now.
+    pub timestamp: Option<Micros>,
+}
+
+impl NewReading {
+    /// Validates a reading body; every problem is reported.
+    pub fn from_json(body: Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields::new(body)?;
+        let sensor_id = match f.take("sensor_id") {
+            Some(Some(v)) => match v.as_i64() {
+                Some(id) if id > 0 => Some(id),
+                _ => {
+                    f.fail("sensor_id", "must be a positive integer");
+                    None
+                }
+            },
+            _ => {
+                f.fail("sensor_id", "field required");
+                None
+            }
+        };
+        let tipo = f.required_text("tipo");
+        let valor = match f.take("valor") {
+            Some(Some(v)) => match v.as_f64() {
+                Some(x) if x.is_finite() => Some(x),
+                _ => {
+                    f.fail("valor", "must be a finite number");
+                    None
+                }
+            },
+            _ => {
+                f.fail("valor", "field required");
+                None
+            }
+        };
+        let unidad = match f.take("unidad") {
+            None | Some(None) => Some(String::new()),
+            Some(Some(Value::String(s))) if s.chars().count() <= 16 => Some(s),
+            Some(Some(_)) => {
+                f.fail("unidad", "must be a string of at most 16 characters");
+                None
+            }
+        };
+        let timestamp = match f.take("timestamp") {
+            None | Some(None) => Some(None),
+            Some(Some(Value::String(s))) => match parse_time(&s) {
+                Some(t) => Some(Some(t)),
+                None => {
+                    f.fail("timestamp", "must be an RFC 3339 time with offset");
+                    None
+                }
+            },
+            Some(Some(_)) => {
+                f.fail("timestamp", "must be an RFC 3339 time with offset");
+                None
+            }
+        };
+        f.finish()?;
+        Ok(NewReading {
+            sensor_id: sensor_id.unwrap_or_default(),
+            tipo: tipo.unwrap_or_default(),
+            valor: valor.unwrap_or_default(),
+            unidad: unidad.unwrap_or_default(),
+            timestamp: timestamp.flatten(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(errors: Vec<FieldError>) -> Vec<String> {
+        errors.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn new_sensor_requires_tipo_and_modelo() {
+        let err = NewSensor::from_json(json!({})).unwrap_err();
+        assert_eq!(fields(err), ["tipo", "modelo"]);
+    }
+
+    #[test]
+    fn new_sensor_rejects_unknown_and_wrong_types() {
+        let err = NewSensor::from_json(json!({"tipo": 5, "modelo": "DHT22", "color": "red"}))
+            .unwrap_err();
+        assert_eq!(fields(err), ["tipo", "color"]);
+    }
+
+    #[test]
+    fn new_sensor_defaults_activo() {
+        let s = NewSensor::from_json(json!({"tipo": "temperatura", "modelo": "DHT22"})).unwrap();
+        assert!(s.activo);
+        assert_eq!(s.nombre, None);
+    }
+
+    #[test]
+    fn patch_reports_only_real_changes_in_schema_order() {
+        let mut sensor = Sensor {
+            id: 1,
+            tipo: "temperatura".into(),
+            modelo: "DHT22".into(),
+            nombre: Some("a".into()),
+            ubicacion: None,
+            fuente: None,
+            intervalo: None,
+            activo: true,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let patch =
+            SensorPatch::from_json(json!({"activo": false, "modelo": "DHT11", "tipo": "temperatura"}))
+                .unwrap();
+        assert_eq!(patch.apply(&mut sensor), ["modelo", "activo"]);
+        assert_eq!(patch.apply(&mut sensor), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn patch_clears_nullable_but_not_required() {
+        let patch = SensorPatch::from_json(json!({"nombre": null})).unwrap();
+        assert_eq!(patch.nombre, Some(None));
+        let err = SensorPatch::from_json(json!({"tipo": null})).unwrap_err();
+        assert_eq!(fields(err), ["tipo"]);
+    }
+
+    #[test]
+    fn reading_validation() {
+        let r = NewReading::from_json(json!({"sensor_id": 1, "tipo": "temperatura", "valor": 21.4, "unidad": "°C"}))
+            .unwrap();
+        assert_eq!(r.valor, 21.4);
+        let err = NewReading::from_json(json!({"sensor_id": "x", "valor": "hot", "timestamp": "yesterday"}))
+            .unwrap_err();
+        assert_eq!(fields(err), ["sensor_id", "tipo", "valor", "timestamp"]);
+    }
+
+    #[test]
+    fn times_round_trip_in_wire_format() {
+        let t = parse_time("2026-11-28T10:15:02.123456Z").unwrap();
+        assert_eq!(format_time(t), "2026-11-28T10:15:02.123456Z");
+        assert_eq!(parse_time("2026-11-28T11:15:02.123456+01:00"), Some(t));
+    }
+}

@@ -1,0 +1,555 @@
+//! DHT22 (AM2302) and DHT11 read from userspace over a GPIO character device.
+//!
+//! Bit-banging a DHT with `sleep`/poll from userspace on Linux is unreliable: the 26 us vs
+//! 70 us pulses are shorter than scheduling jitter. What makes it work is that the GPIO
+//! character device timestamps every edge in the interrupt handler, so the timing is the
+//! kernel's, not ours. The rim ([`GpioDhtSource`]) only sends the start pulse and collects
+//! the timestamped edges; [`decode_edges`] turns them into a [`Reading`] and is tested on
+//! synthetic edge trains. When the `dht11` kernel overlay is available, prefer the IIO
+//! source (`iio.rs`), which decodes in the kernel; both share [`DhtModel`], [`Reading`] and
+//! the plausibility filter.
+
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gpiocdev::line::{Bias, EdgeDetection, EventClock, Value};
+use gpiocdev::Request;
+use serde::Deserialize;
+
+use super::plausibility::{Bounds, Limits, PlausibilityFilter};
+use super::source::{Measurement, Pacing, SensorError, Source};
+
+/// Which DHT variant is wired: the frame layout and the plausible ranges differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhtModel {
+    /// Blue DHT11: whole degrees 0..50 °C, 20..90 %RH.
+    Dht11,
+    /// White DHT22, also sold as AM2302: tenths, -40..80 °C, 0..100 %RH.
+    #[serde(alias = "am2302")]
+    Dht22,
+}
+
+impl DhtModel {
+    /// The measuring range from the datasheet; values outside it are glitches.
+    pub fn limits(self) -> Limits {
+        match self {
+            DhtModel::Dht11 => Limits {
+                temperature: Bounds {
+                    min: 0.0,
+                    max: 50.0,
+                },
+                humidity: Bounds {
+                    min: 20.0,
+                    max: 90.0,
+                },
+            },
+            DhtModel::Dht22 => Limits {
+                temperature: Bounds {
+                    min: -40.0,
+                    max: 80.0,
+                },
+                humidity: Bounds {
+                    min: 0.0,
+                    max: 100.0,
+                },
+            },
+        }
+    }
+
+    /// How long the host holds the line low to wake the sensor: the DHT11 needs at least
+    /// 18 ms, the DHT22 1 to 20 ms (so 18 ms could overshoot past 20 ms under load).
+    fn start_signal(self) -> Duration {
+        match self {
+            DhtModel::Dht11 => Duration::from_millis(20),
+            DhtModel::Dht22 => Duration::from_millis(2),
+        }
+    }
+}
+
+/// The sensor needs two seconds between conversions; asking sooner returns stale data or
+/// no answer at all.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One decoded temperature/humidity pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    /// Degrees Celsius.
+    pub temperature: f64,
+    /// Percent relative humidity.
+    pub humidity: f64,
+}
+
+impl Reading {
+    /// The pair in the wire vocabulary.
+    pub fn measurements(&self) -> Vec<Measurement> {
+        vec![
+            Measurement::new("temperatura", self.temperature, "°C"),
+            Measurement::new("humedad", self.humidity, "%"),
+        ]
+    }
+}
+
+/// Direction of a level change on the data line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKind {
+    Rising,
+    Falling,
+}
+
+/// A level change with the kernel's monotonic timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edge {
+    pub timestamp_ns: u64,
+    pub kind: EdgeKind,
+}
+
+/// A data bit is ~50 us low followed by a high of 26-28 us (0) or ~70 us (1). The
+/// threshold sits between the two; the bounds reject pulses no DHT sends, even allowing
+/// for interrupt latency in the timestamps.
+const ONE_THRESHOLD_NS: u64 = 50_000;
+const HIGH_MIN_NS: u64 = 8_000;
+const HIGH_MAX_NS: u64 = 110_000;
+const LOW_MIN_NS: u64 = 20_000;
+const LOW_MAX_NS: u64 = 110_000;
+/// Fewer edges than this means the sensor never started answering.
+const MIN_ANSWER_EDGES: usize = 4;
+
+/// Decodes one transmission from the edges seen on the line after the start pulse.
+///
+/// The 40 data bits are located from the end of the train, where the last bit's falling
+/// edge (and then the sensor releasing the line) closes it: whether the sensor's 80 us
+/// response pulse, or the host's own release, was caught depends on how fast the kernel
+/// armed edge detection after the line turned to input, so nothing before the data is
+/// relied upon. Every bit but the first must follow its predecessor edge by edge with a
+/// plausible low in between, so a lost or doubled edge inside the data is `Malformed`
+/// rather than a silently shifted frame.
+pub fn decode_edges(edges: &[Edge], model: DhtModel) -> Result<Reading, SensorError> {
+    decode_frame(frame_from_edges(edges)?, model)
+}
+
+fn frame_from_edges(edges: &[Edge]) -> Result<[u8; 5], SensorError> {
+    if edges.len() < MIN_ANSWER_EDGES {
+        return Err(SensorError::Timeout);
+    }
+    if edges
+        .windows(2)
+        .any(|w| w[1].timestamp_ns < w[0].timestamp_ns)
+    {
+        return Err(SensorError::Malformed(
+            "edge timestamps go backwards".into(),
+        ));
+    }
+    // The sensor releases the line after the last bit: drop that final rising edge.
+    let end = match edges.last() {
+        Some(e) if e.kind == EdgeKind::Rising => edges.len() - 1,
+        _ => edges.len(),
+    };
+    let mut highs = [0u64; 40];
+    // `fall` indexes the falling edge that ends the bit being decoded, walking backwards.
+    let mut fall = end;
+    for bit in (0..40).rev() {
+        if fall < 2 {
+            return Err(SensorError::Malformed(format!(
+                "only {} of 40 bits",
+                39 - bit
+            )));
+        }
+        fall -= 1;
+        let (rise_edge, fall_edge) = (edges[fall - 1], edges[fall]);
+        if rise_edge.kind != EdgeKind::Rising || fall_edge.kind != EdgeKind::Falling {
+            return Err(SensorError::Malformed(format!(
+                "missing edge at bit {bit}"
+            )));
+        }
+        let high = fall_edge.timestamp_ns - rise_edge.timestamp_ns;
+        if !(HIGH_MIN_NS..=HIGH_MAX_NS).contains(&high) {
+            return Err(SensorError::Malformed(format!(
+                "bit {bit} high for {} us",
+                high / 1000
+            )));
+        }
+        highs[bit] = high;
+        if bit > 0 {
+            // The falling edge that starts this bit's low ends the previous bit.
+            let Some(prev_fall) = fall.checked_sub(2).map(|i| edges[i]) else {
+                return Err(SensorError::Malformed(format!(
+                    "only {} of 40 bits",
+                    40 - bit
+                )));
+            };
+            let low = rise_edge.timestamp_ns - prev_fall.timestamp_ns;
+            if prev_fall.kind != EdgeKind::Falling || !(LOW_MIN_NS..=LOW_MAX_NS).contains(&low) {
+                return Err(SensorError::Malformed(format!(
+                    "missing edge before bit {bit}"
+                )));
+            }
+        }
+        fall -= 1;
+    }
+    let mut frame = [0u8; 5];
+    for (i, high) in highs.iter().enumerate() {
+        if *high > ONE_THRESHOLD_NS {
+            frame[i / 8] |= 0x80 >> (i % 8);
+        }
+    }
+    Ok(frame)
+}
+
+/// Checks the checksum and decodes the model's layout.
+///
+/// DHT22: humidity is a 16-bit count of tenths; temperature is 15 bits of tenths with the
+/// top bit as sign (sign-magnitude, not two's complement). DHT11: integer and decimal
+/// bytes; the newer DHT11 marks negative temperatures with the top bit of the decimal.
+fn decode_frame(frame: [u8; 5], model: DhtModel) -> Result<Reading, SensorError> {
+    let sum = frame[..4].iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
+    if sum != frame[4] {
+        return Err(SensorError::Checksum);
+    }
+    let tenths = |high: u8, low: u8| f64::from(u16::from(high) << 8 | u16::from(low)) / 10.0;
+    match model {
+        DhtModel::Dht22 => {
+            let magnitude = tenths(frame[2] & 0x7f, frame[3]);
+            Ok(Reading {
+                humidity: tenths(frame[0], frame[1]),
+                temperature: if frame[2] & 0x80 != 0 {
+                    -magnitude
+                } else {
+                    magnitude
+                },
+            })
+        }
+        DhtModel::Dht11 => {
+            let (hum_dec, temp_dec) = (frame[1], frame[3] & 0x7f);
+            if hum_dec > 9 || temp_dec > 9 {
+                return Err(SensorError::Malformed(format!(
+                    "DHT11 decimal byte out of range in {frame:02x?}"
+                )));
+            }
+            let whole_and_tenths =
+                |whole: u8, dec: u8| f64::from(u16::from(whole) * 10 + u16::from(dec)) / 10.0;
+            let magnitude = whole_and_tenths(frame[2], temp_dec);
+            Ok(Reading {
+                humidity: whole_and_tenths(frame[0], hum_dec),
+                temperature: if frame[3] & 0x80 != 0 {
+                    -magnitude
+                } else {
+                    magnitude
+                },
+            })
+        }
+    }
+}
+
+/// Where the sensor's data pin is wired.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpioDhtConfig {
+    /// GPIO character device; `/dev/gpiochip0` carries the header pins on every Pi model
+    /// with a current kernel.
+    #[serde(default = "default_chip")]
+    pub chip: PathBuf,
+    /// Line offset on that chip (the BCM GPIO number on a Pi, not the header pin number).
+    pub line: u32,
+    pub model: DhtModel,
+}
+
+fn default_chip() -> PathBuf {
+    PathBuf::from("/dev/gpiochip0")
+}
+
+/// The whole transmission lasts about 5 ms after the start pulse.
+const COLLECT_WINDOW: Duration = Duration::from_millis(10);
+/// Room for the ~85 edges of one transmission plus noise; the kernel default (16 per
+/// line) would overflow before we read.
+const EVENT_BUFFER: u32 = 128;
+const CONSUMER: &str = "sensorgate-dht";
+
+/// A DHT on a GPIO line, read with the character device's timestamped edge events.
+#[derive(Debug)]
+pub struct GpioDhtSource {
+    config: GpioDhtConfig,
+    interval: Duration,
+    filter: PlausibilityFilter,
+}
+
+impl GpioDhtSource {
+    /// A source reading every `interval`, raised to the sensor's 2 s minimum. The line is
+    /// requested on each read and released afterwards, so nothing is held between reads.
+    pub fn new(config: &GpioDhtConfig, interval: Duration) -> Self {
+        GpioDhtSource {
+            config: config.clone(),
+            interval: interval.max(MIN_INTERVAL),
+            filter: PlausibilityFilter::new(config.model.limits()),
+        }
+    }
+
+    /// Sends the start pulse and returns the edges of the answer.
+    fn collect_edges(&self) -> Result<Vec<Edge>, SensorError> {
+        let gpio = |e: gpiocdev::Error| SensorError::Io(e.to_string());
+        let offset = self.config.line;
+        let request = Request::builder()
+            .on_chip(&self.config.chip)
+            .with_consumer(CONSUMER)
+            .with_line(offset)
+            .with_bias(Bias::PullUp)
+            .as_output(Value::Inactive)
+            .with_kernel_event_buffer_size(EVENT_BUFFER)
+            .request()
+            .map_err(gpio)?;
+        thread::sleep(self.config.model.start_signal());
+        // Releasing the line and arming edge detection is one ioctl, so the sensor's answer
+        // (starting 20-40 us later) is timestamped by the kernel from here on.
+        let mut input = request.config();
+        input
+            .with_line(offset)
+            .as_input()
+            .with_bias(Bias::PullUp)
+            .with_edge_detection(EdgeDetection::BothEdges)
+            .with_event_clock(EventClock::Monotonic);
+        request.reconfigure(&input).map_err(gpio)?;
+        // The timestamps are the kernel's, so there is no need to read while the sensor
+        // talks: wait out the transmission, then drain the buffer.
+        thread::sleep(COLLECT_WINDOW);
+        let mut events = request.new_edge_event_buffer(EVENT_BUFFER as usize);
+        let mut edges = Vec::with_capacity(EVENT_BUFFER as usize);
+        let mut last_seqno = None;
+        while events.has_event().map_err(gpio)? {
+            let event = events.read_event().map_err(gpio)?;
+            // A gap in the sequence numbers means the kernel buffer overflowed and edges
+            // were lost: the frame cannot be trusted.
+            if last_seqno.is_some_and(|last: u32| event.line_seqno != last.wrapping_add(1)) {
+                return Err(SensorError::Malformed("kernel dropped edge events".into()));
+            }
+            last_seqno = Some(event.line_seqno);
+            edges.push(Edge {
+                timestamp_ns: event.timestamp_ns,
+                kind: match event.kind {
+                    gpiocdev::line::EdgeKind::Rising => EdgeKind::Rising,
+                    gpiocdev::line::EdgeKind::Falling => EdgeKind::Falling,
+                },
+            });
+        }
+        Ok(edges)
+    }
+}
+
+impl Source for GpioDhtSource {
+    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
+        let edges = self.collect_edges()?;
+        let reading = decode_edges(&edges, self.config.model)?;
+        let reading = self.filter.check(reading, Instant::now())?;
+        Ok(Some(reading.measurements()))
+    }
+
+    fn pacing(&self) -> Pacing {
+        Pacing::Every(self.interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOW_NS: u64 = 50_000;
+    const ZERO_NS: u64 = 27_000;
+    const ONE_NS: u64 = 70_000;
+
+    /// The edges a DHT produces for `frame`, as the kernel timestamps them: the host's
+    /// release, the 80 us/80 us response, 40 bits, then the sensor releasing the line.
+    /// `jitter(i)` shifts the i-th pulse duration.
+    fn train(frame: [u8; 5], jitter: impl Fn(usize) -> i64) -> Vec<Edge> {
+        let mut pulses = vec![(EdgeKind::Rising, 30_000), (EdgeKind::Falling, 80_000)];
+        pulses.push((EdgeKind::Rising, 80_000));
+        for i in 0..40 {
+            let one = frame[i / 8] & (0x80 >> (i % 8)) != 0;
+            pulses.push((EdgeKind::Falling, LOW_NS));
+            pulses.push((EdgeKind::Rising, if one { ONE_NS } else { ZERO_NS }));
+        }
+        pulses.push((EdgeKind::Falling, LOW_NS));
+        pulses.push((EdgeKind::Rising, 0));
+        let mut t: u64 = 1_000_000_000;
+        pulses
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, len))| {
+                let edge = Edge {
+                    timestamp_ns: t,
+                    kind: *kind,
+                };
+                t = (t as i64 + *len as i64 + jitter(i)) as u64;
+                edge
+            })
+            .collect()
+    }
+
+    fn with_checksum(b: [u8; 4]) -> [u8; 5] {
+        let sum = b.iter().fold(0u8, |a, x| a.wrapping_add(*x));
+        [b[0], b[1], b[2], b[3], sum]
+    }
+
+    /// 65.2 %RH, 35.1 °C.
+    const FRAME: [u8; 5] = [0x02, 0x8c, 0x01, 0x5f, 0xee];
+
+    #[test]
+    fn decodes_a_clean_dht22_train() {
+        assert_eq!(frame_from_edges(&train(FRAME, |_| 0)), Ok(FRAME));
+        assert_eq!(
+            decode_edges(&train(FRAME, |_| 0), DhtModel::Dht22),
+            Ok(Reading {
+                temperature: 35.1,
+                humidity: 65.2
+            })
+        );
+    }
+
+    #[test]
+    fn tolerates_ten_microseconds_of_jitter() {
+        // Alternate +10/-10 us with a pattern that does not line up with the bits.
+        let jitter = |i: usize| if (i * 7) % 3 == 0 { 10_000 } else { -10_000 };
+        assert_eq!(
+            decode_edges(&train(FRAME, jitter), DhtModel::Dht22),
+            Ok(Reading {
+                temperature: 35.1,
+                humidity: 65.2
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_when_the_response_pulse_was_not_caught() {
+        // Edge detection armed late: the first edge seen is the start of bit 0's low.
+        let edges = train(FRAME, |_| 0);
+        assert_eq!(frame_from_edges(&edges[3..]), Ok(FRAME));
+        // Not even that falling edge: bit 0 starts with its rising edge.
+        assert_eq!(frame_from_edges(&edges[4..]), Ok(FRAME));
+    }
+
+    #[test]
+    fn decodes_without_the_final_release_edge() {
+        let edges = train(FRAME, |_| 0);
+        assert_eq!(frame_from_edges(&edges[..edges.len() - 1]), Ok(FRAME));
+    }
+
+    #[test]
+    fn a_missing_edge_inside_the_data_is_malformed() {
+        for missing in [10, 41, 60] {
+            let mut edges = train(FRAME, |_| 0);
+            edges.remove(missing);
+            let got = decode_edges(&edges, DhtModel::Dht22);
+            assert!(
+                matches!(got, Err(SensorError::Malformed(_))),
+                "edge {missing}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lost_bit_is_malformed_not_shifted() {
+        // Both edges of one bit lost: the neighbours still alternate, but the low between
+        // them is far too long.
+        let mut edges = train(FRAME, |_| 0);
+        edges.drain(40..42);
+        assert!(matches!(
+            decode_edges(&edges, DhtModel::Dht22),
+            Err(SensorError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn too_few_bits_is_malformed_and_silence_is_timeout() {
+        let edges = train(FRAME, |_| 0);
+        assert!(matches!(
+            decode_edges(&edges[40..], DhtModel::Dht22),
+            Err(SensorError::Malformed(why)) if why.contains("of 40 bits")
+        ));
+        assert_eq!(
+            decode_edges(&edges[..2], DhtModel::Dht22),
+            Err(SensorError::Timeout)
+        );
+        assert_eq!(decode_edges(&[], DhtModel::Dht22), Err(SensorError::Timeout));
+    }
+
+    #[test]
+    fn an_over_long_pulse_is_malformed() {
+        // Stretch the high of bit 20 (a zero) to 147 us.
+        let jitter = |i: usize| if i == 4 + 2 * 20 { 120_000 } else { 0 };
+        assert!(matches!(
+            decode_edges(&train(FRAME, jitter), DhtModel::Dht22),
+            Err(SensorError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_bad_checksum_is_reported() {
+        let mut frame = FRAME;
+        frame[4] ^= 0x01;
+        assert_eq!(
+            decode_edges(&train(frame, |_| 0), DhtModel::Dht22),
+            Err(SensorError::Checksum)
+        );
+    }
+
+    #[test]
+    fn decodes_negative_dht22_temperatures() {
+        // -10.1 °C is 101 tenths with the sign bit set; 45.5 %RH is 455 tenths.
+        let frame = with_checksum([0x01, 0xc7, 0x80, 0x65]);
+        assert_eq!(
+            decode_edges(&train(frame, |_| 0), DhtModel::Dht22),
+            Ok(Reading {
+                temperature: -10.1,
+                humidity: 45.5
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_dht11_integer_and_decimal_bytes() {
+        let frame = with_checksum([55, 0, 24, 3]);
+        assert_eq!(
+            decode_edges(&train(frame, |_| 0), DhtModel::Dht11),
+            Ok(Reading {
+                temperature: 24.3,
+                humidity: 55.0
+            })
+        );
+        assert_eq!(
+            decode_frame(with_checksum([30, 0, 2, 0x85]), DhtModel::Dht11),
+            Ok(Reading {
+                temperature: -2.5,
+                humidity: 30.0
+            })
+        );
+        assert!(matches!(
+            decode_frame(with_checksum([30, 12, 20, 0]), DhtModel::Dht11),
+            Err(SensorError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn model_names_in_config() {
+        #[derive(Deserialize)]
+        struct M {
+            model: DhtModel,
+        }
+        let parse = |s: &str| serde_json::from_str::<M>(s).map(|m| m.model);
+        assert_eq!(parse(r#"{"model":"dht22"}"#).unwrap(), DhtModel::Dht22);
+        assert_eq!(parse(r#"{"model":"am2302"}"#).unwrap(), DhtModel::Dht22);
+        assert_eq!(parse(r#"{"model":"dht11"}"#).unwrap(), DhtModel::Dht11);
+        assert!(parse(r#"{"model":"dht33"}"#).is_err());
+    }
+
+    #[test]
+    fn gpio_config_defaults_and_pacing_floor() {
+        let config: GpioDhtConfig =
+            serde_json::from_str(r#"{"line": 4, "model": "dht22"}"#).unwrap();
+        assert_eq!(config.chip, PathBuf::from("/dev/gpiochip0"));
+        assert!(serde_json::from_str::<GpioDhtConfig>(
+            r#"{"line": 4, "model": "dht22", "pin": 7}"#
+        )
+        .is_err());
+        let source = GpioDhtSource::new(&config, Duration::from_millis(500));
+        assert_eq!(source.pacing(), Pacing::Every(Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,221 @@
+//! A simulated sensor, so the daemon can be tried, tested and benchmarked without
+//! hardware. It drifts like a real room, has noise, and fails now and then the way real
+//! sensors do.
+
+use std::f64::consts::TAU;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::source::{Measurement, Pacing, SensorError, Source};
+
+/// Which real sensor to imitate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimProfile {
+    /// Temperature and relative humidity.
+    #[default]
+    Dht22,
+    /// Temperature only.
+    Ds18b20,
+}
+
+/// The failure a simulated read can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SimFailure {
+    Timeout,
+    Checksum,
+    Implausible,
+    Io,
+}
+
+/// Settings of a simulated source (`source = { kind = "sim", ... }`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    pub profile: SimProfile,
+    /// Mean temperature in °C.
+    pub base_temperature: f64,
+    /// Mean relative humidity in %.
+    pub base_humidity: f64,
+    /// Share of reads that fail, from 0 to 1.
+    pub failure_rate: f64,
+    /// The failures to draw from when a read fails.
+    pub failures: Vec<SimFailure>,
+    /// Fixed seed for a reproducible sequence; by default each start differs.
+    pub seed: Option<u64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            profile: SimProfile::Dht22,
+            base_temperature: 21.0,
+            base_humidity: 50.0,
+            failure_rate: 0.0,
+            failures: vec![SimFailure::Timeout],
+            seed: None,
+        }
+    }
+}
+
+/// The simulated source.
+pub struct SimSource {
+    config: SimConfig,
+    interval: Duration,
+    rng: XorShift,
+    started: Instant,
+    drift: f64,
+}
+
+impl SimSource {
+    pub fn new(config: SimConfig, interval: Duration) -> SimSource {
+        let seed = config.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        SimSource {
+            config,
+            interval,
+            rng: XorShift::new(seed),
+            started: Instant::now(),
+            drift: 0.0,
+        }
+    }
+
+    fn failure(&mut self) -> SensorError {
+        let kinds = &self.config.failures;
+        let kind = if kinds.is_empty() {
+            SimFailure::Timeout
+        } else {
+            kinds[(self.rng.next() % kinds.len() as u64) as usize]
+        };
+        match kind {
+            SimFailure::Timeout => SensorError::Timeout,
+            SimFailure::Checksum => SensorError::Checksum,
+            SimFailure::Implausible => {
+                SensorError::Implausible("temperature doubled between two reads".into())
+            }
+            SimFailure::Io => SensorError::Io("simulated I/O error".into()),
+        }
+    }
+}
+
+impl Source for SimSource {
+    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
+        if self.rng.unit() < self.config.failure_rate {
+            return Err(self.failure());
+        }
+        // A slow daily-like swing (period 10 minutes, so a demo shows it), a bounded
+        // random walk, and sensor noise.
+        let t = self.started.elapsed().as_secs_f64();
+        self.drift = (self.drift + 0.05 * self.rng.normal()).clamp(-2.0, 2.0);
+        let swing = 1.5 * (TAU * t / 600.0).sin();
+        let temperature = self.config.base_temperature + swing + self.drift + 0.1 * self.rng.normal();
+        let mut values = vec![Measurement::new("temperatura", round(temperature), "°C")];
+        if self.config.profile == SimProfile::Dht22 {
+            let humidity = (self.config.base_humidity - 2.0 * (swing + self.drift)
+                + 0.3 * self.rng.normal())
+            .clamp(0.0, 100.0);
+            values.push(Measurement::new("humedad", round(humidity), "%"));
+        }
+        Ok(Some(values))
+    }
+
+    fn pacing(&self) -> Pacing {
+        Pacing::Every(self.interval)
+    }
+}
+
+/// Real sensors report one decimal.
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// xorshift64*: plenty for simulated noise, and no dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        XorShift(seed.max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal, by Box-Muller.
+    fn normal(&mut self) -> f64 {
+        let u = self.unit().max(f64::MIN_POSITIVE);
+        let v = self.unit();
+        (-2.0 * u.ln()).sqrt() * (TAU * v).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(config: SimConfig) -> SimSource {
+        SimSource::new(config, Duration::from_secs(2))
+    }
+
+    #[test]
+    fn dht22_profile_yields_temperature_and_humidity_near_base() {
+        let mut sim = source(SimConfig {
+            seed: Some(7),
+            ..SimConfig::default()
+        });
+        for _ in 0..100 {
+            let values = sim.read().unwrap().unwrap();
+            assert_eq!(values.len(), 2);
+            assert_eq!(values[0].tipo, "temperatura");
+            assert!((values[0].valor - 21.0).abs() < 5.0, "{values:?}");
+            assert_eq!(values[1].tipo, "humedad");
+            assert!((0.0..=100.0).contains(&values[1].valor));
+        }
+    }
+
+    #[test]
+    fn ds18b20_profile_yields_temperature_only() {
+        let mut sim = source(SimConfig {
+            profile: SimProfile::Ds18b20,
+            seed: Some(1),
+            ..SimConfig::default()
+        });
+        assert_eq!(sim.read().unwrap().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn injects_configured_failures() {
+        let mut sim = source(SimConfig {
+            failure_rate: 1.0,
+            failures: vec![SimFailure::Checksum],
+            seed: Some(3),
+            ..SimConfig::default()
+        });
+        assert_eq!(sim.read(), Err(SensorError::Checksum));
+    }
+
+    #[test]
+    fn failure_rate_is_roughly_honoured() {
+        let mut sim = source(SimConfig {
+            failure_rate: 0.2,
+            seed: Some(11),
+            ..SimConfig::default()
+        });
+        let failed = (0..10_000).filter(|_| sim.read().is_err()).count();
+        assert!((1_500..2_500).contains(&failed), "{failed}");
+    }
+}

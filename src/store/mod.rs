@@ -1,0 +1,248 @@
+//! Storage: one SQLite file in WAL mode.
+//!
+//! Every write goes through the [`writer`] thread, which owns the only read-write
+//! connection, commits whatever is queued in one transaction, and only then publishes the
+//! events that describe it. Reads run on a small pool of read-only connections on the
+//! blocking thread pool, so they never wait behind a commit.
+
+mod reader;
+mod schema;
+mod writer;
+
+pub use reader::{ReadingFilter, ReadingOrder, SensorFilter};
+pub use schema::SCHEMA_VERSION;
+pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{StorageConfig, Synchronous};
+use crate::events::Hub;
+use crate::model::{NewReading, NewSensor, Reading, Sensor, SensorPatch};
+use writer::Command;
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "sensorgate.db";
+
+/// Commands waiting for the writer. Bounded so that a wedged disk pushes back on
+/// producers instead of growing memory.
+const WRITER_QUEUE: usize = 8192;
+
+/// Read-only connections kept open between reads.
+const IDLE_READERS: usize = 4;
+
+/// Why a storage operation failed.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The sensor (or other entity) does not exist.
+    NotFound { entity: &'static str, id: i64 },
+    /// SQLite failed: disk full, read-only card, corruption.
+    Sqlite(rusqlite::Error),
+    /// The batch this write was part of could not be committed; nothing of it was stored.
+    Aborted(String),
+    /// The data directory could not be created or opened.
+    Io(std::io::Error),
+    /// The database was written by a newer sensorgate.
+    NewerSchema { found: u32, supported: u32 },
+    /// The writer has stopped (the daemon is shutting down).
+    Closed,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NotFound { entity, id } => write!(f, "{entity} {id} not found"),
+            StoreError::Sqlite(e) => write!(f, "database error: {e}"),
+            StoreError::Aborted(why) => write!(f, "write not committed: {why}"),
+            StoreError::Io(e) => write!(f, "data directory: {e}"),
+            StoreError::NewerSchema { found, supported } => write!(
+                f,
+                "database schema version {found} is newer than this build supports ({supported}); upgrade sensorgate"
+            ),
+            StoreError::Closed => write!(f, "storage is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+/// Handle to the storage; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    commands: mpsc::Sender<Command>,
+    readers: Arc<Readers>,
+    health: Arc<WriterHealth>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `config.data_dir`, migrates it, and
+    /// starts the writer thread, which publishes committed events to `hub`.
+    pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(StoreError::Io)?;
+        let path = config.data_dir.join(DATABASE_FILE);
+        let mut conn = Connection::open(&path)?;
+        configure(&conn, config.synchronous)?;
+        schema::migrate(&mut conn)?;
+        let (commands, queue) = mpsc::channel(WRITER_QUEUE);
+        let health = Arc::new(WriterHealth::default());
+        let handle = writer::spawn(conn, queue, hub, config, health.clone())?;
+        let store = Store {
+            commands,
+            readers: Arc::new(Readers {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+            health,
+        };
+        Ok((store, handle))
+    }
+
+    /// The writer's progress and last error, for health checks.
+    pub fn health(&self) -> &WriterHealth {
+        &self.health
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores a new sensor and emits `created`.
+    pub async fn create_sensor(&self, new: NewSensor) -> Result<Sensor, StoreError> {
+        self.call(|reply| Command::CreateSensor(new, reply)).await
+    }
+
+    /// Applies a patch; emits `updated` only when a value really changed.
+    pub async fn update_sensor(&self, id: i64, patch: SensorPatch) -> Result<Sensor, StoreError> {
+        self.call(|reply| Command::UpdateSensor(id, patch, reply))
+            .await
+    }
+
+    /// Deletes a sensor, emits `deleted` with the sensor as it was, and returns it. Its
+    /// readings stay until retention removes them.
+    pub async fn delete_sensor(&self, id: i64) -> Result<Sensor, StoreError> {
+        self.call(|reply| Command::DeleteSensor(id, reply)).await
+    }
+
+    /// Stores a reading pushed by a client and emits it on `readings`.
+    pub async fn insert_reading(&self, new: NewReading) -> Result<Reading, StoreError> {
+        self.call(|reply| Command::InsertReading(new, reply)).await
+    }
+
+    /// Stores and emits a system or test event; returns its `seq`.
+    pub async fn emit(&self, emission: Emission) -> Result<u64, StoreError> {
+        self.call(|reply| Command::Emit(emission, reply)).await
+    }
+
+    /// Queues samples from a sensor source. Called from source threads; waits while the
+    /// writer's queue is full.
+    pub fn submit_samples(&self, samples: Vec<Sample>) -> Result<(), StoreError> {
+        self.commands
+            .blocking_send(Command::Samples(samples))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Asks the writer to commit what is queued and stop. Later writes fail with
+    /// [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(query))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// One sensor, if it exists.
+    pub async fn sensor(&self, id: i64) -> Result<Option<Sensor>, StoreError> {
+        self.read(move |c| reader::sensor(c, id)).await
+    }
+
+    /// The first sensor with this name, if any.
+    pub async fn sensor_named(&self, name: String) -> Result<Option<Sensor>, StoreError> {
+        self.read(move |c| reader::sensor_named(c, &name)).await
+    }
+
+    /// Sensors matching a filter, by id.
+    pub async fn sensors(&self, filter: SensorFilter) -> Result<Vec<Sensor>, StoreError> {
+        self.read(move |c| reader::sensors(c, &filter)).await
+    }
+
+    /// Readings matching a filter.
+    pub async fn readings(&self, filter: ReadingFilter) -> Result<Vec<Reading>, StoreError> {
+        self.read(move |c| reader::readings(c, &filter)).await
+    }
+
+    /// Counts for the health endpoint: sensors, readings, last `seq`.
+    pub async fn counts(&self) -> Result<reader::Counts, StoreError> {
+        self.read(reader::counts).await
+    }
+}
+
+/// Per-connection settings. WAL lets readers run beside the writer; `synchronous`
+/// decides what a power cut may take (see the README's storage section).
+fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite::Error> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let level = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", level)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Read-only connections, opened on demand and kept for reuse.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn with<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&self.path)?,
+        };
+        let result = query(&conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        Ok(result?)
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    Ok(conn)
+}

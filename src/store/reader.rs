@@ -1,0 +1,165 @@
+//! Read queries. Each takes any connection, so the writer can use them inside its
+//! transaction and the read pool outside it.
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+use crate::model::{Micros, Reading, Sensor};
+
+const SENSOR_COLUMNS: &str =
+    "id, tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, created_at, updated_at";
+
+fn sensor_from_row(row: &Row<'_>) -> rusqlite::Result<Sensor> {
+    let fuente: Option<String> = row.get(5)?;
+    Ok(Sensor {
+        id: row.get(0)?,
+        tipo: row.get(1)?,
+        modelo: row.get(2)?,
+        nombre: row.get(3)?,
+        ubicacion: row.get(4)?,
+        // Written by this program from a validated JSON object; unreadable text would
+        // mean a hand-edited database, shown as no source rather than failing the read.
+        fuente: fuente.and_then(|text| serde_json::from_str(&text).ok()),
+        intervalo: row.get(6)?,
+        activo: row.get(7)?,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+    })
+}
+
+/// One sensor by id.
+pub fn sensor(conn: &Connection, id: i64) -> rusqlite::Result<Option<Sensor>> {
+    conn.prepare_cached(&format!("SELECT {SENSOR_COLUMNS} FROM sensors WHERE id = ?1"))?
+        .query_row([id], sensor_from_row)
+        .optional()
+}
+
+/// Whether a sensor exists; cheaper than loading it, for every stored sample.
+pub fn sensor_exists(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM sensors WHERE id = ?1")?
+        .exists([id])
+}
+
+/// The oldest sensor with this name: how configured sensors are found across restarts.
+pub fn sensor_named(conn: &Connection, name: &str) -> rusqlite::Result<Option<Sensor>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SENSOR_COLUMNS} FROM sensors WHERE nombre = ?1 ORDER BY id LIMIT 1"
+    ))?
+    .query_row([name], sensor_from_row)
+    .optional()
+}
+
+/// Which sensors to list.
+#[derive(Debug, Clone, Default)]
+pub struct SensorFilter {
+    pub tipo: Option<String>,
+    pub activo: Option<bool>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// Sensors matching the filter, by id.
+pub fn sensors(conn: &Connection, filter: &SensorFilter) -> rusqlite::Result<Vec<Sensor>> {
+    let mut sql = format!("SELECT {SENSOR_COLUMNS} FROM sensors WHERE 1=1");
+    let mut args: Vec<SqlValue> = Vec::new();
+    if let Some(tipo) = &filter.tipo {
+        sql.push_str(" AND tipo = ?");
+        args.push(tipo.clone().into());
+    }
+    if let Some(activo) = filter.activo {
+        sql.push_str(" AND activo = ?");
+        args.push(i64::from(activo).into());
+    }
+    sql.push_str(" ORDER BY id LIMIT ? OFFSET ?");
+    args.push(i64::from(filter.limit).into());
+    args.push(i64::from(filter.offset).into());
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), sensor_from_row)?;
+    rows.collect()
+}
+
+/// Newest first (the default) or oldest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadingOrder {
+    Asc,
+    #[default]
+    Desc,
+}
+
+/// Which readings to list.
+#[derive(Debug, Clone, Default)]
+pub struct ReadingFilter {
+    pub sensor_id: Option<i64>,
+    pub tipo: Option<String>,
+    /// Inclusive lower bound on the sample time.
+    pub from: Option<Micros>,
+    /// Exclusive upper bound on the sample time.
+    pub to: Option<Micros>,
+    pub limit: u32,
+    pub order: ReadingOrder,
+}
+
+/// Readings matching the filter, ordered by sample time (then id).
+pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<Vec<Reading>> {
+    let mut sql =
+        String::from("SELECT id, sensor_id, tipo, valor, unidad, ts FROM readings WHERE 1=1");
+    let mut args: Vec<SqlValue> = Vec::new();
+    if let Some(id) = filter.sensor_id {
+        sql.push_str(" AND sensor_id = ?");
+        args.push(id.into());
+    }
+    if let Some(tipo) = &filter.tipo {
+        sql.push_str(" AND tipo = ?");
+        args.push(tipo.clone().into());
+    }
+    if let Some(from) = filter.from {
+        sql.push_str(" AND ts >= ?");
+        args.push(from.into());
+    }
+    if let Some(to) = filter.to {
+        sql.push_str(" AND ts < ?");
+        args.push(to.into());
+    }
+    sql.push_str(match filter.order {
+        ReadingOrder::Asc => " ORDER BY ts ASC, id ASC",
+        ReadingOrder::Desc => " ORDER BY ts DESC, id DESC",
+    });
+    sql.push_str(" LIMIT ?");
+    args.push(i64::from(filter.limit).into());
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), |row| {
+        Ok(Reading {
+            id: row.get(0)?,
+            sensor_id: row.get(1)?,
+            tipo: row.get(2)?,
+            valor: row.get(3)?,
+            unidad: row.get(4)?,
+            timestamp: row.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Storage figures for the health endpoint; each is an index lookup, not a scan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counts {
+    pub sensors: i64,
+    pub last_seq: u64,
+    pub oldest_seq: u64,
+}
+
+/// See [`Counts`].
+pub fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
+    let sensors = conn.query_row("SELECT COUNT(*) FROM sensors", [], |r| r.get(0))?;
+    let (oldest_seq, last_seq): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(Counts {
+        sensors,
+        last_seq: last_seq as u64,
+        oldest_seq: oldest_seq as u64,
+    })
+}

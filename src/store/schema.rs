@@ -1,0 +1,103 @@
+//! Schema and migrations, versioned with `PRAGMA user_version`.
+//!
+//! Each entry of [`MIGRATIONS`] moves the schema one version up and is applied once, in
+//! its own transaction, at start. Never edit a released migration: add a new one.
+
+use rusqlite::{Connection, Transaction};
+
+use super::StoreError;
+
+/// Migration `n` (0-based) takes the database from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+    -- AUTOINCREMENT: a deleted sensor's id is never handed out again, so old readings
+    -- and events can never be mistaken for a new sensor's.
+    CREATE TABLE sensors (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        tipo       TEXT    NOT NULL,
+        modelo     TEXT    NOT NULL,
+        nombre     TEXT,
+        ubicacion  TEXT,
+        fuente     TEXT,
+        intervalo  REAL,
+        activo     INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX sensors_nombre ON sensors(nombre);
+
+    -- Times are integer microseconds since the epoch (UTC).
+    CREATE TABLE readings (
+        id        INTEGER PRIMARY KEY,
+        sensor_id INTEGER NOT NULL,
+        ts        INTEGER NOT NULL,
+        tipo      TEXT    NOT NULL,
+        valor     REAL    NOT NULL,
+        unidad    TEXT    NOT NULL
+    );
+    CREATE INDEX readings_sensor_ts ON readings(sensor_id, ts);
+    CREATE INDEX readings_ts ON readings(ts);
+
+    -- Every event sent to clients, by seq, with the exact frame that was sent, so that a
+    -- resuming client receives the same bytes a live one did.
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY,
+        ts         INTEGER NOT NULL,
+        channel    TEXT    NOT NULL,
+        event_type TEXT    NOT NULL,
+        sensor_id  INTEGER,
+        tipo       TEXT,
+        frame      TEXT    NOT NULL
+    );
+"#];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Brings the database up to [`SCHEMA_VERSION`]. Refuses a database written by a newer
+/// build rather than guessing at a schema it does not know.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx: Transaction = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as u32 + 1)?;
+        tx.commit()?;
+        log::info!("database schema migrated to version {}", version + 1);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_fresh_database_and_is_idempotent() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        conn.execute("INSERT INTO events (seq, ts, channel, event_type, frame) VALUES (1, 0, 'general', 'test', '{}')", [])
+            .unwrap();
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        assert!(matches!(
+            migrate(&mut conn),
+            Err(StoreError::NewerSchema { .. })
+        ));
+    }
+}

@@ -1,0 +1,503 @@
+//! The writer thread: the only code that writes to the database.
+//!
+//! It takes the first queued command, then everything else already queued (up to
+//! [`MAX_BATCH`]), applies them all in one transaction and commits once: an idle
+//! gateway commits each write at once, a busy one amortises the commit over many
+//! (group commit). Events are numbered here, stored in the same transaction as the data
+//! they describe, and published to the hub only after the commit succeeded, so no client
+//! ever hears of data that a power cut could take back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, Transaction};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{reader, StoreError};
+use crate::config::StorageConfig;
+use crate::events::{self, Channel, Event, Hub};
+use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
+use crate::sensors::Measurement;
+
+/// Most commands applied in one transaction; bounds the latency of the batch's first one.
+const MAX_BATCH: usize = 2048;
+
+/// How often retention runs, and how many rows it deletes per table at most each time,
+/// so that it never holds the writer for long.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+const MAINTENANCE_ROWS: i64 = 5000;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// What the writer is asked to do.
+pub(crate) enum Command {
+    CreateSensor(NewSensor, Reply<Sensor>),
+    UpdateSensor(i64, SensorPatch, Reply<Sensor>),
+    DeleteSensor(i64, Reply<Sensor>),
+    InsertReading(NewReading, Reply<Reading>),
+    Emit(Emission, Reply<u64>),
+    Samples(Vec<Sample>),
+    Shutdown,
+}
+
+/// Values read from one sensor at one moment, on their way to storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub sensor_id: i64,
+    pub taken_at: Micros,
+    pub measurements: Vec<Measurement>,
+}
+
+/// A system or test event to store and publish.
+#[derive(Debug, Clone)]
+pub struct Emission {
+    pub channel: Channel,
+    pub kind: EmissionKind,
+    pub sensor_id: Option<i64>,
+    pub data: Value,
+}
+
+/// The envelope an [`Emission`] goes out in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmissionKind {
+    /// `{"type": "system_event", "event_type": ...}`.
+    System(String),
+    /// `{"type": "test_event", ...}` from `POST /api/v1/ws/test-event`.
+    Test,
+}
+
+/// What the writer has done, for health checks and the watchdog.
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    commits: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl WriterHealth {
+    /// Transactions committed since start.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// The error of the last failed commit, cleared by the next successful one.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record(&self, result: &Result<(), String>) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                *last = None;
+            }
+            Err(e) => *last = Some(e.clone()),
+        }
+    }
+}
+
+/// The running writer thread.
+pub struct WriterHandle {
+    thread: JoinHandle<()>,
+}
+
+impl WriterHandle {
+    /// Waits until the writer has committed everything queued before
+    /// [`super::Store::close`] and stopped.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            log::error!("storage writer thread panicked");
+        }
+    }
+}
+
+pub(crate) fn spawn(
+    conn: Connection,
+    queue: mpsc::Receiver<Command>,
+    hub: Hub,
+    config: &StorageConfig,
+    health: Arc<WriterHealth>,
+) -> Result<WriterHandle, StoreError> {
+    let next_seq = last_seq(&conn)? + 1;
+    let writer = Writer {
+        conn,
+        queue,
+        hub,
+        next_seq,
+        max_events: config.max_events,
+        readings_retention: Duration::from_secs(u64::from(config.readings_retention_days) * 86_400),
+        health,
+        last_maintenance: Instant::now(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || writer.run())
+        .map_err(StoreError::Io)?;
+    Ok(WriterHandle { thread })
+}
+
+fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
+    let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    Ok(seq as u64)
+}
+
+struct Writer {
+    conn: Connection,
+    queue: mpsc::Receiver<Command>,
+    hub: Hub,
+    next_seq: u64,
+    max_events: u64,
+    readings_retention: Duration,
+    health: Arc<WriterHealth>,
+    last_maintenance: Instant,
+}
+
+/// A command applied inside the open transaction, whose answer waits for the commit.
+enum Done {
+    Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
+    Reading(Reply<Reading>, Result<Reading, StoreError>),
+    Seq(Reply<u64>, Result<u64, StoreError>),
+    Nothing,
+}
+
+impl Done {
+    fn send(self) {
+        // A caller that gave up waiting (client disconnected) is not the writer's problem.
+        match self {
+            Done::Sensor(reply, result) => drop(reply.send(result)),
+            Done::Reading(reply, result) => drop(reply.send(result)),
+            Done::Seq(reply, result) => drop(reply.send(result)),
+            Done::Nothing => {}
+        }
+    }
+
+    /// Replaces a successful answer with the reason the batch was not committed.
+    fn fail(self, why: &str) {
+        let err = || StoreError::Aborted(why.to_owned());
+        match self {
+            Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
+            Done::Reading(reply, _) => drop(reply.send(Err(err()))),
+            Done::Seq(reply, _) => drop(reply.send(Err(err()))),
+            Done::Nothing => {}
+        }
+    }
+}
+
+impl Command {
+    fn abort(self, why: &str) {
+        let done = match self {
+            Command::CreateSensor(_, r) | Command::UpdateSensor(_, _, r) | Command::DeleteSensor(_, r) => {
+                Done::Sensor(r, Err(StoreError::Closed))
+            }
+            Command::InsertReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
+            Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
+            Command::Samples(samples) => {
+                log::error!("{} samples not stored: {why}", samples.len());
+                Done::Nothing
+            }
+            Command::Shutdown => Done::Nothing,
+        };
+        done.fail(why);
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(64);
+        while let Some(first) = self.queue.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match self.queue.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            if batch.iter().any(|c| matches!(c, Command::Shutdown)) {
+                // Take nothing new; what is already queued is still committed below and
+                // in the following rounds, until the queue is empty.
+                self.queue.close();
+            }
+            self.commit(&mut batch);
+            if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
+                self.maintain();
+            }
+        }
+        if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            log::warn!("final checkpoint failed: {e}");
+        }
+        log::info!("storage writer stopped at seq {}", self.next_seq - 1);
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Command>) {
+        let mut done = Vec::with_capacity(batch.len());
+        let mut published = Vec::new();
+        let first_seq = self.next_seq;
+        let outcome = (|| -> Result<(), rusqlite::Error> {
+            let tx = self.conn.transaction()?;
+            let mut seq = self.next_seq;
+            let mut commands = batch.drain(..);
+            for command in commands.by_ref() {
+                let mut step = Step {
+                    tx: &tx,
+                    seq: &mut seq,
+                    events: &mut published,
+                    now: now_micros(),
+                };
+                match step.apply(command) {
+                    Ok(d) => done.push(d),
+                    Err(e) => {
+                        let why = e.to_string();
+                        commands.for_each(|c| c.abort(&why));
+                        return Err(e);
+                    }
+                }
+            }
+            drop(commands);
+            tx.commit()?;
+            self.next_seq = seq;
+            Ok(())
+        })();
+        let outcome = outcome.map_err(|e| e.to_string());
+        self.health.record(&outcome);
+        match outcome {
+            Ok(()) => {
+                for event in published {
+                    self.hub.publish(event);
+                }
+                done.into_iter().for_each(Done::send);
+            }
+            Err(why) => {
+                log::error!("storage commit failed, batch not stored: {why}");
+                self.next_seq = first_seq;
+                batch.drain(..).for_each(|c| c.abort(&why));
+                done.into_iter().for_each(|d| d.fail(&why));
+            }
+        }
+    }
+
+    /// Retention in small slices: the oldest events past `max_events`, and readings older
+    /// than the retention period.
+    fn maintain(&mut self) {
+        self.last_maintenance = Instant::now();
+        let newest = self.next_seq as i64 - 1;
+        let keep_from = newest - self.max_events as i64;
+        let result = (|| -> rusqlite::Result<(usize, usize)> {
+            let events = self.conn.execute(
+                "DELETE FROM events WHERE seq <= ?1 AND seq < (SELECT MIN(seq) FROM events) + ?2",
+                params![keep_from, MAINTENANCE_ROWS],
+            )?;
+            let readings = if self.readings_retention.is_zero() {
+                0
+            } else {
+                let cutoff = now_micros() - self.readings_retention.as_micros() as i64;
+                self.conn.execute(
+                    "DELETE FROM readings WHERE id IN \
+                     (SELECT id FROM readings WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
+                    params![cutoff, MAINTENANCE_ROWS],
+                )?
+            };
+            Ok((events, readings))
+        })();
+        match result {
+            Ok((0, 0)) => {}
+            Ok((events, readings)) => {
+                log::debug!("retention removed {events} events and {readings} readings")
+            }
+            Err(e) => log::warn!("retention failed: {e}"),
+        }
+    }
+}
+
+/// Applies one command inside the batch's transaction.
+struct Step<'a> {
+    tx: &'a Transaction<'a>,
+    seq: &'a mut u64,
+    events: &'a mut Vec<Arc<Event>>,
+    now: Micros,
+}
+
+impl Step<'_> {
+    fn apply(&mut self, command: Command) -> Result<Done, rusqlite::Error> {
+        Ok(match command {
+            Command::CreateSensor(new, reply) => Done::Sensor(reply, Ok(self.create_sensor(new)?)),
+            Command::UpdateSensor(id, patch, reply) => {
+                Done::Sensor(reply, self.update_sensor(id, patch)?)
+            }
+            Command::DeleteSensor(id, reply) => Done::Sensor(reply, self.delete_sensor(id)?),
+            Command::InsertReading(new, reply) => {
+                let sensor_id = new.sensor_id;
+                let result = if reader::sensor_exists(self.tx, sensor_id)? {
+                    let taken_at = new.timestamp.unwrap_or(self.now);
+                    Ok(self.insert_reading(sensor_id, taken_at, &new.tipo, new.valor, &new.unidad)?)
+                } else {
+                    Err(StoreError::NotFound {
+                        entity: "Sensor",
+                        id: sensor_id,
+                    })
+                };
+                Done::Reading(reply, result)
+            }
+            Command::Emit(emission, reply) => Done::Seq(reply, Ok(self.emit(emission)?)),
+            Command::Samples(samples) => {
+                for sample in samples {
+                    // A sensor deleted while its source was still reading: drop the sample.
+                    if !reader::sensor_exists(self.tx, sample.sensor_id)? {
+                        continue;
+                    }
+                    for m in &sample.measurements {
+                        self.insert_reading(sample.sensor_id, sample.taken_at, &m.tipo, m.valor, &m.unidad)?;
+                    }
+                }
+                Done::Nothing
+            }
+            Command::Shutdown => Done::Nothing,
+        })
+    }
+
+    /// Stores an event with the next `seq` and keeps it for publishing after the commit.
+    fn record(
+        &mut self,
+        channel: Channel,
+        event_type: &str,
+        sensor_id: Option<i64>,
+        tipo: Option<&str>,
+        frame: String,
+    ) -> Result<u64, rusqlite::Error> {
+        let seq = *self.seq;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![seq as i64, self.now, channel.as_str(), event_type, sensor_id, tipo, frame])?;
+        *self.seq += 1;
+        self.events.push(Arc::new(Event {
+            seq,
+            channel,
+            event_type: event_type.to_owned(),
+            sensor_id,
+            tipo: tipo.map(str::to_owned),
+            frame: frame.into(),
+        }));
+        Ok(seq)
+    }
+
+    fn sensor_event(&mut self, event_type: &str, sensor: &Sensor, changed: &[&str]) -> rusqlite::Result<()> {
+        let frame = events::sensor_frame(event_type, sensor, changed, self.now, *self.seq);
+        self.record(Channel::Sensors, event_type, Some(sensor.id), Some(&sensor.tipo), frame)?;
+        Ok(())
+    }
+
+    fn create_sensor(&mut self, new: NewSensor) -> Result<Sensor, rusqlite::Error> {
+        let fuente = new.fuente.as_ref().map(Value::to_string);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sensors (tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+            )?
+            .execute(params![new.tipo, new.modelo, new.nombre, new.ubicacion, fuente, new.intervalo, new.activo, self.now])?;
+        let sensor = Sensor {
+            id: self.tx.last_insert_rowid(),
+            tipo: new.tipo,
+            modelo: new.modelo,
+            nombre: new.nombre,
+            ubicacion: new.ubicacion,
+            fuente: new.fuente,
+            intervalo: new.intervalo,
+            activo: new.activo,
+            created_at: self.now,
+            updated_at: self.now,
+        };
+        self.sensor_event("created", &sensor, &[])?;
+        Ok(sensor)
+    }
+
+    fn update_sensor(
+        &mut self,
+        id: i64,
+        patch: SensorPatch,
+    ) -> Result<Result<Sensor, StoreError>, rusqlite::Error> {
+        let Some(mut sensor) = reader::sensor(self.tx, id)? else {
+            return Ok(Err(StoreError::NotFound { entity: "Sensor", id }));
+        };
+        let changed = patch.apply(&mut sensor);
+        if changed.is_empty() {
+            return Ok(Ok(sensor));
+        }
+        sensor.updated_at = self.now;
+        let fuente = sensor.fuente.as_ref().map(Value::to_string);
+        self.tx
+            .prepare_cached(
+                "UPDATE sensors SET tipo = ?2, modelo = ?3, nombre = ?4, ubicacion = ?5, fuente = ?6, \
+                 intervalo = ?7, activo = ?8, updated_at = ?9 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                sensor.tipo,
+                sensor.modelo,
+                sensor.nombre,
+                sensor.ubicacion,
+                fuente,
+                sensor.intervalo,
+                sensor.activo,
+                sensor.updated_at
+            ])?;
+        self.sensor_event("updated", &sensor, &changed)?;
+        Ok(Ok(sensor))
+    }
+
+    fn delete_sensor(&mut self, id: i64) -> Result<Result<Sensor, StoreError>, rusqlite::Error> {
+        let Some(sensor) = reader::sensor(self.tx, id)? else {
+            return Ok(Err(StoreError::NotFound { entity: "Sensor", id }));
+        };
+        self.tx
+            .prepare_cached("DELETE FROM sensors WHERE id = ?1")?
+            .execute([id])?;
+        self.sensor_event("deleted", &sensor, &[])?;
+        Ok(Ok(sensor))
+    }
+
+    fn insert_reading(
+        &mut self,
+        sensor_id: i64,
+        taken_at: Micros,
+        tipo: &str,
+        valor: f64,
+        unidad: &str,
+    ) -> Result<Reading, rusqlite::Error> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![sensor_id, taken_at, tipo, valor, unidad])?;
+        let reading = Reading {
+            id: self.tx.last_insert_rowid(),
+            sensor_id,
+            tipo: tipo.to_owned(),
+            valor,
+            unidad: unidad.to_owned(),
+            timestamp: taken_at,
+        };
+        let frame = events::reading_frame(&reading, self.now, *self.seq);
+        self.record(Channel::Readings, "created", Some(sensor_id), Some(tipo), frame)?;
+        Ok(reading)
+    }
+
+    fn emit(&mut self, emission: Emission) -> Result<u64, rusqlite::Error> {
+        let seq = *self.seq;
+        let (event_type, frame) = match &emission.kind {
+            EmissionKind::System(kind) => (
+                kind.as_str(),
+                events::system_frame(kind, &emission.data, self.now, seq),
+            ),
+            EmissionKind::Test => ("test", events::test_frame(emission.channel, &emission.data, self.now, seq)),
+        };
+        self.record(emission.channel, event_type, emission.sensor_id, None, frame)
+    }
+}
