@@ -33,13 +33,21 @@ pub async fn run(
     let (store, writer) = Store::open(&config.storage, hub.clone())?;
     log::info!(
         "storage open at {}",
-        config.storage.data_dir.join(crate::store::DATABASE_FILE).display()
+        config
+            .storage
+            .data_dir
+            .join(crate::store::DATABASE_FILE)
+            .display()
     );
 
     let mut scheduler = Scheduler::new(store.clone());
     for sensor in &config.sensors {
         match sync_configured_sensor(&store, sensor).await {
-            Ok(id) => scheduler.start(id, &sensor.source, Duration::from_secs_f64(sensor.interval_s)),
+            Ok(id) => scheduler.start(
+                id,
+                &sensor.source,
+                Duration::from_secs_f64(sensor.interval_s),
+            ),
             Err(e) => log::error!("sensor \"{}\" not started: {e}", sensor.name),
         }
     }
@@ -71,7 +79,9 @@ pub async fn run(
         .await
         .ok();
     store.close().await;
-    tokio::task::spawn_blocking(move || writer.join()).await.ok();
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .ok();
     log::info!("stopped");
     Ok(())
 }

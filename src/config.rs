@@ -129,9 +129,18 @@ pub enum SourceSpec {
 /// A configuration that could not be loaded, with enough context to fix it.
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, error: std::io::Error },
-    Parse { path: PathBuf, message: String },
-    Invalid { path: PathBuf, message: String },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Parse {
+        path: PathBuf,
+        message: String,
+    },
+    Invalid {
+        path: PathBuf,
+        message: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -175,7 +184,10 @@ impl Config {
             return Err(Problem::key("server.max_connections", "must be at least 1"));
         }
         if self.server.max_body_bytes < 1024 {
-            return Err(Problem::key("server.max_body_bytes", "must be at least 1024"));
+            return Err(Problem::key(
+                "server.max_body_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
@@ -184,7 +196,10 @@ impl Config {
             return Err(Problem::key("realtime.client_queue", "must be at least 16"));
         }
         if self.realtime.ping_interval_s == 0 {
-            return Err(Problem::key("realtime.ping_interval_s", "must be at least 1"));
+            return Err(Problem::key(
+                "realtime.ping_interval_s",
+                "must be at least 1",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for sensor in &self.sensors {
@@ -263,9 +278,12 @@ mod tests {
 
     #[test]
     fn unknown_key_names_line_and_key() {
-        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nport = 5\n", Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\nport = 5\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("x.toml"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("port"), "{err}");
@@ -274,8 +292,13 @@ mod tests {
     #[test]
     fn invalid_value_names_line() {
         let text = "[server]\nmax_connections = 0\n";
-        let err = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
-        assert_eq!(err, "x.toml: line 2: server.max_connections must be at least 1");
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "x.toml: line 2: server.max_connections must be at least 1"
+        );
     }
 
     #[test]
@@ -292,7 +315,9 @@ tipo = "temperatura"
 modelo = "DHT22"
 source = { kind = "sim" }
 "#;
-        let err = Config::parse(text, Path::new("x.toml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("used twice"), "{err}");
     }
 }

@@ -64,7 +64,9 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             Value(word) if word == "check-config" => {
                 return Ok(Command::CheckConfig(parser.value()?.into()))
             }
-            Value(word) if word == "print-default-config" => return Ok(Command::PrintDefaultConfig),
+            Value(word) if word == "print-default-config" => {
+                return Ok(Command::PrintDefaultConfig)
+            }
             _ => return Err(arg.unexpected()),
         }
     }
@@ -77,7 +79,9 @@ fn resolve_config(args: &RunArgs) -> Result<Config, String> {
     let mut config = match (&args.config, args.demo) {
         (Some(_), true) => return Err("--demo runs its own config; leave out --config".into()),
         (Some(path), false) => Config::load(path).map_err(|e| e.to_string())?,
-        (None, true) => Config::parse(DEMO_CONFIG, Path::new("<demo>")).map_err(|e| e.to_string())?,
+        (None, true) => {
+            Config::parse(DEMO_CONFIG, Path::new("<demo>")).map_err(|e| e.to_string())?
+        }
         (None, false) if Path::new(SYSTEM_CONFIG).exists() => {
             Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?
         }
@@ -118,7 +122,10 @@ fn init_logging() {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -181,7 +181,10 @@ impl Fields {
             Some(v) => match v.as_f64() {
                 Some(s) if s > 0.0 && s <= MAX_INTERVAL_S => Some(Some(s)),
                 _ => {
-                    self.fail("intervalo", "must be a number of seconds above 0 and at most 86400");
+                    self.fail(
+                        "intervalo",
+                        "must be a number of seconds above 0 and at most 86400",
+                    );
                     None
                 }
             },
@@ -310,9 +313,19 @@ impl SensorPatch {
         set(&mut sensor.tipo, &self.tipo, "tipo", &mut changed);
         set(&mut sensor.modelo, &self.modelo, "modelo", &mut changed);
         set(&mut sensor.nombre, &self.nombre, "nombre", &mut changed);
-        set(&mut sensor.ubicacion, &self.ubicacion, "ubicacion", &mut changed);
+        set(
+            &mut sensor.ubicacion,
+            &self.ubicacion,
+            "ubicacion",
+            &mut changed,
+        );
         set(&mut sensor.fuente, &self.fuente, "fuente", &mut changed);
-        set(&mut sensor.intervalo, &self.intervalo, "intervalo", &mut changed);
+        set(
+            &mut sensor.intervalo,
+            &self.intervalo,
+            "intervalo",
+            &mut changed,
+        );
         set(&mut sensor.activo, &self.activo, "activo", &mut changed);
         changed
     }
@@ -436,9 +449,10 @@ mod tests {
             created_at: 0,
             updated_at: 0,
         };
-        let patch =
-            SensorPatch::from_json(json!({"activo": false, "modelo": "DHT11", "tipo": "temperatura"}))
-                .unwrap();
+        let patch = SensorPatch::from_json(
+            json!({"activo": false, "modelo": "DHT11", "tipo": "temperatura"}),
+        )
+        .unwrap();
         assert_eq!(patch.apply(&mut sensor), ["modelo", "activo"]);
         assert_eq!(patch.apply(&mut sensor), Vec::<&str>::new());
     }
@@ -453,11 +467,15 @@ mod tests {
 
     #[test]
     fn reading_validation() {
-        let r = NewReading::from_json(json!({"sensor_id": 1, "tipo": "temperatura", "valor": 21.4, "unidad": "°C"}))
-            .unwrap();
+        let r = NewReading::from_json(
+            json!({"sensor_id": 1, "tipo": "temperatura", "valor": 21.4, "unidad": "°C"}),
+        )
+        .unwrap();
         assert_eq!(r.valor, 21.4);
-        let err = NewReading::from_json(json!({"sensor_id": "x", "valor": "hot", "timestamp": "yesterday"}))
-            .unwrap_err();
+        let err = NewReading::from_json(
+            json!({"sensor_id": "x", "valor": "hot", "timestamp": "yesterday"}),
+        )
+        .unwrap_err();
         assert_eq!(fields(err), ["sensor_id", "tipo", "valor", "timestamp"]);
     }
 

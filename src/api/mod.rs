@@ -85,7 +85,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             },
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            log::warn!("connection from {peer} refused: {} connections open", state.server.max_connections);
+            log::warn!(
+                "connection from {peer} refused: {} connections open",
+                state.server.max_connections
+            );
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -46,15 +46,13 @@ fn decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -77,7 +75,9 @@ mod tests {
 
     #[test]
     fn decodes_and_repeats() {
-        let q = Query::parse(Some("channel=sensors&channel=readings%2Cgeneral&tipo=temp+ext&x"));
+        let q = Query::parse(Some(
+            "channel=sensors&channel=readings%2Cgeneral&tipo=temp+ext&x",
+        ));
         assert_eq!(q.all("channel"), ["sensors", "readings", "general"]);
         assert_eq!(q.get("tipo"), Some("temp ext"));
         assert_eq!(q.get("x"), Some(""));

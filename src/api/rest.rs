@@ -14,7 +14,9 @@ use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
 use crate::model::{parse_time, FieldError, NewReading, NewSensor, SensorPatch};
-use crate::store::{Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter, SCHEMA_VERSION};
+use crate::store::{
+    Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter, SCHEMA_VERSION,
+};
 
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
 const INDEX: &str = include_str!("../../assets/index.html");
@@ -54,7 +56,10 @@ fn number_param(query: &Query, name: &str, default: u32, max: u32) -> Result<u32
         None => Ok(default),
         Some(text) => match text.parse::<u32>() {
             Ok(n) if n <= max => Ok(n),
-            _ => Err(FieldError::new(name, &format!("must be an integer from 0 to {max}"))),
+            _ => Err(FieldError::new(
+                name,
+                format!("must be an integer from 0 to {max}"),
+            )),
         },
     }
 }
@@ -66,9 +71,10 @@ fn checked<T>(errors: &mut Vec<FieldError>, result: Result<T, FieldError>) -> Op
 
 pub fn index() -> Response<Body> {
     let mut response = Response::new(full(INDEX));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     response
 }
 
@@ -116,7 +122,10 @@ pub async fn health(state: &State) -> Response<Body> {
     json_response(status, &body)
 }
 
-pub async fn list_sensors(req: &Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+pub async fn list_sensors(
+    req: &Request<Incoming>,
+    state: &State,
+) -> Result<Response<Body>, ApiError> {
     let q = query(req);
     let mut errors = Vec::new();
     let activo = match q.get("activo") {
@@ -143,7 +152,10 @@ pub async fn list_sensors(req: &Request<Incoming>, state: &State) -> Result<Resp
     Ok(json_response(StatusCode::OK, &sensors))
 }
 
-pub async fn create_sensor(req: Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+pub async fn create_sensor(
+    req: Request<Incoming>,
+    state: &State,
+) -> Result<Response<Body>, ApiError> {
     let new = NewSensor::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
     let sensor = state.store.create_sensor(new).await?;
     Ok(json_response(StatusCode::CREATED, &sensor))
@@ -171,7 +183,10 @@ pub async fn delete_sensor(state: &State, id: i64) -> Result<Response<Body>, Api
     Ok(json_response(StatusCode::OK, &sensor))
 }
 
-pub async fn list_readings(req: &Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+pub async fn list_readings(
+    req: &Request<Incoming>,
+    state: &State,
+) -> Result<Response<Body>, ApiError> {
     let q = query(req);
     let mut errors = Vec::new();
     let sensor_id = match q.get("sensor_id") {
@@ -186,7 +201,8 @@ pub async fn list_readings(req: &Request<Incoming>, state: &State) -> Result<Res
         None => None,
         Some(text) => checked(
             &mut errors,
-            parse_time(text).ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
+            parse_time(text)
+                .ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
         ),
     };
     let from = time("desde");
@@ -215,7 +231,10 @@ pub async fn list_readings(req: &Request<Incoming>, state: &State) -> Result<Res
     Ok(json_response(StatusCode::OK, &readings))
 }
 
-pub async fn create_reading(req: Request<Incoming>, state: &State) -> Result<Response<Body>, ApiError> {
+pub async fn create_reading(
+    req: Request<Incoming>,
+    state: &State,
+) -> Result<Response<Body>, ApiError> {
     let new = NewReading::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
     let reading = state.store.insert_reading(new).await?;
     Ok(json_response(StatusCode::CREATED, &reading))
@@ -229,24 +248,27 @@ pub fn ws_channel_stats(state: &State, channel: &str) -> Result<Response<Body>, 
     let channel: Channel = channel
         .parse()
         .map_err(|_| ApiError::not_found(format!("Unknown channel '{channel}'")))?;
-    let mut body = serde_json::to_value(state.hub.channel_stats(channel))
-        .expect("stats always serialise");
+    let mut body =
+        serde_json::to_value(state.hub.channel_stats(channel)).expect("stats always serialise");
     body["channel"] = json!(channel.as_str());
     Ok(json_response(StatusCode::OK, &body))
 }
 
 /// Broadcasts `{"channel": ..., "data": ...}` as a `test_event`; stored and numbered like
 /// every event, so resuming clients see it too.
-pub async fn test_event(req: Request<Incoming>, state: &Arc<State>) -> Result<Response<Body>, ApiError> {
+pub async fn test_event(
+    req: Request<Incoming>,
+    state: &Arc<State>,
+) -> Result<Response<Body>, ApiError> {
     let body = read_json(req, state).await?;
     let Value::Object(mut fields) = body else {
         return Err(ApiError::invalid_field("body", "must be a JSON object"));
     };
     let channel = match fields.remove("channel") {
         None => Channel::General,
-        Some(Value::String(name)) => name
-            .parse()
-            .map_err(|_| ApiError::invalid_field("channel", "must be sensors, readings or general"))?,
+        Some(Value::String(name)) => name.parse().map_err(|_| {
+            ApiError::invalid_field("channel", "must be sensors, readings or general")
+        })?,
         Some(_) => return Err(ApiError::invalid_field("channel", "must be a string")),
     };
     let data = fields.remove("data").unwrap_or(Value::Null);

@@ -155,10 +155,16 @@ impl Session {
         if sink.flush().await.is_err() {
             return;
         }
-        log::debug!("client {} ({}) connected to {}", self.client_id, self.peer, channel_names.join(","));
+        log::debug!(
+            "client {} ({}) connected to {}",
+            self.client_id,
+            self.peer,
+            channel_names.join(",")
+        );
 
         let ping_every = Duration::from_secs(self.state.realtime.ping_interval_s);
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         let mut answered_ping = true;
         let mut last_seq = 0;
 
@@ -244,7 +250,8 @@ impl Session {
                 code: CloseCode::from(code),
                 reason: Utf8Bytes::from(reason),
             };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            let _ =
+                tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
         }
         log::debug!("client {} disconnected", self.client_id);
     }
@@ -253,8 +260,15 @@ impl Session {
         for &channel in &self.channels {
             self.state.hub.count_slow_disconnect(channel);
         }
-        log::info!("client {} ({}) disconnected: too slow", self.client_id, self.peer);
-        End::Close(CLOSE_SLOW, format!("too slow; reconnect with since={last_seq}"))
+        log::info!(
+            "client {} ({}) disconnected: too slow",
+            self.client_id,
+            self.peer
+        );
+        End::Close(
+            CLOSE_SLOW,
+            format!("too slow; reconnect with since={last_seq}"),
+        )
     }
 
     /// Answers one client message. Every message gets an answer: a result or an error.
@@ -262,7 +276,14 @@ impl Session {
         let now = now_micros();
         let message: Value = match serde_json::from_str(text) {
             Ok(value @ Value::Object(_)) => value,
-            _ => return events::error_message(None, "malformed", "Messages must be JSON objects", now),
+            _ => {
+                return events::error_message(
+                    None,
+                    "malformed",
+                    "Messages must be JSON objects",
+                    now,
+                )
+            }
         };
         let id = message.get("id");
         match message.get("type").and_then(Value::as_str) {

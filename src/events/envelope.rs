@@ -241,15 +241,17 @@ mod tests {
         assert_eq!(v["data"]["created_at"], "1970-01-01T00:00:00.000000Z");
         assert_eq!(v["timestamp"], "1970-01-01T00:00:02.000000Z");
         assert_eq!(v["metadata"]["action"], "update_sensor");
-        assert_eq!(v["metadata"]["fields_updated"], serde_json::json!(["modelo"]));
+        assert_eq!(
+            v["metadata"]["fields_updated"],
+            serde_json::json!(["modelo"])
+        );
         assert_eq!(v["seq"], 4711);
     }
 
     #[test]
     fn created_and_deleted_have_no_update_lists() {
         for (kind, action) in [("created", "create_sensor"), ("deleted", "delete_sensor")] {
-            let v: Value =
-                serde_json::from_str(&sensor_frame(kind, &sensor(), &[], 0, 1)).unwrap();
+            let v: Value = serde_json::from_str(&sensor_frame(kind, &sensor(), &[], 0, 1)).unwrap();
             assert_eq!(v["metadata"]["action"], action);
             assert!(v["metadata"].get("fields_updated").is_none());
             assert!(v["data"].get("updated_fields").is_none());

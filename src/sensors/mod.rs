@@ -103,7 +103,12 @@ impl Scheduler {
     }
 }
 
-fn sample_loop(sensor_id: i64, mut source: Box<dyn Source>, store: Store, stop: mpsc::Receiver<()>) {
+fn sample_loop(
+    sensor_id: i64,
+    mut source: Box<dyn Source>,
+    store: Store,
+    stop: mpsc::Receiver<()>,
+) {
     let mut failures = FailureLog::default();
     loop {
         let started = Instant::now();

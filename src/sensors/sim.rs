@@ -114,7 +114,8 @@ impl Source for SimSource {
         let t = self.started.elapsed().as_secs_f64();
         self.drift = (self.drift + 0.05 * self.rng.normal()).clamp(-2.0, 2.0);
         let swing = 1.5 * (TAU * t / 600.0).sin();
-        let temperature = self.config.base_temperature + swing + self.drift + 0.1 * self.rng.normal();
+        let temperature =
+            self.config.base_temperature + swing + self.drift + 0.1 * self.rng.normal();
         let mut values = vec![Measurement::new("temperatura", round(temperature), "°C")];
         if self.config.profile == SimProfile::Dht22 {
             let humidity = (self.config.base_humidity - 2.0 * (swing + self.drift)

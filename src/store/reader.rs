@@ -30,9 +30,11 @@ fn sensor_from_row(row: &Row<'_>) -> rusqlite::Result<Sensor> {
 
 /// One sensor by id.
 pub fn sensor(conn: &Connection, id: i64) -> rusqlite::Result<Option<Sensor>> {
-    conn.prepare_cached(&format!("SELECT {SENSOR_COLUMNS} FROM sensors WHERE id = ?1"))?
-        .query_row([id], sensor_from_row)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {SENSOR_COLUMNS} FROM sensors WHERE id = ?1"
+    ))?
+    .query_row([id], sensor_from_row)
+    .optional()
 }
 
 /// Whether a sensor exists; cheaper than loading it, for every stored sample.

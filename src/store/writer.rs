@@ -192,9 +192,9 @@ impl Done {
 impl Command {
     fn abort(self, why: &str) {
         let done = match self {
-            Command::CreateSensor(_, r) | Command::UpdateSensor(_, _, r) | Command::DeleteSensor(_, r) => {
-                Done::Sensor(r, Err(StoreError::Closed))
-            }
+            Command::CreateSensor(_, r)
+            | Command::UpdateSensor(_, _, r)
+            | Command::DeleteSensor(_, r) => Done::Sensor(r, Err(StoreError::Closed)),
             Command::InsertReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
             Command::Samples(samples) => {
@@ -334,7 +334,13 @@ impl Step<'_> {
                 let sensor_id = new.sensor_id;
                 let result = if reader::sensor_exists(self.tx, sensor_id)? {
                     let taken_at = new.timestamp.unwrap_or(self.now);
-                    Ok(self.insert_reading(sensor_id, taken_at, &new.tipo, new.valor, &new.unidad)?)
+                    Ok(self.insert_reading(
+                        sensor_id,
+                        taken_at,
+                        &new.tipo,
+                        new.valor,
+                        &new.unidad,
+                    )?)
                 } else {
                     Err(StoreError::NotFound {
                         entity: "Sensor",
@@ -351,7 +357,13 @@ impl Step<'_> {
                         continue;
                     }
                     for m in &sample.measurements {
-                        self.insert_reading(sample.sensor_id, sample.taken_at, &m.tipo, m.valor, &m.unidad)?;
+                        self.insert_reading(
+                            sample.sensor_id,
+                            sample.taken_at,
+                            &m.tipo,
+                            m.valor,
+                            &m.unidad,
+                        )?;
                     }
                 }
                 Done::Nothing
@@ -375,7 +387,15 @@ impl Step<'_> {
                 "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![seq as i64, self.now, channel.as_str(), event_type, sensor_id, tipo, frame])?;
+            .execute(params![
+                seq as i64,
+                self.now,
+                channel.as_str(),
+                event_type,
+                sensor_id,
+                tipo,
+                frame
+            ])?;
         *self.seq += 1;
         self.events.push(Arc::new(Event {
             seq,
@@ -388,9 +408,20 @@ impl Step<'_> {
         Ok(seq)
     }
 
-    fn sensor_event(&mut self, event_type: &str, sensor: &Sensor, changed: &[&str]) -> rusqlite::Result<()> {
+    fn sensor_event(
+        &mut self,
+        event_type: &str,
+        sensor: &Sensor,
+        changed: &[&str],
+    ) -> rusqlite::Result<()> {
         let frame = events::sensor_frame(event_type, sensor, changed, self.now, *self.seq);
-        self.record(Channel::Sensors, event_type, Some(sensor.id), Some(&sensor.tipo), frame)?;
+        self.record(
+            Channel::Sensors,
+            event_type,
+            Some(sensor.id),
+            Some(&sensor.tipo),
+            frame,
+        )?;
         Ok(())
     }
 
@@ -424,7 +455,10 @@ impl Step<'_> {
         patch: SensorPatch,
     ) -> Result<Result<Sensor, StoreError>, rusqlite::Error> {
         let Some(mut sensor) = reader::sensor(self.tx, id)? else {
-            return Ok(Err(StoreError::NotFound { entity: "Sensor", id }));
+            return Ok(Err(StoreError::NotFound {
+                entity: "Sensor",
+                id,
+            }));
         };
         let changed = patch.apply(&mut sensor);
         if changed.is_empty() {
@@ -454,7 +488,10 @@ impl Step<'_> {
 
     fn delete_sensor(&mut self, id: i64) -> Result<Result<Sensor, StoreError>, rusqlite::Error> {
         let Some(sensor) = reader::sensor(self.tx, id)? else {
-            return Ok(Err(StoreError::NotFound { entity: "Sensor", id }));
+            return Ok(Err(StoreError::NotFound {
+                entity: "Sensor",
+                id,
+            }));
         };
         self.tx
             .prepare_cached("DELETE FROM sensors WHERE id = ?1")?
@@ -485,7 +522,13 @@ impl Step<'_> {
             timestamp: taken_at,
         };
         let frame = events::reading_frame(&reading, self.now, *self.seq);
-        self.record(Channel::Readings, "created", Some(sensor_id), Some(tipo), frame)?;
+        self.record(
+            Channel::Readings,
+            "created",
+            Some(sensor_id),
+            Some(tipo),
+            frame,
+        )?;
         Ok(reading)
     }
 
@@ -496,8 +539,17 @@ impl Step<'_> {
                 kind.as_str(),
                 events::system_frame(kind, &emission.data, self.now, seq),
             ),
-            EmissionKind::Test => ("test", events::test_frame(emission.channel, &emission.data, self.now, seq)),
+            EmissionKind::Test => (
+                "test",
+                events::test_frame(emission.channel, &emission.data, self.now, seq),
+            ),
         };
-        self.record(emission.channel, event_type, emission.sensor_id, None, frame)
+        self.record(
+            emission.channel,
+            event_type,
+            emission.sensor_id,
+            None,
+            frame,
+        )
     }
 }

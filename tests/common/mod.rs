@@ -1,0 +1,266 @@
+//! A real daemon on loopback for end-to-end tests, with a minimal HTTP/1.1 client and a
+//! real WebSocket client.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use sensorgate::config::Config;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for something that should arrive at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A daemon started by a test; stops on [`Daemon::stop`].
+pub struct Daemon {
+    pub addr: std::net::SocketAddr,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A test daemon's config: `text` (TOML), with data in `data_dir`.
+pub fn config(data_dir: &Path, text: &str) -> Config {
+    let mut config = Config::parse(text, Path::new("test.toml")).expect("test config is valid");
+    config.storage.data_dir = data_dir.to_owned();
+    config
+}
+
+impl Daemon {
+    /// Starts a daemon on `127.0.0.1:0` with the given config.
+    pub async fn start(config: Config) -> Daemon {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let data_dir = config.storage.data_dir.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            sensorgate::app::run(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("daemon runs");
+        });
+        let daemon = Daemon {
+            addr,
+            data_dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        // Ready when it answers.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok((200, _)) = daemon.try_request("GET", "/healthz", None).await {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        daemon
+    }
+
+    /// Starts a daemon with default settings in `dir` and `extra` config.
+    pub async fn start_in(dir: &Path, extra: &str) -> Daemon {
+        Daemon::start(config(dir, extra)).await
+    }
+
+    /// Stops the daemon the way SIGTERM does and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("daemon stops in time")
+                .expect("daemon task ends cleanly");
+        }
+    }
+
+    /// One HTTP request; returns status and the body parsed as JSON (Null if empty or not JSON).
+    pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, body) = self.try_request(method, path, body).await.expect("request");
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.request("POST", path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
+        self.request("PUT", path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.request("DELETE", path, None).await
+    }
+
+    /// A raw request with `Connection: close`; returns status and raw body bytes.
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let body = body.unwrap_or("");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let raw = raw_exchange(self.addr, [head.as_bytes(), body.as_bytes()].concat()).await?;
+        Ok(split_response(&raw))
+    }
+
+    /// Opens a WebSocket at `path_and_query` (e.g. `/api/v1/ws?channel=sensors`).
+    pub async fn websocket(&self, path_and_query: &str) -> Client {
+        let url = format!("ws://{}{}", self.addr, path_and_query);
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        Client { socket }
+    }
+
+    /// The store's last `seq`, from `/healthz`.
+    pub async fn last_seq(&self) -> u64 {
+        self.get("/healthz").await.1["storage"]["last_seq"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+/// Sends raw bytes, reads until the server closes.
+pub async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    request: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(&request).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("response timed out"))??;
+    Ok(raw)
+}
+
+/// Status code and body of a raw HTTP/1.1 response (not chunked).
+pub fn split_response(raw: &[u8]) -> (u16, Vec<u8>) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body_start = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(raw.len());
+    (status, raw[body_start..].to_vec())
+}
+
+/// A test's WebSocket client.
+pub struct Client {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a client received, other than JSON text.
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    Json(Value),
+    Closed(Option<u16>, String),
+}
+
+impl Client {
+    /// The next message, skipping pings; panics after [`PATIENCE`].
+    pub async fn next(&mut self) -> Received {
+        self.next_within(PATIENCE).await.expect("a message in time")
+    }
+
+    /// The next message, or `None` if nothing arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Received> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .ok()?;
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(Received::Json(
+                        serde_json::from_str(&text).expect("JSON text"),
+                    ))
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(Received::Closed(
+                        frame.as_ref().map(|f| u16::from(f.code)),
+                        frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    ))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(Received::Closed(None, e.to_string())),
+                None => return Some(Received::Closed(None, "stream ended".into())),
+            }
+        }
+    }
+
+    /// The next JSON message; panics on anything else.
+    pub async fn json(&mut self) -> Value {
+        match self.next().await {
+            Received::Json(v) => v,
+            other => panic!("expected JSON, got {other:?}"),
+        }
+    }
+
+    /// Skips the connection and stats greeting, checking its shape.
+    pub async fn greeted(mut self) -> Client {
+        let connection = self.json().await;
+        assert_eq!(connection["type"], "connection");
+        let stats = self.json().await;
+        assert_eq!(stats["type"], "stats");
+        self
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.socket
+            .send(Message::text(text.to_owned()))
+            .await
+            .unwrap();
+    }
+}
+
+/// A fresh temporary data directory.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Sends raw bytes and returns what arrives before the server pauses; for responses
+/// that keep the connection open.
+pub async fn raw_exchange_first(addr: std::net::SocketAddr, request: Vec<u8>) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await
+    {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    raw
+}

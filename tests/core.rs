@@ -1,0 +1,624 @@
+//! End-to-end tests of the core daemon: REST, storage, live events, bad input, restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{temp_dir, Daemon, Received};
+use serde_json::{json, Value};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+fn assert_time(value: &Value) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {value}"));
+    assert!(
+        text.ends_with('Z') && text.len() == 27,
+        "not RFC 3339 micros UTC: {text}"
+    );
+    chrono::DateTime::parse_from_rfc3339(text).unwrap();
+}
+
+#[tokio::test]
+async fn sensor_lifecycle_emits_created_updated_deleted() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let mut client = daemon.websocket("/api/v1/ws?channel=sensors").await;
+
+    let connection = client.json().await;
+    assert_eq!(connection["type"], "connection");
+    assert_eq!(connection["status"], "connected");
+    assert_eq!(connection["channel"], "sensors");
+    assert!(connection["client_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_time(&connection["timestamp"]);
+    let stats = client.json().await;
+    assert_eq!(stats["type"], "stats");
+    assert_eq!(stats["data"]["total_connections"], 1);
+    assert_eq!(stats["data"]["channels"]["sensors"]["connections"], 1);
+    assert_time(&stats["timestamp"]);
+
+    let (status, created) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(created["tipo"], "temperatura");
+    assert_eq!(created["modelo"], "DHT22");
+    assert_eq!(created["activo"], true);
+    assert_time(&created["created_at"]);
+    assert_eq!(created["created_at"], created["updated_at"]);
+
+    let event = client.json().await;
+    assert_eq!(event["type"], "entity_event");
+    assert_eq!(event["entity_type"], "sensor");
+    assert_eq!(event["event_type"], "created");
+    assert_eq!(event["entity_id"], id);
+    assert_eq!(event["data"], created);
+    assert_eq!(event["metadata"], json!({"action": "create_sensor"}));
+    assert_time(&event["timestamp"]);
+    let first_seq = event["seq"].as_u64().unwrap();
+
+    let (status, updated) = daemon
+        .put(
+            &format!("/api/v1/sensores/{id}"),
+            r#"{"modelo": "DHT11", "tipo": "temperatura", "ubicacion": "Nave 2"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(updated["modelo"], "DHT11");
+    assert_eq!(updated["ubicacion"], "Nave 2");
+    let event = client.json().await;
+    assert_eq!(event["event_type"], "updated");
+    assert_eq!(event["entity_id"], id);
+    assert_eq!(event["data"]["modelo"], "DHT11");
+    assert_eq!(
+        event["data"]["updated_fields"],
+        json!(["modelo", "ubicacion"])
+    );
+    assert_eq!(event["metadata"]["action"], "update_sensor");
+    assert_eq!(
+        event["metadata"]["fields_updated"],
+        json!(["modelo", "ubicacion"])
+    );
+    assert_eq!(event["seq"], first_seq + 1);
+
+    // Writing the values it already has is not a change: no event, no new updated_at.
+    let (status, same) = daemon
+        .put(&format!("/api/v1/sensores/{id}"), r#"{"modelo": "DHT11"}"#)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(same["updated_at"], updated["updated_at"]);
+
+    let (status, deleted) = daemon.delete(&format!("/api/v1/sensores/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(deleted, updated);
+    let event = client.json().await;
+    assert_eq!(
+        event["event_type"], "deleted",
+        "the no-op PUT must not have emitted"
+    );
+    assert_eq!(event["data"], updated);
+    assert_eq!(event["metadata"]["action"], "delete_sensor");
+    assert_eq!(event["seq"], first_seq + 2);
+
+    assert_eq!(daemon.get(&format!("/api/v1/sensores/{id}")).await.0, 404);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn simulated_samples_are_stored_and_pushed() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        r#"
+[[sensor]]
+name = "sim"
+tipo = "temperatura"
+modelo = "DHT22"
+interval_s = 0.05
+source = { kind = "sim", seed = 5 }
+"#,
+    )
+    .await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 6 {
+        let event = client.json().await;
+        assert_eq!(event["type"], "entity_event");
+        assert_eq!(event["entity_type"], "reading");
+        assert_eq!(event["event_type"], "created");
+        assert_eq!(event["metadata"]["action"], "create_reading");
+        assert_eq!(event["entity_id"], event["data"]["id"]);
+        assert_time(&event["data"]["timestamp"]);
+        seen.push(event["data"].clone());
+    }
+    let tipos: Vec<&str> = seen.iter().map(|r| r["tipo"].as_str().unwrap()).collect();
+    assert!(
+        tipos.contains(&"temperatura") && tipos.contains(&"humedad"),
+        "{tipos:?}"
+    );
+
+    let (status, stored) = daemon.get("/api/v1/lecturas/?order=asc&limit=10000").await;
+    assert_eq!(status, 200);
+    let stored = stored.as_array().unwrap();
+    for reading in &seen {
+        assert!(
+            stored.contains(reading),
+            "pushed reading {reading} is not stored"
+        );
+    }
+    let (_, sensors) = daemon.get("/api/v1/sensores/").await;
+    assert_eq!(sensors[0]["nombre"], "sim");
+    assert_eq!(sensors[0]["fuente"]["kind"], "sim");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn posted_readings_are_stored_pushed_and_filtered() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, a) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let (_, b) = daemon
+        .post(
+            "/api/v1/sensors/",
+            r#"{"tipo": "humedad", "modelo": "SHT31"}"#,
+        )
+        .await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+
+    let body = format!(
+        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 21.4, "unidad": "°C", "timestamp": "2026-01-02T03:04:05.5+01:00"}}"#,
+        a["id"]
+    );
+    let (status, reading) = daemon.post("/api/v1/lecturas/", &body).await;
+    assert_eq!(status, 201);
+    assert_eq!(reading["valor"], 21.4);
+    assert_eq!(reading["unidad"], "°C");
+    assert_eq!(reading["timestamp"], "2026-01-02T02:04:05.500000Z");
+    let event = client.json().await;
+    assert_eq!(event["data"], reading);
+
+    let body = format!(
+        r#"{{"sensor_id": {}, "tipo": "humedad", "valor": 40, "unidad": "%"}}"#,
+        b["id"]
+    );
+    assert_eq!(daemon.post("/api/v1/readings/", &body).await.0, 201);
+
+    let (_, only_a) = daemon
+        .get(&format!("/api/v1/lecturas/?sensor_id={}", a["id"]))
+        .await;
+    assert_eq!(only_a.as_array().unwrap().len(), 1);
+    assert_eq!(only_a[0], reading);
+    let (_, humedad) = daemon.get("/api/v1/lecturas/?tipo=humedad").await;
+    assert_eq!(humedad.as_array().unwrap().len(), 1);
+    let (_, in_range) = daemon
+        .get("/api/v1/lecturas/?desde=2026-01-01T00:00:00Z&hasta=2026-01-03T00:00:00Z")
+        .await;
+    assert_eq!(in_range.as_array().unwrap().len(), 1);
+    let (_, newest_first) = daemon.get("/api/v1/lecturas/?limit=1").await;
+    assert_eq!(newest_first[0]["tipo"], "humedad");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_and_changes_nothing() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "[server]\nmax_body_bytes = 2048\n").await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let id = sensor["id"].as_i64().unwrap();
+    let mut sensors_client = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+    let mut readings_client = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let seq_before = daemon.last_seq().await;
+    let (_, sensors_before) = daemon.get("/api/v1/sensores/").await;
+
+    let huge = format!(
+        r#"{{"tipo": "temperatura", "modelo": "{}"}}"#,
+        "x".repeat(4096)
+    );
+    let bad_valor = format!(r#"{{"sensor_id": {id}, "tipo": "t", "valor": "hot"}}"#);
+    let no_valor = format!(r#"{{"sensor_id": {id}, "tipo": "t"}}"#);
+    let cases: Vec<(&str, String, &str, u16, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/sensores/".into(),
+            r#"{"tipo": "#,
+            400,
+            "malformed",
+        ),
+        ("POST", "/api/v1/sensores/".into(), "[1, 2]", 422, "invalid"),
+        (
+            "POST",
+            "/api/v1/sensores/".into(),
+            r#"{"modelo": "DHT22"}"#,
+            422,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/api/v1/sensores/".into(),
+            r#"{"tipo": 7, "modelo": "DHT22"}"#,
+            422,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/api/v1/sensores/".into(),
+            r#"{"tipo": "t", "modelo": "m", "colour": 1}"#,
+            422,
+            "invalid",
+        ),
+        ("POST", "/api/v1/sensores/".into(), &huge, 413, "too_large"),
+        (
+            "PUT",
+            format!("/api/v1/sensores/{id}"),
+            r#"{"activo": "yes"}"#,
+            422,
+            "invalid",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/sensores/{id}"),
+            r#"{"tipo": null}"#,
+            422,
+            "invalid",
+        ),
+        (
+            "PUT",
+            "/api/v1/sensores/99999".into(),
+            r#"{"modelo": "X"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "PUT",
+            "/api/v1/sensores/abc".into(),
+            r#"{"modelo": "X"}"#,
+            422,
+            "invalid",
+        ),
+        (
+            "DELETE",
+            "/api/v1/sensores/99999".into(),
+            "",
+            404,
+            "not_found",
+        ),
+        ("GET", "/api/v1/sensores/99999".into(), "", 404, "not_found"),
+        (
+            "POST",
+            "/api/v1/lecturas/".into(),
+            r#"{"sensor_id": 99999, "tipo": "t", "valor": 1}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/api/v1/lecturas/".into(),
+            &bad_valor,
+            422,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/api/v1/lecturas/".into(),
+            &no_valor,
+            422,
+            "invalid",
+        ),
+        (
+            "GET",
+            "/api/v1/lecturas/?limit=lots".into(),
+            "",
+            422,
+            "invalid",
+        ),
+        (
+            "GET",
+            "/api/v1/sensores/?activo=maybe".into(),
+            "",
+            422,
+            "invalid",
+        ),
+        (
+            "PATCH",
+            "/api/v1/sensores/".into(),
+            "",
+            405,
+            "method_not_allowed",
+        ),
+        ("GET", "/api/v1/nothing-here".into(), "", 404, "not_found"),
+        ("GET", "/api/v1/test-sensors/".into(), "", 404, "not_found"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let body = (!body.is_empty()).then_some(body);
+        let (got, answer) = daemon.request(method, &path, body).await;
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        assert_eq!(answer["code"], code, "{method} {path}: {answer}");
+        assert!(
+            answer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{answer}"
+        );
+        if status == 422 {
+            assert!(answer["errors"][0]["field"].is_string(), "{answer}");
+        }
+    }
+    // The 422 names the field.
+    let (_, answer) = daemon
+        .post("/api/v1/sensores/", r#"{"modelo": "DHT22"}"#)
+        .await;
+    assert_eq!(
+        answer["errors"],
+        json!([{"field": "tipo", "message": "field required"}])
+    );
+
+    assert_eq!(
+        daemon.last_seq().await,
+        seq_before,
+        "an error emitted an event"
+    );
+    assert_eq!(daemon.get("/api/v1/sensores/").await.1, sensors_before);
+    assert_eq!(daemon.get("/api/v1/lecturas/").await.1, json!([]));
+    assert_eq!(sensors_client.next_within(QUIET).await, None);
+    assert_eq!(readings_client.next_within(QUIET).await, None);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_channel_is_refused_with_json() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let request = format!(
+        "GET /api/v1/ws?channel=weather HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        daemon.addr
+    );
+    let raw = common::raw_exchange_first(daemon.addr, request.into_bytes()).await;
+    let (status, body) = common::split_response(&raw);
+    assert_eq!(status, 400);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["code"], "unknown_channel");
+    assert!(body["detail"].as_str().unwrap().contains("weather"));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn channels_are_isolated() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let mut general = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+    let mut readings = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let mut sensors = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+
+    daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let (status, sent) = daemon
+        .post(
+            "/api/v1/ws/test-event",
+            r#"{"channel": "general", "data": {"hello": 1}}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    assert_eq!(sensors.json().await["event_type"], "created");
+    let test = general.json().await;
+    assert_eq!(test["type"], "test_event");
+    assert_eq!(test["data"], json!({"hello": 1}));
+    assert_eq!(test["seq"], sent["seq"]);
+    // Neither client saw the other's event, and the readings client saw nothing at all.
+    assert_eq!(sensors.next_within(QUIET).await, None);
+    assert_eq!(general.next_within(QUIET).await, None);
+    assert_eq!(readings.next_within(QUIET).await, None);
+
+    let (_, stats) = daemon.get("/api/v1/ws/stats").await;
+    assert_eq!(stats["total_connections"], 3);
+    assert_eq!(stats["channels"]["sensors"]["messages_sent"], 1);
+    assert_eq!(stats["channels"]["general"]["events_emitted"], 1);
+    let (status, one) = daemon.get("/api/v1/ws/stats/readings").await;
+    assert_eq!(status, 200);
+    assert_eq!(one["channel"], "readings");
+    assert_eq!(one["connections"], 1);
+    assert_eq!(daemon.get("/api/v1/ws/stats/weather").await.0, 404);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_data_and_continues_seq() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, first) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let body = format!(
+        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20.5}}"#,
+        first["id"]
+    );
+    daemon.post("/api/v1/lecturas/", &body).await;
+    let seq = daemon.last_seq().await;
+    daemon.stop().await;
+
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    assert_eq!(daemon.last_seq().await, seq);
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+    let (_, second) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "humedad", "modelo": "DHT22"}"#,
+        )
+        .await;
+    assert!(second["id"].as_i64() > first["id"].as_i64());
+    assert_eq!(client.json().await["seq"], seq + 1);
+    let (_, sensors) = daemon.get("/api/v1/sensores/").await;
+    assert_eq!(sensors[0], first);
+    assert_eq!(daemon.get("/api/v1/lecturas/").await.1[0]["valor"], 20.5);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_going_away() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+    daemon.stop().await;
+    match client.next().await {
+        Received::Closed(code, _) => assert_eq!(code, Some(1001)),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn development_routes_exist_only_in_dev_mode() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "[server]\ndev = true\n").await;
+    let (status, created) = daemon
+        .post(
+            "/api/v1/test-sensors/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, same) = daemon
+        .get(&format!("/api/v1/test-sensors/{}", created["id"]))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(same, created);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn client_messages_are_answered() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+    client.send_text(r#"{"type": "ping", "id": 7}"#).await;
+    let pong = client.json().await;
+    assert_eq!(pong["type"], "pong");
+    assert_eq!(pong["id"], 7);
+    client.send_text("not json").await;
+    assert_eq!(client.json().await["code"], "malformed");
+    client.send_text(r#"{"type": "dance", "id": "a"}"#).await;
+    let answer = client.json().await;
+    assert_eq!(answer["code"], "unknown_action");
+    assert_eq!(answer["id"], "a");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_storage() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (status, health) = daemon.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["storage"]["ok"], true);
+    assert_eq!(health["storage"]["schema_version"], 1);
+    assert!(dir.path().join("sensorgate.db").exists());
+    daemon.stop().await;
+}
+
+/// Every operation in the OpenAPI document exists, and answers with a status the
+/// document lists for it.
+#[tokio::test]
+async fn openapi_document_matches_the_server() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "[server]\ndev = true\n").await;
+    let (status, doc) = daemon.get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 12);
+    let mut checked = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            let (_, sensor) = daemon
+                .post(
+                    "/api/v1/sensores/",
+                    r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+                )
+                .await;
+            let concrete = path
+                .replace("{id}", &sensor["id"].to_string())
+                .replace("{channel}", "general");
+            let body = match method.as_str() {
+                "post" | "put" => Some("{}"),
+                _ => None,
+            };
+            let (status, _) = daemon
+                .request(&method.to_uppercase(), &concrete, body)
+                .await;
+            let listed = operation["responses"].as_object().unwrap();
+            assert!(
+                listed.contains_key(&status.to_string()),
+                "{method} {path} answered {status}, which the document does not list"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+    daemon.stop().await;
+}
