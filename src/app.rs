@@ -20,6 +20,10 @@ use crate::sensors::Scheduler;
 use crate::shutdown::{Drain, Trigger};
 use crate::store::{Store, StoreError};
 
+/// Events the hub keeps for subscribers that fall briefly behind; one further behind
+/// catches up from the database.
+const HUB_CAPACITY: usize = 4096;
+
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -29,7 +33,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
-    let hub = Hub::new(config.realtime.client_queue);
+    let hub = Hub::new(HUB_CAPACITY);
     let (store, writer) = Store::open(&config.storage, hub.clone())?;
     log::info!(
         "storage open at {}",

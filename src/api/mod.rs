@@ -6,9 +6,9 @@
 
 mod error;
 mod query;
+mod realtime;
 mod rest;
 mod router;
-mod ws;
 
 pub use error::ApiError;
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 
-use super::{rest, ws, ApiError, Body, State};
+use super::realtime::{sse, ws};
+use super::{rest, ApiError, Body, State};
 
 pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_owned();
@@ -43,6 +44,10 @@ async fn api(
         ["ws"] => {
             only(&req, Method::GET)?;
             ws::upgrade(req, state.clone(), peer)
+        }
+        ["events"] => {
+            only(&req, Method::GET)?;
+            sse::stream(&req, state.clone())
         }
         ["ws", "stats"] => only(&req, Method::GET).map(|()| rest::ws_stats(state)),
         ["ws", "stats", channel] => {

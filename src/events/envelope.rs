@@ -258,3 +258,62 @@ mod tests {
         }
     }
 }
+
+#[derive(Serialize)]
+struct SnapshotMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    sensors: &'a [&'a Sensor],
+    readings: &'a [&'a Reading],
+    timestamp: String,
+}
+
+/// The current sensors and their latest readings, consistent with `seq`: every event
+/// after it follows.
+pub fn snapshot_message(
+    seq: u64,
+    sensors: &[&Sensor],
+    readings: &[&Reading],
+    at: Micros,
+) -> String {
+    to_text(&SnapshotMessage {
+        kind: "snapshot",
+        seq,
+        sensors,
+        readings,
+        timestamp: format_time(at),
+    })
+}
+
+#[derive(Serialize)]
+struct ResyncMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    reason: &'a str,
+    since: u64,
+    oldest_seq: u64,
+    last_seq: u64,
+    timestamp: String,
+}
+
+/// Tells a resuming client that its `since` cannot be honoured exactly
+/// (`since_too_old`: events after it were removed by retention; `unknown_seq`: it is
+/// ahead of this gateway's numbering), so it should reload its state over REST. Events
+/// from `oldest_seq` on follow.
+pub fn resync_message(
+    reason: &str,
+    since: u64,
+    oldest_seq: u64,
+    last_seq: u64,
+    at: Micros,
+) -> String {
+    to_text(&ResyncMessage {
+        kind: "resync",
+        reason,
+        since,
+        oldest_seq,
+        last_seq,
+        timestamp: format_time(at),
+    })
+}

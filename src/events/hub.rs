@@ -27,8 +27,32 @@ struct Counters {
 #[derive(Clone)]
 pub struct Hub {
     sender: broadcast::Sender<Arc<Event>>,
+    /// `seq` of the newest published event.
+    published: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
     channels: Arc<[Counters; 3]>,
+    queues: Arc<QueueCounters>,
+}
+
+/// Frames waiting in clients' queues, and readings coalesced away, over all clients.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    pub(crate) queued: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+}
+
+impl QueueCounters {
+    pub fn queued(&self, frames: usize) {
+        self.queued.fetch_add(frames as u64, Ordering::Relaxed);
+    }
+
+    pub fn dequeued(&self, frames: usize) {
+        self.queued.fetch_sub(frames as u64, Ordering::Relaxed);
+    }
+
+    pub fn coalesced(&self, frames: usize) {
+        self.coalesced.fetch_add(frames as u64, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of the hub's counters, as served by `/api/v1/ws/stats`.
@@ -36,6 +60,10 @@ pub struct Hub {
 pub struct HubStats {
     pub total_connections: u64,
     pub total_messages_sent: u64,
+    /// Frames waiting in client queues right now.
+    pub queued_frames: u64,
+    /// Readings dropped from slow clients' queues because a newer one superseded them.
+    pub coalesced_readings: u64,
     pub channels: BTreeMap<&'static str, ChannelStats>,
 }
 
@@ -54,19 +82,32 @@ impl Hub {
         let (sender, _) = broadcast::channel(capacity);
         Hub {
             sender,
+            published: Arc::new(AtomicU64::new(0)),
             connections: Arc::new(AtomicU64::new(0)),
             channels: Arc::new(Default::default()),
+            queues: Arc::default(),
         }
     }
 
     /// Sends an event to every current subscriber. Called by the store writer only, after
     /// the commit that made the event true, in `seq` order.
     pub fn publish(&self, event: Arc<Event>) {
+        self.published.store(event.seq, Ordering::Release);
         self.channels[event.channel.index()]
             .events_emitted
             .fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the event is stored and can be replayed.
         let _ = self.sender.send(event);
+    }
+
+    /// `seq` of the newest published event. Every event up to it is stored.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Sets where numbering stands when the daemon starts on an existing database.
+    pub fn start_at(&self, seq: u64) {
+        self.published.store(seq, Ordering::Release);
     }
 
     /// A new subscription that sees every event published from now on.
@@ -86,6 +127,11 @@ impl Hub {
             hub: self.clone(),
             channels: channels.to_vec(),
         }
+    }
+
+    /// Counters shared by every client queue.
+    pub fn queue_counters(&self) -> Arc<QueueCounters> {
+        self.queues.clone()
     }
 
     /// Records messages delivered to a client on a channel.
@@ -122,6 +168,8 @@ impl Hub {
         HubStats {
             total_connections: self.connections.load(Ordering::Relaxed),
             total_messages_sent: channels.values().map(|c| c.messages_sent).sum(),
+            queued_frames: self.queues.queued.load(Ordering::Relaxed),
+            coalesced_readings: self.queues.coalesced.load(Ordering::Relaxed),
             channels,
         }
     }

@@ -8,9 +8,11 @@
 mod envelope;
 mod hub;
 
-pub use envelope::{connection_message, error_message, stats_message};
+pub use envelope::{
+    connection_message, error_message, resync_message, snapshot_message, stats_message,
+};
 pub(crate) use envelope::{reading_frame, sensor_frame, system_frame, test_frame};
-pub use hub::{ChannelStats, Hub, HubStats};
+pub use hub::{ChannelStats, Hub, HubStats, QueueCounters, Registration};
 
 use std::fmt;
 use std::str::FromStr;

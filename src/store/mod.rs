@@ -9,7 +9,7 @@ mod reader;
 mod schema;
 mod writer;
 
-pub use reader::{ReadingFilter, ReadingOrder, SensorFilter};
+pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
@@ -195,8 +195,25 @@ impl Store {
         self.read(move |c| reader::readings(c, &filter)).await
     }
 
+    /// Stored events after `after` on `channels`, oldest first: what a resuming client
+    /// missed.
+    pub async fn events_after(
+        &self,
+        after: u64,
+        channels: Vec<crate::events::Channel>,
+        limit: u32,
+    ) -> Result<Vec<crate::events::Event>, StoreError> {
+        self.read(move |c| reader::events_after(c, after, &channels, limit))
+            .await
+    }
+
+    /// Current sensors and latest readings, consistent with one `seq`.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.read(reader::snapshot).await
+    }
+
     /// Counts for the health endpoint: sensors, readings, last `seq`.
-    pub async fn counts(&self) -> Result<reader::Counts, StoreError> {
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(reader::counts).await
     }
 }

@@ -5,6 +5,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
+use crate::events::{Channel, Event};
 use crate::model::{Micros, Reading, Sensor};
 
 const SENSOR_COLUMNS: &str =
@@ -130,17 +131,20 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
     sql.push_str(" LIMIT ?");
     args.push(i64::from(filter.limit).into());
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params_from_iter(args), |row| {
-        Ok(Reading {
-            id: row.get(0)?,
-            sensor_id: row.get(1)?,
-            tipo: row.get(2)?,
-            valor: row.get(3)?,
-            unidad: row.get(4)?,
-            timestamp: row.get(5)?,
-        })
-    })?;
+    let rows = stmt.query_map(params_from_iter(args), reading_from_row)?;
     rows.collect()
+}
+
+/// Columns `id, sensor_id, tipo, valor, unidad, ts`.
+fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
+    Ok(Reading {
+        id: row.get(0)?,
+        sensor_id: row.get(1)?,
+        tipo: row.get(2)?,
+        valor: row.get(3)?,
+        unidad: row.get(4)?,
+        timestamp: row.get(5)?,
+    })
 }
 
 /// Storage figures for the health endpoint; each is an index lookup, not a scan.
@@ -163,5 +167,77 @@ pub fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
         sensors,
         last_seq: last_seq as u64,
         oldest_seq: oldest_seq as u64,
+    })
+}
+
+/// Stored events after `after` on the given channels, oldest first, at most `limit`.
+pub fn events_after(
+    conn: &Connection,
+    after: u64,
+    channels: &[Channel],
+    limit: u32,
+) -> rusqlite::Result<Vec<Event>> {
+    let placeholders = vec!["?"; channels.len()].join(", ");
+    let sql = format!(
+        "SELECT seq, channel, event_type, sensor_id, tipo, frame FROM events \
+         WHERE seq > ? AND channel IN ({placeholders}) ORDER BY seq LIMIT ?"
+    );
+    let mut args: Vec<SqlValue> = vec![(after as i64).into()];
+    args.extend(
+        channels
+            .iter()
+            .map(|c| SqlValue::from(c.as_str().to_owned())),
+    );
+    args.push(i64::from(limit).into());
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), |row| {
+        let seq: i64 = row.get(0)?;
+        let channel: String = row.get(1)?;
+        let frame: String = row.get(5)?;
+        Ok(Event {
+            seq: seq as u64,
+            // Only this program writes the column, from `Channel::as_str`.
+            channel: channel.parse().unwrap_or(Channel::General),
+            event_type: row.get(2)?,
+            sensor_id: row.get(3)?,
+            tipo: row.get(4)?,
+            frame: frame.into(),
+        })
+    })?;
+    rows.collect()
+}
+
+/// Every sensor and the latest reading of each of its `tipo`s, with the `seq` they are
+/// consistent with: read in one transaction, so no event up to `seq` is missing from it
+/// and none after it is in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub sensors: Vec<Sensor>,
+    pub latest: Vec<Reading>,
+}
+
+/// See [`Snapshot`].
+pub fn snapshot(conn: &Connection) -> rusqlite::Result<Snapshot> {
+    let tx = conn.unchecked_transaction()?;
+    let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let all = SensorFilter {
+        limit: u32::MAX,
+        ..SensorFilter::default()
+    };
+    let sensors = self::sensors(&tx, &all)?;
+    let latest = tx
+        .prepare_cached(
+            "SELECT r.id, r.sensor_id, r.tipo, r.valor, r.unidad, r.ts \
+             FROM latest_readings l JOIN readings r ON r.id = l.reading_id \
+             ORDER BY l.sensor_id, l.tipo",
+        )?
+        .query_map([], reading_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.finish()?;
+    Ok(Snapshot {
+        seq: seq as u64,
+        sensors,
+        latest,
     })
 }

@@ -37,6 +37,16 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE INDEX readings_sensor_ts ON readings(sensor_id, ts);
     CREATE INDEX readings_ts ON readings(ts);
 
+    -- The newest reading (by sample time) of each sensor and tipo, kept by the writer so
+    -- that a snapshot never scans readings.
+    CREATE TABLE latest_readings (
+        sensor_id  INTEGER NOT NULL,
+        tipo       TEXT    NOT NULL,
+        reading_id INTEGER NOT NULL,
+        ts         INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo)
+    ) WITHOUT ROWID;
+
     -- Every event sent to clients, by seq, with the exact frame that was sent, so that a
     -- resuming client receives the same bytes a live one did.
     CREATE TABLE events (

@@ -125,6 +125,7 @@ pub(crate) fn spawn(
     health: Arc<WriterHealth>,
 ) -> Result<WriterHandle, StoreError> {
     let next_seq = last_seq(&conn)? + 1;
+    hub.start_at(next_seq - 1);
     let writer = Writer {
         conn,
         queue,
@@ -496,6 +497,9 @@ impl Step<'_> {
         self.tx
             .prepare_cached("DELETE FROM sensors WHERE id = ?1")?
             .execute([id])?;
+        self.tx
+            .prepare_cached("DELETE FROM latest_readings WHERE sensor_id = ?1")?
+            .execute([id])?;
         self.sensor_event("deleted", &sensor, &[])?;
         Ok(Ok(sensor))
     }
@@ -513,8 +517,16 @@ impl Step<'_> {
                 "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![sensor_id, taken_at, tipo, valor, unidad])?;
+        let id = self.tx.last_insert_rowid();
+        self.tx
+            .prepare_cached(
+                "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (sensor_id, tipo) DO UPDATE SET reading_id = excluded.reading_id, ts = excluded.ts \
+                 WHERE excluded.ts >= latest_readings.ts",
+            )?
+            .execute(params![sensor_id, tipo, id, taken_at])?;
         let reading = Reading {
-            id: self.tx.last_insert_rowid(),
+            id,
             sensor_id,
             tipo: tipo.to_owned(),
             valor,

@@ -1,0 +1,106 @@
+//! The events one client receives, in `seq` order, with no gap and no duplicate.
+//!
+//! A feed subscribes to the hub first and only then decides where it stands, so every
+//! event is either in the database already or still to come through the subscription.
+//! It replays from the database until it has caught up, then follows the hub; if it ever
+//! falls behind the hub's ring it goes back to the database from where it stood. Events
+//! the hub delivers at or below the position are duplicates of replayed ones and are
+//! skipped.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use crate::events::{Channel, Event, Hub};
+use crate::store::{Store, StoreError};
+
+/// Events read from the database in one go while replaying.
+const PAGE: u32 = 256;
+
+/// A client's position in the event sequence.
+pub struct Feed {
+    store: Store,
+    live: broadcast::Receiver<Arc<Event>>,
+    /// The newest `seq` handed out (wanted or not).
+    position: u64,
+    replaying: bool,
+}
+
+impl Feed {
+    /// A feed that starts after `since`, or at the newest event if `None`.
+    pub fn new(hub: &Hub, store: Store, since: Option<u64>) -> Feed {
+        // Read where numbering stands before subscribing: anything published in between
+        // is in the database and the first replay round finds it.
+        let position = since.unwrap_or_else(|| hub.published());
+        let live = hub.subscribe();
+        Feed {
+            store,
+            live,
+            position,
+            replaying: true,
+        }
+    }
+
+    /// Whether the feed is reading stored events rather than following the hub.
+    pub fn is_replaying(&self) -> bool {
+        self.replaying
+    }
+
+    /// Skips to `seq` when the client was just sent a snapshot consistent with it.
+    pub fn skip_to(&mut self, seq: u64) {
+        self.position = self.position.max(seq);
+    }
+
+    /// The next events on `channels`, oldest first, never empty. Cancel-safe: state
+    /// changes only after a result is in hand.
+    pub async fn next(&mut self, channels: &[Channel]) -> Result<Vec<Arc<Event>>, StoreError> {
+        loop {
+            if self.replaying {
+                let page = self
+                    .store
+                    .events_after(self.position, channels.to_vec(), PAGE)
+                    .await?;
+                match page.last() {
+                    None => self.replaying = false,
+                    Some(last) => {
+                        self.position = last.seq;
+                        return Ok(page.into_iter().map(Arc::new).collect());
+                    }
+                }
+                continue;
+            }
+            let first = match self.live.recv().await {
+                Ok(event) => event,
+                Err(RecvError::Lagged(_)) => {
+                    self.replaying = true;
+                    continue;
+                }
+                Err(RecvError::Closed) => return Err(StoreError::Closed),
+            };
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(event) = next.take() {
+                if event.seq > self.position {
+                    self.position = event.seq;
+                    if channels.contains(&event.channel) {
+                        batch.push(event);
+                    }
+                }
+                if batch.len() >= PAGE as usize {
+                    break;
+                }
+                match self.live.try_recv() {
+                    Ok(event) => next = Some(event),
+                    Err(TryRecvError::Lagged(_)) => {
+                        self.replaying = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! A WebSocket client's bounded queue of outgoing frames.
+//!
+//! The session pushes, the client's writer task drains. When the queue is full, readings
+//! already superseded by a newer reading of the same sensor and `tipo` are dropped
+//! (a dashboard only shows the latest); if it is still full the client cannot keep up
+//! and is disconnected. Memory per client is bounded by the capacity, and the frames
+//! themselves are shared with every other client.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::events::{Channel, Event, QueueCounters};
+
+/// One outgoing frame.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    Event(Arc<Event>),
+    /// Greeting, answers, snapshots: never coalesced.
+    Text(Utf8Bytes),
+    Ping,
+}
+
+/// The queue was full even after coalescing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overflow;
+
+/// Frames waiting for a client's socket.
+pub struct Outbox {
+    capacity: usize,
+    counters: Arc<QueueCounters>,
+    inner: Mutex<Inner>,
+    /// Wakes the writer when there is something to send.
+    pub ready: Notify,
+    /// Wakes the session when the writer made room.
+    pub room: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    frames: VecDeque<Frame>,
+    closing: Option<(u16, String)>,
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.counters.dequeued(self.lock().frames.len());
+    }
+}
+
+impl Outbox {
+    pub fn new(capacity: usize, counters: Arc<QueueCounters>) -> Outbox {
+        Outbox {
+            capacity,
+            counters,
+            inner: Mutex::new(Inner::default()),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues frames, coalescing readings if the queue is full.
+    pub fn push(&self, frames: impl IntoIterator<Item = Frame>) -> Result<(), Overflow> {
+        let mut inner = self.lock();
+        let before = inner.frames.len();
+        let mut result = Ok(());
+        for frame in frames {
+            if inner.frames.len() >= self.capacity {
+                let dropped = inner.coalesce();
+                self.counters.coalesced(dropped);
+                self.counters.dequeued(dropped);
+                if inner.frames.len() >= self.capacity {
+                    result = Err(Overflow);
+                    break;
+                }
+            }
+            inner.frames.push_back(frame);
+            self.counters.queued(1);
+        }
+        let grew = inner.frames.len() > before;
+        drop(inner);
+        if grew {
+            self.ready.notify_one();
+        }
+        result
+    }
+
+    /// Whether a replaying session may add another page without crowding the queue.
+    pub fn has_room(&self) -> bool {
+        self.lock().frames.len() < self.capacity / 2
+    }
+
+    /// Asks the writer to close the socket with this code and reason after sending what
+    /// is queued.
+    pub fn close(&self, code: u16, reason: String) {
+        self.lock().closing = Some((code, reason));
+        self.ready.notify_one();
+    }
+
+    /// The close the writer was asked for, if any.
+    pub fn closing(&self) -> Option<(u16, String)> {
+        self.lock().closing.clone()
+    }
+
+    /// Takes everything queued, for the writer.
+    pub fn take(&self) -> Vec<Frame> {
+        let frames: Vec<Frame> = self.lock().frames.drain(..).collect();
+        self.counters.dequeued(frames.len());
+        self.room.notify_one();
+        frames
+    }
+}
+
+impl Inner {
+    /// Drops every reading event for which a newer one of the same sensor and `tipo` is
+    /// queued behind it; returns how many were dropped.
+    fn coalesce(&mut self) -> usize {
+        let mut newest = HashSet::new();
+        let before = self.frames.len();
+        let mut kept: VecDeque<Frame> = VecDeque::with_capacity(before);
+        for frame in self.frames.drain(..).rev() {
+            if let Frame::Event(event) = &frame {
+                if event.channel == Channel::Readings
+                    && !newest.insert((event.sensor_id, event.tipo.clone()))
+                {
+                    continue;
+                }
+            }
+            kept.push_front(frame);
+        }
+        let dropped = before - kept.len();
+        self.frames = kept;
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn reading(seq: u64, sensor: i64, tipo: &str) -> Frame {
+        Frame::Event(Arc::new(Event {
+            seq,
+            channel: Channel::Readings,
+            event_type: "created".into(),
+            sensor_id: Some(sensor),
+            tipo: Some(tipo.into()),
+            frame: "{}".into(),
+        }))
+    }
+
+    fn seqs(outbox: &Outbox) -> Vec<u64> {
+        outbox
+            .take()
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Event(e) => Some(e.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn outbox(capacity: usize) -> (Outbox, Arc<QueueCounters>) {
+        let counters = Arc::new(QueueCounters::default());
+        (Outbox::new(capacity, counters.clone()), counters)
+    }
+
+    #[test]
+    fn full_queue_keeps_latest_reading_per_sensor_and_tipo() {
+        let (outbox, counters) = outbox(4);
+        outbox
+            .push([
+                reading(1, 1, "t"),
+                reading(2, 1, "h"),
+                reading(3, 1, "t"),
+                reading(4, 2, "t"),
+            ])
+            .unwrap();
+        outbox.push([reading(5, 1, "t")]).unwrap();
+        // Only reading 1 was superseded when the queue filled; 3 went stale after.
+        assert_eq!(counters.coalesced.load(Relaxed), 1);
+        assert_eq!(counters.queued.load(Relaxed), 4);
+        assert_eq!(seqs(&outbox), [2, 3, 4, 5]);
+        assert_eq!(counters.queued.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn overflows_when_nothing_can_be_coalesced() {
+        let (outbox, _) = outbox(3);
+        outbox
+            .push([
+                reading(1, 1, "t"),
+                Frame::Text("a".into()),
+                reading(2, 2, "t"),
+            ])
+            .unwrap();
+        assert_eq!(outbox.push([reading(3, 3, "t")]), Err(Overflow));
+    }
+
+    #[test]
+    fn room_is_half_the_capacity() {
+        let (outbox, _) = outbox(4);
+        outbox.push([Frame::Ping]).unwrap();
+        assert!(outbox.has_room());
+        outbox.push([Frame::Ping]).unwrap();
+        assert!(!outbox.has_room());
+        outbox.take();
+        assert!(outbox.has_room());
+    }
+}

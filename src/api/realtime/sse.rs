@@ -1,0 +1,154 @@
+//! Server-Sent Events at `/api/v1/events`: the same channels, filters, snapshot and
+//! resume as the WebSocket, for curl and for clients that cannot open a socket.
+//!
+//! Every event goes out as `id: SEQ` and `data: ENVELOPE`, so a browser's `EventSource`
+//! resumes by itself through `Last-Event-ID`. A snapshot carries its `seq` as id too.
+//! A client that leaves its stream unread for [`WRITE_TIMEOUT`] is dropped.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request, Response};
+use tokio::sync::mpsc;
+
+use super::feed::Feed;
+use super::subscription::Request as SubscriptionRequest;
+use super::ws::WRITE_TIMEOUT;
+use crate::api::query::Query;
+use crate::api::{ApiError, Body, State};
+use crate::model::FieldError;
+
+/// A comment line every so often keeps proxies and idle timers from closing the stream.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Chunks waiting for the connection; the stream writer waits when it is full.
+const QUEUE: usize = 64;
+
+/// Starts an event stream.
+pub fn stream(req: &Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
+    let mut request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
+    if request.since.is_none() {
+        if let Some(value) = req.headers().get("last-event-id") {
+            let seq = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(vec![FieldError::new(
+                        "Last-Event-ID",
+                        "must be a seq number",
+                    )])
+                })?;
+            request.since = Some(seq);
+        }
+    }
+    let (chunks, body) = mpsc::channel(QUEUE);
+    tokio::spawn(run(state, request, chunks));
+    let mut response = Response::new(ChannelBody(body).boxed_unsync());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+fn event_chunk(out: &mut String, id: Option<u64>, data: &str) {
+    if let Some(id) = id {
+        out.push_str(&format!("id: {id}\n"));
+    }
+    out.push_str("data: ");
+    out.push_str(data);
+    out.push_str("\n\n");
+}
+
+async fn send(chunks: &mpsc::Sender<Bytes>, text: String) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Bytes::from(text))).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Sender<Bytes>) {
+    let _drain = state.drain.clone();
+    let subscription = request.subscription.clone();
+    let channels = subscription.channel_list();
+    let _registration = state.hub.register(&channels);
+    let mut shutdown = state.shutdown.clone();
+
+    let opening = match super::opening(&state.store, &request).await {
+        Ok(opening) => opening,
+        Err(e) => {
+            let _ = send(&chunks, format!(": storage unavailable: {e}\n\n")).await;
+            return;
+        }
+    };
+    let mut feed = Feed::new(&state.hub, state.store.clone(), opening.since);
+    let mut first = String::from("retry: 2000\n\n");
+    for message in &opening.messages {
+        let id = opening
+            .snapshot_seq
+            .filter(|_| message.starts_with("{\"type\":\"snapshot\""));
+        event_chunk(&mut first, id, message);
+    }
+    if let Some(seq) = opening.snapshot_seq {
+        feed.skip_to(seq);
+    }
+    if !send(&chunks, first).await {
+        return;
+    }
+
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = chunks.closed() => return,
+            batch = feed.next(&channels) => {
+                let Ok(events) = batch else { return };
+                let mut text = String::new();
+                let mut sent = 0;
+                for event in events.iter().filter(|e| subscription.matches(e)) {
+                    event_chunk(&mut text, Some(event.seq), &event.frame);
+                    sent += 1;
+                }
+                if sent > 0 {
+                    if !send(&chunks, text).await {
+                        log::info!("event stream client too slow, dropped");
+                        return;
+                    }
+                    if let Some(&channel) = channels.first() {
+                        state.hub.count_sent(channel, sent);
+                    }
+                }
+            }
+            _ = keepalive.tick() => {
+                if !send(&chunks, ": keepalive\n\n".into()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A response body fed from a channel; ends when the sender is dropped.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}

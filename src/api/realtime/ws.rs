@@ -1,0 +1,477 @@
+//! WebSocket sessions: the upgrade, then per client one session task that follows its
+//! [`Feed`] and answers its messages, and one writer task that drains its [`Outbox`] to
+//! the socket, so a client that reads slowly never holds up the session, the hub or
+//! anyone else.
+//!
+//! Close codes: 1001 the daemon is shutting down; 4008 the client cannot keep up (its
+//! queue overflowed after coalescing, or its socket accepted nothing for
+//! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
+//! not answer pings; 1009 a client message was too large.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use super::feed::Feed;
+use super::outbox::{Frame, Outbox};
+use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
+use super::throttle::Throttle;
+use crate::api::query::Query;
+use crate::api::{full, ApiError, Body, State};
+use crate::events::{self, Channel};
+use crate::model::{format_time, now_micros};
+
+/// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
+/// memory per client and zero-fill time on every read.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 16 * 1024;
+/// Largest message a client may send; client messages are small JSON commands.
+pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// A client whose socket accepts nothing for this long cannot keep up.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_PING_TIMEOUT: u16 = 4000;
+const CLOSE_SLOW: u16 = 4008;
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(Some(MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+}
+
+impl From<SubscriptionError> for ApiError {
+    fn from(e: SubscriptionError) -> ApiError {
+        match e {
+            SubscriptionError::UnknownChannel(name) => ApiError::unknown_channel(&name),
+            SubscriptionError::Invalid(field) => ApiError::invalid(vec![field]),
+        }
+    }
+}
+
+/// Validates the request, answers 101, and starts the session once hyper hands over the
+/// connection.
+pub fn upgrade(
+    mut req: Request<Incoming>,
+    state: Arc<State>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
+    let response = create_response_with_body(&req, || full(""))
+        .map_err(|e| ApiError::malformed(format!("Not a valid WebSocket upgrade: {e}")))?;
+    let upgrading = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrading.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(socket_config()),
+                )
+                .await;
+                Session::new(state, request, peer).run(socket).await;
+            }
+            Err(e) => log::debug!("upgrade from {peer} failed: {e}"),
+        }
+    });
+    Ok(response)
+}
+
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+/// Unique within a run and, with the start time in it, across restarts.
+fn client_id(state: &State) -> String {
+    let n = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}-{n}", state.started_at / 1_000_000)
+}
+
+struct Session {
+    state: Arc<State>,
+    request: SubscriptionRequest,
+    subscription: Subscription,
+    throttle: Option<Throttle>,
+    peer: SocketAddr,
+    client_id: String,
+    outbox: Arc<Outbox>,
+}
+
+/// How a session ended.
+enum End {
+    /// Nothing more can be sent: the client left or the socket broke.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, String),
+}
+
+impl Session {
+    fn new(state: Arc<State>, request: SubscriptionRequest, peer: SocketAddr) -> Session {
+        let client_id = client_id(&state);
+        let outbox = Arc::new(Outbox::new(
+            state.realtime.client_queue,
+            state.hub.queue_counters(),
+        ));
+        let subscription = request.subscription.clone();
+        Session {
+            throttle: subscription
+                .rate_ms
+                .map(|ms| Throttle::new(Duration::from_millis(ms))),
+            state,
+            request,
+            subscription,
+            peer,
+            client_id,
+            outbox,
+        }
+    }
+
+    async fn run(mut self, socket: Socket) {
+        let _drain = self.state.drain.clone();
+        let mut registration = self.state.hub.register(&self.subscription.channel_list());
+        let (sink, mut stream) = socket.split();
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut writer = tokio::spawn(write_loop(
+            sink,
+            self.outbox.clone(),
+            self.state.clone(),
+            delivered.clone(),
+        ));
+
+        let now = now_micros();
+        let channels: Vec<&str> = self.subscription.channels.iter().copied().collect();
+        self.send_text(events::connection_message(
+            &channels.join(","),
+            &self.client_id,
+            now,
+        ));
+        self.send_text(events::stats_message(&self.state.hub.stats(), now));
+        let end = match super::opening(&self.state.store, &self.request).await {
+            Ok(opening) => {
+                let mut feed = Feed::new(&self.state.hub, self.state.store.clone(), opening.since);
+                if let Some(seq) = opening.snapshot_seq {
+                    feed.skip_to(seq);
+                }
+                opening.messages.into_iter().for_each(|m| self.send_text(m));
+                log::debug!(
+                    "client {} ({}) connected to {}",
+                    self.client_id,
+                    self.peer,
+                    channels.join(",")
+                );
+                self.follow(
+                    &mut feed,
+                    &mut stream,
+                    &mut writer,
+                    &mut registration,
+                    &delivered,
+                )
+                .await
+            }
+            Err(e) => End::Close(1011, format!("storage unavailable: {e}")),
+        };
+
+        if let End::Close(code, reason) = end {
+            if code == CLOSE_SLOW {
+                for channel in self.subscription.channel_list() {
+                    self.state.hub.count_slow_disconnect(channel);
+                }
+                log::info!(
+                    "client {} ({}) disconnected: {reason}",
+                    self.client_id,
+                    self.peer
+                );
+            }
+            // The writer sends what is queued, then the Close frame, within its timeout.
+            self.outbox.close(code, reason);
+        }
+        if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+        log::debug!("client {} disconnected", self.client_id);
+    }
+
+    fn send_text(&self, text: String) {
+        // Control messages are few (one per client message) and the queue is bounded:
+        // a client flooding requests without reading answers overflows and is closed.
+        let _ = self.outbox.push([Frame::Text(text.into())]);
+    }
+
+    async fn follow(
+        &mut self,
+        feed: &mut Feed,
+        stream: &mut SplitStream<Socket>,
+        writer: &mut tokio::task::JoinHandle<WriteEnd>,
+        registration: &mut events::Registration,
+        delivered: &AtomicU64,
+    ) -> End {
+        let mut shutdown = self.state.shutdown.clone();
+        let ping_every = Duration::from_secs(self.state.realtime.ping_interval_s);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let mut answered_ping = true;
+        loop {
+            let channels = self.subscription.channel_list();
+            let may_pull = !feed.is_replaying() || self.outbox.has_room();
+            let due = self.throttle.as_ref().and_then(Throttle::next_due);
+            tokio::select! {
+                _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
+                ended = &mut *writer => {
+                    return match ended {
+                        Ok(WriteEnd::Slow) => End::Close(CLOSE_SLOW, self.resume_hint(delivered)),
+                        _ => End::Gone,
+                    };
+                }
+                batch = feed.next(&channels), if may_pull && !channels.is_empty() => {
+                    let events = match batch {
+                        Ok(events) => events,
+                        Err(e) => return End::Close(1011, format!("storage unavailable: {e}")),
+                    };
+                    let now = Instant::now();
+                    let frames: Vec<Frame> = events
+                        .into_iter()
+                        .filter(|e| self.subscription.matches(e))
+                        .filter_map(|e| match &mut self.throttle {
+                            Some(throttle) => throttle.admit(e, now),
+                            None => Some(e),
+                        })
+                        .map(Frame::Event)
+                        .collect();
+                    if self.outbox.push(frames).is_err() {
+                        return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                    }
+                }
+                _ = self.outbox.room.notified(), if !may_pull => {}
+                _ = sleep_until(due), if due.is_some() => {
+                    if let Some(throttle) = &mut self.throttle {
+                        let released = throttle.release(Instant::now());
+                        if self.outbox.push(released.into_iter().map(Frame::Event)).is_err() {
+                            return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                        }
+                    }
+                }
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        answered_ping = true;
+                        self.answer(&text, feed, registration).await;
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        self.send_text(events::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
+                    }
+                    Some(Ok(Message::Close(_))) | None => return End::Gone,
+                    Some(Ok(_)) => answered_ping = true,
+                    Some(Err(e)) => {
+                        log::debug!("client {}: {e}", self.client_id);
+                        return End::Close(CLOSE_TOO_BIG, "message too large or malformed".into());
+                    }
+                },
+                _ = ping.tick() => {
+                    if !answered_ping {
+                        return End::Close(CLOSE_PING_TIMEOUT, "no answer to ping".into());
+                    }
+                    answered_ping = false;
+                    if self.outbox.push([Frame::Ping]).is_err() {
+                        return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                    }
+                }
+            }
+        }
+    }
+
+    fn resume_hint(&self, delivered: &AtomicU64) -> String {
+        format!(
+            "too slow; reconnect with since={}",
+            delivered.load(Ordering::Relaxed)
+        )
+    }
+
+    /// Answers one client message; every message gets an answer, a result or an error,
+    /// carrying the message's `id`.
+    async fn answer(
+        &mut self,
+        text: &str,
+        feed: &mut Feed,
+        registration: &mut events::Registration,
+    ) {
+        let now = now_micros();
+        let message: Value = match serde_json::from_str(text) {
+            Ok(value @ Value::Object(_)) => value,
+            _ => {
+                self.send_text(events::error_message(
+                    None,
+                    "malformed",
+                    "Messages must be JSON objects",
+                    now,
+                ));
+                return;
+            }
+        };
+        let id = message.get("id");
+        let action = message.get("type").and_then(Value::as_str);
+        match action {
+            Some("ping") => {
+                self.send_text(
+                    json!({"type": "pong", "id": id, "timestamp": format_time(now)}).to_string(),
+                );
+            }
+            Some(action @ ("subscribe" | "unsubscribe")) => {
+                match subscription::apply_message(&self.subscription, action, &message) {
+                    Ok((next, snapshot)) => {
+                        if next.channels != self.subscription.channels {
+                            *registration = self.state.hub.register(&next.channel_list());
+                        }
+                        if next.rate_ms != self.subscription.rate_ms {
+                            self.throttle = next
+                                .rate_ms
+                                .map(|ms| Throttle::new(Duration::from_millis(ms)));
+                        }
+                        self.subscription = next;
+                        self.send_text(
+                            json!({"type": "result", "id": id, "action": action, "ok": true,
+                                   "subscription": self.subscription, "timestamp": format_time(now)})
+                            .to_string(),
+                        );
+                        if snapshot {
+                            match super::snapshot(&self.state.store, &self.subscription).await {
+                                Ok((text, seq)) => {
+                                    self.send_text(text);
+                                    feed.skip_to(seq);
+                                }
+                                Err(e) => self.send_text(events::error_message(
+                                    id,
+                                    "unavailable",
+                                    &e.to_string(),
+                                    now,
+                                )),
+                            }
+                        }
+                    }
+                    Err(SubscriptionError::UnknownChannel(name)) => {
+                        self.send_text(events::error_message(
+                            id,
+                            "unknown_channel",
+                            &format!(
+                                "Unknown channel '{name}'; expected sensors, readings or general"
+                            ),
+                            now,
+                        ))
+                    }
+                    Err(SubscriptionError::Invalid(field)) => {
+                        self.send_text(events::error_message(
+                            id,
+                            "invalid",
+                            &format!("{}: {}", field.field, field.message),
+                            now,
+                        ))
+                    }
+                }
+            }
+            Some(other) => self.send_text(events::error_message(
+                id,
+                "unknown_action",
+                &format!("Unknown message type '{other}'"),
+                now,
+            )),
+            None => self.send_text(events::error_message(
+                id,
+                "malformed",
+                "Messages need a \"type\"",
+                now,
+            )),
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How the writer task ended.
+enum WriteEnd {
+    /// The session asked it to close, and it did.
+    Closed,
+    /// The socket failed.
+    Broken,
+    /// The socket accepted nothing for [`WRITE_TIMEOUT`].
+    Slow,
+}
+
+/// Drains the outbox to the socket: everything queued, then one flush.
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    outbox: Arc<Outbox>,
+    state: Arc<State>,
+    delivered: Arc<AtomicU64>,
+) -> WriteEnd {
+    loop {
+        let frames = outbox.take();
+        let closing = outbox.closing();
+        if frames.is_empty() && closing.is_none() {
+            outbox.ready.notified().await;
+            continue;
+        }
+        let mut sent = [0u64; 3];
+        let mut newest = None;
+        let write = async {
+            for frame in frames {
+                let message = match frame {
+                    Frame::Event(event) => {
+                        sent[event.channel.index()] += 1;
+                        newest = Some(event.seq);
+                        Message::Text(event.frame.clone())
+                    }
+                    Frame::Text(text) => Message::Text(text),
+                    Frame::Ping => Message::Ping(Default::default()),
+                };
+                sink.feed(message).await?;
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return WriteEnd::Broken,
+            Err(_) => return WriteEnd::Slow,
+        }
+        if let Some(seq) = newest {
+            delivered.fetch_max(seq, Ordering::Relaxed);
+        }
+        for channel in Channel::ALL {
+            if sent[channel.index()] > 0 {
+                state.hub.count_sent(channel, sent[channel.index()]);
+            }
+        }
+        if let Some((code, reason)) = closing {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: Utf8Bytes::from(reason),
+            };
+            let _ =
+                tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
+            return WriteEnd::Closed;
+        }
+    }
+}
