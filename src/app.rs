@@ -16,7 +16,7 @@ use crate::api::{self, State};
 use crate::config::{Config, SensorConfig};
 use crate::events::Hub;
 use crate::model::{now_micros, NewSensor, SensorPatch};
-use crate::sensors::Scheduler;
+use crate::sensors::{HealthBoard, Scheduler};
 use crate::shutdown::{Drain, Trigger};
 use crate::store::{Store, StoreError};
 
@@ -44,23 +44,25 @@ pub async fn run(
             .display()
     );
 
-    let mut scheduler = Scheduler::new(store.clone());
     for sensor in &config.sensors {
-        match sync_configured_sensor(&store, sensor).await {
-            Ok(id) => scheduler.start(
-                id,
-                &sensor.source,
-                Duration::from_secs_f64(sensor.interval_s),
-            ),
-            Err(e) => log::error!("sensor \"{}\" not started: {e}", sensor.name),
+        if let Err(e) = sync_configured_sensor(&store, sensor).await {
+            log::error!("sensor \"{}\" not started: {e}", sensor.name);
         }
     }
 
     let (trigger, signal) = Trigger::new();
+    let health = Arc::new(HealthBoard::default());
+    let scheduler = Scheduler::new(
+        store.clone(),
+        health.clone(),
+        config.sampling.offline_after_intervals,
+    );
+    let sampling = tokio::spawn(scheduler.run(hub.clone(), signal.clone()));
     let (drain, guard) = Drain::new();
     let state = Arc::new(State {
         store: store.clone(),
         hub,
+        health,
         server: config.server.clone(),
         realtime: config.realtime.clone(),
         started: Instant::now(),
@@ -69,7 +71,7 @@ pub async fn run(
         drain: guard,
     });
     let server = tokio::spawn(api::serve(listener, state.clone()));
-    log::info!("ready: {} sensors sampled", scheduler.sampled().len());
+    log::info!("ready");
 
     shutdown.await;
     log::info!("shutting down");
@@ -79,9 +81,7 @@ pub async fn run(
     if !drain.wait(DRAIN_DEADLINE).await {
         log::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
     }
-    tokio::task::spawn_blocking(move || scheduler.shutdown())
-        .await
-        .ok();
+    let _ = sampling.await;
     store.close().await;
     tokio::task::spawn_blocking(move || writer.join())
         .await

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::sensors::SourceSpec;
+
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../systemd/config.toml");
 
@@ -25,6 +27,8 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub realtime: RealtimeConfig,
+    #[serde(default)]
+    pub sampling: SamplingConfig,
     #[serde(default, rename = "sensor")]
     pub sensors: Vec<SensorConfig>,
 }
@@ -99,6 +103,22 @@ impl Default for RealtimeConfig {
     }
 }
 
+/// Sensor sampling and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// A sensor with no good sample for this many intervals is reported offline.
+    pub offline_after_intervals: u32,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            offline_after_intervals: 5,
+        }
+    }
+}
+
 /// One sensor this gateway samples.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,14 +136,6 @@ pub struct SensorConfig {
 
 fn default_interval() -> f64 {
     2.0
-}
-
-/// Where a sensor's samples come from.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceSpec {
-    /// A simulated DHT22-like sensor.
-    Sim(crate::sensors::sim::SimConfig),
 }
 
 /// A configuration that could not be loaded, with enough context to fix it.
@@ -198,6 +210,12 @@ impl Config {
         if self.realtime.ping_interval_s == 0 {
             return Err(Problem::key(
                 "realtime.ping_interval_s",
+                "must be at least 1",
+            ));
+        }
+        if self.sampling.offline_after_intervals == 0 {
+            return Err(Problem::key(
+                "sampling.offline_after_intervals",
                 "must be at least 1",
             ));
         }

@@ -167,7 +167,15 @@ impl Fields {
     fn fuente(&mut self) -> Option<Option<Value>> {
         match self.take("fuente")? {
             None => Some(None),
-            Some(v @ Value::Object(_)) => Some(Some(v)),
+            Some(v @ Value::Object(_)) => {
+                match serde_json::from_value::<crate::sensors::SourceSpec>(v.clone()) {
+                    Ok(_) => Some(Some(v)),
+                    Err(e) => {
+                        self.fail("fuente", &format!("not a valid source: {e}"));
+                        None
+                    }
+                }
+            }
             Some(_) => {
                 self.fail("fuente", "must be an object describing the source");
                 None
@@ -426,6 +434,22 @@ mod tests {
         let err = NewSensor::from_json(json!({"tipo": 5, "modelo": "DHT22", "color": "red"}))
             .unwrap_err();
         assert_eq!(fields(err), ["tipo", "color"]);
+    }
+
+    #[test]
+    fn fuente_must_be_a_known_source() {
+        let ok =
+            NewSensor::from_json(json!({"tipo": "t", "modelo": "m", "fuente": {"kind": "sim"}}));
+        assert!(ok.is_ok());
+        for bad in [
+            json!({"kind": "laser"}),
+            json!({"kind": "serial"}),
+            json!("sim"),
+        ] {
+            let err = NewSensor::from_json(json!({"tipo": "t", "modelo": "m", "fuente": bad}))
+                .unwrap_err();
+            assert_eq!(fields(err), ["fuente"]);
+        }
     }
 
     #[test]

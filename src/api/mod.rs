@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{RealtimeConfig, ServerConfig};
 use crate::events::Hub;
+use crate::sensors::HealthBoard;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::store::Store;
 
@@ -57,6 +58,8 @@ pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Re
 pub struct State {
     pub store: Store,
     pub hub: Hub,
+    /// Health of sampled sensors, shown with each sensor.
+    pub health: Arc<HealthBoard>,
     pub server: ServerConfig,
     pub realtime: RealtimeConfig,
     pub started: Instant,

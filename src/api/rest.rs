@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
-use crate::model::{parse_time, FieldError, NewReading, NewSensor, SensorPatch};
+use crate::model::{parse_time, FieldError, NewReading, NewSensor, Sensor, SensorPatch};
 use crate::store::{
     Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter, SCHEMA_VERSION,
 };
@@ -149,7 +149,16 @@ pub async fn list_sensors(
         offset: offset.unwrap_or_default(),
     };
     let sensors = state.store.sensors(filter).await?;
-    Ok(json_response(StatusCode::OK, &sensors))
+    let shown: Vec<Value> = sensors.iter().map(|s| with_health(state, s)).collect();
+    Ok(json_response(StatusCode::OK, &shown))
+}
+
+/// A sensor with its health (`salud`, null when it is not sampled), so that a client
+/// can tell a fresh value from a stale one.
+fn with_health(state: &State, sensor: &Sensor) -> Value {
+    let mut shown = serde_json::to_value(sensor).expect("sensors always serialise");
+    shown["salud"] = json!(state.health.get(sensor.id));
+    shown
 }
 
 pub async fn create_sensor(
@@ -163,7 +172,7 @@ pub async fn create_sensor(
 
 pub async fn get_sensor(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
     match state.store.sensor(id).await? {
-        Some(sensor) => Ok(json_response(StatusCode::OK, &sensor)),
+        Some(sensor) => Ok(json_response(StatusCode::OK, &with_health(state, &sensor))),
         None => Err(ApiError::not_found(format!("Sensor {id} not found"))),
     }
 }

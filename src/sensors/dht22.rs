@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use gpiocdev::line::{Bias, EdgeDetection, EventClock, Value};
 use gpiocdev::Request;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::plausibility::{Bounds, Limits, PlausibilityFilter};
 use super::source::{Measurement, Pacing, SensorError, Source};
 
 /// Which DHT variant is wired: the frame layout and the plausible ranges differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DhtModel {
     /// Blue DHT11: whole degrees 0..50 °C, 20..90 %RH.
@@ -94,14 +94,18 @@ impl Reading {
 /// Direction of a level change on the data line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EdgeKind {
+    /// Low to high: the sensor released the line.
     Rising,
+    /// High to low: the sensor pulled the line down.
     Falling,
 }
 
 /// A level change with the kernel's monotonic timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Edge {
+    /// CLOCK_MONOTONIC nanoseconds, taken in the interrupt handler.
     pub timestamp_ns: u64,
+    /// Which way the line went.
     pub kind: EdgeKind,
 }
 
@@ -159,9 +163,7 @@ fn frame_from_edges(edges: &[Edge]) -> Result<[u8; 5], SensorError> {
         fall -= 1;
         let (rise_edge, fall_edge) = (edges[fall - 1], edges[fall]);
         if rise_edge.kind != EdgeKind::Rising || fall_edge.kind != EdgeKind::Falling {
-            return Err(SensorError::Malformed(format!(
-                "missing edge at bit {bit}"
-            )));
+            return Err(SensorError::Malformed(format!("missing edge at bit {bit}")));
         }
         let high = fall_edge.timestamp_ns - rise_edge.timestamp_ns;
         if !(HIGH_MIN_NS..=HIGH_MAX_NS).contains(&high) {
@@ -243,7 +245,7 @@ fn decode_frame(frame: [u8; 5], model: DhtModel) -> Result<Reading, SensorError>
 }
 
 /// Where the sensor's data pin is wired.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GpioDhtConfig {
     /// GPIO character device; `/dev/gpiochip0` carries the header pins on every Pi model
@@ -252,6 +254,7 @@ pub struct GpioDhtConfig {
     pub chip: PathBuf,
     /// Line offset on that chip (the BCM GPIO number on a Pi, not the header pin number).
     pub line: u32,
+    /// DHT11 or DHT22 (`am2302` is accepted for the latter).
     pub model: DhtModel,
 }
 
@@ -406,8 +409,8 @@ mod tests {
 
     #[test]
     fn tolerates_ten_microseconds_of_jitter() {
-        // Alternate +10/-10 us with a pattern that does not line up with the bits.
-        let jitter = |i: usize| if (i * 7) % 3 == 0 { 10_000 } else { -10_000 };
+        // +10/-10 us in a pattern that does not line up with the bits.
+        let jitter = |i: usize| [10_000, -10_000, -10_000, 10_000, -10_000][i % 5];
         assert_eq!(
             decode_edges(&train(FRAME, jitter), DhtModel::Dht22),
             Ok(Reading {
@@ -468,7 +471,10 @@ mod tests {
             decode_edges(&edges[..2], DhtModel::Dht22),
             Err(SensorError::Timeout)
         );
-        assert_eq!(decode_edges(&[], DhtModel::Dht22), Err(SensorError::Timeout));
+        assert_eq!(
+            decode_edges(&[], DhtModel::Dht22),
+            Err(SensorError::Timeout)
+        );
     }
 
     #[test]

@@ -1,139 +1,329 @@
-//! Sensor acquisition: sources and the scheduler that drives them.
+//! Sensor acquisition: sources, the scheduler that drives them, and their health.
 //!
-//! Each running source has its own thread (sysfs and serial reads block) that reads at
+//! Each sampled sensor has its own thread (sysfs and serial reads block) that reads at
 //! the source's pace and hands every sample to the store writer, the one path by which
-//! data enters the daemon.
+//! data enters the daemon. The scheduler decides which sensors are sampled from the
+//! sensor records themselves: a sensor with an active `fuente` is sampled, whether it
+//! came from the config file or from REST, and a change to it (an event on `sensors`)
+//! restarts or stops its thread.
 
+pub mod dht22;
+pub mod health;
+pub mod iio;
+pub mod plausibility;
+pub mod serial;
 pub mod sim;
 pub mod source;
+pub mod w1;
 
+pub use health::{HealthBoard, Salud};
 pub use source::{Measurement, Pacing, SensorError, Source};
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::SourceSpec;
-use crate::model::now_micros;
-use crate::store::{Sample, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
 
-/// Builds the source a spec describes.
-fn build(spec: &SourceSpec, interval: Duration) -> Box<dyn Source> {
-    match spec {
-        SourceSpec::Sim(config) => Box::new(sim::SimSource::new(config.clone(), interval)),
+use crate::events::{Channel, Hub};
+use crate::model::{now_micros, Sensor};
+use crate::shutdown::Shutdown;
+use crate::store::{Emission, EmissionKind, Sample, SensorFilter, Store, StoreError};
+use health::{Tracker, Transition};
+
+/// Where a sensor's samples come from: the `fuente` of a sensor record, and the `source`
+/// of a `[[sensor]]` in the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceSpec {
+    /// A simulated sensor.
+    Sim(sim::SimConfig),
+    /// A microcontroller printing lines on a serial port.
+    Serial(serial::SerialConfig),
+    /// A DHT11/DHT22 through the kernel's `dht11` IIO driver.
+    IioDht(iio::IioDhtConfig),
+    /// Any other IIO sensor (BME280, SHT3x, ...).
+    Iio(iio::IioConfig),
+    /// A DS18B20 on the 1-Wire bus.
+    W1(w1::W1Config),
+    /// A DHT11/DHT22 read directly on a GPIO line.
+    GpioDht(dht22::GpioDhtConfig),
+}
+
+impl SourceSpec {
+    /// Builds the source; no device is opened until its first read.
+    fn build(&self, interval: Duration) -> Box<dyn Source> {
+        match self {
+            SourceSpec::Sim(c) => Box::new(sim::SimSource::new(c.clone(), interval)),
+            SourceSpec::Serial(c) => Box::new(serial::SerialSource::new(c)),
+            SourceSpec::IioDht(c) => Box::new(iio::IioDhtSource::new(c, interval)),
+            SourceSpec::Iio(c) => Box::new(iio::IioSource::new(c, interval)),
+            SourceSpec::W1(c) => Box::new(w1::W1Source::new(c, interval)),
+            SourceSpec::GpioDht(c) => Box::new(dht22::GpioDhtSource::new(c, interval)),
+        }
     }
 }
 
-/// Runs one thread per sampled sensor.
+/// Sampling interval when a sensor record gives none.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What makes a sensor sampled, taken from its record.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    spec: SourceSpec,
+    interval: Duration,
+}
+
+impl Plan {
+    fn of(sensor: &Sensor) -> Option<Plan> {
+        if !sensor.activo {
+            return None;
+        }
+        let fuente = sensor.fuente.clone()?;
+        match serde_json::from_value::<SourceSpec>(fuente) {
+            Ok(spec) => Some(Plan {
+                spec,
+                interval: sensor
+                    .intervalo
+                    .map(Duration::from_secs_f64)
+                    .unwrap_or(DEFAULT_INTERVAL),
+            }),
+            Err(e) => {
+                log::error!(
+                    "sensor {}: source not understood, not sampled: {e}",
+                    sensor.id
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Runs one thread per sampled sensor and keeps the set in step with the sensor records.
 pub struct Scheduler {
     store: Store,
+    health: Arc<HealthBoard>,
+    offline_after_intervals: u32,
     running: HashMap<i64, Running>,
 }
 
 struct Running {
-    spec: SourceSpec,
-    interval: Duration,
+    plan: Plan,
     /// Dropping the sender wakes the thread out of its sleep and ends it.
     stop: mpsc::Sender<()>,
     thread: JoinHandle<()>,
 }
 
 impl Scheduler {
-    pub fn new(store: Store) -> Scheduler {
+    pub fn new(store: Store, health: Arc<HealthBoard>, offline_after_intervals: u32) -> Scheduler {
         Scheduler {
             store,
+            health,
+            offline_after_intervals,
             running: HashMap::new(),
         }
     }
 
-    /// Starts sampling a sensor, or restarts it if its source or interval changed.
-    pub fn start(&mut self, sensor_id: i64, spec: &SourceSpec, interval: Duration) {
-        if let Some(current) = self.running.get(&sensor_id) {
-            if &current.spec == spec && current.interval == interval {
-                return;
+    /// Samples every sensor whose record has an active source, follows changes to the
+    /// records until `shutdown`, then stops every thread.
+    pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown) {
+        let mut changes = hub.subscribe();
+        self.resync().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                change = changes.recv() => match change {
+                    Ok(event) if event.channel == Channel::Sensors => {
+                        match sensor_of(&event.frame) {
+                            Some(sensor) if event.event_type != "deleted" => self.apply(&sensor).await,
+                            Some(sensor) => self.stop(sensor.id).await,
+                            None => log::error!("sensor event {} not understood", event.seq),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => self.resync().await,
+                    Err(RecvError::Closed) => break,
+                }
             }
-            self.stop(sensor_id);
         }
-        let (stop, stopped) = mpsc::channel();
-        let source = build(spec, interval);
-        let store = self.store.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("sensor-{sensor_id}"))
-            .spawn(move || sample_loop(sensor_id, source, store, stopped));
-        match spawned {
-            Ok(thread) => {
-                self.running.insert(
-                    sensor_id,
-                    Running {
-                        spec: spec.clone(),
-                        interval,
-                        stop,
-                        thread,
-                    },
-                );
-            }
-            Err(e) => log::error!("sensor {sensor_id}: cannot start its thread: {e}"),
+        let ids: Vec<i64> = self.running.keys().copied().collect();
+        for id in ids {
+            self.stop(id).await;
         }
     }
 
-    /// Stops sampling a sensor and waits for its thread.
-    pub fn stop(&mut self, sensor_id: i64) {
+    /// Brings the running set in line with every stored sensor.
+    async fn resync(&mut self) {
+        let all = SensorFilter {
+            limit: u32::MAX,
+            ..SensorFilter::default()
+        };
+        match self.store.sensors(all).await {
+            Ok(sensors) => {
+                let ids: Vec<i64> = sensors.iter().map(|s| s.id).collect();
+                let gone: Vec<i64> = self
+                    .running
+                    .keys()
+                    .filter(|id| !ids.contains(id))
+                    .copied()
+                    .collect();
+                for id in gone {
+                    self.stop(id).await;
+                }
+                for sensor in &sensors {
+                    self.apply(sensor).await;
+                }
+                log::info!("{} sensors sampled", self.running.len());
+            }
+            Err(e) => log::error!("cannot read sensors to sample: {e}"),
+        }
+    }
+
+    /// Starts, restarts or stops a sensor's thread as its record says.
+    async fn apply(&mut self, sensor: &Sensor) {
+        let plan = Plan::of(sensor);
+        if self.running.get(&sensor.id).map(|r| &r.plan) == plan.as_ref() {
+            return;
+        }
+        self.stop(sensor.id).await;
+        let Some(plan) = plan else { return };
+        let (stop, stopped) = mpsc::channel();
+        let worker = Worker {
+            sensor_id: sensor.id,
+            source: plan.spec.build(plan.interval),
+            store: self.store.clone(),
+            health: self.health.clone(),
+            offline_after: plan.interval * self.offline_after_intervals,
+        };
+        match std::thread::Builder::new()
+            .name(format!("sensor-{}", sensor.id))
+            .spawn(move || worker.run(stopped))
+        {
+            Ok(thread) => {
+                log::info!("sensor {} sampled every {:?}", sensor.id, plan.interval);
+                self.running
+                    .insert(sensor.id, Running { plan, stop, thread });
+            }
+            Err(e) => log::error!("sensor {}: cannot start its thread: {e}", sensor.id),
+        }
+    }
+
+    /// Stops a sensor's thread and waits for it off the async threads.
+    async fn stop(&mut self, sensor_id: i64) {
         if let Some(running) = self.running.remove(&sensor_id) {
             drop(running.stop);
-            if running.thread.join().is_err() {
+            let joined = tokio::task::spawn_blocking(move || running.thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
                 log::error!("sensor {sensor_id}: sampling thread panicked");
             }
-        }
-    }
-
-    /// Ids of the sensors being sampled.
-    pub fn sampled(&self) -> Vec<i64> {
-        let mut ids: Vec<i64> = self.running.keys().copied().collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Stops every source and waits for all threads.
-    pub fn shutdown(mut self) {
-        for (_, running) in self.running.drain() {
-            drop(running.stop);
-            let _ = running.thread.join();
+            self.health.remove(sensor_id);
         }
     }
 }
 
-fn sample_loop(
+/// The sensor in a `sensors` event's frame.
+fn sensor_of(frame: &str) -> Option<Sensor> {
+    let envelope: Value = serde_json::from_str(frame).ok()?;
+    let data = envelope.get("data")?;
+    let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
+    Some(Sensor {
+        id: data.get("id")?.as_i64()?,
+        tipo: text("tipo")?,
+        modelo: text("modelo")?,
+        nombre: text("nombre"),
+        ubicacion: text("ubicacion"),
+        fuente: data.get("fuente").filter(|v| !v.is_null()).cloned(),
+        intervalo: data.get("intervalo").and_then(Value::as_f64),
+        activo: data.get("activo")?.as_bool()?,
+        created_at: 0,
+        updated_at: 0,
+    })
+}
+
+/// The sampling loop of one sensor, on its own thread.
+struct Worker {
     sensor_id: i64,
-    mut source: Box<dyn Source>,
+    source: Box<dyn Source>,
     store: Store,
-    stop: mpsc::Receiver<()>,
-) {
-    let mut failures = FailureLog::default();
-    loop {
-        let started = Instant::now();
-        match source.read() {
-            Ok(Some(measurements)) if !measurements.is_empty() => {
-                let sample = Sample {
-                    sensor_id,
-                    taken_at: now_micros(),
-                    measurements,
-                };
-                if let Err(StoreError::Closed) = store.submit_samples(vec![sample]) {
-                    return;
+    health: Arc<HealthBoard>,
+    offline_after: Duration,
+}
+
+impl Worker {
+    fn run(mut self, stop: mpsc::Receiver<()>) {
+        let mut tracker = Tracker::new(self.offline_after, tokio::time::Instant::now());
+        let mut failures = FailureLog::default();
+        self.health.set(self.sensor_id, tracker.salud());
+        loop {
+            let started = Instant::now();
+            let outcome = self.source.read();
+            let now = tokio::time::Instant::now();
+            let mut changes = Vec::new();
+            match outcome {
+                Ok(Some(measurements)) if !measurements.is_empty() => {
+                    let taken_at = now_micros();
+                    let sample = Sample {
+                        sensor_id: self.sensor_id,
+                        taken_at,
+                        measurements,
+                    };
+                    if let Err(StoreError::Closed) = self.store.submit_samples(vec![sample]) {
+                        return;
+                    }
+                    changes.extend(tracker.ok(now, taken_at));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failures.record(self.sensor_id, &e);
+                    changes.extend(tracker.failed(&e, now_micros()));
                 }
             }
-            Ok(_) => {}
-            Err(e) => failures.record(sensor_id, &e),
+            changes.extend(tracker.check(self.source.is_connected(), now));
+            self.health.set(self.sensor_id, tracker.salud());
+            for change in changes {
+                self.announce(&change, &tracker);
+            }
+            let pause = match self.source.pacing() {
+                Pacing::Every(interval) => interval.saturating_sub(started.elapsed()),
+                Pacing::Streaming => Duration::ZERO,
+            };
+            match stop.recv_timeout(pause) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
         }
-        let pause = match source.pacing() {
-            Pacing::Every(interval) => interval.saturating_sub(started.elapsed()),
-            Pacing::Streaming => Duration::ZERO,
+    }
+
+    /// Tells clients on `general` about a health change; stored and numbered like every
+    /// event.
+    fn announce(&self, change: &Transition, tracker: &Tracker) {
+        let salud = tracker.salud();
+        match change {
+            Transition::Offline => log::warn!(
+                "sensor {}: offline, no good sample for {:?}",
+                self.sensor_id,
+                self.offline_after
+            ),
+            Transition::Online => log::info!("sensor {}: online again", self.sensor_id),
+            Transition::PortLost(why) => {
+                log::warn!("sensor {}: device lost: {why}", self.sensor_id)
+            }
+            Transition::PortFound => log::info!("sensor {}: device back", self.sensor_id),
+        }
+        let emission = Emission {
+            channel: Channel::General,
+            kind: EmissionKind::System(change.event_type().to_owned()),
+            sensor_id: Some(self.sensor_id),
+            data: json!({
+                "sensor_id": self.sensor_id,
+                "salud": salud,
+            }),
         };
-        match stop.recv_timeout(pause) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
-        }
+        let _ = self.store.submit_emission(emission);
     }
 }
 
@@ -166,5 +356,40 @@ impl FailureLog {
         }
         self.last_logged = Some(Instant::now());
         self.suppressed = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_kind_reads_from_toml() {
+        let specs = [
+            r#"kind = "sim""#,
+            r#"kind = "serial"
+path = "/dev/serial/by-id/usb-Arduino"
+baud = 115200"#,
+            r#"kind = "iio_dht"
+model = "dht22""#,
+            r#"kind = "iio"
+device_name = "bme280""#,
+            r#"kind = "w1"
+sensor_id = "28-000005e2fdc3""#,
+            r#"kind = "gpio_dht"
+line = 4
+model = "dht22""#,
+        ];
+        for text in specs {
+            let spec: SourceSpec = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let json = serde_json::to_value(&spec).unwrap();
+            assert_eq!(serde_json::from_value::<SourceSpec>(json).unwrap(), spec);
+        }
+        assert!(toml::from_str::<SourceSpec>(
+            r#"kind = "sim"
+colour = 1"#
+        )
+        .is_err());
+        assert!(toml::from_str::<SourceSpec>(r#"kind = "laser""#).is_err());
     }
 }

@@ -12,7 +12,9 @@ use super::source::SensorError;
 /// A closed interval of values a sensor model can report.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bounds {
+    /// Lowest plausible value, inclusive.
     pub min: f64,
+    /// Highest plausible value, inclusive.
     pub max: f64,
 }
 
@@ -125,7 +127,10 @@ impl PlausibilityFilter {
             )));
         }
         let sample = Sample { reading, at };
-        let jump = self.accepted.as_ref().and_then(|last| last.jump_to(&sample));
+        let jump = self
+            .accepted
+            .as_ref()
+            .and_then(|last| last.jump_to(&sample));
         let confirmed = self
             .rejected
             .as_ref()

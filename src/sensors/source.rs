@@ -91,4 +91,11 @@ pub trait Source: Send {
 
     /// How often `read` should be called.
     fn pacing(&self) -> Pacing;
+
+    /// Whether the device is there (port open, sysfs node present). A source that loses
+    /// its device reports [`SensorError::PortLost`] once and keeps retrying; this says
+    /// when it is back.
+    fn is_connected(&self) -> bool {
+        true
+    }
 }

@@ -159,6 +159,15 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
+    /// Queues a system event from a thread outside the runtime, without waiting for it
+    /// to be committed.
+    pub fn submit_emission(&self, emission: Emission) -> Result<(), StoreError> {
+        let (reply, _) = oneshot::channel();
+        self.commands
+            .blocking_send(Command::Emit(emission, reply))
+            .map_err(|_| StoreError::Closed)
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {

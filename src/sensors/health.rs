@@ -1,0 +1,211 @@
+//! Sensor health: every read outcome counted, the time of the last good sample, and
+//! whether the sensor is online. A sensor with no good sample for a few intervals is
+//! offline, so no client mistakes its last value for a fresh one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::source::SensorError;
+use crate::model::{format_time, Micros};
+
+/// Where a sampled sensor stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Estado {
+    /// Started, no good sample yet, not yet overdue.
+    Starting,
+    /// Good samples arrive.
+    Online,
+    /// No good sample for longer than allowed.
+    Offline,
+}
+
+/// What clients see of a sensor's health (`salud` in `GET /api/v1/sensores/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Salud {
+    pub estado: Estado,
+    /// Whether the device is there (serial port open, sysfs node present).
+    pub conectado: bool,
+    /// When the last good sample was taken.
+    #[serde(serialize_with = "optional_time")]
+    pub ultima_muestra: Option<Micros>,
+    /// Read outcomes since start: `ok` and each failure kind.
+    pub conteo: BTreeMap<&'static str, u64>,
+    pub ultimo_error: Option<String>,
+    #[serde(serialize_with = "optional_time")]
+    pub ultimo_error_en: Option<Micros>,
+}
+
+fn optional_time<S: serde::Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&format_time(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A change worth telling clients about on `general`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    Offline,
+    /// Back after being offline.
+    Online,
+    PortLost(String),
+    PortFound,
+}
+
+impl Transition {
+    /// The `event_type` of the system event.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Transition::Offline => "sensor_offline",
+            Transition::Online => "sensor_online",
+            Transition::PortLost(_) => "port_lost",
+            Transition::PortFound => "port_found",
+        }
+    }
+}
+
+/// Follows one sensor's outcomes; pure apart from the clock values it is given.
+pub struct Tracker {
+    offline_after: Duration,
+    last_good: Instant,
+    salud: Salud,
+}
+
+impl Tracker {
+    /// `offline_after`: how long without a good sample makes the sensor offline.
+    pub fn new(offline_after: Duration, now: Instant) -> Tracker {
+        Tracker {
+            offline_after,
+            last_good: now,
+            salud: Salud {
+                estado: Estado::Starting,
+                conectado: true,
+                ultima_muestra: None,
+                conteo: BTreeMap::new(),
+                ultimo_error: None,
+                ultimo_error_en: None,
+            },
+        }
+    }
+
+    pub fn salud(&self) -> &Salud {
+        &self.salud
+    }
+
+    /// Records a good sample taken at `taken_at`.
+    pub fn ok(&mut self, now: Instant, taken_at: Micros) -> Option<Transition> {
+        *self.salud.conteo.entry("ok").or_default() += 1;
+        self.last_good = now;
+        self.salud.ultima_muestra = Some(taken_at);
+        let was = std::mem::replace(&mut self.salud.estado, Estado::Online);
+        (was == Estado::Offline).then_some(Transition::Online)
+    }
+
+    /// Records a failed read.
+    pub fn failed(&mut self, error: &SensorError, at: Micros) -> Option<Transition> {
+        *self.salud.conteo.entry(error.kind()).or_default() += 1;
+        self.salud.ultimo_error = Some(error.to_string());
+        self.salud.ultimo_error_en = Some(at);
+        match error {
+            SensorError::PortLost(why) if self.salud.conectado => {
+                self.salud.conectado = false;
+                Some(Transition::PortLost(why.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Checks the device and the time since the last good sample, after every attempt.
+    pub fn check(&mut self, connected: bool, now: Instant) -> Vec<Transition> {
+        let mut changes = Vec::new();
+        if connected && !self.salud.conectado {
+            self.salud.conectado = true;
+            changes.push(Transition::PortFound);
+        }
+        if self.salud.estado != Estado::Offline
+            && now.duration_since(self.last_good) > self.offline_after
+        {
+            self.salud.estado = Estado::Offline;
+            changes.push(Transition::Offline);
+        }
+        changes
+    }
+}
+
+/// Health of every sampled sensor, written by sampling threads, read by the API.
+#[derive(Default)]
+pub struct HealthBoard {
+    sensors: Mutex<HashMap<i64, Salud>>,
+}
+
+impl HealthBoard {
+    pub fn set(&self, sensor_id: i64, salud: &Salud) {
+        self.lock().insert(sensor_id, salud.clone());
+    }
+
+    pub fn remove(&self, sensor_id: i64) {
+        self.lock().remove(&sensor_id);
+    }
+
+    /// Health of a sensor, if it is sampled.
+    pub fn get(&self, sensor_id: i64) -> Option<Salud> {
+        self.lock().get(&sensor_id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Salud>> {
+        self.sensors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_after_silence_and_online_again() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(Duration::from_secs(6), t0);
+        assert_eq!(tracker.salud().estado, Estado::Starting);
+        assert_eq!(tracker.ok(t0 + Duration::from_secs(1), 10), None);
+        assert_eq!(tracker.salud().estado, Estado::Online);
+        assert_eq!(tracker.failed(&SensorError::Timeout, 20), None);
+        assert!(tracker.check(true, t0 + Duration::from_secs(7)).is_empty());
+        assert_eq!(
+            tracker.check(true, t0 + Duration::from_secs(8)),
+            [Transition::Offline]
+        );
+        assert!(
+            tracker.check(true, t0 + Duration::from_secs(9)).is_empty(),
+            "reported once"
+        );
+        assert_eq!(
+            tracker.ok(t0 + Duration::from_secs(10), 30),
+            Some(Transition::Online)
+        );
+        let salud = tracker.salud();
+        assert_eq!(salud.conteo["ok"], 2);
+        assert_eq!(salud.conteo["timeout"], 1);
+        assert_eq!(salud.ultima_muestra, Some(30));
+        assert_eq!(salud.ultimo_error_en, Some(20));
+    }
+
+    #[test]
+    fn port_lost_and_found_are_reported_once() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(Duration::from_secs(60), t0);
+        let lost = SensorError::PortLost("unplugged".into());
+        assert_eq!(
+            tracker.failed(&lost, 1),
+            Some(Transition::PortLost("unplugged".into()))
+        );
+        assert_eq!(tracker.failed(&lost, 2), None);
+        assert!(tracker.check(false, t0).is_empty());
+        assert_eq!(tracker.check(true, t0), [Transition::PortFound]);
+        assert!(tracker.salud().conectado);
+    }
+}

@@ -1,0 +1,907 @@
+//! A microcontroller (Arduino, ESP32, Pico) that prints readings on a serial line.
+//!
+//! Three layers, outermost last:
+//! - [`parse_line`] / [`LineFormat::parse`]: one line of text to measurements, pure. Lines
+//!   are JSON objects (`{"t": 21.4, "h": 40.2}` or `{"tipo": "temperatura", "valor": 21.4}`)
+//!   or key/value text (`T=21.4 H=40.2`, `temp:21.4,hum:40.2`); a [`KeyMapping`] says what
+//!   each key measures.
+//! - `LineAssembler`: bytes to lines, with the length bound and the resynchronisation
+//!   after (re)connecting.
+//! - [`SerialSource`]: owns the port, survives the device being unplugged and plugged back
+//!   (it reopens the configured path, typically a `/dev/serial/by-id/...` symlink that udev
+//!   recreates), and never blocks a `read` for more than about half a second.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, Read};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serialport::{ClearBuffer, SerialPort};
+
+use super::source::{Measurement, Pacing, SensorError, Source};
+
+/// What a key on the line measures.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Wire name of the quantity (`temperatura`, `humedad`, `presion`, or a new one).
+    pub tipo: String,
+    /// Unit shown to clients.
+    pub unidad: String,
+}
+
+/// Case-insensitive table from the keys a device prints to what they measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMapping {
+    /// Keys are stored lowercased.
+    keys: HashMap<String, KeySpec>,
+}
+
+/// The keys firmware authors tend to use, in English and Spanish.
+const DEFAULT_KEYS: &[(&[&str], &str, &str)] = &[
+    (
+        &["t", "temp", "temperature", "temperatura"],
+        "temperatura",
+        "°C",
+    ),
+    (&["h", "hum", "humidity", "humedad"], "humedad", "%"),
+    (&["p", "pres", "pressure", "presion"], "presion", "hPa"),
+];
+
+impl Default for KeyMapping {
+    fn default() -> Self {
+        let mut keys = HashMap::new();
+        for (aliases, tipo, unidad) in DEFAULT_KEYS {
+            for alias in *aliases {
+                keys.insert(
+                    (*alias).to_owned(),
+                    KeySpec {
+                        tipo: (*tipo).to_owned(),
+                        unidad: (*unidad).to_owned(),
+                    },
+                );
+            }
+        }
+        KeyMapping { keys }
+    }
+}
+
+impl KeyMapping {
+    /// The default keys plus `extra`; an entry in `extra` replaces a default of the same
+    /// name (so `p` can be remapped on a device where it means something else).
+    pub fn with_keys(extra: &BTreeMap<String, KeySpec>) -> Self {
+        let mut mapping = KeyMapping::default();
+        for (key, spec) in extra {
+            mapping.keys.insert(key.to_lowercase(), spec.clone());
+        }
+        mapping
+    }
+
+    fn get(&self, key: &str) -> Option<&KeySpec> {
+        self.keys.get(&key.to_lowercase())
+    }
+}
+
+/// How lines on the port are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    /// A line starting with `{` is JSON, anything else key/value text.
+    #[default]
+    Auto,
+    /// Every line is a JSON object.
+    Json,
+    /// Every line is `key=value` / `key:value` pairs.
+    Kv,
+}
+
+impl LineFormat {
+    /// Parses one line (without its newline) into measurements.
+    ///
+    /// Keys the mapping does not know are ignored, so firmware can add fields (`id`,
+    /// `rssi`) without breaking the gateway; a line with no known key at all, a known key
+    /// without a finite number, the same quantity twice, invalid UTF-8 and empty lines are
+    /// `Malformed`.
+    pub fn parse(self, line: &[u8], mapping: &KeyMapping) -> Result<Vec<Measurement>, SensorError> {
+        let text = std::str::from_utf8(line)
+            .map_err(|_| SensorError::Malformed(format!("not UTF-8: {}", excerpt(line))))?
+            .trim();
+        if text.is_empty() {
+            return Err(SensorError::Malformed("empty line".into()));
+        }
+        match self {
+            LineFormat::Json => parse_json(text, mapping),
+            LineFormat::Kv => parse_kv(text, mapping),
+            LineFormat::Auto if text.starts_with('{') => parse_json(text, mapping),
+            LineFormat::Auto => parse_kv(text, mapping),
+        }
+    }
+}
+
+/// Parses one line in whichever format it is written: what `format = "auto"` does.
+pub fn parse_line(line: &[u8], mapping: &KeyMapping) -> Result<Vec<Measurement>, SensorError> {
+    LineFormat::Auto.parse(line, mapping)
+}
+
+/// The start of a line, printable, for error messages.
+fn excerpt(line: &[u8]) -> String {
+    const SHOWN: usize = 40;
+    let shown = String::from_utf8_lossy(&line[..line.len().min(SHOWN)]).into_owned();
+    if line.len() > SHOWN {
+        format!("{shown:?}...")
+    } else {
+        format!("{shown:?}")
+    }
+}
+
+/// Collects one line's measurements, refusing a quantity given twice (`T=1 temp=2`): which
+/// one the device meant cannot be known.
+#[derive(Default)]
+struct Collected(Vec<Measurement>);
+
+impl Collected {
+    fn push(&mut self, spec: &KeySpec, valor: f64) -> Result<(), SensorError> {
+        if self.0.iter().any(|m| m.tipo == spec.tipo) {
+            return Err(SensorError::Malformed(format!("{} given twice", spec.tipo)));
+        }
+        self.0
+            .push(Measurement::new(&spec.tipo, valor, &spec.unidad));
+        Ok(())
+    }
+
+    fn finish(self, text: &str) -> Result<Vec<Measurement>, SensorError> {
+        if self.0.is_empty() {
+            return Err(SensorError::Malformed(format!(
+                "no known key in {}",
+                excerpt(text.as_bytes())
+            )));
+        }
+        Ok(self.0)
+    }
+}
+
+fn finite(valor: Option<f64>, key: &str) -> Result<f64, SensorError> {
+    valor
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| SensorError::Malformed(format!("{key} is not a finite number")))
+}
+
+fn parse_json(text: &str, mapping: &KeyMapping) -> Result<Vec<Measurement>, SensorError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        SensorError::Malformed(format!("invalid JSON ({e}): {}", excerpt(text.as_bytes())))
+    })?;
+    let Value::Object(object) = value else {
+        return Err(SensorError::Malformed(format!(
+            "JSON line is not an object: {}",
+            excerpt(text.as_bytes())
+        )));
+    };
+    let field = |name: &str| {
+        object
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    };
+    if let (Some(tipo), Some(valor)) = (field("tipo"), field("valor")) {
+        // One measurement per line, self-described. The tipo still has to be known: the
+        // mapping is what decides which quantities this gateway stores.
+        let tipo = tipo
+            .as_str()
+            .ok_or_else(|| SensorError::Malformed("tipo is not a string".into()))?;
+        let spec = mapping
+            .get(tipo)
+            .ok_or_else(|| SensorError::Malformed(format!("unknown tipo {tipo:?}")))?;
+        let valor = finite(valor.as_f64(), "valor")?;
+        let unidad = match field("unidad") {
+            None | Some(Value::Null) => spec.unidad.as_str(),
+            Some(Value::String(unidad)) if !unidad.trim().is_empty() => unidad.trim(),
+            Some(_) => return Err(SensorError::Malformed("unidad is not a string".into())),
+        };
+        return Ok(vec![Measurement::new(&spec.tipo, valor, unidad)]);
+    }
+    let mut collected = Collected::default();
+    for (key, value) in &object {
+        if let Some(spec) = mapping.get(key) {
+            collected.push(spec, finite(value.as_f64(), key)?)?;
+        }
+    }
+    // Object key order is not meaningful in JSON (and serde_json's depends on a feature
+    // flag), so the output is put in a fixed order.
+    let mut measurements = collected.finish(text)?;
+    measurements.sort_by(|a, b| a.tipo.cmp(&b.tipo));
+    Ok(measurements)
+}
+
+fn parse_kv(text: &str, mapping: &KeyMapping) -> Result<Vec<Measurement>, SensorError> {
+    let mut collected = Collected::default();
+    for token in text.split([' ', '\t', ',', ';']).filter(|t| !t.is_empty()) {
+        let (key, valor) = token
+            .split_once(['=', ':'])
+            .filter(|(key, valor)| !key.is_empty() && !valor.is_empty())
+            .ok_or_else(|| {
+                SensorError::Malformed(format!("{} is not key=value", excerpt(token.as_bytes())))
+            })?;
+        if let Some(spec) = mapping.get(key) {
+            collected.push(spec, finite(valor.parse().ok(), key)?)?;
+        }
+    }
+    collected.finish(text)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Assembly {
+    /// Just (re)connected: the first bytes may be the tail of a line whose start was sent
+    /// before we listened. They are skipped up to the next newline, unless the line goes
+    /// quiet first (`discarded` still false), which shows we are between lines.
+    Resync { discarded: bool },
+    /// At a line boundary or inside a line whose start we saw.
+    Ready,
+    /// Skipping the rest of an over-long line, already reported.
+    Overflow,
+}
+
+/// Splits the byte stream into lines of at most `max` bytes (the newline excluded).
+#[derive(Debug)]
+struct LineAssembler {
+    max: usize,
+    line: Vec<u8>,
+    state: Assembly,
+}
+
+impl LineAssembler {
+    fn new(max: usize) -> Self {
+        LineAssembler {
+            max,
+            line: Vec::new(),
+            state: Assembly::Resync { discarded: false },
+        }
+    }
+
+    /// Forgets any partial line: called after (re)opening the port.
+    fn resync(&mut self) {
+        self.line.clear();
+        self.state = Assembly::Resync { discarded: false };
+    }
+
+    /// The line was silent for a whole read timeout.
+    fn quiet(&mut self) {
+        if self.state == (Assembly::Resync { discarded: false }) {
+            self.state = Assembly::Ready;
+        }
+    }
+
+    /// Consumes `bytes`; returns each completed line, and one `Malformed` per over-long
+    /// line (whose rest is then dropped up to its newline).
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Result<Vec<u8>, SensorError>> {
+        let mut out = Vec::new();
+        for &byte in bytes {
+            match (self.state, byte) {
+                (Assembly::Resync { .. } | Assembly::Overflow, b'\n') => {
+                    self.state = Assembly::Ready
+                }
+                (Assembly::Resync { .. }, _) => self.state = Assembly::Resync { discarded: true },
+                (Assembly::Overflow, _) => {}
+                (Assembly::Ready, b'\n') => out.push(Ok(std::mem::take(&mut self.line))),
+                (Assembly::Ready, _) if self.line.len() == self.max => {
+                    self.line.clear();
+                    self.state = Assembly::Overflow;
+                    out.push(Err(SensorError::Malformed(format!(
+                        "line longer than {} bytes",
+                        self.max
+                    ))));
+                }
+                (Assembly::Ready, _) => self.line.push(byte),
+            }
+        }
+        out
+    }
+}
+
+/// Exponential back-off between attempts to reopen a lost port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    const fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The wait before the next attempt; each call doubles the following one, up to `max`.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// A replugged USB adapter is usually back within a second; a device that is gone for
+/// good costs one `open` every 30 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// serialport's default timeout is zero, which makes a read loop spin. A quarter second
+/// keeps `read` responsive to shutdown and is long enough to tell a quiet line (between
+/// lines) from a line being transmitted (bytes every few ms even at 1200 baud).
+const READ_TIMEOUT: Duration = Duration::from_millis(250);
+
+fn default_baud() -> NonZeroU32 {
+    NonZeroU32::new(9600).expect("9600 is not zero")
+}
+
+fn default_max_line_bytes() -> NonZeroUsize {
+    NonZeroUsize::new(256).expect("256 is not zero")
+}
+
+/// A serial port with a device printing one reading per line.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Device path; prefer `/dev/serial/by-id/...`, which survives replugging and does not
+    /// swap when two adapters enumerate in another order.
+    pub path: String,
+    /// Line speed; 9600 unless the firmware says otherwise. Ignored by USB CDC devices.
+    #[serde(default = "default_baud")]
+    pub baud: NonZeroU32,
+    /// How lines are written; `auto` tells JSON from key/value per line.
+    #[serde(default)]
+    pub format: LineFormat,
+    /// Longest line accepted; longer ones are dropped and reported as malformed, so a
+    /// device spewing binary cannot grow memory.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: NonZeroUsize,
+    /// Extra or replacement keys, e.g. `co2 = { tipo = "co2", unidad = "ppm" }`.
+    #[serde(default)]
+    pub keys: BTreeMap<String, KeySpec>,
+}
+
+/// What [`Source::read`] returns.
+type ReadOutcome = Result<Option<Vec<Measurement>>, SensorError>;
+
+/// Reads measurements line by line from a serial port, reopening it when it vanishes.
+///
+/// A loss (read error, hang-up, failed open) is returned once as `PortLost`; while the
+/// device stays away, reads return `Ok(None)` and reopen attempts back off from 0.5 s to
+/// 30 s. [`SerialSource::is_connected`] tells the scheduler when it is back.
+pub struct SerialSource {
+    path: String,
+    baud: u32,
+    format: LineFormat,
+    mapping: KeyMapping,
+    assembler: LineAssembler,
+    /// Lines assembled but not yet handed out: one `read` returns one line's outcome.
+    /// It is drained before the port is read again, so it never holds more than one
+    /// read buffer's worth of lines.
+    pending: VecDeque<Result<Vec<u8>, SensorError>>,
+    port: Option<Box<dyn SerialPort>>,
+    retry_at: Instant,
+    backoff: Backoff,
+    loss_reported: bool,
+}
+
+impl SerialSource {
+    /// A source for `config`. The port is opened by the first `read`, so a device that is
+    /// unplugged at start-up is a reported loss, not a start-up failure.
+    pub fn new(config: &SerialConfig) -> Self {
+        SerialSource {
+            path: config.path.clone(),
+            baud: config.baud.get(),
+            format: config.format,
+            mapping: KeyMapping::with_keys(&config.keys),
+            assembler: LineAssembler::new(config.max_line_bytes.get()),
+            pending: VecDeque::new(),
+            port: None,
+            retry_at: Instant::now(),
+            backoff: RECONNECT,
+            loss_reported: false,
+        }
+    }
+
+    fn open(&self) -> serialport::Result<Box<dyn SerialPort>> {
+        let port = serialport::new(&self.path, self.baud)
+            .timeout(READ_TIMEOUT)
+            .open()?;
+        // Bytes queued before we opened are stale, and the resync would drop most of them.
+        port.clear(ClearBuffer::Input)?;
+        Ok(port)
+    }
+
+    /// Waits (at most one read timeout) for the back-off to expire, then tries to open.
+    /// `Err` carries what `read` should return when there is still no port.
+    fn reconnect(&mut self) -> Result<Box<dyn SerialPort>, ReadOutcome> {
+        let now = Instant::now();
+        if now < self.retry_at {
+            thread::sleep((self.retry_at - now).min(READ_TIMEOUT));
+            if Instant::now() < self.retry_at {
+                return Err(Ok(None));
+            }
+        }
+        match self.open() {
+            Ok(port) => {
+                self.backoff.reset();
+                self.loss_reported = false;
+                self.assembler.resync();
+                Ok(port)
+            }
+            Err(e) => Err(self.lost(format!("{}: {e}", self.path))),
+        }
+    }
+
+    /// Drops the port (by not putting it back) and schedules the next attempt; the loss is
+    /// reported only if it was not already.
+    fn lost(&mut self, why: String) -> ReadOutcome {
+        self.port = None;
+        self.retry_at = Instant::now() + self.backoff.next_delay();
+        if self.loss_reported {
+            Ok(None)
+        } else {
+            self.loss_reported = true;
+            Err(SensorError::PortLost(why))
+        }
+    }
+
+    fn next_line(&mut self) -> Option<Result<Vec<Measurement>, SensorError>> {
+        let line = self.pending.pop_front()?;
+        Some(line.and_then(|line| self.format.parse(&line, &self.mapping)))
+    }
+}
+
+impl Source for SerialSource {
+    fn is_connected(&self) -> bool {
+        self.port.is_some()
+    }
+
+    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
+        if let Some(outcome) = self.next_line() {
+            return outcome.map(Some);
+        }
+        let mut port = match self.port.take() {
+            Some(port) => port,
+            None => match self.reconnect() {
+                Ok(port) => port,
+                Err(outcome) => return outcome,
+            },
+        };
+        let mut buf = [0u8; 512];
+        match port.read(&mut buf) {
+            Ok(0) => self.lost(format!("{}: end of file", self.path)),
+            Ok(n) => {
+                self.port = Some(port);
+                let lines = self.assembler.feed(&buf[..n]);
+                self.pending.extend(lines);
+                self.next_line().transpose()
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                self.port = Some(port);
+                self.assembler.quiet();
+                Ok(None)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                self.port = Some(port);
+                Ok(None)
+            }
+            // Unplugging shows up as a hang-up (BrokenPipe) or EIO.
+            Err(e) => self.lost(format!("{}: {e}", self.path)),
+        }
+    }
+
+    fn pacing(&self) -> Pacing {
+        Pacing::Streaming
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serialport::TTYPort;
+    use std::io::Write;
+    use std::path::Path;
+
+    fn m(tipo: &str, valor: f64, unidad: &str) -> Measurement {
+        Measurement::new(tipo, valor, unidad)
+    }
+
+    fn parse(line: &str) -> Result<Vec<Measurement>, SensorError> {
+        parse_line(line.as_bytes(), &KeyMapping::default())
+    }
+
+    fn malformed(outcome: Result<Vec<Measurement>, SensorError>) -> bool {
+        matches!(outcome, Err(SensorError::Malformed(_)))
+    }
+
+    #[test]
+    fn key_value_lines() {
+        let both = vec![m("temperatura", 21.4, "°C"), m("humedad", 40.2, "%")];
+        assert_eq!(parse("T=21.4 H=40.2"), Ok(both.clone()));
+        assert_eq!(parse("temp:21.4,hum:40.2"), Ok(both.clone()));
+        assert_eq!(parse("Temperature=21.4; HUMIDITY=40.2\r"), Ok(both.clone()));
+        assert_eq!(parse("  t:21.4\th=40.2  "), Ok(both));
+        assert_eq!(
+            parse("presion=1013.25,temperatura=-3.5"),
+            Ok(vec![
+                m("presion", 1013.25, "hPa"),
+                m("temperatura", -3.5, "°C")
+            ])
+        );
+    }
+
+    #[test]
+    fn json_keyed_objects() {
+        assert_eq!(
+            parse(r#"{"t": 21.4, "h": 40.2, "pres": 1001}"#),
+            Ok(vec![
+                m("humedad", 40.2, "%"),
+                m("presion", 1001.0, "hPa"),
+                m("temperatura", 21.4, "°C"),
+            ])
+        );
+        assert_eq!(
+            parse(r#"{"Temp": 19.5, "id": "node-7", "ok": true}"#),
+            Ok(vec![m("temperatura", 19.5, "°C")])
+        );
+    }
+
+    #[test]
+    fn json_tipo_valor_objects() {
+        assert_eq!(
+            parse(r#"{"tipo": "temperatura", "valor": 21.4}"#),
+            Ok(vec![m("temperatura", 21.4, "°C")])
+        );
+        assert_eq!(
+            parse(r#"{"tipo": "hum", "valor": 40, "unidad": "%HR"}"#),
+            Ok(vec![m("humedad", 40.0, "%HR")])
+        );
+        assert!(malformed(parse(r#"{"tipo": "co2", "valor": 415}"#)));
+        assert!(malformed(parse(r#"{"tipo": 1, "valor": 415}"#)));
+        assert!(malformed(parse(r#"{"tipo": "t", "valor": "21"}"#)));
+        assert!(malformed(parse(
+            r#"{"tipo": "t", "valor": 21, "unidad": 5}"#
+        )));
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_but_a_line_needs_one_known() {
+        assert_eq!(
+            parse("id=node7 T=21.4 rssi=-70 fw:1.2.3"),
+            Ok(vec![m("temperatura", 21.4, "°C")])
+        );
+        assert!(malformed(parse("foo=1 bar=2")));
+        assert!(malformed(parse(r#"{"x": 1}"#)));
+        assert!(malformed(parse("{}")));
+    }
+
+    #[test]
+    fn configured_keys_extend_and_replace_the_defaults() {
+        let mut extra = BTreeMap::new();
+        extra.insert(
+            "CO2".to_owned(),
+            KeySpec {
+                tipo: "co2".into(),
+                unidad: "ppm".into(),
+            },
+        );
+        extra.insert(
+            "p".to_owned(),
+            KeySpec {
+                tipo: "potencia".into(),
+                unidad: "W".into(),
+            },
+        );
+        let mapping = KeyMapping::with_keys(&extra);
+        assert_eq!(
+            parse_line(b"co2=415 P=60 h=40", &mapping),
+            Ok(vec![
+                m("co2", 415.0, "ppm"),
+                m("potencia", 60.0, "W"),
+                m("humedad", 40.0, "%"),
+            ])
+        );
+        assert!(malformed(parse_line(b"co2=415", &KeyMapping::default())));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for line in [
+            "hello world",
+            "Booting...",
+            "T=",
+            "=5",
+            "T=abc",
+            "T=21.4C",
+            "T=21.4 T=22",
+            "T=21.4 temp=22",
+            "{",
+            "[1, 2]",
+            "{\"t\": \"21.4\"}",
+            "{\"t\": null}",
+            "{\"t\": 1, \"temp\": 2}",
+        ] {
+            assert!(malformed(parse(line)), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_malformed() {
+        for line in [
+            "T=NaN",
+            "T=nan",
+            "H=inf",
+            "H=-infinity",
+            "T=1e999",
+            r#"{"t": NaN}"#,
+        ] {
+            assert!(malformed(parse(line)), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn empty_lines_and_invalid_utf8_are_malformed() {
+        assert!(malformed(parse("")));
+        assert!(malformed(parse("  \r")));
+        assert!(malformed(parse_line(
+            b"T=21.4 \xff\xfe",
+            &KeyMapping::default()
+        )));
+        assert!(malformed(parse_line(
+            b"\x00\x00\x00",
+            &KeyMapping::default()
+        )));
+    }
+
+    #[test]
+    fn a_forced_format_refuses_the_other_one() {
+        let mapping = KeyMapping::default();
+        assert!(malformed(LineFormat::Json.parse(b"T=21.4", &mapping)));
+        assert!(malformed(LineFormat::Kv.parse(br#"{"t": 21.4}"#, &mapping)));
+        assert_eq!(
+            LineFormat::Kv.parse(b"T=21.4", &mapping),
+            Ok(vec![m("temperatura", 21.4, "°C")])
+        );
+        assert_eq!(
+            LineFormat::Json.parse(br#" {"t": 21.4}"#, &mapping),
+            Ok(vec![m("temperatura", 21.4, "°C")])
+        );
+    }
+
+    fn lines(outcomes: Vec<Result<Vec<u8>, SensorError>>) -> Vec<Result<String, String>> {
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.map(|l| String::from_utf8(l).unwrap())
+                    .map_err(|e| e.kind().to_owned())
+            })
+            .collect()
+    }
+
+    fn ready(max: usize) -> LineAssembler {
+        let mut assembler = LineAssembler::new(max);
+        assembler.quiet();
+        assembler
+    }
+
+    #[test]
+    fn assembler_splits_lines_across_chunks() {
+        let mut a = ready(256);
+        assert_eq!(lines(a.feed(b"T=21")), vec![]);
+        assert_eq!(
+            lines(a.feed(b".4\r\nH=40\nP=")),
+            vec![Ok("T=21.4\r".to_owned()), Ok("H=40".to_owned())]
+        );
+        assert_eq!(lines(a.feed(b"1000\n")), vec![Ok("P=1000".to_owned())]);
+    }
+
+    #[test]
+    fn assembler_drops_the_partial_first_line_after_connecting() {
+        let mut a = LineAssembler::new(256);
+        assert_eq!(
+            lines(a.feed(b"1.4 H=40.2\nT=22.0\n")),
+            vec![Ok("T=22.0".to_owned())]
+        );
+        // Once bytes were dropped, a pause does not make the rest of that line valid.
+        let mut b = LineAssembler::new(256);
+        assert_eq!(lines(b.feed(b"1.4")), vec![]);
+        b.quiet();
+        assert_eq!(lines(b.feed(b" H=40\nT=1\n")), vec![Ok("T=1".to_owned())]);
+        // A pause before any byte shows we are between lines: the first line is whole.
+        let mut c = LineAssembler::new(256);
+        c.quiet();
+        assert_eq!(lines(c.feed(b"T=22.0\n")), vec![Ok("T=22.0".to_owned())]);
+        // Reconnecting forgets the half line that was in flight.
+        c.feed(b"T=2");
+        c.resync();
+        assert_eq!(lines(c.feed(b"3\nH=5\n")), vec![Ok("H=5".to_owned())]);
+    }
+
+    #[test]
+    fn assembler_reports_an_over_long_line_once() {
+        let mut a = ready(8);
+        assert_eq!(
+            lines(a.feed(b"01234567\n")),
+            vec![Ok("01234567".to_owned())]
+        );
+        assert_eq!(
+            lines(a.feed(b"0123456789abcdef")),
+            vec![Err("malformed".to_owned())]
+        );
+        assert_eq!(lines(a.feed(b"ghijklmnopqrstuvwxyz")), vec![]);
+        assert_eq!(lines(a.feed(b"xyz\nT=1\n")), vec![Ok("T=1".to_owned())]);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = RECONNECT;
+        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(
+            delays,
+            vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]
+        );
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn config_defaults_and_keys_table() {
+        let config: SerialConfig = toml::from_str(
+            r#"
+            path = "/dev/serial/by-id/usb-Arduino_Uno-if00"
+            [keys]
+            co2 = { tipo = "co2", unidad = "ppm" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.baud.get(), 9600);
+        assert_eq!(config.format, LineFormat::Auto);
+        assert_eq!(config.max_line_bytes.get(), 256);
+        assert_eq!(config.keys["co2"].unidad, "ppm");
+
+        let kv: SerialConfig =
+            toml::from_str("path = \"/dev/ttyACM0\"\nformat = \"kv\"\nbaud = 115200").unwrap();
+        assert_eq!((kv.format, kv.baud.get()), (LineFormat::Kv, 115200));
+
+        for bad in [
+            "path = \"/dev/ttyACM0\"\nbaud = 0",
+            "path = \"/dev/ttyACM0\"\nmax_line_bytes = 0",
+            "path = \"/dev/ttyACM0\"\nformat = \"xml\"",
+            "path = \"/dev/ttyACM0\"\nparity = \"even\"",
+            "path = \"/dev/ttyACM0\"\n[keys]\nx = { tipo = \"x\" }",
+        ] {
+            assert!(toml::from_str::<SerialConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn config(path: &str) -> SerialConfig {
+        SerialConfig {
+            path: path.to_owned(),
+            baud: default_baud(),
+            format: LineFormat::Auto,
+            max_line_bytes: default_max_line_bytes(),
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// The next non-quiet outcome; each `read` blocks at most ~0.5 s.
+    fn next(source: &mut SerialSource) -> Result<Vec<Measurement>, SensorError> {
+        for _ in 0..20 {
+            if let Some(outcome) = source.read().transpose() {
+                return outcome;
+            }
+        }
+        panic!("nothing arrived within 20 reads");
+    }
+
+    /// Opens the port: the first read connects and then times out on the quiet line.
+    fn connect(source: &mut SerialSource) {
+        for _ in 0..20 {
+            let outcome = source.read();
+            if source.is_connected() {
+                assert_eq!(outcome, Ok(None));
+                return;
+            }
+        }
+        panic!("port did not open");
+    }
+
+    fn pty() -> (TTYPort, TTYPort, String) {
+        let (master, slave) = TTYPort::pair().expect("pseudo-terminal pair");
+        let name = slave.name().expect("slave pty has a name");
+        (master, slave, name)
+    }
+
+    #[test]
+    fn reads_lines_from_a_pseudo_terminal() {
+        let (mut device, _slave, path) = pty();
+        let mut source = SerialSource::new(&config(&path));
+        assert_eq!(source.pacing(), Pacing::Streaming);
+        assert!(!source.is_connected());
+        connect(&mut source);
+
+        device.write_all(b"T=21.4 H=40.2\n").unwrap();
+        assert_eq!(
+            next(&mut source),
+            Ok(vec![m("temperatura", 21.4, "°C"), m("humedad", 40.2, "%")])
+        );
+
+        device
+            .write_all(b"\x00\xff garbage \x07\n{\"t\": 22.5}\r\n")
+            .unwrap();
+        assert!(malformed(next(&mut source)));
+        assert_eq!(next(&mut source), Ok(vec![m("temperatura", 22.5, "°C")]));
+
+        let long = [b'x'; 300];
+        device.write_all(&long).unwrap();
+        device
+            .write_all(b"\n{\"tipo\": \"presion\", \"valor\": 1002.5}\n")
+            .unwrap();
+        assert!(malformed(next(&mut source)));
+        assert_eq!(next(&mut source), Ok(vec![m("presion", 1002.5, "hPa")]));
+
+        // A quiet line is not an error.
+        assert_eq!(source.read(), Ok(None));
+    }
+
+    #[test]
+    fn a_missing_port_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ttyUSB-gone");
+        let mut source = SerialSource::new(&config(path.to_str().unwrap()));
+        source.backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(40));
+        assert!(matches!(source.read(), Err(SensorError::PortLost(_))));
+        for _ in 0..4 {
+            assert_eq!(source.read(), Ok(None));
+        }
+        assert!(!source.is_connected());
+        // The quiet reads were failed attempts that kept backing off, not just waits.
+        assert_eq!(source.backoff.next, Duration::from_millis(40));
+    }
+
+    fn link(target: &str, link: &Path) {
+        std::os::unix::fs::symlink(target, link).unwrap();
+    }
+
+    #[test]
+    fn reconnects_when_the_device_comes_back() {
+        // The by-id symlink that udev removes on unplug and recreates, possibly pointing at
+        // another tty, on replug.
+        let dir = tempfile::tempdir().unwrap();
+        let by_id = dir.path().join("usb-Arduino_Uno_123-if00");
+        let (mut device, slave, path) = pty();
+        link(&path, &by_id);
+
+        let mut source = SerialSource::new(&config(by_id.to_str().unwrap()));
+        source.backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(80));
+        connect(&mut source);
+        device.write_all(b"T=20.5\n").unwrap();
+        assert_eq!(next(&mut source), Ok(vec![m("temperatura", 20.5, "°C")]));
+
+        // Unplug: the tty hangs up and the symlink goes.
+        drop(device);
+        drop(slave);
+        std::fs::remove_file(&by_id).unwrap();
+        assert!(matches!(source.read(), Err(SensorError::PortLost(_))));
+        assert!(!source.is_connected());
+        for _ in 0..4 {
+            assert_eq!(source.read(), Ok(None));
+        }
+        assert_eq!(source.backoff.next, Duration::from_millis(80));
+
+        // Replug.
+        let (mut device, _slave, path) = pty();
+        link(&path, &by_id);
+        connect(&mut source);
+        assert_eq!(source.backoff.next, Duration::from_millis(20));
+        device.write_all(b"H=41.5\n").unwrap();
+        assert_eq!(next(&mut source), Ok(vec![m("humedad", 41.5, "%")]));
+    }
+}
