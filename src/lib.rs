@@ -17,12 +17,14 @@
 //! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
+//! - [`demo`]: stand-in hardware for `--demo`.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod events;
 pub mod model;
 pub mod sensors;

@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
+use sensorgate::demo::Rig;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
+/// Matches `storage.data_dir` in the demo config.
+const DEMO_DATA_DIR: &str = "sensorgate-demo";
 
 const HELP: &str = "\
 sensorgate: sensor gateway daemon (REST, WebSocket, SQLite)
@@ -73,19 +76,20 @@ fn parse_args() -> Result<Command, lexopt::Error> {
     Ok(Command::Run(args))
 }
 
-/// The config to run with: the file, or the demo's, or the packaged default, with
-/// command-line flags on top.
-fn resolve_config(args: &RunArgs) -> Result<Config, String> {
-    let mut config = match (&args.config, args.demo) {
-        (Some(_), true) => return Err("--demo runs its own config; leave out --config".into()),
-        (Some(path), false) => Config::load(path).map_err(|e| e.to_string())?,
-        (None, true) => {
-            Config::parse(DEMO_CONFIG, Path::new("<demo>")).map_err(|e| e.to_string())?
+/// The config to run with: the file, or the demo's (with the stand-in devices of `rig`),
+/// or the packaged default, with command-line flags on top.
+fn resolve_config(args: &RunArgs, rig: Option<&Rig>) -> Result<Config, String> {
+    let mut config = match (&args.config, rig) {
+        (Some(_), Some(_)) => return Err("--demo runs its own config; leave out --config".into()),
+        (Some(path), None) => Config::load(path).map_err(|e| e.to_string())?,
+        (None, Some(rig)) => {
+            let text = format!("{DEMO_CONFIG}\n{}", rig.sensors_toml());
+            Config::parse(&text, Path::new("<demo>")).map_err(|e| e.to_string())?
         }
-        (None, false) if Path::new(SYSTEM_CONFIG).exists() => {
+        (None, None) if Path::new(SYSTEM_CONFIG).exists() => {
             Config::load(Path::new(SYSTEM_CONFIG)).map_err(|e| e.to_string())?
         }
-        (None, false) => {
+        (None, None) => {
             Config::parse(DEFAULT_CONFIG, Path::new("<default>")).map_err(|e| e.to_string())?
         }
     };
@@ -140,7 +144,25 @@ async fn shutdown_signal() {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let config = match resolve_config(&args) {
+    let rig = if args.demo {
+        let dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEMO_DATA_DIR));
+        match Rig::start(&dir) {
+            Ok(rig) => Some(rig),
+            Err(e) => {
+                eprintln!(
+                    "sensorgate: cannot set up the demo devices in {}: {e}",
+                    dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let config = match resolve_config(&args, rig.as_ref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("sensorgate: {e}");

@@ -546,7 +546,11 @@ async fn development_routes_exist_only_in_dev_mode() {
         .get(&format!("/api/v1/test-sensors/{}", created["id"]))
         .await;
     assert_eq!(status, 200);
-    assert_eq!(same["salud"], Value::Null, "a sensor without a source has no health");
+    assert_eq!(
+        same["salud"],
+        Value::Null,
+        "a sensor without a source has no health"
+    );
     assert_eq!(without_health(&same), created);
     daemon.stop().await;
 }

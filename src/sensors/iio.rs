@@ -48,11 +48,16 @@ impl Quantity {
 
     /// Converts a value in the IIO ABI unit (milli-degrees Celsius, milli-percent,
     /// kilopascal) to the unit shown to clients.
+    /// Values are rounded to a thousandth of the client unit, past any sensor's
+    /// resolution, so that unit conversion leaves no binary noise (1013.2299999).
     pub fn measurement(self, iio_value: f64) -> Measurement {
+        let thousandths = |x: f64| (x * 1000.0).round() / 1000.0;
         match self {
-            Quantity::Temperature => Measurement::new("temperatura", iio_value / 1000.0, "°C"),
-            Quantity::Humidity => Measurement::new("humedad", iio_value / 1000.0, "%"),
-            Quantity::Pressure => Measurement::new("presion", iio_value * 10.0, "hPa"),
+            Quantity::Temperature => {
+                Measurement::new("temperatura", thousandths(iio_value / 1000.0), "°C")
+            }
+            Quantity::Humidity => Measurement::new("humedad", thousandths(iio_value / 1000.0), "%"),
+            Quantity::Pressure => Measurement::new("presion", thousandths(iio_value * 10.0), "hPa"),
         }
     }
 }

@@ -1,0 +1,168 @@
+//! The `sensorgate` binary as a user runs it: the demo, the config commands, signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+
+fn http_get(addr: &str, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let start = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    serde_json::from_slice(&raw[start..]).ok()
+}
+
+#[test]
+fn demo_samples_every_kind_of_source_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(url) = line.trim().strip_prefix("dashboard:") {
+            addr = Some(
+                url.trim()
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned(),
+            );
+            break;
+        }
+    }
+    let addr = addr.expect("the demo prints its URLs");
+
+    let kinds = ["sim", "serial", "iio_dht", "iio", "w1"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sampled: Vec<String> = Vec::new();
+    while Instant::now() < deadline {
+        if let Some(Value::Array(sensors)) = http_get(&addr, "/api/v1/sensores/") {
+            sampled = sensors
+                .iter()
+                .filter(|s| s["salud"]["conteo"]["ok"].as_u64().unwrap_or(0) > 0)
+                .map(|s| s["fuente"]["kind"].as_str().unwrap_or("").to_owned())
+                .collect();
+            if kinds.iter().all(|k| sampled.iter().any(|s| s == k)) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for kind in kinds {
+        assert!(
+            sampled.iter().any(|s| s == kind),
+            "no good sample from a {kind} source: {sampled:?}"
+        );
+    }
+    let readings = http_get(&addr, "/api/v1/lecturas/?limit=50").unwrap();
+    assert!(readings.as_array().unwrap().len() >= 5);
+
+    let status = Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(dir.path().join("sensorgate.db").exists());
+}
+
+#[test]
+fn help_version_and_default_config() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--demo"));
+    let version = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("sensorgate {}", env!("CARGO_PKG_VERSION"))
+    );
+    let default = Command::new(BIN)
+        .arg("print-default-config")
+        .output()
+        .unwrap();
+    assert!(default.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&default.stdout),
+        sensorgate::config::DEFAULT_CONFIG
+    );
+    let unknown = Command::new(BIN).arg("--frobnicate").output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[test]
+fn check_config_names_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, sensorgate::config::DEFAULT_CONFIG).unwrap();
+    let ok = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:8000\"\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("bad.toml"), "{message}");
+    assert!(message.contains("line 3"), "{message}");
+    assert!(message.contains("max_conections"), "{message}");
+
+    let invalid = dir.path().join("invalid.toml");
+    std::fs::write(
+        &invalid,
+        "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\ninterval_s = 0\nsource = { kind = \"sim\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&invalid)
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(message.contains("interval_s"), "{message}");
+    assert!(message.contains("line 2"), "{message}");
+}
