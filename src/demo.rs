@@ -57,7 +57,7 @@ impl Rig {
                     if let Err(e) = files.write(t) {
                         log::warn!("demo sysfs tree: {e}");
                     }
-                    if tick % 2 == 0 {
+                    if tick.is_multiple_of(2) {
                         let line = if tick % 40 == 20 {
                             // Now and then a line no parser accepts, as real firmware does.
                             "#boot v1.2 @@\n".to_owned()
