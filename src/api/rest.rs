@@ -20,6 +20,7 @@ use crate::store::{
 
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
 const INDEX: &str = include_str!("../../assets/index.html");
+const CLIENT: &str = include_str!("../../assets/sensorgate.js");
 
 /// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
 async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
@@ -69,21 +70,25 @@ fn checked<T>(errors: &mut Vec<FieldError>, result: Result<T, FieldError>) -> Op
     result.map_err(|e| errors.push(e)).ok()
 }
 
-pub fn index() -> Response<Body> {
-    let mut response = Response::new(full(INDEX));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
+pub fn index() -> Response<Body> {
+    asset(INDEX, "text/html; charset=utf-8")
+}
+
+/// The reconnecting reference client, for dashboards.
+pub fn client_module() -> Response<Body> {
+    asset(CLIENT, "text/javascript; charset=utf-8")
+}
+
 pub fn openapi() -> Response<Body> {
-    let mut response = Response::new(full(OPENAPI));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    asset(OPENAPI, "application/json")
 }
 
 /// Liveness and storage status. 503 while storage is failing, so a supervisor or load

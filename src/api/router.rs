@@ -15,6 +15,7 @@ pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) 
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let result = match segments.as_slice() {
         [] => only(&req, Method::GET).map(|()| rest::index()),
+        ["sensorgate.js"] => only(&req, Method::GET).map(|()| rest::client_module()),
         ["healthz"] => match only(&req, Method::GET) {
             Ok(()) => Ok(rest::health(&state).await),
             Err(e) => Err(e),
