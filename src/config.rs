@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::model::{MAX_INTERVAL_S, MIN_INTERVAL_S};
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -73,6 +74,12 @@ pub struct StorageConfig {
     pub max_events: u64,
     /// Raw readings older than this many days are removed; 0 keeps them forever.
     pub readings_retention_days: u32,
+    /// Retention of the minute, hour and day roll-ups, in days; 0 keeps them forever.
+    pub minute_rollup_retention_days: u32,
+    pub hour_rollup_retention_days: u32,
+    pub day_rollup_retention_days: u32,
+    /// Seconds between retention passes.
+    pub maintenance_interval_s: u64,
 }
 
 impl Default for StorageConfig {
@@ -82,6 +89,10 @@ impl Default for StorageConfig {
             synchronous: Synchronous::Normal,
             max_events: 1_000_000,
             readings_retention_days: 365,
+            minute_rollup_retention_days: 31,
+            hour_rollup_retention_days: 1825,
+            day_rollup_retention_days: 0,
+            maintenance_interval_s: 60,
         }
     }
 }
@@ -201,6 +212,12 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        if self.storage.maintenance_interval_s == 0 {
+            return Err(Problem::key(
+                "storage.maintenance_interval_s",
+                "must be at least 1",
+            ));
+        }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
         }
@@ -237,7 +254,7 @@ impl Config {
             if sensor.modelo.trim().is_empty() {
                 return Err(at("modelo", "must not be empty"));
             }
-            if !(sensor.interval_s >= 0.05 && sensor.interval_s <= 86_400.0) {
+            if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&sensor.interval_s) {
                 return Err(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
         }

@@ -187,13 +187,21 @@ fn run(args: RunArgs) -> ExitCode {
         let addr = listener.local_addr().unwrap_or(config.server.listen);
         log::info!("listening on http://{addr}/");
         if args.demo {
-            println!("sensorgate demo running with simulated sensors (Ctrl-C to stop)");
-            println!("  dashboard:  http://{addr}/");
-            println!("  sensors:    http://{addr}/api/v1/sensores/");
-            println!("  readings:   http://{addr}/api/v1/lecturas/");
-            println!("  live:       ws://{addr}/api/v1/ws?channel=readings");
-            println!("  api docs:   http://{addr}/api/v1/openapi.json");
-            println!("  data in:    {}", config.storage.data_dir.display());
+            // Written, not println!: a closed stdout must not take the daemon down.
+            let banner = format!(
+                "sensorgate demo running with simulated sensors (Ctrl-C to stop)\n  \
+                 dashboard:  http://{addr}/\n  \
+                 sensors:    http://{addr}/api/v1/sensores/\n  \
+                 readings:   http://{addr}/api/v1/lecturas/\n  \
+                 live:       ws://{addr}/api/v1/ws?channel=readings\n  \
+                 api docs:   http://{addr}/api/v1/openapi.json\n  \
+                 data in:    {}\n",
+                config.storage.data_dir.display()
+            );
+            let mut stdout = std::io::stdout();
+            let _ = stdout
+                .write_all(banner.as_bytes())
+                .and_then(|()| stdout.flush());
         }
         if config.server.dev {
             log::warn!("development mode: /api/v1/test-sensors/ is enabled");

@@ -42,6 +42,10 @@ async fn api(
             Method::POST => rest::create_reading(req, state).await,
             _ => Err(ApiError::method_not_allowed()),
         },
+        ["lecturas", "agregadas"] | ["readings", "aggregated"] => {
+            only(&req, Method::GET)?;
+            rest::aggregated_readings(&req, state).await
+        }
         ["ws"] => {
             only(&req, Method::GET)?;
             ws::upgrade(req, state.clone(), peer)

@@ -192,12 +192,19 @@ impl Scheduler {
         self.stop(sensor.id).await;
         let Some(plan) = plan else { return };
         let (stop, stopped) = mpsc::channel();
+        let source = plan.spec.build(plan.interval);
+        // Sources that cannot be read that often (a DHT at most every 2 s) pace
+        // themselves slower; "N intervals" means N of their reads.
+        let pace = match source.pacing() {
+            Pacing::Every(every) => every.max(plan.interval),
+            Pacing::Streaming => plan.interval,
+        };
         let worker = Worker {
             sensor_id: sensor.id,
-            source: plan.spec.build(plan.interval),
+            source,
             store: self.store.clone(),
             health: self.health.clone(),
-            offline_after: plan.interval * self.offline_after_intervals,
+            offline_after: pace * self.offline_after_intervals,
         };
         match std::thread::Builder::new()
             .name(format!("sensor-{}", sensor.id))

@@ -6,10 +6,12 @@
 //! blocking thread pool, so they never wait behind a commit.
 
 mod reader;
+mod rollup;
 mod schema;
 mod writer;
 
 pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
+pub use rollup::{Aggregate, AggregateQuery, Bucket};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
@@ -219,6 +221,11 @@ impl Store {
     /// Current sensors and latest readings, consistent with one `seq`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.read(reader::snapshot).await
+    }
+
+    /// Roll-up buckets of one sensor over a time range.
+    pub async fn aggregates(&self, query: AggregateQuery) -> Result<Vec<Aggregate>, StoreError> {
+        self.read(move |c| rollup::aggregates(c, &query)).await
     }
 
     /// Counts for the health endpoint: sensors, readings, last `seq`.

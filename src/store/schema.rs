@@ -47,6 +47,23 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (sensor_id, tipo)
     ) WITHOUT ROWID;
 
+    -- Roll-ups per sensor, tipo and bucket start (UTC), kept by the writer.
+    CREATE TABLE rollup_minute (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_hour (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_day (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+
     -- Every event sent to clients, by seq, with the exact frame that was sent, so that a
     -- resuming client receives the same bytes a live one did.
     CREATE TABLE events (
