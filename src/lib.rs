@@ -18,6 +18,7 @@
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`demo`]: stand-in hardware for `--demo`.
+//! - [`service`]: systemd readiness, status and watchdog; logs; signals.
 
 #![forbid(unsafe_code)]
 
@@ -28,5 +29,6 @@ pub mod demo;
 pub mod events;
 pub mod model;
 pub mod sensors;
+pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -1,6 +1,7 @@
 //! The `sensorgate` command: parse the command line, load the config, set up logging
 //! and the runtime, run the daemon.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,8 @@ use std::process::ExitCode;
 
 use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
 use sensorgate::demo::Rig;
+use sensorgate::service;
+use tokio::sync::mpsc;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
 /// Matches `storage.data_dir` in the demo config.
@@ -105,42 +108,25 @@ fn resolve_config(args: &RunArgs, rig: Option<&Rig>) -> Result<Config, String> {
     Ok(config)
 }
 
-/// Terminal logs get timestamps; under systemd (`JOURNAL_STREAM` set) journald adds its
-/// own, so lines carry only a `<N>` priority prefix that journald turns into a level.
-fn init_logging() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format(|buf, record| {
-            let priority = match record.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                log::Level::Debug | log::Level::Trace => 7,
-            };
-            writeln!(buf, "<{priority}>{}", record.args())
-        });
-    }
-    builder.init();
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// Re-reads the config on every SIGHUP and passes it on when it is valid; an invalid
+/// file is refused with a log line and the running config stays. Runs for as long as
+/// the daemon does.
+async fn forward_reloads(
+    args: &RunArgs,
+    rig: Option<&Rig>,
+    reloads: mpsc::Sender<Config>,
+) -> Infallible {
+    if let Some(mut hangups) = service::hangups() {
+        while hangups.recv().await.is_some() {
+            match resolve_config(args, rig) {
+                Ok(config) => {
+                    let _ = reloads.send(config).await;
+                }
+                Err(e) => log::error!("configuration not reloaded, keeping the running one: {e}"),
             }
         }
-        _ => {
-            log::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
-        }
     }
+    std::future::pending().await
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -206,7 +192,13 @@ fn run(args: RunArgs) -> ExitCode {
         if config.server.dev {
             log::warn!("development mode: /api/v1/test-sensors/ is enabled");
         }
-        match sensorgate::app::run(config, listener, shutdown_signal()).await {
+        let (reloads, reloaded) = mpsc::channel(1);
+        let daemon = sensorgate::app::run(config, listener, service::terminate(), reloaded);
+        let result = tokio::select! {
+            result = daemon => result,
+            never = forward_reloads(&args, rig.as_ref(), reloads) => match never {},
+        };
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("{e}");
@@ -248,7 +240,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            init_logging();
+            service::init_logging();
             run(args)
         }
     }

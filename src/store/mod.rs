@@ -170,6 +170,17 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
+    /// Resolves once the writer has worked through everything queued before it: the
+    /// watchdog's proof that storage is not wedged.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Ping(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {

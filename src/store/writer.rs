@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +40,8 @@ pub(crate) enum Command {
     InsertReading(NewReading, Reply<Reading>),
     Emit(Emission, Reply<u64>),
     Samples(Vec<Sample>),
+    /// Answered once the batch it arrived in is through: proof the writer is not wedged.
+    Ping(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -183,6 +185,7 @@ enum Done {
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
+    Ping(oneshot::Sender<()>),
     Nothing,
 }
 
@@ -193,6 +196,7 @@ impl Done {
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
+            Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
         }
     }
@@ -204,6 +208,8 @@ impl Done {
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
+            // The writer is alive even when a commit fails (a full disk): answer.
+            Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
         }
     }
@@ -219,6 +225,10 @@ impl Command {
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
             Command::Samples(samples) => {
                 log::error!("{} samples not stored: {why}", samples.len());
+                Done::Nothing
+            }
+            Command::Ping(reply) => {
+                let _ = reply.send(());
                 Done::Nothing
             }
             Command::Shutdown => Done::Nothing,
@@ -260,7 +270,11 @@ impl Writer {
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
         let outcome = (|| -> Result<(), rusqlite::Error> {
-            let tx = self.conn.transaction()?;
+            // IMMEDIATE: take the write lock up front, so that another process holding it
+            // (a backup, an sqlite3 shell) is waited for, not failed on mid-batch.
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut seq = self.next_seq;
             let mut commands = batch.drain(..);
             for command in commands.by_ref() {
@@ -404,6 +418,7 @@ impl Step<'_> {
                 }
                 Done::Nothing
             }
+            Command::Ping(reply) => Done::Ping(reply),
             Command::Shutdown => Done::Nothing,
         })
     }

@@ -23,6 +23,8 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub struct Daemon {
     pub addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
+    /// Hands the daemon a new config, as SIGHUP does.
+    pub reload: tokio::sync::mpsc::Sender<Config>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -41,16 +43,19 @@ impl Daemon {
         let addr = listener.local_addr().unwrap();
         let data_dir = config.storage.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
-            sensorgate::app::run(config, listener, async {
+            let stopped = async {
                 let _ = stopped.await;
-            })
-            .await
-            .expect("daemon runs");
+            };
+            sensorgate::app::run(config, listener, stopped, reloads)
+                .await
+                .expect("daemon runs");
         });
         let daemon = Daemon {
             addr,
             data_dir,
+            reload,
             stop: Some(stop),
             task: Some(task),
         };
