@@ -9,16 +9,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, State};
+use crate::auth::{self, Policy};
 use crate::config::{Config, SensorConfig};
 use crate::events::Hub;
-use crate::model::{now_micros, NewSensor, SensorPatch};
+use crate::model::{NewSensor, SensorPatch};
 use crate::sensors::{HealthBoard, Scheduler};
 use crate::service::{self, Supervisor};
 use crate::shutdown::{Drain, Trigger};
@@ -46,6 +47,14 @@ pub async fn run(
         config.storage.data_dir.join(DATABASE_FILE).display()
     );
     sync_configured_sensors(&store, &[], &config.sensors).await;
+    if config.auth.policy == Policy::None {
+        log::warn!("auth policy \"none\": anyone on the network can change sensors and data");
+    } else if let Err(e) = auth::bootstrap_admin(
+        &config.storage.data_dir.join(DATABASE_FILE),
+        &config.storage.data_dir,
+    ) {
+        log::error!("could not create the first admin token: {e}");
+    }
 
     let (trigger, signal) = Trigger::new();
     let health = Arc::new(HealthBoard::default());
@@ -59,17 +68,14 @@ pub async fn run(
     let supervisor = Supervisor::new(store.clone(), hub.clone(), health.clone());
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
-    let state = Arc::new(State {
-        store: store.clone(),
+    let state = Arc::new(State::new(
+        &config,
+        store.clone(),
         hub,
         health,
-        server: config.server.clone(),
-        realtime: config.realtime.clone(),
-        started: Instant::now(),
-        started_at: now_micros(),
-        shutdown: signal,
-        drain: guard,
-    });
+        signal,
+        guard,
+    ));
     let server = tokio::spawn(api::serve(listener, state.clone()));
     let sampled = sources_started.await.unwrap_or_default();
     log::info!("ready: {sampled} sensors sampled");

@@ -45,6 +45,23 @@ source = {{ kind = "sim", seed = {seed} }}
     )
 }
 
+/// A sensor update whose frame is large: an inactive serial source with a long key
+/// table (the source spec is the one free-form part of a sensor).
+fn big_update(n: usize, filler: &str) -> String {
+    format!(
+        r#"{{"activo": false, "fuente": {{"kind": "serial", "path": "/dev/ttyUSB{n}", "keys": {{"k": {{"tipo": "{filler}", "unidad": "u"}}}}}}}}"#
+    )
+}
+
+/// A daemon for protocol tests: development mode, the `none` auth policy and rate limits
+/// out of the way, so tests post as fast as they like. Tokens and limits have tests of
+/// their own.
+async fn start_open(dir: &std::path::Path, config: &str) -> Daemon {
+    let open = "[server]\ndev = true\n[auth]\npolicy = \"none\"\n\
+                [limits]\nwrites_per_second = 1000000.0\nwrite_burst = 1000000.0\n";
+    Daemon::start_in(dir, &format!("{open}{config}")).await
+}
+
 // ---------------------------------------------------------------------------------------
 // A keep-alive HTTP/1.1 client, to post many readings quickly.
 
@@ -296,7 +313,7 @@ async fn wait_for_stats(daemon: &Daemon, what: &str, check: impl Fn(&Value) -> b
 async fn resume_with_since_replays_exactly_the_missed_events() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &fast_sim("sim", 1)).await;
+    let daemon = start_open(dir.path(), &fast_sim("sim", 1)).await;
     let mut http = Http::connect(daemon.addr).await;
     let posted_to = http.create_sensor("temperatura").await;
 
@@ -352,7 +369,7 @@ async fn resume_with_since_across_a_restart() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
     let config = fast_sim("sim", 2);
-    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let daemon = start_open(dir.path(), &config).await;
     let mut client = daemon
         .websocket("/api/v1/ws?channel=readings")
         .await
@@ -374,7 +391,7 @@ async fn resume_with_since_across_a_restart() {
     daemon.stop().await;
     let last_before_restart = stored_last_seq(dir.path());
 
-    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let daemon = start_open(dir.path(), &config).await;
     let after_start = Http::connect(daemon.addr)
         .await
         .reading(sensor, "humedad", 12.5)
@@ -403,7 +420,7 @@ async fn resume_with_since_across_a_restart() {
 async fn since_ahead_of_numbering_is_told_unknown_seq() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let sensor = http.create_sensor("temperatura").await;
     for i in 0..3 {
@@ -441,7 +458,7 @@ async fn since_ahead_of_numbering_is_told_unknown_seq() {
 async fn since_older_than_retention_is_told_since_too_old() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let sensor = http.create_sensor("temperatura").await;
     for i in 0..10 {
@@ -496,7 +513,7 @@ async fn since_older_than_retention_is_told_since_too_old() {
 async fn resume_with_a_small_client_queue_replays_every_missed_event() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[realtime]\nclient_queue = 16\n").await;
+    let daemon = start_open(dir.path(), "[realtime]\nclient_queue = 16\n").await;
     let mut http = Http::connect(daemon.addr).await;
     let mut sensors = Vec::new();
     for _ in 0..50 {
@@ -558,7 +575,7 @@ fn latest_readings_up_to(dir: &Path, seq: u64) -> Vec<Value> {
 async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &fast_sim("sim", 3)).await;
+    let daemon = start_open(dir.path(), &fast_sim("sim", 3)).await;
     let mut http = Http::connect(daemon.addr).await;
     let x = http.create_sensor("temperatura").await;
     let y = http.create_sensor("humedad").await;
@@ -578,7 +595,11 @@ async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
     assert!(snapshot["timestamp"].is_string());
     let s = seq(&snapshot);
-    let (_, sensors) = daemon.get("/api/v1/sensores/").await;
+    let (_, mut sensors) = daemon.get("/api/v1/sensores/").await;
+    // The snapshot carries sensor records; GET adds their live health.
+    for sensor in sensors.as_array_mut().unwrap() {
+        sensor.as_object_mut().unwrap().remove("salud");
+    }
     assert_eq!(snapshot["sensors"], sensors);
     let expected = latest_readings_up_to(dir.path(), s);
     // The sim sensor's two tipos and x's two, y's one.
@@ -599,7 +620,8 @@ async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
     let snapshot = narrow.json().await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
     let s = seq(&snapshot);
-    let (_, sensor_x) = daemon.get(&format!("/api/v1/sensores/{x}")).await;
+    let (_, mut sensor_x) = daemon.get(&format!("/api/v1/sensores/{x}")).await;
+    sensor_x.as_object_mut().unwrap().remove("salud");
     assert_eq!(snapshot["sensors"], json!([sensor_x]));
     let expected: Vec<Value> = latest_readings_up_to(dir.path(), s)
         .into_iter()
@@ -623,7 +645,7 @@ async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
 async fn snapshot_under_load_is_followed_by_every_later_event() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let mut sensors = Vec::new();
     for _ in 0..100 {
@@ -690,7 +712,7 @@ async fn snapshot_under_load_is_followed_by_every_later_event() {
 async fn query_filters_deliver_exactly_the_matching_events() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let a = http.create_sensor("temperatura").await;
     let b = http.create_sensor("humedad").await;
@@ -783,7 +805,7 @@ async fn query_filters_deliver_exactly_the_matching_events() {
 async fn subscribe_messages_change_the_subscription_and_errors_keep_the_socket() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let a = http.create_sensor("temperatura").await;
     let b = http.create_sensor("humedad").await;
@@ -899,7 +921,7 @@ async fn subscribe_messages_change_the_subscription_and_errors_keep_the_socket()
 async fn rate_ms_limits_readings_per_sensor_and_tipo() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &fast_sim("sim", 4)).await;
+    let daemon = start_open(dir.path(), &fast_sim("sim", 4)).await;
     let calm = daemon
         .websocket("/api/v1/ws?channel=readings&rate_ms=500")
         .await
@@ -995,7 +1017,7 @@ fn frame_seq(text: &str) -> u64 {
 async fn a_client_that_never_reads_is_closed_and_others_get_every_event() {
     let _gate = GATE.write().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[realtime]\nclient_queue = 16\n").await;
+    let daemon = start_open(dir.path(), "[realtime]\nclient_queue = 16\n").await;
     let mut http = Http::connect(daemon.addr).await;
     let mut sensors = Vec::new();
     for _ in 0..50 {
@@ -1063,7 +1085,7 @@ async fn a_client_that_never_reads_is_closed_and_others_get_every_event() {
     // overflow its queue for good.
     let filler = "x".repeat(48 * 1024);
     for i in 0..100 {
-        let body = format!(r#"{{"fuente": {{"kind": "note", "n": {i}, "text": "{filler}"}}}}"#);
+        let body = big_update(i, &filler);
         http.put(
             &format!("/api/v1/sensores/{}", sensors[i % sensors.len()]),
             &body,
@@ -1199,7 +1221,7 @@ fn clients_vanishing_mid_stream_end_their_sessions_cleanly() {
     run_on_named_runtime("vanishing-clients", async {
         let _gate = GATE.read().await;
         let dir = temp_dir();
-        let daemon = Daemon::start_in(dir.path(), "").await;
+        let daemon = start_open(dir.path(), "").await;
         let mut http = Http::connect(daemon.addr).await;
         let sensor = http.create_sensor("temperatura").await;
         let mut steady = daemon
@@ -1264,7 +1286,7 @@ fn a_socket_that_accepts_nothing_for_the_write_timeout_is_dropped() {
     run_on_named_runtime("stuck-socket", async {
         let _gate = GATE.read().await;
         let dir = temp_dir();
-        let daemon = Daemon::start_in(dir.path(), "").await;
+        let daemon = start_open(dir.path(), "").await;
         let mut http = Http::connect(daemon.addr).await;
         let sensor = http.create_sensor("temperatura").await;
         let mut stuck = small_buffer_websocket(daemon.addr, "/api/v1/ws?channel=sensors").await;
@@ -1274,7 +1296,7 @@ fn a_socket_that_accepts_nothing_for_the_write_timeout_is_dropped() {
         let filler = "x".repeat(48 * 1024);
         let began = Instant::now();
         for i in 0..100 {
-            let body = format!(r#"{{"fuente": {{"kind": "note", "n": {i}, "text": "{filler}"}}}}"#);
+            let body = big_update(i, &filler);
             http.put(&format!("/api/v1/sensores/{sensor}"), &body).await;
         }
         let deadline = Instant::now() + Duration::from_secs(13);
@@ -1471,7 +1493,7 @@ impl EventStream {
 async fn event_stream_delivers_and_resumes_exactly() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = start_open(dir.path(), "").await;
     let mut http = Http::connect(daemon.addr).await;
     let x = http.create_sensor("temperatura").await;
     let y = http.create_sensor("humedad").await;
@@ -1586,7 +1608,7 @@ async fn event_stream_delivers_and_resumes_exactly() {
 async fn unanswered_pings_close_the_socket_with_4000() {
     let _gate = GATE.read().await;
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[realtime]\nping_interval_s = 1\n").await;
+    let daemon = start_open(dir.path(), "[realtime]\nping_interval_s = 1\n").await;
     let mut silent = daemon
         .websocket("/api/v1/ws?channel=general")
         .await

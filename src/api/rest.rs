@@ -10,6 +10,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::metrics::{self, Limit};
 use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
@@ -26,7 +27,7 @@ const INDEX: &str = include_str!("../../assets/index.html");
 const CLIENT: &str = include_str!("../../assets/sensorgate.js");
 
 /// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
-async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
+pub async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
     let limit = state.server.max_body_bytes;
     let declared = req
         .headers()
@@ -34,6 +35,7 @@ async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiEr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
+        state.counters.hit(Limit::BodySize);
         return Err(ApiError::too_large(limit));
     }
     let bytes = Limited::new(req.into_body(), limit)
@@ -41,6 +43,7 @@ async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiEr
         .await
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
+                state.counters.hit(Limit::BodySize);
                 ApiError::too_large(limit)
             } else {
                 ApiError::malformed(format!("Could not read the request body: {e}"))
@@ -88,6 +91,17 @@ pub fn index() -> Response<Body> {
 /// The reconnecting reference client, for dashboards.
 pub fn client_module() -> Response<Body> {
     asset(CLIENT, "text/javascript; charset=utf-8")
+}
+
+/// Prometheus text exposition.
+pub fn metrics(state: &State) -> Response<Body> {
+    let text = metrics::render(&state.counters, &state.hub, &state.health, &state.store);
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 pub fn openapi() -> Response<Body> {

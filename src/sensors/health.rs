@@ -175,6 +175,17 @@ impl HealthBoard {
         self.lock().get(&sensor_id).map(|e| e.salud.clone())
     }
 
+    /// Every sampled sensor's health, by id.
+    pub fn all(&self) -> Vec<(i64, Salud)> {
+        let mut all: Vec<(i64, Salud)> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (*id, e.salud.clone()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
     /// Sampled sensors by state, for status lines.
     pub fn count(&self, estado: Estado) -> usize {
         self.lock()

@@ -12,6 +12,8 @@ mod writer;
 
 pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
+#[cfg(test)]
+pub(crate) use schema::migrate;
 pub use schema::SCHEMA_VERSION;
 pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
@@ -90,11 +92,8 @@ impl Store {
     /// Opens (creating if needed) the database in `config.data_dir`, migrates it, and
     /// starts the writer thread, which publishes committed events to `hub`.
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(StoreError::Io)?;
+        let conn = open_database(&config.data_dir, config.synchronous)?;
         let path = config.data_dir.join(DATABASE_FILE);
-        let mut conn = Connection::open(&path)?;
-        configure(&conn, config.synchronous)?;
-        schema::migrate(&mut conn)?;
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
         let handle = writer::spawn(conn, queue, hub, config, health.clone())?;
@@ -181,13 +180,19 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)
     }
 
+    /// Records when a token was last used.
+    pub async fn touch_token(&self, token_id: i64, at: crate::model::Micros) {
+        let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs a query on a read-only connection off the async threads.
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -243,6 +248,16 @@ impl Store {
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(reader::counts).await
     }
+}
+
+/// Opens (creating if needed) the database in `data_dir` read-write and migrates it: for
+/// the writer, and for the command line's token and backup commands.
+pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(StoreError::Io)?;
+    let mut conn = Connection::open(data_dir.join(DATABASE_FILE))?;
+    configure(&conn, synchronous)?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
 }
 
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`

@@ -8,7 +8,8 @@ use rusqlite::{Connection, Transaction};
 use super::StoreError;
 
 /// Migration `n` (0-based) takes the database from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     -- AUTOINCREMENT: a deleted sensor's id is never handed out again, so old readings
     -- and events can never be mistaken for a new sensor's.
     CREATE TABLE sensors (
@@ -75,7 +76,19 @@ const MIGRATIONS: &[&str] = &[r#"
         tipo       TEXT,
         frame      TEXT    NOT NULL
     );
-"#];
+"#,
+    r#"
+    -- API tokens, stored as SHA-256 hashes only.
+    CREATE TABLE tokens (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT    NOT NULL UNIQUE,
+        scope        TEXT    NOT NULL,
+        hash         BLOB    NOT NULL,
+        created_at   INTEGER NOT NULL,
+        last_used_at INTEGER
+    );
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

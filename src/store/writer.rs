@@ -42,6 +42,8 @@ pub(crate) enum Command {
     Samples(Vec<Sample>),
     /// Answered once the batch it arrived in is through: proof the writer is not wedged.
     Ping(oneshot::Sender<()>),
+    /// Records a token's last use.
+    TouchToken(i64, Micros),
     Shutdown,
 }
 
@@ -231,7 +233,7 @@ impl Command {
                 let _ = reply.send(());
                 Done::Nothing
             }
-            Command::Shutdown => Done::Nothing,
+            Command::TouchToken(..) | Command::Shutdown => Done::Nothing,
         };
         done.fail(why);
     }
@@ -419,6 +421,12 @@ impl Step<'_> {
                 Done::Nothing
             }
             Command::Ping(reply) => Done::Ping(reply),
+            Command::TouchToken(id, at) => {
+                self.tx
+                    .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
+                    .execute(params![id, at])?;
+                Done::Nothing
+            }
             Command::Shutdown => Done::Nothing,
         })
     }
