@@ -1,24 +1,29 @@
 //! Wiring and ordered shutdown.
 //!
 //! Start: open storage (migrating it), start the writer, bring configured sensors into
-//! the database, start their sources, serve. Stop, in this order: stop accepting and tell
+//! the database, start their sources, serve, and tell systemd it is ready. A reload
+//! brings configured sensors in line with the new file. Stop, in this order: stop accepting and tell
 //! every connection and session (sessions send Close 1001), wait for them with a
 //! deadline, stop the sources, then let the writer commit everything queued and stop.
 //! Nothing that was acknowledged to a client is lost on a clean stop.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, State};
+use crate::auth::{self, Policy};
 use crate::config::{Config, SensorConfig};
 use crate::events::Hub;
-use crate::model::{now_micros, NewSensor, SensorPatch};
+use crate::model::{NewSensor, SensorPatch};
 use crate::sensors::{HealthBoard, Scheduler};
+use crate::service::{self, Supervisor};
 use crate::shutdown::{Drain, Trigger};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, DATABASE_FILE};
 
 /// Events the hub keeps for subscribers that fall briefly behind; one further behind
 /// catches up from the database.
@@ -27,27 +32,28 @@ const HUB_CAPACITY: usize = 4096;
 /// How long open connections get to finish after shutdown starts.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Runs the daemon on an already-bound listener until `shutdown` completes.
+/// Runs the daemon on an already-bound listener until `shutdown` completes. Every
+/// config sent on `reloads` (already validated) is applied without a restart.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), StoreError> {
     let hub = Hub::new(HUB_CAPACITY);
     let (store, writer) = Store::open(&config.storage, hub.clone())?;
     log::info!(
         "storage open at {}",
-        config
-            .storage
-            .data_dir
-            .join(crate::store::DATABASE_FILE)
-            .display()
+        config.storage.data_dir.join(DATABASE_FILE).display()
     );
-
-    for sensor in &config.sensors {
-        if let Err(e) = sync_configured_sensor(&store, sensor).await {
-            log::error!("sensor \"{}\" not started: {e}", sensor.name);
-        }
+    sync_configured_sensors(&store, &[], &config.sensors).await;
+    if config.auth.policy == Policy::None {
+        log::warn!("auth policy \"none\": anyone on the network can change sensors and data");
+    } else if let Err(e) = auth::bootstrap_admin(
+        &config.storage.data_dir.join(DATABASE_FILE),
+        &config.storage.data_dir,
+    ) {
+        log::error!("could not create the first admin token: {e}");
     }
 
     let (trigger, signal) = Trigger::new();
@@ -57,24 +63,41 @@ pub async fn run(
         health.clone(),
         config.sampling.offline_after_intervals,
     );
-    let sampling = tokio::spawn(scheduler.run(hub.clone(), signal.clone()));
+    let (started, sources_started) = oneshot::channel();
+    let sampling = tokio::spawn(scheduler.run(hub.clone(), signal.clone(), started));
+    let supervisor = Supervisor::new(store.clone(), hub.clone(), health.clone());
+    let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
-    let state = Arc::new(State {
-        store: store.clone(),
+    let state = Arc::new(State::new(
+        &config,
+        store.clone(),
         hub,
         health,
-        server: config.server.clone(),
-        realtime: config.realtime.clone(),
-        started: Instant::now(),
-        started_at: now_micros(),
-        shutdown: signal,
-        drain: guard,
-    });
+        signal,
+        guard,
+    ));
     let server = tokio::spawn(api::serve(listener, state.clone()));
-    log::info!("ready");
+    let sampled = sources_started.await.unwrap_or_default();
+    log::info!("ready: {sampled} sensors sampled");
+    service::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("ready: {sampled} sensors sampled")),
+    ]);
 
-    shutdown.await;
+    let mut current = config;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(next) = reloads.recv() => {
+                reload(&store, &current, &next).await;
+                current = next;
+            }
+        }
+    }
+
     log::info!("shutting down");
+    service::notify(&[NotifyState::Stopping]);
     trigger.fire();
     let _ = server.await;
     drop(state);
@@ -82,12 +105,81 @@ pub async fn run(
         log::warn!("some connections did not close within {DRAIN_DEADLINE:?}");
     }
     let _ = sampling.await;
+    let _ = supervising.await;
     store.close().await;
     tokio::task::spawn_blocking(move || writer.join())
         .await
         .ok();
     log::info!("stopped");
     Ok(())
+}
+
+/// Applies a new config: configured sensors are added, changed or stopped (through the
+/// store, so clients see the change and the scheduler follows it); WebSocket clients stay
+/// connected. Server, storage and realtime settings only change with a restart.
+async fn reload(store: &Store, current: &Config, next: &Config) {
+    log::info!("reloading configuration");
+    sync_configured_sensors(store, &current.sensors, &next.sensors).await;
+    let needs_restart = [
+        (
+            "[server]",
+            format!("{:?}", current.server) != format!("{:?}", next.server),
+        ),
+        (
+            "[storage]",
+            format!("{:?}", current.storage) != format!("{:?}", next.storage),
+        ),
+        (
+            "[realtime]",
+            format!("{:?}", current.realtime) != format!("{:?}", next.realtime),
+        ),
+        (
+            "[sampling]",
+            format!("{:?}", current.sampling) != format!("{:?}", next.sampling),
+        ),
+    ];
+    for (section, changed) in needs_restart {
+        if changed {
+            log::warn!("{section} changed: takes effect after a restart");
+        }
+    }
+    log::info!(
+        "configuration reloaded: {} sensors configured",
+        next.sensors.len()
+    );
+}
+
+/// Brings the records of configured sensors in line with `next`; sensors that were in
+/// `previous` but are no longer configured stop being sampled (their records and history
+/// stay).
+async fn sync_configured_sensors(store: &Store, previous: &[SensorConfig], next: &[SensorConfig]) {
+    for sensor in next {
+        if let Err(e) = sync_configured_sensor(store, sensor).await {
+            log::error!("sensor \"{}\" not started: {e}", sensor.name);
+        }
+    }
+    for gone in previous
+        .iter()
+        .filter(|p| !next.iter().any(|n| n.name == p.name))
+    {
+        let stop = async {
+            if let Some(record) = store.sensor_named(gone.name.clone()).await? {
+                let patch = SensorPatch {
+                    activo: Some(false),
+                    ..SensorPatch::default()
+                };
+                store.update_sensor(record.id, patch).await?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        match stop.await {
+            Ok(()) => log::info!(
+                "sensor \"{}\" no longer configured: sampling stopped",
+                gone.name
+            ),
+            Err(e) => log::error!("sensor \"{}\" could not be stopped: {e}", gone.name),
+        }
+    }
 }
 
 /// Finds the sensor record of a configured sensor by name, creating it or bringing it in
@@ -102,6 +194,7 @@ async fn sync_configured_sensor(store: &Store, config: &SensorConfig) -> Result<
                 ubicacion: Some(config.ubicacion.clone()),
                 fuente: Some(fuente),
                 intervalo: Some(Some(config.interval_s)),
+                activo: Some(true),
                 ..SensorPatch::default()
             };
             Ok(store.update_sensor(existing.id, patch).await?.id)

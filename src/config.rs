@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::auth::Policy;
+use crate::model::{MAX_INTERVAL_S, MIN_INTERVAL_S};
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -29,6 +31,10 @@ pub struct Config {
     pub realtime: RealtimeConfig,
     #[serde(default)]
     pub sampling: SamplingConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default, rename = "sensor")]
     pub sensors: Vec<SensorConfig>,
 }
@@ -73,6 +79,12 @@ pub struct StorageConfig {
     pub max_events: u64,
     /// Raw readings older than this many days are removed; 0 keeps them forever.
     pub readings_retention_days: u32,
+    /// Retention of the minute, hour and day roll-ups, in days; 0 keeps them forever.
+    pub minute_rollup_retention_days: u32,
+    pub hour_rollup_retention_days: u32,
+    pub day_rollup_retention_days: u32,
+    /// Seconds between retention passes.
+    pub maintenance_interval_s: u64,
 }
 
 impl Default for StorageConfig {
@@ -82,6 +94,10 @@ impl Default for StorageConfig {
             synchronous: Synchronous::Normal,
             max_events: 1_000_000,
             readings_retention_days: 365,
+            minute_rollup_retention_days: 31,
+            hour_rollup_retention_days: 1825,
+            day_rollup_retention_days: 0,
+            maintenance_interval_s: 60,
         }
     }
 }
@@ -99,6 +115,49 @@ impl Default for RealtimeConfig {
         RealtimeConfig {
             client_queue: 1024,
             ping_interval_s: 30,
+        }
+    }
+}
+
+/// Who may do what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `writes` (default), `all`, or `none` (development mode only).
+    pub policy: Policy,
+    /// Origins of browser pages, besides the gateway's own, allowed to open the socket
+    /// and the event stream (`"https://dash.example"`, or `"*"` for any).
+    pub allowed_origins: Vec<String>,
+}
+
+/// Hard limits and rates, each sized for a Pi on a shared LAN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections from one address at once.
+    pub max_connections_per_address: usize,
+    /// Longest request URI, in bytes (414 above).
+    pub max_uri_bytes: usize,
+    /// Most request headers (431 above).
+    pub max_headers: usize,
+    /// REST writes per second per token and per address, with this burst.
+    pub writes_per_second: f64,
+    pub write_burst: f64,
+    /// Client WebSocket messages per second per token and per address, with this burst.
+    pub socket_messages_per_second: f64,
+    pub socket_message_burst: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections_per_address: 64,
+            max_uri_bytes: 8 * 1024,
+            max_headers: 64,
+            writes_per_second: 50.0,
+            write_burst: 100.0,
+            socket_messages_per_second: 10.0,
+            socket_message_burst: 20.0,
         }
     }
 }
@@ -201,6 +260,12 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        if self.storage.maintenance_interval_s == 0 {
+            return Err(Problem::key(
+                "storage.maintenance_interval_s",
+                "must be at least 1",
+            ));
+        }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
         }
@@ -212,6 +277,35 @@ impl Config {
                 "realtime.ping_interval_s",
                 "must be at least 1",
             ));
+        }
+        if self.auth.policy == Policy::None && !self.server.dev {
+            return Err(Problem::key(
+                "auth.policy",
+                "\"none\" is only allowed with server.dev = true (or --dev)",
+            ));
+        }
+        let limits = &self.limits;
+        if limits.max_connections_per_address == 0
+            || limits.max_uri_bytes < 256
+            || limits.max_headers < 8
+        {
+            return Err(Problem::key(
+                "limits",
+                "max_connections_per_address must be at least 1, max_uri_bytes at least 256, max_headers at least 8",
+            ));
+        }
+        for (key, value) in [
+            ("limits.writes_per_second", limits.writes_per_second),
+            ("limits.write_burst", limits.write_burst),
+            (
+                "limits.socket_messages_per_second",
+                limits.socket_messages_per_second,
+            ),
+            ("limits.socket_message_burst", limits.socket_message_burst),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Problem::key(key, "must be a number above 0"));
+            }
         }
         if self.sampling.offline_after_intervals == 0 {
             return Err(Problem::key(
@@ -237,7 +331,7 @@ impl Config {
             if sensor.modelo.trim().is_empty() {
                 return Err(at("modelo", "must not be empty"));
             }
-            if !(sensor.interval_s >= 0.05 && sensor.interval_s <= 86_400.0) {
+            if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&sensor.interval_s) {
                 return Err(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
         }

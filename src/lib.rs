@@ -14,19 +14,23 @@
 //! - [`store`]: schema, the writer thread (group commit, event numbering), read queries.
 //! - [`events`]: the event envelope and the hub that fans events out.
 //! - [`sensors`]: sources and the scheduler that drives them.
-//! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions.
+//! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions, limits, metrics.
+//! - [`auth`]: tokens, scopes, the policy, the origin check.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`demo`]: stand-in hardware for `--demo`.
+//! - [`service`]: systemd readiness, status and watchdog; logs; signals.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod events;
 pub mod model;
 pub mod sensors;
+pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -1,13 +1,19 @@
 //! The `sensorgate` command: parse the command line, load the config, set up logging
 //! and the runtime, run the daemon.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use sensorgate::auth::{tokens, Scope};
 use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
 use sensorgate::demo::Rig;
+use sensorgate::model::format_time;
+use sensorgate::service;
+use sensorgate::store::open_database;
+use tokio::sync::mpsc;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
 /// Matches `storage.data_dir` in the demo config.
@@ -20,6 +26,9 @@ USAGE:
     sensorgate [OPTIONS]
     sensorgate check-config FILE
     sensorgate print-default-config
+    sensorgate token create --name NAME --scope read|write|admin
+    sensorgate token list
+    sensorgate token revoke NAME
 
 OPTIONS:
     --config FILE     Config file (default: /etc/sensorgate/config.toml if present)
@@ -30,16 +39,27 @@ OPTIONS:
     -h, --help        Print this help
     -V, --version     Print the version
 
+Token commands use the database of --config (or /etc/sensorgate/config.toml) or --data-dir;
+a running daemon sees new and revoked tokens at once.
+
 Logging is set with RUST_LOG (default: info).
 ";
 
 /// What the command line asks for.
 enum Command {
     Run(RunArgs),
+    Token(RunArgs, TokenCommand),
     CheckConfig(PathBuf),
     PrintDefaultConfig,
     Help,
     Version,
+}
+
+/// `sensorgate token ...`.
+enum TokenCommand {
+    Create { name: String, scope: Scope },
+    List,
+    Revoke(String),
 }
 
 #[derive(Default)]
@@ -70,10 +90,100 @@ fn parse_args() -> Result<Command, lexopt::Error> {
             Value(word) if word == "print-default-config" => {
                 return Ok(Command::PrintDefaultConfig)
             }
+            Value(word) if word == "token" => {
+                let action = parser.value()?.string()?;
+                let token = parse_token_command(&mut parser, &mut args, &action)?;
+                return Ok(Command::Token(args, token));
+            }
             _ => return Err(arg.unexpected()),
         }
     }
     Ok(Command::Run(args))
+}
+
+/// The rest of `token create|list|revoke`; `--config` and `--data-dir` say which
+/// database.
+fn parse_token_command(
+    parser: &mut lexopt::Parser,
+    args: &mut RunArgs,
+    action: &str,
+) -> Result<TokenCommand, lexopt::Error> {
+    use lexopt::prelude::*;
+    let (mut name, mut scope) = (None, None);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") => args.config = Some(parser.value()?.into()),
+            Long("data-dir") => args.data_dir = Some(parser.value()?.into()),
+            Long("name") if action == "create" => name = Some(parser.value()?.string()?),
+            Long("scope") if action == "create" => scope = Some(parser.value()?.parse()?),
+            Value(value) if action == "revoke" && name.is_none() => name = Some(value.string()?),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let missing = |what: &str| lexopt::Error::from(format!("token {action}: {what} is missing"));
+    match action {
+        "create" => Ok(TokenCommand::Create {
+            name: name.ok_or_else(|| missing("--name"))?,
+            scope: scope.ok_or_else(|| missing("--scope read|write|admin"))?,
+        }),
+        "list" => Ok(TokenCommand::List),
+        "revoke" => Ok(TokenCommand::Revoke(
+            name.ok_or_else(|| missing("the token name"))?,
+        )),
+        other => {
+            Err(format!("unknown token command {other:?}; expected create, list or revoke").into())
+        }
+    }
+}
+
+/// Runs a token command on the database the config points at; a running daemon sees the
+/// change at once.
+fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
+    let config = match resolve_config(args, None) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("sensorgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let conn = match open_database(&config.storage.data_dir, config.storage.synchronous) {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("sensorgate: {}: {e}", config.storage.data_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = match command {
+        TokenCommand::Create { name, scope } => tokens::create(&conn, &name, scope).map(|token| {
+            println!("{token}");
+            eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
+        }),
+        TokenCommand::List => tokens::list(&conn).map(|list| {
+            println!("{:<24} {:<6} {:<28} LAST USED", "NAME", "SCOPE", "CREATED");
+            for t in list {
+                let last = t
+                    .last_used_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into());
+                println!(
+                    "{:<24} {:<6} {:<28} {last}",
+                    t.name,
+                    t.scope,
+                    format_time(t.created_at)
+                );
+            }
+        }),
+        TokenCommand::Revoke(name) => tokens::revoke(&conn, &name).map(|()| {
+            eprintln!("token {name:?} revoked");
+        }),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sensorgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The config to run with: the file, or the demo's (with the stand-in devices of `rig`),
@@ -105,42 +215,25 @@ fn resolve_config(args: &RunArgs, rig: Option<&Rig>) -> Result<Config, String> {
     Ok(config)
 }
 
-/// Terminal logs get timestamps; under systemd (`JOURNAL_STREAM` set) journald adds its
-/// own, so lines carry only a `<N>` priority prefix that journald turns into a level.
-fn init_logging() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format(|buf, record| {
-            let priority = match record.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                log::Level::Debug | log::Level::Trace => 7,
-            };
-            writeln!(buf, "<{priority}>{}", record.args())
-        });
-    }
-    builder.init();
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// Re-reads the config on every SIGHUP and passes it on when it is valid; an invalid
+/// file is refused with a log line and the running config stays. Runs for as long as
+/// the daemon does.
+async fn forward_reloads(
+    args: &RunArgs,
+    rig: Option<&Rig>,
+    reloads: mpsc::Sender<Config>,
+) -> Infallible {
+    if let Some(mut hangups) = service::hangups() {
+        while hangups.recv().await.is_some() {
+            match resolve_config(args, rig) {
+                Ok(config) => {
+                    let _ = reloads.send(config).await;
+                }
+                Err(e) => log::error!("configuration not reloaded, keeping the running one: {e}"),
             }
         }
-        _ => {
-            log::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
-        }
     }
+    std::future::pending().await
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -187,18 +280,32 @@ fn run(args: RunArgs) -> ExitCode {
         let addr = listener.local_addr().unwrap_or(config.server.listen);
         log::info!("listening on http://{addr}/");
         if args.demo {
-            println!("sensorgate demo running with simulated sensors (Ctrl-C to stop)");
-            println!("  dashboard:  http://{addr}/");
-            println!("  sensors:    http://{addr}/api/v1/sensores/");
-            println!("  readings:   http://{addr}/api/v1/lecturas/");
-            println!("  live:       ws://{addr}/api/v1/ws?channel=readings");
-            println!("  api docs:   http://{addr}/api/v1/openapi.json");
-            println!("  data in:    {}", config.storage.data_dir.display());
+            // Written, not println!: a closed stdout must not take the daemon down.
+            let banner = format!(
+                "sensorgate demo running with simulated sensors (Ctrl-C to stop)\n  \
+                 dashboard:  http://{addr}/\n  \
+                 sensors:    http://{addr}/api/v1/sensores/\n  \
+                 readings:   http://{addr}/api/v1/lecturas/\n  \
+                 live:       ws://{addr}/api/v1/ws?channel=readings\n  \
+                 api docs:   http://{addr}/api/v1/openapi.json\n  \
+                 data in:    {}\n",
+                config.storage.data_dir.display()
+            );
+            let mut stdout = std::io::stdout();
+            let _ = stdout
+                .write_all(banner.as_bytes())
+                .and_then(|()| stdout.flush());
         }
         if config.server.dev {
             log::warn!("development mode: /api/v1/test-sensors/ is enabled");
         }
-        match sensorgate::app::run(config, listener, shutdown_signal()).await {
+        let (reloads, reloaded) = mpsc::channel(1);
+        let daemon = sensorgate::app::run(config, listener, service::terminate(), reloaded);
+        let result = tokio::select! {
+            result = daemon => result,
+            never = forward_reloads(&args, rig.as_ref(), reloads) => match never {},
+        };
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("{e}");
@@ -240,8 +347,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            init_logging();
+            service::init_logging();
             run(args)
         }
+        Command::Token(args, command) => token_command(&args, command),
     }
 }

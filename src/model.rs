@@ -97,7 +97,9 @@ impl FieldError {
 }
 
 const MAX_TEXT: usize = 128;
-const MAX_INTERVAL_S: f64 = 86_400.0;
+/// Sampling intervals accepted, over REST and in the config file.
+pub const MIN_INTERVAL_S: f64 = 0.05;
+pub const MAX_INTERVAL_S: f64 = 86_400.0;
 
 /// Reads typed fields out of a JSON object and collects every problem, so that one 422
 /// answer names all bad fields at once instead of the first.
@@ -187,11 +189,11 @@ impl Fields {
         match self.take("intervalo")? {
             None => Some(None),
             Some(v) => match v.as_f64() {
-                Some(s) if s > 0.0 && s <= MAX_INTERVAL_S => Some(Some(s)),
+                Some(s) if (MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&s) => Some(Some(s)),
                 _ => {
                     self.fail(
                         "intervalo",
-                        "must be a number of seconds above 0 and at most 86400",
+                        "must be a number of seconds from 0.05 to 86400",
                     );
                     None
                 }

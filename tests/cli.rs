@@ -30,27 +30,29 @@ fn demo_samples_every_kind_of_source_and_stops_cleanly_on_sigterm() {
         .args(["--demo", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
         .spawn()
         .unwrap();
+    // Read stdout to its end on a thread, so the daemon never writes into a closed pipe.
+    let (found, address) = std::sync::mpsc::channel();
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut addr = None;
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(url) = line.trim().strip_prefix("dashboard:") {
-            addr = Some(
-                url.trim()
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(url) = line.trim().strip_prefix("dashboard:") {
+                let addr = url
+                    .trim()
                     .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_owned(),
-            );
-            break;
+                    .trim_end_matches('/');
+                let _ = found.send(addr.to_owned());
+            }
         }
-    }
-    let addr = addr.expect("the demo prints its URLs");
+    });
+    let addr = address
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the demo prints its URLs");
 
     let kinds = ["sim", "serial", "iio_dht", "iio", "w1"];
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut sampled: Vec<String> = Vec::new();
     while Instant::now() < deadline {
         if let Some(Value::Array(sensors)) = http_get(&addr, "/api/v1/sensores/") {
@@ -65,10 +67,12 @@ fn demo_samples_every_kind_of_source_and_stops_cleanly_on_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     for kind in kinds {
         assert!(
             sampled.iter().any(|s| s == kind),
-            "no good sample from a {kind} source: {sampled:?}"
+            "no good sample from a {kind} source: {sampled:?}\n{}",
+            log()
         );
     }
     let readings = http_get(&addr, "/api/v1/lecturas/?limit=50").unwrap();

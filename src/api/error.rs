@@ -6,6 +6,7 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use super::{json_response, Body};
+use crate::auth::AuthError;
 use crate::model::FieldError;
 use crate::store::StoreError;
 
@@ -17,6 +18,8 @@ pub struct ApiError {
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub retry_after: Option<u64>,
+    /// Ask for a bearer token (`WWW-Authenticate`), on 401.
+    pub challenge: bool,
 }
 
 #[derive(Serialize)]
@@ -35,6 +38,7 @@ impl ApiError {
             detail: detail.into(),
             errors: Vec::new(),
             retry_after: None,
+            challenge: false,
         }
     }
 
@@ -96,6 +100,41 @@ impl ApiError {
         ApiError::invalid(vec![FieldError::new(field, message)])
     }
 
+    /// 409.
+    pub fn conflict(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+
+    /// 414.
+    pub fn uri_too_long(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("Request URI longer than {limit} bytes"),
+        )
+    }
+
+    /// 429, with how long to wait.
+    pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests; retry after the time in Retry-After",
+            )
+        }
+    }
+
+    /// 403 for a browser page from a foreign site.
+    pub fn forbidden_origin(origin: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            format!("Pages from {origin} may not open this gateway's socket"),
+        )
+    }
+
     /// 503: the daemon is stopping or storage is unavailable.
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         ApiError {
@@ -114,12 +153,33 @@ impl ApiError {
                 errors: &self.errors,
             },
         );
+        if self.challenge {
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        match e {
+            AuthError::Missing | AuthError::Invalid => ApiError {
+                challenge: true,
+                ..ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            },
+            AuthError::Forbidden { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            AuthError::Unavailable(store) => ApiError::from(store),
+        }
     }
 }
 

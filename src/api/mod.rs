@@ -5,15 +5,19 @@
 //! and lets each connection finish the request in flight.
 
 mod error;
+mod limits;
+pub mod metrics;
 mod query;
 mod realtime;
 mod rest;
 mod router;
+mod tokens;
 
 pub use error::ApiError;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,11 +33,19 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{RealtimeConfig, ServerConfig};
+use limits::{AddressSlots, RateLimiter};
+use metrics::{Counters, Limit};
+
+use crate::auth::Authenticator;
+use crate::config::{Config, LimitsConfig, RealtimeConfig, ServerConfig};
 use crate::events::Hub;
 use crate::sensors::HealthBoard;
 use crate::shutdown::{DrainGuard, Shutdown};
-use crate::store::Store;
+use crate::store::{Store, DATABASE_FILE};
+
+/// Largest request head (request line and headers) a connection buffers; hyper answers
+/// 431 above it.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Response bodies: whole buffers for REST, empty for upgrades.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -62,12 +74,58 @@ pub struct State {
     pub health: Arc<HealthBoard>,
     pub server: ServerConfig,
     pub realtime: RealtimeConfig,
+    pub limits: LimitsConfig,
+    /// Browser origins allowed besides the gateway's own.
+    pub allowed_origins: Vec<String>,
+    pub auth: Authenticator,
+    /// The database file, for token management on a connection of its own.
+    pub database: PathBuf,
+    pub counters: Counters,
+    pub write_limiter: RateLimiter,
+    pub socket_limiter: RateLimiter,
+    pub address_slots: Arc<AddressSlots>,
     pub started: Instant,
     /// Wall-clock start time, in storage units.
     pub started_at: crate::model::Micros,
     pub shutdown: Shutdown,
     /// Cloned into every WebSocket session, which hyper no longer tracks once upgraded.
     pub drain: DrainGuard,
+}
+
+impl State {
+    /// The state a server runs with, limits and policy taken from `config`.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        hub: Hub,
+        health: Arc<HealthBoard>,
+        shutdown: Shutdown,
+        drain: DrainGuard,
+    ) -> State {
+        let limits = &config.limits;
+        State {
+            auth: Authenticator::new(store.clone(), config.auth.policy),
+            database: config.storage.data_dir.join(DATABASE_FILE),
+            store,
+            hub,
+            health,
+            server: config.server.clone(),
+            realtime: config.realtime.clone(),
+            limits: limits.clone(),
+            allowed_origins: config.auth.allowed_origins.clone(),
+            counters: Counters::default(),
+            write_limiter: RateLimiter::new(limits.writes_per_second, limits.write_burst),
+            socket_limiter: RateLimiter::new(
+                limits.socket_messages_per_second,
+                limits.socket_message_burst,
+            ),
+            address_slots: Arc::default(),
+            started: Instant::now(),
+            started_at: crate::model::now_micros(),
+            shutdown,
+            drain,
+        }
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` fires.
@@ -87,10 +145,24 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                 }
             },
         };
+        // Refused connections are closed at once: a full gateway must not also hold
+        // sockets for clients it will not serve.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            state.counters.hit(Limit::Connections);
             log::warn!(
                 "connection from {peer} refused: {} connections open",
                 state.server.max_connections
+            );
+            continue;
+        };
+        let Some(slot) = state
+            .address_slots
+            .take(peer.ip(), state.limits.max_connections_per_address)
+        else {
+            state.counters.hit(Limit::ConnectionsPerAddress);
+            log::warn!(
+                "connection from {peer} refused: {} connections open from that address",
+                state.limits.max_connections_per_address
             );
             continue;
         };
@@ -98,7 +170,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         let state = state.clone();
         tokio::spawn(async move {
             serve_connection(stream, peer, state).await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }
@@ -114,7 +186,8 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(state.server.header_read_timeout_s))
-        .max_buf_size(64 * 1024)
+        .max_headers(state.limits.max_headers)
+        .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
@@ -126,6 +199,11 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state
         }
     };
     if let Err(e) = result {
+        if e.is_timeout() {
+            state.counters.hit(Limit::HeaderTimeout);
+        } else if e.is_parse_too_large() {
+            state.counters.hit(Limit::HeaderSize);
+        }
         log::debug!("connection from {peer}: {e}");
     }
 }

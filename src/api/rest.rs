@@ -10,12 +10,16 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::metrics::{self, Limit};
 use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
-use crate::model::{parse_time, FieldError, NewReading, NewSensor, Sensor, SensorPatch};
+use crate::model::{
+    now_micros, parse_time, FieldError, Micros, NewReading, NewSensor, Sensor, SensorPatch,
+};
 use crate::store::{
-    Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter, SCHEMA_VERSION,
+    AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
+    SCHEMA_VERSION,
 };
 
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -23,7 +27,7 @@ const INDEX: &str = include_str!("../../assets/index.html");
 const CLIENT: &str = include_str!("../../assets/sensorgate.js");
 
 /// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
-async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
+pub async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
     let limit = state.server.max_body_bytes;
     let declared = req
         .headers()
@@ -31,6 +35,7 @@ async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiEr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
+        state.counters.hit(Limit::BodySize);
         return Err(ApiError::too_large(limit));
     }
     let bytes = Limited::new(req.into_body(), limit)
@@ -38,6 +43,7 @@ async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiEr
         .await
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
+                state.counters.hit(Limit::BodySize);
                 ApiError::too_large(limit)
             } else {
                 ApiError::malformed(format!("Could not read the request body: {e}"))
@@ -85,6 +91,17 @@ pub fn index() -> Response<Body> {
 /// The reconnecting reference client, for dashboards.
 pub fn client_module() -> Response<Body> {
     asset(CLIENT, "text/javascript; charset=utf-8")
+}
+
+/// Prometheus text exposition.
+pub fn metrics(state: &State) -> Response<Body> {
+    let text = metrics::render(&state.counters, &state.hub, &state.health, &state.store);
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 pub fn openapi() -> Response<Body> {
@@ -243,6 +260,61 @@ pub async fn list_readings(
     };
     let readings = state.store.readings(filter).await?;
     Ok(json_response(StatusCode::OK, &readings))
+}
+
+/// History answered from roll-ups: min, max, avg and count per minute, hour or day, so a
+/// month of a 1 Hz sensor costs ~720 rows, not 2.6 million.
+pub async fn aggregated_readings(
+    req: &Request<Incoming>,
+    state: &State,
+) -> Result<Response<Body>, ApiError> {
+    let q = query(req);
+    let mut errors = Vec::new();
+    let sensor_id = match q.get("sensor_id").map(str::parse::<i64>) {
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            errors.push(FieldError::new("sensor_id", "must be an integer"));
+            None
+        }
+        None => {
+            errors.push(FieldError::new("sensor_id", "field required"));
+            None
+        }
+    };
+    let bucket = match q.get("bucket") {
+        None => Some(Bucket::Hour),
+        Some(text) => Bucket::parse(text).or_else(|| {
+            errors.push(FieldError::new("bucket", "must be minute, hour or day"));
+            None
+        }),
+    };
+    let now = now_micros();
+    let mut time = |name: &str, default: Micros| match q.get(name) {
+        None => Some(default),
+        Some(text) => checked(
+            &mut errors,
+            parse_time(text)
+                .ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
+        ),
+    };
+    let from = time("desde", now - 86_400_000_000);
+    let to = time("hasta", now);
+    let limit = checked(&mut errors, number_param(&q, "limit", 10_000, 10_000));
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let aggregates = state
+        .store
+        .aggregates(AggregateQuery {
+            sensor_id: sensor_id.unwrap_or_default(),
+            tipo: q.get("tipo").map(str::to_owned),
+            bucket: bucket.unwrap_or(Bucket::Hour),
+            from: from.unwrap_or_default(),
+            to: to.unwrap_or_default(),
+            limit: limit.unwrap_or_default(),
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, &aggregates))
 }
 
 pub async fn create_reading(

@@ -1,89 +1,242 @@
-//! Maps method and path to a handler. Paths are matched with or without a trailing
-//! slash, as the original service's clients use both.
+//! Maps method and path to a route, and applies in one place what every route needs:
+//! the URI limit, the token check for the route's access level, and the write rate
+//! limit. Paths are matched with or without a trailing slash, as the original
+//! service's clients use both.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response};
+use tokio::time::Instant;
 
+use super::limits::Key;
+use super::metrics::Limit;
+use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{rest, ApiError, Body, State};
+use super::{rest, tokens, ApiError, Body, State};
+use crate::auth::{Access, AuthError, Principal};
+
+/// Everything the API answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Index,
+    ClientModule,
+    Health,
+    Metrics,
+    OpenApi,
+    ListSensors,
+    CreateSensor,
+    GetSensor(i64),
+    UpdateSensor(i64),
+    DeleteSensor(i64),
+    ListReadings,
+    CreateReading,
+    AggregatedReadings,
+    Socket,
+    SecureSocket,
+    Events,
+    SocketStats,
+    ChannelStats(String),
+    TestEvent,
+    ListTokens,
+    CreateToken,
+    RevokeToken(String),
+}
+
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Anyone: the page, the client module, the health check, the API document, and the
+    /// development routes.
+    Open,
+    /// As the policy says for this access.
+    Needs(Access),
+}
 
 pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let result = match segments.as_slice() {
-        [] => only(&req, Method::GET).map(|()| rest::index()),
-        ["sensorgate.js"] => only(&req, Method::GET).map(|()| rest::client_module()),
-        ["healthz"] => match only(&req, Method::GET) {
-            Ok(()) => Ok(rest::health(&state).await),
-            Err(e) => Err(e),
-        },
-        ["api", "v1", rest @ ..] => api(req, rest, &state, peer).await,
-        _ => Err(not_found(&path)),
+    let uri_length = req.uri().to_string().len();
+    if uri_length > state.limits.max_uri_bytes {
+        state.counters.hit(Limit::UriLength);
+        return ApiError::uri_too_long(state.limits.max_uri_bytes).into_response();
+    }
+    let result = async {
+        let (route, guard) = resolve(&req, state.server.dev)?;
+        let principal = guard_route(&req, &state, &route, guard).await?;
+        if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
+            limit_writes(&state, peer, principal.as_ref())?;
+        }
+        dispatch(route, req, &state, peer, principal).await
     };
-    result.unwrap_or_else(ApiError::into_response)
+    result.await.unwrap_or_else(ApiError::into_response)
 }
 
-async fn api(
+fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiError> {
+    use Access::{Admin, Read, Write};
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method();
+    let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
+    let (route, guard) = match segments.as_slice() {
+        [] if get => (Route::Index, Guard::Open),
+        ["sensorgate.js"] if get => (Route::ClientModule, Guard::Open),
+        ["healthz"] if get => (Route::Health, Guard::Open),
+        ["metrics"] if get => (Route::Metrics, Guard::Needs(Read)),
+        ["api", "v1", rest @ ..] => match rest {
+            ["openapi.json"] if get => (Route::OpenApi, Guard::Open),
+            ["sensores" | "sensors", tail @ ..] => {
+                (sensor_route(method, tail)?, sensor_guard(method))
+            }
+            ["test-sensors", tail @ ..] if dev => (sensor_route(method, tail)?, Guard::Open),
+            ["lecturas" | "readings"] if get => (Route::ListReadings, Guard::Needs(Read)),
+            ["lecturas" | "readings"] if post => (Route::CreateReading, Guard::Needs(Write)),
+            ["lecturas", "agregadas"] | ["readings", "aggregated"] if get => {
+                (Route::AggregatedReadings, Guard::Needs(Read))
+            }
+            ["ws"] if get => (Route::Socket, Guard::Needs(Read)),
+            ["ws", "secure"] if get => (Route::SecureSocket, Guard::Needs(Access::Secure)),
+            ["events"] if get => (Route::Events, Guard::Needs(Read)),
+            ["ws", "stats"] if get => (Route::SocketStats, Guard::Needs(Read)),
+            ["ws", "stats", channel] if get => (
+                Route::ChannelStats((*channel).to_owned()),
+                Guard::Needs(Read),
+            ),
+            ["ws", "test-event"] if post => (Route::TestEvent, Guard::Needs(Admin)),
+            ["tokens"] if get => (Route::ListTokens, Guard::Needs(Admin)),
+            ["tokens"] if post => (Route::CreateToken, Guard::Needs(Admin)),
+            ["tokens", name] if method == Method::DELETE => {
+                (Route::RevokeToken((*name).to_owned()), Guard::Needs(Admin))
+            }
+            ["openapi.json" | "lecturas" | "readings" | "ws" | "events" | "tokens"]
+            | ["lecturas", "agregadas"]
+            | ["readings", "aggregated"]
+            | ["ws", "secure" | "stats" | "test-event"]
+            | ["ws", "stats", _]
+            | ["tokens", _] => return Err(ApiError::method_not_allowed()),
+            _ => return Err(not_found(path)),
+        },
+        [] | ["sensorgate.js" | "healthz" | "metrics"] => {
+            return Err(ApiError::method_not_allowed())
+        }
+        _ => return Err(not_found(path)),
+    };
+    Ok((route, guard))
+}
+
+fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
+    Ok(match (method.clone(), tail) {
+        (Method::GET | Method::HEAD, []) => Route::ListSensors,
+        (Method::POST, []) => Route::CreateSensor,
+        (Method::GET | Method::HEAD, [id]) => Route::GetSensor(parse_id(id)?),
+        (Method::PUT, [id]) => Route::UpdateSensor(parse_id(id)?),
+        (Method::DELETE, [id]) => Route::DeleteSensor(parse_id(id)?),
+        (_, [] | [_]) => return Err(ApiError::method_not_allowed()),
+        _ => return Err(ApiError::not_found("No such sensor route")),
+    })
+}
+
+fn sensor_guard(method: &Method) -> Guard {
+    if method == Method::GET || method == Method::HEAD {
+        Guard::Needs(Access::Read)
+    } else {
+        Guard::Needs(Access::Write)
+    }
+}
+
+/// The token a request presents: `Authorization: Bearer`, or `?token=` on the socket
+/// and event-stream URLs, where browsers cannot set headers.
+fn presented_token(req: &Request<Incoming>, route: &Route) -> Option<String> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned());
+    header.or_else(|| match route {
+        Route::Socket | Route::SecureSocket | Route::Events => Query::parse(req.uri().query())
+            .get("token")
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+async fn guard_route(
+    req: &Request<Incoming>,
+    state: &State,
+    route: &Route,
+    guard: Guard,
+) -> Result<Option<Principal>, ApiError> {
+    let Guard::Needs(access) = guard else {
+        return Ok(None);
+    };
+    let token = presented_token(req, route);
+    // The secure socket may also authenticate with its first message.
+    if *route == Route::SecureSocket && token.is_none() {
+        return Ok(None);
+    }
+    match state.auth.authorize(token.as_deref(), access).await {
+        Ok(principal) => Ok(principal),
+        Err(e) => {
+            state.counters.hit(match e {
+                AuthError::Forbidden { .. } => Limit::Forbidden,
+                _ => Limit::Unauthorized,
+            });
+            Err(ApiError::from(e))
+        }
+    }
+}
+
+fn limit_writes(
+    state: &State,
+    peer: SocketAddr,
+    principal: Option<&Principal>,
+) -> Result<(), ApiError> {
+    let mut keys = vec![Key::Address(peer.ip())];
+    keys.extend(principal.map(|p| Key::Token(p.token_id)));
+    state
+        .write_limiter
+        .take(&keys, Instant::now())
+        .map_err(|wait| {
+            state.counters.hit(Limit::WriteRate);
+            ApiError::rate_limited(wait)
+        })
+}
+
+async fn dispatch(
+    route: Route,
     req: Request<Incoming>,
-    rest_of_path: &[&str],
     state: &Arc<State>,
     peer: SocketAddr,
+    principal: Option<Principal>,
 ) -> Result<Response<Body>, ApiError> {
-    let method = req.method().clone();
-    match rest_of_path {
-        ["openapi.json"] => only(&req, Method::GET).map(|()| rest::openapi()),
-        ["sensores" | "sensors", tail @ ..] => sensors(req, tail, state).await,
-        ["test-sensors", tail @ ..] if state.server.dev => sensors(req, tail, state).await,
-        ["lecturas" | "readings"] => match method {
-            Method::GET => rest::list_readings(&req, state).await,
-            Method::POST => rest::create_reading(req, state).await,
-            _ => Err(ApiError::method_not_allowed()),
-        },
-        ["ws"] => {
-            only(&req, Method::GET)?;
-            ws::upgrade(req, state.clone(), peer)
-        }
-        ["events"] => {
-            only(&req, Method::GET)?;
-            sse::stream(&req, state.clone())
-        }
-        ["ws", "stats"] => only(&req, Method::GET).map(|()| rest::ws_stats(state)),
-        ["ws", "stats", channel] => {
-            only(&req, Method::GET)?;
-            rest::ws_channel_stats(state, channel)
-        }
-        ["ws", "test-event"] => {
-            only(&req, Method::POST)?;
-            rest::test_event(req, state).await
-        }
-        _ => Err(not_found(req.uri().path())),
-    }
-}
-
-async fn sensors(
-    req: Request<Incoming>,
-    tail: &[&str],
-    state: &Arc<State>,
-) -> Result<Response<Body>, ApiError> {
-    match (req.method().clone(), tail) {
-        (Method::GET, []) => rest::list_sensors(&req, state).await,
-        (Method::POST, []) => rest::create_sensor(req, state).await,
-        (Method::GET, [id]) => rest::get_sensor(state, parse_id(id)?).await,
-        (Method::PUT, [id]) => rest::update_sensor(req, state, parse_id(id)?).await,
-        (Method::DELETE, [id]) => rest::delete_sensor(state, parse_id(id)?).await,
-        (_, [] | [_]) => Err(ApiError::method_not_allowed()),
-        _ => Err(not_found(req.uri().path())),
-    }
-}
-
-fn only(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
-    if req.method() == method || (method == Method::GET && req.method() == Method::HEAD) {
-        Ok(())
-    } else {
-        Err(ApiError::method_not_allowed())
+    match route {
+        Route::Index => Ok(rest::index()),
+        Route::ClientModule => Ok(rest::client_module()),
+        Route::Health => Ok(rest::health(state).await),
+        Route::Metrics => Ok(rest::metrics(state)),
+        Route::OpenApi => Ok(rest::openapi()),
+        Route::ListSensors => rest::list_sensors(&req, state).await,
+        Route::CreateSensor => rest::create_sensor(req, state).await,
+        Route::GetSensor(id) => rest::get_sensor(state, id).await,
+        Route::UpdateSensor(id) => rest::update_sensor(req, state, id).await,
+        Route::DeleteSensor(id) => rest::delete_sensor(state, id).await,
+        Route::ListReadings => rest::list_readings(&req, state).await,
+        Route::CreateReading => rest::create_reading(req, state).await,
+        Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
+        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false),
+        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true),
+        Route::Events => sse::stream(&req, state.clone()),
+        Route::SocketStats => Ok(rest::ws_stats(state)),
+        Route::ChannelStats(channel) => rest::ws_channel_stats(state, &channel),
+        Route::TestEvent => rest::test_event(req, state).await,
+        Route::ListTokens => tokens::list(state).await,
+        Route::CreateToken => tokens::create(req, state).await,
+        Route::RevokeToken(name) => tokens::revoke(state, name).await,
     }
 }
 

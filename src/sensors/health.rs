@@ -3,6 +3,7 @@
 //! offline, so no client mistakes its last value for a fresh one.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -137,15 +138,32 @@ impl Tracker {
     }
 }
 
-/// Health of every sampled sensor, written by sampling threads, read by the API.
+/// Health of every sampled sensor, written by sampling threads, read by the API and
+/// the watchdog.
 #[derive(Default)]
 pub struct HealthBoard {
-    sensors: Mutex<HashMap<i64, Salud>>,
+    sensors: Mutex<HashMap<i64, Entry>>,
+    scheduler_running: AtomicBool,
+}
+
+struct Entry {
+    salud: Salud,
+    last_attempt: Instant,
+    /// Longest expected pause between two attempts; longer means the thread is stuck.
+    allowed_gap: Duration,
 }
 
 impl HealthBoard {
-    pub fn set(&self, sensor_id: i64, salud: &Salud) {
-        self.lock().insert(sensor_id, salud.clone());
+    /// Records a sensor's health after a read attempt.
+    pub fn record(&self, sensor_id: i64, salud: &Salud, allowed_gap: Duration) {
+        self.lock().insert(
+            sensor_id,
+            Entry {
+                salud: salud.clone(),
+                last_attempt: Instant::now(),
+                allowed_gap,
+            },
+        );
     }
 
     pub fn remove(&self, sensor_id: i64) {
@@ -154,10 +172,51 @@ impl HealthBoard {
 
     /// Health of a sensor, if it is sampled.
     pub fn get(&self, sensor_id: i64) -> Option<Salud> {
-        self.lock().get(&sensor_id).cloned()
+        self.lock().get(&sensor_id).map(|e| e.salud.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Salud>> {
+    /// Every sampled sensor's health, by id.
+    pub fn all(&self) -> Vec<(i64, Salud)> {
+        let mut all: Vec<(i64, Salud)> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (*id, e.salud.clone()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// Sampled sensors by state, for status lines.
+    pub fn count(&self, estado: Estado) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.salud.estado == estado)
+            .count()
+    }
+
+    /// Sensors whose sampling thread has not attempted a read for longer than it should
+    /// (a hung driver, a dead thread).
+    pub fn stalled(&self, now: Instant) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| now.duration_since(e.last_attempt) > e.allowed_gap)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Whether the scheduler is following sensor records.
+    pub fn scheduler_running(&self) -> bool {
+        self.scheduler_running.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_scheduler_running(&self, running: bool) {
+        self.scheduler_running.store(running, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
         self.sensors.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

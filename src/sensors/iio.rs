@@ -48,16 +48,16 @@ impl Quantity {
 
     /// Converts a value in the IIO ABI unit (milli-degrees Celsius, milli-percent,
     /// kilopascal) to the unit shown to clients.
-    /// Values are rounded to a thousandth of the client unit, past any sensor's
-    /// resolution, so that unit conversion leaves no binary noise (1013.2299999).
+    /// Values are rounded to a millionth of the client unit, far below any sensor's
+    /// resolution, so that unit conversion leaves no binary noise (1013.2299999999999).
     pub fn measurement(self, iio_value: f64) -> Measurement {
-        let thousandths = |x: f64| (x * 1000.0).round() / 1000.0;
+        let millionths = |x: f64| (x * 1e6).round() / 1e6;
         match self {
             Quantity::Temperature => {
-                Measurement::new("temperatura", thousandths(iio_value / 1000.0), "°C")
+                Measurement::new("temperatura", millionths(iio_value / 1000.0), "°C")
             }
-            Quantity::Humidity => Measurement::new("humedad", thousandths(iio_value / 1000.0), "%"),
-            Quantity::Pressure => Measurement::new("presion", thousandths(iio_value * 10.0), "hPa"),
+            Quantity::Humidity => Measurement::new("humedad", millionths(iio_value / 1000.0), "%"),
+            Quantity::Pressure => Measurement::new("presion", millionths(iio_value * 10.0), "hPa"),
         }
     }
 }

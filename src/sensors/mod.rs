@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::oneshot;
 
 use crate::events::{Channel, Hub};
 use crate::model::{now_micros, Sensor};
@@ -115,8 +116,16 @@ struct Running {
     plan: Plan,
     /// Dropping the sender wakes the thread out of its sleep and ends it.
     stop: mpsc::Sender<()>,
+    /// Disconnects when the thread has ended.
+    done: mpsc::Receiver<()>,
     thread: JoinHandle<()>,
 }
+
+/// How long stopping a sensor waits for its thread.
+const STOP_WAIT: Duration = Duration::from_secs(3);
+
+/// Longest a single read may block before the thread counts as stuck.
+const MAX_READ_TIME: Duration = Duration::from_secs(5);
 
 impl Scheduler {
     pub fn new(store: Store, health: Arc<HealthBoard>, offline_after_intervals: u32) -> Scheduler {
@@ -130,9 +139,14 @@ impl Scheduler {
 
     /// Samples every sensor whose record has an active source, follows changes to the
     /// records until `shutdown`, then stops every thread.
-    pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown) {
+    ///
+    /// `started` is told, with their number, once the sensors sampled at start have
+    /// their threads running.
+    pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown, started: oneshot::Sender<usize>) {
+        let _running = RunningFlag::set(self.health.clone());
         let mut changes = hub.subscribe();
         self.resync().await;
+        let _ = started.send(self.running.len());
         loop {
             tokio::select! {
                 _ = shutdown.recv() => break,
@@ -192,36 +206,85 @@ impl Scheduler {
         self.stop(sensor.id).await;
         let Some(plan) = plan else { return };
         let (stop, stopped) = mpsc::channel();
+        let (finished, done) = mpsc::channel::<()>();
+        let source = plan.spec.build(plan.interval);
+        // Sources that cannot be read that often (a DHT at most every 2 s) pace
+        // themselves slower; "N intervals" means N of their reads.
+        let pace = match source.pacing() {
+            Pacing::Every(every) => every.max(plan.interval),
+            Pacing::Streaming => plan.interval,
+        };
         let worker = Worker {
             sensor_id: sensor.id,
-            source: plan.spec.build(plan.interval),
+            source,
             store: self.store.clone(),
             health: self.health.clone(),
-            offline_after: plan.interval * self.offline_after_intervals,
+            offline_after: pace * self.offline_after_intervals,
+            allowed_gap: pace.max(Duration::from_secs(1)) * 2 + MAX_READ_TIME,
         };
-        match std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("sensor-{}", sensor.id))
-            .spawn(move || worker.run(stopped))
-        {
+            .spawn(move || {
+                // Dropped when the thread ends, however it ends.
+                let _finished = finished;
+                worker.run(stopped)
+            });
+        match spawned {
             Ok(thread) => {
-                log::info!("sensor {} sampled every {:?}", sensor.id, plan.interval);
-                self.running
-                    .insert(sensor.id, Running { plan, stop, thread });
+                log::info!("sensor {} sampled every {:?}", sensor.id, pace);
+                let running = Running {
+                    plan,
+                    stop,
+                    done,
+                    thread,
+                };
+                self.running.insert(sensor.id, running);
             }
             Err(e) => log::error!("sensor {}: cannot start its thread: {e}", sensor.id),
         }
     }
 
-    /// Stops a sensor's thread and waits for it off the async threads.
+    /// Stops a sensor's thread and waits for it, off the async threads and for at most
+    /// [`STOP_WAIT`]: a thread stuck in a hung driver is left behind rather than holding
+    /// up reconfiguration or shutdown.
     async fn stop(&mut self, sensor_id: i64) {
-        if let Some(running) = self.running.remove(&sensor_id) {
-            drop(running.stop);
-            let joined = tokio::task::spawn_blocking(move || running.thread.join()).await;
-            if !matches!(joined, Ok(Ok(()))) {
-                log::error!("sensor {sensor_id}: sampling thread panicked");
+        let Some(running) = self.running.remove(&sensor_id) else {
+            return;
+        };
+        let Running {
+            stop, done, thread, ..
+        } = running;
+        drop(stop);
+        let ended = tokio::task::spawn_blocking(move || match done.recv_timeout(STOP_WAIT) {
+            Err(RecvTimeoutError::Timeout) => None,
+            _ => Some(thread.join().is_ok()),
+        })
+        .await;
+        match ended {
+            Ok(Some(true)) => {}
+            Ok(None) => {
+                log::error!("sensor {sensor_id}: sampling thread stuck in a read, left behind")
             }
-            self.health.remove(sensor_id);
+            _ => log::error!("sensor {sensor_id}: sampling thread panicked"),
         }
+        self.health.remove(sensor_id);
+    }
+}
+
+/// Marks the scheduler as running for as long as it lives, so the watchdog notices a
+/// scheduler that died.
+struct RunningFlag(Arc<HealthBoard>);
+
+impl RunningFlag {
+    fn set(health: Arc<HealthBoard>) -> RunningFlag {
+        health.set_scheduler_running(true);
+        RunningFlag(health)
+    }
+}
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.set_scheduler_running(false);
     }
 }
 
@@ -251,13 +314,15 @@ struct Worker {
     store: Store,
     health: Arc<HealthBoard>,
     offline_after: Duration,
+    allowed_gap: Duration,
 }
 
 impl Worker {
     fn run(mut self, stop: mpsc::Receiver<()>) {
         let mut tracker = Tracker::new(self.offline_after, tokio::time::Instant::now());
         let mut failures = FailureLog::default();
-        self.health.set(self.sensor_id, tracker.salud());
+        self.health
+            .record(self.sensor_id, tracker.salud(), self.allowed_gap);
         loop {
             let started = Instant::now();
             let outcome = self.source.read();
@@ -283,7 +348,8 @@ impl Worker {
                 }
             }
             changes.extend(tracker.check(self.source.is_connected(), now));
-            self.health.set(self.sensor_id, tracker.salud());
+            self.health
+                .record(self.sensor_id, tracker.salud(), self.allowed_gap);
             for change in changes {
                 self.announce(&change, &tracker);
             }

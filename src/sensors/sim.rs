@@ -45,6 +45,10 @@ pub struct SimConfig {
     pub failures: Vec<SimFailure>,
     /// Fixed seed for a reproducible sequence; by default each start differs.
     pub seed: Option<u64>,
+    /// After this many reads the sensor stops answering and the read never returns, as
+    /// a hung driver does; for exercising the watchdog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hang_after_reads: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -56,6 +60,7 @@ impl Default for SimConfig {
             failure_rate: 0.0,
             failures: vec![SimFailure::Timeout],
             seed: None,
+            hang_after_reads: None,
         }
     }
 }
@@ -67,6 +72,7 @@ pub struct SimSource {
     rng: XorShift,
     started: Instant,
     drift: f64,
+    reads: u64,
 }
 
 impl SimSource {
@@ -83,6 +89,7 @@ impl SimSource {
             rng: XorShift::new(seed),
             started: Instant::now(),
             drift: 0.0,
+            reads: 0,
         }
     }
 
@@ -106,6 +113,12 @@ impl SimSource {
 
 impl Source for SimSource {
     fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
+        self.reads += 1;
+        if self.config.hang_after_reads.is_some_and(|n| self.reads > n) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         if self.rng.unit() < self.config.failure_rate {
             return Err(self.failure());
         }

@@ -6,10 +6,14 @@
 //! blocking thread pool, so they never wait behind a commit.
 
 mod reader;
+mod rollup;
 mod schema;
 mod writer;
 
 pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
+pub use rollup::{Aggregate, AggregateQuery, Bucket};
+#[cfg(test)]
+pub(crate) use schema::migrate;
 pub use schema::SCHEMA_VERSION;
 pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
@@ -88,11 +92,8 @@ impl Store {
     /// Opens (creating if needed) the database in `config.data_dir`, migrates it, and
     /// starts the writer thread, which publishes committed events to `hub`.
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(StoreError::Io)?;
+        let conn = open_database(&config.data_dir, config.synchronous)?;
         let path = config.data_dir.join(DATABASE_FILE);
-        let mut conn = Connection::open(&path)?;
-        configure(&conn, config.synchronous)?;
-        schema::migrate(&mut conn)?;
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
         let handle = writer::spawn(conn, queue, hub, config, health.clone())?;
@@ -168,13 +169,30 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
+    /// Resolves once the writer has worked through everything queued before it: the
+    /// watchdog's proof that storage is not wedged.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Ping(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Records when a token was last used.
+    pub async fn touch_token(&self, token_id: i64, at: crate::model::Micros) {
+        let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
     }
 
-    async fn read<T: Send + 'static>(
+    /// Runs a query on a read-only connection off the async threads.
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -221,10 +239,25 @@ impl Store {
         self.read(reader::snapshot).await
     }
 
+    /// Roll-up buckets of one sensor over a time range.
+    pub async fn aggregates(&self, query: AggregateQuery) -> Result<Vec<Aggregate>, StoreError> {
+        self.read(move |c| rollup::aggregates(c, &query)).await
+    }
+
     /// Counts for the health endpoint: sensors, readings, last `seq`.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(reader::counts).await
     }
+}
+
+/// Opens (creating if needed) the database in `data_dir` read-write and migrates it: for
+/// the writer, and for the command line's token and backup commands.
+pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(StoreError::Io)?;
+    let mut conn = Connection::open(data_dir.join(DATABASE_FILE))?;
+    configure(&conn, synchronous)?;
+    schema::migrate(&mut conn)?;
+    Ok(conn)
 }
 
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`

@@ -8,7 +8,8 @@ use rusqlite::{Connection, Transaction};
 use super::StoreError;
 
 /// Migration `n` (0-based) takes the database from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     -- AUTOINCREMENT: a deleted sensor's id is never handed out again, so old readings
     -- and events can never be mistaken for a new sensor's.
     CREATE TABLE sensors (
@@ -47,6 +48,23 @@ const MIGRATIONS: &[&str] = &[r#"
         PRIMARY KEY (sensor_id, tipo)
     ) WITHOUT ROWID;
 
+    -- Roll-ups per sensor, tipo and bucket start (UTC), kept by the writer.
+    CREATE TABLE rollup_minute (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_hour (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_day (
+        sensor_id INTEGER NOT NULL, tipo TEXT NOT NULL, inicio INTEGER NOT NULL,
+        min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (sensor_id, tipo, inicio)
+    ) WITHOUT ROWID;
+
     -- Every event sent to clients, by seq, with the exact frame that was sent, so that a
     -- resuming client receives the same bytes a live one did.
     CREATE TABLE events (
@@ -58,7 +76,19 @@ const MIGRATIONS: &[&str] = &[r#"
         tipo       TEXT,
         frame      TEXT    NOT NULL
     );
-"#];
+"#,
+    r#"
+    -- API tokens, stored as SHA-256 hashes only.
+    CREATE TABLE tokens (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT    NOT NULL UNIQUE,
+        scope        TEXT    NOT NULL,
+        hash         BLOB    NOT NULL,
+        created_at   INTEGER NOT NULL,
+        last_used_at INTEGER
+    );
+"#,
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

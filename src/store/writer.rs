@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::rollup::{Bucket, Pending};
 use super::{reader, StoreError};
 use crate::config::StorageConfig;
 use crate::events::{self, Channel, Event, Hub};
@@ -25,9 +26,8 @@ use crate::sensors::Measurement;
 /// Most commands applied in one transaction; bounds the latency of the batch's first one.
 const MAX_BATCH: usize = 2048;
 
-/// How often retention runs, and how many rows it deletes per table at most each time,
-/// so that it never holds the writer for long.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+/// How many rows retention deletes per table at most each pass, so that it never holds
+/// the writer for long.
 const MAINTENANCE_ROWS: i64 = 5000;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -40,6 +40,10 @@ pub(crate) enum Command {
     InsertReading(NewReading, Reply<Reading>),
     Emit(Emission, Reply<u64>),
     Samples(Vec<Sample>),
+    /// Answered once the batch it arrived in is through: proof the writer is not wedged.
+    Ping(oneshot::Sender<()>),
+    /// Records a token's last use.
+    TouchToken(i64, Micros),
     Shutdown,
 }
 
@@ -132,7 +136,8 @@ pub(crate) fn spawn(
         hub,
         next_seq,
         max_events: config.max_events,
-        readings_retention: Duration::from_secs(u64::from(config.readings_retention_days) * 86_400),
+        retention: retention_periods(config),
+        maintenance_every: Duration::from_secs(config.maintenance_interval_s),
         health,
         last_maintenance: Instant::now(),
     };
@@ -141,6 +146,22 @@ pub(crate) fn spawn(
         .spawn(move || writer.run())
         .map_err(StoreError::Io)?;
     Ok(WriterHandle { thread })
+}
+
+fn retention_periods(config: &StorageConfig) -> Vec<(&'static str, Duration)> {
+    let days = |d: u32| Duration::from_secs(u64::from(d) * 86_400);
+    vec![
+        ("readings", days(config.readings_retention_days)),
+        (
+            Bucket::Minute.table(),
+            days(config.minute_rollup_retention_days),
+        ),
+        (
+            Bucket::Hour.table(),
+            days(config.hour_rollup_retention_days),
+        ),
+        (Bucket::Day.table(), days(config.day_rollup_retention_days)),
+    ]
 }
 
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
@@ -154,7 +175,9 @@ struct Writer {
     hub: Hub,
     next_seq: u64,
     max_events: u64,
-    readings_retention: Duration,
+    /// Tables with a time-based retention, and how long they keep rows (zero: forever).
+    retention: Vec<(&'static str, Duration)>,
+    maintenance_every: Duration,
     health: Arc<WriterHealth>,
     last_maintenance: Instant,
 }
@@ -164,6 +187,7 @@ enum Done {
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
+    Ping(oneshot::Sender<()>),
     Nothing,
 }
 
@@ -174,6 +198,7 @@ impl Done {
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
+            Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
         }
     }
@@ -185,6 +210,8 @@ impl Done {
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
+            // The writer is alive even when a commit fails (a full disk): answer.
+            Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
         }
     }
@@ -202,7 +229,11 @@ impl Command {
                 log::error!("{} samples not stored: {why}", samples.len());
                 Done::Nothing
             }
-            Command::Shutdown => Done::Nothing,
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+                Done::Nothing
+            }
+            Command::TouchToken(..) | Command::Shutdown => Done::Nothing,
         };
         done.fail(why);
     }
@@ -225,7 +256,7 @@ impl Writer {
                 self.queue.close();
             }
             self.commit(&mut batch);
-            if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
+            if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
             }
         }
@@ -239,8 +270,13 @@ impl Writer {
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let first_seq = self.next_seq;
+        let mut rollups = Pending::default();
         let outcome = (|| -> Result<(), rusqlite::Error> {
-            let tx = self.conn.transaction()?;
+            // IMMEDIATE: take the write lock up front, so that another process holding it
+            // (a backup, an sqlite3 shell) is waited for, not failed on mid-batch.
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut seq = self.next_seq;
             let mut commands = batch.drain(..);
             for command in commands.by_ref() {
@@ -248,6 +284,7 @@ impl Writer {
                     tx: &tx,
                     seq: &mut seq,
                     events: &mut published,
+                    rollups: &mut rollups,
                     now: now_micros(),
                 };
                 match step.apply(command) {
@@ -260,6 +297,7 @@ impl Writer {
                 }
             }
             drop(commands);
+            rollups.flush(&tx)?;
             tx.commit()?;
             self.next_seq = seq;
             Ok(())
@@ -282,35 +320,47 @@ impl Writer {
         }
     }
 
-    /// Retention in small slices: the oldest events past `max_events`, and readings older
-    /// than the retention period.
+    /// Retention in small slices, so it never holds the writer for long: the oldest
+    /// events past `max_events`, then readings and each roll-up past their periods.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
-        let newest = self.next_seq as i64 - 1;
-        let keep_from = newest - self.max_events as i64;
-        let result = (|| -> rusqlite::Result<(usize, usize)> {
-            let events = self.conn.execute(
+        let keep_from = self.next_seq as i64 - 1 - self.max_events as i64;
+        let result = self
+            .conn
+            .execute(
                 "DELETE FROM events WHERE seq <= ?1 AND seq < (SELECT MIN(seq) FROM events) + ?2",
                 params![keep_from, MAINTENANCE_ROWS],
-            )?;
-            let readings = if self.readings_retention.is_zero() {
-                0
+            )
+            .map(|n| ("events", n));
+        let now = now_micros();
+        let timed = self.retention.iter().filter(|(_, period)| !period.is_zero()).map(|(table, period)| {
+            let (column, key) = if *table == "readings" { ("ts", "id") } else { ("inicio", "rowid") };
+            let cutoff = now - period.as_micros() as i64;
+            let sql = if key == "id" {
+                format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ?1 ORDER BY {column} LIMIT ?2)")
             } else {
-                let cutoff = now_micros() - self.readings_retention.as_micros() as i64;
-                self.conn.execute(
-                    "DELETE FROM readings WHERE id IN \
-                     (SELECT id FROM readings WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
-                    params![cutoff, MAINTENANCE_ROWS],
-                )?
+                // Roll-up tables are WITHOUT ROWID: delete by their key.
+                format!("DELETE FROM {table} WHERE (sensor_id, tipo, inicio) IN \
+                         (SELECT sensor_id, tipo, inicio FROM {table} WHERE inicio < ?1 LIMIT ?2)")
             };
-            Ok((events, readings))
-        })();
-        match result {
-            Ok((0, 0)) => {}
-            Ok((events, readings)) => {
-                log::debug!("retention removed {events} events and {readings} readings")
+            self.conn.execute(&sql, params![cutoff, MAINTENANCE_ROWS]).map(|n| (*table, n))
+        });
+        let mut behind = false;
+        for outcome in std::iter::once(result).chain(timed.collect::<Vec<_>>()) {
+            match outcome {
+                Ok((_, 0)) => {}
+                Ok((table, n)) => {
+                    behind |= n as i64 == MAINTENANCE_ROWS;
+                    log::debug!("retention removed {n} rows from {table}");
+                }
+                Err(e) => log::warn!("retention failed: {e}"),
             }
-            Err(e) => log::warn!("retention failed: {e}"),
+        }
+        if behind {
+            // More is due than one slice: come back after a second, not a whole interval.
+            self.last_maintenance -= self
+                .maintenance_every
+                .saturating_sub(Duration::from_secs(1));
         }
     }
 }
@@ -320,6 +370,7 @@ struct Step<'a> {
     tx: &'a Transaction<'a>,
     seq: &'a mut u64,
     events: &'a mut Vec<Arc<Event>>,
+    rollups: &'a mut Pending,
     now: Micros,
 }
 
@@ -367,6 +418,13 @@ impl Step<'_> {
                         )?;
                     }
                 }
+                Done::Nothing
+            }
+            Command::Ping(reply) => Done::Ping(reply),
+            Command::TouchToken(id, at) => {
+                self.tx
+                    .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
+                    .execute(params![id, at])?;
                 Done::Nothing
             }
             Command::Shutdown => Done::Nothing,
@@ -518,6 +576,7 @@ impl Step<'_> {
             )?
             .execute(params![sensor_id, taken_at, tipo, valor, unidad])?;
         let id = self.tx.last_insert_rowid();
+        self.rollups.add(sensor_id, tipo, taken_at, valor);
         self.tx
             .prepare_cached(
                 "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) VALUES (?1, ?2, ?3, ?4) \

@@ -23,6 +23,11 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub struct Daemon {
     pub addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
+    /// Hands the daemon a new config, as SIGHUP does.
+    pub reload: tokio::sync::mpsc::Sender<Config>,
+    /// The admin token the daemon created on first start, sent with every request made
+    /// through [`Daemon::request`]; `None` under the `none` policy.
+    pub token: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -41,16 +46,20 @@ impl Daemon {
         let addr = listener.local_addr().unwrap();
         let data_dir = config.storage.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
-            sensorgate::app::run(config, listener, async {
+            let stopped = async {
                 let _ = stopped.await;
-            })
-            .await
-            .expect("daemon runs");
+            };
+            sensorgate::app::run(config, listener, stopped, reloads)
+                .await
+                .expect("daemon runs");
         });
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             addr,
             data_dir,
+            reload,
+            token: None,
             stop: Some(stop),
             task: Some(task),
         };
@@ -66,6 +75,9 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        daemon.token = std::fs::read_to_string(daemon.data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_owned());
         daemon
     }
 
@@ -117,8 +129,13 @@ impl Daemon {
         body: Option<&str>,
     ) -> std::io::Result<(u16, Vec<u8>)> {
         let body = body.unwrap_or("");
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.addr,
             body.len()
         );

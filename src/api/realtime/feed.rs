@@ -15,7 +15,7 @@ use crate::events::{Channel, Event, Hub};
 use crate::store::{Store, StoreError};
 
 /// Events read from the database in one go while replaying.
-const PAGE: u32 = 256;
+const PAGE: usize = 256;
 
 /// A client's position in the event sequence.
 pub struct Feed {
@@ -41,6 +41,11 @@ impl Feed {
         }
     }
 
+    /// The newest `seq` handed out.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
     /// Whether the feed is reading stored events rather than following the hub.
     pub fn is_replaying(&self) -> bool {
         self.replaying
@@ -51,14 +56,19 @@ impl Feed {
         self.position = self.position.max(seq);
     }
 
-    /// The next events on `channels`, oldest first, never empty. Cancel-safe: state
-    /// changes only after a result is in hand.
-    pub async fn next(&mut self, channels: &[Channel]) -> Result<Vec<Arc<Event>>, StoreError> {
+    /// The next events on `channels`, oldest first, at most `limit` of them, never
+    /// empty. Cancel-safe: state changes only after a result is in hand.
+    pub async fn next(
+        &mut self,
+        channels: &[Channel],
+        limit: usize,
+    ) -> Result<Vec<Arc<Event>>, StoreError> {
+        let limit = limit.clamp(1, PAGE);
         loop {
             if self.replaying {
                 let page = self
                     .store
-                    .events_after(self.position, channels.to_vec(), PAGE)
+                    .events_after(self.position, channels.to_vec(), limit as u32)
                     .await?;
                 match page.last() {
                     None => self.replaying = false,
@@ -86,7 +96,7 @@ impl Feed {
                         batch.push(event);
                     }
                 }
-                if batch.len() >= PAGE as usize {
+                if batch.len() >= limit {
                     break;
                 }
                 match self.live.try_recv() {

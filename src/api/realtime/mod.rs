@@ -12,17 +12,36 @@ pub mod subscription;
 pub mod throttle;
 pub mod ws;
 
+use hyper::body::Incoming;
+use hyper::header::{HOST, ORIGIN};
+
+use crate::api::metrics::Limit;
+use crate::api::{ApiError, State};
+use crate::auth::origin;
 use crate::events;
 use crate::model::now_micros;
 use crate::store::{Store, StoreError};
 use subscription::{Request, Subscription};
 
-/// What a new subscriber is sent before events, and the position to start its feed at.
+/// Refuses a browser page from a foreign site (see [`origin::allowed`]).
+pub fn check_origin(req: &hyper::Request<Incoming>, state: &State) -> Result<(), ApiError> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let page = header(ORIGIN);
+    if origin::allowed(page, header(HOST), &state.allowed_origins) {
+        Ok(())
+    } else {
+        state.counters.hit(Limit::ForbiddenOrigin);
+        Err(ApiError::forbidden_origin(page.unwrap_or_default()))
+    }
+}
+
+/// What a new subscriber is sent before events, and where its feed starts.
 pub struct Opening {
     pub messages: Vec<String>,
-    /// Where the feed starts: after this `seq`, or at the newest event if `None`.
-    pub since: Option<u64>,
-    /// A snapshot consistent with this `seq` was sent: skip to it.
+    /// The feed starts after this `seq` (the snapshot's, or the honoured `since`), or at
+    /// the newest event if `None`.
+    pub start: Option<u64>,
+    /// The `seq` of the snapshot among `messages`, if one was asked for.
     pub snapshot_seq: Option<u64>,
 }
 
@@ -58,7 +77,9 @@ pub async fn opening(store: &Store, request: &Request) -> Result<Opening, StoreE
     }
     Ok(Opening {
         messages,
-        since,
+        // A snapshot is consistent with its seq: every event after it follows, whatever
+        // was published while it was read.
+        start: snapshot_seq.or(since),
         snapshot_seq,
     })
 }

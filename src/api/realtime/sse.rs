@@ -33,6 +33,7 @@ const QUEUE: usize = 64;
 
 /// Starts an event stream.
 pub fn stream(req: &Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
+    super::check_origin(req, &state)?;
     let mut request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
     if request.since.is_none() {
         if let Some(value) = req.headers().get("last-event-id") {
@@ -88,16 +89,13 @@ async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Send
             return;
         }
     };
-    let mut feed = Feed::new(&state.hub, state.store.clone(), opening.since);
+    let mut feed = Feed::new(&state.hub, state.store.clone(), opening.start);
     let mut first = String::from("retry: 2000\n\n");
     for message in &opening.messages {
         let id = opening
             .snapshot_seq
             .filter(|_| message.starts_with("{\"type\":\"snapshot\""));
         event_chunk(&mut first, id, message);
-    }
-    if let Some(seq) = opening.snapshot_seq {
-        feed.skip_to(seq);
     }
     if !send(&chunks, first).await {
         return;
@@ -109,7 +107,7 @@ async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Send
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = chunks.closed() => return,
-            batch = feed.next(&channels) => {
+            batch = feed.next(&channels, QUEUE) => {
                 let Ok(events) = batch else { return };
                 let mut text = String::new();
                 let mut sent = 0;

@@ -6,7 +6,8 @@
 //! Close codes: 1001 the daemon is shutting down; 4008 the client cannot keep up (its
 //! queue overflowed after coalescing, or its socket accepted nothing for
 //! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
-//! not answer pings; 1009 a client message was too large.
+//! not answer pings; 4029 the client sent messages faster than its rate limit; 4401 a
+//! secure socket was not authenticated; 1009 a client message was too large.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +32,11 @@ use super::feed::Feed;
 use super::outbox::{Frame, Outbox};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
+use crate::api::limits::Key;
+use crate::api::metrics::Limit;
 use crate::api::query::Query;
 use crate::api::{full, ApiError, Body, State};
+use crate::auth::Principal;
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
 
@@ -48,6 +52,11 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_PING_TIMEOUT: u16 = 4000;
+const CLOSE_AUTH_FAILED: u16 = 4401;
+const CLOSE_RATE_LIMITED: u16 = 4029;
+
+/// How long a secure socket opened without a token waits for its `auth` message.
+const AUTH_WAIT: Duration = Duration::from_secs(5);
 const CLOSE_SLOW: u16 = 4008;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -76,7 +85,10 @@ pub fn upgrade(
     mut req: Request<Incoming>,
     state: Arc<State>,
     peer: SocketAddr,
+    principal: Option<Principal>,
+    secure: bool,
 ) -> Result<Response<Body>, ApiError> {
+    super::check_origin(&req, &state)?;
     let request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
     let response = create_response_with_body(&req, || full(""))
         .map_err(|e| ApiError::malformed(format!("Not a valid WebSocket upgrade: {e}")))?;
@@ -90,7 +102,10 @@ pub fn upgrade(
                     Some(socket_config()),
                 )
                 .await;
-                Session::new(state, request, peer).run(socket).await;
+                let mut session = Session::new(state, request, peer);
+                session.principal = principal;
+                session.must_authenticate = secure && session.principal.is_none();
+                session.run(socket).await;
             }
             Err(e) => log::debug!("upgrade from {peer} failed: {e}"),
         }
@@ -114,6 +129,10 @@ struct Session {
     peer: SocketAddr,
     client_id: String,
     outbox: Arc<Outbox>,
+    /// The token the client connected with, if any; rate limits are kept per token.
+    principal: Option<Principal>,
+    /// A secure socket opened without a token: its first message must be `auth`.
+    must_authenticate: bool,
 }
 
 /// How a session ended.
@@ -142,6 +161,8 @@ impl Session {
             peer,
             client_id,
             outbox,
+            principal: None,
+            must_authenticate: false,
         }
     }
 
@@ -157,6 +178,14 @@ impl Session {
             delivered.clone(),
         ));
 
+        if self.must_authenticate {
+            if let Err(reason) = self.authenticate(&mut stream).await {
+                self.state.counters.hit(Limit::Unauthorized);
+                self.outbox.close(CLOSE_AUTH_FAILED, reason);
+                finish_writer(writer).await;
+                return;
+            }
+        }
         let now = now_micros();
         let channels: Vec<&str> = self.subscription.channels.iter().copied().collect();
         self.send_text(events::connection_message(
@@ -167,10 +196,10 @@ impl Session {
         self.send_text(events::stats_message(&self.state.hub.stats(), now));
         let end = match super::opening(&self.state.store, &self.request).await {
             Ok(opening) => {
-                let mut feed = Feed::new(&self.state.hub, self.state.store.clone(), opening.since);
-                if let Some(seq) = opening.snapshot_seq {
-                    feed.skip_to(seq);
-                }
+                let mut feed = Feed::new(&self.state.hub, self.state.store.clone(), opening.start);
+                // Until something is written, a client told to resume should resume from
+                // where it started, not from the beginning.
+                delivered.store(feed.position(), Ordering::Relaxed);
                 opening.messages.into_iter().for_each(|m| self.send_text(m));
                 log::debug!(
                     "client {} ({}) connected to {}",
@@ -204,13 +233,54 @@ impl Session {
             // The writer sends what is queued, then the Close frame, within its timeout.
             self.outbox.close(code, reason);
         }
-        if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
+        finish_writer(writer).await;
         log::debug!("client {} disconnected", self.client_id);
+    }
+
+    /// Waits for the first message of a secure socket opened without a token: it must be
+    /// `{"type": "auth", "token": "..."}` and arrive within [`AUTH_WAIT`]. Answers with an
+    /// `auth_result`; the error is the close reason.
+    async fn authenticate(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), String> {
+        let first = tokio::time::timeout(AUTH_WAIT, stream.next()).await;
+        let Ok(Some(Ok(Message::Text(text)))) = first else {
+            return Err(format!(
+                "authentication failed: no auth message within {AUTH_WAIT:?}"
+            ));
+        };
+        let message: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let id = message.get("id").cloned().unwrap_or(Value::Null);
+        let token = match (message.get("type").and_then(Value::as_str), message.get("token").and_then(Value::as_str)) {
+            (Some("auth"), Some(token)) => token.to_owned(),
+            _ => return Err("authentication failed: the first message must be {\"type\": \"auth\", \"token\": ...}".into()),
+        };
+        match self.state.auth.identify(&token).await {
+            Ok(Some(principal)) => {
+                self.send_text(
+                    json!({"type": "auth_result", "id": id, "ok": true, "token": principal.name,
+                           "scope": principal.scope, "timestamp": format_time(now_micros())})
+                    .to_string(),
+                );
+                self.principal = Some(principal);
+                Ok(())
+            }
+            Ok(None) => Err("authentication failed: invalid or revoked token".into()),
+            Err(e) => Err(format!("authentication failed: {e}")),
+        }
+    }
+
+    /// Takes one message from the client's rate budget (per address and per token).
+    fn within_rate(&self) -> bool {
+        let mut keys = vec![Key::Address(self.peer.ip())];
+        keys.extend(self.principal.as_ref().map(|p| Key::Token(p.token_id)));
+        let allowed = self
+            .state
+            .socket_limiter
+            .take(&keys, Instant::now())
+            .is_ok();
+        if !allowed {
+            self.state.counters.hit(Limit::SocketMessageRate);
+        }
+        allowed
     }
 
     fn send_text(&self, text: String) {
@@ -243,7 +313,7 @@ impl Session {
                         _ => End::Gone,
                     };
                 }
-                batch = feed.next(&channels), if may_pull && !channels.is_empty() => {
+                batch = feed.next(&channels, self.batch_limit()), if may_pull && !channels.is_empty() => {
                     let events = match batch {
                         Ok(events) => events,
                         Err(e) => return End::Close(1011, format!("storage unavailable: {e}")),
@@ -274,6 +344,9 @@ impl Session {
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
                         answered_ping = true;
+                        if !self.within_rate() {
+                            return End::Close(CLOSE_RATE_LIMITED, "rate limited: too many messages".into());
+                        }
                         self.answer(&text, feed, registration).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -282,6 +355,9 @@ impl Session {
                     Some(Ok(Message::Close(_))) | None => return End::Gone,
                     Some(Ok(_)) => answered_ping = true,
                     Some(Err(e)) => {
+                        if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
+                            self.state.counters.hit(Limit::SocketMessageSize);
+                        }
                         log::debug!("client {}: {e}", self.client_id);
                         return End::Close(CLOSE_TOO_BIG, "message too large or malformed".into());
                     }
@@ -297,6 +373,12 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Most events taken from the feed at once: half the queue, so that a replay page
+    /// always fits and a live burst is coalesced before it overflows.
+    fn batch_limit(&self) -> usize {
+        (self.state.realtime.client_queue / 2).max(1)
     }
 
     fn resume_hint(&self, delivered: &AtomicU64) -> String {
@@ -400,6 +482,21 @@ impl Session {
                 now,
             )),
         }
+    }
+}
+
+/// Lets the writer send what is queued and the Close frame, for at most
+/// [`WRITE_TIMEOUT`]. A writer that already ended (and was awaited in the session loop)
+/// is not awaited again.
+async fn finish_writer(mut writer: tokio::task::JoinHandle<WriteEnd>) {
+    if writer.is_finished() {
+        return;
+    }
+    if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
     }
 }
 

@@ -1,0 +1,96 @@
+//! Token management over REST, for admins: list, create (the token is shown once),
+//! revoke. Tokens are not sensor data and emit no events; they are written on a short
+//! connection of their own, as the command line does.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::rest::read_json;
+use super::{json_response, ApiError, Body, State};
+use crate::auth::tokens::{self, TokenError};
+use crate::auth::Scope;
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> ApiError {
+        match e {
+            TokenError::InvalidName => ApiError::invalid_field("name", &e.to_string()),
+            TokenError::NameTaken(_) => ApiError::conflict(e.to_string()),
+            TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
+            TokenError::Random(_) | TokenError::Sqlite(_) => {
+                log::error!("token storage: {e}");
+                ApiError::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+async fn on_database<T: Send + 'static>(
+    state: &State,
+    work: impl FnOnce(&rusqlite::Connection) -> Result<T, TokenError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let database = state.database.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(database)?;
+        work(&conn)
+    })
+    .await
+    .map_err(|_| ApiError::unavailable("Shutting down"))?;
+    Ok(outcome?)
+}
+
+pub async fn list(state: &State) -> Result<Response<Body>, ApiError> {
+    let listed = on_database(state, tokens::list).await?;
+    Ok(json_response(StatusCode::OK, &listed))
+}
+
+/// `{"name": "kitchen-tablet", "scope": "write"}` → 201 with the token, shown this once.
+pub async fn create(
+    req: Request<Incoming>,
+    state: &Arc<State>,
+) -> Result<Response<Body>, ApiError> {
+    let Value::Object(mut body) = read_json(req, state).await? else {
+        return Err(ApiError::invalid_field("body", "must be a JSON object"));
+    };
+    let name = match body.remove("name") {
+        Some(Value::String(name)) => name,
+        _ => return Err(ApiError::invalid_field("name", "field required, a string")),
+    };
+    let scope: Scope = match body.remove("scope") {
+        Some(Value::String(scope)) => scope
+            .parse()
+            .map_err(|e: String| ApiError::invalid_field("scope", &e))?,
+        _ => {
+            return Err(ApiError::invalid_field(
+                "scope",
+                "field required: read, write or admin",
+            ))
+        }
+    };
+    if let Some(unknown) = body.keys().next() {
+        return Err(ApiError::invalid_field(unknown, "unknown field"));
+    }
+    let token = {
+        let name = name.clone();
+        on_database(state, move |c| tokens::create(c, &name, scope)).await?
+    };
+    log::info!("token {name:?} created with scope {scope}");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"name": name, "scope": scope, "token": token}),
+    ))
+}
+
+pub async fn revoke(state: &State, name: String) -> Result<Response<Body>, ApiError> {
+    {
+        let name = name.clone();
+        on_database(state, move |c| tokens::revoke(c, &name)).await?;
+    }
+    log::info!("token {name:?} revoked");
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"name": name, "revoked": true}),
+    ))
+}

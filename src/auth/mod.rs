@@ -1,0 +1,258 @@
+//! Who may do what: tokens with scopes, the configured policy, and the origin check.
+//!
+//! Scopes are ordered: `admin` can do what `write` can, `write` what `read` can. The
+//! policy decides what needs a token at all: by default reads are open and writes need
+//! `write`; test events and token management always need `admin`; the secure socket
+//! always needs a token.
+
+pub mod origin;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::now_micros;
+use crate::store::{Store, StoreError};
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            "admin" => Ok(Scope::Admin),
+            other => Err(format!(
+                "unknown scope {other:?}; expected read, write or admin"
+            )),
+        }
+    }
+}
+
+/// What needs a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Reads are open; writes need a `write` token.
+    #[default]
+    Writes,
+    /// Everything but the health check, the dashboard page and the API document needs a
+    /// token.
+    All,
+    /// Nothing needs a token; only allowed in development mode.
+    None,
+}
+
+/// What a request wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Admin,
+    /// The secure socket: a token whatever the policy.
+    Secure,
+}
+
+/// The token a request was made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: i64,
+    pub name: String,
+    pub scope: Scope,
+}
+
+/// Why a request is refused.
+#[derive(Debug)]
+pub enum AuthError {
+    /// No token where one is needed (401).
+    Missing,
+    /// A token that does not exist, or was revoked (401).
+    Invalid,
+    /// A valid token without the scope needed (403).
+    Forbidden { needed: Scope, has: Scope },
+    /// Tokens could not be read (503).
+    Unavailable(StoreError),
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Missing => write!(f, "A token is needed: send Authorization: Bearer TOKEN"),
+            AuthError::Invalid => write!(f, "The token is not valid (unknown or revoked)"),
+            AuthError::Forbidden { needed, has } => {
+                write!(f, "This needs a {needed} token; this token has scope {has}")
+            }
+            AuthError::Unavailable(e) => write!(f, "Tokens cannot be checked: {e}"),
+        }
+    }
+}
+
+/// Checks tokens against the database on every request, so a token revoked from the
+/// command line stops working at once.
+pub struct Authenticator {
+    store: Store,
+    policy: Policy,
+    /// When each token's `last_used_at` was last written; written at most once a
+    /// minute per token, not on every request.
+    touched: Mutex<HashMap<i64, Instant>>,
+}
+
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+impl Authenticator {
+    pub fn new(store: Store, policy: Policy) -> Authenticator {
+        Authenticator {
+            store,
+            policy,
+            touched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The scope an access needs under the policy, or `None` if it is open.
+    pub fn needed(&self, access: Access) -> Option<Scope> {
+        match (access, self.policy) {
+            (Access::Secure, _) => Some(Scope::Read),
+            (_, Policy::None) => None,
+            (Access::Read, Policy::Writes) => None,
+            (Access::Read, Policy::All) => Some(Scope::Read),
+            (Access::Write, _) => Some(Scope::Write),
+            (Access::Admin, _) => Some(Scope::Admin),
+        }
+    }
+
+    /// Checks a presented token against what `access` needs. A valid token is returned
+    /// even where none is needed, so limits can be kept per token.
+    pub async fn authorize(
+        &self,
+        token: Option<&str>,
+        access: Access,
+    ) -> Result<Option<Principal>, AuthError> {
+        let needed = self.needed(access);
+        let principal = match token {
+            Some(secret) => Some(self.identify(secret).await?.ok_or(AuthError::Invalid)?),
+            None if needed.is_some() => return Err(AuthError::Missing),
+            None => None,
+        };
+        if let (Some(needed), Some(p)) = (needed, &principal) {
+            if p.scope < needed {
+                return Err(AuthError::Forbidden {
+                    needed,
+                    has: p.scope,
+                });
+            }
+        }
+        Ok(principal)
+    }
+
+    /// The token a secret belongs to, if any.
+    pub async fn identify(&self, secret: &str) -> Result<Option<Principal>, AuthError> {
+        let secret = secret.to_owned();
+        let found = self
+            .store
+            .read(move |c| tokens::find(c, &secret))
+            .await
+            .map_err(AuthError::Unavailable)?;
+        let Some((token_id, name, scope)) = found else {
+            return Ok(None);
+        };
+        self.touch(token_id);
+        Ok(Some(Principal {
+            token_id,
+            name,
+            scope,
+        }))
+    }
+
+    fn touch(&self, token_id: i64) {
+        let now = Instant::now();
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if touched
+            .get(&token_id)
+            .is_some_and(|at| now.duration_since(*at) < TOUCH_EVERY)
+        {
+            return;
+        }
+        touched.insert(token_id, now);
+        drop(touched);
+        let store = self.store.clone();
+        tokio::spawn(async move { store.touch_token(token_id, now_micros()).await });
+    }
+}
+
+/// Creates the first admin token when there is none, writes it to `admin.token` in the
+/// data directory (readable by the daemon's user only) and says where it is.
+pub fn bootstrap_admin(database: &Path, data_dir: &Path) -> Result<(), tokens::TokenError> {
+    let conn = rusqlite::Connection::open(database)?;
+    if tokens::any(&conn)? {
+        return Ok(());
+    }
+    let token = tokens::create(&conn, "admin", Scope::Admin)?;
+    let path = data_dir.join("admin.token");
+    write_private(&path, &format!("{token}\n")).map_err(tokens::TokenError::Random)?;
+    log::warn!(
+        "no API token existed: created token \"admin\" (scope admin), written to {}; \
+         make others with `sensorgate token create`",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_ordered() {
+        assert!(Scope::Admin > Scope::Write && Scope::Write > Scope::Read);
+        assert_eq!("write".parse::<Scope>(), Ok(Scope::Write));
+        assert!("root".parse::<Scope>().is_err());
+    }
+}

@@ -1,0 +1,39 @@
+//! Logs a person can read on a terminal, and that journald files at the right level.
+
+use std::io::Write;
+
+/// Terminal logs get timestamps; under systemd (`JOURNAL_STREAM` set) journald adds its
+/// own, so lines carry only a `<N>` priority prefix that journald turns into a level.
+/// `RUST_LOG` sets the filter (default `info`).
+pub fn init() {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder
+            .format(|buf, record| writeln!(buf, "<{}>{}", priority(record.level()), record.args()));
+    }
+    builder.init();
+}
+
+/// syslog priority of a log level.
+fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!(priority(log::Level::Error), 3);
+        assert_eq!(priority(log::Level::Warn), 4);
+        assert_eq!(priority(log::Level::Info), 6);
+        assert_eq!(priority(log::Level::Trace), 7);
+    }
+}
