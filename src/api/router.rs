@@ -16,6 +16,7 @@ pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) 
     let result = match segments.as_slice() {
         [] => only(&req, Method::GET).map(|()| rest::index()),
         ["sensorgate.js"] => only(&req, Method::GET).map(|()| rest::client_module()),
+        ["assets", name] => only(&req, Method::GET).and_then(|()| rest::dashboard_asset(name)),
         ["healthz"] => match only(&req, Method::GET) {
             Ok(()) => Ok(rest::health(&state).await),
             Err(e) => Err(e),
