@@ -71,10 +71,12 @@ class Daemon {
     clearTimeout(timer);
   }
 
-  /** Same data, same port: what a restart by systemd looks like to a browser. */
-  async restart() {
+  /** Same port, and the same data unless another directory is given: what a restart
+   * by systemd, or a gateway with a replaced database, looks like to a browser. */
+  async restart(dataDir = this.dataDir) {
     await this.stop();
     this.url = null;
+    this.dataDir = dataDir;
     const port = this.port;
     await this.start(`127.0.0.1:${port}`);
     assert.equal(this.port, port);
@@ -92,14 +94,17 @@ class Daemon {
 
 let daemon;
 let browser;
-let dataDir;
-let profileDir;
+const dirs = [];
+const tempDir = (name) => {
+  const dir = mkdtempSync(path.join(tmpdir(), `sensorgate-browser-${name}-`));
+  dirs.push(dir);
+  return dir;
+};
 
 before(async () => {
-  dataDir = mkdtempSync(path.join(tmpdir(), "sensorgate-browser-data-"));
-  profileDir = mkdtempSync(path.join(tmpdir(), "sensorgate-browser-profile-"));
+  const profileDir = tempDir("profile");
   mkdirSync(SHOTS, { recursive: true });
-  daemon = new Daemon(dataDir);
+  daemon = new Daemon(tempDir("data"));
   await daemon.start();
   browser = await chromium.launchPersistentContext(profileDir, {
     executablePath: CHROMIUM,
@@ -120,7 +125,7 @@ before(async () => {
 after(async () => {
   if (browser) await browser.close();
   if (daemon) await daemon.stop();
-  for (const dir of [dataDir, profileDir]) if (dir) rmSync(dir, { recursive: true, force: true });
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 });
 
 /** A new tab on the dashboard, with its console errors and every request collected. */
@@ -288,6 +293,51 @@ test("charts: the live hour draws, longer ranges show history or say it is not a
   await page.close();
 });
 
+test("history charts draw min/max bands from the aggregated endpoint", { timeout: 60000 }, async () => {
+  // The endpoint's contract, answered here: a day of minute buckets with an hour missing.
+  const asked = [];
+  const page = await open();
+  await page.route("**/api/v1/lecturas/agregadas?*", (route) => {
+    const query = new URL(route.request().url()).searchParams;
+    asked.push(Object.fromEntries(query));
+    const from = Date.parse(query.get("desde"));
+    const rows = [];
+    for (let minute = 0; minute < 1440; minute++) {
+      if (minute >= 600 && minute < 660) continue;
+      const avg = 21 + 2 * Math.sin(minute / 120);
+      rows.push({
+        inicio: new Date(from + minute * 60e3).toISOString().replace("Z", "000Z"),
+        min: avg - 0.8,
+        max: avg + 0.9,
+        avg,
+        count: 30,
+      });
+    }
+    return route.fulfill({ json: rows });
+  });
+  await page.goto(`${daemon.url}/#/sensor/1`);
+  await page.locator(".chart .uplot canvas").first().waitFor();
+  await page.click('[data-range="24h"]');
+  const legend = page.locator('.chart[data-tipo="temperatura"] .u-legend');
+  await legend.filter({ hasText: "max" }).waitFor();
+  assert.match(await legend.textContent(), /average.*min.*max/);
+  const temperature = asked.find((q) => q.tipo === "temperatura");
+  assert.equal(temperature.sensor_id, "1");
+  assert.equal(temperature.bucket, "minute");
+  const span = Date.parse(temperature.hasta) - Date.parse(temperature.desde);
+  assert.ok(Math.abs(span - 86400e3) < 1000, `a day: ${span}`);
+  await page.click('[data-range="7d"]');
+  await page.waitForFunction(() => document.querySelector('[data-range="7d"]').getAttribute("aria-pressed") === "true");
+  await legend.filter({ hasText: "max" }).waitFor();
+  assert.equal(asked.at(-1).bucket, "hour");
+  await page.click('[data-range="24h"]');
+  await legend.filter({ hasText: "max" }).waitFor();
+  await page.waitForTimeout(300);
+  await page.screenshot({ path: path.join(SHOTS, "sensor-history-desktop-light.png") });
+  assert.deepEqual(page.errors, []);
+  await page.close();
+});
+
 test("the event log narrows to the channels and filters picked, pauses and clears", { timeout: 60000 }, async () => {
   const page = await open("#/events");
   await page.locator("#log li[data-seq]").first().waitFor();
@@ -356,6 +406,33 @@ test("after a daemon restart the page goes offline, recovers, and the event log 
   await page.waitForFunction(([el, text]) => el.textContent !== text, [await value.elementHandle(), before], {
     timeout: 30000,
   });
+  await page.close();
+});
+
+test("a gateway whose database was replaced is reloaded, not frozen", { timeout: 120000 }, async () => {
+  const page = await open("#/events");
+  await page.locator("#log li[data-seq]").nth(5).waitFor();
+  const before = Math.max(...(await logSeqs(page)));
+  await page.click("nav a[data-view=overview]");
+
+  // Its numbering starts again below what the page has seen: the server says resync.
+  await daemon.restart(tempDir("data"));
+  await page.locator("#conn[data-state=live]").waitFor({ timeout: 45000 });
+  await page.locator("#offline").waitFor({ state: "hidden" });
+  const value = cardValue(page, 1);
+  await value.waitFor();
+  const shown = await value.textContent();
+  await page.waitForFunction(([el, text]) => el.textContent !== text, [await value.elementHandle(), shown], {
+    timeout: 30000,
+  });
+
+  await page.click("nav a[data-view=events]");
+  await page.locator("#log li.problem", { hasText: "unknown_seq" }).waitFor({ timeout: 30000 });
+  await page.waitForFunction(
+    (seq) => [...document.querySelectorAll("#log li[data-seq]")].some((row) => Number(row.dataset.seq) < seq / 2),
+    before,
+    { timeout: 30000 }
+  );
   await page.close();
 });
 
