@@ -7,6 +7,8 @@ use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
 const HOUR: i64 = 3_600_000_000;
+/// These tests post hundreds of readings in a burst; rate limits have tests of their own.
+const NO_RATE_LIMIT: &str = "[limits]\nwrites_per_second = 100000.0\nwrite_burst = 100000.0\n";
 const DAY: i64 = 24 * HOUR;
 
 async fn sensor(daemon: &Daemon) -> i64 {
@@ -33,7 +35,7 @@ async fn reading(daemon: &Daemon, sensor: i64, tipo: &str, at: i64, valor: f64) 
 #[tokio::test]
 async fn rollups_match_the_raw_readings_over_months() {
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
     let start = (now_micros() / DAY - 100) * DAY;
     let mut expected_days: Vec<(i64, f64, f64, f64, i64)> = Vec::new();
