@@ -85,6 +85,9 @@ pub struct StorageConfig {
     pub day_rollup_retention_days: u32,
     /// Seconds between retention passes.
     pub maintenance_interval_s: u64,
+    /// Largest the database may grow, in MiB (0: as large as the card allows). Past it,
+    /// writes fail as on a full card until retention or an operator frees space.
+    pub max_database_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -98,6 +101,7 @@ impl Default for StorageConfig {
             hour_rollup_retention_days: 1825,
             day_rollup_retention_days: 0,
             maintenance_interval_s: 60,
+            max_database_mb: 0,
         }
     }
 }
