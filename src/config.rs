@@ -94,7 +94,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
-            synchronous: Synchronous::Normal,
+            synchronous: Synchronous::Full,
             max_events: 1_000_000,
             readings_retention_days: 365,
             minute_rollup_retention_days: 31,
