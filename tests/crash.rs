@@ -32,7 +32,7 @@ fn config(dir: &Path) -> std::path::PathBuf {
 /// Starts the daemon and returns it with its address, read from its log.
 fn start(dir: &Path, config: &Path, round: u64) -> (Child, String) {
     let log = dir.join(format!("daemon-{round}.log"));
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
         .stdout(Stdio::null())
@@ -48,7 +48,11 @@ fn start(dir: &Path, config: &Path, round: u64) -> (Child, String) {
         {
             return (child, addr.trim_end_matches('/').to_owned());
         }
-        assert!(Instant::now() < deadline, "daemon did not start: {text}");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon did not start: {text}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
