@@ -29,32 +29,31 @@ fn config(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-/// Starts the daemon and returns it with its address, read from its log.
-fn start(dir: &Path, config: &Path, round: u64) -> (Child, String) {
-    let log = dir.join(format!("daemon-{round}.log"));
-    let mut child = Command::new(BIN)
+/// Starts the daemon with its log in `log`.
+fn start(config: &Path, log: &Path) -> Child {
+    Command::new(BIN)
         .arg("--config")
         .arg(config)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// The address the daemon logs once it listens.
+fn address(log: &Path) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
         if let Some(addr) = text
             .lines()
             .find_map(|l| l.split("listening on http://").nth(1))
         {
-            return (child, addr.trim_end_matches('/').to_owned());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("daemon did not start: {text}");
+            return Some(addr.trim_end_matches('/').to_owned());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    None
 }
 
 #[tokio::test]
@@ -63,7 +62,16 @@ async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
     let config = config(dir.path());
     let mut received: HashMap<u64, String> = HashMap::new();
     for round in 0..ROUNDS {
-        let (mut child, addr) = start(dir.path(), &config, round);
+        let log = dir.path().join(format!("daemon-{round}.log"));
+        let mut child = start(&config, &log);
+        let Some(addr) = address(&log) else {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "daemon did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
         let url = format!("ws://{addr}/api/v1/ws?channel=readings,sensors,general");
         let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
         // Kill somewhere between 0.3 and 1.1 s into heavy ingest, a different moment each
