@@ -15,6 +15,11 @@
 // After a drop it reconnects with jittered exponential back-off and asks for every event
 // after the last `seq` it saw (`since`), so the stream continues without gap or
 // duplicate. A snapshot is only asked for on the first connection.
+//
+// A browser does not notice a network that silently went away (Wi-Fi out of range, a
+// gateway unplugged), so the client pings when the socket has been quiet for
+// `heartbeatMs` and drops it when nothing at all arrives for twice that long, or when
+// it is still not open after that long; the usual back-off and resume follow.
 
 export class SensorgateClient {
   constructor(options = {}) {
@@ -27,6 +32,7 @@ export class SensorgateClient {
         token: null,
         minDelayMs: 500,
         maxDelayMs: 30000,
+        heartbeatMs: 15000,
         onEvent: () => {},
         onSnapshot: () => {},
         onResync: () => {},
@@ -43,6 +49,9 @@ export class SensorgateClient {
     this.nextId = 1;
     this.pending = new Map();
     this.timer = null;
+    this.watchdog = null;
+    this.lastHeard = 0;
+    this.pinged = false;
   }
 
   /** Opens the socket; reconnects until close() is called. */
@@ -55,8 +64,16 @@ export class SensorgateClient {
   close() {
     this.closed = true;
     clearTimeout(this.timer);
+    clearInterval(this.watchdog);
     if (this.socket) this.socket.close(1000, "client closed");
     this._setState("offline");
+  }
+
+  /** Skips the back-off wait, for when the network or the page is known to be back. */
+  reconnectNow() {
+    if (this.closed || this.state !== "offline") return;
+    clearTimeout(this.timer);
+    this._open();
   }
 
   /** Sends a client message and resolves with the server's answer to it. */
@@ -109,14 +126,39 @@ export class SensorgateClient {
     this._setState("connecting");
     const socket = new WebSocket(this._url());
     this.socket = socket;
-    socket.onmessage = (message) => this._receive(message.data);
-    socket.onclose = (event) => {
-      if (this.socket !== socket) return;
-      for (const { reject } of this.pending.values()) reject(new Error("connection closed"));
-      this.pending.clear();
-      this._setState("offline");
-      if (!this.closed) this._retry(event.code);
+    this.lastHeard = Date.now();
+    this.pinged = false;
+    socket.onmessage = (message) => {
+      this.lastHeard = Date.now();
+      this.pinged = false;
+      this._receive(message.data);
     };
+    socket.onclose = (event) => this._lost(socket, event.code);
+    clearInterval(this.watchdog);
+    this.watchdog = setInterval(() => this._watch(socket), this.options.heartbeatMs / 3);
+  }
+
+  _watch(socket) {
+    const quiet = Date.now() - this.lastHeard;
+    if (quiet > 2 * this.options.heartbeatMs) {
+      // Waiting for the close handshake on a dead network takes minutes: give up on
+      // the socket now and let it close in the background.
+      socket.close(4000, "no answer");
+      this._lost(socket, 4000);
+    } else if (quiet > this.options.heartbeatMs && !this.pinged && socket.readyState === WebSocket.OPEN) {
+      this.pinged = true;
+      socket.send(JSON.stringify({ type: "ping", id: this.nextId++ }));
+    }
+  }
+
+  _lost(socket, code) {
+    if (this.socket !== socket) return;
+    this.socket = null;
+    clearInterval(this.watchdog);
+    for (const { reject } of this.pending.values()) reject(new Error("connection closed"));
+    this.pending.clear();
+    this._setState("offline");
+    if (!this.closed) this._retry(code);
   }
 
   _retry(code) {
@@ -155,7 +197,10 @@ export class SensorgateClient {
         break;
       case "resync":
         // Events after our position are gone (retention) or unknown (a new database):
-        // the caller reloads its state; events from oldest_seq on follow.
+        // the caller reloads its state; events from oldest_seq on follow. After an
+        // unknown_seq they are numbered below our position, so it moves back to
+        // where the server resumes, or none of them would be accepted.
+        this.lastSeq = message.oldest_seq > 0 ? message.oldest_seq - 1 : null;
         this.options.onResync(message);
         break;
       case "entity_event":

@@ -85,19 +85,23 @@ pub struct StorageConfig {
     pub day_rollup_retention_days: u32,
     /// Seconds between retention passes.
     pub maintenance_interval_s: u64,
+    /// Largest the database may grow, in MiB (0: as large as the card allows). Past it,
+    /// writes fail as on a full card until retention or an operator frees space.
+    pub max_database_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
-            synchronous: Synchronous::Normal,
+            synchronous: Synchronous::Full,
             max_events: 1_000_000,
             readings_retention_days: 365,
             minute_rollup_retention_days: 31,
             hour_rollup_retention_days: 1825,
             day_rollup_retention_days: 0,
             maintenance_interval_s: 60,
+            max_database_mb: 0,
         }
     }
 }

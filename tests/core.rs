@@ -590,6 +590,49 @@ async fn health_reports_storage() {
     daemon.stop().await;
 }
 
+/// The dashboard and every file it loads come from the binary, with their content
+/// types; nothing else is served under `/assets/`.
+#[tokio::test]
+async fn dashboard_files_are_served_from_the_binary() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let get = |path: &str| {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        common::raw_exchange(daemon.addr, head.into_bytes())
+    };
+    let page = String::from_utf8(get("/").await.unwrap()).unwrap();
+    assert!(page.contains("/assets/app.js") && page.contains("/assets/app.css"));
+    for (name, content_type) in [
+        ("app.js", "text/javascript"),
+        ("app.css", "text/css"),
+        ("uPlot.iife.min.js", "text/javascript"),
+        ("uPlot.min.css", "text/css"),
+        ("uPlot.LICENSE", "text/plain"),
+    ] {
+        let raw = String::from_utf8(get(&format!("/assets/{name}")).await.unwrap()).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{name}: {head}");
+        assert!(
+            head.contains(&format!("content-type: {content_type}")),
+            "{name}: {head}"
+        );
+        assert!(head.contains("cache-control: no-cache"), "{name}: {head}");
+        assert!(!body.is_empty(), "{name}");
+    }
+    for path in [
+        "/assets/index.html",
+        "/assets/vendor/uPlot.min.css",
+        "/assets/../Cargo.toml",
+        "/assets/",
+    ] {
+        let (status, body) = daemon.get(path).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["code"], "not_found", "{path}");
+    }
+    daemon.stop().await;
+}
+
 /// Every operation in the OpenAPI document exists, and answers with a status the
 /// document lists for it.
 #[tokio::test]

@@ -7,6 +7,8 @@ use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
 const HOUR: i64 = 3_600_000_000;
+/// These tests post hundreds of readings in a burst; rate limits have tests of their own.
+const NO_RATE_LIMIT: &str = "[limits]\nwrites_per_second = 100000.0\nwrite_burst = 100000.0\n";
 const DAY: i64 = 24 * HOUR;
 
 async fn sensor(daemon: &Daemon) -> i64 {
@@ -33,7 +35,7 @@ async fn reading(daemon: &Daemon, sensor: i64, tipo: &str, at: i64, valor: f64) 
 #[tokio::test]
 async fn rollups_match_the_raw_readings_over_months() {
     let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
     let start = (now_micros() / DAY - 100) * DAY;
     let mut expected_days: Vec<(i64, f64, f64, f64, i64)> = Vec::new();
@@ -168,4 +170,119 @@ async fn retention_removes_old_readings_and_rollups_in_the_background() {
         "hour buckets stay"
     );
     daemon.stop().await;
+}
+
+fn fast_sensors(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\nsource = {{ kind = \"sim\", seed = {i} }}\n"
+            )
+        })
+        .collect()
+}
+
+/// A full card: the daemon keeps serving, says it is degraded, keeps the newest samples
+/// in memory, and writes them once space is free again; the file stays sound.
+#[tokio::test]
+async fn a_full_database_degrades_and_recovers_without_corruption() {
+    let dir = temp_dir();
+    let config = format!("[storage]\nmax_database_mb = 1\n{}", fast_sensors(8));
+    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let mut general = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+
+    let degraded = loop {
+        let event = general.json().await;
+        if event["event_type"] == "storage_degraded" {
+            break event;
+        }
+    };
+    assert_eq!(
+        degraded["seq"], 0,
+        "a notice that cannot be stored is not numbered"
+    );
+    assert!(
+        degraded["data"]["error"].as_str().unwrap().contains("full"),
+        "{degraded}"
+    );
+    // Near the limit a small commit fits now and then, so health is polled, not sampled once.
+    assert!(
+        health_becomes(&daemon, 503).await,
+        "/healthz never said degraded"
+    );
+    assert_eq!(
+        daemon.get("/api/v1/sensores/").await.0,
+        200,
+        "reads still work"
+    );
+    let (status, answer) = daemon
+        .post("/api/v1/sensores/", r#"{"tipo": "t", "modelo": "m"}"#)
+        .await;
+    assert!(
+        status == 201 || (status == 503 && answer["code"] == "unavailable"),
+        "{status} {answer}"
+    );
+    let seq_when_full = daemon.last_seq().await;
+
+    // An operator frees space.
+    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "DELETE FROM rollup_minute; DELETE FROM rollup_hour; DELETE FROM readings; \
+         DELETE FROM events WHERE seq < (SELECT MAX(seq) - 100 FROM events);",
+    )
+    .unwrap();
+    let freed_at = now_micros();
+
+    // An outage may have ended and begun again before the operator acted; wait for the
+    // recovery that the freed space brought.
+    let recovered = loop {
+        let event = general.json().await;
+        if event["event_type"] == "storage_recovered" && event["seq"].as_u64() > Some(seq_when_full)
+        {
+            break event;
+        }
+    };
+    assert!(recovered["data"]["outage_s"].as_f64().unwrap() >= 0.0);
+    assert!(recovered["data"]["dropped_samples"].is_u64());
+    assert!(
+        health_becomes(&daemon, 200).await,
+        "/healthz never said ok again"
+    );
+    // Samples buffered while the card was full were written: some were taken before the
+    // space was freed.
+    let (_, stored) = daemon.get("/api/v1/lecturas/?limit=10000&order=asc").await;
+    let first = stored[0]["timestamp"].as_str().unwrap();
+    assert!(
+        sensorgate::model::parse_time(first).unwrap() < freed_at,
+        "{first}"
+    );
+    daemon.stop().await;
+
+    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let (min, max, count): (i64, i64, i64) = db
+        .query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(max - min + 1, count, "seq has no holes");
+}
+
+/// Polls `/healthz` for up to 5 s until it answers `status`.
+async fn health_becomes(daemon: &Daemon, status: u16) -> bool {
+    for _ in 0..100 {
+        if daemon.get("/healthz").await.0 == status {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
 }

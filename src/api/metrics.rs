@@ -77,6 +77,9 @@ impl Counters {
     }
 }
 
+/// Picks one counter out of a channel's stats.
+type ChannelValue = fn(&crate::events::ChannelStats) -> u64;
+
 /// The exposition text.
 pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Store) -> String {
     let mut out = String::with_capacity(4096);
@@ -98,7 +101,7 @@ pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Stor
     flush(&mut out, &mut lines);
 
     let stats = hub.stats();
-    let per_channel: [(&str, &str, &str, fn(&crate::events::ChannelStats) -> u64); 4] = [
+    let per_channel: [(&str, &str, &str, ChannelValue); 4] = [
         (
             "sensorgate_websocket_clients",
             "gauge",

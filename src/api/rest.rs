@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -25,6 +25,32 @@ use crate::store::{
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
 const INDEX: &str = include_str!("../../assets/index.html");
 const CLIENT: &str = include_str!("../../assets/sensorgate.js");
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// The dashboard's scripts and styles, and the chart library it vendors with its licence,
+/// served at `/assets/{name}`: compiled in, so the gateway needs neither internet access
+/// nor files beside the binary.
+const ASSETS: [(&str, &str, &str); 5] = [
+    ("app.js", include_str!("../../assets/app.js"), JS),
+    ("app.css", include_str!("../../assets/app.css"), CSS),
+    (
+        "uPlot.iife.min.js",
+        include_str!("../../assets/vendor/uPlot.iife.min.js"),
+        JS,
+    ),
+    (
+        "uPlot.min.css",
+        include_str!("../../assets/vendor/uPlot.min.css"),
+        CSS,
+    ),
+    (
+        "uPlot.LICENSE",
+        include_str!("../../assets/vendor/uPlot.LICENSE"),
+        "text/plain; charset=utf-8",
+    ),
+];
 
 /// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
 pub async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
@@ -76,11 +102,13 @@ fn checked<T>(errors: &mut Vec<FieldError>, result: Result<T, FieldError>) -> Op
     result.map_err(|e| errors.push(e)).ok()
 }
 
+/// An embedded file. `no-cache` makes browsers revalidate, so a dashboard open across an
+/// upgrade of the daemon picks up the new files on its next load.
 fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
     let mut response = Response::new(full(body));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
@@ -88,9 +116,18 @@ pub fn index() -> Response<Body> {
     asset(INDEX, "text/html; charset=utf-8")
 }
 
+/// One of the dashboard's files, by name.
+pub fn dashboard_asset(name: &str) -> Result<Response<Body>, ApiError> {
+    ASSETS
+        .iter()
+        .find(|(file, _, _)| *file == name)
+        .map(|(_, body, content_type)| asset(body, content_type))
+        .ok_or_else(|| ApiError::not_found(format!("No asset {name}")))
+}
+
 /// The reconnecting reference client, for dashboards.
 pub fn client_module() -> Response<Body> {
-    asset(CLIENT, "text/javascript; charset=utf-8")
+    asset(CLIENT, JS)
 }
 
 /// Prometheus text exposition.

@@ -23,6 +23,7 @@ use crate::auth::{Access, AuthError, Principal};
 enum Route {
     Index,
     ClientModule,
+    Asset(String),
     Health,
     Metrics,
     OpenApi,
@@ -48,8 +49,8 @@ enum Route {
 /// Who may use a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
-    /// Anyone: the page, the client module, the health check, the API document, and the
-    /// development routes.
+    /// Anyone: the dashboard and its assets, the client module, the health check, the
+    /// API document, and the development routes.
     Open,
     /// As the policy says for this access.
     Needs(Access),
@@ -82,6 +83,7 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
     let (route, guard) = match segments.as_slice() {
         [] if get => (Route::Index, Guard::Open),
         ["sensorgate.js"] if get => (Route::ClientModule, Guard::Open),
+        ["assets", name] if get => (Route::Asset((*name).to_owned()), Guard::Open),
         ["healthz"] if get => (Route::Health, Guard::Open),
         ["metrics"] if get => (Route::Metrics, Guard::Needs(Read)),
         ["api", "v1", rest @ ..] => match rest {
@@ -217,6 +219,7 @@ async fn dispatch(
     match route {
         Route::Index => Ok(rest::index()),
         Route::ClientModule => Ok(rest::client_module()),
+        Route::Asset(name) => rest::dashboard_asset(&name),
         Route::Health => Ok(rest::health(state).await),
         Route::Metrics => Ok(rest::metrics(state)),
         Route::OpenApi => Ok(rest::openapi()),

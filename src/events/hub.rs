@@ -92,7 +92,9 @@ impl Hub {
     /// Sends an event to every current subscriber. Called by the store writer only, after
     /// the commit that made the event true, in `seq` order.
     pub fn publish(&self, event: Arc<Event>) {
-        self.published.store(event.seq, Ordering::Release);
+        if event.seq > 0 {
+            self.published.store(event.seq, Ordering::Release);
+        }
         self.channels[event.channel.index()]
             .events_emitted
             .fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@
 //! they describe, and published to the hub only after the commit succeeded, so no client
 //! ever hears of data that a power cut could take back.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,6 +23,10 @@ use crate::config::StorageConfig;
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
 use crate::sensors::Measurement;
+
+/// Samples kept in memory while storage fails (a full or read-only card), newest first
+/// to survive; a few hours of a small gateway.
+const RETRY_SAMPLES: usize = 20_000;
 
 /// Most commands applied in one transaction; bounds the latency of the batch's first one.
 const MAX_BATCH: usize = 2048;
@@ -128,6 +133,11 @@ pub(crate) fn spawn(
     config: &StorageConfig,
     health: Arc<WriterHealth>,
 ) -> Result<WriterHandle, StoreError> {
+    if config.max_database_mb > 0 {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (config.max_database_mb as i64).saturating_mul(1024 * 1024) / page_size;
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
     let next_seq = last_seq(&conn)? + 1;
     hub.start_at(next_seq - 1);
     let writer = Writer {
@@ -140,6 +150,8 @@ pub(crate) fn spawn(
         maintenance_every: Duration::from_secs(config.maintenance_interval_s),
         health,
         last_maintenance: Instant::now(),
+        retry: VecDeque::new(),
+        outage: None,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -169,6 +181,13 @@ fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(seq as u64)
 }
 
+/// An ongoing storage failure.
+struct Outage {
+    since: Micros,
+    /// Samples dropped because the retry buffer was full.
+    dropped: u64,
+}
+
 struct Writer {
     conn: Connection,
     queue: mpsc::Receiver<Command>,
@@ -179,6 +198,10 @@ struct Writer {
     retention: Vec<(&'static str, Duration)>,
     maintenance_every: Duration,
     health: Arc<WriterHealth>,
+    /// Samples of failed commits, retried with the next batch.
+    retry: VecDeque<Sample>,
+    /// Set while storage fails.
+    outage: Option<Outage>,
     last_maintenance: Instant,
 }
 
@@ -255,6 +278,9 @@ impl Writer {
                 // in the following rounds, until the queue is empty.
                 self.queue.close();
             }
+            if !self.retry.is_empty() {
+                batch.insert(0, Command::Samples(self.retry.drain(..).collect()));
+            }
             self.commit(&mut batch);
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
@@ -271,6 +297,7 @@ impl Writer {
         let mut published = Vec::new();
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
+        let mut held = Vec::new();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // IMMEDIATE: take the write lock up front, so that another process holding it
             // (a backup, an sqlite3 shell) is waited for, not failed on mid-batch.
@@ -285,13 +312,19 @@ impl Writer {
                     seq: &mut seq,
                     events: &mut published,
                     rollups: &mut rollups,
+                    held: &mut held,
                     now: now_micros(),
                 };
                 match step.apply(command) {
                     Ok(d) => done.push(d),
                     Err(e) => {
                         let why = e.to_string();
-                        commands.for_each(|c| c.abort(&why));
+                        for command in commands {
+                            match command {
+                                Command::Samples(samples) => held.extend(samples),
+                                other => other.abort(&why),
+                            }
+                        }
                         return Err(e);
                     }
                 }
@@ -310,14 +343,80 @@ impl Writer {
                     self.hub.publish(event);
                 }
                 done.into_iter().for_each(Done::send);
+                if let Some(outage) = self.outage.take() {
+                    self.recovered(outage);
+                }
             }
             Err(why) => {
-                log::error!("storage commit failed, batch not stored: {why}");
                 self.next_seq = first_seq;
-                batch.drain(..).for_each(|c| c.abort(&why));
                 done.into_iter().for_each(|d| d.fail(&why));
+                // Commands not reached (the transaction could not even begin).
+                for command in batch.drain(..) {
+                    match command {
+                        Command::Samples(samples) => held.extend(samples),
+                        other => other.abort(&why),
+                    }
+                }
+                self.keep_for_retry(held);
+                self.degraded(&why);
             }
         }
+    }
+
+    /// Keeps the newest samples of a failed commit for the next attempt, within
+    /// [`RETRY_SAMPLES`]: a full or read-only card costs the oldest samples, never memory.
+    fn keep_for_retry(&mut self, samples: Vec<Sample>) {
+        self.retry.extend(samples);
+        let excess = self.retry.len().saturating_sub(RETRY_SAMPLES);
+        if excess > 0 {
+            self.retry.drain(..excess);
+            if let Some(outage) = &mut self.outage {
+                outage.dropped += excess as u64;
+            }
+        }
+    }
+
+    /// Storage just failed (or failed again): tell clients once per outage. The notice
+    /// cannot be stored, so it goes out live only, with `seq` 0.
+    fn degraded(&mut self, why: &str) {
+        if self.outage.is_some() {
+            return;
+        }
+        log::error!(
+            "storage failing, keeping up to {RETRY_SAMPLES} newest samples in memory: {why}"
+        );
+        self.outage = Some(Outage {
+            since: now_micros(),
+            dropped: 0,
+        });
+        let data = serde_json::json!({"error": why, "buffered_samples": self.retry.len()});
+        let frame = events::system_frame("storage_degraded", &data, now_micros(), 0);
+        self.hub.publish(Arc::new(Event {
+            seq: 0,
+            channel: Channel::General,
+            event_type: "storage_degraded".into(),
+            sensor_id: None,
+            tipo: None,
+            frame: frame.into(),
+        }));
+    }
+
+    /// Storage works again after an outage: a stored event says how long it lasted and
+    /// what was lost.
+    fn recovered(&mut self, outage: Outage) {
+        let seconds = (now_micros() - outage.since) as f64 / 1e6;
+        log::info!(
+            "storage writable again after {seconds:.0} s; {} samples were dropped",
+            outage.dropped
+        );
+        let (reply, _) = oneshot::channel();
+        let emission = Emission {
+            channel: Channel::General,
+            kind: EmissionKind::System("storage_recovered".into()),
+            sensor_id: None,
+            data: serde_json::json!({"outage_s": seconds, "dropped_samples": outage.dropped}),
+        };
+        self.commit(&mut vec![Command::Emit(emission, reply)]);
     }
 
     /// Retention in small slices, so it never holds the writer for long: the oldest
@@ -356,6 +455,14 @@ impl Writer {
                 Err(e) => log::warn!("retention failed: {e}"),
             }
         }
+        // Copy the WAL back into the database now, at a quiet moment, rather than on a
+        // commit that happens to cross the threshold.
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            log::debug!("checkpoint skipped: {e}");
+        }
         if behind {
             // More is due than one slice: come back after a second, not a whole interval.
             self.last_maintenance -= self
@@ -371,6 +478,9 @@ struct Step<'a> {
     seq: &'a mut u64,
     events: &'a mut Vec<Arc<Event>>,
     rollups: &'a mut Pending,
+    /// Samples written in this transaction, kept until it commits so that a failed
+    /// commit can retry them.
+    held: &'a mut Vec<Sample>,
     now: Micros,
 }
 
@@ -403,7 +513,7 @@ impl Step<'_> {
             }
             Command::Emit(emission, reply) => Done::Seq(reply, Ok(self.emit(emission)?)),
             Command::Samples(samples) => {
-                for sample in samples {
+                for sample in &samples {
                     // A sensor deleted while its source was still reading: drop the sample.
                     if !reader::sensor_exists(self.tx, sample.sensor_id)? {
                         continue;
@@ -418,6 +528,7 @@ impl Step<'_> {
                         )?;
                     }
                 }
+                self.held.extend(samples);
                 Done::Nothing
             }
             Command::Ping(reply) => Done::Ping(reply),

@@ -90,7 +90,12 @@ impl Feed {
             let mut batch = Vec::new();
             let mut next = Some(first);
             while let Some(event) = next.take() {
-                if event.seq > self.position {
+                if event.seq == 0 {
+                    // A live-only notice (storage failing), never stored or replayed.
+                    if channels.contains(&event.channel) {
+                        batch.push(event);
+                    }
+                } else if event.seq > self.position {
                     self.position = event.seq;
                     if channels.contains(&event.channel) {
                         batch.push(event);

@@ -1,0 +1,121 @@
+//! Power cuts, as near as a test gets: the daemon is killed with SIGKILL at random
+//! moments during heavy ingest, again and again. After each kill the database must be
+//! sound, `seq` must have no holes, and every event a connected client was sent must be
+//! in the database, byte for byte.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+const ROUNDS: u64 = 6;
+
+fn config(dir: &Path) -> std::path::PathBuf {
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n",
+        dir.join("data").display().to_string()
+    );
+    for i in 0..20 {
+        text.push_str(&format!(
+            "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\nsource = {{ kind = \"sim\", seed = {i} }}\n"
+        ));
+    }
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts the daemon with its log in `log`.
+fn start(config: &Path, log: &Path) -> Child {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The address the daemon logs once it listens.
+fn address(log: &Path) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .find_map(|l| l.split("listening on http://").nth(1))
+        {
+            return Some(addr.trim_end_matches('/').to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[tokio::test]
+async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let mut received: HashMap<u64, String> = HashMap::new();
+    for round in 0..ROUNDS {
+        let log = dir.path().join(format!("daemon-{round}.log"));
+        let mut child = start(&config, &log);
+        let Some(addr) = address(&log) else {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "daemon did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        let url = format!("ws://{addr}/api/v1/ws?channel=readings,sensors,general");
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        // Kill somewhere between 0.3 and 1.1 s into heavy ingest, a different moment each
+        // round.
+        let lifetime = Duration::from_millis(300 + (round * 157) % 800);
+        let deadline = tokio::time::Instant::now() + lifetime;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, socket.next()).await {
+            if let Message::Text(text) = message {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if let Some(seq) = event["seq"].as_u64() {
+                    received.insert(seq, text.to_string());
+                }
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(socket);
+
+        let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();
+        let check: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "round {round}");
+        let (min, max, count): (i64, i64, i64) = db
+            .query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(max - min + 1, count, "round {round}: seq has holes");
+        let mut stmt = db
+            .prepare("SELECT frame FROM events WHERE seq = ?1")
+            .unwrap();
+        for (seq, frame) in &received {
+            let stored: String = stmt
+                .query_row([*seq as i64], |r| r.get(0))
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: event {seq} was sent but is not stored")
+                });
+            assert_eq!(&stored, frame, "round {round}: event {seq} differs");
+        }
+    }
+    assert!(
+        received.len() > 100,
+        "too few events to mean anything: {}",
+        received.len()
+    );
+}
