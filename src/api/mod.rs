@@ -5,6 +5,7 @@
 //! and lets each connection finish the request in flight.
 
 mod error;
+mod export;
 mod limits;
 pub mod metrics;
 mod query;
@@ -18,12 +19,15 @@ pub use error::ApiError;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,7 +35,7 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use limits::{AddressSlots, RateLimiter};
 use metrics::{Counters, Limit};
@@ -53,6 +57,30 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A streamed body and the sender that feeds it, `capacity` chunks deep; the body ends
+/// when the sender is dropped. The producer waits while the client is not reading, so a
+/// stream costs constant memory however long it is.
+pub fn streamed(capacity: usize) -> (mpsc::Sender<Bytes>, Body) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    (sender, ChannelBody(receiver).boxed_unsync())
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
 }
 
 /// A JSON response.

@@ -294,6 +294,7 @@ pub async fn list_readings(
         to,
         limit: limit.unwrap_or_default(),
         order,
+        after: None,
     };
     let readings = state.store.readings(filter).await?;
     Ok(json_response(StatusCode::OK, &readings))

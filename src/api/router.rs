@@ -15,7 +15,7 @@ use super::limits::Key;
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{rest, tokens, ApiError, Body, State};
+use super::{export, rest, tokens, ApiError, Body, State};
 use crate::auth::{Access, AuthError, Principal};
 
 /// Everything the API answers.
@@ -35,6 +35,7 @@ enum Route {
     ListReadings,
     CreateReading,
     AggregatedReadings,
+    ExportReadings,
     Socket,
     SecureSocket,
     Events,
@@ -97,6 +98,9 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["lecturas", "agregadas"] | ["readings", "aggregated"] if get => {
                 (Route::AggregatedReadings, Guard::Needs(Read))
             }
+            ["lecturas" | "readings", "export"] if get => {
+                (Route::ExportReadings, Guard::Needs(Read))
+            }
             ["ws"] if get => (Route::Socket, Guard::Needs(Read)),
             ["ws", "secure"] if get => (Route::SecureSocket, Guard::Needs(Access::Secure)),
             ["events"] if get => (Route::Events, Guard::Needs(Read)),
@@ -114,6 +118,7 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["openapi.json" | "lecturas" | "readings" | "ws" | "events" | "tokens"]
             | ["lecturas", "agregadas"]
             | ["readings", "aggregated"]
+            | ["lecturas" | "readings", "export"]
             | ["ws", "secure" | "stats" | "test-event"]
             | ["ws", "stats", _]
             | ["tokens", _] => return Err(ApiError::method_not_allowed()),
@@ -231,6 +236,7 @@ async fn dispatch(
         Route::ListReadings => rest::list_readings(&req, state).await,
         Route::CreateReading => rest::create_reading(req, state).await,
         Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
+        Route::ExportReadings => export::readings(&req, state),
         Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false),
         Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true),
         Route::Events => sse::stream(&req, state.clone()),

@@ -263,6 +263,30 @@ pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connec
     Ok(conn)
 }
 
+/// Writes a consistent copy of the database to `target` while the daemon keeps running
+/// (`VACUUM INTO` reads one snapshot; ingest goes on). Returns the copy's size. Refuses to
+/// overwrite an existing file.
+pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
+    if target.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists already", target.display()),
+        )));
+    }
+    let source = data_dir.join(DATABASE_FILE);
+    if !source.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no database at {}", source.display()),
+        )));
+    }
+    let conn = open_reader(&source)?;
+    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
+    std::fs::metadata(target)
+        .map(|m| m.len())
+        .map_err(StoreError::Io)
+}
+
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`
 /// decides what a power cut may take (see the README's storage section).
 fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite::Error> {
