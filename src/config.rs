@@ -88,6 +88,20 @@ pub struct StorageConfig {
     /// Largest the database may grow, in MiB (0: as large as the card allows). Past it,
     /// writes fail as on a full card until retention or an operator frees space.
     pub max_database_mb: u64,
+    /// Raw-reading retention for particular `tipo`s or sensors, instead of
+    /// `readings_retention_days`.
+    pub retention: Vec<RetentionRule>,
+}
+
+/// Keeps the raw readings of one `tipo`, or of one sensor (by name), for `days`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    #[serde(default)]
+    pub tipo: Option<String>,
+    #[serde(default)]
+    pub sensor: Option<String>,
+    pub days: u32,
 }
 
 impl Default for StorageConfig {
@@ -102,6 +116,7 @@ impl Default for StorageConfig {
             day_rollup_retention_days: 0,
             maintenance_interval_s: 60,
             max_database_mb: 0,
+            retention: Vec::new(),
         }
     }
 }
@@ -269,6 +284,14 @@ impl Config {
                 "storage.maintenance_interval_s",
                 "must be at least 1",
             ));
+        }
+        for rule in &self.storage.retention {
+            if rule.tipo.is_some() == rule.sensor.is_some() || rule.days == 0 {
+                return Err(Problem::key(
+                    "storage.retention",
+                    "each rule names either a tipo or a sensor, and days of at least 1",
+                ));
+            }
         }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));

@@ -6,6 +6,7 @@
 //! blocking thread pool, so they never wait behind a commit.
 
 mod reader;
+mod retention;
 mod rollup;
 mod schema;
 mod writer;

@@ -17,7 +17,8 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::rollup::{Bucket, Pending};
+use super::retention::{Retention, SLICE};
+use super::rollup::Pending;
 use super::{reader, StoreError};
 use crate::config::StorageConfig;
 use crate::events::{self, Channel, Event, Hub};
@@ -30,10 +31,6 @@ const RETRY_SAMPLES: usize = 20_000;
 
 /// Most commands applied in one transaction; bounds the latency of the batch's first one.
 const MAX_BATCH: usize = 2048;
-
-/// How many rows retention deletes per table at most each pass, so that it never holds
-/// the writer for long.
-const MAINTENANCE_ROWS: i64 = 5000;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -145,8 +142,7 @@ pub(crate) fn spawn(
         queue,
         hub,
         next_seq,
-        max_events: config.max_events,
-        retention: retention_periods(config),
+        retention: Retention::new(config),
         maintenance_every: Duration::from_secs(config.maintenance_interval_s),
         health,
         last_maintenance: Instant::now(),
@@ -158,22 +154,6 @@ pub(crate) fn spawn(
         .spawn(move || writer.run())
         .map_err(StoreError::Io)?;
     Ok(WriterHandle { thread })
-}
-
-fn retention_periods(config: &StorageConfig) -> Vec<(&'static str, Duration)> {
-    let days = |d: u32| Duration::from_secs(u64::from(d) * 86_400);
-    vec![
-        ("readings", days(config.readings_retention_days)),
-        (
-            Bucket::Minute.table(),
-            days(config.minute_rollup_retention_days),
-        ),
-        (
-            Bucket::Hour.table(),
-            days(config.hour_rollup_retention_days),
-        ),
-        (Bucket::Day.table(), days(config.day_rollup_retention_days)),
-    ]
 }
 
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
@@ -193,9 +173,7 @@ struct Writer {
     queue: mpsc::Receiver<Command>,
     hub: Hub,
     next_seq: u64,
-    max_events: u64,
-    /// Tables with a time-based retention, and how long they keep rows (zero: forever).
-    retention: Vec<(&'static str, Duration)>,
+    retention: Retention,
     maintenance_every: Duration,
     health: Arc<WriterHealth>,
     /// Samples of failed commits, retried with the next batch.
@@ -419,40 +397,21 @@ impl Writer {
         self.commit(&mut vec![Command::Emit(emission, reply)]);
     }
 
-    /// Retention in small slices, so it never holds the writer for long: the oldest
-    /// events past `max_events`, then readings and each roll-up past their periods.
+    /// Retention in small slices (see [`Retention`]), then a checkpoint.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
-        let keep_from = self.next_seq as i64 - 1 - self.max_events as i64;
-        let result = self
-            .conn
-            .execute(
-                "DELETE FROM events WHERE seq <= ?1 AND seq < (SELECT MIN(seq) FROM events) + ?2",
-                params![keep_from, MAINTENANCE_ROWS],
-            )
-            .map(|n| ("events", n));
-        let now = now_micros();
-        let timed = self.retention.iter().filter(|(_, period)| !period.is_zero()).map(|(table, period)| {
-            let (column, key) = if *table == "readings" { ("ts", "id") } else { ("inicio", "rowid") };
-            let cutoff = now - period.as_micros() as i64;
-            let sql = if key == "id" {
-                format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ?1 ORDER BY {column} LIMIT ?2)")
-            } else {
-                // Roll-up tables are WITHOUT ROWID: delete by their key.
-                format!("DELETE FROM {table} WHERE (sensor_id, tipo, inicio) IN \
-                         (SELECT sensor_id, tipo, inicio FROM {table} WHERE inicio < ?1 LIMIT ?2)")
-            };
-            self.conn.execute(&sql, params![cutoff, MAINTENANCE_ROWS]).map(|n| (*table, n))
-        });
         let mut behind = false;
-        for outcome in std::iter::once(result).chain(timed.collect::<Vec<_>>()) {
+        for (what, outcome) in self
+            .retention
+            .sweep(&self.conn, now_micros(), self.next_seq - 1)
+        {
             match outcome {
-                Ok((_, 0)) => {}
-                Ok((table, n)) => {
-                    behind |= n as i64 == MAINTENANCE_ROWS;
-                    log::debug!("retention removed {n} rows from {table}");
+                Ok(0) => {}
+                Ok(n) => {
+                    behind |= n as i64 == SLICE;
+                    log::debug!("retention removed {n} rows: {what}");
                 }
-                Err(e) => log::warn!("retention failed: {e}"),
+                Err(e) => log::warn!("retention of {what} failed: {e}"),
             }
         }
         // Copy the WAL back into the database now, at a quiet moment, rather than on a
