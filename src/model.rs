@@ -31,8 +31,20 @@ pub fn parse_time(text: &str) -> Option<Micros> {
         .map(|t| t.with_timezone(&Utc).timestamp_micros())
 }
 
-fn serialize_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
+/// Serde helpers that write stored times in the wire format.
+pub mod wire_time {
+    use super::{format_time, Micros};
+
+    pub fn required<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_time(*t))
+    }
+
+    pub fn optional<S: serde::Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&format_time(*t)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// A sensor as stored and as sent on the wire.
@@ -49,9 +61,9 @@ pub struct Sensor {
     /// Sampling interval in seconds.
     pub intervalo: Option<f64>,
     pub activo: bool,
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub created_at: Micros,
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub updated_at: Micros,
 }
 
@@ -76,7 +88,7 @@ pub struct Reading {
     pub valor: f64,
     pub unidad: String,
     /// When the sample was taken, not when it was stored.
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub timestamp: Micros,
 }
 

@@ -6,8 +6,9 @@ use hyper::header::{HeaderValue, CONTENT_DISPOSITION, CONTENT_TYPE};
 use hyper::{Request, Response};
 
 use super::query::Query;
+use super::rest::reading_range;
 use super::{streamed, ApiError, Body, State};
-use crate::model::{format_time, parse_time, FieldError, Reading};
+use crate::model::{format_time, FieldError, Reading};
 use crate::store::{ReadingFilter, ReadingOrder, Store};
 
 /// Readings read from the database per page.
@@ -34,36 +35,12 @@ pub fn readings(req: &Request<Incoming>, state: &State) -> Result<Response<Body>
             Format::Csv
         }
     };
-    let sensor_id = q.get("sensor_id").and_then(|text| {
-        text.parse::<i64>()
-            .map_err(|_| errors.push(FieldError::new("sensor_id", "must be an integer")))
-            .ok()
-    });
-    let mut time = |name: &str| {
-        q.get(name).and_then(|text| {
-            parse_time(text)
-                .ok_or_else(|| {
-                    errors.push(FieldError::new(
-                        name,
-                        "must be an RFC 3339 time with offset",
-                    ))
-                })
-                .ok()
-        })
-    };
-    let (from, to) = (time("desde"), time("hasta"));
+    let mut filter = reading_range(&q, &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let filter = ReadingFilter {
-        sensor_id,
-        tipo: q.get("tipo").map(str::to_owned),
-        from,
-        to,
-        limit: PAGE,
-        order: ReadingOrder::Asc,
-        after: None,
-    };
+    filter.limit = PAGE;
+    filter.order = ReadingOrder::Asc;
     let (chunks, body) = streamed(QUEUE);
     tokio::spawn(produce(state.store.clone(), filter, format, chunks));
     let mut response = Response::new(body);

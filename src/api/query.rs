@@ -1,5 +1,9 @@
 //! Query strings: `application/x-www-form-urlencoded` pairs, repeatable keys.
 
+use std::str::FromStr;
+
+use crate::model::{parse_time, FieldError, Micros};
+
 /// Decoded query parameters, in order.
 #[derive(Debug, Default, Clone)]
 pub struct Query(Vec<(String, String)>);
@@ -36,6 +40,35 @@ impl Query {
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .collect()
+    }
+}
+
+impl Query {
+    /// A parameter parsed as `T`, if present; a bad value is recorded in `errors` as
+    /// `message`, so that one 422 names every bad parameter.
+    pub fn parsed<T: FromStr>(
+        &self,
+        name: &str,
+        message: &str,
+        errors: &mut Vec<FieldError>,
+    ) -> Option<T> {
+        let text = self.get(name)?;
+        text.parse()
+            .map_err(|_| errors.push(FieldError::new(name, message)))
+            .ok()
+    }
+
+    /// A time parameter (RFC 3339 with an offset), if present.
+    pub fn time(&self, name: &str, errors: &mut Vec<FieldError>) -> Option<Micros> {
+        let text = self.get(name)?;
+        parse_time(text)
+            .ok_or_else(|| {
+                errors.push(FieldError::new(
+                    name,
+                    "must be an RFC 3339 time with offset",
+                ))
+            })
+            .ok()
     }
 }
 
