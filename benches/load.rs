@@ -9,7 +9,8 @@
 //!
 //! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `memory`, `history`, `size`.
 //! Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`, `LOAD_INGEST_SENSORS` and
-//! `LOAD_INGEST_SECS`.
+//! `LOAD_INGEST_SECS`; `LOAD_DAEMON=PATH` drives another build of the daemon (one with
+//! symbols, for a profiler) instead of the one cargo built.
 //!
 //! Each scenario starts its own daemon (`--config` with port 0 and a temporary data
 //! directory), so figures do not depend on which scenarios ran before. The daemon and this
@@ -25,7 +26,6 @@ use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -150,13 +150,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Other work on the machine shares the cores with the daemon and the generator.
+    eprintln!("load average before: {}", load_average());
     let (rows, failed) = runtime.block_on(run(&selected, &sizes));
+    eprintln!("load average after: {}", load_average());
     print!("{}", table(&rows));
     if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Runs the selected scenarios in order; a scenario that fails gets a row saying so and
@@ -327,7 +337,7 @@ impl Daemon {
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        let mut child = Command::new(daemon_binary())
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -448,6 +458,14 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The daemon to drive: the one cargo built for this bench, or `LOAD_DAEMON` (another
+/// build of it, e.g. one with symbols for a profiler).
+fn daemon_binary() -> std::path::PathBuf {
+    std::env::var_os("LOAD_DAEMON")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_sensorgate").into())
 }
 
 /// Starts a daemon from async code: waiting for it blocks this worker, not the others.
@@ -1307,8 +1325,8 @@ async fn ingest_probe(client: &mut http::Client) -> Result<(u64, u64, Instant), 
 // 7. Size
 
 fn binary_size() -> Result<Vec<Row>, Error> {
-    let path = Path::new(env!("CARGO_BIN_EXE_sensorgate"));
-    let bytes = std::fs::metadata(path)?.len();
+    let path = daemon_binary();
+    let bytes = std::fs::metadata(&path)?.len();
     // The bench profile inherits the release profile, which strips; a smoke pass under
     // `cargo test` sizes the debug build instead.
     let what = if path.components().any(|c| c.as_os_str() == "release") {
