@@ -1282,30 +1282,94 @@ async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let daemon = start(&sensors)?;
     let mut client = http::Client::new(daemon.addr);
     tokio::time::sleep(sizes.ingest_warmup).await;
-    let cpu = CpuShare::start(&daemon)?;
-    let (seq0, emitted0, t0) = ingest_probe(&mut client).await?;
-    tokio::time::sleep(sizes.ingest_window).await;
-    let (seq1, emitted1, t1) = ingest_probe(&mut client).await?;
-    let secs = (t1 - t0).as_secs_f64();
-    let cpu = cpu.describe(&daemon)?;
+    let alone = ingest_window(&daemon, &mut client, sizes.ingest_window).await?;
+    // The same load with clients that want only `sensors` events: they should cost the
+    // daemon nothing while no sensor changes.
+    let watchers = sizes.fanout_clients;
+    let sockets = subscribe_many(daemon.addr, "sensors", watchers).await?;
+    let closed = Arc::new(AtomicU64::new(0));
+    let last_code = Arc::new(AtomicU64::new(0));
+    let mut listeners = JoinSet::new();
+    for mut socket in sockets {
+        let (closed, last_code) = (closed.clone(), last_code.clone());
+        listeners.spawn(async move {
+            while let Some(message) = socket.next().await {
+                match message {
+                    Ok(Message::Close(frame)) => {
+                        let code = frame.map_or(0, |f| u16::from(f.code));
+                        last_code.store(u64::from(code), Ordering::Relaxed);
+                        break;
+                    }
+                    Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            closed.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    let watched = ingest_window(&daemon, &mut client, sizes.ingest_window).await?;
+    let dropped = match closed.load(Ordering::Relaxed) {
+        0 => "none".to_owned(),
+        n => format!("{n} (close code {})", last_code.load(Ordering::Relaxed)),
+    };
+    drop(listeners);
     let startup = daemon.startup;
     stop(daemon)?;
-    // Each sample of the dht22 profile is two readings (temperature, humidity), and each
-    // stored reading is one event.
-    let stored = (seq1 - seq0) as f64 / secs;
-    let emitted = (emitted1 - emitted0) as f64 / secs;
+    // Each sample of the dht22 profile is two readings (temperature, humidity).
     let offered = count as f64 / MIN_INTERVAL_S * 2.0;
-    Ok(vec![Row::new(
-        &format!("Ingest, {count} sim sensors every {MIN_INTERVAL_S} s, {} s window", sizes.ingest_window.as_secs_f64()),
-        format!(
-            "{} readings/s stored (seq delta), {} emitted on `readings`, of {} offered; {cpu}; sensors started in {:.1} s",
-            thousands(stored as u64),
-            thousands(emitted as u64),
-            thousands(offered as u64),
-            startup.as_secs_f64()
+    let name = format!(
+        "Ingest, {count} sim sensors every {MIN_INTERVAL_S} s, {} s window",
+        sizes.ingest_window.as_secs_f64()
+    );
+    Ok(vec![
+        Row::new(
+            &name,
+            format!(
+                "{} readings/s stored (seq delta), {} emitted on `readings`, of {} offered; {}; sensors started in {:.1} s",
+                thousands(alone.stored as u64),
+                thousands(alone.emitted as u64),
+                thousands(offered as u64),
+                alone.cpu,
+                startup.as_secs_f64()
+            ),
+            "≥ 250,000 samples/s",
         ),
-        "≥ 250,000 samples/s",
-    )])
+        Row::new(
+            &format!("{name}, {watchers} clients on `sensors`"),
+            format!(
+                "{} readings/s stored; {}; clients dropped: {dropped}",
+                thousands(watched.stored as u64),
+                watched.cpu
+            ),
+            "—",
+        ),
+    ])
+}
+
+/// Storage and emission rates over one window of the ingest scenario.
+struct IngestRates {
+    /// Readings stored per second: each stored reading is one event, so the `seq` delta.
+    stored: f64,
+    /// Events per second the hub published on `readings`.
+    emitted: f64,
+    cpu: String,
+}
+
+async fn ingest_window(
+    daemon: &Daemon,
+    client: &mut http::Client,
+    window: Duration,
+) -> Result<IngestRates, Error> {
+    let cpu = CpuShare::start(daemon)?;
+    let (seq0, emitted0, t0) = ingest_probe(client).await?;
+    tokio::time::sleep(window).await;
+    let (seq1, emitted1, t1) = ingest_probe(client).await?;
+    let secs = (t1 - t0).as_secs_f64();
+    Ok(IngestRates {
+        stored: (seq1 - seq0) as f64 / secs,
+        emitted: (emitted1 - emitted0) as f64 / secs,
+        cpu: cpu.describe(daemon)?,
+    })
 }
 
 /// The last stored `seq` and the events emitted on `readings`, and when they were read.
