@@ -330,8 +330,12 @@ impl Daemon {
         let data = dir.path().join("data");
         // The WebSocket scenarios hold up to 1000 clients plus the REST connections; the
         // default limit of 256 is meant for a gateway, not for this.
+        // Rate limits are for a LAN, not for a load test; writes still present a token,
+        // as a real client's do, and pay for its check.
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n\n\
+             [limits]\nmax_connections_per_address = 4096\n\
+             writes_per_second = 1000000000.0\nwrite_burst = 1000000000.0\n\n\
              [storage]\ndata_dir = {data:?}\n\n{sensors}",
             data = data.to_string_lossy()
         );
@@ -396,6 +400,10 @@ impl Daemon {
         if daemon.addr.port() == 0 {
             return Err("daemon became ready without saying where it listens".into());
         }
+        // The daemon made its first admin token before it said it was ready.
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .map_err(|e| format!("no admin token in the data directory: {e}"))?;
+        http::use_token(Some(token.trim().to_owned()));
         eprintln!("  daemon pid {} on {}", daemon.pid(), daemon.addr);
         Ok(daemon)
     }
@@ -586,6 +594,14 @@ mod http {
         pub body: Vec<u8>,
     }
 
+    /// The token every request carries: the admin token of the daemon under test, set
+    /// once it has started (each scenario starts a daemon of its own).
+    static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+    pub fn use_token(token: Option<String>) {
+        *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
     /// One keep-alive connection, opened on first use and again after the server
     /// closes it or an exchange fails.
     pub struct Client {
@@ -656,6 +672,9 @@ mod http {
         ) -> io::Result<Response> {
             self.connect().await?;
             let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+            if let Some(token) = TOKEN.read().unwrap_or_else(|e| e.into_inner()).as_deref() {
+                request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+            }
             if let Some(body) = body {
                 request.push_str("Content-Type: application/json\r\n");
                 request.push_str(&format!("Content-Length: {}\r\n", body.len()));
