@@ -35,9 +35,9 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use limits::{AddressSlots, RateLimiter};
+use limits::{AddressSlots, RateLimiter, Slot};
 use metrics::{Counters, Limit};
 
 use crate::auth::Authenticator;
@@ -196,20 +196,34 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, state).await;
-            drop((permit, slot));
+        let admission = Arc::new(Admission {
+            _permit: permit,
+            _slot: slot,
         });
+        tokio::spawn(serve_connection(stream, peer, state, admission));
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<State>) {
+/// A connection's places under the connection limits: held by the connection, and by
+/// the WebSocket session it may become, which outlives it in hyper's eyes.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    admission: Arc<Admission>,
+) {
     let _drain = state.drain.clone();
     let mut shutdown = state.shutdown.clone();
     let service_state = state.clone();
     let service = service_fn(move |req| {
         let state = service_state.clone();
-        async move { Ok::<_, Infallible>(router::route(req, state, peer).await) }
+        let admission = admission.clone();
+        async move { Ok::<_, Infallible>(router::route(req, state, peer, admission).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

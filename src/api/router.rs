@@ -15,7 +15,7 @@ use super::limits::Key;
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{export, rest, tokens, ApiError, Body, State};
+use super::{export, rest, tokens, Admission, ApiError, Body, State};
 use crate::auth::{Access, AuthError, Principal};
 
 /// Everything the API answers.
@@ -57,7 +57,12 @@ enum Guard {
     Needs(Access),
 }
 
-pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) -> Response<Body> {
+pub async fn route(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    peer: SocketAddr,
+    admission: Arc<Admission>,
+) -> Response<Body> {
     let uri_length = req.uri().to_string().len();
     if uri_length > state.limits.max_uri_bytes {
         state.counters.hit(Limit::UriLength);
@@ -69,7 +74,7 @@ pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) 
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
             limit_writes(&state, peer, principal.as_ref())?;
         }
-        dispatch(route, req, &state, peer, principal).await
+        dispatch(route, req, &state, peer, principal, admission).await
     };
     result.await.unwrap_or_else(ApiError::into_response)
 }
@@ -220,6 +225,7 @@ async fn dispatch(
     state: &Arc<State>,
     peer: SocketAddr,
     principal: Option<Principal>,
+    admission: Arc<Admission>,
 ) -> Result<Response<Body>, ApiError> {
     match route {
         Route::Index => Ok(rest::index()),
@@ -237,8 +243,8 @@ async fn dispatch(
         Route::CreateReading => rest::create_reading(req, state).await,
         Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
         Route::ExportReadings => export::readings(&req, state),
-        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false),
-        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true),
+        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false, admission),
+        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true, admission),
         Route::Events => sse::stream(&req, state.clone()),
         Route::SocketStats => Ok(rest::ws_stats(state)),
         Route::ChannelStats(channel) => rest::ws_channel_stats(state, &channel),
