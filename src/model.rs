@@ -4,7 +4,7 @@
 //! Field names are Spanish because existing dashboards speak the original service's
 //! format; see `API.md` in the README's API section.
 
-use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -25,10 +25,16 @@ pub fn format_time(t: Micros) -> String {
 }
 
 /// Parses a wire time (RFC 3339 with any offset) into storage units.
+///
+/// A time whose UTC form falls outside the years 0000 to 9999 is refused: an offset can
+/// carry `9999-12-31T23:59:59-23:59` into year 10000, which the wire format cannot show,
+/// so it could be stored but never given back as RFC 3339.
 pub fn parse_time(text: &str) -> Option<Micros> {
     DateTime::parse_from_rfc3339(text)
         .ok()
-        .map(|t| t.with_timezone(&Utc).timestamp_micros())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .map(|t| t.timestamp_micros())
 }
 
 fn serialize_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
@@ -510,5 +516,15 @@ mod tests {
         let t = parse_time("2026-11-28T10:15:02.123456Z").unwrap();
         assert_eq!(format_time(t), "2026-11-28T10:15:02.123456Z");
         assert_eq!(parse_time("2026-11-28T11:15:02.123456+01:00"), Some(t));
+    }
+
+    #[test]
+    fn times_the_wire_cannot_show_are_refused() {
+        assert_eq!(parse_time("9999-12-31T23:59:59.999999-23:59"), None);
+        assert_eq!(parse_time("0000-01-01T00:00:00+00:01"), None);
+        let last = parse_time("9999-12-31T23:59:59.999999Z").unwrap();
+        assert_eq!(format_time(last), "9999-12-31T23:59:59.999999Z");
+        let first = parse_time("0000-01-01T00:00:00+00:00").unwrap();
+        assert_eq!(format_time(first), "0000-01-01T00:00:00.000000Z");
     }
 }
