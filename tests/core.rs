@@ -376,6 +376,13 @@ async fn bad_input_is_rejected_and_changes_nothing() {
             405,
             "method_not_allowed",
         ),
+        (
+            "DELETE",
+            "/assets/app.js".into(),
+            "",
+            405,
+            "method_not_allowed",
+        ),
         ("GET", "/api/v1/nothing-here".into(), "", 404, "not_found"),
         ("GET", "/api/v1/test-sensors/".into(), "", 404, "not_found"),
     ];
