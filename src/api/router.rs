@@ -129,7 +129,7 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             | ["tokens", _] => return Err(ApiError::method_not_allowed()),
             _ => return Err(not_found(path)),
         },
-        [] | ["sensorgate.js" | "healthz" | "metrics"] => {
+        [] | ["sensorgate.js" | "healthz" | "metrics"] | ["assets", _] => {
             return Err(ApiError::method_not_allowed())
         }
         _ => return Err(not_found(path)),
