@@ -646,6 +646,62 @@ async fn metrics_parse_and_move_as_samples_arrive() {
     daemon.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_broker_is_checked_against_the_configured_ca() {
+    let broker = Broker::start().await;
+    let (link, ca) = Link::start_tls(broker.addr).await;
+    let dir = temp_dir();
+    let ca_file = dir.path().join("broker-ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let (other_ca, _, _) = mqtt::certificates();
+    let other_ca_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca).unwrap();
+    let (trusting, doubting) = (gateway(), gateway());
+    let mut sub = Subscriber::start(
+        broker.addr,
+        &[
+            &format!("sensorgate/{trusting}/#"),
+            &format!("sensorgate/{doubting}/#"),
+        ],
+    )
+    .await;
+    let tls = |ca: &Path| format!("discovery = false\nca_file = \"{}\"", ca.display());
+    let broker_url = |text: String| text.replace("mqtt://", "mqtts://");
+
+    let good_dir = dir.path().join("good");
+    let good = Daemon::start_in(
+        &good_dir,
+        &broker_url(config(link.addr, &trusting, &tls(&ca_file))),
+    )
+    .await;
+    let bad_dir = dir.path().join("bad");
+    let bad = Daemon::start_in(
+        &bad_dir,
+        &broker_url(config(link.addr, &doubting, &tls(&other_ca_file))),
+    )
+    .await;
+    let got = sub
+        .until(PATIENCE, |m| {
+            is_reading(&trusting, m) && m.json()["seq"].as_u64() > Some(10)
+        })
+        .await;
+    assert!(got
+        .iter()
+        .all(|m| m.topic.starts_with(&format!("sensorgate/{trusting}/"))));
+    assert_eq!(metrics(&good).await["sensorgate_uplink_connected"], 1.0);
+    // A certificate from a CA it was not told to trust: never connected, nothing sent.
+    let m = metrics(&bad).await;
+    assert_eq!(m["sensorgate_uplink_connected"], 0.0);
+    assert_eq!(m["sensorgate_uplink_published_total"], 0.0);
+    good.stop().await;
+    bad.stop().await;
+    let rest = sub.drain(Duration::from_millis(300)).await;
+    assert!(rest
+        .iter()
+        .all(|m| !m.topic.starts_with(&format!("sensorgate/{doubting}/"))));
+    drop(link);
+}
+
 #[tokio::test]
 async fn without_a_broker_configured_there_is_no_uplink() {
     let dir = temp_dir();

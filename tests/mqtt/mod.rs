@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rumqttc::tokio_rustls::{rustls, TlsAcceptor};
 use rumqttc::{
     matches, AsyncClient, ConnAck, ConnectReturnCode, Event, MqttOptions, Packet, PubAck, Publish,
     QoS, SubAck, SubscribeReasonCode,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -200,6 +201,8 @@ fn message(p: Publish) -> Message {
 pub struct Link {
     pub addr: SocketAddr,
     target: SocketAddr,
+    /// Set when the daemon's side of the link speaks TLS.
+    tls: Option<TlsAcceptor>,
     up: Option<LinkUp>,
 }
 
@@ -217,8 +220,29 @@ impl Link {
         Link {
             addr,
             target,
-            up: Some(LinkUp::serve(listener, target)),
+            tls: None,
+            up: Some(LinkUp::serve(listener, target, None)),
         }
+    }
+
+    /// A link whose daemon side is TLS, with a certificate for `127.0.0.1` and
+    /// `localhost` from a new CA; returns the link and the CA certificate (PEM).
+    pub async fn start_tls(target: SocketAddr) -> (Link, String) {
+        let (ca, chain, key) = certificates();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("test certificate is usable");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let link = Link {
+            addr,
+            target,
+            tls: Some(acceptor.clone()),
+            up: Some(LinkUp::serve(listener, target, Some(acceptor))),
+        };
+        (link, ca)
     }
 
     /// Cuts the link: the broker is gone as far as the daemon can tell.
@@ -241,7 +265,7 @@ impl Link {
         let listener = TcpListener::bind(self.addr)
             .await
             .expect("link port free again");
-        self.up = Some(LinkUp::serve(listener, self.target));
+        self.up = Some(LinkUp::serve(listener, self.target, self.tls.clone()));
     }
 }
 
@@ -257,7 +281,7 @@ impl Drop for Link {
 }
 
 impl LinkUp {
-    fn serve(listener: TcpListener, target: SocketAddr) -> LinkUp {
+    fn serve(listener: TcpListener, target: SocketAddr, tls: Option<TlsAcceptor>) -> LinkUp {
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let hold = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -269,31 +293,16 @@ impl LinkUp {
                         continue;
                     };
                     let hold = hold.clone();
+                    let tls = tls.clone();
                     let pump = tokio::spawn(async move {
-                        let Ok(server) = TcpStream::connect(target).await else {
-                            return;
-                        };
-                        let (mut client_read, mut client_write) = client.into_split();
-                        let (mut server_read, mut server_write) = server.into_split();
-                        let up = async {
-                            let mut buf = vec![0u8; 16 * 1024];
-                            loop {
-                                let n = match client_read.read(&mut buf).await {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => n,
-                                };
-                                if hold.load(Ordering::SeqCst) {
-                                    std::future::pending::<()>().await;
-                                }
-                                if server_write.write_all(&buf[..n]).await.is_err() {
-                                    break;
+                        match tls {
+                            None => forward(client, target, hold).await,
+                            Some(acceptor) => {
+                                // A client that refuses the certificate ends here.
+                                if let Ok(client) = acceptor.accept(client).await {
+                                    forward(client, target, hold).await;
                                 }
                             }
-                        };
-                        let down = tokio::io::copy(&mut server_read, &mut client_write);
-                        tokio::select! {
-                            _ = up => {}
-                            _ = down => {}
                         }
                     });
                     connections.lock().unwrap().push(pump);
@@ -306,6 +315,79 @@ impl LinkUp {
             hold,
         }
     }
+}
+
+/// Copies both ways between `client` and a new connection to `target`; while `hold` is
+/// set, bytes towards `target` are swallowed.
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
+    target: SocketAddr,
+    hold: Arc<AtomicBool>,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if hold.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if client_write.write_all(&buf[..n]).await.is_err()
+                || client_write.flush().await.is_err()
+            {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// A new CA (its certificate as PEM) and a server certificate chain and key it signed,
+/// for `127.0.0.1` and `localhost`.
+pub fn certificates() -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "sensorgate test CA");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (
+        ca.pem(),
+        vec![server.der().clone(), ca.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
 }
 
 /// The in-process broker.
