@@ -108,6 +108,8 @@ struct Config<'a> {
 }
 
 impl Discovery {
+    /// Announcements under `prefix` for `gateway`, whose readings go to `topics`;
+    /// `expire_intervals` sampling intervals without a reading make an entity unavailable.
     pub fn new(prefix: &str, gateway: &str, topics: Topics, expire_intervals: u32) -> Discovery {
         Discovery {
             prefix: prefix.to_owned(),

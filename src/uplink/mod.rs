@@ -162,6 +162,8 @@ impl Stats {
 pub enum UplinkError {
     /// The cursor could not be read or saved.
     Store(StoreError),
+    /// A setting is unusable (validated configs never have one).
+    Config(String),
     /// The TLS settings could not be applied.
     Tls(String),
 }
@@ -170,6 +172,7 @@ impl fmt::Display for UplinkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UplinkError::Store(e) => write!(f, "uplink cursor: {e}"),
+            UplinkError::Config(e) => write!(f, "uplink settings: {e}"),
             UplinkError::Tls(e) => write!(f, "uplink TLS: {e}"),
         }
     }
@@ -298,7 +301,7 @@ impl Settings {
             return Ok(None);
         };
         // Validated with the config already.
-        let broker = BrokerAddress::parse(broker, uplink.tls).map_err(UplinkError::Tls)?;
+        let broker = BrokerAddress::parse(broker, uplink.tls).map_err(UplinkError::Config)?;
         let gateway = uplink.gateway.clone().unwrap_or_else(host_name);
         let topics = Topics::new(&uplink.topic_prefix, &gateway);
         let client_id = uplink
@@ -406,7 +409,8 @@ struct Runner {
 impl Runner {
     async fn run(mut self) {
         let mut backoff = BACKOFF_FIRST;
-        let mut failing_since: Option<Instant> = None;
+        // Failed attempts are logged once per outage, then only at debug level.
+        let mut warned = false;
         loop {
             match self.connection().await {
                 Ended::Stopped => break,
@@ -415,13 +419,13 @@ impl Runner {
                     if connected {
                         log::warn!("uplink connection to {} lost: {why}", self.settings.broker);
                         backoff = BACKOFF_FIRST;
-                        failing_since = Some(Instant::now());
-                    } else if failing_since.is_none() {
+                        warned = true;
+                    } else if !warned {
                         log::warn!(
                             "uplink cannot reach {}: {why}; events are kept and sent once it is back",
                             self.settings.broker
                         );
-                        failing_since = Some(Instant::now());
+                        warned = true;
                     } else {
                         log::debug!("uplink cannot reach {}: {why}", self.settings.broker);
                     }

@@ -16,6 +16,7 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// The topics of `gateway` under `prefix`.
     pub fn new(prefix: &str, gateway: &str) -> Topics {
         Topics {
             base: format!("{prefix}/{gateway}"),
@@ -58,7 +59,7 @@ pub fn is_topic_name(text: &str) -> bool {
     !text.is_empty() && topic_level(text) == text
 }
 
-/// The reading inside a stored `readings` event frame.
+/// The reading inside a stored `readings` event frame (wire names, Spanish).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct FrameReading {
     pub sensor_id: i64,
