@@ -439,6 +439,68 @@ async fn a_restart_during_an_outage_loses_nothing_and_repeats_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_removed_by_retention_during_an_outage_are_counted_and_skipped() {
+    let broker = Broker::start().await;
+    let mut link = Link::start(broker.addr).await;
+    let gw = gateway();
+    let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
+    let dir = temp_dir();
+    // Keep only the newest 40 events, pruned every second.
+    let text = format!(
+        "[storage]\nmax_events = 40\nmaintenance_interval_s = 1\n{}",
+        config(link.addr, &gw, "discovery = false")
+    );
+    let daemon = Daemon::start_in(dir.path(), &text).await;
+    sub.until(PATIENCE, |m| {
+        is_reading(&gw, m) && m.json()["seq"].as_u64() > Some(10)
+    })
+    .await;
+    link.cut().await;
+    sub.until(PATIENCE, status_is(&gw, "offline")).await;
+    let cursor = metrics(&daemon).await["sensorgate_uplink_cursor"] as u64;
+    // Long enough for retention to remove events the uplink has not sent.
+    let cut_at = daemon.last_seq().await;
+    metrics_until(&daemon, |m| {
+        m["sensorgate_last_seq"] >= (cut_at + 60) as f64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    link.restore().await;
+    let restored_at = daemon.last_seq().await;
+    let after = sub
+        .until(PATIENCE, |m| {
+            is_reading(&gw, m) && m.json()["seq"].as_u64() > Some(restored_at + 20)
+        })
+        .await;
+    let m = metrics(&daemon).await;
+    daemon.stop().await;
+
+    let readings = readings_in(&gw, &after);
+    let first = readings[0].seq;
+    assert!(
+        first > cursor + 1,
+        "the oldest unsent events were gone: {cursor} -> {first}"
+    );
+    let lost = m["sensorgate_uplink_lost_events_total"] as u64;
+    assert!(
+        lost >= 1 && lost < first - cursor,
+        "{lost} lost between {cursor} and {first}"
+    );
+    // From the oldest event still stored on, nothing is missing or repeated.
+    let stored: Vec<u64> = stored_readings(dir.path())
+        .into_iter()
+        .map(|r| r.seq)
+        .filter(|seq| *seq >= first && *seq <= readings.last().unwrap().seq)
+        .collect();
+    let received: Vec<u64> = readings.iter().map(|r| r.seq).collect();
+    assert_eq!(received[received.len() - stored.len()..], stored[..]);
+    assert!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "in order, once each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn home_assistant_discovery_is_retained_and_follows_the_sensors() {
     let broker = Broker::start().await;
     let gw = gateway();

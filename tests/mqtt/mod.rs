@@ -209,7 +209,15 @@ pub struct Link {
 struct LinkUp {
     accept: JoinHandle<()>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    hold: Arc<AtomicBool>,
+    flow: Arc<Flow>,
+}
+
+/// Shared by a link's connections.
+struct Flow {
+    /// Set when the link is being cut: bytes towards the broker are dropped.
+    hold: AtomicBool,
+    /// When bytes last went towards the daemon.
+    last_down: Mutex<Instant>,
 }
 
 impl Link {
@@ -248,8 +256,21 @@ impl Link {
     /// Cuts the link: the broker is gone as far as the daemon can tell.
     pub async fn cut(&mut self) {
         let up = self.up.take().expect("link is up");
-        up.hold.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        up.flow.hold.store(true, Ordering::SeqCst);
+        // Acknowledgements of what the broker took are on their way back: wait until the
+        // line towards the daemon has been quiet a while (the daemon sends nothing the
+        // broker answers meanwhile), however slow a loaded machine is.
+        let held = Instant::now();
+        let quiet = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let last_down = *up.flow.last_down.lock().unwrap();
+            if (held.elapsed() >= quiet && last_down.elapsed() >= quiet)
+                || held.elapsed() > Duration::from_secs(10)
+            {
+                break;
+            }
+        }
         up.accept.abort();
         let _ = up.accept.await;
         let connections: Vec<_> = std::mem::take(&mut *up.connections.lock().unwrap());
@@ -283,24 +304,27 @@ impl Drop for Link {
 impl LinkUp {
     fn serve(listener: TcpListener, target: SocketAddr, tls: Option<TlsAcceptor>) -> LinkUp {
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let hold = Arc::new(AtomicBool::new(false));
+        let flow = Arc::new(Flow {
+            hold: AtomicBool::new(false),
+            last_down: Mutex::new(Instant::now()),
+        });
         let accept = {
             let connections = connections.clone();
-            let hold = hold.clone();
+            let flow = flow.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
-                    let hold = hold.clone();
+                    let flow = flow.clone();
                     let tls = tls.clone();
                     let pump = tokio::spawn(async move {
                         match tls {
-                            None => forward(client, target, hold).await,
+                            None => forward(client, target, flow).await,
                             Some(acceptor) => {
                                 // A client that refuses the certificate ends here.
                                 if let Ok(client) = acceptor.accept(client).await {
-                                    forward(client, target, hold).await;
+                                    forward(client, target, flow).await;
                                 }
                             }
                         }
@@ -312,17 +336,19 @@ impl LinkUp {
         LinkUp {
             accept,
             connections,
-            hold,
+            flow,
         }
     }
 }
 
-/// Copies both ways between `client` and a new connection to `target`; while `hold` is
-/// set, bytes towards `target` are swallowed.
+/// Copies both ways between `client` and a new connection to `target`; while the link is
+/// held, bytes towards `target` are read and dropped (read, so that closing the socket
+/// later is an orderly close, not a reset that could discard what the daemon has yet to
+/// read).
 async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     client: S,
     target: SocketAddr,
-    hold: Arc<AtomicBool>,
+    flow: Arc<Flow>,
 ) {
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -336,8 +362,8 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if hold.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
+            if flow.hold.load(Ordering::SeqCst) {
+                continue;
             }
             if server_write.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -351,6 +377,7 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            *flow.last_down.lock().unwrap() = Instant::now();
             if client_write.write_all(&buf[..n]).await.is_err()
                 || client_write.flush().await.is_err()
             {
