@@ -603,7 +603,10 @@ async fn health_reports_storage() {
     assert_eq!(status, 200);
     assert_eq!(health["status"], "ok");
     assert_eq!(health["storage"]["ok"], true);
-    assert_eq!(health["storage"]["schema_version"], 2);
+    assert_eq!(
+        health["storage"]["schema_version"],
+        sensorgate::store::SCHEMA_VERSION
+    );
     assert!(dir.path().join("sensorgate.db").exists());
     daemon.stop().await;
 }

@@ -9,7 +9,7 @@ mod export;
 mod limits;
 pub mod metrics;
 mod query;
-mod realtime;
+pub(crate) mod realtime;
 mod rest;
 mod router;
 mod tokens;
@@ -118,6 +118,8 @@ pub struct State {
     pub shutdown: Shutdown,
     /// Cloned into every WebSocket session, which hyper no longer tracks once upgraded.
     pub drain: DrainGuard,
+    /// The fleet uplink's counters, when it runs.
+    pub uplink: Option<Arc<crate::uplink::Stats>>,
 }
 
 impl State {
@@ -152,7 +154,14 @@ impl State {
             started_at: crate::model::now_micros(),
             shutdown,
             drain,
+            uplink: None,
         }
+    }
+
+    /// Shows the uplink's counters in `/metrics`.
+    pub fn with_uplink(mut self, stats: Option<Arc<crate::uplink::Stats>>) -> State {
+        self.uplink = stats;
+        self
     }
 }
 

@@ -129,8 +129,17 @@ pub fn client_module() -> Response<Body> {
 }
 
 /// Prometheus text exposition.
-pub fn metrics(state: &State) -> Response<Body> {
-    let text = metrics::render(&state.counters, &state.hub, &state.health, &state.store);
+pub async fn metrics(state: &State) -> Response<Body> {
+    // The last values come from a snapshot; without one the rest is still worth serving.
+    let snapshot = state.store.snapshot().await.ok();
+    let text = metrics::render(
+        &state.counters,
+        &state.hub,
+        &state.health,
+        &state.store,
+        state.uplink.as_deref(),
+        snapshot.as_ref(),
+    );
     let mut response = Response::new(full(text));
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -232,7 +232,7 @@ async fn dispatch(
         Route::ClientModule => Ok(rest::client_module()),
         Route::Asset(name) => rest::dashboard_asset(&name),
         Route::Health => Ok(rest::health(state).await),
-        Route::Metrics => Ok(rest::metrics(state)),
+        Route::Metrics => Ok(rest::metrics(state).await),
         Route::OpenApi => Ok(rest::openapi()),
         Route::ListSensors => rest::list_sensors(&req, state).await,
         Route::CreateSensor => rest::create_sensor(req, state).await,

@@ -189,6 +189,18 @@ impl Store {
         let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
     }
 
+    /// Saves how far the uplink `name` got: every event up to `seq` was delivered (or
+    /// needs no delivery). Written through the writer like everything else.
+    pub async fn save_uplink_cursor(&self, name: &'static str, seq: u64) -> Result<(), StoreError> {
+        self.call(|reply| Command::SaveUplinkCursor(name, seq, reply))
+            .await
+    }
+
+    /// The saved position of the uplink `name`, if it ever saved one.
+    pub async fn uplink_cursor(&self, name: &'static str) -> Result<Option<u64>, StoreError> {
+        self.read(move |c| reader::uplink_cursor(c, name)).await
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {

@@ -177,6 +177,14 @@ pub fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
     })
 }
 
+/// The saved position of an uplink.
+pub fn uplink_cursor(conn: &Connection, name: &str) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached("SELECT seq FROM uplink_cursor WHERE name = ?1")?
+        .query_row([name], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|seq| seq.map(|s| s as u64))
+}
+
 /// Stored events after `after` on the given channels, oldest first, at most `limit`.
 pub fn events_after(
     conn: &Connection,

@@ -46,6 +46,8 @@ pub(crate) enum Command {
     Ping(oneshot::Sender<()>),
     /// Records a token's last use.
     TouchToken(i64, Micros),
+    /// Saves how far an uplink got (its name, the `seq`).
+    SaveUplinkCursor(&'static str, u64, Reply<()>),
     Shutdown,
 }
 
@@ -75,10 +77,14 @@ pub enum EmissionKind {
     Test,
 }
 
-/// What the writer has done, for health checks and the watchdog.
+/// What the writer has done, for health checks, the watchdog and `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterHealth {
     commits: AtomicU64,
+    /// Commands in committed batches, summed: divided by `commits`, the mean batch size.
+    batch_commands: AtomicU64,
+    /// Time spent in committed transactions, from begin to commit, in microseconds.
+    commit_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -86,6 +92,24 @@ impl WriterHealth {
     /// Transactions committed since start.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Commands applied in committed transactions since start.
+    pub fn batch_commands(&self) -> u64 {
+        self.batch_commands.load(Ordering::Relaxed)
+    }
+
+    /// Seconds spent in committed transactions since start.
+    pub fn commit_seconds(&self) -> f64 {
+        self.commit_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Counts a committed transaction of `commands` commands that took `took`.
+    fn timed(&self, commands: usize, took: Duration) {
+        self.batch_commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+        self.commit_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// The error of the last failed commit, cleared by the next successful one.
@@ -185,6 +209,7 @@ struct Writer {
 
 /// A command applied inside the open transaction, whose answer waits for the commit.
 enum Done {
+    Unit(Reply<()>),
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
@@ -196,6 +221,7 @@ impl Done {
     fn send(self) {
         // A caller that gave up waiting (client disconnected) is not the writer's problem.
         match self {
+            Done::Unit(reply) => drop(reply.send(Ok(()))),
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
@@ -208,6 +234,7 @@ impl Done {
     fn fail(self, why: &str) {
         let err = || StoreError::Aborted(why.to_owned());
         match self {
+            Done::Unit(reply) => drop(reply.send(Err(err()))),
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
@@ -226,6 +253,7 @@ impl Command {
             | Command::DeleteSensor(_, r) => Done::Sensor(r, Err(StoreError::Closed)),
             Command::InsertReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
+            Command::SaveUplinkCursor(_, _, r) => Done::Unit(r),
             Command::Samples(samples) => {
                 log::error!("{} samples not stored: {why}", samples.len());
                 Done::Nothing
@@ -276,6 +304,8 @@ impl Writer {
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
         let mut held = Vec::new();
+        let commands = batch.len();
+        let started = Instant::now();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // IMMEDIATE: take the write lock up front, so that another process holding it
             // (a backup, an sqlite3 shell) is waited for, not failed on mid-batch.
@@ -317,6 +347,7 @@ impl Writer {
         self.health.record(&outcome);
         match outcome {
             Ok(()) => {
+                self.health.timed(commands, started.elapsed());
                 for event in published {
                     self.hub.publish(event);
                 }
@@ -496,6 +527,15 @@ impl Step<'_> {
                     .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
                     .execute(params![id, at])?;
                 Done::Nothing
+            }
+            Command::SaveUplinkCursor(name, seq, reply) => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO uplink_cursor (name, seq, updated_at) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![name, seq as i64, self.now])?;
+                Done::Unit(reply)
             }
             Command::Shutdown => Done::Nothing,
         })
