@@ -1,11 +1,12 @@
 //! Wiring and ordered shutdown.
 //!
-//! Start: open storage (migrating it), start the writer, bring configured sensors into
-//! the database, start their sources, serve, and tell systemd it is ready. A reload
-//! brings configured sensors in line with the new file. Stop, in this order: stop accepting and tell
-//! every connection and session (sessions send Close 1001), wait for them with a
-//! deadline, stop the sources, then let the writer commit everything queued and stop.
-//! Nothing that was acknowledged to a client is lost on a clean stop.
+//! Start: open storage (migrating it), start the writer, start the fleet uplink if one is
+//! configured, bring configured sensors into the database, start their sources, serve,
+//! and tell systemd it is ready. A reload brings configured sensors in line with the new
+//! file. Stop, in this order: stop accepting and tell every connection and session
+//! (sessions send Close 1001), wait for them with a deadline, stop the sources, stop the
+//! uplink (it saves its cursor through the writer), then let the writer commit everything
+//! queued and stop. Nothing that was acknowledged to a client is lost on a clean stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::sensors::{HealthBoard, Scheduler};
 use crate::service::{self, Supervisor};
 use crate::shutdown::{Drain, Trigger};
 use crate::store::{Store, StoreError, DATABASE_FILE};
+use crate::uplink::Uplink;
 
 /// Events the hub keeps for subscribers that fall briefly behind; one further behind
 /// catches up from the database.
@@ -46,6 +48,14 @@ pub async fn run(
         "storage open at {}",
         config.storage.data_dir.join(DATABASE_FILE).display()
     );
+    // Before the configured sensors are brought in, so that their events are sent too.
+    let uplink = match Uplink::start(&config, store.clone(), hub.clone()).await {
+        Ok(uplink) => uplink,
+        Err(e) => {
+            log::error!("uplink not started: {e}");
+            None
+        }
+    };
     sync_configured_sensors(&store, &[], &config.sensors).await;
     if config.auth.policy == Policy::None {
         log::warn!("auth policy \"none\": anyone on the network can change sensors and data");
@@ -68,14 +78,10 @@ pub async fn run(
     let supervisor = Supervisor::new(store.clone(), hub.clone(), health.clone());
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
-    let state = Arc::new(State::new(
-        &config,
-        store.clone(),
-        hub,
-        health,
-        signal,
-        guard,
-    ));
+    let state = Arc::new(
+        State::new(&config, store.clone(), hub, health, signal, guard)
+            .with_uplink(uplink.as_ref().map(Uplink::stats)),
+    );
     let server = tokio::spawn(api::serve(listener, state.clone()));
     let sampled = sources_started.await.unwrap_or_default();
     log::info!("ready: {sampled} sensors sampled");
@@ -106,6 +112,9 @@ pub async fn run(
     }
     let _ = sampling.await;
     let _ = supervising.await;
+    if let Some(uplink) = uplink {
+        uplink.stop().await;
+    }
     store.close().await;
     tokio::task::spawn_blocking(move || writer.join())
         .await
@@ -137,6 +146,7 @@ async fn reload(store: &Store, current: &Config, next: &Config) {
             "[sampling]",
             format!("{:?}", current.sampling) != format!("{:?}", next.sampling),
         ),
+        ("[uplink]", current.uplink != next.uplink),
     ];
     for (section, changed) in needs_restart {
         if changed {

@@ -35,6 +35,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub uplink: UplinkConfig,
     #[serde(default, rename = "sensor")]
     pub sensors: Vec<SensorConfig>,
 }
@@ -88,6 +90,20 @@ pub struct StorageConfig {
     /// Largest the database may grow, in MiB (0: as large as the card allows). Past it,
     /// writes fail as on a full card until retention or an operator frees space.
     pub max_database_mb: u64,
+    /// Raw-reading retention for particular `tipo`s or sensors, instead of
+    /// `readings_retention_days`.
+    pub retention: Vec<RetentionRule>,
+}
+
+/// Keeps the raw readings of one `tipo`, or of one sensor (by name), for `days`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    #[serde(default)]
+    pub tipo: Option<String>,
+    #[serde(default)]
+    pub sensor: Option<String>,
+    pub days: u32,
 }
 
 impl Default for StorageConfig {
@@ -102,6 +118,7 @@ impl Default for StorageConfig {
             day_rollup_retention_days: 0,
             maintenance_interval_s: 60,
             max_database_mb: 0,
+            retention: Vec::new(),
         }
     }
 }
@@ -178,6 +195,52 @@ impl Default for SamplingConfig {
     fn default() -> Self {
         SamplingConfig {
             offline_after_intervals: 5,
+        }
+    }
+}
+
+/// The fleet uplink to an MQTT broker; off unless `broker` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// `mqtt://host:1883`, `mqtts://host:8883` or `host:port`; none: no uplink.
+    pub broker: Option<String>,
+    /// TLS to the broker (implied by `mqtts://`).
+    pub tls: bool,
+    /// PEM file of the CA that signed the broker's certificate; by default the system's.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// This gateway's name in topics; by default the host name.
+    pub gateway: Option<String>,
+    /// MQTT client id; by default `sensorgate-<gateway>`.
+    pub client_id: Option<String>,
+    /// First level of every topic.
+    pub topic_prefix: String,
+    /// Home Assistant MQTT discovery announcements.
+    pub discovery: bool,
+    pub discovery_prefix: String,
+    /// Most stored events sent per second while catching up after an outage.
+    pub replay_per_second: u32,
+    /// Seconds between MQTT keep-alive pings.
+    pub keep_alive_s: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            broker: None,
+            tls: false,
+            ca_file: None,
+            username: None,
+            password: None,
+            gateway: None,
+            client_id: None,
+            topic_prefix: "sensorgate".into(),
+            discovery: true,
+            discovery_prefix: "homeassistant".into(),
+            replay_per_second: 200,
+            keep_alive_s: 30,
         }
     }
 }
@@ -270,6 +333,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        for rule in &self.storage.retention {
+            if rule.tipo.is_some() == rule.sensor.is_some() || rule.days == 0 {
+                return Err(Problem::key(
+                    "storage.retention",
+                    "each rule names either a tipo or a sensor, and days of at least 1",
+                ));
+            }
+        }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
         }
@@ -317,6 +388,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_uplink()?;
         let mut names = std::collections::HashSet::new();
         for sensor in &self.sensors {
             let at = |key: &str, message: &str| Problem {
@@ -337,6 +409,65 @@ impl Config {
             }
             if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&sensor.interval_s) {
                 return Err(at("interval_s", "must be between 0.05 and 86400 seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_uplink(&self) -> Result<(), Problem> {
+        let uplink = &self.uplink;
+        let Some(broker) = &uplink.broker else {
+            return Ok(());
+        };
+        if let Err(message) = crate::uplink::BrokerAddress::parse(broker, uplink.tls) {
+            return Err(Problem::key("uplink.broker", &message));
+        }
+        if let Some(gateway) = &uplink.gateway {
+            if !crate::uplink::is_topic_name(gateway) {
+                return Err(Problem::key(
+                    "uplink.gateway",
+                    "must be letters, digits, '-' or '_' (it is a topic level)",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("uplink.topic_prefix", &uplink.topic_prefix),
+            ("uplink.discovery_prefix", &uplink.discovery_prefix),
+        ] {
+            if value.is_empty()
+                || value.contains(['+', '#'])
+                || value.starts_with('/')
+                || value.ends_with('/')
+            {
+                return Err(Problem::key(
+                    key,
+                    "must be a topic without wildcards or a leading or trailing '/'",
+                ));
+            }
+        }
+        if uplink.password.is_some() && uplink.username.is_none() {
+            return Err(Problem::key("uplink.password", "needs uplink.username"));
+        }
+        if uplink.replay_per_second == 0 {
+            return Err(Problem::key(
+                "uplink.replay_per_second",
+                "must be at least 1",
+            ));
+        }
+        if !(5..=3600).contains(&uplink.keep_alive_s) {
+            return Err(Problem::key(
+                "uplink.keep_alive_s",
+                "must be between 5 and 3600 seconds",
+            ));
+        }
+        if let Some(ca) = &uplink.ca_file {
+            if let Err(e) = std::fs::metadata(ca) {
+                return Err(Problem::key(
+                    "uplink.ca_file",
+                    &format!("cannot be read ({}): {e}", ca.display()),
+                ));
             }
         }
         Ok(())
@@ -415,6 +546,33 @@ mod tests {
             err,
             "x.toml: line 2: server.max_connections must be at least 1"
         );
+    }
+
+    #[test]
+    fn uplink_is_off_by_default_and_checked_when_on() {
+        let default = Config::parse(DEFAULT_CONFIG, Path::new("default")).unwrap();
+        assert_eq!(default.uplink.broker, None);
+        let on = Config::parse(
+            "[uplink]\nbroker = \"mqtt://broker.lan\"\ngateway = \"gw-1\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(on.uplink.broker.as_deref(), Some("mqtt://broker.lan"));
+        assert!(on.uplink.discovery);
+        let err = Config::parse(
+            "[uplink]\nbroker = \"mqtt://broker.lan\"\ngateway = \"a/b\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("x.toml: line 3: uplink.gateway"), "{err}");
+        let err = Config::parse(
+            "[uplink]\nbroker = \"http://broker.lan\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("x.toml: line 2: uplink.broker"), "{err}");
     }
 
     #[test]

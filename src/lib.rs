@@ -6,7 +6,8 @@
 //! sensors (source threads) ─┐
 //!                           ├─> store::Store ─> writer thread ─> SQLite (one transaction per batch)
 //! api (REST writes) ────────┘                        │
-//!                                                    └─> events::Hub ─> api::ws sessions
+//!                                                    └─> events::Hub ─┬─> api::ws sessions
+//!                                                                     └─> uplink ─> MQTT broker
 //! ```
 //!
 //! - [`config`]: typed configuration, validated once.
@@ -20,6 +21,8 @@
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`demo`]: stand-in hardware for `--demo`.
 //! - [`service`]: systemd readiness, status and watchdog; logs; signals.
+//! - [`uplink`]: the fleet uplink to an MQTT broker (store-and-forward, Home Assistant
+//!   discovery); off unless configured.
 
 #![forbid(unsafe_code)]
 
@@ -34,3 +37,4 @@ pub mod sensors;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod uplink;

@@ -4,7 +4,7 @@
 //! Field names are Spanish because existing dashboards speak the original service's
 //! format; see `API.md` in the README's API section.
 
-use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -25,14 +25,32 @@ pub fn format_time(t: Micros) -> String {
 }
 
 /// Parses a wire time (RFC 3339 with any offset) into storage units.
+///
+/// A time whose UTC form falls outside the years 0000 to 9999 is refused: an offset can
+/// carry `9999-12-31T23:59:59-23:59` into year 10000, which the wire format cannot show,
+/// so it could be stored but never given back as RFC 3339.
 pub fn parse_time(text: &str) -> Option<Micros> {
     DateTime::parse_from_rfc3339(text)
         .ok()
-        .map(|t| t.with_timezone(&Utc).timestamp_micros())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .map(|t| t.timestamp_micros())
 }
 
-fn serialize_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
+/// Serde helpers that write stored times in the wire format.
+pub mod wire_time {
+    use super::{format_time, Micros};
+
+    pub fn required<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_time(*t))
+    }
+
+    pub fn optional<S: serde::Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&format_time(*t)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// A sensor as stored and as sent on the wire.
@@ -49,9 +67,9 @@ pub struct Sensor {
     /// Sampling interval in seconds.
     pub intervalo: Option<f64>,
     pub activo: bool,
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub created_at: Micros,
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub updated_at: Micros,
 }
 
@@ -76,7 +94,7 @@ pub struct Reading {
     pub valor: f64,
     pub unidad: String,
     /// When the sample was taken, not when it was stored.
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "wire_time::required")]
     pub timestamp: Micros,
 }
 
@@ -510,5 +528,363 @@ mod tests {
         let t = parse_time("2026-11-28T10:15:02.123456Z").unwrap();
         assert_eq!(format_time(t), "2026-11-28T10:15:02.123456Z");
         assert_eq!(parse_time("2026-11-28T11:15:02.123456+01:00"), Some(t));
+    }
+
+    #[test]
+    fn times_the_wire_cannot_show_are_refused() {
+        assert_eq!(parse_time("9999-12-31T23:59:59.999999-23:59"), None);
+        assert_eq!(parse_time("0000-01-01T00:00:00+00:01"), None);
+        let last = parse_time("9999-12-31T23:59:59.999999Z").unwrap();
+        assert_eq!(format_time(last), "9999-12-31T23:59:59.999999Z");
+        let first = parse_time("0000-01-01T00:00:00+00:00").unwrap();
+        assert_eq!(format_time(first), "0000-01-01T00:00:00.000000Z");
+    }
+}
+
+/// JSON values for property tests, shared by every module that validates client JSON.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use proptest::prelude::*;
+    use serde_json::{Map, Number, Value};
+
+    /// Numbers at the edges validators care about: zero and negative zero, integer
+    /// limits, the interval bounds and their neighbours, huge and tiny floats.
+    pub(crate) fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            prop::sample::select(vec![
+                0.0,
+                -0.0,
+                0.05,
+                0.049_999_999,
+                86_400.0,
+                86_400.000_001,
+                1e308,
+                -1e308,
+                f64::MIN_POSITIVE,
+                9_007_199_254_740_993.0,
+            ])
+            .prop_map(Value::from),
+            prop::sample::select(vec![i64::MIN, -1, 1, i64::MAX]).prop_map(Value::from),
+            Just(Value::Number(Number::from(u64::MAX))),
+        ]
+    }
+
+    /// Strings that are empty, blank, at and around 128 characters (multi-byte too), and
+    /// the names clients send.
+    pub(crate) fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            "[ \t\n]{0,3}",
+            (126usize..=130, prop::sample::select(vec!['a', 'ñ', '🌡']))
+                .prop_map(|(n, c)| std::iter::repeat_n(c, n).collect()),
+            (0usize..=18).prop_map(|n| "°".repeat(n)),
+            prop::sample::select(vec![
+                "temperatura",
+                "DHT22",
+                "sensors",
+                "readings",
+                "general",
+                "created",
+                "2026-11-28T10:15:02.123456Z",
+                "2026-11-28T11:15:02+01:00",
+                "9999-12-31T23:59:59.999999-23:59",
+                "0000-01-01T00:00:00+23:59",
+                "sim",
+                "serial",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            number(),
+            text().prop_map(Value::String),
+        ]
+    }
+
+    /// Any JSON value, nested at most `depth` levels with at most `width` items per
+    /// array or object; object keys are drawn from `keys` half of the time, so that
+    /// objects look enough like real bodies to get past the first check.
+    pub(crate) fn json_with_keys(
+        keys: &'static [&'static str],
+        depth: u32,
+        width: usize,
+    ) -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(depth, 24, width as u32, move |inner| {
+            let key = if keys.is_empty() {
+                text().boxed()
+            } else {
+                prop_oneof![prop::sample::select(keys).prop_map(str::to_owned), text()].boxed()
+            };
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..=width).prop_map(Value::Array),
+                prop::collection::vec((key, inner), 0..=width)
+                    .prop_map(|pairs| Value::Object(pairs.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    /// Any JSON value (depth 3, width 5).
+    pub(crate) fn json() -> impl Strategy<Value = Value> {
+        json_with_keys(&[], 3, 5)
+    }
+
+    /// A JSON object whose keys are mostly `keys`, with values of any shape.
+    pub(crate) fn object_with_keys(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            8 => prop::sample::select(keys).prop_map(str::to_owned),
+            1 => text(),
+        ];
+        prop::collection::vec((key, json_with_keys(keys, 2, 4)), 0..=keys.len() + 1)
+            .prop_map(|pairs| Value::Object(pairs.into_iter().collect()))
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::arbitrary::{json, number, object_with_keys, text};
+    use super::*;
+    use proptest::prelude::*;
+
+    const READING_FIELDS: [&str; 5] = ["sensor_id", "tipo", "valor", "unidad", "timestamp"];
+
+    fn valid_text(s: &str) -> bool {
+        !s.trim().is_empty() && s.chars().count() <= MAX_TEXT
+    }
+
+    fn valid_interval(s: f64) -> bool {
+        s.is_finite() && (MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&s)
+    }
+
+    /// A body with each of `fields` present six times in seven, its value drawn from the
+    /// field's strategy, and now and then a field no body has.
+    fn body(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> impl Strategy<Value = Value> {
+        let present: Vec<_> = fields
+            .into_iter()
+            .map(|(name, value)| prop::option::weighted(0.85, value).prop_map(move |v| (name, v)))
+            .collect();
+        (present, prop::option::weighted(0.1, (text(), json()))).prop_map(|(fields, extra)| {
+            let mut object: Map<String, Value> = fields
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_owned(), value?)))
+                .collect();
+            if let Some((name, value)) = extra {
+                object.insert(name, value);
+            }
+            Value::Object(object)
+        })
+    }
+
+    /// Mostly what the field takes, sometimes anything at all.
+    fn mostly(good: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Value> {
+        prop_oneof![6 => good, 1 => json()].boxed()
+    }
+
+    /// Names as clients send them, and text around the bounds.
+    fn string() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            2 => "[a-zA-Z0-9 ]{1,20}".prop_map(Value::String),
+            1 => text().prop_map(Value::String),
+        ]
+    }
+
+    fn nullable(good: impl Strategy<Value = Value> + 'static) -> impl Strategy<Value = Value> {
+        prop_oneof![4 => good, 1 => Just(Value::Null)]
+    }
+
+    fn sensor_body() -> impl Strategy<Value = Value> {
+        let fuente = prop::sample::select(vec![
+            serde_json::json!({"kind": "sim"}),
+            serde_json::json!({"kind": "sim", "seed": 7}),
+            serde_json::json!({"kind": "w1"}),
+            serde_json::json!({"kind": "serial"}),
+            serde_json::json!({"kind": "laser"}),
+            Value::Null,
+        ]);
+        // Inside, at and just outside both bounds.
+        let intervalo = prop_oneof![
+            (0.0f64..0.1).prop_map(Value::from),
+            (86_399.9f64..86_400.1).prop_map(Value::from),
+            (0.0f64..100_000.0).prop_map(Value::from),
+            number(),
+            Just(Value::Null),
+        ];
+        let fields = vec![
+            ("tipo", mostly(string())),
+            ("modelo", mostly(string())),
+            ("nombre", mostly(nullable(string()))),
+            ("ubicacion", mostly(nullable(string()))),
+            ("fuente", mostly(fuente)),
+            ("intervalo", mostly(intervalo)),
+            ("activo", mostly(any::<bool>().prop_map(Value::Bool))),
+        ];
+        prop_oneof![
+            6 => body(fields),
+            1 => object_with_keys(&SENSOR_FIELDS),
+            1 => json(),
+        ]
+    }
+
+    /// RFC 3339 times with offsets, some of which carry them past year 9999 or before
+    /// year 0 in UTC.
+    fn offset_time() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just(0), Just(9999), 0..=9999],
+            prop_oneof![Just((1, 1)), Just((12, 31)), (1u32..=12, 1u32..=28)],
+            0u32..24,
+            prop::sample::select(vec!["Z", "+00:00", "-23:59", "+23:59", "+01:00", "-05:30"]),
+        )
+            .prop_map(|(year, (month, day), hour, offset)| {
+                format!("{year:04}-{month:02}-{day:02}T{hour:02}:30:00{offset}")
+            })
+    }
+
+    fn reading_body() -> impl Strategy<Value = Value> {
+        let time = prop_oneof![
+            (-62_135_596_800_000_000i64..253_402_300_799_999_999)
+                .prop_map(|t| Value::String(format_time(t))),
+            offset_time().prop_map(Value::String),
+            string(),
+        ];
+        let fields = vec![
+            (
+                "sensor_id",
+                mostly(prop_oneof![(-3i64..10).prop_map(Value::from), number()]),
+            ),
+            ("tipo", mostly(string())),
+            ("valor", mostly(number())),
+            (
+                "unidad",
+                mostly(nullable("[a-zA-Z°%]{0,20}".prop_map(Value::String))),
+            ),
+            ("timestamp", mostly(nullable(time))),
+        ];
+        prop_oneof![
+            6 => body(fields),
+            1 => object_with_keys(&READING_FIELDS),
+            1 => json(),
+        ]
+    }
+
+    /// Errors are bounded by the body: at most one per field given plus the required
+    /// ones missing, each naming a field and with a message that does not grow without
+    /// bound.
+    fn check_errors(body: &Value, errors: &[FieldError], required: usize) {
+        let given = body.as_object().map_or(1, Map::len);
+        assert!(!errors.is_empty());
+        assert!(errors.len() <= given + required, "{errors:?} for {body}");
+        let body_len = body.to_string().len();
+        for e in errors {
+            assert!(!e.field.is_empty() || body.get("").is_some(), "{e:?}");
+            assert!(e.message.len() <= 200 + body_len, "{e:?}");
+        }
+    }
+
+    fn sensor_at_rest() -> Sensor {
+        Sensor {
+            id: 1,
+            tipo: "temperatura".into(),
+            modelo: "DHT22".into(),
+            nombre: None,
+            ubicacion: Some("invernadero".into()),
+            fuente: None,
+            intervalo: Some(2.0),
+            activo: true,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn new_sensor_accepts_only_bounded_values(body in sensor_body()) {
+            match NewSensor::from_json(body.clone()) {
+                Ok(s) => {
+                    let object = body.as_object().expect("only objects are accepted");
+                    prop_assert!(object.keys().all(|k| SENSOR_FIELDS.contains(&k.as_str())));
+                    prop_assert!(valid_text(&s.tipo) && valid_text(&s.modelo));
+                    prop_assert_eq!(Some(s.tipo.as_str()), object["tipo"].as_str());
+                    prop_assert!(s.nombre.iter().chain(&s.ubicacion).all(|t| valid_text(t)));
+                    prop_assert!(s.intervalo.is_none_or(valid_interval));
+                    if let Some(fuente) = &s.fuente {
+                        prop_assert!(fuente.is_object());
+                        prop_assert!(
+                            serde_json::from_value::<crate::sensors::SourceSpec>(fuente.clone()).is_ok()
+                        );
+                    }
+                    prop_assert_eq!(s.activo, object.get("activo").and_then(Value::as_bool).unwrap_or(true));
+                }
+                Err(errors) => check_errors(&body, &errors, 2),
+            }
+        }
+
+        #[test]
+        fn sensor_patch_accepts_only_bounded_values(body in sensor_body()) {
+            match SensorPatch::from_json(body.clone()) {
+                Ok(patch) => {
+                    let object = body.as_object().expect("only objects are accepted");
+                    prop_assert!(object.keys().all(|k| SENSOR_FIELDS.contains(&k.as_str())));
+                    prop_assert!(patch.tipo.iter().chain(&patch.modelo).all(|t| valid_text(t)));
+                    prop_assert!(patch
+                        .nombre
+                        .iter()
+                        .chain(&patch.ubicacion)
+                        .flatten()
+                        .all(|t| valid_text(t)));
+                    prop_assert!(patch.intervalo.flatten().is_none_or(valid_interval));
+                    prop_assert!(patch.fuente.iter().flatten().all(Value::is_object));
+                    // Applying is idempotent and reports changes in schema order.
+                    let mut sensor = sensor_at_rest();
+                    let changed = patch.apply(&mut sensor);
+                    let order: Vec<usize> = changed
+                        .iter()
+                        .map(|f| SENSOR_FIELDS.iter().position(|g| g == f).expect("a sensor field"))
+                        .collect();
+                    prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "{:?}", changed);
+                    prop_assert!(changed.iter().all(|f| object.contains_key(*f)));
+                    prop_assert!(patch.apply(&mut sensor).is_empty());
+                }
+                Err(errors) => check_errors(&body, &errors, 0),
+            }
+        }
+
+        #[test]
+        fn new_reading_accepts_only_bounded_values(
+            body in reading_body()
+        ) {
+            match NewReading::from_json(body.clone()) {
+                Ok(r) => {
+                    prop_assert!(r.sensor_id > 0);
+                    prop_assert!(valid_text(&r.tipo));
+                    prop_assert!(r.valor.is_finite());
+                    prop_assert!(r.unidad.chars().count() <= 16);
+                    if let Some(t) = r.timestamp {
+                        // Whatever was accepted is stored and shown in the wire format.
+                        prop_assert_eq!(parse_time(&format_time(t)), Some(t));
+                    }
+                }
+                Err(errors) => check_errors(&body, &errors, 3),
+            }
+        }
+
+        #[test]
+        fn accepted_times_can_be_shown(text in offset_time()) {
+            if let Some(t) = parse_time(&text) {
+                prop_assert_eq!(parse_time(&format_time(t)), Some(t));
+            }
+        }
+
+        #[test]
+        fn wire_times_round_trip(t in -62_135_596_800_000_000i64..253_402_300_799_999_999) {
+            prop_assert_eq!(parse_time(&format_time(t)), Some(t));
+        }
     }
 }

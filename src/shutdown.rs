@@ -46,7 +46,10 @@ impl Shutdown {
 
 /// Held by every task that must finish before storage closes.
 #[derive(Clone)]
-pub struct DrainGuard(#[allow(dead_code)] mpsc::Sender<()>);
+pub struct DrainGuard {
+    /// Never sent on: the drain learns that every guard is gone when the channel closes.
+    _held: mpsc::Sender<()>,
+}
 
 /// Waits for every [`DrainGuard`] to be dropped.
 pub struct Drain(mpsc::Receiver<()>);
@@ -55,7 +58,7 @@ impl Drain {
     /// A drain and its first guard.
     pub fn new() -> (Drain, DrainGuard) {
         let (tx, rx) = mpsc::channel(1);
-        (Drain(rx), DrainGuard(tx))
+        (Drain(rx), DrainGuard { _held: tx })
     }
 
     /// Returns `true` when all guards were dropped before `deadline`.

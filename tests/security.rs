@@ -575,3 +575,25 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     }
     daemon.stop().await;
 }
+
+/// A WebSocket keeps its connection's place under the limits for as long as it lives,
+/// though hyper stops tracking it once upgraded.
+#[tokio::test]
+async fn websockets_count_against_the_connection_limits() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "[limits]\nmax_connections_per_address = 2\n").await;
+    let first = daemon.websocket("/api/v1/ws").await.greeted().await;
+    let _second = daemon.websocket("/api/v1/ws").await.greeted().await;
+    let url = format!("ws://{}/api/v1/ws", daemon.addr);
+    assert!(
+        tokio_tungstenite::connect_async(&url).await.is_err(),
+        "a third socket got in"
+    );
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio_tungstenite::connect_async(&url).await.is_ok(),
+        "the place was given back"
+    );
+    daemon.stop().await;
+}

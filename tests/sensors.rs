@@ -852,6 +852,41 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
     daemon.stop().await;
 }
 
+/// A test event on `sensors` is not a sensor record, whatever its data looks like: it
+/// starts no sampling.
+#[tokio::test]
+async fn a_test_event_shaped_like_a_sensor_starts_no_sampling() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (status, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{sensor}");
+    let id = sensor["id"].as_i64().unwrap();
+    let forged = json!({
+        "channel": "sensors",
+        "data": {
+            "id": id,
+            "tipo": "temperatura",
+            "modelo": "DHT22",
+            "activo": true,
+            "fuente": {"kind": "sim"},
+            "intervalo": 0.05,
+        },
+    });
+    let (status, sent) = daemon
+        .post("/api/v1/ws/test-event", &forged.to_string())
+        .await;
+    assert_eq!(status, 200, "{sent}");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(salud(&daemon, id).await, Value::Null);
+    assert!(stored_readings(&daemon, id).await.is_empty());
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn injected_checksum_failures_are_counted_and_take_the_sensor_offline() {
     let dir = temp_dir();

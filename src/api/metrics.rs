@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::events::{Channel, Hub};
 use crate::sensors::health::Estado;
 use crate::sensors::HealthBoard;
-use crate::store::Store;
+use crate::store::{Snapshot, Store};
+use crate::uplink;
 
 /// A limit that refused something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +81,16 @@ impl Counters {
 /// Picks one counter out of a channel's stats.
 type ChannelValue = fn(&crate::events::ChannelStats) -> u64;
 
-/// The exposition text.
-pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Store) -> String {
+/// The exposition text. `snapshot` gives the last value of each sensor and `tipo`;
+/// `uplink` the fleet uplink's state, when it runs.
+pub fn render(
+    counters: &Counters,
+    hub: &Hub,
+    health: &HealthBoard,
+    store: &Store,
+    uplink: Option<&uplink::Stats>,
+    snapshot: Option<&Snapshot>,
+) -> String {
     let mut out = String::with_capacity(4096);
     let mut lines: Vec<String> = Vec::new();
 
@@ -167,6 +176,24 @@ pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Stor
             store.health().commits() as f64,
         ),
         (
+            "sensorgate_writer_batch_commands_total",
+            "counter",
+            "Commands applied in committed transactions; over commits, the mean batch size.",
+            store.health().batch_commands() as f64,
+        ),
+        (
+            "sensorgate_writer_commit_seconds_total",
+            "counter",
+            "Time spent in committed transactions, from begin to commit.",
+            store.health().commit_seconds(),
+        ),
+        (
+            "sensorgate_writer_commit_seconds_count",
+            "counter",
+            "Committed transactions timed in sensorgate_writer_commit_seconds_total.",
+            store.health().commits() as f64,
+        ),
+        (
             "sensorgate_storage_ok",
             "gauge",
             "1 while the last commit succeeded.",
@@ -176,6 +203,54 @@ pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Stor
     for (metric, kind, help, value) in scalars {
         let name = family_line(&mut out, metric, kind, help);
         let _ = writeln!(out, "{name} {value}");
+    }
+    if let Some(bytes) = process_write_bytes() {
+        let name = family_line(
+            &mut out,
+            "sensorgate_process_write_bytes_total",
+            "counter",
+            "Bytes this process caused to be written to storage (write_bytes of /proc/self/io).",
+        );
+        let _ = writeln!(out, "{name} {bytes}");
+    }
+    if let Some(uplink) = uplink {
+        let published = hub.published();
+        let scalars = [
+            (
+                "sensorgate_uplink_connected",
+                "gauge",
+                "1 while the uplink is connected to its MQTT broker.",
+                u64::from(uplink.connected()),
+            ),
+            (
+                "sensorgate_uplink_backlog_events",
+                "gauge",
+                "Events not yet acknowledged by the broker: newest seq minus the uplink cursor.",
+                published.saturating_sub(uplink.cursor()),
+            ),
+            (
+                "sensorgate_uplink_cursor",
+                "gauge",
+                "Newest seq up to which the broker acknowledged every event.",
+                uplink.cursor(),
+            ),
+            (
+                "sensorgate_uplink_published_total",
+                "counter",
+                "Events the broker acknowledged since start.",
+                uplink.published(),
+            ),
+            (
+                "sensorgate_uplink_lost_events_total",
+                "counter",
+                "Events removed by retention before the uplink could send them.",
+                uplink.lost(),
+            ),
+        ];
+        for (metric, kind, help, value) in scalars {
+            let name = family_line(&mut out, metric, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
     }
 
     let sensors = health.all();
@@ -206,7 +281,40 @@ pub fn render(counters: &Counters, hub: &Hub, health: &HealthBoard, store: &Stor
         ));
     }
     flush(&mut out, &mut lines);
+    if let Some(snapshot) = snapshot {
+        let name = family_line(
+            &mut out,
+            "sensorgate_last_value",
+            "gauge",
+            "Latest reading per sensor and tipo, in the reading's unit.",
+        );
+        for reading in &snapshot.latest {
+            lines.push(format!(
+                "{name}{{sensor_id=\"{}\",tipo=\"{}\"}} {}",
+                reading.sensor_id,
+                label_value(&reading.tipo),
+                reading.valor
+            ));
+        }
+        flush(&mut out, &mut lines);
+    }
     out
+}
+
+/// A label value with `\`, `"` and line feeds escaped, as the text format wants.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `write_bytes` of `/proc/self/io`: what this process made the kernel write to storage.
+/// `None` where the file does not exist or cannot be read.
+fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn family_line(out: &mut String, name: &str, kind: &str, help: &str) -> String {
@@ -218,5 +326,23 @@ fn flush(out: &mut String, lines: &mut Vec<String>) {
     for line in lines.drain(..) {
         out.push_str(&line);
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("plain"), "plain");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn write_bytes_are_read_on_linux() {
+        if std::path::Path::new("/proc/self/io").exists() {
+            assert!(process_write_bytes().is_some());
+        }
     }
 }

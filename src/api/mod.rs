@@ -5,10 +5,11 @@
 //! and lets each connection finish the request in flight.
 
 mod error;
+mod export;
 mod limits;
 pub mod metrics;
 mod query;
-mod realtime;
+pub(crate) mod realtime;
 mod rest;
 mod router;
 mod tokens;
@@ -18,12 +19,15 @@ pub use error::ApiError;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,9 +35,9 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use limits::{AddressSlots, RateLimiter};
+use limits::{AddressSlots, RateLimiter, Slot};
 use metrics::{Counters, Limit};
 
 use crate::auth::Authenticator;
@@ -53,6 +57,30 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A streamed body and the sender that feeds it, `capacity` chunks deep; the body ends
+/// when the sender is dropped. The producer waits while the client is not reading, so a
+/// stream costs constant memory however long it is.
+pub fn streamed(capacity: usize) -> (mpsc::Sender<Bytes>, Body) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    (sender, ChannelBody(receiver).boxed_unsync())
+}
+
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
 }
 
 /// A JSON response.
@@ -90,6 +118,8 @@ pub struct State {
     pub shutdown: Shutdown,
     /// Cloned into every WebSocket session, which hyper no longer tracks once upgraded.
     pub drain: DrainGuard,
+    /// The fleet uplink's counters, when it runs.
+    pub uplink: Option<Arc<crate::uplink::Stats>>,
 }
 
 impl State {
@@ -124,7 +154,14 @@ impl State {
             started_at: crate::model::now_micros(),
             shutdown,
             drain,
+            uplink: None,
         }
+    }
+
+    /// Shows the uplink's counters in `/metrics`.
+    pub fn with_uplink(mut self, stats: Option<Arc<crate::uplink::Stats>>) -> State {
+        self.uplink = stats;
+        self
     }
 }
 
@@ -168,20 +205,34 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, state).await;
-            drop((permit, slot));
+        let admission = Arc::new(Admission {
+            _permit: permit,
+            _slot: slot,
         });
+        tokio::spawn(serve_connection(stream, peer, state, admission));
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<State>) {
+/// A connection's places under the connection limits: held by the connection, and by
+/// the WebSocket session it may become, which outlives it in hyper's eyes.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    admission: Arc<Admission>,
+) {
     let _drain = state.drain.clone();
     let mut shutdown = state.shutdown.clone();
     let service_state = state.clone();
     let service = service_fn(move |req| {
         let state = service_state.clone();
-        async move { Ok::<_, Infallible>(router::route(req, state, peer).await) }
+        let admission = admission.clone();
+        async move { Ok::<_, Infallible>(router::route(req, state, peer, admission).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

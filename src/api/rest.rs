@@ -14,9 +14,7 @@ use super::metrics::{self, Limit};
 use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
-use crate::model::{
-    now_micros, parse_time, FieldError, Micros, NewReading, NewSensor, Sensor, SensorPatch,
-};
+use crate::model::{now_micros, FieldError, NewReading, NewSensor, Sensor, SensorPatch};
 use crate::store::{
     AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
     SCHEMA_VERSION,
@@ -131,8 +129,17 @@ pub fn client_module() -> Response<Body> {
 }
 
 /// Prometheus text exposition.
-pub fn metrics(state: &State) -> Response<Body> {
-    let text = metrics::render(&state.counters, &state.hub, &state.health, &state.store);
+pub async fn metrics(state: &State) -> Response<Body> {
+    // The last values come from a snapshot; without one the rest is still worth serving.
+    let snapshot = state.store.snapshot().await.ok();
+    let text = metrics::render(
+        &state.counters,
+        &state.hub,
+        &state.health,
+        &state.store,
+        state.uplink.as_deref(),
+        snapshot.as_ref(),
+    );
     let mut response = Response::new(full(text));
     response.headers_mut().insert(
         CONTENT_TYPE,
@@ -251,50 +258,38 @@ pub async fn delete_sensor(state: &State, id: i64) -> Result<Response<Body>, Api
     Ok(json_response(StatusCode::OK, &sensor))
 }
 
+/// The readings a query asks for: `sensor_id`, `tipo`, and `desde` (inclusive) to
+/// `hasta` (exclusive); newest first and 100 at most unless the caller says otherwise.
+pub fn reading_range(q: &Query, errors: &mut Vec<FieldError>) -> ReadingFilter {
+    ReadingFilter {
+        sensor_id: q.parsed("sensor_id", "must be an integer", errors),
+        tipo: q.get("tipo").map(str::to_owned),
+        from: q.time("desde", errors),
+        to: q.time("hasta", errors),
+        limit: 100,
+        order: ReadingOrder::Desc,
+        after: None,
+    }
+}
+
 pub async fn list_readings(
     req: &Request<Incoming>,
     state: &State,
 ) -> Result<Response<Body>, ApiError> {
     let q = query(req);
     let mut errors = Vec::new();
-    let sensor_id = match q.get("sensor_id") {
-        None => None,
-        Some(text) => checked(
-            &mut errors,
-            text.parse::<i64>()
-                .map_err(|_| FieldError::new("sensor_id", "must be an integer")),
-        ),
-    };
-    let mut time = |name: &str| match q.get(name) {
-        None => None,
-        Some(text) => checked(
-            &mut errors,
-            parse_time(text)
-                .ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
-        ),
-    };
-    let from = time("desde");
-    let to = time("hasta");
-    let order = match q.get("order") {
-        None | Some("desc") => ReadingOrder::Desc,
-        Some("asc") => ReadingOrder::Asc,
-        Some(_) => {
-            errors.push(FieldError::new("order", "must be asc or desc"));
-            ReadingOrder::Desc
-        }
-    };
-    let limit = checked(&mut errors, number_param(&q, "limit", 100, 10_000));
+    let mut filter = reading_range(&q, &mut errors);
+    match q.get("order") {
+        None | Some("desc") => {}
+        Some("asc") => filter.order = ReadingOrder::Asc,
+        Some(_) => errors.push(FieldError::new("order", "must be asc or desc")),
+    }
+    if let Some(limit) = checked(&mut errors, number_param(&q, "limit", 100, 10_000)) {
+        filter.limit = limit;
+    }
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let filter = ReadingFilter {
-        sensor_id,
-        tipo: q.get("tipo").map(str::to_owned),
-        from,
-        to,
-        limit: limit.unwrap_or_default(),
-        order,
-    };
     let readings = state.store.readings(filter).await?;
     Ok(json_response(StatusCode::OK, &readings))
 }
@@ -307,17 +302,10 @@ pub async fn aggregated_readings(
 ) -> Result<Response<Body>, ApiError> {
     let q = query(req);
     let mut errors = Vec::new();
-    let sensor_id = match q.get("sensor_id").map(str::parse::<i64>) {
-        Some(Ok(id)) => Some(id),
-        Some(Err(_)) => {
-            errors.push(FieldError::new("sensor_id", "must be an integer"));
-            None
-        }
-        None => {
-            errors.push(FieldError::new("sensor_id", "field required"));
-            None
-        }
-    };
+    let range = reading_range(&q, &mut errors);
+    if q.get("sensor_id").is_none() {
+        errors.push(FieldError::new("sensor_id", "field required"));
+    }
     let bucket = match q.get("bucket") {
         None => Some(Bucket::Hour),
         Some(text) => Bucket::parse(text).or_else(|| {
@@ -326,16 +314,8 @@ pub async fn aggregated_readings(
         }),
     };
     let now = now_micros();
-    let mut time = |name: &str, default: Micros| match q.get(name) {
-        None => Some(default),
-        Some(text) => checked(
-            &mut errors,
-            parse_time(text)
-                .ok_or_else(|| FieldError::new(name, "must be an RFC 3339 time with offset")),
-        ),
-    };
-    let from = time("desde", now - 86_400_000_000);
-    let to = time("hasta", now);
+    let from = range.from.unwrap_or(now - 86_400_000_000);
+    let to = range.to.unwrap_or(now);
     let limit = checked(&mut errors, number_param(&q, "limit", 10_000, 10_000));
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
@@ -343,11 +323,11 @@ pub async fn aggregated_readings(
     let aggregates = state
         .store
         .aggregates(AggregateQuery {
-            sensor_id: sensor_id.unwrap_or_default(),
-            tipo: q.get("tipo").map(str::to_owned),
+            sensor_id: range.sensor_id.unwrap_or_default(),
+            tipo: range.tipo,
             bucket: bucket.unwrap_or(Bucket::Hour),
-            from: from.unwrap_or_default(),
-            to: to.unwrap_or_default(),
+            from,
+            to,
             limit: limit.unwrap_or_default(),
         })
         .await?;

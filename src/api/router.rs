@@ -15,7 +15,7 @@ use super::limits::Key;
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{rest, tokens, ApiError, Body, State};
+use super::{export, rest, tokens, Admission, ApiError, Body, State};
 use crate::auth::{Access, AuthError, Principal};
 
 /// Everything the API answers.
@@ -35,6 +35,7 @@ enum Route {
     ListReadings,
     CreateReading,
     AggregatedReadings,
+    ExportReadings,
     Socket,
     SecureSocket,
     Events,
@@ -56,7 +57,12 @@ enum Guard {
     Needs(Access),
 }
 
-pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) -> Response<Body> {
+pub async fn route(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    peer: SocketAddr,
+    admission: Arc<Admission>,
+) -> Response<Body> {
     let uri_length = req.uri().to_string().len();
     if uri_length > state.limits.max_uri_bytes {
         state.counters.hit(Limit::UriLength);
@@ -68,7 +74,7 @@ pub async fn route(req: Request<Incoming>, state: Arc<State>, peer: SocketAddr) 
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
             limit_writes(&state, peer, principal.as_ref())?;
         }
-        dispatch(route, req, &state, peer, principal).await
+        dispatch(route, req, &state, peer, principal, admission).await
     };
     result.await.unwrap_or_else(ApiError::into_response)
 }
@@ -97,6 +103,9 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["lecturas", "agregadas"] | ["readings", "aggregated"] if get => {
                 (Route::AggregatedReadings, Guard::Needs(Read))
             }
+            ["lecturas" | "readings", "export"] if get => {
+                (Route::ExportReadings, Guard::Needs(Read))
+            }
             ["ws"] if get => (Route::Socket, Guard::Needs(Read)),
             ["ws", "secure"] if get => (Route::SecureSocket, Guard::Needs(Access::Secure)),
             ["events"] if get => (Route::Events, Guard::Needs(Read)),
@@ -114,12 +123,13 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["openapi.json" | "lecturas" | "readings" | "ws" | "events" | "tokens"]
             | ["lecturas", "agregadas"]
             | ["readings", "aggregated"]
+            | ["lecturas" | "readings", "export"]
             | ["ws", "secure" | "stats" | "test-event"]
             | ["ws", "stats", _]
             | ["tokens", _] => return Err(ApiError::method_not_allowed()),
             _ => return Err(not_found(path)),
         },
-        [] | ["sensorgate.js" | "healthz" | "metrics"] => {
+        [] | ["sensorgate.js" | "healthz" | "metrics"] | ["assets", _] => {
             return Err(ApiError::method_not_allowed())
         }
         _ => return Err(not_found(path)),
@@ -215,13 +225,14 @@ async fn dispatch(
     state: &Arc<State>,
     peer: SocketAddr,
     principal: Option<Principal>,
+    admission: Arc<Admission>,
 ) -> Result<Response<Body>, ApiError> {
     match route {
         Route::Index => Ok(rest::index()),
         Route::ClientModule => Ok(rest::client_module()),
         Route::Asset(name) => rest::dashboard_asset(&name),
         Route::Health => Ok(rest::health(state).await),
-        Route::Metrics => Ok(rest::metrics(state)),
+        Route::Metrics => Ok(rest::metrics(state).await),
         Route::OpenApi => Ok(rest::openapi()),
         Route::ListSensors => rest::list_sensors(&req, state).await,
         Route::CreateSensor => rest::create_sensor(req, state).await,
@@ -231,8 +242,9 @@ async fn dispatch(
         Route::ListReadings => rest::list_readings(&req, state).await,
         Route::CreateReading => rest::create_reading(req, state).await,
         Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
-        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false),
-        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true),
+        Route::ExportReadings => export::readings(&req, state),
+        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false, admission),
+        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true, admission),
         Route::Events => sse::stream(&req, state.clone()),
         Route::SocketStats => Ok(rest::ws_stats(state)),
         Route::ChannelStats(channel) => rest::ws_channel_stats(state, &channel),

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::Scope;
-use crate::model::{format_time, now_micros, Micros};
+use crate::model::{now_micros, Micros};
 
 /// What makes a token name acceptable: short, printable, no spaces.
 pub fn valid_name(name: &str) -> bool {
@@ -55,21 +55,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct TokenInfo {
     pub name: String,
     pub scope: Scope,
-    #[serde(serialize_with = "wire_time")]
+    #[serde(serialize_with = "crate::model::wire_time::required")]
     pub created_at: Micros,
-    #[serde(serialize_with = "optional_time")]
+    #[serde(serialize_with = "crate::model::wire_time::optional")]
     pub last_used_at: Option<Micros>,
-}
-
-fn wire_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
-}
-
-fn optional_time<S: serde::Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.serialize_str(&format_time(*t)),
-        None => s.serialize_none(),
-    }
 }
 
 /// Why a token operation failed.

@@ -558,4 +558,121 @@ mod tests {
         let source = GpioDhtSource::new(&config, Duration::from_millis(500));
         assert_eq!(source.pacing(), Pacing::Every(Duration::from_secs(2)));
     }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn kind() -> impl Strategy<Value = EdgeKind> {
+            prop::sample::select(vec![EdgeKind::Rising, EdgeKind::Falling])
+        }
+
+        fn model() -> impl Strategy<Value = DhtModel> {
+            prop::sample::select(vec![DhtModel::Dht11, DhtModel::Dht22])
+        }
+
+        /// Edges with gaps around the pulse lengths a DHT sends, alternating or not, so
+        /// that trains get deep into the decoder before they fail.
+        fn plausible_edges() -> impl Strategy<Value = Vec<Edge>> {
+            (
+                any::<u64>(),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            5_000u64..120_000,
+                            prop::sample::select(vec![0, 8_000, 50_000, 50_001, 110_000, 110_001]),
+                            any::<u64>(),
+                        ],
+                        prop_oneof![4 => Just(None), 1 => kind().prop_map(Some)],
+                    ),
+                    0..100,
+                ),
+            )
+                .prop_map(|(start, pulses)| {
+                    let mut t = start;
+                    let mut rising = true;
+                    pulses
+                        .into_iter()
+                        .map(|(gap, forced)| {
+                            t = t.saturating_add(gap);
+                            rising = !rising;
+                            let natural = if rising {
+                                EdgeKind::Rising
+                            } else {
+                                EdgeKind::Falling
+                            };
+                            Edge {
+                                timestamp_ns: t,
+                                kind: forced.unwrap_or(natural),
+                            }
+                        })
+                        .collect()
+                })
+        }
+
+        fn any_edges() -> impl Strategy<Value = Vec<Edge>> {
+            prop::collection::vec(
+                (any::<u64>(), kind()).prop_map(|(timestamp_ns, kind)| Edge { timestamp_ns, kind }),
+                0..100,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_edges_decode_or_fail_cleanly(
+                edges in prop_oneof![3 => plausible_edges(), 1 => any_edges()],
+                model in model(),
+            ) {
+                match decode_edges(&edges, model) {
+                    Ok(r) => {
+                        prop_assert!(edges.len() >= 80);
+                        prop_assert!(r.temperature.is_finite() && r.humidity.is_finite());
+                        prop_assert!(r.humidity >= 0.0 && r.humidity <= 6553.5);
+                        prop_assert!(r.temperature.abs() <= 3276.7);
+                    }
+                    Err(SensorError::Timeout) => prop_assert!(edges.len() < MIN_ANSWER_EDGES),
+                    Err(e) => prop_assert!(
+                        matches!(e, SensorError::Malformed(_) | SensorError::Checksum),
+                        "{:?}", e
+                    ),
+                }
+            }
+
+            #[test]
+            fn jittered_trains_decode_to_their_frame(
+                data in any::<[u8; 4]>(),
+                // Up to 19 us either way: a one's high stays above the 50 us threshold and a
+                // zero's below it.
+                jitter in prop::collection::vec(-19_000i64..=19_000, 86),
+                skip in 0usize..=4,
+                release in any::<bool>(),
+                model in model(),
+            ) {
+                let frame = with_checksum(data);
+                let edges = train(frame, |i| jitter[i]);
+                let end = if release { edges.len() } else { edges.len() - 1 };
+                let edges = &edges[skip..end];
+                prop_assert_eq!(frame_from_edges(edges), Ok(frame));
+                prop_assert_eq!(decode_edges(edges, model), decode_frame(frame, model));
+            }
+
+            #[test]
+            fn a_corrupted_frame_is_never_read_as_another(
+                data in any::<[u8; 4]>(),
+                flip in 0usize..40,
+                model in model(),
+            ) {
+                // One flipped data bit: the checksum catches it.
+                let frame = with_checksum(data);
+                let mut corrupted = frame;
+                corrupted[flip / 8] ^= 0x80 >> (flip % 8);
+                prop_assert_eq!(
+                    decode_edges(&train(corrupted, |_| 0), model),
+                    Err(SensorError::Checksum)
+                );
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::source::SensorError;
-use crate::model::{format_time, Micros};
+use crate::model::Micros;
 
 /// Where a sampled sensor stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,20 +32,13 @@ pub struct Salud {
     /// Whether the device is there (serial port open, sysfs node present).
     pub conectado: bool,
     /// When the last good sample was taken.
-    #[serde(serialize_with = "optional_time")]
+    #[serde(serialize_with = "crate::model::wire_time::optional")]
     pub ultima_muestra: Option<Micros>,
     /// Read outcomes since start: `ok` and each failure kind.
     pub conteo: BTreeMap<&'static str, u64>,
     pub ultimo_error: Option<String>,
-    #[serde(serialize_with = "optional_time")]
+    #[serde(serialize_with = "crate::model::wire_time::optional")]
     pub ultimo_error_en: Option<Micros>,
-}
-
-fn optional_time<S: serde::Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.serialize_str(&format_time(*t)),
-        None => s.serialize_none(),
-    }
 }
 
 /// A change worth telling clients about on `general`.

@@ -151,7 +151,16 @@ impl Scheduler {
             tokio::select! {
                 _ = shutdown.recv() => break,
                 change = changes.recv() => match change {
-                    Ok(event) if event.channel == Channel::Sensors => {
+                    // Only the store's own sensor events describe sensor records: an
+                    // admin's test event on `sensors` carries whatever data it was given
+                    // and must not start or stop sampling.
+                    Ok(event)
+                        if event.channel == Channel::Sensors
+                            && matches!(
+                                event.event_type.as_str(),
+                                "created" | "updated" | "deleted"
+                            ) =>
+                    {
                         match sensor_of(&event.frame) {
                             Some(sensor) if event.event_type != "deleted" => self.apply(&sensor).await,
                             Some(sensor) => self.stop(sensor.id).await,

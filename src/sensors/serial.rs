@@ -904,4 +904,271 @@ mod tests {
         device.write_all(b"H=41.5\n").unwrap();
         assert_eq!(next(&mut source), Ok(vec![m("humedad", 41.5, "%")]));
     }
+
+    mod proptests {
+        use super::*;
+        use crate::model::arbitrary::json;
+        use proptest::prelude::*;
+
+        /// Every key of the default mapping, in any letter case.
+        fn known_key() -> impl Strategy<Value = String> {
+            let keys: Vec<&str> = DEFAULT_KEYS
+                .iter()
+                .flat_map(|(aliases, _, _)| aliases.iter().copied())
+                .collect();
+            (prop::sample::select(keys), any::<u64>()).prop_map(|(key, case)| {
+                key.chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if case >> (i % 64) & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect()
+            })
+        }
+
+        /// Number text as firmware prints it, and as broken firmware does.
+        fn number_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<f64>().prop_map(|v| v.to_string()),
+                any::<i64>().prop_map(|v| v.to_string()),
+                (-100.0f64..2000.0).prop_map(|v| format!("{v:.2}")),
+                "[0-9]{300,400}",
+                prop::sample::select(vec![
+                    "NaN",
+                    "nan",
+                    "inf",
+                    "-inf",
+                    "+infinity",
+                    "1e999",
+                    "-1e999",
+                    "1e-999",
+                    "0x10",
+                    "1_000",
+                    "--1",
+                    ".",
+                    "-",
+                    "+",
+                    "1e",
+                    "",
+                ])
+                .prop_map(str::to_owned),
+            ]
+        }
+
+        fn kv_line() -> impl Strategy<Value = String> {
+            let key = prop_oneof![6 => known_key(), 2 => "[a-z0-9]{0,6}", 1 => ".{0,4}"];
+            let sep = prop_oneof![4 => Just("="), 4 => Just(":"), 1 => Just(""), 1 => Just("==")];
+            let pair = (key, sep, number_text()).prop_map(|(k, sep, v)| format!("{k}{sep}{v}"));
+            prop::collection::vec(
+                (
+                    pair,
+                    prop::sample::select(vec![" ", ",", ";", "\t", ", ", "  "]),
+                ),
+                0..6,
+            )
+            .prop_map(|pairs| pairs.into_iter().map(|(p, s)| p + s).collect())
+        }
+
+        fn json_line() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                3 => known_key(),
+                2 => prop::sample::select(vec!["tipo", "valor", "unidad", "TIPO", "Valor"])
+                    .prop_map(str::to_owned),
+                1 => ".{0,4}",
+            ];
+            let value = prop_oneof![
+                3 => number_text(),
+                1 => known_key().prop_map(|k| format!("{k:?}")),
+                1 => json().prop_map(|v| v.to_string()),
+                1 => Just("NaN".to_owned()),
+            ];
+            prop::collection::vec((key, value), 0..5).prop_map(|pairs| {
+                let fields: Vec<String> =
+                    pairs.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+                format!("{{{}}}", fields.join(", "))
+            })
+        }
+
+        fn line() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                2 => kv_line().prop_map(String::into_bytes),
+                2 => json_line().prop_map(String::into_bytes),
+                1 => json().prop_map(|v| v.to_string().into_bytes()),
+                // Deeply nested JSON, past serde_json's recursion limit.
+                1 => (1usize..200).prop_map(|n| format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()),
+                1 => (1usize..200).prop_map(|n| format!("{}1{}", "{\"t\":".repeat(n), "}".repeat(n)).into_bytes()),
+                2 => prop::collection::vec(any::<u8>(), 0..300),
+            ]
+        }
+
+        fn format() -> impl Strategy<Value = LineFormat> {
+            prop::sample::select(vec![LineFormat::Auto, LineFormat::Json, LineFormat::Kv])
+        }
+
+        /// What a ready assembler must make of `lines` joined by newlines: each line whole
+        /// when it fits, one `malformed` when it does not.
+        fn expected(lines: &[Vec<u8>], max: usize) -> Vec<Result<Vec<u8>, String>> {
+            lines
+                .iter()
+                .map(|l| {
+                    if l.len() <= max {
+                        Ok(l.clone())
+                    } else {
+                        Err("malformed".to_owned())
+                    }
+                })
+                .collect()
+        }
+
+        fn outcomes(out: Vec<Result<Vec<u8>, SensorError>>) -> Vec<Result<Vec<u8>, String>> {
+            out.into_iter()
+                .map(|o| o.map_err(|e| e.kind().to_owned()))
+                .collect()
+        }
+
+        /// Feeds `bytes` cut at `cuts` (positions, in any order, may repeat).
+        fn feed_in_chunks(
+            assembler: &mut LineAssembler,
+            bytes: &[u8],
+            cuts: &[usize],
+        ) -> Vec<Result<Vec<u8>, SensorError>> {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                out.extend(assembler.feed(&bytes[from..cut]));
+                from = cut;
+            }
+            out
+        }
+
+        fn line_without_newline() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(
+                    any::<u8>().prop_filter("no newline", |b| *b != b'\n'),
+                    0..40
+                ),
+                (0usize..80, any::<u8>())
+                    .prop_map(|(n, b)| vec![if b == b'\n' { b'x' } else { b }; n]),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn parsed_lines_hold_only_finite_values(line in line(), format in format()) {
+                let mapping = KeyMapping::default();
+                match format.parse(&line, &mapping) {
+                    Ok(measurements) => {
+                        prop_assert!(!measurements.is_empty());
+                        // One per quantity: never more than the mapping knows.
+                        prop_assert!(measurements.len() <= DEFAULT_KEYS.len());
+                        for (i, m) in measurements.iter().enumerate() {
+                            prop_assert!(m.valor.is_finite(), "{:?}", m);
+                            prop_assert!(!m.tipo.trim().is_empty(), "{:?}", m);
+                            prop_assert!(!m.unidad.trim().is_empty(), "{:?}", m);
+                            prop_assert!(m.unidad.len() <= line.len());
+                            prop_assert!(measurements[..i].iter().all(|n| n.tipo != m.tipo));
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.kind(), "malformed");
+                        prop_assert!(e.to_string().len() <= 200 + 10 * line.len(), "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn printed_key_values_read_back(
+                values in prop::collection::btree_map(
+                    prop::sample::select(vec!["temperatura", "humedad", "presion"]),
+                    (-1e6f64..1e6, known_key()),
+                    1..=3,
+                ),
+                sep in prop::sample::select(vec![" ", ",", ";", "\t"]),
+                eq in prop::sample::select(vec!["=", ":"]),
+            ) {
+                let mapping = KeyMapping::default();
+                // The key printed must map to the quantity it stands for.
+                let printed: Vec<(String, f64, &str)> = values
+                    .iter()
+                    .map(|(tipo, (valor, _))| (tipo[..1].to_owned(), *valor, *tipo))
+                    .collect();
+                let text: Vec<String> =
+                    printed.iter().map(|(k, v, _)| format!("{k}{eq}{v}")).collect();
+                let line = text.join(sep);
+                let parsed = parse_line(line.as_bytes(), &mapping).unwrap();
+                prop_assert_eq!(parsed.len(), printed.len());
+                for ((_, valor, tipo), m) in printed.iter().zip(&parsed) {
+                    prop_assert_eq!(&m.tipo, tipo);
+                    prop_assert_eq!(m.valor, *valor);
+                }
+            }
+
+            #[test]
+            fn assembled_lines_never_exceed_the_cap(
+                // Newlines one byte in `every`, so lines are short and long against `max`.
+                bytes in (prop::collection::vec(any::<u8>(), 0..600), 2u8..=255).prop_map(
+                    |(bytes, every)| {
+                        bytes
+                            .into_iter()
+                            .map(|b| if b % every == 0 { b'\n' } else { b })
+                            .collect::<Vec<u8>>()
+                    }
+                ),
+                cuts in prop::collection::vec(any::<usize>(), 0..20),
+                max in 1usize..100,
+                quiet in any::<bool>(),
+            ) {
+                let mut assembler = LineAssembler::new(max);
+                if quiet {
+                    assembler.quiet();
+                }
+                let out = feed_in_chunks(&mut assembler, &bytes, &cuts);
+                let newlines = bytes.iter().filter(|b| **b == b'\n').count();
+                // At most one outcome per line, and memory held is bounded by the cap.
+                prop_assert!(out.len() <= newlines + 1);
+                prop_assert!(assembler.line.len() <= max);
+                let mut total = 0;
+                for line in out.iter().flatten() {
+                    prop_assert!(line.len() <= max);
+                    prop_assert!(!line.contains(&b'\n'));
+                    total += line.len();
+                }
+                prop_assert!(total <= bytes.len());
+            }
+
+            #[test]
+            fn chunking_does_not_change_the_lines(
+                lines in prop::collection::vec(line_without_newline(), 0..12),
+                cuts in prop::collection::vec(any::<usize>(), 0..30),
+                max in 1usize..64,
+                quiet in any::<bool>(),
+            ) {
+                let mut bytes = Vec::new();
+                for line in &lines {
+                    bytes.extend_from_slice(line);
+                    bytes.push(b'\n');
+                }
+                let start = |a: &mut LineAssembler| if quiet { a.quiet() };
+                let mut whole = LineAssembler::new(max);
+                start(&mut whole);
+                let at_once = outcomes(whole.feed(&bytes));
+                let mut chunked = LineAssembler::new(max);
+                start(&mut chunked);
+                let in_chunks = outcomes(feed_in_chunks(&mut chunked, &bytes, &cuts));
+                prop_assert_eq!(&at_once, &in_chunks);
+                // A line that began before we listened is dropped; every other line comes
+                // out whole, or as one error when it is over the cap.
+                let heard = if quiet { &lines[..] } else { &lines[lines.len().min(1)..] };
+                prop_assert_eq!(at_once, expected(heard, max));
+            }
+        }
+    }
 }

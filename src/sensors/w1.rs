@@ -393,4 +393,103 @@ mod tests {
         assert_eq!(c, config(Path::new("/sys"), None));
         assert!(serde_json::from_str::<W1Config>(r#"{"id": "28-1"}"#).is_err());
     }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn scratchpad() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..10).prop_map(|bytes| {
+                    bytes
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                }),
+                Just("00 00 00 00 00 00 00 00 00".to_owned()),
+                ".{0,30}",
+            ]
+        }
+
+        fn milli_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|m| m.to_string()),
+                (-60_000i64..130_000).prop_map(|m| m.to_string()),
+                Just("85000".to_owned()),
+                "[0-9]{19,40}",
+                "[-+ ]?[0-9a-z.]{0,8}",
+            ]
+        }
+
+        /// The driver's two lines, right and wrong in every part.
+        fn w1_slave_text() -> impl Strategy<Value = String> {
+            (
+                scratchpad(),
+                prop::sample::select(vec![
+                    " : crc=57 YES",
+                    " : crc=a1 NO",
+                    " : crc=57",
+                    "YES",
+                    "",
+                ]),
+                prop::sample::select(vec!["\n", "\r\n", "", "\n\n"]),
+                scratchpad(),
+                prop::sample::select(vec![" t=", "t=", " t= ", " ", "t=t="]),
+                milli_text(),
+                prop::sample::select(vec!["\n", "", "\nextra\n"]),
+            )
+                .prop_map(|(a, crc, nl, b, t, milli, end)| {
+                    format!("{a}{crc}{nl}{b}{t}{milli}{end}")
+                })
+        }
+
+        fn check(text: &str, outcome: Result<f64, SensorError>) -> Result<(), TestCaseError> {
+            match outcome {
+                Ok(celsius) => {
+                    prop_assert!(celsius.is_finite());
+                    prop_assert!(
+                        (MIN_CELSIUS..=MAX_CELSIUS).contains(&celsius),
+                        "{}",
+                        celsius
+                    );
+                    prop_assert!(celsius != 85.0);
+                }
+                Err(e) => prop_assert!(e.to_string().len() <= 200 + 10 * text.len(), "{}", e),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn w1_slave_values_are_in_range_or_refused(
+                text in prop_oneof![3 => w1_slave_text(), 1 => ".{0,200}"]
+            ) {
+                check(&text, parse_w1_slave(&text))?;
+                // A value is only ever taken from a line the driver's CRC check passed.
+                if parse_w1_slave(&text).is_ok() {
+                    prop_assert!(text.lines().next().unwrap_or("").trim_end().ends_with("YES"));
+                }
+            }
+
+            #[test]
+            fn temperature_file_values_are_in_range_or_refused(text in milli_text()) {
+                check(&text, parse_temperature_file(&text))?;
+            }
+
+            #[test]
+            fn good_readings_read_back(
+                milli in -55_000i64..=125_000,
+                pad in prop::collection::vec(1u8..=255, 9),
+            ) {
+                prop_assume!(milli != POWER_ON_MILLI);
+                let pad: Vec<String> = pad.iter().map(|b| format!("{b:02x}")).collect();
+                let pad = pad.join(" ");
+                let text = format!("{pad} : crc=57 YES\n{pad} t={milli}\n");
+                prop_assert_eq!(parse_w1_slave(&text), Ok(milli as f64 / 1000.0));
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! blocking thread pool, so they never wait behind a commit.
 
 mod reader;
+mod retention;
 mod rollup;
 mod schema;
 mod writer;
@@ -188,6 +189,18 @@ impl Store {
         let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
     }
 
+    /// Saves how far the uplink `name` got: every event up to `seq` was delivered (or
+    /// needs no delivery). Written through the writer like everything else.
+    pub async fn save_uplink_cursor(&self, name: &'static str, seq: u64) -> Result<(), StoreError> {
+        self.call(|reply| Command::SaveUplinkCursor(name, seq, reply))
+            .await
+    }
+
+    /// The saved position of the uplink `name`, if it ever saved one.
+    pub async fn uplink_cursor(&self, name: &'static str) -> Result<Option<u64>, StoreError> {
+        self.read(move |c| reader::uplink_cursor(c, name)).await
+    }
+
     /// Asks the writer to commit what is queued and stop. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {
@@ -261,6 +274,30 @@ pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connec
     configure(&conn, synchronous)?;
     schema::migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Writes a consistent copy of the database to `target` while the daemon keeps running
+/// (`VACUUM INTO` reads one snapshot; ingest goes on). Returns the copy's size. Refuses to
+/// overwrite an existing file.
+pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
+    if target.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists already", target.display()),
+        )));
+    }
+    let source = data_dir.join(DATABASE_FILE);
+    if !source.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no database at {}", source.display()),
+        )));
+    }
+    let conn = open_reader(&source)?;
+    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
+    std::fs::metadata(target)
+        .map(|m| m.len())
+        .map_err(StoreError::Io)
 }
 
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`

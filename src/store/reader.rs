@@ -101,6 +101,9 @@ pub struct ReadingFilter {
     pub to: Option<Micros>,
     pub limit: u32,
     pub order: ReadingOrder,
+    /// Only readings after this (time, id) in ascending order: a cursor for paging
+    /// through a range without OFFSET.
+    pub after: Option<(Micros, i64)>,
 }
 
 /// Readings matching the filter, ordered by sample time (then id).
@@ -123,6 +126,10 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
     if let Some(to) = filter.to {
         sql.push_str(" AND ts < ?");
         args.push(to.into());
+    }
+    if let Some((ts, id)) = filter.after {
+        sql.push_str(" AND (ts > ? OR (ts = ? AND id > ?))");
+        args.extend([ts.into(), ts.into(), id.into()]);
     }
     sql.push_str(match filter.order {
         ReadingOrder::Asc => " ORDER BY ts ASC, id ASC",
@@ -168,6 +175,14 @@ pub fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
         last_seq: last_seq as u64,
         oldest_seq: oldest_seq as u64,
     })
+}
+
+/// The saved position of an uplink.
+pub fn uplink_cursor(conn: &Connection, name: &str) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached("SELECT seq FROM uplink_cursor WHERE name = ?1")?
+        .query_row([name], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|seq| seq.map(|s| s as u64))
 }
 
 /// Stored events after `after` on the given channels, oldest first, at most `limit`.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection, Transaction};
 use serde::Serialize;
 
-use crate::model::{format_time, Micros};
+use crate::model::Micros;
 
 /// A roll-up granularity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,16 +116,12 @@ impl Pending {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Aggregate {
     pub tipo: String,
-    #[serde(serialize_with = "wire_time")]
+    #[serde(serialize_with = "crate::model::wire_time::required")]
     pub inicio: Micros,
     pub min: f64,
     pub max: f64,
     pub avg: f64,
     pub count: i64,
-}
-
-fn wire_time<S: serde::Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
 }
 
 /// What to aggregate.

@@ -88,6 +88,15 @@ const MIGRATIONS: &[&str] = &[
         last_used_at INTEGER
     );
 "#,
+    r#"
+    -- How far the fleet uplink got: the newest seq up to which the broker acknowledged
+    -- every event (or the uplink skipped it). One row per uplink, by name.
+    CREATE TABLE uplink_cursor (
+        name       TEXT    PRIMARY KEY,
+        seq        INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+"#,
 ];
 
 /// The schema version this build writes.

@@ -17,7 +17,8 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::rollup::{Bucket, Pending};
+use super::retention::{Retention, SLICE};
+use super::rollup::Pending;
 use super::{reader, StoreError};
 use crate::config::StorageConfig;
 use crate::events::{self, Channel, Event, Hub};
@@ -30,10 +31,6 @@ const RETRY_SAMPLES: usize = 20_000;
 
 /// Most commands applied in one transaction; bounds the latency of the batch's first one.
 const MAX_BATCH: usize = 2048;
-
-/// How many rows retention deletes per table at most each pass, so that it never holds
-/// the writer for long.
-const MAINTENANCE_ROWS: i64 = 5000;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -49,6 +46,8 @@ pub(crate) enum Command {
     Ping(oneshot::Sender<()>),
     /// Records a token's last use.
     TouchToken(i64, Micros),
+    /// Saves how far an uplink got (its name, the `seq`).
+    SaveUplinkCursor(&'static str, u64, Reply<()>),
     Shutdown,
 }
 
@@ -78,10 +77,14 @@ pub enum EmissionKind {
     Test,
 }
 
-/// What the writer has done, for health checks and the watchdog.
+/// What the writer has done, for health checks, the watchdog and `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterHealth {
     commits: AtomicU64,
+    /// Commands in committed batches, summed: divided by `commits`, the mean batch size.
+    batch_commands: AtomicU64,
+    /// Time spent in committed transactions, from begin to commit, in microseconds.
+    commit_micros: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -89,6 +92,24 @@ impl WriterHealth {
     /// Transactions committed since start.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Commands applied in committed transactions since start.
+    pub fn batch_commands(&self) -> u64 {
+        self.batch_commands.load(Ordering::Relaxed)
+    }
+
+    /// Seconds spent in committed transactions since start.
+    pub fn commit_seconds(&self) -> f64 {
+        self.commit_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Counts a committed transaction of `commands` commands that took `took`.
+    fn timed(&self, commands: usize, took: Duration) {
+        self.batch_commands
+            .fetch_add(commands as u64, Ordering::Relaxed);
+        self.commit_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// The error of the last failed commit, cleared by the next successful one.
@@ -145,8 +166,7 @@ pub(crate) fn spawn(
         queue,
         hub,
         next_seq,
-        max_events: config.max_events,
-        retention: retention_periods(config),
+        retention: Retention::new(config),
         maintenance_every: Duration::from_secs(config.maintenance_interval_s),
         health,
         last_maintenance: Instant::now(),
@@ -158,22 +178,6 @@ pub(crate) fn spawn(
         .spawn(move || writer.run())
         .map_err(StoreError::Io)?;
     Ok(WriterHandle { thread })
-}
-
-fn retention_periods(config: &StorageConfig) -> Vec<(&'static str, Duration)> {
-    let days = |d: u32| Duration::from_secs(u64::from(d) * 86_400);
-    vec![
-        ("readings", days(config.readings_retention_days)),
-        (
-            Bucket::Minute.table(),
-            days(config.minute_rollup_retention_days),
-        ),
-        (
-            Bucket::Hour.table(),
-            days(config.hour_rollup_retention_days),
-        ),
-        (Bucket::Day.table(), days(config.day_rollup_retention_days)),
-    ]
 }
 
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
@@ -193,9 +197,7 @@ struct Writer {
     queue: mpsc::Receiver<Command>,
     hub: Hub,
     next_seq: u64,
-    max_events: u64,
-    /// Tables with a time-based retention, and how long they keep rows (zero: forever).
-    retention: Vec<(&'static str, Duration)>,
+    retention: Retention,
     maintenance_every: Duration,
     health: Arc<WriterHealth>,
     /// Samples of failed commits, retried with the next batch.
@@ -207,6 +209,7 @@ struct Writer {
 
 /// A command applied inside the open transaction, whose answer waits for the commit.
 enum Done {
+    Unit(Reply<()>),
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
@@ -218,6 +221,7 @@ impl Done {
     fn send(self) {
         // A caller that gave up waiting (client disconnected) is not the writer's problem.
         match self {
+            Done::Unit(reply) => drop(reply.send(Ok(()))),
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
@@ -230,6 +234,7 @@ impl Done {
     fn fail(self, why: &str) {
         let err = || StoreError::Aborted(why.to_owned());
         match self {
+            Done::Unit(reply) => drop(reply.send(Err(err()))),
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
@@ -248,6 +253,7 @@ impl Command {
             | Command::DeleteSensor(_, r) => Done::Sensor(r, Err(StoreError::Closed)),
             Command::InsertReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
+            Command::SaveUplinkCursor(_, _, r) => Done::Unit(r),
             Command::Samples(samples) => {
                 log::error!("{} samples not stored: {why}", samples.len());
                 Done::Nothing
@@ -298,6 +304,8 @@ impl Writer {
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
         let mut held = Vec::new();
+        let commands = batch.len();
+        let started = Instant::now();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             // IMMEDIATE: take the write lock up front, so that another process holding it
             // (a backup, an sqlite3 shell) is waited for, not failed on mid-batch.
@@ -339,6 +347,7 @@ impl Writer {
         self.health.record(&outcome);
         match outcome {
             Ok(()) => {
+                self.health.timed(commands, started.elapsed());
                 for event in published {
                     self.hub.publish(event);
                 }
@@ -419,40 +428,21 @@ impl Writer {
         self.commit(&mut vec![Command::Emit(emission, reply)]);
     }
 
-    /// Retention in small slices, so it never holds the writer for long: the oldest
-    /// events past `max_events`, then readings and each roll-up past their periods.
+    /// Retention in small slices (see [`Retention`]), then a checkpoint.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
-        let keep_from = self.next_seq as i64 - 1 - self.max_events as i64;
-        let result = self
-            .conn
-            .execute(
-                "DELETE FROM events WHERE seq <= ?1 AND seq < (SELECT MIN(seq) FROM events) + ?2",
-                params![keep_from, MAINTENANCE_ROWS],
-            )
-            .map(|n| ("events", n));
-        let now = now_micros();
-        let timed = self.retention.iter().filter(|(_, period)| !period.is_zero()).map(|(table, period)| {
-            let (column, key) = if *table == "readings" { ("ts", "id") } else { ("inicio", "rowid") };
-            let cutoff = now - period.as_micros() as i64;
-            let sql = if key == "id" {
-                format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {column} < ?1 ORDER BY {column} LIMIT ?2)")
-            } else {
-                // Roll-up tables are WITHOUT ROWID: delete by their key.
-                format!("DELETE FROM {table} WHERE (sensor_id, tipo, inicio) IN \
-                         (SELECT sensor_id, tipo, inicio FROM {table} WHERE inicio < ?1 LIMIT ?2)")
-            };
-            self.conn.execute(&sql, params![cutoff, MAINTENANCE_ROWS]).map(|n| (*table, n))
-        });
         let mut behind = false;
-        for outcome in std::iter::once(result).chain(timed.collect::<Vec<_>>()) {
+        for (what, outcome) in self
+            .retention
+            .sweep(&self.conn, now_micros(), self.next_seq - 1)
+        {
             match outcome {
-                Ok((_, 0)) => {}
-                Ok((table, n)) => {
-                    behind |= n as i64 == MAINTENANCE_ROWS;
-                    log::debug!("retention removed {n} rows from {table}");
+                Ok(0) => {}
+                Ok(n) => {
+                    behind |= n as i64 == SLICE;
+                    log::debug!("retention removed {n} rows: {what}");
                 }
-                Err(e) => log::warn!("retention failed: {e}"),
+                Err(e) => log::warn!("retention of {what} failed: {e}"),
             }
         }
         // Copy the WAL back into the database now, at a quiet moment, rather than on a
@@ -537,6 +527,15 @@ impl Step<'_> {
                     .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
                     .execute(params![id, at])?;
                 Done::Nothing
+            }
+            Command::SaveUplinkCursor(name, seq, reply) => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO uplink_cursor (name, seq, updated_at) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
+                    )?
+                    .execute(params![name, seq as i64, self.now])?;
+                Done::Unit(reply)
             }
             Command::Shutdown => Done::Nothing,
         })

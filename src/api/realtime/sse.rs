@@ -5,15 +5,11 @@
 //! resumes by itself through `Last-Event-ID`. A snapshot carries its `seq` as id too.
 //! A client that leaves its stream unread for [`WRITE_TIMEOUT`] is dropped.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
@@ -22,7 +18,7 @@ use super::feed::Feed;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
-use crate::api::{ApiError, Body, State};
+use crate::api::{streamed, ApiError, Body, State};
 use crate::model::FieldError;
 
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
@@ -50,9 +46,9 @@ pub fn stream(req: &Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
             request.since = Some(seq);
         }
     }
-    let (chunks, body) = mpsc::channel(QUEUE);
+    let (chunks, body) = streamed(QUEUE);
     tokio::spawn(run(state, request, chunks));
-    let mut response = Response::new(ChannelBody(body).boxed_unsync());
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -131,22 +127,5 @@ async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Send
                 }
             }
         }
-    }
-}
-
-/// A response body fed from a channel; ends when the sender is dropped.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
     }
 }

@@ -392,4 +392,229 @@ mod tests {
         assert!(apply_message(&next, "subscribe", &json!({"channels": ["nope"]})).is_err());
         assert!(apply_message(&next, "subscribe", &json!({"sensor_id": ["x"]})).is_err());
     }
+
+    mod proptests {
+        use super::*;
+        use crate::model::arbitrary::{json, json_with_keys, text};
+        use proptest::prelude::*;
+
+        const MESSAGE_FIELDS: [&str; 9] = [
+            "type",
+            "id",
+            "channel",
+            "channels",
+            "sensor_id",
+            "tipo",
+            "event_type",
+            "rate_ms",
+            "snapshot",
+        ];
+
+        fn channel_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec!["sensors", "readings", "general"]).prop_map(str::to_owned),
+                1 => text(),
+            ]
+        }
+
+        /// Filter lists on both sides of the 256-value bound (of distinct values, which
+        /// are cheap to make, or of one repeated value), and single values.
+        fn filter(
+            item: BoxedStrategy<Value>,
+            distinct: fn(u64) -> Value,
+        ) -> impl Strategy<Value = Value> {
+            prop_oneof![
+                2 => prop::collection::vec(item.clone(), 0..8).prop_map(Value::Array),
+                1 => (250u64..=260).prop_map(move |n| Value::Array((0..n).map(distinct).collect())),
+                1 => (item.clone(), 250usize..=260).prop_map(|(v, n)| Value::Array(vec![v; n])),
+                1 => item,
+                1 => Just(Value::Null),
+            ]
+        }
+
+        fn message() -> impl Strategy<Value = Value> {
+            let ids = prop_oneof![
+                4 => (0i64..1000).prop_map(Value::from),
+                1 => json(),
+            ]
+            .boxed();
+            let names = prop_oneof![4 => text().prop_map(Value::String), 1 => json()].boxed();
+            let channels = prop_oneof![
+                channel_name().prop_map(Value::String),
+                prop::collection::vec(channel_name().prop_map(Value::String), 0..5)
+                    .prop_map(Value::Array),
+                json(),
+            ];
+            let rate = prop_oneof![
+                (0u64..4_000_000).prop_map(Value::from),
+                Just(Value::from(MAX_RATE_MS)),
+                Just(Value::from(MAX_RATE_MS + 1)),
+                json(),
+            ];
+            let fields = (
+                prop::option::of(channels.clone()),
+                prop::option::of(channels),
+                prop::option::of(filter(ids, Value::from)),
+                prop::option::of(filter(names.clone(), |n| Value::String(n.to_string()))),
+                prop::option::of(filter(names, |n| Value::String(n.to_string()))),
+                prop::option::of(rate),
+                prop::option::of(prop_oneof![any::<bool>().prop_map(Value::Bool), json()]),
+            );
+            prop_oneof![
+                4 => fields.prop_map(|(channel, channels, ids, tipo, types, rate, snapshot)| {
+                    let mut m = serde_json::Map::new();
+                    for (key, value) in [
+                        ("channel", channel),
+                        ("channels", channels),
+                        ("sensor_id", ids),
+                        ("tipo", tipo),
+                        ("event_type", types),
+                        ("rate_ms", rate),
+                        ("snapshot", snapshot),
+                    ] {
+                        if let Some(value) = value {
+                            m.insert(key.to_owned(), value);
+                        }
+                    }
+                    Value::Object(m)
+                }),
+                1 => json_with_keys(&MESSAGE_FIELDS, 3, 6),
+            ]
+        }
+
+        fn action() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec!["subscribe", "unsubscribe"]).prop_map(str::to_owned),
+                1 => text(),
+            ]
+        }
+
+        fn check_bounds(s: &Subscription) -> Result<(), TestCaseError> {
+            prop_assert!(s
+                .sensor_id
+                .as_ref()
+                .is_none_or(|v| !v.is_empty() && v.len() <= MAX_FILTER_VALUES));
+            prop_assert!(s
+                .tipo
+                .as_ref()
+                .is_none_or(|v| !v.is_empty() && v.len() <= MAX_FILTER_VALUES));
+            prop_assert!(s
+                .event_type
+                .as_ref()
+                .is_none_or(|v| !v.is_empty() && v.len() <= MAX_FILTER_VALUES));
+            prop_assert!(s.rate_ms.is_none_or(|ms| ms > 0 && ms <= MAX_RATE_MS));
+            prop_assert!(s.channels.iter().all(|c| c.parse::<Channel>().is_ok()));
+            Ok(())
+        }
+
+        /// Query strings: arbitrary text, and pairs of the real keys with escaped,
+        /// repeated and comma-separated values.
+        fn query_text() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                4 => prop::sample::select(vec![
+                    "channel", "sensor_id", "tipo", "event_type", "rate_ms", "since", "snapshot",
+                    "token",
+                ])
+                .prop_map(str::to_owned),
+                1 => "[a-z%+=&]{0,6}",
+            ];
+            let value = prop_oneof![
+                "[a-z0-9,%+ ]{0,12}",
+                (0usize..300)
+                    .prop_map(|n| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+                "(%[0-9a-fA-F]{2}){0,6}",
+                "%.?.?",
+                any::<i64>().prop_map(|n| n.to_string()),
+                Just(u64::MAX.to_string() + "0"),
+                prop::sample::select(vec![
+                    "true",
+                    "false",
+                    "1",
+                    "0",
+                    "",
+                    "sensors,readings",
+                    "general,nope"
+                ])
+                .prop_map(str::to_owned),
+            ];
+            prop_oneof![
+                4 => prop::collection::vec((key, value), 0..8).prop_map(|pairs| {
+                    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+                }),
+                1 => ".{0,100}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn socket_messages_keep_subscriptions_bounded(
+                query in query_text(),
+                action in action(),
+                message in message(),
+            ) {
+                let current = Request::from_query(&Query::parse(Some(&query)))
+                    .map(|r| r.subscription)
+                    .unwrap_or_default();
+                check_bounds(&current)?;
+                if let Ok((next, snapshot)) = apply_message(&current, &action, &message) {
+                    check_bounds(&next)?;
+                    if action == "subscribe" {
+                        prop_assert!(current.channels.is_subset(&next.channels));
+                    } else {
+                        prop_assert!(!snapshot);
+                        prop_assert!(next.channels.is_subset(&current.channels));
+                        prop_assert_eq!(
+                            (&next.sensor_id, &next.tipo, &next.event_type, next.rate_ms),
+                            (&current.sensor_id, &current.tipo, &current.event_type, current.rate_ms)
+                        );
+                    }
+                }
+            }
+
+            #[test]
+            fn query_strings_give_bounded_requests(query in query_text()) {
+                let parsed = Query::parse(Some(&query));
+                match Request::from_query(&parsed) {
+                    Ok(request) => {
+                        check_bounds(&request.subscription)?;
+                        prop_assert!(!request.subscription.channels.is_empty());
+                    }
+                    Err(SubscriptionError::UnknownChannel(name)) => {
+                        prop_assert!(name.len() <= query.len());
+                    }
+                    Err(SubscriptionError::Invalid(e)) => {
+                        prop_assert!(e.message.len() <= 100, "{:?}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn filter_lists_in_queries_are_bounded(
+                key in prop::sample::select(vec!["sensor_id", "tipo", "event_type"]),
+                n in 250usize..=262,
+                per_param in 1usize..=300,
+            ) {
+                // `n` distinct values, `per_param` of them comma-separated in each parameter.
+                let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+                let query: Vec<String> = values
+                    .chunks(per_param)
+                    .map(|chunk| format!("{key}={}", chunk.join(",")))
+                    .collect();
+                let request = Request::from_query(&Query::parse(Some(&query.join("&"))));
+                if n <= MAX_FILTER_VALUES {
+                    let s = request.expect("a filter of at most 256 values").subscription;
+                    let len = match key {
+                        "sensor_id" => s.sensor_id.map(|v| v.len()),
+                        "tipo" => s.tipo.map(|v| v.len()),
+                        _ => s.event_type.map(|v| v.len()),
+                    };
+                    prop_assert_eq!(len, Some(n));
+                } else {
+                    prop_assert!(matches!(request, Err(SubscriptionError::Invalid(e)) if e.field == key));
+                }
+            }
+        }
+    }
 }

@@ -35,7 +35,7 @@ use super::throttle::Throttle;
 use crate::api::limits::Key;
 use crate::api::metrics::Limit;
 use crate::api::query::Query;
-use crate::api::{full, ApiError, Body, State};
+use crate::api::{full, Admission, ApiError, Body, State};
 use crate::auth::Principal;
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
@@ -87,6 +87,7 @@ pub fn upgrade(
     peer: SocketAddr,
     principal: Option<Principal>,
     secure: bool,
+    admission: Arc<Admission>,
 ) -> Result<Response<Body>, ApiError> {
     super::check_origin(&req, &state)?;
     let request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
@@ -106,6 +107,8 @@ pub fn upgrade(
                 session.principal = principal;
                 session.must_authenticate = secure && session.principal.is_none();
                 session.run(socket).await;
+                // The session counted as a connection until now.
+                drop(admission);
             }
             Err(e) => log::debug!("upgrade from {peer} failed: {e}"),
         }

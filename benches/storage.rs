@@ -1,0 +1,187 @@
+//! Storage benchmark: ingest through the real writer, then history queries from the
+//! roll-ups, with the figures the storage section of the README reports.
+//!
+//! ```sh
+//! cargo bench --bench storage                       # 10 sensors x 3 days at 1 Hz
+//! STORAGE_DAYS=30 cargo bench --bench storage       # the full month: 26 million readings
+//! ```
+//!
+//! Samples are stamped one second apart per sensor but submitted as fast as the writer
+//! takes them, so a month of data goes in in minutes. Prints one markdown table.
+
+use std::time::{Duration, Instant};
+
+use sensorgate::config::{StorageConfig, Synchronous};
+use sensorgate::events::Hub;
+use sensorgate::model::NewSensor;
+use sensorgate::sensors::Measurement;
+use sensorgate::store::{AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Sample, Store};
+
+const SENSORS: i64 = 10;
+const CHUNK: usize = 1000;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Bytes this process has caused to be written to storage, from the kernel's accounting.
+fn write_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines().find_map(|l| {
+                l.strip_prefix("write_bytes:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn size_of(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let bench = std::env::args().any(|a| a == "--bench");
+    let days = env_or("STORAGE_DAYS", if bench { 3 } else { 1 });
+    let seconds = if bench { days * 86_400 } else { 600 };
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        data_dir: dir.path().to_owned(),
+        synchronous: Synchronous::Full,
+        // Keep everything: the run is about ingest and history, not retention.
+        max_events: u64::MAX / 2,
+        readings_retention_days: 0,
+        minute_rollup_retention_days: 0,
+        hour_rollup_retention_days: 0,
+        ..StorageConfig::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
+    let ids: Vec<i64> = runtime.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..SENSORS {
+            let new = NewSensor {
+                tipo: "temperatura".into(),
+                modelo: "DHT22".into(),
+                nombre: Some(format!("s{i}")),
+                ubicacion: None,
+                fuente: None,
+                intervalo: Some(1.0),
+                activo: true,
+            };
+            ids.push(store.create_sensor(new).await.unwrap().id);
+        }
+        ids
+    });
+
+    let start_time = sensorgate::model::now_micros() - seconds as i64 * 1_000_000;
+    let readings = seconds * SENSORS as u64;
+    let bytes_before = write_bytes();
+    let began = Instant::now();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for t in 0..seconds {
+        for &id in &ids {
+            let x = (t as f64 / 3600.0).sin() * 3.0 + id as f64;
+            chunk.push(Sample {
+                sensor_id: id,
+                taken_at: start_time + t as i64 * 1_000_000,
+                measurements: vec![Measurement::new("temperatura", 20.0 + x, "°C")],
+            });
+            if chunk.len() == CHUNK {
+                store.submit_samples(std::mem::take(&mut chunk)).unwrap();
+            }
+        }
+    }
+    store.submit_samples(chunk).unwrap();
+    runtime.block_on(store.ping()).unwrap();
+    let ingest = began.elapsed();
+    let written = write_bytes() - bytes_before;
+    let on_disk = size_of(dir.path());
+
+    let hour_query = AggregateQuery {
+        sensor_id: ids[0],
+        tipo: Some("temperatura".into()),
+        bucket: Bucket::Hour,
+        from: start_time,
+        to: start_time + seconds as i64 * 1_000_000,
+        limit: 10_000,
+    };
+    let time = |query: &AggregateQuery| {
+        let mut took: Vec<Duration> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                let rows = runtime.block_on(store.aggregates(query.clone())).unwrap();
+                assert!(!rows.is_empty());
+                t.elapsed()
+            })
+            .collect();
+        took.sort();
+        took[10]
+    };
+    let hourly = time(&hour_query);
+    let daily = time(&AggregateQuery {
+        bucket: Bucket::Day,
+        ..hour_query.clone()
+    });
+    let window = seconds.min(3600);
+    let raw = {
+        let t = Instant::now();
+        let filter = ReadingFilter {
+            sensor_id: Some(ids[0]),
+            tipo: None,
+            from: Some(start_time),
+            to: Some(start_time + window as i64 * 1_000_000),
+            limit: 10_000,
+            order: ReadingOrder::Asc,
+            after: None,
+        };
+        let rows = runtime.block_on(store.readings(filter)).unwrap();
+        assert_eq!(rows.len(), window as usize);
+        t.elapsed()
+    };
+
+    runtime.block_on(store.close());
+    writer.join();
+
+    let millions = readings as f64 / 1e6;
+    println!("| storage scenario | figure |");
+    println!("| --- | --- |");
+    println!(
+        "| ingest through the writer ({SENSORS} sensors x {:.1} days at 1 Hz, synchronous=full) | {readings} readings in {:.1} s: {:.0} readings/s, each with its stored event and roll-ups |",
+        seconds as f64 / 86_400.0,
+        ingest.as_secs_f64(),
+        readings as f64 / ingest.as_secs_f64()
+    );
+    println!(
+        "| database size | {:.1} MiB in all, {:.1} MiB per million readings (readings, events, roll-ups, indexes) |",
+        on_disk as f64 / 1048576.0,
+        on_disk as f64 / 1048576.0 / millions
+    );
+    println!(
+        "| bytes written to storage per reading | {:.0} bytes (`/proc/self/io` write_bytes, WAL and checkpoints included) |",
+        written as f64 / readings as f64
+    );
+    println!(
+        "| aggregated query, the whole range at hour buckets, one sensor | {:.2} ms (median of 21) |",
+        hourly.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| aggregated query, the whole range at day buckets, one sensor | {:.2} ms (median of 21) |",
+        daily.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| raw readings of one sensor, {window} rows | {:.2} ms |",
+        raw.as_secs_f64() * 1000.0
+    );
+}

@@ -1,0 +1,152 @@
+//! The topic layout and the payloads published under it; pure functions.
+//!
+//! ```text
+//! <prefix>/<gateway>/status                  "online" / "offline", retained (last will)
+//! <prefix>/<gateway>/<sensor_id>/<tipo>      a reading: {"sensor_id", "tipo", "value", "unit", "time", "seq"}
+//! <prefix>/<gateway>/sensors/<sensor_id>     a sensor event: the envelope WebSocket clients get
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// Where this gateway publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// `<prefix>/<gateway>`.
+    base: String,
+}
+
+impl Topics {
+    /// The topics of `gateway` under `prefix`.
+    pub fn new(prefix: &str, gateway: &str) -> Topics {
+        Topics {
+            base: format!("{prefix}/{gateway}"),
+        }
+    }
+
+    /// Retained `online` while connected; the broker publishes the retained last will
+    /// `offline` when the connection is lost, and the daemon publishes it on a clean stop.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+
+    /// Readings of one sensor and `tipo`.
+    pub fn reading(&self, sensor_id: i64, tipo: &str) -> String {
+        format!("{}/{sensor_id}/{}", self.base, topic_level(tipo))
+    }
+
+    /// Events about one sensor (created, updated, deleted).
+    pub fn sensor(&self, sensor_id: i64) -> String {
+        format!("{}/sensors/{sensor_id}", self.base)
+    }
+}
+
+/// `text` as one topic level: letters, digits, `-` and `_` are kept, anything else
+/// (`/`, the wildcards `+` and `#`, spaces, accents) becomes `_`.
+pub fn topic_level(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Whether `text` is usable as a topic level unchanged (see [`topic_level`]).
+pub fn is_topic_name(text: &str) -> bool {
+    !text.is_empty() && topic_level(text) == text
+}
+
+/// The reading inside a stored `readings` event frame (wire names, Spanish).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct FrameReading {
+    pub sensor_id: i64,
+    pub tipo: String,
+    pub valor: f64,
+    pub unidad: String,
+    pub timestamp: String,
+}
+
+#[derive(Deserialize)]
+struct ReadingFrame {
+    data: FrameReading,
+}
+
+/// Reads the reading out of an event frame (`{"type": "entity_event", "data": {...}}`).
+pub fn frame_reading(frame: &str) -> Option<FrameReading> {
+    serde_json::from_str::<ReadingFrame>(frame)
+        .ok()
+        .map(|f| f.data)
+}
+
+#[derive(Serialize)]
+struct ReadingPayload<'a> {
+    sensor_id: i64,
+    tipo: &'a str,
+    value: f64,
+    unit: &'a str,
+    time: &'a str,
+    seq: u64,
+}
+
+/// The payload of a reading: `{"sensor_id", "tipo", "value", "unit", "time", "seq"}`,
+/// `time` being when the sample was taken. Consumers drop a `seq` they have seen: QoS 1
+/// delivers at least once.
+pub fn reading_payload(reading: &FrameReading, seq: u64) -> Vec<u8> {
+    serde_json::to_vec(&ReadingPayload {
+        sensor_id: reading.sensor_id,
+        tipo: &reading.tipo,
+        value: reading.valor,
+        unit: &reading.unidad,
+        time: &reading.timestamp,
+        seq,
+    })
+    .expect("reading payloads always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    #[test]
+    fn layout() {
+        let topics = Topics::new("sensorgate", "gw-1");
+        assert_eq!(topics.status(), "sensorgate/gw-1/status");
+        assert_eq!(
+            topics.reading(3, "temperatura"),
+            "sensorgate/gw-1/3/temperatura"
+        );
+        assert_eq!(
+            topics.reading(3, "co2/ppm #1"),
+            "sensorgate/gw-1/3/co2_ppm__1"
+        );
+        assert_eq!(topics.sensor(3), "sensorgate/gw-1/sensors/3");
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(is_topic_name("gw_1-a"));
+        assert!(!is_topic_name("gw/1"));
+        assert!(!is_topic_name("gw+"));
+        assert!(!is_topic_name(""));
+        assert_eq!(topic_level("presión"), "presi_n");
+    }
+
+    #[test]
+    fn reading_payload_from_a_stored_frame() {
+        let frame = r#"{"type":"entity_event","entity_type":"reading","event_type":"created","entity_id":9,
+            "data":{"id":9,"sensor_id":3,"tipo":"temperatura","valor":21.5,"unidad":"°C","timestamp":"2026-11-28T10:15:02.123456Z"},
+            "timestamp":"2026-11-28T10:15:02.200000Z","metadata":{"action":"create_reading"},"seq":41}"#;
+        let reading = frame_reading(frame).unwrap();
+        let payload: Value = serde_json::from_slice(&reading_payload(&reading, 41)).unwrap();
+        assert_eq!(
+            payload,
+            json!({"sensor_id": 3, "tipo": "temperatura", "value": 21.5, "unit": "°C",
+                   "time": "2026-11-28T10:15:02.123456Z", "seq": 41})
+        );
+        assert_eq!(frame_reading("{}"), None);
+    }
+}
