@@ -226,41 +226,47 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
         status == 201 || (status == 503 && answer["code"] == "unavailable"),
         "{status} {answer}"
     );
-    let seq_when_full = daemon.last_seq().await;
-
-    // An operator frees space.
+    // Near the limit a small commit still fits now and then, ending one outage and starting
+    // the next. While this connection holds the write lock the daemon cannot commit at all,
+    // so an outage seen under the lock is still going on when the space is freed.
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let (locked_at, outage_since, seq_under_lock) = hold_a_long_outage(&daemon, &db).await;
     db.execute_batch(
         "DELETE FROM rollup_minute; DELETE FROM rollup_hour; DELETE FROM readings; \
-         DELETE FROM events WHERE seq < (SELECT MAX(seq) - 100 FROM events);",
+         DELETE FROM events WHERE seq < (SELECT MAX(seq) - 100 FROM events); COMMIT;",
     )
     .unwrap();
-    let freed_at = now_micros();
 
-    // An outage may have ended and begun again before the operator acted; wait for the
-    // recovery that the freed space brought.
     let recovered = loop {
         let event = general.json().await;
-        if event["event_type"] == "storage_recovered" && event["seq"].as_u64() > Some(seq_when_full)
+        if event["event_type"] == "storage_recovered"
+            && event["seq"].as_u64() > Some(seq_under_lock)
         {
             break event;
         }
     };
-    assert!(recovered["data"]["outage_s"].as_f64().unwrap() >= 0.0);
+    let lasted = recovered["data"]["outage_s"].as_f64().unwrap();
+    assert!(lasted >= 1.0, "{recovered}");
     assert!(recovered["data"]["dropped_samples"].is_u64());
     assert!(
         health_becomes(&daemon, 200).await,
         "/healthz never said ok again"
     );
-    // Samples buffered while the card was full were written: some were taken before the
-    // space was freed.
+    // Every reading stored before the lock was deleted above, so readings taken during the
+    // outage well before the lock are there only because they waited in memory.
     let (_, stored) = daemon.get("/api/v1/lecturas/?limit=10000&order=asc").await;
-    let first = stored[0]["timestamp"].as_str().unwrap();
-    assert!(
-        sensorgate::model::parse_time(first).unwrap() < freed_at,
-        "{first}"
-    );
+    let waited: std::collections::HashSet<i64> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            let at = sensorgate::model::parse_time(r["timestamp"].as_str().unwrap()).unwrap();
+            at >= outage_since && at < locked_at - 500_000
+        })
+        .map(|r| r["sensor_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(waited.len(), 8, "sensors with buffered samples: {waited:?}");
     daemon.stop().await;
 
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
@@ -274,6 +280,37 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
         })
         .unwrap();
     assert_eq!(max - min + 1, count, "seq has no holes");
+}
+
+/// Takes the write lock on `db` at a moment the daemon's storage has been failing for at
+/// least a second, and keeps it. Returns when the lock was taken, when the outage began, and
+/// the last stored `seq`.
+async fn hold_a_long_outage(daemon: &Daemon, db: &rusqlite::Connection) -> (i64, i64, u64) {
+    let failing_since = |health: &Value| {
+        health["storage"]["failing_since"]
+            .as_str()
+            .and_then(sensorgate::model::parse_time)
+    };
+    for _ in 0..200 {
+        db.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let locked_at = now_micros();
+        let (_, first) = daemon.get("/healthz").await;
+        // A commit that ended just before the lock may not have updated the health yet.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (_, second) = daemon.get("/healthz").await;
+        match (failing_since(&first), failing_since(&second)) {
+            (Some(a), Some(b)) if a == b && a <= locked_at - 1_000_000 => {
+                return (
+                    locked_at,
+                    a,
+                    second["storage"]["last_seq"].as_u64().unwrap(),
+                );
+            }
+            _ => db.execute_batch("ROLLBACK").unwrap(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("storage never stayed failing for a second");
 }
 
 /// Polls `/healthz` for up to 5 s until it answers `status`.

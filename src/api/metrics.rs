@@ -197,7 +197,7 @@ pub fn render(
             "sensorgate_storage_ok",
             "gauge",
             "1 while the last commit succeeded.",
-            f64::from(u8::from(store.health().last_error().is_none())),
+            f64::from(u8::from(store.health().failure().is_none())),
         ),
     ];
     for (metric, kind, help, value) in scalars {

@@ -14,7 +14,9 @@ use super::metrics::{self, Limit};
 use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
-use crate::model::{now_micros, FieldError, NewReading, NewSensor, Sensor, SensorPatch};
+use crate::model::{
+    format_time, now_micros, FieldError, NewReading, NewSensor, Sensor, SensorPatch,
+};
 use crate::store::{
     AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
     SCHEMA_VERSION,
@@ -157,13 +159,14 @@ pub fn openapi() -> Response<Body> {
 pub async fn health(state: &State) -> Response<Body> {
     let writer = state.store.health();
     let counts = state.store.counts().await;
-    let last_error = writer.last_error();
+    let failure = writer.failure();
     let (ok, storage) = match &counts {
         Ok(c) => (
-            last_error.is_none(),
+            failure.is_none(),
             json!({
-                "ok": last_error.is_none(),
-                "last_error": last_error,
+                "ok": failure.is_none(),
+                "last_error": failure.as_ref().map(|f| &f.error),
+                "failing_since": failure.as_ref().map(|f| format_time(f.since)),
                 "commits": writer.commits(),
                 "schema_version": SCHEMA_VERSION,
                 "sensors": c.sensors,

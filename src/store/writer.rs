@@ -85,7 +85,15 @@ pub struct WriterHealth {
     batch_commands: AtomicU64,
     /// Time spent in committed transactions, from begin to commit, in microseconds.
     commit_micros: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    failure: Mutex<Option<Failure>>,
+}
+
+/// A run of failed commits: what the latest one said and when the first one failed, so
+/// an operator sees since when the card has been refusing writes.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub error: String,
+    pub since: Micros,
 }
 
 impl WriterHealth {
@@ -112,22 +120,28 @@ impl WriterHealth {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The error of the last failed commit, cleared by the next successful one.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
+    /// The current run of failed commits, cleared by the next successful one.
+    pub fn failure(&self) -> Option<Failure> {
+        self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
     fn record(&self, result: &Result<(), String>) {
-        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(()) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
-                *last = None;
+                *failure = None;
             }
-            Err(e) => *last = Some(e.clone()),
+            Err(e) => {
+                let since = failure.as_ref().map_or_else(now_micros, |f| f.since);
+                *failure = Some(Failure {
+                    error: e.clone(),
+                    since,
+                });
+            }
         }
     }
 }
@@ -468,7 +482,7 @@ struct Step<'a> {
     seq: &'a mut u64,
     events: &'a mut Vec<Arc<Event>>,
     rollups: &'a mut Pending,
-    /// Samples written in this transaction, kept until it commits so that a failed
+    /// Samples of this transaction, kept until it commits so that a failed
     /// commit can retry them.
     held: &'a mut Vec<Sample>,
     now: Micros,
@@ -503,22 +517,11 @@ impl Step<'_> {
             }
             Command::Emit(emission, reply) => Done::Seq(reply, Ok(self.emit(emission)?)),
             Command::Samples(samples) => {
-                for sample in &samples {
-                    // A sensor deleted while its source was still reading: drop the sample.
-                    if !reader::sensor_exists(self.tx, sample.sensor_id)? {
-                        continue;
-                    }
-                    for m in &sample.measurements {
-                        self.insert_reading(
-                            sample.sensor_id,
-                            sample.taken_at,
-                            &m.tipo,
-                            m.valor,
-                            &m.unidad,
-                        )?;
-                    }
-                }
+                let stored = self.insert_samples(&samples);
+                // Held even when an insert failed: if the transaction does not commit, the
+                // whole command is retried, not just what came after the failure.
                 self.held.extend(samples);
+                stored?;
                 Done::Nothing
             }
             Command::Ping(reply) => Done::Ping(reply),
@@ -539,6 +542,25 @@ impl Step<'_> {
             }
             Command::Shutdown => Done::Nothing,
         })
+    }
+
+    fn insert_samples(&mut self, samples: &[Sample]) -> Result<(), rusqlite::Error> {
+        for sample in samples {
+            // A sensor deleted while its source was still reading: drop the sample.
+            if !reader::sensor_exists(self.tx, sample.sensor_id)? {
+                continue;
+            }
+            for m in &sample.measurements {
+                self.insert_reading(
+                    sample.sensor_id,
+                    sample.taken_at,
+                    &m.tipo,
+                    m.valor,
+                    &m.unidad,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Stores an event with the next `seq` and keeps it for publishing after the commit.
