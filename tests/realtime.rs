@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{temp_dir, Client, Daemon, Received, PATIENCE};
+use common::{stored_frame, temp_dir, Client, Daemon, Received, EVENT_COLUMNS, PATIENCE};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -186,16 +186,16 @@ struct Stored {
 fn stored(dir: &Path, channel: &str, after: u64, upto: u64) -> Vec<Stored> {
     let conn = database(dir);
     let mut stmt = conn
-        .prepare("SELECT seq, frame FROM events WHERE channel = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq")
+        .prepare(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE channel = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq"
+        ))
         .unwrap();
     stmt.query_map(
         rusqlite::params![channel, after as i64, upto as i64],
         |row| {
-            let seq: i64 = row.get(0)?;
-            let frame: String = row.get(1)?;
             Ok(Stored {
-                seq: seq as u64,
-                frame: serde_json::from_str(&frame).unwrap(),
+                seq: row.get::<_, i64>(0)? as u64,
+                frame: stored_frame(row)?,
             })
         },
     )

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{temp_dir, Daemon};
+use common::{stored_frame, temp_dir, Daemon, EVENT_COLUMNS};
 use mqtt::{Broker, Link, Message, Subscriber};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// How long a test waits for something that should come soon.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -70,14 +70,15 @@ fn stored_readings(data_dir: &Path) -> Vec<Stored> {
     )
     .unwrap();
     let mut stmt = conn
-        .prepare("SELECT seq, frame FROM events WHERE channel = 'readings' ORDER BY seq")
+        .prepare(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE channel = 'readings' ORDER BY seq"
+        ))
         .unwrap();
     let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, stored_frame(r)?)))
         .unwrap();
     rows.map(|row| {
         let (seq, frame) = row.unwrap();
-        let frame: Value = serde_json::from_str(&frame).unwrap();
         let data = &frame["data"];
         Stored {
             seq: seq as u64,

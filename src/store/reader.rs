@@ -5,7 +5,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
-use crate::events::{Channel, Event};
+use crate::events::{self, Channel, Event};
 use crate::model::{Micros, Reading, Sensor};
 
 const SENSOR_COLUMNS: &str =
@@ -194,7 +194,8 @@ pub fn events_after(
 ) -> rusqlite::Result<Vec<Event>> {
     let placeholders = vec!["?"; channels.len()].join(", ");
     let sql = format!(
-        "SELECT seq, channel, event_type, sensor_id, tipo, frame FROM events \
+        "SELECT seq, channel, event_type, sensor_id, tipo, frame, ts, \
+         reading_id, valor, unidad, taken_at FROM events \
          WHERE seq > ? AND channel IN ({placeholders}) ORDER BY seq LIMIT ?"
     );
     let mut args: Vec<SqlValue> = vec![(after as i64).into()];
@@ -206,16 +207,30 @@ pub fn events_after(
     args.push(i64::from(limit).into());
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params_from_iter(args), |row| {
-        let seq: i64 = row.get(0)?;
+        let seq = row.get::<_, i64>(0)? as u64;
         let channel: String = row.get(1)?;
-        let frame: String = row.get(5)?;
+        let sensor_id: Option<i64> = row.get(3)?;
+        let tipo: Option<String> = row.get(4)?;
+        let mut frame: String = row.get(5)?;
+        if frame.is_empty() {
+            // A reading event, stored as the reading's fields (schema version 4).
+            let reading = Reading {
+                id: row.get(7)?,
+                sensor_id: sensor_id.unwrap_or_default(),
+                tipo: tipo.clone().unwrap_or_default(),
+                valor: row.get(8)?,
+                unidad: row.get(9)?,
+                timestamp: row.get(10)?,
+            };
+            frame = events::reading_frame(&reading, row.get(6)?, seq);
+        }
         Ok(Event {
-            seq: seq as u64,
+            seq,
             // Only this program writes the column, from `Channel::as_str`.
             channel: channel.parse().unwrap_or(Channel::General),
             event_type: row.get(2)?,
-            sensor_id: row.get(3)?,
-            tipo: row.get(4)?,
+            sensor_id,
+            tipo,
             frame: frame.into(),
         })
     })?;

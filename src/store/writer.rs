@@ -587,6 +587,50 @@ impl Step<'_> {
                 tipo,
                 frame
             ])?;
+        Ok(self.publish_after_commit(channel, event_type, sensor_id, tipo, frame))
+    }
+
+    /// Stores a reading's `created` event as the reading's fields, from which
+    /// [`reader::events_after`] rebuilds the same frame.
+    fn record_reading(&mut self, reading: &Reading) -> Result<u64, rusqlite::Error> {
+        let seq = *self.seq;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
+                 reading_id, valor, unidad, taken_at) \
+                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                seq as i64,
+                self.now,
+                Channel::Readings.as_str(),
+                reading.sensor_id,
+                reading.tipo,
+                reading.id,
+                reading.valor,
+                reading.unidad,
+                reading.timestamp,
+            ])?;
+        let frame = events::reading_frame(reading, self.now, seq);
+        Ok(self.publish_after_commit(
+            Channel::Readings,
+            "created",
+            Some(reading.sensor_id),
+            Some(&reading.tipo),
+            frame,
+        ))
+    }
+
+    /// Takes the next `seq` for an event just stored and keeps the event for the hub.
+    fn publish_after_commit(
+        &mut self,
+        channel: Channel,
+        event_type: &str,
+        sensor_id: Option<i64>,
+        tipo: Option<&str>,
+        frame: String,
+    ) -> u64 {
+        let seq = *self.seq;
         *self.seq += 1;
         self.events.push(Arc::new(Event {
             seq,
@@ -596,7 +640,7 @@ impl Step<'_> {
             tipo: tipo.map(str::to_owned),
             frame: frame.into(),
         }));
-        Ok(seq)
+        seq
     }
 
     fn sensor_event(
@@ -724,14 +768,7 @@ impl Step<'_> {
             unidad: unidad.to_owned(),
             timestamp: taken_at,
         };
-        let frame = events::reading_frame(&reading, self.now, *self.seq);
-        self.record(
-            Channel::Readings,
-            "created",
-            Some(sensor_id),
-            Some(tipo),
-            frame,
-        )?;
+        self.record_reading(&reading)?;
         Ok(reading)
     }
 

@@ -281,3 +281,36 @@ pub async fn raw_exchange_first(addr: std::net::SocketAddr, request: Vec<u8>) ->
     }
     raw
 }
+
+/// The columns of `events` that [`stored_frame`] reads, in its order.
+pub const EVENT_COLUMNS: &str =
+    "seq, frame, ts, sensor_id, tipo, reading_id, valor, unidad, taken_at";
+
+/// The frame clients were sent for one stored event, from a row of [`EVENT_COLUMNS`]:
+/// the stored frame, or for a reading event, stored as the reading's fields, the wire
+/// format of API.md written out here independently of the daemon's code.
+pub fn stored_frame(row: &rusqlite::Row) -> rusqlite::Result<Value> {
+    let frame: String = row.get(1)?;
+    if !frame.is_empty() {
+        return Ok(serde_json::from_str(&frame).expect("stored frames are JSON"));
+    }
+    let time = |i| row.get(i).map(sensorgate::model::format_time);
+    let id: i64 = row.get(5)?;
+    Ok(serde_json::json!({
+        "type": "entity_event",
+        "entity_type": "reading",
+        "event_type": "created",
+        "entity_id": id,
+        "data": {
+            "id": id,
+            "sensor_id": row.get::<_, i64>(3)?,
+            "tipo": row.get::<_, String>(4)?,
+            "valor": row.get::<_, f64>(6)?,
+            "unidad": row.get::<_, String>(7)?,
+            "timestamp": time(8)?,
+        },
+        "timestamp": time(2)?,
+        "metadata": {"action": "create_reading"},
+        "seq": row.get::<_, i64>(0)?,
+    }))
+}
