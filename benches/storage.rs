@@ -96,6 +96,7 @@ fn main() {
             chunk.push(Sample {
                 sensor_id: id,
                 taken_at: start_time + t as i64 * 1_000_000,
+                hora_dudosa: false,
                 measurements: vec![Measurement::new("temperatura", 20.0 + x, "°C")],
             });
             if chunk.len() == CHUNK {

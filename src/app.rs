@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, State};
 use crate::auth::{self, Policy};
+use crate::clock::Clock;
 use crate::config::{Config, SensorConfig};
 use crate::events::Hub;
 use crate::model::{NewSensor, SensorPatch};
@@ -68,9 +69,11 @@ pub async fn run(
 
     let (trigger, signal) = Trigger::new();
     let health = Arc::new(HealthBoard::default());
+    let clock = Arc::new(Clock::new(config.sampling.trust_clock));
     let scheduler = Scheduler::new(
         store.clone(),
         health.clone(),
+        clock.clone(),
         config.sampling.offline_after_intervals,
     );
     let (started, sources_started) = oneshot::channel();
@@ -79,7 +82,7 @@ pub async fn run(
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
     let state = Arc::new(
-        State::new(&config, store.clone(), hub, health, signal, guard)
+        State::new(&config, store.clone(), hub, health, clock, signal, guard)
             .with_uplink(uplink.as_ref().map(Uplink::stats)),
     );
     let server = tokio::spawn(api::serve(listener, state.clone()));

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::auth::Policy;
+use crate::clock::ClockTrust;
 use crate::model::{MAX_INTERVAL_S, MIN_INTERVAL_S};
 pub use crate::sensors::SourceSpec;
 
@@ -189,12 +190,15 @@ impl Default for LimitsConfig {
 pub struct SamplingConfig {
     /// A sensor with no good sample for this many intervals is reported offline.
     pub offline_after_intervals: u32,
+    /// Which sample times to trust; the others are stored flagged `hora_dudosa`.
+    pub trust_clock: ClockTrust,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
         SamplingConfig {
             offline_after_intervals: 5,
+            trust_clock: ClockTrust::default(),
         }
     }
 }

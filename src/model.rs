@@ -96,6 +96,10 @@ pub struct Reading {
     /// When the sample was taken, not when it was stored.
     #[serde(serialize_with = "wire_time::required")]
     pub timestamp: Micros,
+    /// Taken before the clock was trusted (see [`crate::clock`]): the time may be wrong.
+    /// Absent on the wire when false, so readings keep their original shape.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hora_dudosa: bool,
 }
 
 /// One field that failed validation, as listed in a 422 answer.
@@ -368,6 +372,8 @@ pub struct NewReading {
     pub unidad: String,
     /// When the sample was taken; `None` means now.
     pub timestamp: Option<Micros>,
+    /// The time is the gateway's and its clock was not trusted (see [`crate::clock`]).
+    pub hora_dudosa: bool,
 }
 
 impl NewReading {
@@ -430,6 +436,7 @@ impl NewReading {
             valor: valor.unwrap_or_default(),
             unidad: unidad.unwrap_or_default(),
             timestamp: timestamp.flatten(),
+            hora_dudosa: false,
         })
     }
 }

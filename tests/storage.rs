@@ -432,7 +432,10 @@ async fn export_streams_exactly_the_range() {
     );
     let body = dechunk(&raw);
     let lines: Vec<&str> = body.lines().collect();
-    assert_eq!(lines[0], "id,sensor_id,tipo,valor,unidad,timestamp");
+    assert_eq!(
+        lines[0],
+        "id,sensor_id,tipo,valor,unidad,timestamp,hora_dudosa"
+    );
     assert_eq!(lines.len(), 1 + 2000);
     assert!(lines[1].contains(",temperatura,10,"), "{}", lines[1]);
     assert!(
@@ -476,4 +479,86 @@ fn dechunk(raw: &[u8]) -> String {
         rest = &rest[line_end + 2 + size + 2..];
     }
     String::from_utf8(body).unwrap()
+}
+
+/// Whether this machine's clock counts as synchronised: the kernel's NTP status, or
+/// systemd-timesyncd's flag file. Observed here independently of the daemon.
+fn clock_synchronized_here() -> bool {
+    // SAFETY: with `modes` 0, adjtimex only fills in the zeroed struct it is given.
+    let state = unsafe {
+        let mut status: libc::timex = std::mem::zeroed();
+        libc::adjtimex(&mut status)
+    };
+    (state != -1 && state != libc::TIME_ERROR)
+        || std::path::Path::new("/run/systemd/timesync/synchronized").exists()
+}
+
+/// Samples, and readings posted without a time, taken while the clock is not trusted
+/// are flagged `hora_dudosa` in the API, the export and the events; with
+/// `trust_clock = "always"` nothing is. A reading posted with its own time never is.
+#[tokio::test]
+async fn readings_stamped_by_an_untrusted_clock_are_flagged() {
+    let synchronized = clock_synchronized_here();
+    for (trust, doubtful) in [("synchronized", !synchronized), ("always", false)] {
+        let dir = temp_dir();
+        let config = format!(
+            "[sampling]\ntrust_clock = \"{trust}\"\n{NO_RATE_LIMIT}{}",
+            fast_sensors(1)
+        );
+        let daemon = Daemon::start_in(dir.path(), &config).await;
+        let mut readings = daemon
+            .websocket("/api/v1/ws?channel=readings")
+            .await
+            .greeted()
+            .await;
+        let sampled = readings.json().await;
+        let flag = |reading: &Value| match reading.get("hora_dudosa") {
+            None => false,
+            Some(Value::Bool(true)) => true,
+            Some(other) => panic!("hora_dudosa is true or absent, not {other}"),
+        };
+        assert_eq!(flag(&sampled["data"]), doubtful, "{trust}: {sampled}");
+        let sensor_id = sampled["data"]["sensor_id"].as_i64().unwrap();
+
+        let (_, stamped_here) = daemon
+            .post(
+                "/api/v1/lecturas/",
+                &format!(r#"{{"sensor_id": {sensor_id}, "tipo": "t", "valor": 1.0}}"#),
+            )
+            .await;
+        assert_eq!(flag(&stamped_here), doubtful, "{trust}: {stamped_here}");
+        let (_, stamped_by_client) = daemon
+            .post(
+                "/api/v1/lecturas/",
+                &format!(
+                    r#"{{"sensor_id": {sensor_id}, "tipo": "t", "valor": 2.0, "timestamp": "{}"}}"#,
+                    format_time(now_micros())
+                ),
+            )
+            .await;
+        assert!(!flag(&stamped_by_client), "{trust}: {stamped_by_client}");
+
+        let (_, listed) = daemon.get("/api/v1/lecturas/?tipo=t&order=asc").await;
+        let flags: Vec<bool> = listed.as_array().unwrap().iter().map(flag).collect();
+        assert_eq!(flags, [doubtful, false], "{trust}: {listed}");
+        let raw = common::raw_exchange(
+            daemon.addr,
+            b"GET /api/v1/lecturas/export?tipo=t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+        )
+        .await
+        .unwrap();
+        let csv = dechunk(&raw);
+        let last_column: Vec<&str> = csv
+            .lines()
+            .skip(1)
+            .map(|line| line.rsplit(',').next().unwrap())
+            .collect();
+        assert_eq!(
+            last_column,
+            [doubtful.to_string(), "false".to_string()],
+            "{trust}: {csv}"
+        );
+        daemon.stop().await;
+    }
 }

@@ -60,6 +60,8 @@ struct Stored {
     valor: f64,
     unidad: String,
     timestamp: String,
+    /// Stamped by a clock that was not trusted yet.
+    doubtful: bool,
 }
 
 /// Every reading event in the daemon's database, by `seq`.
@@ -87,6 +89,7 @@ fn stored_readings(data_dir: &Path) -> Vec<Stored> {
             valor: data["valor"].as_f64().unwrap(),
             unidad: data["unidad"].as_str().unwrap().to_owned(),
             timestamp: data["timestamp"].as_str().unwrap().to_owned(),
+            doubtful: data["hora_dudosa"] == true,
         }
     })
     .collect()
@@ -101,11 +104,21 @@ fn published_reading(gateway: &str, m: &Message) -> Stored {
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(
-        keys,
-        ["sensor_id", "seq", "time", "tipo", "unit", "value"],
-        "{payload}"
-    );
+    let doubtful = payload["time_doubtful"] == true;
+    let expected: &[&str] = if doubtful {
+        &[
+            "sensor_id",
+            "seq",
+            "time",
+            "time_doubtful",
+            "tipo",
+            "unit",
+            "value",
+        ]
+    } else {
+        &["sensor_id", "seq", "time", "tipo", "unit", "value"]
+    };
+    assert_eq!(keys, expected, "{payload}");
     let reading = Stored {
         seq: payload["seq"].as_u64().unwrap(),
         sensor_id: payload["sensor_id"].as_i64().unwrap(),
@@ -113,6 +126,7 @@ fn published_reading(gateway: &str, m: &Message) -> Stored {
         valor: payload["value"].as_f64().unwrap(),
         unidad: payload["unit"].as_str().unwrap().to_owned(),
         timestamp: payload["time"].as_str().unwrap().to_owned(),
+        doubtful,
     };
     assert_eq!(
         m.topic,

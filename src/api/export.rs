@@ -67,7 +67,7 @@ async fn produce(
     chunks: tokio::sync::mpsc::Sender<bytes::Bytes>,
 ) {
     let mut text = match format {
-        Format::Csv => String::from("id,sensor_id,tipo,valor,unidad,timestamp\n"),
+        Format::Csv => String::from("id,sensor_id,tipo,valor,unidad,timestamp,hora_dudosa\n"),
         Format::Json => String::from("["),
     };
     let mut first = true;
@@ -116,13 +116,14 @@ fn csv_row(out: &mut String, r: &Reading) {
         }
     };
     out.push_str(&format!(
-        "{},{},{},{},{},{}\n",
+        "{},{},{},{},{},{},{}\n",
         r.id,
         r.sensor_id,
         quote(&r.tipo),
         r.valor,
         quote(&r.unidad),
-        format_time(r.timestamp)
+        format_time(r.timestamp),
+        r.hora_dudosa
     ));
 }
 
@@ -140,11 +141,12 @@ mod tests {
             valor: 21.5,
             unidad: "\"x\"".into(),
             timestamp: 0,
+            hora_dudosa: false,
         };
         csv_row(&mut out, &reading);
         assert_eq!(
             out,
-            "1,2,\"a,b\",21.5,\"\"\"x\"\"\",1970-01-01T00:00:00.000000Z\n"
+            "1,2,\"a,b\",21.5,\"\"\"x\"\"\",1970-01-01T00:00:00.000000Z,false\n"
         );
     }
 }

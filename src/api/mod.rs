@@ -41,6 +41,7 @@ use limits::{AddressSlots, RateLimiter, Slot};
 use metrics::{Counters, Limit};
 
 use crate::auth::Authenticator;
+use crate::clock::Clock;
 use crate::config::{Config, LimitsConfig, RealtimeConfig, ServerConfig};
 use crate::events::Hub;
 use crate::sensors::HealthBoard;
@@ -100,6 +101,8 @@ pub struct State {
     pub hub: Hub,
     /// Health of sampled sensors, shown with each sensor.
     pub health: Arc<HealthBoard>,
+    /// Whether the time of a reading posted without one can be trusted.
+    pub clock: Arc<Clock>,
     pub server: ServerConfig,
     pub realtime: RealtimeConfig,
     pub limits: LimitsConfig,
@@ -129,6 +132,7 @@ impl State {
         store: Store,
         hub: Hub,
         health: Arc<HealthBoard>,
+        clock: Arc<Clock>,
         shutdown: Shutdown,
         drain: DrainGuard,
     ) -> State {
@@ -139,6 +143,7 @@ impl State {
             store,
             hub,
             health,
+            clock,
             server: config.server.clone(),
             realtime: config.realtime.clone(),
             limits: limits.clone(),

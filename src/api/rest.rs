@@ -341,7 +341,12 @@ pub async fn create_reading(
     req: Request<Incoming>,
     state: &State,
 ) -> Result<Response<Body>, ApiError> {
-    let new = NewReading::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let mut new = NewReading::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    if new.timestamp.is_none() {
+        // Stamped here, with the gateway's clock: flagged if that is not trusted yet.
+        new.timestamp = Some(now_micros());
+        new.hora_dudosa = !state.clock.trusted();
+    }
     let reading = state.store.insert_reading(new).await?;
     Ok(json_response(StatusCode::CREATED, &reading))
 }

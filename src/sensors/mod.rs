@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
 use crate::events::{Channel, Hub};
 use crate::model::{now_micros, Sensor};
 use crate::shutdown::Shutdown;
@@ -108,6 +109,7 @@ impl Plan {
 pub struct Scheduler {
     store: Store,
     health: Arc<HealthBoard>,
+    clock: Arc<Clock>,
     offline_after_intervals: u32,
     running: HashMap<i64, Running>,
 }
@@ -128,10 +130,16 @@ const STOP_WAIT: Duration = Duration::from_secs(3);
 const MAX_READ_TIME: Duration = Duration::from_secs(5);
 
 impl Scheduler {
-    pub fn new(store: Store, health: Arc<HealthBoard>, offline_after_intervals: u32) -> Scheduler {
+    pub fn new(
+        store: Store,
+        health: Arc<HealthBoard>,
+        clock: Arc<Clock>,
+        offline_after_intervals: u32,
+    ) -> Scheduler {
         Scheduler {
             store,
             health,
+            clock,
             offline_after_intervals,
             running: HashMap::new(),
         }
@@ -228,6 +236,7 @@ impl Scheduler {
             source,
             store: self.store.clone(),
             health: self.health.clone(),
+            clock: self.clock.clone(),
             offline_after: pace * self.offline_after_intervals,
             allowed_gap: pace.max(Duration::from_secs(1)) * 2 + MAX_READ_TIME,
         };
@@ -322,6 +331,7 @@ struct Worker {
     source: Box<dyn Source>,
     store: Store,
     health: Arc<HealthBoard>,
+    clock: Arc<Clock>,
     offline_after: Duration,
     allowed_gap: Duration,
 }
@@ -343,6 +353,7 @@ impl Worker {
                     let sample = Sample {
                         sensor_id: self.sensor_id,
                         taken_at,
+                        hora_dudosa: !self.clock.trusted(),
                         measurements,
                     };
                     if let Err(StoreError::Closed) = self.store.submit_samples(vec![sample]) {

@@ -108,8 +108,9 @@ pub struct ReadingFilter {
 
 /// Readings matching the filter, ordered by sample time (then id).
 pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<Vec<Reading>> {
-    let mut sql =
-        String::from("SELECT id, sensor_id, tipo, valor, unidad, ts FROM readings WHERE 1=1");
+    let mut sql = String::from(
+        "SELECT id, sensor_id, tipo, valor, unidad, ts, hora_dudosa FROM readings WHERE 1=1",
+    );
     let mut args: Vec<SqlValue> = Vec::new();
     if let Some(id) = filter.sensor_id {
         sql.push_str(" AND sensor_id = ?");
@@ -142,7 +143,7 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
     rows.collect()
 }
 
-/// Columns `id, sensor_id, tipo, valor, unidad, ts`.
+/// Columns `id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`.
 fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
     Ok(Reading {
         id: row.get(0)?,
@@ -151,6 +152,7 @@ fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
         valor: row.get(3)?,
         unidad: row.get(4)?,
         timestamp: row.get(5)?,
+        hora_dudosa: row.get(6)?,
     })
 }
 
@@ -195,7 +197,7 @@ pub fn events_after(
     let placeholders = vec!["?"; channels.len()].join(", ");
     let sql = format!(
         "SELECT seq, channel, event_type, sensor_id, tipo, frame, ts, \
-         reading_id, valor, unidad, taken_at FROM events \
+         reading_id, valor, unidad, taken_at, hora_dudosa FROM events \
          WHERE seq > ? AND channel IN ({placeholders}) ORDER BY seq LIMIT ?"
     );
     let mut args: Vec<SqlValue> = vec![(after as i64).into()];
@@ -221,6 +223,7 @@ pub fn events_after(
                 valor: row.get(8)?,
                 unidad: row.get(9)?,
                 timestamp: row.get(10)?,
+                hora_dudosa: row.get(11)?,
             };
             frame = events::reading_frame(&reading, row.get(6)?, seq);
         }
@@ -258,7 +261,7 @@ pub fn snapshot(conn: &Connection) -> rusqlite::Result<Snapshot> {
     let sensors = self::sensors(&tx, &all)?;
     let latest = tx
         .prepare_cached(
-            "SELECT r.id, r.sensor_id, r.tipo, r.valor, r.unidad, r.ts \
+            "SELECT r.id, r.sensor_id, r.tipo, r.valor, r.unidad, r.ts, r.hora_dudosa \
              FROM latest_readings l JOIN readings r ON r.id = l.reading_id \
              ORDER BY l.sensor_id, l.tipo",
         )?

@@ -106,6 +106,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE events ADD COLUMN unidad TEXT;
     ALTER TABLE events ADD COLUMN taken_at INTEGER;
 "#,
+    r#"
+    -- Samples taken before the gateway's clock was trusted (a board without a real-time
+    -- clock, before NTP): 1 when the time may be wrong. A zero costs no bytes in a row.
+    ALTER TABLE readings ADD COLUMN hora_dudosa INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE events ADD COLUMN hora_dudosa INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The schema version this build writes.

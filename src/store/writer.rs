@@ -56,6 +56,8 @@ pub(crate) enum Command {
 pub struct Sample {
     pub sensor_id: i64,
     pub taken_at: Micros,
+    /// `taken_at` comes from a clock that was not trusted yet (see [`crate::clock`]).
+    pub hora_dudosa: bool,
     pub measurements: Vec<Measurement>,
 }
 
@@ -503,6 +505,7 @@ impl Step<'_> {
                     Ok(self.insert_reading(
                         sensor_id,
                         taken_at,
+                        new.hora_dudosa,
                         &new.tipo,
                         new.valor,
                         &new.unidad,
@@ -554,6 +557,7 @@ impl Step<'_> {
                 self.insert_reading(
                     sample.sensor_id,
                     sample.taken_at,
+                    sample.hora_dudosa,
                     &m.tipo,
                     m.valor,
                     &m.unidad,
@@ -597,8 +601,8 @@ impl Step<'_> {
         self.tx
             .prepare_cached(
                 "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
-                 reading_id, valor, unidad, taken_at) \
-                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9)",
+                 reading_id, valor, unidad, taken_at, hora_dudosa) \
+                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 seq as i64,
@@ -610,6 +614,7 @@ impl Step<'_> {
                 reading.valor,
                 reading.unidad,
                 reading.timestamp,
+                reading.hora_dudosa,
             ])?;
         let frame = events::reading_frame(reading, self.now, seq);
         Ok(self.publish_after_commit(
@@ -742,15 +747,24 @@ impl Step<'_> {
         &mut self,
         sensor_id: i64,
         taken_at: Micros,
+        hora_dudosa: bool,
         tipo: &str,
         valor: f64,
         unidad: &str,
     ) -> Result<Reading, rusqlite::Error> {
         self.tx
             .prepare_cached(
-                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![sensor_id, taken_at, tipo, valor, unidad])?;
+            .execute(params![
+                sensor_id,
+                taken_at,
+                tipo,
+                valor,
+                unidad,
+                hora_dudosa
+            ])?;
         let id = self.tx.last_insert_rowid();
         self.rollups.add(sensor_id, tipo, taken_at, valor);
         self.tx
@@ -767,6 +781,7 @@ impl Step<'_> {
             valor,
             unidad: unidad.to_owned(),
             timestamp: taken_at,
+            hora_dudosa,
         };
         self.record_reading(&reading)?;
         Ok(reading)

@@ -323,6 +323,7 @@ mod tests {
                 valor: 40.0,
                 unidad: "%".into(),
                 timestamp: 0,
+                hora_dudosa: false,
             }],
         };
         let a = d.load(&snapshot);

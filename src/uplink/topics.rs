@@ -67,6 +67,8 @@ pub struct FrameReading {
     pub valor: f64,
     pub unidad: String,
     pub timestamp: String,
+    #[serde(default)]
+    pub hora_dudosa: bool,
 }
 
 #[derive(Deserialize)]
@@ -88,12 +90,15 @@ struct ReadingPayload<'a> {
     value: f64,
     unit: &'a str,
     time: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    time_doubtful: bool,
     seq: u64,
 }
 
 /// The payload of a reading: `{"sensor_id", "tipo", "value", "unit", "time", "seq"}`,
-/// `time` being when the sample was taken. Consumers drop a `seq` they have seen: QoS 1
-/// delivers at least once.
+/// `time` being when the sample was taken, and `"time_doubtful": true` when the gateway's
+/// clock was not trusted yet. Consumers drop a `seq` they have seen: QoS 1 delivers at
+/// least once.
 pub fn reading_payload(reading: &FrameReading, seq: u64) -> Vec<u8> {
     serde_json::to_vec(&ReadingPayload {
         sensor_id: reading.sensor_id,
@@ -101,6 +106,7 @@ pub fn reading_payload(reading: &FrameReading, seq: u64) -> Vec<u8> {
         value: reading.valor,
         unit: &reading.unidad,
         time: &reading.timestamp,
+        time_doubtful: reading.hora_dudosa,
         seq,
     })
     .expect("reading payloads always serialise")

@@ -284,7 +284,7 @@ pub async fn raw_exchange_first(addr: std::net::SocketAddr, request: Vec<u8>) ->
 
 /// The columns of `events` that [`stored_frame`] reads, in its order.
 pub const EVENT_COLUMNS: &str =
-    "seq, frame, ts, sensor_id, tipo, reading_id, valor, unidad, taken_at";
+    "seq, frame, ts, sensor_id, tipo, reading_id, valor, unidad, taken_at, hora_dudosa";
 
 /// The frame clients were sent for one stored event, from a row of [`EVENT_COLUMNS`]:
 /// the stored frame, or for a reading event, stored as the reading's fields, the wire
@@ -296,7 +296,7 @@ pub fn stored_frame(row: &rusqlite::Row) -> rusqlite::Result<Value> {
     }
     let time = |i| row.get(i).map(sensorgate::model::format_time);
     let id: i64 = row.get(5)?;
-    Ok(serde_json::json!({
+    let mut frame = serde_json::json!({
         "type": "entity_event",
         "entity_type": "reading",
         "event_type": "created",
@@ -312,5 +312,9 @@ pub fn stored_frame(row: &rusqlite::Row) -> rusqlite::Result<Value> {
         "timestamp": time(2)?,
         "metadata": {"action": "create_reading"},
         "seq": row.get::<_, i64>(0)?,
-    }))
+    });
+    if row.get::<_, bool>(9)? {
+        frame["data"]["hora_dudosa"] = Value::Bool(true);
+    }
+    Ok(frame)
 }
