@@ -17,9 +17,11 @@ use tokio_tungstenite::tungstenite::Message;
 const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
 const ROUNDS: u64 = 6;
 
-fn config(dir: &Path) -> std::path::PathBuf {
+/// The config of one round; `synchronous` is `full` or `normal`, whose events wait for
+/// the writer's own flush of the WAL.
+fn config(dir: &Path, synchronous: &str) -> std::path::PathBuf {
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\nsynchronous = \"{synchronous}\"\n",
         dir.join("data").display().to_string()
     );
     for i in 0..20 {
@@ -62,9 +64,9 @@ fn address(log: &Path) -> Option<String> {
 #[tokio::test]
 async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path());
     let mut received: HashMap<u64, serde_json::Value> = HashMap::new();
     for round in 0..ROUNDS {
+        let config = config(dir.path(), ["full", "normal"][round as usize % 2]);
         let log = dir.path().join(format!("daemon-{round}.log"));
         let mut child = start(&config, &log);
         let Some(addr) = address(&log) else {

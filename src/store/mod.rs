@@ -238,15 +238,16 @@ impl Store {
         self.read(move |c| reader::readings(c, &filter)).await
     }
 
-    /// Stored events after `after` on `channels`, oldest first: what a resuming client
-    /// missed.
+    /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a
+    /// resuming client missed.
     pub async fn events_after(
         &self,
         after: u64,
+        upto: u64,
         channels: Vec<crate::events::Channel>,
         limit: u32,
     ) -> Result<Vec<crate::events::Event>, StoreError> {
-        self.read(move |c| reader::events_after(c, after, &channels, limit))
+        self.read(move |c| reader::events_after(c, after, upto, &channels, limit))
             .await
     }
 

@@ -187,10 +187,12 @@ pub fn uplink_cursor(conn: &Connection, name: &str) -> rusqlite::Result<Option<u
         .map(|seq| seq.map(|s| s as u64))
 }
 
-/// Stored events after `after` on the given channels, oldest first, at most `limit`.
+/// Stored events with `after < seq <= upto` on the given channels, oldest first, at most
+/// `limit`.
 pub fn events_after(
     conn: &Connection,
     after: u64,
+    upto: u64,
     channels: &[Channel],
     limit: u32,
 ) -> rusqlite::Result<Vec<Event>> {
@@ -198,9 +200,9 @@ pub fn events_after(
     let sql = format!(
         "SELECT seq, channel, event_type, sensor_id, tipo, frame, ts, \
          reading_id, valor, unidad, taken_at, hora_dudosa FROM events \
-         WHERE seq > ? AND channel IN ({placeholders}) ORDER BY seq LIMIT ?"
+         WHERE seq > ? AND seq <= ? AND channel IN ({placeholders}) ORDER BY seq LIMIT ?"
     );
-    let mut args: Vec<SqlValue> = vec![(after as i64).into()];
+    let mut args: Vec<SqlValue> = vec![(after as i64).into(), (upto as i64).into()];
     args.extend(
         channels
             .iter()

@@ -8,6 +8,7 @@
 //! ever hears of data that a power cut could take back.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -20,10 +21,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::retention::{Retention, SLICE};
 use super::rollup::Pending;
 use super::{reader, StoreError};
-use crate::config::StorageConfig;
+use crate::config::{StorageConfig, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
 use crate::sensors::Measurement;
+
+/// Longest the events of a commit wait for the WAL flush under sustained load, with
+/// `synchronous = "normal"`; an idle writer flushes at once.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Samples kept in memory while storage fails (a full or read-only card), newest first
 /// to survive; a few hours of a small gateway.
@@ -188,6 +193,16 @@ pub(crate) fn spawn(
         last_maintenance: Instant::now(),
         retry: VecDeque::new(),
         outage: None,
+        unflushed: match config.synchronous {
+            Synchronous::Full => None,
+            Synchronous::Normal => Some(Unflushed {
+                wal: config
+                    .data_dir
+                    .join(format!("{}-wal", super::DATABASE_FILE)),
+                events: Vec::new(),
+                since: None,
+            }),
+        },
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -199,6 +214,16 @@ pub(crate) fn spawn(
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
     Ok(seq as u64)
+}
+
+/// Events of commits not yet flushed to the card, with `synchronous = "normal"`: SQLite
+/// then flushes the WAL only at checkpoints, so the writer flushes it itself before
+/// publishing. A power cut may lose the last commits, but never one a client heard of.
+struct Unflushed {
+    wal: PathBuf,
+    events: Vec<Arc<Event>>,
+    /// When the oldest of `events` was committed.
+    since: Option<Instant>,
 }
 
 /// An ongoing storage failure.
@@ -221,6 +246,8 @@ struct Writer {
     /// Set while storage fails.
     outage: Option<Outage>,
     last_maintenance: Instant,
+    /// `None` with `synchronous = "full"`, where every commit is flushed.
+    unflushed: Option<Unflushed>,
 }
 
 /// A command applied inside the open transaction, whose answer waits for the commit.
@@ -304,6 +331,13 @@ impl Writer {
                 batch.insert(0, Command::Samples(self.retry.drain(..).collect()));
             }
             self.commit(&mut batch);
+            // One flush for every commit made while more work was queued, but never
+            // holding events back longer than FLUSH_EVERY.
+            if self.unflushed.as_ref().is_some_and(|u| {
+                self.queue.is_empty() || u.since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY)
+            }) {
+                self.flush();
+            }
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
             }
@@ -311,6 +345,7 @@ impl Writer {
         if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             log::warn!("final checkpoint failed: {e}");
         }
+        self.flush();
         log::info!("storage writer stopped at seq {}", self.next_seq - 1);
     }
 
@@ -364,8 +399,12 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.health.timed(commands, started.elapsed());
-                for event in published {
-                    self.hub.publish(event);
+                match &mut self.unflushed {
+                    None => published.into_iter().for_each(|e| self.hub.publish(e)),
+                    Some(unflushed) => {
+                        unflushed.since.get_or_insert_with(Instant::now);
+                        unflushed.events.extend(published);
+                    }
                 }
                 done.into_iter().for_each(Done::send);
                 if let Some(outage) = self.outage.take() {
@@ -385,6 +424,32 @@ impl Writer {
                 self.keep_for_retry(held);
                 self.degraded(&why);
             }
+        }
+    }
+
+    /// Flushes the WAL to the card and publishes the events it now holds for good. A
+    /// failed flush keeps them for the next attempt: an event goes out only once its data
+    /// is sure to survive a power cut.
+    fn flush(&mut self) {
+        let Some(unflushed) = &mut self.unflushed else {
+            return;
+        };
+        if unflushed.events.is_empty() {
+            return;
+        }
+        // The final checkpoint may have emptied and truncated the WAL; what it held is in
+        // the database file then, flushed by the checkpoint.
+        match std::fs::File::open(&unflushed.wal).and_then(|wal| wal.sync_data()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::error!("flushing {} failed: {e}", unflushed.wal.display());
+                return;
+            }
+        }
+        unflushed.since = None;
+        for event in unflushed.events.drain(..) {
+            self.hub.publish(event);
         }
     }
 

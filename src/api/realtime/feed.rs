@@ -20,6 +20,7 @@ const PAGE: usize = 256;
 /// A client's position in the event sequence.
 pub struct Feed {
     store: Store,
+    hub: Hub,
     live: broadcast::Receiver<Arc<Event>>,
     /// The newest `seq` handed out (wanted or not).
     position: u64,
@@ -35,6 +36,7 @@ impl Feed {
         let live = hub.subscribe();
         Feed {
             store,
+            hub: hub.clone(),
             live,
             position,
             replaying: true,
@@ -66,10 +68,17 @@ impl Feed {
         let limit = limit.clamp(1, PAGE);
         loop {
             if self.replaying {
-                let page = self
-                    .store
-                    .events_after(self.position, channels.to_vec(), limit as u32)
-                    .await?;
+                // Never past what the hub has published: a committed event may still wait
+                // for its flush to the card (`synchronous = "normal"`), and no client may
+                // hear of it before.
+                let upto = self.hub.published();
+                let page = if upto > self.position {
+                    self.store
+                        .events_after(self.position, upto, channels.to_vec(), limit as u32)
+                        .await?
+                } else {
+                    Vec::new()
+                };
                 match page.last() {
                     None => self.replaying = false,
                     Some(last) => {
