@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Samples are stamped one second apart per sensor but submitted as fast as the writer
-//! takes them, so a month of data goes in in minutes. Prints one markdown table.
+//! takes them, so a month of data goes in in minutes. A second part measures what a
+//! gateway at its own pace writes to the card: the same samples committed one by one (as
+//! with `commit_window_ms = 0` when sensors are slow) and in groups (as a commit window
+//! gathers them). Prints one markdown table.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,59 @@ fn size_of(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Sensors sampled every 2 s, their samples committed `per_commit` at a time: bytes
+/// written per reading, the final checkpoint included.
+fn bytes_per_reading_in_commits_of(per_commit: usize, samples: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        data_dir: dir.path().to_owned(),
+        ..StorageConfig::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
+    let ids = runtime.block_on(create_sensors(&store));
+    let start_time = sensorgate::model::now_micros() - samples as i64 * 2_000_000;
+    let bytes_before = write_bytes();
+    let mut group = Vec::with_capacity(per_commit);
+    for (n, id) in ids.iter().cycle().take(samples).enumerate() {
+        let round = (n / ids.len()) as i64;
+        group.push(Sample {
+            sensor_id: *id,
+            taken_at: start_time + round * 2_000_000,
+            hora_dudosa: false,
+            measurements: vec![
+                Measurement::new("temperatura", 20.0 + round as f64 / 100.0, "°C"),
+                Measurement::new("humedad", 50.0 - round as f64 / 100.0, "%"),
+            ],
+        });
+        if group.len() == per_commit {
+            store.submit_samples(std::mem::take(&mut group)).unwrap();
+            // Waits for the commit, so that the next group is a commit of its own.
+            runtime.block_on(store.ping()).unwrap();
+        }
+    }
+    runtime.block_on(store.close());
+    writer.join();
+    (write_bytes() - bytes_before) as f64 / (samples * 2) as f64
+}
+
+async fn create_sensors(store: &Store) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 0..SENSORS {
+        let new = NewSensor {
+            tipo: "temperatura".into(),
+            modelo: "DHT22".into(),
+            nombre: Some(format!("s{i}")),
+            ubicacion: None,
+            fuente: None,
+            intervalo: Some(1.0),
+            activo: true,
+        };
+        ids.push(store.create_sensor(new).await.unwrap().id);
+    }
+    ids
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -68,22 +124,7 @@ fn main() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
-    let ids: Vec<i64> = runtime.block_on(async {
-        let mut ids = Vec::new();
-        for i in 0..SENSORS {
-            let new = NewSensor {
-                tipo: "temperatura".into(),
-                modelo: "DHT22".into(),
-                nombre: Some(format!("s{i}")),
-                ubicacion: None,
-                fuente: None,
-                intervalo: Some(1.0),
-                activo: true,
-            };
-            ids.push(store.create_sensor(new).await.unwrap().id);
-        }
-        ids
-    });
+    let ids = runtime.block_on(create_sensors(&store));
 
     let start_time = sensorgate::model::now_micros() - seconds as i64 * 1_000_000;
     let readings = seconds * SENSORS as u64;
@@ -185,4 +226,17 @@ fn main() {
         "| raw readings of one sensor, {window} rows | {:.2} ms |",
         raw.as_secs_f64() * 1000.0
     );
+    let paced = if bench { 2000 } else { 100 };
+    for (per_commit, like) in [
+        (1, "each sample its own commit (`commit_window_ms = 0`)"),
+        (
+            25,
+            "25 samples per commit (`commit_window_ms = 5000` with 10 sensors every 2 s)",
+        ),
+    ] {
+        println!(
+            "| bytes written per reading at a gateway's pace, {like} | {:.0} bytes ({paced} DHT22 samples, 2 readings each) |",
+            bytes_per_reading_in_commits_of(per_commit, paced)
+        );
+    }
 }

@@ -79,6 +79,9 @@ pub enum Synchronous {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub synchronous: Synchronous,
+    /// Samples from sensors wait up to this long for others before they are committed
+    /// together; 0 commits each at once.
+    pub commit_window_ms: u64,
     pub max_events: u64,
     /// Raw readings older than this many days are removed; 0 keeps them forever.
     pub readings_retention_days: u32,
@@ -112,6 +115,7 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
             synchronous: Synchronous::Full,
+            commit_window_ms: 0,
             max_events: 1_000_000,
             readings_retention_days: 365,
             minute_rollup_retention_days: 31,
@@ -347,6 +351,12 @@ impl Config {
         }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
+        }
+        if self.storage.commit_window_ms > 60_000 {
+            return Err(Problem::key(
+                "storage.commit_window_ms",
+                "must be at most 60000 (a minute)",
+            ));
         }
         if self.realtime.client_queue < 16 {
             return Err(Problem::key("realtime.client_queue", "must be at least 16"));

@@ -562,3 +562,47 @@ async fn readings_stamped_by_an_untrusted_clock_are_flagged() {
         daemon.stop().await;
     }
 }
+
+/// With a commit window, samples wait for one another and are committed together; a REST
+/// write does not wait for the window, and takes the waiting samples with it.
+#[tokio::test]
+async fn samples_wait_for_the_commit_window_and_writes_do_not() {
+    let dir = temp_dir();
+    let config = format!("[storage]\ncommit_window_ms = 30000\n{}", fast_sensors(1));
+    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let mut readings = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let commits_before = daemon.get("/healthz").await.1["storage"]["commits"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        readings
+            .next_within(std::time::Duration::from_secs(1))
+            .await
+            .is_none(),
+        "a sample was committed before the window ended"
+    );
+
+    let (status, created) = daemon
+        .post("/api/v1/sensores/", r#"{"tipo": "t", "modelo": "m"}"#)
+        .await;
+    assert_eq!(status, 201, "{created}");
+    // A second of samples every 50 ms, two readings each, went out with the write.
+    let mut held = Vec::new();
+    while held.len() < 20 {
+        held.push(readings.json().await);
+    }
+    let seqs: Vec<u64> = held.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let commits_after = daemon.get("/healthz").await.1["storage"]["commits"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        commits_after - commits_before <= 2,
+        "{commits_before} -> {commits_after} commits"
+    );
+    daemon.stop().await;
+}

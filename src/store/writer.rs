@@ -193,6 +193,16 @@ pub(crate) fn spawn(
         last_maintenance: Instant::now(),
         retry: VecDeque::new(),
         outage: None,
+        window: match config.commit_window_ms {
+            0 => None,
+            ms => Some(CommitWindow {
+                length: Duration::from_millis(ms),
+                timer: tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(StoreError::Io)?,
+            }),
+        },
         unflushed: match config.synchronous {
             Synchronous::Full => None,
             Synchronous::Normal => Some(Unflushed {
@@ -248,6 +258,15 @@ struct Writer {
     last_maintenance: Instant,
     /// `None` with `synchronous = "full"`, where every commit is flushed.
     unflushed: Option<Unflushed>,
+    /// `None` when samples are committed as they come (`commit_window_ms = 0`).
+    window: Option<CommitWindow>,
+}
+
+/// How long samples wait for company before they are committed.
+struct CommitWindow {
+    length: Duration,
+    /// Times the wait on the queue; the writer is a plain thread.
+    timer: tokio::runtime::Runtime,
 }
 
 /// A command applied inside the open transaction, whose answer waits for the commit.
@@ -322,6 +341,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.gather_samples(&mut batch);
             if batch.iter().any(|c| matches!(c, Command::Shutdown)) {
                 // Take nothing new; what is already queued is still committed below and
                 // in the following rounds, until the queue is empty.
@@ -423,6 +443,28 @@ impl Writer {
                 }
                 self.keep_for_retry(held);
                 self.degraded(&why);
+            }
+        }
+    }
+
+    /// Waits up to the commit window for more samples when the batch holds nothing else,
+    /// so that a gateway sampling a few sensors every few seconds commits once a window
+    /// rather than once a sample: the pages every commit rewrites (readings, events,
+    /// indexes, latest values) reach the card once for many samples. Anything else
+    /// queued (a REST write, a ping, shutdown) ends the wait.
+    fn gather_samples(&mut self, batch: &mut Vec<Command>) {
+        let Some(window) = &self.window else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + window.length;
+        while batch.len() < MAX_BATCH && batch.iter().all(|c| matches!(c, Command::Samples(_))) {
+            let queue = &mut self.queue;
+            let next = window
+                .timer
+                .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
+            match next {
+                Ok(Some(command)) => batch.push(command),
+                Ok(None) | Err(_) => break,
             }
         }
     }
