@@ -399,6 +399,29 @@ async fn bad_input_is_rejected_and_changes_nothing() {
             assert!(answer["errors"][0]["field"].is_string(), "{answer}");
         }
     }
+    // A 405 names the methods the path does answer.
+    for (method, path, allow) in [
+        ("PATCH", "/api/v1/sensores/", "GET, HEAD, POST"),
+        ("POST", "/api/v1/sensors/3", "GET, HEAD, PUT, DELETE"),
+        ("DELETE", "/assets/app.js", "GET, HEAD"),
+        ("PUT", "/api/v1/lecturas/", "GET, HEAD, POST"),
+        ("GET", "/api/v1/ws/test-event", "POST"),
+        ("POST", "/api/v1/tokens/kitchen", "DELETE"),
+    ] {
+        let raw = common::raw_exchange(
+            daemon.addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+        let head = String::from_utf8_lossy(&raw).to_lowercase();
+        assert!(head.starts_with("http/1.1 405"), "{method} {path}: {head}");
+        assert!(
+            head.contains(&format!("\r\nallow: {}\r\n", allow.to_lowercase())),
+            "{method} {path}: {head}"
+        );
+    }
     // The 422 names the field.
     let (_, answer) = daemon
         .post("/api/v1/sensores/", r#"{"modelo": "DHT22"}"#)

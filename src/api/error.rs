@@ -20,6 +20,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Ask for a bearer token (`WWW-Authenticate`), on 401.
     pub challenge: bool,
+    /// The methods the path does answer (`Allow`), on 405.
+    pub allow: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -39,6 +41,7 @@ impl ApiError {
             errors: Vec::new(),
             retry_after: None,
             challenge: false,
+            allow: None,
         }
     }
 
@@ -61,13 +64,16 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
-    /// 405.
-    pub fn method_not_allowed() -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "Method not allowed",
-        )
+    /// 405, with the methods the path answers, as `GET, HEAD`.
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError {
+            allow: Some(allow),
+            ..ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("Method not allowed; this path answers {allow}"),
+            )
+        }
     }
 
     /// 413.
@@ -158,6 +164,11 @@ impl ApiError {
                 hyper::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
         }
         if let Some(seconds) = self.retry_after {
             response

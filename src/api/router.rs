@@ -120,21 +120,36 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["tokens", name] if method == Method::DELETE => {
                 (Route::RevokeToken((*name).to_owned()), Guard::Needs(Admin))
             }
-            ["openapi.json" | "lecturas" | "readings" | "ws" | "events" | "tokens"]
+            _ => return Err(wrong_method_or_not_found(&segments, path)),
+        },
+        _ => return Err(wrong_method_or_not_found(&segments, path)),
+    };
+    Ok((route, guard))
+}
+
+const READ_METHODS: &str = "GET, HEAD";
+const COLLECTION_METHODS: &str = "GET, HEAD, POST";
+const ITEM_METHODS: &str = "GET, HEAD, PUT, DELETE";
+
+/// 405 with `Allow` for a known path asked with the wrong method, 404 otherwise.
+fn wrong_method_or_not_found(segments: &[&str], path: &str) -> ApiError {
+    let allow = match segments {
+        [] | ["sensorgate.js" | "healthz" | "metrics"] | ["assets", _] => READ_METHODS,
+        ["api", "v1", rest @ ..] => match rest {
+            ["lecturas" | "readings"] | ["tokens"] => COLLECTION_METHODS,
+            ["ws", "test-event"] => "POST",
+            ["tokens", _] => "DELETE",
+            ["openapi.json" | "ws" | "events"]
             | ["lecturas", "agregadas"]
             | ["readings", "aggregated"]
             | ["lecturas" | "readings", "export"]
-            | ["ws", "secure" | "stats" | "test-event"]
-            | ["ws", "stats", _]
-            | ["tokens", _] => return Err(ApiError::method_not_allowed()),
-            _ => return Err(not_found(path)),
+            | ["ws", "secure" | "stats"]
+            | ["ws", "stats", _] => READ_METHODS,
+            _ => return not_found(path),
         },
-        [] | ["sensorgate.js" | "healthz" | "metrics"] | ["assets", _] => {
-            return Err(ApiError::method_not_allowed())
-        }
-        _ => return Err(not_found(path)),
+        _ => return not_found(path),
     };
-    Ok((route, guard))
+    ApiError::method_not_allowed(allow)
 }
 
 fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
@@ -144,7 +159,8 @@ fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
         (Method::GET | Method::HEAD, [id]) => Route::GetSensor(parse_id(id)?),
         (Method::PUT, [id]) => Route::UpdateSensor(parse_id(id)?),
         (Method::DELETE, [id]) => Route::DeleteSensor(parse_id(id)?),
-        (_, [] | [_]) => return Err(ApiError::method_not_allowed()),
+        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
+        (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
         _ => return Err(ApiError::not_found("No such sensor route")),
     })
 }
