@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 pub use crate::auth::Policy;
 use crate::clock::ClockTrust;
-use crate::model::{MAX_INTERVAL_S, MIN_INTERVAL_S};
+use crate::model::{MAX_INTERVAL_S, MAX_TEXT, MIN_INTERVAL_S};
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -412,6 +412,16 @@ impl Config {
             if sensor.name.trim().is_empty() {
                 return Err(Problem::key("sensor.name", "must not be empty"));
             }
+            for (key, text) in [
+                ("name", Some(&sensor.name)),
+                ("tipo", Some(&sensor.tipo)),
+                ("modelo", Some(&sensor.modelo)),
+                ("ubicacion", sensor.ubicacion.as_ref()),
+            ] {
+                if text.is_some_and(|t| t.chars().count() > MAX_TEXT) {
+                    return Err(at(key, &format!("must be at most {MAX_TEXT} characters")));
+                }
+            }
             if !names.insert(sensor.name.as_str()) {
                 return Err(at("name", "is used twice"));
             }
@@ -607,5 +617,24 @@ source = { kind = "sim" }
             .unwrap_err()
             .to_string();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn sensor_texts_are_as_long_as_over_rest_at_most() {
+        let sensor = |modelo: &str| {
+            format!(
+                "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"{modelo}\"\nsource = {{ kind = \"sim\" }}\n"
+            )
+        };
+        let longest = "m".repeat(MAX_TEXT);
+        assert!(Config::parse(&sensor(&longest), Path::new("x.toml")).is_ok());
+        let err = Config::parse(&sensor(&format!("{longest}m")), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("modelo must be at most 128 characters"),
+            "{err}"
+        );
+        assert!(err.contains("x.toml: line 2"), "{err}");
     }
 }

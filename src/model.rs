@@ -118,7 +118,9 @@ impl FieldError {
     }
 }
 
-const MAX_TEXT: usize = 128;
+/// Longest text field of a sensor or reading, in characters, over REST and in the config
+/// file.
+pub const MAX_TEXT: usize = 128;
 /// Sampling intervals accepted, over REST and in the config file.
 pub const MIN_INTERVAL_S: f64 = 0.05;
 pub const MAX_INTERVAL_S: f64 = 86_400.0;
@@ -191,6 +193,15 @@ impl Fields {
     fn fuente(&mut self) -> Option<Option<Value>> {
         match self.take("fuente")? {
             None => Some(None),
+            // A hung driver on demand is for exercising the watchdog from a config file,
+            // not something a client of the API may set up.
+            Some(Value::Object(spec)) if spec.contains_key("hang_after_reads") => {
+                self.fail(
+                    "fuente",
+                    "hang_after_reads is allowed only in the config file",
+                );
+                None
+            }
             Some(v @ Value::Object(_)) => {
                 match serde_json::from_value::<crate::sensors::SourceSpec>(v.clone()) {
                     Ok(_) => Some(Some(v)),
@@ -472,6 +483,7 @@ mod tests {
             json!({"kind": "laser"}),
             json!({"kind": "serial"}),
             json!("sim"),
+            json!({"kind": "sim", "hang_after_reads": 3}),
         ] {
             let err = NewSensor::from_json(json!({"tipo": "t", "modelo": "m", "fuente": bad}))
                 .unwrap_err();
