@@ -7,10 +7,12 @@
 //! LOAD_SCENARIOS="fanout ingest" cargo bench --bench load
 //! ```
 //!
-//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `memory`, `history`, `size`.
+//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `memory`, `size`. History queries
+//! are measured by the storage benchmark (`benches/storage.rs`), through the writer.
 //! Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`, `LOAD_INGEST_SENSORS` and
 //! `LOAD_INGEST_SECS`; `LOAD_DAEMON=PATH` drives another build of the daemon (one with
-//! symbols, for a profiler) instead of the one cargo built.
+//! symbols, for a profiler) instead of the one cargo built; `LOAD_SYNCHRONOUS=normal`
+//! runs it with `storage.synchronous = "normal"` instead of the default `full`.
 //!
 //! Each scenario starts its own daemon (`--config` with port 0 and a temporary data
 //! directory), so figures do not depend on which scenarios ran before. The daemon and this
@@ -41,9 +43,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const SCENARIOS: [&str; 7] = [
-    "rest", "latency", "fanout", "ingest", "memory", "history", "size",
-];
+const SCENARIOS: [&str; 6] = ["rest", "latency", "fanout", "ingest", "memory", "size"];
 
 /// How big each scenario is.
 struct Sizes {
@@ -203,14 +203,6 @@ async fn run(selected: &[&str], sizes: &Sizes) -> (Vec<Row>, bool) {
     if has("ingest") {
         record("ingest", ingest(sizes).await);
     }
-    if has("history") {
-        let row = Row::new(
-            "History (aggregated readings)",
-            "not available yet".into(),
-            "—",
-        );
-        record("history", Ok(vec![row]));
-    }
     if has("size") {
         record("size", binary_size());
     }
@@ -336,8 +328,9 @@ impl Daemon {
             "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n\n\
              [limits]\nmax_connections_per_address = 4096\n\
              writes_per_second = 1000000000.0\nwrite_burst = 1000000000.0\n\n\
-             [storage]\ndata_dir = {data:?}\n\n{sensors}",
-            data = data.to_string_lossy()
+             [storage]\ndata_dir = {data:?}\nsynchronous = {synchronous:?}\n\n{sensors}",
+            data = data.to_string_lossy(),
+            synchronous = std::env::var("LOAD_SYNCHRONOUS").unwrap_or_else(|_| "full".into()),
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
