@@ -70,6 +70,13 @@ pub async fn run(
     let (trigger, signal) = Trigger::new();
     let health = Arc::new(HealthBoard::default());
     let clock = Arc::new(Clock::new(config.sampling.trust_clock));
+    if !clock.trusted() {
+        log::warn!(
+            "the clock is not synchronised yet: readings are flagged hora_dudosa until a time \
+             daemon synchronises it (set sampling.trust_clock = \"always\" on a board with a \
+             real-time clock)"
+        );
+    }
     let scheduler = Scheduler::new(
         store.clone(),
         health.clone(),
