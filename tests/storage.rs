@@ -575,6 +575,15 @@ async fn samples_wait_for_the_commit_window_and_writes_do_not() {
         .await
         .greeted()
         .await;
+    // The watchdog's first ping, at start, ends a window early (the next comes 10 s later):
+    // let what it committed arrive.
+    let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < settled
+        && readings
+            .next_within(std::time::Duration::from_millis(300))
+            .await
+            .is_some()
+    {}
     let commits_before = daemon.get("/healthz").await.1["storage"]["commits"]
         .as_u64()
         .unwrap();
@@ -604,5 +613,39 @@ async fn samples_wait_for_the_commit_window_and_writes_do_not() {
         commits_after - commits_before <= 2,
         "{commits_before} -> {commits_after} commits"
     );
+    daemon.stop().await;
+}
+
+/// SQLite keeps -0.0 as 0, so a reading of -0.0 is answered and announced as the 0.0 that
+/// a later read or replay gives back.
+#[tokio::test]
+async fn negative_zero_is_answered_as_it_is_stored() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let id = sensor(&daemon).await;
+    let mut readings = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let body = format!(r#"{{"sensor_id": {id}, "tipo": "t", "valor": -0.0}}"#);
+    let (status, answer) = daemon
+        .try_request("POST", "/api/v1/lecturas/", Some(&body))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status, 201, "{answer}");
+    assert!(answer.contains(r#""valor":0.0"#), "{answer}");
+    let (_, listed) = daemon
+        .try_request("GET", "/api/v1/lecturas/?tipo=t", None)
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed).contains(r#""valor":0.0"#),
+        "{}",
+        String::from_utf8_lossy(&listed)
+    );
+    let live = readings.json().await;
+    assert_eq!(live["data"]["valor"].to_string(), "0.0", "{live}");
     daemon.stop().await;
 }

@@ -8,7 +8,7 @@
 //! ever hears of data that a power cut could take back.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -180,6 +180,17 @@ pub(crate) fn spawn(
         let pages = (config.max_database_mb as i64).saturating_mul(1024 * 1024) / page_size;
         conn.pragma_update(None, "max_page_count", pages)?;
     }
+    let wal = config
+        .data_dir
+        .join(format!("{}-wal", super::DATABASE_FILE));
+    if config.synchronous == Synchronous::Normal {
+        // A previous run may have stopped between a commit and its flush: what is in the
+        // WAL must be on the card before replay may send it.
+        match sync_file(&wal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::Io(e)),
+            _ => {}
+        }
+    }
     let next_seq = last_seq(&conn)? + 1;
     hub.start_at(next_seq - 1);
     let writer = Writer {
@@ -206,9 +217,7 @@ pub(crate) fn spawn(
         unflushed: match config.synchronous {
             Synchronous::Full => None,
             Synchronous::Normal => Some(Unflushed {
-                wal: config
-                    .data_dir
-                    .join(format!("{}-wal", super::DATABASE_FILE)),
+                wal,
                 events: Vec::new(),
                 since: None,
             }),
@@ -221,6 +230,12 @@ pub(crate) fn spawn(
     Ok(WriterHandle { thread })
 }
 
+/// Flushes a file's data to the card (`fdatasync` on a descriptor of its own: the kernel
+/// flushes the file, whichever descriptor wrote it).
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_data()
+}
+
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
     Ok(seq as u64)
@@ -228,7 +243,8 @@ fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
 
 /// Events of commits not yet flushed to the card, with `synchronous = "normal"`: SQLite
 /// then flushes the WAL only at checkpoints, so the writer flushes it itself before
-/// publishing. A power cut may lose the last commits, but never one a client heard of.
+/// publishing. A power cut may lose the last commits (REST writes already answered among
+/// them), but never one whose event was sent.
 struct Unflushed {
     wal: PathBuf,
     events: Vec<Arc<Event>>,
@@ -356,7 +372,7 @@ impl Writer {
             if self.unflushed.as_ref().is_some_and(|u| {
                 self.queue.is_empty() || u.since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY)
             }) {
-                self.flush();
+                self.flush_or_degrade();
             }
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
@@ -365,7 +381,9 @@ impl Writer {
         if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             log::warn!("final checkpoint failed: {e}");
         }
-        self.flush();
+        if let Err(why) = self.flush() {
+            log::error!("{why}; the last events were not sent");
+        }
         log::info!("storage writer stopped at seq {}", self.next_seq - 1);
     }
 
@@ -450,48 +468,58 @@ impl Writer {
     /// Waits up to the commit window for more samples when the batch holds nothing else,
     /// so that a gateway sampling a few sensors every few seconds commits once a window
     /// rather than once a sample: the pages every commit rewrites (readings, events,
-    /// indexes, latest values) reach the card once for many samples. Anything else
-    /// queued (a REST write, a ping, shutdown) ends the wait.
+    /// indexes, latest values) reach the card once for many samples. A token's "last
+    /// used" time waits with them; anything else (a REST write, the watchdog's ping,
+    /// shutdown) ends the wait.
     fn gather_samples(&mut self, batch: &mut Vec<Command>) {
+        let may_wait = |c: &Command| matches!(c, Command::Samples(_) | Command::TouchToken(..));
         let Some(window) = &self.window else {
             return;
         };
+        if !batch.iter().all(may_wait) {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + window.length;
-        while batch.len() < MAX_BATCH && batch.iter().all(|c| matches!(c, Command::Samples(_))) {
+        while batch.len() < MAX_BATCH {
             let queue = &mut self.queue;
             let next = window
                 .timer
                 .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
-            match next {
-                Ok(Some(command)) => batch.push(command),
-                Ok(None) | Err(_) => break,
+            let Ok(Some(command)) = next else {
+                break;
+            };
+            let waits = may_wait(&command);
+            batch.push(command);
+            if !waits {
+                break;
             }
         }
     }
 
     /// Flushes the WAL to the card and publishes the events it now holds for good. A
-    /// failed flush keeps them for the next attempt: an event goes out only once its data
-    /// is sure to survive a power cut.
-    fn flush(&mut self) {
+    /// failed flush keeps them for the next attempt, after the next commit: an event goes
+    /// out only once its data is sure to survive a power cut.
+    fn flush(&mut self) -> Result<(), String> {
         let Some(unflushed) = &mut self.unflushed else {
-            return;
+            return Ok(());
         };
         if unflushed.events.is_empty() {
-            return;
+            return Ok(());
         }
-        // The final checkpoint may have emptied and truncated the WAL; what it held is in
-        // the database file then, flushed by the checkpoint.
-        match std::fs::File::open(&unflushed.wal).and_then(|wal| wal.sync_data()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                log::error!("flushing {} failed: {e}", unflushed.wal.display());
-                return;
-            }
-        }
+        sync_file(&unflushed.wal)
+            .map_err(|e| format!("flushing {} failed: {e}", unflushed.wal.display()))?;
         unflushed.since = None;
         for event in unflushed.events.drain(..) {
             self.hub.publish(event);
+        }
+        Ok(())
+    }
+
+    /// [`Writer::flush`], with a failure reported as a storage outage.
+    fn flush_or_degrade(&mut self) {
+        if let Err(why) = self.flush() {
+            self.health.record(&Err(why.clone()));
+            self.degraded(&why);
         }
     }
 
@@ -514,6 +542,8 @@ impl Writer {
         if self.outage.is_some() {
             return;
         }
+        // Events of earlier commits go out before the notice, when they can.
+        let _ = self.flush();
         log::error!(
             "storage failing, keeping up to {RETRY_SAMPLES} newest samples in memory: {why}"
         );
@@ -859,6 +889,8 @@ impl Step<'_> {
         valor: f64,
         unidad: &str,
     ) -> Result<Reading, rusqlite::Error> {
+        // SQLite keeps -0.0 as 0: the live frame must carry the value replay will read.
+        let valor = valor + 0.0;
         self.tx
             .prepare_cached(
                 "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
