@@ -649,3 +649,73 @@ async fn negative_zero_is_answered_as_it_is_stored() {
     assert_eq!(live["data"]["valor"].to_string(), "0.0", "{live}");
     daemon.stop().await;
 }
+
+/// A value that is not a finite number never reaches the writer: SQLite would refuse the
+/// row, and a sample that can never be stored would hold up every commit it is retried in.
+#[test]
+fn a_value_that_is_not_a_number_is_dropped_and_holds_nothing_up() {
+    use sensorgate::sensors::Measurement;
+    use sensorgate::store::{ReadingFilter, ReadingOrder, Sample, Store};
+
+    let dir = temp_dir();
+    let config = sensorgate::config::StorageConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, writer) = Store::open(&config, sensorgate::events::Hub::new(64)).unwrap();
+    let new = sensorgate::model::NewSensor::from_json(
+        serde_json::json!({"tipo": "temperatura", "modelo": "DHT22"}),
+    )
+    .unwrap();
+    let id = runtime.block_on(store.create_sensor(new)).unwrap().id;
+    let sample = |at: i64, measurements: Vec<Measurement>| Sample {
+        sensor_id: id,
+        taken_at: at,
+        hora_dudosa: false,
+        measurements,
+    };
+    store
+        .submit_samples(vec![
+            sample(
+                1,
+                vec![
+                    Measurement::new("temperatura", f64::NAN, "°C"),
+                    Measurement::new("humedad", 40.0, "%"),
+                ],
+            ),
+            sample(
+                2,
+                vec![Measurement::new("temperatura", f64::INFINITY, "°C")],
+            ),
+        ])
+        .unwrap();
+    store
+        .submit_samples(vec![sample(
+            3,
+            vec![Measurement::new("temperatura", 21.0, "°C")],
+        )])
+        .unwrap();
+    runtime.block_on(store.ping()).unwrap();
+
+    assert!(
+        store.health().failure().is_none(),
+        "{:?}",
+        store.health().failure()
+    );
+    let filter = ReadingFilter {
+        sensor_id: Some(id),
+        limit: 100,
+        order: ReadingOrder::Asc,
+        ..ReadingFilter::default()
+    };
+    let stored: Vec<(i64, f64)> = runtime
+        .block_on(store.readings(filter))
+        .unwrap()
+        .iter()
+        .map(|r| (r.timestamp, r.valor))
+        .collect();
+    assert_eq!(stored, [(1, 40.0), (3, 21.0)]);
+    runtime.block_on(store.close());
+    writer.join();
+}

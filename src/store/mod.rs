@@ -158,7 +158,26 @@ impl Store {
 
     /// Queues samples from a sensor source. Called from source threads; waits while the
     /// writer's queue is full.
-    pub fn submit_samples(&self, samples: Vec<Sample>) -> Result<(), StoreError> {
+    ///
+    /// A value that is not a finite number is dropped here: SQLite would store NaN as
+    /// NULL and refuse the row, and a sample that can never be stored would hold up every
+    /// commit it is retried in. Sources reject such values already; this is the last line.
+    pub fn submit_samples(&self, mut samples: Vec<Sample>) -> Result<(), StoreError> {
+        for sample in &mut samples {
+            sample.measurements.retain(|m| {
+                let finite = m.valor.is_finite();
+                if !finite {
+                    log::warn!(
+                        "sensor {}: {} value {} dropped: not a finite number",
+                        sample.sensor_id,
+                        m.tipo,
+                        m.valor
+                    );
+                }
+                finite
+            });
+        }
+        samples.retain(|s| !s.measurements.is_empty());
         self.commands
             .blocking_send(Command::Samples(samples))
             .map_err(|_| StoreError::Closed)
