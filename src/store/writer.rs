@@ -254,7 +254,8 @@ struct Unflushed {
 
 /// An ongoing storage failure.
 struct Outage {
-    since: Micros,
+    /// Monotonic: a Pi's wall clock may step by years (NTP's first sync) during an outage.
+    since: Instant,
     /// Samples dropped because the retry buffer was full.
     dropped: u64,
 }
@@ -548,7 +549,7 @@ impl Writer {
             "storage failing, keeping up to {RETRY_SAMPLES} newest samples in memory: {why}"
         );
         self.outage = Some(Outage {
-            since: now_micros(),
+            since: Instant::now(),
             dropped: 0,
         });
         let data = serde_json::json!({"error": why, "buffered_samples": self.retry.len()});
@@ -566,7 +567,7 @@ impl Writer {
     /// Storage works again after an outage: a stored event says how long it lasted and
     /// what was lost.
     fn recovered(&mut self, outage: Outage) {
-        let seconds = (now_micros() - outage.since) as f64 / 1e6;
+        let seconds = outage.since.elapsed().as_secs_f64();
         log::info!(
             "storage writable again after {seconds:.0} s; {} samples were dropped",
             outage.dropped
