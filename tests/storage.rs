@@ -590,9 +590,7 @@ async fn samples_wait_for_the_commit_window_and_writes_do_not() {
             .await
             .is_some()
     {}
-    let commits_before = daemon.get("/healthz").await.1["storage"]["commits"]
-        .as_u64()
-        .unwrap();
+    let commits_before = daemon.commits().await;
     assert!(
         readings
             .next_within(std::time::Duration::from_secs(1))
@@ -612,9 +610,7 @@ async fn samples_wait_for_the_commit_window_and_writes_do_not() {
     }
     let seqs: Vec<u64> = held.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
-    let commits_after = daemon.get("/healthz").await.1["storage"]["commits"]
-        .as_u64()
-        .unwrap();
+    let commits_after = daemon.commits().await;
     assert!(
         commits_after - commits_before <= 2,
         "{commits_before} -> {commits_after} commits"

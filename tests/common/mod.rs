@@ -154,9 +154,18 @@ impl Daemon {
 
     /// The store's last `seq`, from `/healthz`.
     pub async fn last_seq(&self) -> u64 {
-        self.get("/healthz").await.1["storage"]["last_seq"]
+        self.storage_figure("last_seq").await
+    }
+
+    /// Transactions the writer has committed, from `/healthz`.
+    pub async fn commits(&self) -> u64 {
+        self.storage_figure("commits").await
+    }
+
+    async fn storage_figure(&self, name: &str) -> u64 {
+        self.get("/healthz").await.1["storage"][name]
             .as_u64()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no storage.{name} in /healthz"))
     }
 }
 
