@@ -9,8 +9,8 @@
 //!
 //! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `memory`, `size`. History queries
 //! are measured by the storage benchmark (`benches/storage.rs`), through the writer.
-//! Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`, `LOAD_INGEST_SENSORS` and
-//! `LOAD_INGEST_SECS`; `LOAD_DAEMON=PATH` drives another build of the daemon (one with
+//! Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`, `LOAD_INGEST_SENSORS`,
+//! `LOAD_INGEST_BATCH` (samples per sim read) and `LOAD_INGEST_SECS`; `LOAD_DAEMON=PATH` drives another build of the daemon (one with
 //! symbols, for a profiler) instead of the one cargo built; `LOAD_SYNCHRONOUS=normal`
 //! runs it with `storage.synchronous = "normal"` instead of the default `full`.
 //!
@@ -56,6 +56,8 @@ struct Sizes {
     fanout_creators: Vec<usize>,
     fanout_window: Duration,
     ingest_sensors: usize,
+    /// Samples each sim read yields (`samples_per_read`): a few sensors offer any rate.
+    ingest_samples_per_read: usize,
     ingest_warmup: Duration,
     ingest_window: Duration,
     idle_wait: Duration,
@@ -70,7 +72,8 @@ impl Sizes {
             fanout_clients: 100,
             fanout_creators: vec![4, 64],
             fanout_window: Duration::from_secs(env_number("LOAD_FANOUT_SECS", 5) as u64),
-            ingest_sensors: env_number("LOAD_INGEST_SENSORS", 600),
+            ingest_sensors: env_number("LOAD_INGEST_SENSORS", 40),
+            ingest_samples_per_read: env_number("LOAD_INGEST_BATCH", 200),
             ingest_warmup: Duration::from_secs(2),
             ingest_window: Duration::from_secs(env_number("LOAD_INGEST_SECS", 5) as u64),
             idle_wait: Duration::from_secs(3),
@@ -86,6 +89,7 @@ impl Sizes {
             fanout_creators: vec![1, 2],
             fanout_window: Duration::from_millis(500),
             ingest_sensors: 4,
+            ingest_samples_per_read: 5,
             ingest_warmup: Duration::from_millis(300),
             ingest_window: Duration::from_millis(700),
             idle_wait: Duration::from_millis(300),
@@ -1281,13 +1285,15 @@ const MIN_INTERVAL_S: f64 = 0.05;
 
 async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let count = sizes.ingest_sensors;
-    eprintln!("ingest: {count} sim sensors every {MIN_INTERVAL_S} s");
+    let per_read = sizes.ingest_samples_per_read;
+    eprintln!("ingest: {count} sim sensors every {MIN_INTERVAL_S} s, {per_read} samples a read");
     let mut sensors = String::new();
     for i in 0..count {
         let _ = write!(
             sensors,
             "[[sensor]]\nname = \"ingest-{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
-             interval_s = {MIN_INTERVAL_S}\nsource = {{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, seed = {} }}\n\n",
+             interval_s = {MIN_INTERVAL_S}\nsource = {{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, \
+             samples_per_read = {per_read}, seed = {} }}\n\n",
             i + 1
         );
     }
@@ -1328,9 +1334,9 @@ async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let startup = daemon.startup;
     stop(daemon)?;
     // Each sample of the dht22 profile is two readings (temperature, humidity).
-    let offered = count as f64 / MIN_INTERVAL_S * 2.0;
+    let offered = count as f64 * per_read as f64 / MIN_INTERVAL_S * 2.0;
     let name = format!(
-        "Ingest, {count} sim sensors every {MIN_INTERVAL_S} s, {} s window",
+        "Ingest, {count} sim sensors every {MIN_INTERVAL_S} s, {per_read} samples a read, {} s window",
         sizes.ingest_window.as_secs_f64()
     );
     Ok(vec![

@@ -170,6 +170,47 @@ source = { kind = "sim", seed = 5 }
     daemon.stop().await;
 }
 
+/// A source that buffers between reads hands over several samples at once: each is
+/// stored at the time it was taken, spread evenly over the interval, and pushed in order.
+#[tokio::test]
+async fn a_batched_read_stores_each_sample_at_its_own_time() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        r#"
+[[sensor]]
+name = "buffered"
+tipo = "temperatura"
+modelo = "DS18B20"
+interval_s = 0.5
+source = { kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }
+"#,
+    )
+    .await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    let mut times = Vec::new();
+    let mut seqs = Vec::new();
+    while times.len() < 15 {
+        let event = client.json().await;
+        assert_time(&event["data"]["timestamp"]);
+        let text = event["data"]["timestamp"].as_str().unwrap();
+        let time = chrono::DateTime::parse_from_rfc3339(text).unwrap();
+        times.push(time.timestamp_micros());
+        seqs.push(event["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let steps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(steps.iter().all(|&step| step > 0), "{steps:?}");
+    // Four of every five steps lie within one read: a fifth of the 0.5 s interval.
+    let within_a_read = steps.iter().filter(|&&step| step == 100_000).count();
+    assert!(within_a_read >= 10, "{steps:?}");
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn posted_readings_are_stored_pushed_and_filtered() {
     let dir = temp_dir();

@@ -24,9 +24,13 @@ fn config(dir: &Path, synchronous: &str) -> std::path::PathBuf {
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\nsynchronous = \"{synchronous}\"\n",
         dir.join("data").display().to_string()
     );
+    // One sensor hands over 100 samples a read, as a buffering device does: its
+    // submissions are the writer's largest.
     for i in 0..20 {
+        let per_read = if i == 0 { 100 } else { 1 };
         text.push_str(&format!(
-            "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\nsource = {{ kind = \"sim\", seed = {i} }}\n"
+            "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\n\
+             source = {{ kind = \"sim\", seed = {i}, samples_per_read = {per_read} }}\n"
         ));
     }
     let path = dir.join("config.toml");

@@ -350,13 +350,24 @@ impl Worker {
             match outcome {
                 Ok(Some(measurements)) if !measurements.is_empty() => {
                     let taken_at = now_micros();
-                    let sample = Sample {
+                    let hora_dudosa = !self.clock.trusted();
+                    let earlier = self.source.earlier_samples();
+                    let mut samples = Vec::with_capacity(earlier.len() + 1);
+                    for (age, measurements) in earlier {
+                        samples.push(Sample {
+                            sensor_id: self.sensor_id,
+                            taken_at: taken_at - age.as_micros() as i64,
+                            hora_dudosa,
+                            measurements,
+                        });
+                    }
+                    samples.push(Sample {
                         sensor_id: self.sensor_id,
                         taken_at,
-                        hora_dudosa: !self.clock.trusted(),
+                        hora_dudosa,
                         measurements,
-                    };
-                    if let Err(StoreError::Closed) = self.store.submit_samples(vec![sample]) {
+                    });
+                    if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
                         return;
                     }
                     changes.extend(tracker.ok(now, taken_at));

@@ -49,6 +49,48 @@ pub struct SimConfig {
     /// a hung driver does; for exercising the watchdog.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hang_after_reads: Option<u64>,
+    /// Samples each read yields, spread evenly over the interval before it, as a device
+    /// that buffers between reads delivers them: lets a few sensors offer the daemon any
+    /// rate, for load tests.
+    pub samples_per_read: SamplesPerRead,
+}
+
+/// How many samples one simulated read yields, from 1 to [`SamplesPerRead::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct SamplesPerRead(u32);
+
+impl SamplesPerRead {
+    /// Enough to offer hundreds of thousands of samples per second from a few sensors;
+    /// few enough that one read's batch stays small in memory.
+    pub const MAX: u32 = 1000;
+}
+
+impl Default for SamplesPerRead {
+    fn default() -> Self {
+        SamplesPerRead(1)
+    }
+}
+
+impl TryFrom<u32> for SamplesPerRead {
+    type Error = String;
+
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        if (1..=Self::MAX).contains(&n) {
+            Ok(SamplesPerRead(n))
+        } else {
+            Err(format!(
+                "samples_per_read must be from 1 to {}, not {n}",
+                Self::MAX
+            ))
+        }
+    }
+}
+
+impl From<SamplesPerRead> for u32 {
+    fn from(n: SamplesPerRead) -> u32 {
+        n.0
+    }
 }
 
 impl Default for SimConfig {
@@ -61,6 +103,7 @@ impl Default for SimConfig {
             failures: vec![SimFailure::Timeout],
             seed: None,
             hang_after_reads: None,
+            samples_per_read: SamplesPerRead::default(),
         }
     }
 }
@@ -73,6 +116,8 @@ pub struct SimSource {
     started: Instant,
     drift: f64,
     reads: u64,
+    /// The samples the last read took before the one it returned.
+    earlier: Vec<(Duration, Vec<Measurement>)>,
 }
 
 impl SimSource {
@@ -90,6 +135,7 @@ impl SimSource {
             started: Instant::now(),
             drift: 0.0,
             reads: 0,
+            earlier: Vec::new(),
         }
     }
 
@@ -109,22 +155,12 @@ impl SimSource {
             SimFailure::Io => SensorError::Io("simulated I/O error".into()),
         }
     }
-}
 
-impl Source for SimSource {
-    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
-        self.reads += 1;
-        if self.config.hang_after_reads.is_some_and(|n| self.reads > n) {
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-        }
-        if self.rng.unit() < self.config.failure_rate {
-            return Err(self.failure());
-        }
+    /// The values of one sample taken `since_start` after the source started.
+    fn values_at(&mut self, since_start: Duration) -> Vec<Measurement> {
         // A slow daily-like swing (period 10 minutes, so a demo shows it), a bounded
         // random walk, and sensor noise.
-        let t = self.started.elapsed().as_secs_f64();
+        let t = since_start.as_secs_f64();
         self.drift = (self.drift + 0.05 * self.rng.normal()).clamp(-2.0, 2.0);
         let swing = 1.5 * (TAU * t / 600.0).sin();
         let temperature =
@@ -136,7 +172,35 @@ impl Source for SimSource {
             .clamp(0.0, 100.0);
             values.push(Measurement::new("humedad", round(humidity), "%"));
         }
-        Ok(Some(values))
+        values
+    }
+}
+
+impl Source for SimSource {
+    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
+        self.reads += 1;
+        if self.config.hang_after_reads.is_some_and(|n| self.reads > n) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        self.earlier.clear();
+        if self.rng.unit() < self.config.failure_rate {
+            return Err(self.failure());
+        }
+        let now = self.started.elapsed();
+        let count = u32::from(self.config.samples_per_read);
+        let spacing = self.interval / count;
+        for older in (1..count).rev() {
+            let age = spacing * older;
+            let values = self.values_at(now.saturating_sub(age));
+            self.earlier.push((age, values));
+        }
+        Ok(Some(self.values_at(now)))
+    }
+
+    fn earlier_samples(&mut self) -> Vec<(Duration, Vec<Measurement>)> {
+        std::mem::take(&mut self.earlier)
     }
 
     fn pacing(&self) -> Pacing {
@@ -209,6 +273,44 @@ mod tests {
             ..SimConfig::default()
         });
         assert_eq!(sim.read().unwrap().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_batched_read_spreads_its_samples_over_the_interval() {
+        let mut sim = source(SimConfig {
+            samples_per_read: SamplesPerRead::try_from(4).unwrap(),
+            seed: Some(5),
+            ..SimConfig::default()
+        });
+        assert_eq!(sim.read().unwrap().unwrap().len(), 2);
+        let earlier = sim.earlier_samples();
+        let ages: Vec<Duration> = earlier.iter().map(|(age, _)| *age).collect();
+        assert_eq!(
+            ages,
+            [1500, 1000, 500].map(Duration::from_millis),
+            "oldest first, a quarter of the 2 s interval apart"
+        );
+        assert!(earlier.iter().all(|(_, values)| values.len() == 2));
+        assert!(sim.earlier_samples().is_empty(), "handed over once");
+    }
+
+    #[test]
+    fn samples_per_read_is_bounded() {
+        let parse = |n: u32| toml::from_str::<SimConfig>(&format!("samples_per_read = {n}"));
+        assert_eq!(parse(1000).unwrap().samples_per_read, SamplesPerRead(1000));
+        for bad in [0, 1001] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("samples_per_read must be from 1 to 1000"),
+                "{error}"
+            );
+        }
+        let mut single = source(SimConfig::default());
+        assert!(single.read().is_ok());
+        assert!(
+            single.earlier_samples().is_empty(),
+            "one sample per read by default"
+        );
     }
 
     #[test]

@@ -89,6 +89,14 @@ pub trait Source: Send {
     /// failure and not counted.
     fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError>;
 
+    /// Samples the last successful `read` took before the one it returned, oldest first,
+    /// each with how long before that one it was taken: a device that buffers several
+    /// samples between reads hands them over together, and they are stored in one
+    /// submission. Most sources take one sample per read and have none.
+    fn earlier_samples(&mut self) -> Vec<(Duration, Vec<Measurement>)> {
+        Vec::new()
+    }
+
     /// How often `read` should be called.
     fn pacing(&self) -> Pacing;
 

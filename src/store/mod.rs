@@ -20,7 +20,7 @@ pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +36,11 @@ pub const DATABASE_FILE: &str = "sensorgate.db";
 /// Commands waiting for the writer. Bounded so that a wedged disk pushes back on
 /// producers instead of growing memory.
 const WRITER_QUEUE: usize = 8192;
+
+/// Samples waiting for the writer: a batched source hands over hundreds per command, so
+/// the command bound alone would let millions queue (hundreds of MiB, and a shutdown
+/// that takes minutes to commit them).
+const QUEUED_SAMPLES: usize = 16_384;
 
 /// WAL pages (4 KiB each) that trigger an automatic checkpoint: 16 MiB.
 const WAL_CHECKPOINT_PAGES: u32 = 4096;
@@ -88,6 +93,7 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     commands: mpsc::Sender<Command>,
+    queued: Arc<SampleGate>,
     readers: Arc<Readers>,
     health: Arc<WriterHealth>,
 }
@@ -100,9 +106,11 @@ impl Store {
         let path = config.data_dir.join(DATABASE_FILE);
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
-        let handle = writer::spawn(conn, queue, hub, config, health.clone())?;
+        let queued = Arc::new(SampleGate::new(QUEUED_SAMPLES));
+        let handle = writer::spawn(conn, queue, queued.clone(), hub, config, health.clone())?;
         let store = Store {
             commands,
+            queued,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -157,7 +165,7 @@ impl Store {
     }
 
     /// Queues samples from a sensor source. Called from source threads; waits while the
-    /// writer's queue is full.
+    /// writer's queue is full, or holds [`QUEUED_SAMPLES`] samples already.
     ///
     /// A value that is not a finite number is dropped here: SQLite would store NaN as
     /// NULL and refuse the row, and a sample that can never be stored would hold up every
@@ -178,9 +186,14 @@ impl Store {
             });
         }
         samples.retain(|s| !s.measurements.is_empty());
+        let count = samples.len();
+        self.queued.enter(count);
         self.commands
             .blocking_send(Command::Samples(samples))
-            .map_err(|_| StoreError::Closed)
+            .map_err(|_| {
+                self.queued.leave(count);
+                StoreError::Closed
+            })
     }
 
     /// Queues a system event from a thread outside the runtime, without waiting for it
@@ -369,4 +382,76 @@ fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     Ok(conn)
+}
+
+/// Counts the samples queued for the writer, and holds source threads back while there
+/// are too many. A plain mutex and condition variable: its callers are sensor threads,
+/// never the async runtime.
+pub(crate) struct SampleGate {
+    queued: Mutex<usize>,
+    left: Condvar,
+    limit: usize,
+}
+
+impl SampleGate {
+    fn new(limit: usize) -> SampleGate {
+        SampleGate {
+            queued: Mutex::new(0),
+            left: Condvar::new(),
+            limit,
+        }
+    }
+
+    /// Waits until `count` more samples fit. A submission larger than the limit goes
+    /// in alone, once the queue is empty.
+    fn enter(&self, count: usize) {
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        while *queued > 0 && *queued + count > self.limit {
+            queued = self.left.wait(queued).unwrap_or_else(|e| e.into_inner());
+        }
+        *queued += count;
+    }
+
+    /// The writer took `count` samples off the queue.
+    pub(crate) fn leave(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        *queued = queued.saturating_sub(count);
+        self.left.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_sample_gate_holds_sources_back_past_its_limit() {
+        let gate = Arc::new(SampleGate::new(10));
+        gate.enter(8);
+        let (entered, told) = std::sync::mpsc::channel();
+        let waiting = gate.clone();
+        let source = std::thread::spawn(move || {
+            waiting.enter(5);
+            entered.send(()).unwrap();
+        });
+        assert!(
+            told.recv_timeout(Duration::from_millis(200)).is_err(),
+            "8 queued and 5 more is past 10: the source must wait"
+        );
+        gate.leave(8);
+        told.recv_timeout(Duration::from_secs(10))
+            .expect("let in once the writer took the first 8");
+        source.join().unwrap();
+        gate.leave(5);
+        gate.enter(50);
+        assert_eq!(
+            *gate.queued.lock().unwrap(),
+            50,
+            "alone, a large submission goes in"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::retention::{Retention, SLICE};
 use super::rollup::Pending;
-use super::{reader, StoreError};
+use super::{reader, SampleGate, StoreError};
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
@@ -34,7 +34,9 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// to survive; a few hours of a small gateway.
 const RETRY_SAMPLES: usize = 20_000;
 
-/// Most commands applied in one transaction; bounds the latency of the batch's first one.
+/// Most work gathered into one transaction, in samples and other commands (see
+/// [`Command::weight`]); bounds the latency of the batch's first command and the memory
+/// of its events.
 const MAX_BATCH: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -171,6 +173,7 @@ impl WriterHandle {
 pub(crate) fn spawn(
     conn: Connection,
     queue: mpsc::Receiver<Command>,
+    queued: Arc<SampleGate>,
     hub: Hub,
     config: &StorageConfig,
     health: Arc<WriterHealth>,
@@ -196,6 +199,7 @@ pub(crate) fn spawn(
     let writer = Writer {
         conn,
         queue,
+        queued,
         hub,
         next_seq,
         retention: Retention::new(config),
@@ -263,6 +267,8 @@ struct Outage {
 struct Writer {
     conn: Connection,
     queue: mpsc::Receiver<Command>,
+    /// Told how many samples each batch took off `queue`.
+    queued: Arc<SampleGate>,
     hub: Hub,
     next_seq: u64,
     retention: Retention,
@@ -325,6 +331,16 @@ impl Done {
 }
 
 impl Command {
+    /// What the command counts for against [`MAX_BATCH`]: a submission of samples
+    /// counts each sample (a batched source hands over hundreds at once), anything else
+    /// counts one.
+    fn weight(&self) -> usize {
+        match self {
+            Command::Samples(samples) => samples.len().max(1),
+            _ => 1,
+        }
+    }
+
     fn abort(self, why: &str) {
         let done = match self {
             Command::CreateSensor(_, r)
@@ -351,14 +367,27 @@ impl Writer {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = self.queue.blocking_recv() {
+            let mut weight = first.weight();
             batch.push(first);
-            while batch.len() < MAX_BATCH {
+            while weight < MAX_BATCH {
                 match self.queue.try_recv() {
-                    Ok(command) => batch.push(command),
+                    Ok(command) => {
+                        weight += command.weight();
+                        batch.push(command);
+                    }
                     Err(_) => break,
                 }
             }
-            self.gather_samples(&mut batch);
+            self.gather_samples(&mut batch, weight);
+            self.queued.leave(
+                batch
+                    .iter()
+                    .map(|c| match c {
+                        Command::Samples(samples) => samples.len(),
+                        _ => 0,
+                    })
+                    .sum(),
+            );
             if batch.iter().any(|c| matches!(c, Command::Shutdown)) {
                 // Take nothing new; what is already queued is still committed below and
                 // in the following rounds, until the queue is empty.
@@ -471,8 +500,8 @@ impl Writer {
     /// rather than once a sample: the pages every commit rewrites (readings, events,
     /// indexes, latest values) reach the card once for many samples. A token's "last
     /// used" time waits with them; anything else (a REST write, the watchdog's ping,
-    /// shutdown) ends the wait.
-    fn gather_samples(&mut self, batch: &mut Vec<Command>) {
+    /// shutdown) ends the wait. `weight` is what the batch counts for so far.
+    fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
         let may_wait = |c: &Command| matches!(c, Command::Samples(_) | Command::TouchToken(..));
         let Some(window) = &self.window else {
             return;
@@ -481,7 +510,7 @@ impl Writer {
             return;
         }
         let deadline = tokio::time::Instant::now() + window.length;
-        while batch.len() < MAX_BATCH {
+        while weight < MAX_BATCH {
             let queue = &mut self.queue;
             let next = window
                 .timer
@@ -490,6 +519,7 @@ impl Writer {
                 break;
             };
             let waits = may_wait(&command);
+            weight += command.weight();
             batch.push(command);
             if !waits {
                 break;
