@@ -911,6 +911,133 @@ async fn subscribe_messages_change_the_subscription_and_errors_keep_the_socket()
     daemon.stop().await;
 }
 
+/// Messages from `client`, appended to `events` (those with a `seq`), until `done` holds
+/// for one; returns that one.
+async fn collect_until(
+    client: &mut Client,
+    events: &mut Vec<Value>,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    loop {
+        let message = client.json().await;
+        if message["seq"].is_u64() {
+            events.push(message.clone());
+        }
+        if done(&message) {
+            return message;
+        }
+    }
+}
+
+/// A client that wants no readings follows the hub's ring without them (readings are
+/// most events); asking for readings and dropping them again moves it between the rings.
+/// Across the moves, with a sensor sampled every 50 ms, it gets every sensor event once,
+/// and readings only while it wants them: none from before it asked, none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
+    let _gate = GATE.read().await;
+    let dir = temp_dir();
+    let daemon = start_open(dir.path(), &fast_sim("fast", 3)).await;
+    let mut http = Http::connect(daemon.addr).await;
+    let updated = http.create_sensor("humedad").await;
+    let base = daemon.last_seq().await;
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+    let mut events = Vec::new();
+    // (last seq stored before asking, index of the period's first and past-last event)
+    let mut periods = Vec::new();
+    let path = format!("/api/v1/sensores/{updated}");
+    let is_update = |modelo: String| {
+        move |m: &Value| m["entity_type"] == "sensor" && m["data"]["modelo"] == modelo.as_str()
+    };
+    let is_result = |id: u64| move |m: &Value| m["type"] == "result" && m["id"] == id;
+    for round in 0..3u64 {
+        // A sensor change just before each switch, to cross it in either ring; then
+        // readings the client must not get.
+        http.put(&path, &format!(r#"{{"modelo": "before-{round}"}}"#))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let asked_at = daemon.last_seq().await;
+        client
+            .send_text(&format!(
+                r#"{{"type": "subscribe", "id": {}, "channels": ["readings"]}}"#,
+                2 * round
+            ))
+            .await;
+        collect_until(&mut client, &mut events, is_result(2 * round)).await;
+        let start = events.len();
+        let readings = std::cell::Cell::new(0);
+        collect_until(&mut client, &mut events, |m| {
+            if m["entity_type"] == "reading" {
+                readings.set(readings.get() + 1);
+            }
+            readings.get() == 5
+        })
+        .await;
+        http.put(&path, &format!(r#"{{"modelo": "during-{round}"}}"#))
+            .await;
+        collect_until(
+            &mut client,
+            &mut events,
+            is_update(format!("during-{round}")),
+        )
+        .await;
+        client
+            .send_text(&format!(
+                r#"{{"type": "unsubscribe", "id": {}, "channels": ["readings"]}}"#,
+                2 * round + 1
+            ))
+            .await;
+        collect_until(&mut client, &mut events, is_result(2 * round + 1)).await;
+        periods.push((asked_at, start, events.len()));
+    }
+    http.put(&path, r#"{"modelo": "last"}"#).await;
+    collect_until(&mut client, &mut events, is_update("last".into())).await;
+
+    let received = seqs(&events);
+    assert!(
+        received.windows(2).all(|w| w[0] < w[1]),
+        "out of order or twice: {received:?}"
+    );
+    let sensor_events: Vec<Value> = events
+        .iter()
+        .filter(|e| e["entity_type"] == "sensor")
+        .cloned()
+        .collect();
+    assert_exactly_stored(dir.path(), "sensors", base, &sensor_events);
+    let mut readings_in_periods = 0;
+    for (asked_at, start, end) in periods {
+        let readings: Vec<u64> = events[start..end]
+            .iter()
+            .filter(|e| e["entity_type"] == "reading")
+            .map(seq)
+            .collect();
+        let (first, last) = (readings[0], readings[readings.len() - 1]);
+        assert!(
+            first > asked_at,
+            "a reading from before readings were asked for"
+        );
+        assert_eq!(
+            readings,
+            stored_seqs(dir.path(), "readings", first - 1, last),
+            "readings missing while they were wanted"
+        );
+        readings_in_periods += readings.len();
+    }
+    let readings_received = events
+        .iter()
+        .filter(|e| e["entity_type"] == "reading")
+        .count();
+    assert_eq!(
+        readings_received, readings_in_periods,
+        "readings while none were wanted"
+    );
+    daemon.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-subscription rate.
 

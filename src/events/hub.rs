@@ -4,6 +4,10 @@
 //! subscribers; a subscriber that falls more than `capacity` events behind learns so on
 //! its next receive (`Lagged`) and is disconnected, so one slow client costs neither the
 //! others nor the writer anything, and memory stays bounded.
+//!
+//! A second ring carries every event but readings. Readings are nine in ten events; a
+//! subscriber that wants none (a client on `sensors`, the sampling scheduler) follows
+//! that ring and is not woken for each of them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +31,8 @@ struct Counters {
 #[derive(Clone)]
 pub struct Hub {
     sender: broadcast::Sender<Arc<Event>>,
+    /// The same events without those on `readings`.
+    without_readings: broadcast::Sender<Arc<Event>>,
     /// `seq` of the newest published event.
     published: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
@@ -80,8 +86,10 @@ impl Hub {
     /// `capacity` is how many events a subscriber may fall behind before it is dropped.
     pub fn new(capacity: usize) -> Hub {
         let (sender, _) = broadcast::channel(capacity);
+        let (without_readings, _) = broadcast::channel(capacity);
         Hub {
             sender,
+            without_readings,
             published: Arc::new(AtomicU64::new(0)),
             connections: Arc::new(AtomicU64::new(0)),
             channels: Arc::new(Default::default()),
@@ -99,6 +107,9 @@ impl Hub {
             .events_emitted
             .fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the event is stored and can be replayed.
+        if event.channel != Channel::Readings {
+            let _ = self.without_readings.send(event.clone());
+        }
         let _ = self.sender.send(event);
     }
 
@@ -115,6 +126,12 @@ impl Hub {
     /// A new subscription that sees every event published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.sender.subscribe()
+    }
+
+    /// A new subscription that sees every event published from now on except those on
+    /// `readings`.
+    pub fn subscribe_without_readings(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.without_readings.subscribe()
     }
 
     /// Counts a session for as long as the returned guard lives.
@@ -199,9 +216,13 @@ mod tests {
     use super::*;
 
     fn event(seq: u64) -> Arc<Event> {
+        on(Channel::General, seq)
+    }
+
+    fn on(channel: Channel, seq: u64) -> Arc<Event> {
         Arc::new(Event {
             seq,
-            channel: Channel::General,
+            channel,
             event_type: "test".into(),
             sensor_id: None,
             tipo: None,
@@ -235,5 +256,28 @@ mod tests {
         ));
         assert_eq!(rx.recv().await.unwrap().seq, 3);
         assert_eq!(hub.channel_stats(Channel::General).events_emitted, 6);
+    }
+
+    #[tokio::test]
+    async fn the_second_ring_leaves_readings_out() {
+        let hub = Hub::new(16);
+        let mut every = hub.subscribe();
+        let mut quiet = hub.subscribe_without_readings();
+        let channels = [
+            Channel::Readings,
+            Channel::Sensors,
+            Channel::Readings,
+            Channel::General,
+        ];
+        for (seq, channel) in (1..).zip(channels) {
+            hub.publish(on(channel, seq));
+        }
+        for seq in 1..=4 {
+            assert_eq!(every.recv().await.unwrap().seq, seq);
+        }
+        assert_eq!(quiet.recv().await.unwrap().seq, 2);
+        assert_eq!(quiet.recv().await.unwrap().seq, 4);
+        assert!(quiet.try_recv().is_err());
+        assert_eq!(hub.published(), 4);
     }
 }

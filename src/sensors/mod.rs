@@ -152,7 +152,7 @@ impl Scheduler {
     /// their threads running.
     pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown, started: oneshot::Sender<usize>) {
         let _running = RunningFlag::set(self.health.clone());
-        let mut changes = hub.subscribe();
+        let mut changes = hub.subscribe_without_readings();
         self.resync().await;
         let _ = started.send(self.running.len());
         loop {

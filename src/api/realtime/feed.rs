@@ -6,6 +6,10 @@
 //! falls behind the hub's ring it goes back to the database from where it stood. Events
 //! the hub delivers at or below the position are duplicates of replayed ones and are
 //! skipped.
+//!
+//! A client that wants no readings follows the hub's ring without them; when its
+//! subscription changes, the feed moves to the other ring and catches up from the
+//! database, as after falling behind.
 
 use std::sync::Arc;
 
@@ -22,9 +26,15 @@ pub struct Feed {
     store: Store,
     hub: Hub,
     live: broadcast::Receiver<Arc<Event>>,
+    /// Whether `live` is the hub's ring with readings.
+    live_has_readings: bool,
     /// The newest `seq` handed out (wanted or not).
     position: u64,
     replaying: bool,
+    /// Set when a client that had no readings asks for them: what was published then.
+    /// Its other channels are replayed up to there; readings start after it, not from
+    /// wherever the position stood.
+    readings_from: Option<u64>,
 }
 
 impl Feed {
@@ -38,9 +48,24 @@ impl Feed {
             store,
             hub: hub.clone(),
             live,
+            live_has_readings: true,
             position,
             replaying: true,
+            readings_from: None,
         }
+    }
+
+    /// Moves to the hub's ring with or without readings, subscribing before reading
+    /// where publication stands, so that nothing falls between the rings.
+    fn follow(&mut self, readings: bool) {
+        self.live = if readings {
+            self.hub.subscribe()
+        } else {
+            self.hub.subscribe_without_readings()
+        };
+        self.live_has_readings = readings;
+        self.readings_from = readings.then(|| self.hub.published());
+        self.replaying = true;
     }
 
     /// The newest `seq` handed out.
@@ -66,21 +91,31 @@ impl Feed {
         limit: usize,
     ) -> Result<Vec<Arc<Event>>, StoreError> {
         let limit = limit.clamp(1, PAGE);
+        let wants_readings = channels.contains(&Channel::Readings);
+        if wants_readings != self.live_has_readings {
+            self.follow(wants_readings);
+        }
         loop {
             if self.replaying {
                 // Never past what the hub has published: a committed event may still wait
                 // for its flush to the card (`synchronous = "normal"`), and no client may
                 // hear of it before.
-                let upto = self.hub.published();
-                let page = if upto > self.position {
+                let (upto, wanted) = match self.readings_from {
+                    Some(from) => (from, without_readings(channels)),
+                    None => (self.hub.published(), channels.to_vec()),
+                };
+                let page = if upto > self.position && !wanted.is_empty() {
                     self.store
-                        .events_after(self.position, upto, channels.to_vec(), limit as u32)
+                        .events_after(self.position, upto, wanted, limit as u32)
                         .await?
                 } else {
                     Vec::new()
                 };
                 match page.last() {
-                    None => self.replaying = false,
+                    None => match self.readings_from.take() {
+                        Some(from) => self.position = self.position.max(from),
+                        None => self.replaying = false,
+                    },
                     Some(last) => {
                         self.position = last.seq;
                         return Ok(page.into_iter().map(Arc::new).collect());
@@ -127,4 +162,12 @@ impl Feed {
             }
         }
     }
+}
+
+fn without_readings(channels: &[Channel]) -> Vec<Channel> {
+    channels
+        .iter()
+        .copied()
+        .filter(|c| *c != Channel::Readings)
+        .collect()
 }
