@@ -138,7 +138,7 @@ impl State {
     ) -> State {
         let limits = &config.limits;
         State {
-            auth: Authenticator::new(store.clone(), config.auth.policy),
+            auth: Authenticator::new(store.clone(), config.auth.policy, &config.storage.data_dir),
             database: config.storage.data_dir.join(DATABASE_FILE),
             store,
             hub,

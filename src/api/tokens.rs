@@ -19,7 +19,7 @@ impl From<TokenError> for ApiError {
             TokenError::InvalidName => ApiError::invalid_field("name", &e.to_string()),
             TokenError::NameTaken(_) => ApiError::conflict(e.to_string()),
             TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
-            TokenError::Random(_) | TokenError::Sqlite(_) => {
+            TokenError::Random(_) | TokenError::Marker(_) | TokenError::Sqlite(_) => {
                 log::error!("token storage: {e}");
                 ApiError::unavailable(e.to_string())
             }

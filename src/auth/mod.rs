@@ -10,7 +10,7 @@ pub mod tokens;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -118,11 +118,15 @@ impl fmt::Display for AuthError {
     }
 }
 
-/// Checks tokens against the database on every request, so a token revoked from the
-/// command line stops working at once.
+/// Checks tokens. A token found in the database is kept in memory, by its hash, until
+/// the revocation marker moves ([`tokens::revocations`], one `stat` per request): a
+/// token revoked from the command line stops working at once, and a request with a
+/// known token reads nothing from the database.
 pub struct Authenticator {
     store: Store,
     policy: Policy,
+    marker: PathBuf,
+    known: Mutex<KnownTokens>,
     /// When each token's `last_used_at` was last written; written at most once a
     /// minute per token, not on every request.
     touched: Mutex<HashMap<i64, Instant>>,
@@ -130,11 +134,53 @@ pub struct Authenticator {
 
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
+/// Tokens found in the database since the revocation marker last moved. Only tokens
+/// that exist are kept, so guesses cannot fill it; a gateway has a handful.
+#[derive(Default)]
+struct KnownTokens {
+    revocations: Option<tokens::Revocations>,
+    by_hash: HashMap<Vec<u8>, Principal>,
+}
+
+/// More known tokens than any gateway has; past it the memory starts afresh.
+const MAX_KNOWN_TOKENS: usize = 256;
+
+impl KnownTokens {
+    /// The token with this hash, if known while the marker stands at `revocations`.
+    fn get(&mut self, hash: &[u8], revocations: Option<tokens::Revocations>) -> Option<Principal> {
+        if self.revocations != revocations {
+            self.by_hash.clear();
+            self.revocations = revocations;
+        }
+        self.by_hash.get(hash).cloned()
+    }
+
+    /// Keeps a token read from the database while the marker stood at `revocations`,
+    /// unless it has moved since: the token may be what was revoked.
+    fn keep(
+        &mut self,
+        hash: Vec<u8>,
+        principal: Principal,
+        revocations: Option<tokens::Revocations>,
+    ) {
+        if self.revocations != revocations {
+            return;
+        }
+        if self.by_hash.len() >= MAX_KNOWN_TOKENS {
+            self.by_hash.clear();
+        }
+        self.by_hash.insert(hash, principal);
+    }
+}
+
 impl Authenticator {
-    pub fn new(store: Store, policy: Policy) -> Authenticator {
+    /// `data_dir` holds the database and the revocation marker.
+    pub fn new(store: Store, policy: Policy, data_dir: &Path) -> Authenticator {
         Authenticator {
             store,
             policy,
+            marker: data_dir.join(tokens::REVOKED_MARKER),
+            known: Mutex::new(KnownTokens::default()),
             touched: Mutex::new(HashMap::new()),
         }
     }
@@ -181,6 +227,13 @@ impl Authenticator {
 
     /// The token a secret belongs to, if any.
     pub async fn identify(&self, secret: &str) -> Result<Option<Principal>, AuthError> {
+        let hash = tokens::hash(secret);
+        let revocations = tokens::revocations(&self.marker);
+        let known = self.known().get(&hash, revocations);
+        if let Some(principal) = known {
+            self.touch(principal.token_id);
+            return Ok(Some(principal));
+        }
         let secret = secret.to_owned();
         let found = self
             .store
@@ -190,12 +243,18 @@ impl Authenticator {
         let Some((token_id, name, scope)) = found else {
             return Ok(None);
         };
-        self.touch(token_id);
-        Ok(Some(Principal {
+        let principal = Principal {
             token_id,
             name,
             scope,
-        }))
+        };
+        self.known().keep(hash, principal.clone(), revocations);
+        self.touch(token_id);
+        Ok(Some(principal))
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, KnownTokens> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn touch(&self, token_id: i64) {

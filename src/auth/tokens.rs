@@ -6,7 +6,9 @@
 //! the database from handing out working tokens.
 
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
@@ -68,6 +70,8 @@ pub enum TokenError {
     NameTaken(String),
     NotFound(String),
     Random(std::io::Error),
+    /// The token was revoked, but a running daemon could not be told.
+    Marker(std::io::Error),
     Sqlite(rusqlite::Error),
 }
 
@@ -83,6 +87,11 @@ impl fmt::Display for TokenError {
             TokenError::NameTaken(name) => write!(f, "a token named {name:?} exists already"),
             TokenError::NotFound(name) => write!(f, "no token named {name:?}"),
             TokenError::Random(e) => write!(f, "no randomness from the kernel: {e}"),
+            TokenError::Marker(e) => write!(
+                f,
+                "token revoked, but a running daemon may accept it until it restarts: \
+                 {REVOKED_MARKER} not written: {e}"
+            ),
             TokenError::Sqlite(e) => write!(f, "database error: {e}"),
         }
     }
@@ -129,12 +138,52 @@ pub fn list(conn: &Connection) -> Result<Vec<TokenInfo>, TokenError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Removes a token; it stops working at once, also in a running daemon.
+/// Removes a token; it stops working at once, also in a running daemon, which
+/// [`revocations`] tells.
 pub fn revoke(conn: &Connection, name: &str) -> Result<(), TokenError> {
     match conn.execute("DELETE FROM tokens WHERE name = ?1", [name])? {
         0 => Err(TokenError::NotFound(name.to_owned())),
-        _ => Ok(()),
+        _ => mark_revoked(conn).map_err(TokenError::Marker),
     }
+}
+
+/// The file beside the database that changes whenever a token is revoked, by the
+/// daemon or by the command line in another process.
+pub const REVOKED_MARKER: &str = "tokens.revoked";
+
+/// Which revocation the marker stands at: `None` before the first. Reading it is one
+/// `stat`, so a daemon may keep the tokens it has checked and read this on every request
+/// instead of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revocations {
+    inode: u64,
+    modified_nanos: i64,
+}
+
+/// Where the marker stands now.
+pub fn revocations(marker: &Path) -> Option<Revocations> {
+    let metadata = std::fs::metadata(marker).ok()?;
+    Some(Revocations {
+        inode: metadata.ino(),
+        modified_nanos: metadata
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(metadata.mtime_nsec()),
+    })
+}
+
+/// Replaces the marker with a new file: written beside it and renamed over it, so each
+/// revocation leaves a file with an inode of its own, whatever the clock's resolution.
+fn mark_revoked(conn: &Connection) -> std::io::Result<()> {
+    let Some(database) = conn.path().filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let marker = Path::new(database).with_file_name(REVOKED_MARKER);
+    let fresh = marker.with_file_name(format!("{REVOKED_MARKER}.new"));
+    let mut file = std::fs::File::create(&fresh)?;
+    writeln!(file, "{}", now_micros())?;
+    file.sync_all()?;
+    std::fs::rename(&fresh, &marker)
 }
 
 /// Whether any token exists.
@@ -215,6 +264,28 @@ mod tests {
         revoke(&conn, "x").unwrap();
         assert_eq!(find(&conn, &token).unwrap(), None);
         assert!(matches!(revoke(&conn, "x"), Err(TokenError::NotFound(_))));
+    }
+
+    #[test]
+    fn each_revocation_moves_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("sensorgate.db")).unwrap();
+        migrate(&mut conn).unwrap();
+        let marker = dir.path().join(REVOKED_MARKER);
+        assert_eq!(revocations(&marker), None);
+        create(&conn, "a", Scope::Read).unwrap();
+        create(&conn, "b", Scope::Read).unwrap();
+        assert_eq!(revocations(&marker), None, "creating revokes nothing");
+        revoke(&conn, "a").unwrap();
+        let first = revocations(&marker).expect("marker after a revocation");
+        revoke(&conn, "b").unwrap();
+        let second = revocations(&marker).unwrap();
+        assert_ne!(
+            first, second,
+            "two revocations in the same instant still differ"
+        );
+        assert!(revoke(&conn, "b").is_err());
+        assert_eq!(revocations(&marker), Some(second), "nothing revoked");
     }
 
     #[test]
