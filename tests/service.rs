@@ -194,6 +194,49 @@ fn watchdog_stops_while_the_writer_is_wedged() {
     assert!(wait_exit(&mut child).success());
 }
 
+/// A stop asked for while the daemon is still starting (here: waiting to write a new
+/// configured sensor behind a lock held from outside) is a clean stop, not a death by
+/// the signal with the queued work unwritten.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = Manager::bind(dir.path());
+    let config = write_config(dir.path(), &sim_sensor("a", ""));
+    let mut child = start(dir.path(), &config, None);
+    assert!(manager
+        .wait_for("READY=1", Duration::from_secs(10))
+        .is_some());
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child).success());
+
+    let sensors = format!("{}{}", sim_sensor("a", ""), sim_sensor("b", ""));
+    let config = write_config(dir.path(), &sensors);
+    let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut child = start(dir.path(), &config, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log(dir.path()).contains("storage open at") {
+        assert!(Instant::now() < deadline, "{}", log(dir.path()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !log(dir.path()).contains("ready:"),
+        "started before the lock was released: {}",
+        log(dir.path())
+    );
+    signal(&child, "TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    db.execute_batch("COMMIT").unwrap();
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "{status}: {}", log(dir.path()));
+    assert!(
+        log(dir.path()).contains("storage writer stopped"),
+        "{}",
+        log(dir.path())
+    );
+}
+
 /// A sampling thread stuck in a read (a hung driver) stops the watchdog.
 #[test]
 fn watchdog_stops_when_sampling_hangs() {

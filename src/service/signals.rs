@@ -1,22 +1,29 @@
 //! Unix signals: SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.
 
+use std::future::Future;
+
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn terminate() {
-    match (
+/// Installs the SIGTERM and SIGINT handlers at once (a stop requested while the daemon
+/// is still starting must not kill it with queued samples unwritten) and resolves on
+/// the first of them. Must be called within the runtime.
+pub fn terminate() -> impl Future<Output = ()> {
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            log::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await
+            _ => {
+                log::error!("cannot install signal handlers; stop with SIGKILL");
+                std::future::pending::<()>().await
+            }
         }
     }
 }
