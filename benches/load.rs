@@ -7,12 +7,14 @@
 //! LOAD_SCENARIOS="fanout ingest" cargo bench --bench load
 //! ```
 //!
-//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `memory`, `size`. History queries
-//! are measured by the storage benchmark (`benches/storage.rs`), through the writer.
-//! Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`, `LOAD_INGEST_SENSORS`,
-//! `LOAD_INGEST_BATCH` (samples per sim read) and `LOAD_INGEST_SECS`; `LOAD_DAEMON=PATH` drives another build of the daemon (one with
-//! symbols, for a profiler) instead of the one cargo built; `LOAD_SYNCHRONOUS=normal`
-//! runs it with `storage.synchronous = "normal"` instead of the default `full`.
+//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `startup`, `memory`, `size`. History
+//! queries are measured by the storage benchmark (`benches/storage.rs`), through the
+//! writer. Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`,
+//! `LOAD_INGEST_SENSORS`, `LOAD_INGEST_BATCH` (samples per sim read), `LOAD_INGEST_SECS`
+//! and `LOAD_STARTUP_READINGS` (the database a restart is timed on); `LOAD_DAEMON=PATH`
+//! drives another build of the daemon (one with symbols, for a profiler) instead of the
+//! one cargo built; `LOAD_SYNCHRONOUS=normal` runs it with `storage.synchronous =
+//! "normal"` instead of the default `full`.
 //!
 //! Each scenario starts its own daemon (`--config` with port 0 and a temporary data
 //! directory), so figures do not depend on which scenarios ran before. The daemon and this
@@ -43,7 +45,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const SCENARIOS: [&str; 6] = ["rest", "latency", "fanout", "ingest", "memory", "size"];
+const SCENARIOS: [&str; 7] = [
+    "rest", "latency", "fanout", "ingest", "startup", "memory", "size",
+];
 
 /// How big each scenario is.
 struct Sizes {
@@ -60,6 +64,8 @@ struct Sizes {
     ingest_samples_per_read: usize,
     ingest_warmup: Duration,
     ingest_window: Duration,
+    /// Readings stored before the restart whose start-up is timed.
+    startup_readings: u64,
     idle_wait: Duration,
 }
 
@@ -76,6 +82,7 @@ impl Sizes {
             ingest_samples_per_read: env_number("LOAD_INGEST_BATCH", 200),
             ingest_warmup: Duration::from_secs(2),
             ingest_window: Duration::from_secs(env_number("LOAD_INGEST_SECS", 5) as u64),
+            startup_readings: env_number("LOAD_STARTUP_READINGS", 1_000_000) as u64,
             idle_wait: Duration::from_secs(3),
         }
     }
@@ -92,6 +99,7 @@ impl Sizes {
             ingest_samples_per_read: 5,
             ingest_warmup: Duration::from_millis(300),
             ingest_window: Duration::from_millis(700),
+            startup_readings: 2_000,
             idle_wait: Duration::from_millis(300),
         }
     }
@@ -207,6 +215,9 @@ async fn run(selected: &[&str], sizes: &Sizes) -> (Vec<Row>, bool) {
     if has("ingest") {
         record("ingest", ingest(sizes).await);
     }
+    if has("startup") {
+        record("startup", startup(sizes).await);
+    }
     if has("size") {
         record("size", binary_size());
     }
@@ -309,11 +320,16 @@ struct Daemon {
     startup: Duration,
     addr: SocketAddr,
     log: Arc<Mutex<VecDeque<String>>>,
-    _dir: tempfile::TempDir,
+    /// Its config and data; `None` once [`Daemon::restart`] has handed them on.
+    dir: Option<tempfile::TempDir>,
 }
 
 /// How long a daemon may take to start its sensors and serve.
 const STARTUP_LIMIT: Duration = Duration::from_secs(90);
+
+/// The config file and the data directory inside a daemon's directory.
+const CONFIG: &str = "config.toml";
+const DATA: &str = "data";
 
 /// Log lines kept for error reports.
 const LOG_TAIL: usize = 40;
@@ -323,7 +339,7 @@ impl Daemon {
     /// listens and has started its sensors.
     fn launch(sensors: &str) -> Result<Daemon, Error> {
         let dir = tempfile::tempdir()?;
-        let data = dir.path().join("data");
+        let data = dir.path().join(DATA);
         // The WebSocket scenarios hold up to 1000 clients plus the REST connections; the
         // default limit of 256 is meant for a gateway, not for this.
         // Rate limits are for a LAN, not for a load test; writes still present a token,
@@ -336,11 +352,17 @@ impl Daemon {
             data = data.to_string_lossy(),
             synchronous = std::env::var("LOAD_SYNCHRONOUS").unwrap_or_else(|_| "full".into()),
         );
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config)?;
+        std::fs::write(dir.path().join(CONFIG), config)?;
+        Daemon::spawn(dir)
+    }
+
+    /// Starts the daemon on the config and data in `dir` and waits until it listens and
+    /// has started its sensors.
+    fn spawn(dir: tempfile::TempDir) -> Result<Daemon, Error> {
+        let data = dir.path().join(DATA);
         let mut child = Command::new(daemon_binary())
             .arg("--config")
-            .arg(&config_path)
+            .arg(dir.path().join(CONFIG))
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
@@ -370,7 +392,7 @@ impl Daemon {
             startup: Duration::ZERO,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
-            _dir: dir,
+            dir: Some(dir),
         };
         let spawned = Instant::now();
         let deadline = spawned + STARTUP_LIMIT;
@@ -434,6 +456,21 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for a clean exit.
     fn stop(mut self) -> Result<ExitStatus, Error> {
+        self.halt()
+    }
+
+    /// Stops the daemon cleanly and starts it again on the same config and data; the
+    /// returned daemon's `startup` is that of the second start.
+    fn restart(mut self) -> Result<Daemon, Error> {
+        self.halt()?;
+        let dir = self
+            .dir
+            .take()
+            .ok_or("the data directory was handed on already")?;
+        Daemon::spawn(dir)
+    }
+
+    fn halt(&mut self) -> Result<ExitStatus, Error> {
         let pid = self.pid().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
         if !sent.success() {
@@ -1283,10 +1320,9 @@ async fn fan_out(sizes: &Sizes) -> Result<Vec<Row>, Error> {
 /// The smallest `interval_s` the config accepts (see `Config::validate`).
 const MIN_INTERVAL_S: f64 = 0.05;
 
-async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
-    let count = sizes.ingest_sensors;
-    let per_read = sizes.ingest_samples_per_read;
-    eprintln!("ingest: {count} sim sensors every {MIN_INTERVAL_S} s, {per_read} samples a read");
+/// `count` simulated DHT22s at the fastest interval, each read yielding `per_read`
+/// samples.
+fn ingest_sensors(count: usize, per_read: usize) -> String {
     let mut sensors = String::new();
     for i in 0..count {
         let _ = write!(
@@ -1297,7 +1333,14 @@ async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
             i + 1
         );
     }
-    let daemon = start(&sensors)?;
+    sensors
+}
+
+async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
+    let count = sizes.ingest_sensors;
+    let per_read = sizes.ingest_samples_per_read;
+    eprintln!("ingest: {count} sim sensors every {MIN_INTERVAL_S} s, {per_read} samples a read");
+    let daemon = start(&ingest_sensors(count, per_read))?;
     let mut client = http::Client::new(daemon.addr);
     tokio::time::sleep(sizes.ingest_warmup).await;
     let alone = ingest_window(&daemon, &mut client, sizes.ingest_window).await?;
@@ -1401,6 +1444,43 @@ async fn ingest_probe(client: &mut http::Client) -> Result<(u64, u64, Instant), 
         .as_u64()
         .ok_or("no events_emitted")?;
     Ok((seq, emitted, Instant::now()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up
+
+/// Fills a database through the daemon's own ingest, stops it cleanly and times its
+/// next start: from spawning the process until it logs that it is ready (storage open,
+/// configured sensors synced and sampled, listening).
+async fn startup(sizes: &Sizes) -> Result<Vec<Row>, Error> {
+    let wanted = sizes.startup_readings;
+    let (count, per_read) = (sizes.ingest_sensors, sizes.ingest_samples_per_read);
+    eprintln!("startup: filling a database with {wanted} readings, then restarting");
+    let daemon = start(&ingest_sensors(count, per_read))?;
+    let mut client = http::Client::new(daemon.addr);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let stored = loop {
+        let (seq, _, _) = ingest_probe(&mut client).await?;
+        if seq >= wanted {
+            break seq;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("only {seq} readings stored after 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(client);
+    let daemon = tokio::task::block_in_place(|| daemon.restart())?;
+    let startup = daemon.startup;
+    stop(daemon)?;
+    Ok(vec![Row::new(
+        &format!(
+            "Start-up to ready, {} readings stored, {count} sensors configured",
+            thousands(stored)
+        ),
+        format!("{:.0} ms", startup.as_secs_f64() * 1e3),
+        "≤ 100 ms",
+    )])
 }
 
 // ---------------------------------------------------------------------------------------
