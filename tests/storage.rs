@@ -721,3 +721,65 @@ fn a_value_that_is_not_a_number_is_dropped_and_holds_nothing_up() {
     runtime.block_on(store.close());
     writer.join();
 }
+
+/// The newest reading of each sensor and `tipo` is written once per commit: the newest
+/// by the time it was taken, not the last handed over, never older than the stored one,
+/// and none for a sensor deleted in the same commit as its readings.
+#[test]
+fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
+    use sensorgate::sensors::Measurement;
+    use sensorgate::store::{Sample, Store};
+
+    let dir = temp_dir();
+    // Samples wait for company; the delete ends the wait and shares their commit.
+    let config = sensorgate::config::StorageConfig {
+        data_dir: dir.path().to_owned(),
+        commit_window_ms: 60_000,
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, writer) = Store::open(&config, sensorgate::events::Hub::new(64)).unwrap();
+    let create = |tipo: &str| {
+        let new = sensorgate::model::NewSensor::from_json(
+            serde_json::json!({"tipo": tipo, "modelo": "DHT22"}),
+        )
+        .unwrap();
+        runtime.block_on(store.create_sensor(new)).unwrap().id
+    };
+    let (kept, deleted) = (create("temperatura"), create("humedad"));
+    let sample = |sensor_id: i64, at: i64, valor: f64| Sample {
+        sensor_id,
+        taken_at: at,
+        hora_dudosa: false,
+        measurements: vec![Measurement::new("temperatura", valor, "°C")],
+    };
+    store
+        .submit_samples(vec![
+            sample(kept, 10, 1.0),
+            sample(kept, 30, 3.0),
+            sample(kept, 20, 2.0),
+            sample(deleted, 40, 4.0),
+        ])
+        .unwrap();
+    runtime.block_on(store.delete_sensor(deleted)).unwrap();
+    let latest = |store: &Store| -> Vec<(i64, i64, f64)> {
+        runtime
+            .block_on(store.snapshot())
+            .unwrap()
+            .latest
+            .iter()
+            .map(|r| (r.sensor_id, r.timestamp, r.valor))
+            .collect()
+    };
+    assert_eq!(latest(&store), [(kept, 30, 3.0)]);
+    store.submit_samples(vec![sample(kept, 25, 2.5)]).unwrap();
+    runtime.block_on(store.ping()).unwrap();
+    assert_eq!(
+        latest(&store),
+        [(kept, 30, 3.0)],
+        "an older sample is not the latest"
+    );
+    assert!(store.health().failure().is_none());
+    runtime.block_on(store.close());
+    writer.join();
+}

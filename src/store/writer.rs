@@ -7,7 +7,7 @@
 //! they describe, and published to the hub only after the commit succeeded, so no client
 //! ever hears of data that a power cut could take back.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -422,6 +422,7 @@ impl Writer {
         let mut published = Vec::new();
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
+        let mut newest = NewestReadings::default();
         let mut held = Vec::new();
         let commands = batch.len();
         let started = Instant::now();
@@ -439,6 +440,7 @@ impl Writer {
                     seq: &mut seq,
                     events: &mut published,
                     rollups: &mut rollups,
+                    newest: &mut newest,
                     held: &mut held,
                     now: now_micros(),
                 };
@@ -457,6 +459,7 @@ impl Writer {
                 }
             }
             drop(commands);
+            newest.flush(&tx)?;
             rollups.flush(&tx)?;
             tx.commit()?;
             self.next_seq = seq;
@@ -652,6 +655,7 @@ struct Step<'a> {
     seq: &'a mut u64,
     events: &'a mut Vec<Arc<Event>>,
     rollups: &'a mut Pending,
+    newest: &'a mut NewestReadings,
     /// Samples of this transaction, kept until it commits so that a failed
     /// commit can retry them.
     held: &'a mut Vec<Sample>,
@@ -907,6 +911,7 @@ impl Step<'_> {
         self.tx
             .prepare_cached("DELETE FROM latest_readings WHERE sensor_id = ?1")?
             .execute([id])?;
+        self.newest.forget(id);
         self.sensor_event("deleted", &sensor, &[])?;
         Ok(Ok(sensor))
     }
@@ -937,13 +942,7 @@ impl Step<'_> {
             ])?;
         let id = self.tx.last_insert_rowid();
         self.rollups.add(sensor_id, tipo, taken_at, valor);
-        self.tx
-            .prepare_cached(
-                "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (sensor_id, tipo) DO UPDATE SET reading_id = excluded.reading_id, ts = excluded.ts \
-                 WHERE excluded.ts >= latest_readings.ts",
-            )?
-            .execute(params![sensor_id, tipo, id, taken_at])?;
+        self.newest.add(sensor_id, tipo, id, taken_at);
         let reading = Reading {
             id,
             sensor_id,
@@ -976,5 +975,65 @@ impl Step<'_> {
             None,
             frame,
         )
+    }
+}
+
+/// The newest reading of each sensor and `tipo` in one batch, written to
+/// `latest_readings` once, at commit, instead of once per reading: a batched source
+/// hands over hundreds of readings of one sensor together. A sensor has a few `tipo`s,
+/// so each keeps a short list.
+#[derive(Default)]
+struct NewestReadings {
+    by_sensor: HashMap<i64, Vec<Newest>>,
+}
+
+struct Newest {
+    tipo: String,
+    reading_id: i64,
+    taken_at: Micros,
+}
+
+impl NewestReadings {
+    /// A reading just stored; of two taken at the same moment the later stored wins, as
+    /// in the upsert.
+    fn add(&mut self, sensor_id: i64, tipo: &str, reading_id: i64, taken_at: Micros) {
+        let kept = self.by_sensor.entry(sensor_id).or_default();
+        match kept.iter_mut().find(|n| n.tipo == tipo) {
+            Some(newest) if taken_at >= newest.taken_at => {
+                newest.reading_id = reading_id;
+                newest.taken_at = taken_at;
+            }
+            Some(_) => {}
+            None => kept.push(Newest {
+                tipo: tipo.to_owned(),
+                reading_id,
+                taken_at,
+            }),
+        }
+    }
+
+    /// A sensor deleted in this batch: its readings are no one's latest.
+    fn forget(&mut self, sensor_id: i64) {
+        self.by_sensor.remove(&sensor_id);
+    }
+
+    /// Writes the batch's newest readings where they are newer than the stored ones.
+    fn flush(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (sensor_id, tipo) DO UPDATE SET reading_id = excluded.reading_id, ts = excluded.ts \
+             WHERE excluded.ts >= latest_readings.ts",
+        )?;
+        for (sensor_id, kept) in self.by_sensor.drain() {
+            for newest in kept {
+                upsert.execute(params![
+                    sensor_id,
+                    newest.tipo,
+                    newest.reading_id,
+                    newest.taken_at
+                ])?;
+            }
+        }
+        Ok(())
     }
 }
