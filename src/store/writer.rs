@@ -470,6 +470,12 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.health.timed(commands, started.elapsed());
+                // Answers before events: publishing wakes every session, and the callers
+                // woken after them would wait behind them all for a worker. A ping is
+                // answered last, as its promise is that everything before it is out.
+                let (pings, answers): (Vec<Done>, Vec<Done>) =
+                    done.into_iter().partition(|d| matches!(d, Done::Ping(_)));
+                answers.into_iter().for_each(Done::send);
                 match &mut self.unflushed {
                     None => published.into_iter().for_each(|e| self.hub.publish(e)),
                     Some(unflushed) => {
@@ -477,7 +483,7 @@ impl Writer {
                         unflushed.events.extend(published);
                     }
                 }
-                done.into_iter().for_each(Done::send);
+                pings.into_iter().for_each(Done::send);
                 if let Some(outage) = self.outage.take() {
                     self.recovered(outage);
                 }
