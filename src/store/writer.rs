@@ -726,10 +726,15 @@ impl Step<'_> {
     }
 
     fn insert_samples(&mut self, samples: &[Sample]) -> Result<(), rusqlite::Error> {
+        // A batched source hands over many samples of one sensor: look it up once.
+        let mut exists = None;
         for sample in samples {
             // A sensor deleted while its source was still reading: drop the sample.
-            if !reader::sensor_exists(self.tx, sample.sensor_id)? {
-                continue;
+            if exists != Some(sample.sensor_id) {
+                if !reader::sensor_exists(self.tx, sample.sensor_id)? {
+                    continue;
+                }
+                exists = Some(sample.sensor_id);
             }
             for m in &sample.measurements {
                 self.insert_reading(
