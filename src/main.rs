@@ -207,9 +207,11 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
                 );
             }
         }),
-        TokenCommand::Revoke(name) => tokens::revoke(&conn, &name).map(|()| {
-            eprintln!("token {name:?} revoked");
-        }),
+        TokenCommand::Revoke(name) => {
+            tokens::revoke(&conn, &name, &config.storage.data_dir).map(|()| {
+                eprintln!("token {name:?} revoked");
+            })
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

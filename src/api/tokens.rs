@@ -2,6 +2,7 @@
 //! revoke. Tokens are not sensor data and emit no events; they are written on a short
 //! connection of their own, as the command line does.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -84,10 +85,19 @@ pub async fn create(
 }
 
 pub async fn revoke(state: &State, name: String) -> Result<Response<Body>, ApiError> {
-    {
+    let revoked = {
         let name = name.clone();
-        on_database(state, move |c| tokens::revoke(c, &name)).await?;
-    }
+        let data_dir = state
+            .database
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        on_database(state, move |c| tokens::revoke(c, &name, &data_dir)).await
+    };
+    // This daemon forgets the tokens it knew whatever the marker's fate: the token is
+    // gone from the table once the revocation got that far.
+    state.auth.forget_known();
+    revoked?;
     log::info!("token {name:?} revoked");
     Ok(json_response(
         StatusCode::OK,

@@ -138,12 +138,12 @@ pub fn list(conn: &Connection) -> Result<Vec<TokenInfo>, TokenError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Removes a token; it stops working at once, also in a running daemon, which
-/// [`revocations`] tells.
-pub fn revoke(conn: &Connection, name: &str) -> Result<(), TokenError> {
+/// Removes a token; it stops working at once, also in a daemon running on `data_dir`,
+/// which the marker there tells ([`revocations`]).
+pub fn revoke(conn: &Connection, name: &str, data_dir: &Path) -> Result<(), TokenError> {
     match conn.execute("DELETE FROM tokens WHERE name = ?1", [name])? {
         0 => Err(TokenError::NotFound(name.to_owned())),
-        _ => mark_revoked(conn).map_err(TokenError::Marker),
+        _ => mark_revoked(data_dir).map_err(TokenError::Marker),
     }
 }
 
@@ -172,14 +172,17 @@ pub fn revocations(marker: &Path) -> Option<Revocations> {
     })
 }
 
-/// Replaces the marker with a new file: written beside it and renamed over it, so each
-/// revocation leaves a file with an inode of its own, whatever the clock's resolution.
-fn mark_revoked(conn: &Connection) -> std::io::Result<()> {
-    let Some(database) = conn.path().filter(|p| !p.is_empty()) else {
-        return Ok(());
-    };
-    let marker = Path::new(database).with_file_name(REVOKED_MARKER);
-    let fresh = marker.with_file_name(format!("{REVOKED_MARKER}.new"));
+/// Replaces the marker with a new file, written beside it (under a name of this
+/// process's own, so that two revocations at once do not share it) and renamed over it:
+/// the new file exists while the old one does, so its inode differs from the one a
+/// daemon last saw, and its modification time moves too.
+fn mark_revoked(data_dir: &Path) -> std::io::Result<()> {
+    let marker = data_dir.join(REVOKED_MARKER);
+    let fresh = data_dir.join(format!(
+        "{REVOKED_MARKER}.{}.{}.new",
+        std::process::id(),
+        now_micros()
+    ));
     let mut file = std::fs::File::create(&fresh)?;
     writeln!(file, "{}", now_micros())?;
     file.sync_all()?;
@@ -261,31 +264,39 @@ mod tests {
         let listed = list(&conn).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].last_used_at, None);
-        revoke(&conn, "x").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        revoke(&conn, "x", dir.path()).unwrap();
         assert_eq!(find(&conn, &token).unwrap(), None);
-        assert!(matches!(revoke(&conn, "x"), Err(TokenError::NotFound(_))));
+        assert!(matches!(
+            revoke(&conn, "x", dir.path()),
+            Err(TokenError::NotFound(_))
+        ));
     }
 
     #[test]
     fn each_revocation_moves_the_marker() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = Connection::open(dir.path().join("sensorgate.db")).unwrap();
-        migrate(&mut conn).unwrap();
+        let conn = db();
         let marker = dir.path().join(REVOKED_MARKER);
         assert_eq!(revocations(&marker), None);
         create(&conn, "a", Scope::Read).unwrap();
         create(&conn, "b", Scope::Read).unwrap();
         assert_eq!(revocations(&marker), None, "creating revokes nothing");
-        revoke(&conn, "a").unwrap();
+        revoke(&conn, "a", dir.path()).unwrap();
         let first = revocations(&marker).expect("marker after a revocation");
-        revoke(&conn, "b").unwrap();
+        revoke(&conn, "b", dir.path()).unwrap();
         let second = revocations(&marker).unwrap();
         assert_ne!(
             first, second,
             "two revocations in the same instant still differ"
         );
-        assert!(revoke(&conn, "b").is_err());
+        assert!(revoke(&conn, "b", dir.path()).is_err());
         assert_eq!(revocations(&marker), Some(second), "nothing revoked");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [REVOKED_MARKER], "no temporary file left behind");
     }
 
     #[test]
