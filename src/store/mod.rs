@@ -388,28 +388,40 @@ fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
 /// are too many. A plain mutex and condition variable: its callers are sensor threads,
 /// never the async runtime.
 pub(crate) struct SampleGate {
-    queued: Mutex<usize>,
+    state: Mutex<GateState>,
     left: Condvar,
     limit: usize,
+}
+
+#[derive(Default)]
+struct GateState {
+    queued: usize,
+    /// The writer has stopped, however it stopped: nobody waits any more, and the send
+    /// that follows finds the queue closed.
+    closed: bool,
 }
 
 impl SampleGate {
     fn new(limit: usize) -> SampleGate {
         SampleGate {
-            queued: Mutex::new(0),
+            state: Mutex::new(GateState::default()),
             left: Condvar::new(),
             limit,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Waits until `count` more samples fit. A submission larger than the limit goes
     /// in alone, once the queue is empty.
     fn enter(&self, count: usize) {
-        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        while *queued > 0 && *queued + count > self.limit {
-            queued = self.left.wait(queued).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        while !state.closed && state.queued > 0 && state.queued + count > self.limit {
+            state = self.left.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        *queued += count;
+        state.queued += count;
     }
 
     /// The writer took `count` samples off the queue.
@@ -417,8 +429,14 @@ impl SampleGate {
         if count == 0 {
             return;
         }
-        let mut queued = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        *queued = queued.saturating_sub(count);
+        let mut state = self.lock();
+        state.queued = state.queued.saturating_sub(count);
+        self.left.notify_all();
+    }
+
+    /// The writer has stopped: lets every waiting source go.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
         self.left.notify_all();
     }
 }
@@ -448,10 +466,18 @@ mod tests {
         source.join().unwrap();
         gate.leave(5);
         gate.enter(50);
-        assert_eq!(
-            *gate.queued.lock().unwrap(),
-            50,
-            "alone, a large submission goes in"
-        );
+        assert_eq!(gate.lock().queued, 50, "alone, a large submission goes in");
+
+        let (entered, told) = std::sync::mpsc::channel();
+        let waiting = gate.clone();
+        let source = std::thread::spawn(move || {
+            waiting.enter(1);
+            entered.send(()).unwrap();
+        });
+        assert!(told.recv_timeout(Duration::from_millis(200)).is_err());
+        gate.close();
+        told.recv_timeout(Duration::from_secs(10))
+            .expect("a writer that stopped holds no source back");
+        source.join().unwrap();
     }
 }

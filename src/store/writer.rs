@@ -363,8 +363,18 @@ impl Command {
     }
 }
 
+/// Closes the sample gate when the writer's loop ends, by returning or by a panic.
+struct CloseOnExit(Arc<SampleGate>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 impl Writer {
     fn run(mut self) {
+        let _gate = CloseOnExit(self.queued.clone());
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = self.queue.blocking_recv() {
             let mut weight = first.weight();
