@@ -911,8 +911,8 @@ async fn subscribe_messages_change_the_subscription_and_errors_keep_the_socket()
     daemon.stop().await;
 }
 
-/// Messages from `client`, appended to `events` (those with a `seq`), until `done` holds
-/// for one; returns that one.
+/// Messages from `client`, appended to `events` (the entity events among them), until
+/// `done` holds for one; returns that one.
 async fn collect_until(
     client: &mut Client,
     events: &mut Vec<Value>,
@@ -920,7 +920,7 @@ async fn collect_until(
 ) -> Value {
     loop {
         let message = client.json().await;
-        if message["seq"].is_u64() {
+        if message["entity_type"].is_string() {
             events.push(message.clone());
         }
         if done(&message) {
@@ -932,7 +932,8 @@ async fn collect_until(
 /// A client that wants no readings follows the hub's ring without them (readings are
 /// most events); asking for readings and dropping them again moves it between the rings.
 /// Across the moves, with a sensor sampled every 50 ms, it gets every sensor event once,
-/// and readings only while it wants them: none from before it asked, none missing.
+/// and readings only while it wants them: none from before it asked, none missing, and
+/// when it asked with a snapshot, every reading after the snapshot's `seq`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
     let _gate = GATE.read().await;
@@ -960,14 +961,20 @@ async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
         http.put(&path, &format!(r#"{{"modelo": "before-{round}"}}"#))
             .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let asked_at = daemon.last_seq().await;
+        let mut asked_at = daemon.last_seq().await;
+        let with_snapshot = round == 1;
         client
             .send_text(&format!(
-                r#"{{"type": "subscribe", "id": {}, "channels": ["readings"]}}"#,
+                r#"{{"type": "subscribe", "id": {}, "channels": ["readings"], "snapshot": {with_snapshot}}}"#,
                 2 * round
             ))
             .await;
         collect_until(&mut client, &mut events, is_result(2 * round)).await;
+        if with_snapshot {
+            let snapshot =
+                collect_until(&mut client, &mut events, |m| m["type"] == "snapshot").await;
+            asked_at = seq(&snapshot);
+        }
         let start = events.len();
         let readings = std::cell::Cell::new(0);
         collect_until(&mut client, &mut events, |m| {
@@ -992,7 +999,7 @@ async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
             ))
             .await;
         collect_until(&mut client, &mut events, is_result(2 * round + 1)).await;
-        periods.push((asked_at, start, events.len()));
+        periods.push((asked_at, with_snapshot, start, events.len()));
     }
     http.put(&path, r#"{"modelo": "last"}"#).await;
     collect_until(&mut client, &mut events, is_update("last".into())).await;
@@ -1009,7 +1016,7 @@ async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
         .collect();
     assert_exactly_stored(dir.path(), "sensors", base, &sensor_events);
     let mut readings_in_periods = 0;
-    for (asked_at, start, end) in periods {
+    for (asked_at, with_snapshot, start, end) in periods {
         let readings: Vec<u64> = events[start..end]
             .iter()
             .filter(|e| e["entity_type"] == "reading")
@@ -1020,9 +1027,10 @@ async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
             first > asked_at,
             "a reading from before readings were asked for"
         );
+        let from = if with_snapshot { asked_at } else { first - 1 };
         assert_eq!(
             readings,
-            stored_seqs(dir.path(), "readings", first - 1, last),
+            stored_seqs(dir.path(), "readings", from, last),
             "readings missing while they were wanted"
         );
         readings_in_periods += readings.len();

@@ -31,10 +31,12 @@ pub struct Feed {
     /// The newest `seq` handed out (wanted or not).
     position: u64,
     replaying: bool,
-    /// Set when a client that had no readings asks for them: what was published then.
-    /// Its other channels are replayed up to there; readings start after it, not from
-    /// wherever the position stood.
+    /// Set when a client that had no readings asks for them: what was published then
+    /// (or the `seq` of the snapshot it was just sent). Its other channels are replayed
+    /// up to there; readings start after it, not from wherever the position stood.
     readings_from: Option<u64>,
+    /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
+    snapshot_at: Option<u64>,
 }
 
 impl Feed {
@@ -52,19 +54,21 @@ impl Feed {
             position,
             replaying: true,
             readings_from: None,
+            snapshot_at: None,
         }
     }
 
     /// Moves to the hub's ring with or without readings, subscribing before reading
-    /// where publication stands, so that nothing falls between the rings.
-    fn follow(&mut self, readings: bool) {
+    /// where publication stands, so that nothing falls between the rings. Readings are
+    /// wanted from `snapshot_at` if the client was just sent a snapshot, else from now.
+    fn follow(&mut self, readings: bool, snapshot_at: Option<u64>) {
         self.live = if readings {
             self.hub.subscribe()
         } else {
             self.hub.subscribe_without_readings()
         };
         self.live_has_readings = readings;
-        self.readings_from = readings.then(|| self.hub.published());
+        self.readings_from = readings.then(|| snapshot_at.unwrap_or_else(|| self.hub.published()));
         self.replaying = true;
     }
 
@@ -81,10 +85,12 @@ impl Feed {
     /// Skips to `seq` when the client was just sent a snapshot consistent with it.
     pub fn skip_to(&mut self, seq: u64) {
         self.position = self.position.max(seq);
+        self.snapshot_at = Some(seq);
     }
 
     /// The next events on `channels`, oldest first, at most `limit` of them, never
-    /// empty. Cancel-safe: state changes only after a result is in hand.
+    /// empty. Cancel-safe: a change of ring is made before the first wait and is whole,
+    /// and every other change of state comes after a result is in hand.
     pub async fn next(
         &mut self,
         channels: &[Channel],
@@ -92,8 +98,9 @@ impl Feed {
     ) -> Result<Vec<Arc<Event>>, StoreError> {
         let limit = limit.clamp(1, PAGE);
         let wants_readings = channels.contains(&Channel::Readings);
+        let snapshot_at = self.snapshot_at.take();
         if wants_readings != self.live_has_readings {
-            self.follow(wants_readings);
+            self.follow(wants_readings, snapshot_at);
         }
         loop {
             if self.replaying {
@@ -101,7 +108,7 @@ impl Feed {
                 // for its flush to the card (`synchronous = "normal"`), and no client may
                 // hear of it before.
                 let (upto, wanted) = match self.readings_from {
-                    Some(from) => (from, without_readings(channels)),
+                    Some(from) => (from.min(self.hub.published()), without_readings(channels)),
                     None => (self.hub.published(), channels.to_vec()),
                 };
                 let page = if upto > self.position && !wanted.is_empty() {
