@@ -205,9 +205,12 @@ source = { kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
     let steps: Vec<i64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(steps.iter().all(|&step| step > 0), "{steps:?}");
-    // Four of every five steps lie within one read: a fifth of the 0.5 s interval.
-    let within_a_read = steps.iter().filter(|&&step| step == 100_000).count();
-    assert!(within_a_read >= 10, "{steps:?}");
+    // Each read spreads its five samples over the time since the read before, about
+    // the 0.5 s interval: samples about a fifth of it apart, not all at one moment.
+    let mut sorted = steps.clone();
+    sorted.sort_unstable();
+    let median = sorted[sorted.len() / 2];
+    assert!((80_000..=150_000).contains(&median), "{steps:?}");
     daemon.stop().await;
 }
 

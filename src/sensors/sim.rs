@@ -49,9 +49,9 @@ pub struct SimConfig {
     /// a hung driver does; for exercising the watchdog.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hang_after_reads: Option<u64>,
-    /// Samples each read yields, spread evenly over the interval before it, as a device
-    /// that buffers between reads delivers them: lets a few sensors offer the daemon any
-    /// rate, for load tests.
+    /// Samples each read yields, spread evenly over the time since the read before it
+    /// (the interval, for the first), as a device that buffers between reads delivers
+    /// them: lets a few sensors offer the daemon any rate, for load tests.
     pub samples_per_read: SamplesPerRead,
 }
 
@@ -118,6 +118,9 @@ pub struct SimSource {
     reads: u64,
     /// The samples the last read took before the one it returned.
     earlier: Vec<(Duration, Vec<Measurement>)>,
+    /// When the last successful read was, since `started`: a batch spreads over the time
+    /// since then, so batches never overlap even when a read comes early or late.
+    last_read: Option<Duration>,
 }
 
 impl SimSource {
@@ -136,6 +139,7 @@ impl SimSource {
             drift: 0.0,
             reads: 0,
             earlier: Vec::new(),
+            last_read: None,
         }
     }
 
@@ -189,8 +193,12 @@ impl Source for SimSource {
             return Err(self.failure());
         }
         let now = self.started.elapsed();
+        let since_last = self
+            .last_read
+            .map_or(self.interval, |last| now.saturating_sub(last));
+        self.last_read = Some(now);
         let count = u32::from(self.config.samples_per_read);
-        let spacing = self.interval / count;
+        let spacing = since_last / count;
         for older in (1..count).rev() {
             let age = spacing * older;
             let values = self.values_at(now.saturating_sub(age));
@@ -292,6 +300,13 @@ mod tests {
         );
         assert!(earlier.iter().all(|(_, values)| values.len() == 2));
         assert!(sim.earlier_samples().is_empty(), "handed over once");
+
+        // A read that comes early spreads its batch over the time since the last one,
+        // not over a whole interval reaching back before it.
+        std::thread::sleep(Duration::from_millis(40));
+        sim.read().unwrap();
+        let oldest = sim.earlier_samples()[0].0;
+        assert!(oldest < Duration::from_millis(500), "{oldest:?}");
     }
 
     #[test]
