@@ -1475,7 +1475,7 @@ async fn startup(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     stop(daemon)?;
     Ok(vec![Row::new(
         &format!(
-            "Start-up to ready, {} readings stored, {count} sensors configured",
+            "Start-up to ready, {} events stored (nearly all readings), {count} sensors configured",
             thousands(stored)
         ),
         format!("{:.0} ms", startup.as_secs_f64() * 1e3),
