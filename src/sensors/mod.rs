@@ -351,22 +351,18 @@ impl Worker {
                 Ok(Some(measurements)) if !measurements.is_empty() => {
                     let taken_at = now_micros();
                     let hora_dudosa = !self.clock.trusted();
-                    let earlier = self.source.earlier_samples();
-                    let mut samples = Vec::with_capacity(earlier.len() + 1);
-                    for (age, measurements) in earlier {
-                        samples.push(Sample {
+                    let samples = self
+                        .source
+                        .earlier_samples()
+                        .into_iter()
+                        .chain([(Duration::ZERO, measurements)])
+                        .map(|(age, measurements)| Sample {
                             sensor_id: self.sensor_id,
                             taken_at: taken_at - age.as_micros() as i64,
                             hora_dudosa,
                             measurements,
-                        });
-                    }
-                    samples.push(Sample {
-                        sensor_id: self.sensor_id,
-                        taken_at,
-                        hora_dudosa,
-                        measurements,
-                    });
+                        })
+                        .collect();
                     if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
                         return;
                     }
