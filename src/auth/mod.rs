@@ -234,10 +234,10 @@ impl Authenticator {
             self.touch(principal.token_id);
             return Ok(Some(principal));
         }
-        let secret = secret.to_owned();
+        let presented = hash.clone();
         let found = self
             .store
-            .read(move |c| tokens::find(c, &secret))
+            .read(move |c| tokens::find(c, &presented))
             .await
             .map_err(AuthError::Unavailable)?;
         let Some((token_id, name, scope)) = found else {

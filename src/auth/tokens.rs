@@ -194,16 +194,16 @@ pub fn any(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))
 }
 
-/// The token a secret belongs to: every stored hash is compared in constant time, so
-/// neither the answer's timing nor the lookup path depends on the secret.
-pub fn find(conn: &Connection, secret: &str) -> rusqlite::Result<Option<(i64, String, Scope)>> {
-    let presented = hash(secret);
+/// The token whose secret has the hash `presented` ([`hash`]): every stored hash is
+/// compared in constant time, so neither the answer's timing nor the lookup path
+/// depends on the secret.
+pub fn find(conn: &Connection, presented: &[u8]) -> rusqlite::Result<Option<(i64, String, Scope)>> {
     let mut stmt = conn.prepare_cached("SELECT id, name, scope, hash FROM tokens")?;
     let mut rows = stmt.query([])?;
     let mut found = None;
     while let Some(row) = rows.next()? {
         let stored: Vec<u8> = row.get(3)?;
-        if constant_time_eq(&stored, &presented) {
+        if constant_time_eq(&stored, presented) {
             let scope: String = row.get(2)?;
             found = scope
                 .parse()
@@ -245,8 +245,8 @@ mod tests {
         assert!(stored
             .iter()
             .all(|h| h.len() == 32 && !h.windows(3).any(|w| w == b"sg_")));
-        assert_eq!(find(&conn, &a).unwrap().unwrap().2, Scope::Write);
-        assert_eq!(find(&conn, "sg_wrong").unwrap(), None);
+        assert_eq!(find(&conn, &hash(&a)).unwrap().unwrap().2, Scope::Write);
+        assert_eq!(find(&conn, &hash("sg_wrong")).unwrap(), None);
     }
 
     #[test]
@@ -266,7 +266,7 @@ mod tests {
         assert_eq!(listed[0].last_used_at, None);
         let dir = tempfile::tempdir().unwrap();
         revoke(&conn, "x", dir.path()).unwrap();
-        assert_eq!(find(&conn, &token).unwrap(), None);
+        assert_eq!(find(&conn, &hash(&token)).unwrap(), None);
         assert!(matches!(
             revoke(&conn, "x", dir.path()),
             Err(TokenError::NotFound(_))
