@@ -40,6 +40,12 @@ impl Manager {
         got
     }
 
+    /// Waits for READY=1 from the daemon whose log is in `dir`; fails with the log.
+    fn wait_ready(&self, dir: &Path) {
+        let ready = self.wait_for("READY=1", Duration::from_secs(10));
+        assert_eq!(ready.as_deref(), Some("READY=1"), "{}", log(dir));
+    }
+
     /// Waits for a notification starting with `prefix`.
     fn wait_for(&self, prefix: &str, wait: Duration) -> Option<String> {
         let deadline = Instant::now() + wait;
@@ -125,8 +131,7 @@ fn ready_status_watchdog_and_stopping() {
     let config = write_config(dir.path(), &sim_sensor("a", ""));
     let mut child = start(dir.path(), &config, Some(1_000_000));
 
-    let ready = manager.wait_for("READY=1", Duration::from_secs(10));
-    assert_eq!(ready.as_deref(), Some("READY=1"), "{}", log(dir.path()));
+    manager.wait_ready(dir.path());
     let notes = manager.collect(Duration::from_millis(2600));
     let beats = watchdogs(&notes);
     assert!(
@@ -159,9 +164,7 @@ fn watchdog_stops_while_the_writer_is_wedged() {
     let manager = Manager::bind(dir.path());
     let config = write_config(dir.path(), &sim_sensor("a", ""));
     let mut child = start(dir.path(), &config, Some(1_000_000));
-    assert!(manager
-        .wait_for("READY=1", Duration::from_secs(10))
-        .is_some());
+    manager.wait_ready(dir.path());
     assert!(manager
         .wait_for("WATCHDOG=1", Duration::from_secs(3))
         .is_some());
@@ -203,9 +206,7 @@ fn sigterm_during_start_up_stops_cleanly() {
     let manager = Manager::bind(dir.path());
     let config = write_config(dir.path(), &sim_sensor("a", ""));
     let mut child = start(dir.path(), &config, None);
-    assert!(manager
-        .wait_for("READY=1", Duration::from_secs(10))
-        .is_some());
+    manager.wait_ready(dir.path());
     signal(&child, "TERM");
     assert!(wait_exit(&mut child).success());
 
@@ -244,9 +245,7 @@ fn watchdog_stops_when_sampling_hangs() {
     let manager = Manager::bind(dir.path());
     let config = write_config(dir.path(), &sim_sensor("a", ", hang_after_reads = 3"));
     let mut child = start(dir.path(), &config, Some(1_000_000));
-    assert!(manager
-        .wait_for("READY=1", Duration::from_secs(10))
-        .is_some());
+    manager.wait_ready(dir.path());
     // The thread hangs after 0.3 s; it counts as stuck after twice its pace (at least
     // 1 s each) plus 5 s for a slow read.
     let notes = manager.collect(Duration::from_secs(9));
@@ -274,9 +273,7 @@ async fn sighup_adds_and_removes_sources_without_dropping_clients() {
     let manager = Manager::bind(dir.path());
     let config = write_config(dir.path(), &sim_sensor("a", ""));
     let mut child = start(dir.path(), &config, None);
-    assert!(manager
-        .wait_for("READY=1", Duration::from_secs(10))
-        .is_some());
+    manager.wait_ready(dir.path());
     let log_text = log(dir.path());
     let addr = log_text
         .lines()
