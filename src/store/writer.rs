@@ -8,7 +8,6 @@
 //! ever hears of data that a power cut could take back.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +17,7 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::flusher::{self, Flush, Flusher};
 use super::retention::{Retention, SLICE};
 use super::rollup::Pending;
 use super::{reader, SampleGate, StoreError};
@@ -25,10 +25,6 @@ use crate::config::{StorageConfig, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
 use crate::sensors::Measurement;
-
-/// Longest the events of a commit wait for the WAL flush under sustained load, with
-/// `synchronous = "normal"`; an idle writer flushes at once.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Samples kept in memory while storage fails (a full or read-only card), newest first
 /// to survive; a few hours of a small gateway.
@@ -137,7 +133,7 @@ impl WriterHealth {
             .clone()
     }
 
-    fn record(&self, result: &Result<(), String>) {
+    pub(super) fn record(&self, result: &Result<(), String>) {
         let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(()) => {
@@ -189,13 +185,19 @@ pub(crate) fn spawn(
     if config.synchronous == Synchronous::Normal {
         // A previous run may have stopped between a commit and its flush: what is in the
         // WAL must be on the card before replay may send it.
-        match sync_file(&wal) {
+        match flusher::sync_file(&wal) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::Io(e)),
             _ => {}
         }
     }
     let next_seq = last_seq(&conn)? + 1;
     hub.start_at(next_seq - 1);
+    let flusher = match config.synchronous {
+        Synchronous::Full => None,
+        Synchronous::Normal => {
+            Some(Flusher::spawn(wal, hub.clone(), health.clone()).map_err(StoreError::Io)?)
+        }
+    };
     let writer = Writer {
         conn,
         queue,
@@ -218,14 +220,7 @@ pub(crate) fn spawn(
                     .map_err(StoreError::Io)?,
             }),
         },
-        unflushed: match config.synchronous {
-            Synchronous::Full => None,
-            Synchronous::Normal => Some(Unflushed {
-                wal,
-                events: Vec::new(),
-                since: None,
-            }),
-        },
+        flusher,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -234,26 +229,9 @@ pub(crate) fn spawn(
     Ok(WriterHandle { thread })
 }
 
-/// Flushes a file's data to the card (`fdatasync` on a descriptor of its own: the kernel
-/// flushes the file, whichever descriptor wrote it).
-fn sync_file(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_data()
-}
-
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
     Ok(seq as u64)
-}
-
-/// Events of commits not yet flushed to the card, with `synchronous = "normal"`: SQLite
-/// then flushes the WAL only at checkpoints, so the writer flushes it itself before
-/// publishing. A power cut may lose the last commits (REST writes already answered among
-/// them), but never one whose event was sent.
-struct Unflushed {
-    wal: PathBuf,
-    events: Vec<Arc<Event>>,
-    /// When the oldest of `events` was committed.
-    since: Option<Instant>,
 }
 
 /// An ongoing storage failure.
@@ -279,8 +257,8 @@ struct Writer {
     /// Set while storage fails.
     outage: Option<Outage>,
     last_maintenance: Instant,
-    /// `None` with `synchronous = "full"`, where every commit is flushed.
-    unflushed: Option<Unflushed>,
+    /// `None` with `synchronous = "full"`, where SQLite flushes every commit itself.
+    flusher: Option<Flusher>,
     /// `None` when samples are committed as they come (`commit_window_ms = 0`).
     window: Option<CommitWindow>,
 }
@@ -407,22 +385,15 @@ impl Writer {
                 batch.insert(0, Command::Samples(self.retry.drain(..).collect()));
             }
             self.commit(&mut batch);
-            // One flush for every commit made while more work was queued, but never
-            // holding events back longer than FLUSH_EVERY.
-            if self.unflushed.as_ref().is_some_and(|u| {
-                self.queue.is_empty() || u.since.is_some_and(|t| t.elapsed() >= FLUSH_EVERY)
-            }) {
-                self.flush_or_degrade();
-            }
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
             }
         }
+        if let Some(flusher) = self.flusher.take() {
+            flusher.stop();
+        }
         if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             log::warn!("final checkpoint failed: {e}");
-        }
-        if let Err(why) = self.flush() {
-            log::error!("{why}; the last events were not sent");
         }
         log::info!("storage writer stopped at seq {}", self.next_seq - 1);
     }
@@ -486,14 +457,22 @@ impl Writer {
                 let (pings, answers): (Vec<Done>, Vec<Done>) =
                     done.into_iter().partition(|d| matches!(d, Done::Ping(_)));
                 answers.into_iter().for_each(Done::send);
-                match &mut self.unflushed {
-                    None => published.into_iter().for_each(|e| self.hub.publish(e)),
-                    Some(unflushed) => {
-                        unflushed.since.get_or_insert_with(Instant::now);
-                        unflushed.events.extend(published);
+                match &self.flusher {
+                    None => {
+                        published.into_iter().for_each(|e| self.hub.publish(e));
+                        pings.into_iter().for_each(Done::send);
+                    }
+                    Some(flusher) => {
+                        let pings = pings
+                            .into_iter()
+                            .filter_map(|d| match d {
+                                Done::Ping(reply) => Some(reply),
+                                _ => None,
+                            })
+                            .collect();
+                        flusher.send(Flush::Committed(published, pings));
                     }
                 }
-                pings.into_iter().for_each(Done::send);
                 if let Some(outage) = self.outage.take() {
                     self.recovered(outage);
                 }
@@ -546,33 +525,6 @@ impl Writer {
         }
     }
 
-    /// Flushes the WAL to the card and publishes the events it now holds for good. A
-    /// failed flush keeps them for the next attempt, after the next commit: an event goes
-    /// out only once its data is sure to survive a power cut.
-    fn flush(&mut self) -> Result<(), String> {
-        let Some(unflushed) = &mut self.unflushed else {
-            return Ok(());
-        };
-        if unflushed.events.is_empty() {
-            return Ok(());
-        }
-        sync_file(&unflushed.wal)
-            .map_err(|e| format!("flushing {} failed: {e}", unflushed.wal.display()))?;
-        unflushed.since = None;
-        for event in unflushed.events.drain(..) {
-            self.hub.publish(event);
-        }
-        Ok(())
-    }
-
-    /// [`Writer::flush`], with a failure reported as a storage outage.
-    fn flush_or_degrade(&mut self) {
-        if let Err(why) = self.flush() {
-            self.health.record(&Err(why.clone()));
-            self.degraded(&why);
-        }
-    }
-
     /// Keeps the newest samples of a failed commit for the next attempt, within
     /// [`RETRY_SAMPLES`]: a full or read-only card costs the oldest samples, never memory.
     fn keep_for_retry(&mut self, samples: Vec<Sample>) {
@@ -592,8 +544,6 @@ impl Writer {
         if self.outage.is_some() {
             return;
         }
-        // Events of earlier commits go out before the notice, when they can.
-        let _ = self.flush();
         log::error!(
             "storage failing, keeping up to {RETRY_SAMPLES} newest samples in memory: {why}"
         );
@@ -601,16 +551,12 @@ impl Writer {
             since: Instant::now(),
             dropped: 0,
         });
-        let data = serde_json::json!({"error": why, "buffered_samples": self.retry.len()});
-        let frame = events::system_frame("storage_degraded", &data, now_micros(), 0);
-        self.hub.publish(Arc::new(Event {
-            seq: 0,
-            channel: Channel::General,
-            event_type: "storage_degraded".into(),
-            sensor_id: None,
-            tipo: None,
-            frame: frame.into(),
-        }));
+        let notice = outage_notice(why, self.retry.len());
+        match &self.flusher {
+            // Events of earlier commits go out before the notice, when they can.
+            Some(flusher) => flusher.send(Flush::Notice(notice)),
+            None => self.hub.publish(notice),
+        }
     }
 
     /// Storage works again after an outage: a stored event says how long it lasted and
@@ -663,6 +609,21 @@ impl Writer {
                 .saturating_sub(Duration::from_secs(1));
         }
     }
+}
+
+/// The live-only notice (`seq` 0, it cannot be stored) that storage fails, with the
+/// samples kept in memory meanwhile.
+pub(super) fn outage_notice(why: &str, buffered_samples: usize) -> Arc<Event> {
+    let data = serde_json::json!({"error": why, "buffered_samples": buffered_samples});
+    let frame = events::system_frame("storage_degraded", &data, now_micros(), 0);
+    Arc::new(Event {
+        seq: 0,
+        channel: Channel::General,
+        event_type: "storage_degraded".into(),
+        sensor_id: None,
+        tipo: None,
+        frame: frame.into(),
+    })
 }
 
 /// Applies one command inside the batch's transaction.
