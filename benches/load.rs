@@ -1341,9 +1341,8 @@ async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let per_read = sizes.ingest_samples_per_read;
     eprintln!("ingest: {count} sim sensors every {MIN_INTERVAL_S} s, {per_read} samples a read");
     let daemon = start(&ingest_sensors(count, per_read))?;
-    let mut client = http::Client::new(daemon.addr);
     tokio::time::sleep(sizes.ingest_warmup).await;
-    let alone = ingest_window(&daemon, &mut client, sizes.ingest_window).await?;
+    let alone = ingest_window(&daemon, sizes.ingest_window).await?;
     // The same load with clients that want only `sensors` events: they should cost the
     // daemon nothing while no sensor changes.
     let watchers = sizes.fanout_clients;
@@ -1368,7 +1367,7 @@ async fn ingest(sizes: &Sizes) -> Result<Vec<Row>, Error> {
             closed.fetch_add(1, Ordering::Relaxed);
         });
     }
-    let watched = ingest_window(&daemon, &mut client, sizes.ingest_window).await?;
+    let watched = ingest_window(&daemon, sizes.ingest_window).await?;
     let dropped = match closed.load(Ordering::Relaxed) {
         0 => "none".to_owned(),
         n => format!("{n} (close code {})", last_code.load(Ordering::Relaxed)),
@@ -1416,15 +1415,13 @@ struct IngestRates {
     cpu: String,
 }
 
-async fn ingest_window(
-    daemon: &Daemon,
-    client: &mut http::Client,
-    window: Duration,
-) -> Result<IngestRates, Error> {
+/// Each end of the window gets a connection of its own: the daemon closes one left idle
+/// longer than its `header_read_timeout_s` (10 s), shorter than a long window.
+async fn ingest_window(daemon: &Daemon, window: Duration) -> Result<IngestRates, Error> {
     let cpu = CpuShare::start(daemon)?;
-    let (seq0, emitted0, t0) = ingest_probe(client).await?;
+    let (seq0, emitted0, t0) = ingest_probe(&mut http::Client::new(daemon.addr)).await?;
     tokio::time::sleep(window).await;
-    let (seq1, emitted1, t1) = ingest_probe(client).await?;
+    let (seq1, emitted1, t1) = ingest_probe(&mut http::Client::new(daemon.addr)).await?;
     let secs = (t1 - t0).as_secs_f64();
     Ok(IngestRates {
         stored: (seq1 - seq0) as f64 / secs,
