@@ -5,7 +5,7 @@
 //! events that describe it. Reads run on a small pool of read-only connections on the
 //! blocking thread pool, so they never wait behind a commit.
 
-mod flusher;
+mod publisher;
 mod reader;
 mod retention;
 mod rollup;

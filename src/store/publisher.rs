@@ -1,11 +1,15 @@
-//! The flusher thread, with `synchronous = "normal"`.
+//! The publisher thread: announces what the writer committed.
 //!
-//! SQLite then leaves a commit's WAL pages in the kernel's cache until a checkpoint, so
-//! a commit costs the writer no wait on the card. This thread flushes the WAL itself and
-//! publishes a commit's events only once its data is on the card: a power cut may take
-//! back an answered REST write, never one whose event a client heard of. It flushes while
-//! the writer goes on with the next batch, and one flush covers every commit made while
-//! the previous one ran, so the writer never waits for the card.
+//! The writer hands each commit's events over and goes on with the next batch. This
+//! thread builds the frames of readings (nine events in ten; each is serialised once,
+//! here rather than on the writer, the daemon's busiest thread) and publishes every event
+//! to the hub in `seq` order.
+//!
+//! With `synchronous = "normal"` SQLite leaves a commit's WAL pages in the kernel's cache
+//! until a checkpoint, so this thread flushes the WAL itself before it publishes: a power
+//! cut may take back an answered REST write, never one whose event a client heard of. One
+//! flush covers every commit handed over while the previous one ran, so the writer never
+//! waits for the card. With `full`, SQLite flushed each commit before handing it over.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
@@ -16,56 +20,93 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::writer::WriterHealth;
-use crate::events::{Event, Hub};
+use crate::events::{self, Channel, Event, Hub};
+use crate::model::{Micros, Reading};
 
-/// Commits waiting for the flusher before the writer waits for it in turn: the flusher
-/// takes everything queued at each round, so this only fills while the card stalls.
+/// Commits waiting for the publisher before the writer waits for it in turn: the
+/// publisher takes everything queued at each round, so this only fills while the card
+/// stalls a flush.
 const QUEUED_COMMITS: usize = 16;
 
 /// How soon a failed flush is tried again when no new commit arrives to prompt it.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// What the writer hands over after a commit.
-pub(super) enum Flush {
+/// What the writer hands over.
+pub(super) enum Handover {
     /// A commit's events, in `seq` order, and pings to answer once they are out.
-    Committed(Vec<Arc<Event>>, Vec<oneshot::Sender<()>>),
+    Committed(Vec<Unpublished>, Vec<oneshot::Sender<()>>),
     /// A live-only notice (`seq` 0): out after the events committed before it, or at once
     /// when those cannot be flushed.
     Notice(Arc<Event>),
 }
 
-/// The running flusher thread and the way to it.
-pub(super) struct Flusher {
-    queue: SyncSender<Flush>,
+/// An event of a commit, on its way to the hub.
+pub(super) enum Unpublished {
+    /// Built by the writer: sensor, system and test events, a tenth of all.
+    Built(Arc<Event>),
+    /// A stored reading, whose `created` frame the publisher builds.
+    Reading {
+        reading: Reading,
+        seq: u64,
+        stored_at: Micros,
+    },
+}
+
+impl Unpublished {
+    fn build(self) -> Arc<Event> {
+        match self {
+            Unpublished::Built(event) => event,
+            Unpublished::Reading {
+                reading,
+                seq,
+                stored_at,
+            } => {
+                let frame = events::reading_frame(&reading, stored_at, seq);
+                Arc::new(Event {
+                    seq,
+                    channel: Channel::Readings,
+                    event_type: "created".into(),
+                    sensor_id: Some(reading.sensor_id),
+                    tipo: Some(reading.tipo),
+                    frame: frame.into(),
+                })
+            }
+        }
+    }
+}
+
+/// The running publisher thread and the way to it.
+pub(super) struct Publisher {
+    queue: SyncSender<Handover>,
     thread: JoinHandle<()>,
 }
 
-impl Flusher {
-    /// Starts the thread that flushes `wal` and publishes to `hub`.
+impl Publisher {
+    /// Starts the thread that publishes to `hub`, flushing `wal` first when it is given.
     pub(super) fn spawn(
-        wal: PathBuf,
+        wal: Option<PathBuf>,
         hub: Hub,
         health: Arc<WriterHealth>,
     ) -> std::io::Result<Self> {
-        let (queue, commits) = mpsc::sync_channel(QUEUED_COMMITS);
+        let (queue, handovers) = mpsc::sync_channel(QUEUED_COMMITS);
         let thread = std::thread::Builder::new()
-            .name("store-flusher".into())
-            .spawn(move || run(&wal, &commits, &hub, &health))?;
-        Ok(Flusher { queue, thread })
+            .name("store-publisher".into())
+            .spawn(move || run(wal.as_deref(), &handovers, &hub, &health))?;
+        Ok(Publisher { queue, thread })
     }
 
     /// Hands work over, waiting while [`QUEUED_COMMITS`] are already queued.
-    pub(super) fn send(&self, flush: Flush) {
-        if self.queue.send(flush).is_err() {
-            log::error!("storage flusher thread is gone; events of a commit were not sent");
+    pub(super) fn send(&self, handover: Handover) {
+        if self.queue.send(handover).is_err() {
+            log::error!("storage publisher thread is gone; events of a commit were not sent");
         }
     }
 
-    /// Waits until everything handed over is flushed and published (or could not be).
+    /// Waits until everything handed over is published (or could not be flushed).
     pub(super) fn stop(self) {
         drop(self.queue);
         if self.thread.join().is_err() {
-            log::error!("storage flusher thread panicked");
+            log::error!("storage publisher thread panicked");
         }
     }
 }
@@ -76,26 +117,30 @@ pub(super) fn sync_file(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_data()
 }
 
-fn run(wal: &Path, commits: &Receiver<Flush>, hub: &Hub, health: &WriterHealth) {
-    let mut held: Vec<Arc<Event>> = Vec::new();
+/// Flushes the WAL when this thread is the one that must.
+fn flush(wal: Option<&Path>) -> Result<(), String> {
+    match wal {
+        Some(wal) => sync_file(wal).map_err(|e| format!("flushing {} failed: {e}", wal.display())),
+        None => Ok(()),
+    }
+}
+
+fn run(wal: Option<&Path>, handovers: &Receiver<Handover>, hub: &Hub, health: &WriterHealth) {
+    let mut held: Vec<Unpublished> = Vec::new();
     let mut failing = false;
     loop {
         // With events held back by a failed flush, try again after a while even when
         // nothing new is committed.
         let first = if held.is_empty() {
-            commits.recv().ok()
+            handovers.recv().ok()
         } else {
-            match commits.recv_timeout(RETRY_AFTER) {
-                Ok(flush) => Some(flush),
+            match handovers.recv_timeout(RETRY_AFTER) {
+                Ok(handover) => Some(handover),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
-                    if let Err(e) = sync_file(wal) {
-                        log::error!(
-                            "flushing {} failed: {e}; the last events were not sent",
-                            wal.display()
-                        );
-                    } else {
-                        held.drain(..).for_each(|event| hub.publish(event));
+                    match flush(wal) {
+                        Ok(()) => held.drain(..).for_each(|e| hub.publish(e.build())),
+                        Err(why) => log::error!("{why}; the last events were not sent"),
                     }
                     return;
                 }
@@ -106,25 +151,24 @@ fn run(wal: &Path, commits: &Receiver<Flush>, hub: &Hub, health: &WriterHealth) 
         }
         let mut pings = Vec::new();
         let mut notices = Vec::new();
-        for flush in first.into_iter().chain(commits.try_iter()) {
-            match flush {
-                Flush::Committed(events, answers) => {
+        for handover in first.into_iter().chain(handovers.try_iter()) {
+            match handover {
+                Handover::Committed(events, answers) => {
                     held.extend(events);
                     pings.extend(answers);
                 }
-                Flush::Notice(notice) => notices.push(notice),
+                Handover::Notice(notice) => notices.push(notice),
             }
         }
         if !held.is_empty() {
-            match sync_file(wal) {
+            match flush(wal) {
                 Ok(()) => {
                     if std::mem::take(&mut failing) {
-                        log::info!("flushing {} works again", wal.display());
+                        log::info!("flushing the WAL works again");
                     }
-                    held.drain(..).for_each(|event| hub.publish(event));
+                    held.drain(..).for_each(|e| hub.publish(e.build()));
                 }
-                Err(e) => {
-                    let why = format!("flushing {} failed: {e}", wal.display());
+                Err(why) => {
                     health.record(&Err(why.clone()));
                     if !std::mem::replace(&mut failing, true) {
                         log::error!("{why}; events wait until it works");
@@ -157,6 +201,10 @@ mod tests {
         })
     }
 
+    fn built(seq: u64) -> Unpublished {
+        Unpublished::Built(event(seq))
+    }
+
     fn received(events: &mut tokio::sync::broadcast::Receiver<Arc<Event>>) -> Vec<u64> {
         std::iter::from_fn(|| events.try_recv().ok())
             .map(|e| e.seq)
@@ -171,10 +219,10 @@ mod tests {
         let hub = Hub::new(64);
         let mut events = hub.subscribe();
         let health = Arc::new(WriterHealth::default());
-        let flusher = Flusher::spawn(wal.clone(), hub.clone(), health.clone()).unwrap();
+        let publisher = Publisher::spawn(Some(wal.clone()), hub.clone(), health.clone()).unwrap();
 
         let (ping, pong) = oneshot::channel();
-        flusher.send(Flush::Committed(vec![event(1), event(2)], vec![ping]));
+        publisher.send(Handover::Committed(vec![built(1), built(2)], vec![ping]));
         pong.blocking_recv()
             .expect("a failing flush still answers pings");
         assert_eq!(
@@ -186,12 +234,12 @@ mod tests {
 
         std::fs::write(&wal, b"").unwrap();
         let (ping, pong) = oneshot::channel();
-        flusher.send(Flush::Committed(vec![event(3)], vec![ping]));
+        publisher.send(Handover::Committed(vec![built(3)], vec![ping]));
         pong.blocking_recv().unwrap();
         assert_eq!(received(&mut events), [1, 2, 3]);
 
-        flusher.send(Flush::Committed(vec![event(4)], Vec::new()));
-        flusher.stop();
+        publisher.send(Handover::Committed(vec![built(4)], Vec::new()));
+        publisher.stop();
         assert_eq!(
             received(&mut events),
             [4],

@@ -4,8 +4,9 @@
 //! [`MAX_BATCH`]), applies them all in one transaction and commits once: an idle
 //! gateway commits each write at once, a busy one amortises the commit over many
 //! (group commit). Events are numbered here, stored in the same transaction as the data
-//! they describe, and published to the hub only after the commit succeeded, so no client
-//! ever hears of data that a power cut could take back.
+//! they describe, and handed to the publisher thread only after the commit succeeded,
+//! which announces them once the data is on the card, so no client ever hears of data
+//! that a power cut could take back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::flusher::{self, Flush, Flusher};
+use super::publisher::{self, Handover, Publisher, Unpublished};
 use super::retention::{Retention, SLICE};
 use super::rollup::Pending;
 use super::{reader, SampleGate, StoreError};
@@ -185,24 +186,19 @@ pub(crate) fn spawn(
     if config.synchronous == Synchronous::Normal {
         // A previous run may have stopped between a commit and its flush: what is in the
         // WAL must be on the card before replay may send it.
-        match flusher::sync_file(&wal) {
+        match publisher::sync_file(&wal) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::Io(e)),
             _ => {}
         }
     }
     let next_seq = last_seq(&conn)? + 1;
     hub.start_at(next_seq - 1);
-    let flusher = match config.synchronous {
-        Synchronous::Full => None,
-        Synchronous::Normal => {
-            Some(Flusher::spawn(wal, hub.clone(), health.clone()).map_err(StoreError::Io)?)
-        }
-    };
+    let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
+    let publisher = Publisher::spawn(wal, hub, health.clone()).map_err(StoreError::Io)?;
     let writer = Writer {
         conn,
         queue,
         queued,
-        hub,
         next_seq,
         retention: Retention::new(config),
         maintenance_every: Duration::from_secs(config.maintenance_interval_s),
@@ -220,7 +216,7 @@ pub(crate) fn spawn(
                     .map_err(StoreError::Io)?,
             }),
         },
-        flusher,
+        publisher,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -247,7 +243,6 @@ struct Writer {
     queue: mpsc::Receiver<Command>,
     /// Told how many samples each batch took off `queue`.
     queued: Arc<SampleGate>,
-    hub: Hub,
     next_seq: u64,
     retention: Retention,
     maintenance_every: Duration,
@@ -257,8 +252,9 @@ struct Writer {
     /// Set while storage fails.
     outage: Option<Outage>,
     last_maintenance: Instant,
-    /// `None` with `synchronous = "full"`, where SQLite flushes every commit itself.
-    flusher: Option<Flusher>,
+    /// Announces each commit's events (after flushing the WAL, with `synchronous =
+    /// "normal"`).
+    publisher: Publisher,
     /// `None` when samples are committed as they come (`commit_window_ms = 0`).
     window: Option<CommitWindow>,
 }
@@ -352,6 +348,20 @@ impl Drop for CloseOnExit {
 
 impl Writer {
     fn run(mut self) {
+        self.serve();
+        let stopped_at = self.next_seq - 1;
+        let Writer {
+            conn, publisher, ..
+        } = self;
+        publisher.stop();
+        if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            log::warn!("final checkpoint failed: {e}");
+        }
+        log::info!("storage writer stopped at seq {stopped_at}");
+    }
+
+    /// Commits batches until the queue is closed and empty.
+    fn serve(&mut self) {
         let _gate = CloseOnExit(self.queued.clone());
         let mut batch = Vec::with_capacity(64);
         while let Some(first) = self.queue.blocking_recv() {
@@ -389,13 +399,6 @@ impl Writer {
                 self.maintain();
             }
         }
-        if let Some(flusher) = self.flusher.take() {
-            flusher.stop();
-        }
-        if let Err(e) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-            log::warn!("final checkpoint failed: {e}");
-        }
-        log::info!("storage writer stopped at seq {}", self.next_seq - 1);
     }
 
     fn commit(&mut self, batch: &mut Vec<Command>) {
@@ -457,22 +460,14 @@ impl Writer {
                 let (pings, answers): (Vec<Done>, Vec<Done>) =
                     done.into_iter().partition(|d| matches!(d, Done::Ping(_)));
                 answers.into_iter().for_each(Done::send);
-                match &self.flusher {
-                    None => {
-                        published.into_iter().for_each(|e| self.hub.publish(e));
-                        pings.into_iter().for_each(Done::send);
-                    }
-                    Some(flusher) => {
-                        let pings = pings
-                            .into_iter()
-                            .filter_map(|d| match d {
-                                Done::Ping(reply) => Some(reply),
-                                _ => None,
-                            })
-                            .collect();
-                        flusher.send(Flush::Committed(published, pings));
-                    }
-                }
+                let pings = pings
+                    .into_iter()
+                    .filter_map(|d| match d {
+                        Done::Ping(reply) => Some(reply),
+                        _ => None,
+                    })
+                    .collect();
+                self.publisher.send(Handover::Committed(published, pings));
                 if let Some(outage) = self.outage.take() {
                     self.recovered(outage);
                 }
@@ -551,12 +546,10 @@ impl Writer {
             since: Instant::now(),
             dropped: 0,
         });
-        let notice = outage_notice(why, self.retry.len());
-        match &self.flusher {
-            // Events of earlier commits go out before the notice, when they can.
-            Some(flusher) => flusher.send(Flush::Notice(notice)),
-            None => self.hub.publish(notice),
-        }
+        // Through the publisher: events of earlier commits go out before the notice,
+        // when they can.
+        self.publisher
+            .send(Handover::Notice(outage_notice(why, self.retry.len())));
     }
 
     /// Storage works again after an outage: a stored event says how long it lasted and
@@ -630,7 +623,7 @@ pub(super) fn outage_notice(why: &str, buffered_samples: usize) -> Arc<Event> {
 struct Step<'a> {
     tx: &'a Transaction<'a>,
     seq: &'a mut u64,
-    events: &'a mut Vec<Arc<Event>>,
+    events: &'a mut Vec<Unpublished>,
     rollups: &'a mut Pending,
     newest: &'a mut NewestReadings,
     /// Samples of this transaction, kept until it commits so that a failed
@@ -651,14 +644,16 @@ impl Step<'_> {
                 let sensor_id = new.sensor_id;
                 let result = if reader::sensor_exists(self.tx, sensor_id)? {
                     let taken_at = new.timestamp.unwrap_or(self.now);
-                    Ok(self.insert_reading(
+                    let reading = self.store_reading(
                         sensor_id,
                         taken_at,
                         new.hora_dudosa,
                         &new.tipo,
                         new.valor,
                         &new.unidad,
-                    )?)
+                    )?;
+                    self.record_reading(reading.clone())?;
+                    Ok(reading)
                 } else {
                     Err(StoreError::NotFound {
                         entity: "Sensor",
@@ -708,7 +703,7 @@ impl Step<'_> {
                 exists = Some(sample.sensor_id);
             }
             for m in &sample.measurements {
-                self.insert_reading(
+                let reading = self.store_reading(
                     sample.sensor_id,
                     sample.taken_at,
                     sample.hora_dudosa,
@@ -716,6 +711,7 @@ impl Step<'_> {
                     m.valor,
                     &m.unidad,
                 )?;
+                self.record_reading(reading)?;
             }
         }
         Ok(())
@@ -745,12 +741,21 @@ impl Step<'_> {
                 tipo,
                 frame
             ])?;
-        Ok(self.publish_after_commit(channel, event_type, sensor_id, tipo, frame))
+        *self.seq += 1;
+        self.events.push(Unpublished::Built(Arc::new(Event {
+            seq,
+            channel,
+            event_type: event_type.to_owned(),
+            sensor_id,
+            tipo: tipo.map(str::to_owned),
+            frame: frame.into(),
+        })));
+        Ok(seq)
     }
 
     /// Stores a reading's `created` event as the reading's fields, from which
-    /// [`reader::events_after`] rebuilds the same frame.
-    fn record_reading(&mut self, reading: &Reading) -> Result<u64, rusqlite::Error> {
+    /// [`reader::events_after`] rebuilds the same frame the publisher builds.
+    fn record_reading(&mut self, reading: Reading) -> Result<(), rusqlite::Error> {
         let seq = *self.seq;
         self.tx
             .prepare_cached(
@@ -770,36 +775,13 @@ impl Step<'_> {
                 reading.timestamp,
                 reading.hora_dudosa,
             ])?;
-        let frame = events::reading_frame(reading, self.now, seq);
-        Ok(self.publish_after_commit(
-            Channel::Readings,
-            "created",
-            Some(reading.sensor_id),
-            Some(&reading.tipo),
-            frame,
-        ))
-    }
-
-    /// Takes the next `seq` for an event just stored and keeps the event for the hub.
-    fn publish_after_commit(
-        &mut self,
-        channel: Channel,
-        event_type: &str,
-        sensor_id: Option<i64>,
-        tipo: Option<&str>,
-        frame: String,
-    ) -> u64 {
-        let seq = *self.seq;
         *self.seq += 1;
-        self.events.push(Arc::new(Event {
+        self.events.push(Unpublished::Reading {
+            reading,
             seq,
-            channel,
-            event_type: event_type.to_owned(),
-            sensor_id,
-            tipo: tipo.map(str::to_owned),
-            frame: frame.into(),
-        }));
-        seq
+            stored_at: self.now,
+        });
+        Ok(())
     }
 
     fn sensor_event(
@@ -898,7 +880,9 @@ impl Step<'_> {
         Ok(Ok(sensor))
     }
 
-    fn insert_reading(
+    /// Stores a reading and its share of the roll-ups and latest values; its event is
+    /// [`Step::record_reading`].
+    fn store_reading(
         &mut self,
         sensor_id: i64,
         taken_at: Micros,
@@ -934,7 +918,6 @@ impl Step<'_> {
             timestamp: taken_at,
             hora_dudosa,
         };
-        self.record_reading(&reading)?;
         Ok(reading)
     }
 
