@@ -68,45 +68,55 @@ struct Agg {
 /// Readings of one batch, folded per bucket.
 #[derive(Default)]
 pub struct Pending {
-    buckets: HashMap<(Bucket, i64, String, Micros), Agg>,
+    /// By bucket size, sensor and bucket start; a sensor has a few `tipo`s, so each
+    /// keeps a short list, and a reading whose bucket is already there allocates nothing.
+    buckets: HashMap<(Bucket, i64, Micros), Vec<(String, Agg)>>,
 }
 
 impl Pending {
     /// Adds one reading to its three buckets.
     pub fn add(&mut self, sensor_id: i64, tipo: &str, taken_at: Micros, valor: f64) {
         for bucket in Bucket::ALL {
-            let key = (bucket, sensor_id, tipo.to_owned(), bucket.start(taken_at));
-            self.buckets
-                .entry(key)
-                .and_modify(|a| {
+            let tipos = self
+                .buckets
+                .entry((bucket, sensor_id, bucket.start(taken_at)))
+                .or_default();
+            match tipos.iter_mut().find(|(t, _)| t == tipo) {
+                Some((_, a)) => {
                     a.min = a.min.min(valor);
                     a.max = a.max.max(valor);
                     a.sum += valor;
                     a.count += 1;
-                })
-                .or_insert(Agg {
-                    min: valor,
-                    max: valor,
-                    sum: valor,
-                    count: 1,
-                });
+                }
+                None => tipos.push((
+                    tipo.to_owned(),
+                    Agg {
+                        min: valor,
+                        max: valor,
+                        sum: valor,
+                        count: 1,
+                    },
+                )),
+            }
         }
     }
 
     /// Merges the batch into the stored buckets, inside the batch's transaction.
     pub fn flush(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        for ((bucket, sensor_id, tipo, start), agg) in self.buckets.drain() {
-            tx.prepare_cached(&format!(
+        for ((bucket, sensor_id, start), tipos) in self.buckets.drain() {
+            let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {} (sensor_id, tipo, inicio, min, max, sum, count) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT (sensor_id, tipo, inicio) DO UPDATE SET \
                  min = MIN(min, excluded.min), max = MAX(max, excluded.max), \
                  sum = sum + excluded.sum, count = count + excluded.count",
                 bucket.table()
-            ))?
-            .execute(params![
-                sensor_id, tipo, start, agg.min, agg.max, agg.sum, agg.count
-            ])?;
+            ))?;
+            for (tipo, agg) in tipos {
+                upsert.execute(params![
+                    sensor_id, tipo, start, agg.min, agg.max, agg.sum, agg.count
+                ])?;
+            }
         }
         Ok(())
     }
@@ -186,7 +196,9 @@ mod tests {
             let tx = conn.transaction().unwrap();
             let mut pending = Pending::default();
             for (t, v) in batch {
+                // Two tipos of one sensor share each bucket and must not mix.
                 pending.add(1, "temperatura", t, v);
+                pending.add(1, "humedad", t, v + 40.0);
             }
             pending.flush(&tx).unwrap();
             tx.commit().unwrap();
@@ -204,6 +216,18 @@ mod tests {
         assert_eq!((got[0].min, got[0].max, got[0].count), (18.0, 22.0, 3));
         assert_eq!(got[0].avg, 20.0);
         assert_eq!((got[1].inicio, got[1].count, got[1].avg), (hour, 1, 30.0));
+        let humedad = aggregates(
+            &conn,
+            &AggregateQuery {
+                tipo: Some("humedad".into()),
+                ..q.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (humedad[0].min, humedad[0].max, humedad[0].count),
+            (58.0, 62.0, 3)
+        );
         let day = aggregates(
             &conn,
             &AggregateQuery {
