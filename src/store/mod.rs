@@ -5,6 +5,7 @@
 //! events that describe it. Reads run on a small pool of read-only connections on the
 //! blocking thread pool, so they never wait behind a commit.
 
+mod checkpointer;
 mod publisher;
 mod reader;
 mod retention;
@@ -43,7 +44,7 @@ const WRITER_QUEUE: usize = 8192;
 /// that takes minutes to commit them).
 const QUEUED_SAMPLES: usize = 16_384;
 
-/// WAL pages (4 KiB each) that trigger an automatic checkpoint: 16 MiB.
+/// WAL pages (4 KiB each) that trigger a checkpoint: 16 MiB.
 const WAL_CHECKPOINT_PAGES: u32 = 4096;
 
 /// Read-only connections kept open between reads.
@@ -104,11 +105,20 @@ impl Store {
     /// starts the writer thread, which publishes committed events to `hub`.
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
         let conn = open_database(&config.data_dir, config.synchronous)?;
+        let checkpoints = open_database(&config.data_dir, config.synchronous)?;
         let path = config.data_dir.join(DATABASE_FILE);
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
         let queued = Arc::new(SampleGate::new(QUEUED_SAMPLES));
-        let handle = writer::spawn(conn, queue, queued.clone(), hub, config, health.clone())?;
+        let handle = writer::spawn(
+            conn,
+            checkpoints,
+            queue,
+            queued.clone(),
+            hub,
+            config,
+            health.clone(),
+        )?;
         let store = Store {
             commands,
             queued,
@@ -346,8 +356,8 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Checkpoint less often than SQLite's default 1000 pages: a hot page (a roll-up
     // bucket, the latest reading) rewritten by every commit reaches the card once per
-    // checkpoint, so fewer checkpoints mean fewer card writes. The writer also
-    // checkpoints at each maintenance pass.
+    // checkpoint, so fewer checkpoints mean fewer card writes. The writer's connection
+    // hands its checkpoints to a thread of their own (see `checkpointer`).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     Ok(())
 }

@@ -18,6 +18,7 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpointer::Checkpointer;
 use super::publisher::{self, Handover, Publisher, Unpublished};
 use super::retention::{Retention, SLICE};
 use super::rollup::Pending;
@@ -168,7 +169,8 @@ impl WriterHandle {
 }
 
 pub(crate) fn spawn(
-    conn: Connection,
+    mut conn: Connection,
+    checkpoints: Connection,
     queue: mpsc::Receiver<Command>,
     queued: Arc<SampleGate>,
     hub: Hub,
@@ -195,6 +197,7 @@ pub(crate) fn spawn(
     hub.start_at(next_seq - 1);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
     let publisher = Publisher::spawn(wal, hub, health.clone()).map_err(StoreError::Io)?;
+    let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
     let writer = Writer {
         conn,
         queue,
@@ -217,6 +220,7 @@ pub(crate) fn spawn(
             }),
         },
         publisher,
+        checkpointer,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -255,6 +259,7 @@ struct Writer {
     /// Announces each commit's events (after flushing the WAL, with `synchronous =
     /// "normal"`).
     publisher: Publisher,
+    checkpointer: Checkpointer,
     /// `None` when samples are committed as they come (`commit_window_ms = 0`).
     window: Option<CommitWindow>,
 }
@@ -351,8 +356,12 @@ impl Writer {
         self.serve();
         let stopped_at = self.next_seq - 1;
         let Writer {
-            conn, publisher, ..
+            mut conn,
+            publisher,
+            checkpointer,
+            ..
         } = self;
+        checkpointer.stop(&mut conn);
         publisher.stop();
         if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             log::warn!("final checkpoint failed: {e}");
@@ -587,14 +596,9 @@ impl Writer {
                 Err(e) => log::warn!("retention of {what} failed: {e}"),
             }
         }
-        // Copy the WAL back into the database now, at a quiet moment, rather than on a
-        // commit that happens to cross the threshold.
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            log::debug!("checkpoint skipped: {e}");
-        }
+        // Copy the WAL back into the database now, at a quiet moment, rather than only
+        // once it crosses the threshold.
+        self.checkpointer.request();
         if behind {
             // More is due than one slice: come back after a second, not a whole interval.
             self.last_maintenance -= self

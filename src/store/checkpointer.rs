@@ -1,0 +1,181 @@
+//! The checkpointer thread: copies the WAL back into the database file.
+//!
+//! A checkpoint writes the WAL's pages into the database and flushes it, tens of
+//! milliseconds on a card. SQLite's automatic checkpoint runs inside the commit that
+//! crosses its threshold, on the writer thread, so every command queued behind that
+//! commit waited for it. This thread checkpoints beside the writer instead, on a
+//! connection of its own (it writes no rows), when the writer's WAL hook reports
+//! [`WAL_CHECKPOINT_PAGES`] or more and at each maintenance pass.
+//!
+//! The WAL starts over from its beginning only when a write transaction begins with
+//! everything in it copied, which a writer busy without pause never finds, as commits
+//! land while this thread copies. So once the WAL reaches [`WAL_LIMIT_PAGES`] the writer
+//! waits for the checkpoint under way (SQLite refuses two at once) and checkpoints itself
+//! between two transactions, as SQLite would: by then this thread has copied all but the
+//! last commits, so that costs the writer little, and the WAL starts over. A gateway at
+//! its usual pace never gets there.
+
+use std::ffi::c_int;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::hooks::Wal;
+use rusqlite::Connection;
+
+use super::{StoreError, WAL_CHECKPOINT_PAGES};
+
+/// WAL pages past which the writer checkpoints itself (32 MiB): under a sustained burst
+/// the WAL stays below about twice the checkpoint threshold.
+const WAL_LIMIT_PAGES: u32 = 2 * WAL_CHECKPOINT_PAGES;
+
+/// The running checkpointer thread and the way to ask it for a checkpoint.
+pub(super) struct Checkpointer {
+    requests: SyncSender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts the thread on `conn` and makes `writer`'s commits ask it for checkpoints,
+    /// in place of SQLite's automatic ones.
+    pub(super) fn spawn(conn: Connection, writer: &mut Connection) -> Result<Self, StoreError> {
+        // One request waiting is enough: it checkpoints everything committed by then.
+        let (requests, received) = mpsc::sync_channel(1);
+        let from_commits = requests.clone();
+        // Held by whoever checkpoints, this thread or the writer.
+        let turn = Arc::new(Mutex::new(()));
+        let writers_turn = turn.clone();
+        writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
+            let pages = u32::try_from(pages).unwrap_or(0);
+            if pages >= WAL_LIMIT_PAGES {
+                let _turn = writers_turn.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = wal.checkpoint() {
+                    log::warn!("checkpoint of a WAL of {pages} pages failed: {e}");
+                }
+            } else if pages >= WAL_CHECKPOINT_PAGES {
+                request(&from_commits);
+            }
+            Ok(())
+        }))?;
+        let thread = std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || run(&conn, &received, &turn))
+            .map_err(StoreError::Io)?;
+        Ok(Checkpointer { requests, thread })
+    }
+
+    /// Asks for a checkpoint soon; returns at once.
+    pub(super) fn request(&self) {
+        request(&self.requests);
+    }
+
+    /// Removes the writer's hook, lets a checkpoint under way finish and stops the thread.
+    pub(super) fn stop(self, writer: &mut Connection) {
+        type Hook = fn(&mut Wal, c_int) -> rusqlite::Result<()>;
+        if let Err(e) = writer.wal_hook(None::<Hook>) {
+            log::warn!("removing the WAL hook failed: {e}");
+        }
+        drop(self.requests);
+        if self.thread.join().is_err() {
+            log::error!("storage checkpoint thread panicked");
+        }
+    }
+}
+
+fn request(requests: &SyncSender<()>) {
+    match requests.try_send(()) {
+        Ok(()) | Err(TrySendError::Full(())) => {}
+        Err(TrySendError::Disconnected(())) => {
+            log::warn!("storage checkpoint thread is gone; the WAL is checkpointed at its limit")
+        }
+    }
+}
+
+fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>) {
+    while requests.recv().is_ok() {
+        let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
+        // PASSIVE: never waits for readers or the writer; what it cannot copy now, the
+        // next request copies.
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        }) {
+            Ok((frames, copied)) => {
+                log::debug!("checkpoint copied {copied} of {frames} WAL frames")
+            }
+            Err(e) => log::debug!("checkpoint skipped: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_commit_past_the_threshold_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.db");
+        let mut writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        // Nothing but the checkpointer may copy the WAL back.
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute("CREATE TABLE blobs (data BLOB)", [])
+            .unwrap();
+        let checkpointer =
+            Checkpointer::spawn(Connection::open(&path).unwrap(), &mut writer).unwrap();
+
+        let bytes = (WAL_CHECKPOINT_PAGES as usize + 64) * 4096;
+        writer
+            .execute("INSERT INTO blobs VALUES (zeroblob(?1))", [bytes as i64])
+            .unwrap();
+        let database_size = || std::fs::metadata(&path).unwrap().len() as usize;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while database_size() < bytes {
+            assert!(
+                Instant::now() < deadline,
+                "the WAL was not copied back: database {} bytes",
+                database_size()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        checkpointer.stop(&mut writer);
+        writer.execute("DELETE FROM blobs", []).unwrap();
+    }
+
+    #[test]
+    fn the_wal_starts_over_under_a_writer_that_never_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.db");
+        let mut writer = Connection::open(&path).unwrap();
+        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
+        writer.pragma_update(None, "synchronous", "OFF").unwrap();
+        writer
+            .execute("CREATE TABLE blobs (data BLOB)", [])
+            .unwrap();
+        let checkpointer =
+            Checkpointer::spawn(Connection::open(&path).unwrap(), &mut writer).unwrap();
+
+        // Commits back to back, each opening its transaction at once, three times the
+        // limit in all.
+        let page: i64 = 4096;
+        let limit = i64::from(WAL_LIMIT_PAGES) * page;
+        let mut written = 0;
+        while written < 3 * limit {
+            writer
+                .execute("INSERT INTO blobs VALUES (zeroblob(?1))", [16 * page])
+                .unwrap();
+            written += 16 * page;
+        }
+        let wal = std::fs::metadata(dir.path().join("test.db-wal"))
+            .unwrap()
+            .len() as i64;
+        checkpointer.stop(&mut writer);
+        assert!(
+            wal <= limit + limit / 4,
+            "the WAL grew to {wal} bytes; limit {limit}"
+        );
+    }
+}
