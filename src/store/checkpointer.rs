@@ -8,14 +8,16 @@
 //! [`WAL_CHECKPOINT_PAGES`] or more and at each maintenance pass.
 //!
 //! The WAL starts over from its beginning only when a write transaction begins with
-//! everything in it copied, which a writer busy without pause never finds, as commits
-//! land while this thread copies. So once the WAL reaches [`WAL_LIMIT_PAGES`] the writer
-//! waits for the checkpoint under way (SQLite refuses two at once) and checkpoints itself
-//! between two transactions, as SQLite would: by then this thread has copied all but the
-//! last commits, so that costs the writer little, and the WAL starts over. A gateway at
-//! its usual pace never gets there.
+//! everything in it copied, which a writer that keeps committing never finds, as commits
+//! land while this thread copies; checkpointing again and again would only write the
+//! same hot pages to the card again. So once this thread has copied the bulk, the writer
+//! copies the rest itself, between two transactions, at its next commit: a few pages,
+//! after which its next transaction starts the WAL over. Should that fail (a reader still
+//! using the WAL), the writer checkpoints after every commit once the WAL reaches
+//! [`WAL_LIMIT_PAGES`], waiting for a checkpoint under way (SQLite refuses two at once).
 
 use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -45,21 +47,30 @@ impl Checkpointer {
         // Held by whoever checkpoints, this thread or the writer.
         let turn = Arc::new(Mutex::new(()));
         let writers_turn = turn.clone();
+        // Set by this thread after each checkpoint: the bulk is copied.
+        let copied = Arc::new(AtomicBool::new(false));
+        let bulk_copied = copied.clone();
+        // Whether this WAL, since it last started over, was handed to this thread.
+        let mut requested = false;
         writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
             let pages = u32::try_from(pages).unwrap_or(0);
-            if pages >= WAL_LIMIT_PAGES {
+            if pages < WAL_CHECKPOINT_PAGES {
+                requested = false;
+                bulk_copied.store(false, Ordering::Relaxed);
+            } else if pages >= WAL_LIMIT_PAGES || bulk_copied.swap(false, Ordering::Relaxed) {
                 let _turn = writers_turn.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = wal.checkpoint() {
                     log::warn!("checkpoint of a WAL of {pages} pages failed: {e}");
                 }
-            } else if pages >= WAL_CHECKPOINT_PAGES {
+            } else if !requested {
+                requested = true;
                 request(&from_commits);
             }
             Ok(())
         }))?;
         let thread = std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || run(&conn, &received, &turn))
+            .spawn(move || run(&conn, &received, &turn, &copied))
             .map_err(StoreError::Io)?;
         Ok(Checkpointer { requests, thread })
     }
@@ -91,7 +102,7 @@ fn request(requests: &SyncSender<()>) {
     }
 }
 
-fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>) {
+fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>, copied: &AtomicBool) {
     while requests.recv().is_ok() {
         let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
         // PASSIVE: never waits for readers or the writer; what it cannot copy now, the
@@ -99,8 +110,9 @@ fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>) {
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
             Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
         }) {
-            Ok((frames, copied)) => {
-                log::debug!("checkpoint copied {copied} of {frames} WAL frames")
+            Ok((frames, done)) => {
+                log::debug!("checkpoint copied {done} of {frames} WAL frames");
+                copied.store(true, Ordering::Relaxed);
             }
             Err(e) => log::debug!("checkpoint skipped: {e}"),
         }
