@@ -1,9 +1,10 @@
 //! Storage: one SQLite file in WAL mode.
 //!
-//! Every write goes through the [`writer`] thread, which owns the only read-write
-//! connection, commits whatever is queued in one transaction, and only then publishes the
-//! events that describe it. Reads run on a small pool of read-only connections on the
-//! blocking thread pool, so they never wait behind a commit.
+//! Every write goes through the [`writer`] thread, which owns the only connection that
+//! writes rows, commits whatever is queued in one transaction, and only then hands the
+//! events that describe it to the [`publisher`] thread. The [`checkpointer`] thread copies
+//! the WAL back into the database beside them. Reads run on a small pool of read-only
+//! connections on the blocking thread pool, so they never wait behind a commit.
 
 mod checkpointer;
 mod publisher;
@@ -102,7 +103,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database in `config.data_dir`, migrates it, and
-    /// starts the writer thread, which publishes committed events to `hub`.
+    /// starts the writer thread and the threads beside it; committed events go to `hub`.
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
         let conn = open_database(&config.data_dir, config.synchronous)?;
         let checkpoints = open_database(&config.data_dir, config.synchronous)?;
