@@ -92,6 +92,8 @@ pub struct WriterHealth {
     batch_commands: AtomicU64,
     /// Time spent in committed transactions, from begin to commit, in microseconds.
     commit_micros: AtomicU64,
+    /// `seq` of the newest committed event, set before any caller hears of its commit.
+    committed: AtomicU64,
     failure: Mutex<Option<Failure>>,
 }
 
@@ -117,6 +119,12 @@ impl WriterHealth {
     /// Seconds spent in committed transactions since start.
     pub fn commit_seconds(&self) -> f64 {
         self.commit_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// `seq` of the newest committed event, published or not: a client that connects
+    /// after a REST write was answered starts after that write's event.
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
     }
 
     /// Counts a committed transaction of `commands` commands that took `took`.
@@ -195,6 +203,7 @@ pub(crate) fn spawn(
     }
     let next_seq = last_seq(&conn)? + 1;
     hub.start_at(next_seq - 1);
+    health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
     let publisher = Publisher::spawn(wal, hub, health.clone()).map_err(StoreError::Io)?;
     let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
@@ -463,6 +472,9 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.health.timed(commands, started.elapsed());
+                self.health
+                    .committed
+                    .store(self.next_seq - 1, Ordering::Release);
                 // Answers before events: publishing wakes every session, and the callers
                 // woken after them would wait behind them all for a worker. A ping is
                 // answered last, as its promise is that everything before it is out.
