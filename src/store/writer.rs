@@ -478,16 +478,13 @@ impl Writer {
                 // Answers before events: publishing wakes every session, and the callers
                 // woken after them would wait behind them all for a worker. A ping is
                 // answered last, as its promise is that everything before it is out.
-                let (pings, answers): (Vec<Done>, Vec<Done>) =
-                    done.into_iter().partition(|d| matches!(d, Done::Ping(_)));
-                answers.into_iter().for_each(Done::send);
-                let pings = pings
-                    .into_iter()
-                    .filter_map(|d| match d {
-                        Done::Ping(reply) => Some(reply),
-                        _ => None,
-                    })
-                    .collect();
+                let mut pings = Vec::new();
+                for answer in done {
+                    match answer {
+                        Done::Ping(reply) => pings.push(reply),
+                        answer => answer.send(),
+                    }
+                }
                 self.publisher.send(Handover::Committed(published, pings));
                 if let Some(outage) = self.outage.take() {
                     self.recovered(outage);
