@@ -43,10 +43,11 @@ impl Feed {
     /// A feed that starts after `since`, or after the newest committed event if `None`.
     pub fn new(hub: &Hub, store: Store, since: Option<u64>) -> Feed {
         // Read where numbering stands before subscribing: anything published in between
-        // is in the database and the first replay round finds it. Without `since`, events
-        // committed before the client came but published after are not its news: a REST
-        // write answered before it connected must not reach it as an event.
-        let position = since.unwrap_or_else(|| hub.published().max(store.health().committed()));
+        // is in the database and the first replay round finds it. Without `since`, the
+        // newest committed event, never behind the newest published one: events
+        // committed before the client came but published after are not its news, as a
+        // REST write answered before it connected must not reach it as an event.
+        let position = since.unwrap_or_else(|| store.health().committed());
         let live = hub.subscribe();
         Feed {
             store,
