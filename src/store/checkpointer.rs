@@ -121,23 +121,33 @@ fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>, copied: &At
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::time::{Duration, Instant};
 
     use super::*;
 
-    #[test]
-    fn a_commit_past_the_threshold_is_checkpointed_beside_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("test.db");
+    /// A WAL database of one table in `dir`, its writer's connection and a checkpointer.
+    fn database(dir: &Path) -> (Connection, Checkpointer) {
+        let path = dir.join("test.db");
         let mut writer = Connection::open(&path).unwrap();
         writer.pragma_update(None, "journal_mode", "WAL").unwrap();
         // Nothing but the checkpointer may copy the WAL back.
         writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        // Commits as fast as the disk takes them: their durability is not under test.
+        writer.pragma_update(None, "synchronous", "OFF").unwrap();
         writer
             .execute("CREATE TABLE blobs (data BLOB)", [])
             .unwrap();
         let checkpointer =
             Checkpointer::spawn(Connection::open(&path).unwrap(), &mut writer).unwrap();
+        (writer, checkpointer)
+    }
+
+    #[test]
+    fn a_commit_past_the_threshold_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.db");
+        let (mut writer, checkpointer) = database(dir.path());
 
         let bytes = (WAL_CHECKPOINT_PAGES as usize + 64) * 4096;
         writer
@@ -160,15 +170,7 @@ mod tests {
     #[test]
     fn the_wal_starts_over_under_a_writer_that_never_pauses() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("test.db");
-        let mut writer = Connection::open(&path).unwrap();
-        writer.pragma_update(None, "journal_mode", "WAL").unwrap();
-        writer.pragma_update(None, "synchronous", "OFF").unwrap();
-        writer
-            .execute("CREATE TABLE blobs (data BLOB)", [])
-            .unwrap();
-        let checkpointer =
-            Checkpointer::spawn(Connection::open(&path).unwrap(), &mut writer).unwrap();
+        let (mut writer, checkpointer) = database(dir.path());
 
         // Commits back to back, each opening its transaction at once, three times the
         // limit in all.
