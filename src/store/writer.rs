@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+use rusqlite::{params, CachedStatement, Connection, Transaction, TransactionBehavior};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -435,24 +435,26 @@ impl Writer {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut seq = self.next_seq;
+            let mut step = Step {
+                tx: &tx,
+                readings: ReadingInserts::prepare(&tx)?,
+                seq: &mut seq,
+                events: &mut published,
+                rollups: &mut rollups,
+                newest: &mut newest,
+                held: &mut held,
+                now: now_micros(),
+            };
             let mut commands = batch.drain(..);
             for command in commands.by_ref() {
-                let mut step = Step {
-                    tx: &tx,
-                    seq: &mut seq,
-                    events: &mut published,
-                    rollups: &mut rollups,
-                    newest: &mut newest,
-                    held: &mut held,
-                    now: now_micros(),
-                };
+                step.now = now_micros();
                 match step.apply(command) {
                     Ok(d) => done.push(d),
                     Err(e) => {
                         let why = e.to_string();
                         for command in commands {
                             match command {
-                                Command::Samples(samples) => held.extend(samples),
+                                Command::Samples(samples) => step.held.extend(samples),
                                 other => other.abort(&why),
                             }
                         }
@@ -461,6 +463,7 @@ impl Writer {
                 }
             }
             drop(commands);
+            drop(step);
             newest.flush(&tx)?;
             rollups.flush(&tx)?;
             tx.commit()?;
@@ -632,9 +635,10 @@ pub(super) fn outage_notice(why: &str, buffered_samples: usize) -> Arc<Event> {
     })
 }
 
-/// Applies one command inside the batch's transaction.
+/// Applies the batch's commands inside its transaction.
 struct Step<'a> {
     tx: &'a Transaction<'a>,
+    readings: ReadingInserts<'a>,
     seq: &'a mut u64,
     events: &'a mut Vec<Unpublished>,
     rollups: &'a mut Pending,
@@ -770,24 +774,18 @@ impl Step<'_> {
     /// [`reader::events_after`] rebuilds the same frame the publisher builds.
     fn record_reading(&mut self, reading: Reading) -> Result<(), rusqlite::Error> {
         let seq = *self.seq;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
-                 reading_id, valor, unidad, taken_at, hora_dudosa) \
-                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9, ?10)",
-            )?
-            .execute(params![
-                seq as i64,
-                self.now,
-                Channel::Readings.as_str(),
-                reading.sensor_id,
-                reading.tipo,
-                reading.id,
-                reading.valor,
-                reading.unidad,
-                reading.timestamp,
-                reading.hora_dudosa,
-            ])?;
+        self.readings.event.execute(params![
+            seq as i64,
+            self.now,
+            Channel::Readings.as_str(),
+            reading.sensor_id,
+            reading.tipo,
+            reading.id,
+            reading.valor,
+            reading.unidad,
+            reading.timestamp,
+            reading.hora_dudosa,
+        ])?;
         *self.seq += 1;
         self.events.push(Unpublished::Reading {
             reading,
@@ -906,19 +904,14 @@ impl Step<'_> {
     ) -> Result<Reading, rusqlite::Error> {
         // SQLite keeps -0.0 as 0: the live frame must carry the value replay will read.
         let valor = valor + 0.0;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                sensor_id,
-                taken_at,
-                tipo,
-                valor,
-                unidad,
-                hora_dudosa
-            ])?;
+        self.readings.row.execute(params![
+            sensor_id,
+            taken_at,
+            tipo,
+            valor,
+            unidad,
+            hora_dudosa
+        ])?;
         let id = self.tx.last_insert_rowid();
         self.rollups.add(sensor_id, tipo, taken_at, valor);
         self.newest.add(sensor_id, tipo, id, taken_at);
@@ -953,6 +946,30 @@ impl Step<'_> {
             None,
             frame,
         )
+    }
+}
+
+/// The two inserts of every reading, prepared once per transaction: a busy gateway
+/// stores thousands of readings per commit, and looking each statement up in the
+/// connection's cache by its text cost more than binding its values.
+struct ReadingInserts<'tx> {
+    row: CachedStatement<'tx>,
+    event: CachedStatement<'tx>,
+}
+
+impl<'tx> ReadingInserts<'tx> {
+    fn prepare(tx: &'tx Transaction<'tx>) -> rusqlite::Result<Self> {
+        Ok(ReadingInserts {
+            row: tx.prepare_cached(
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            event: tx.prepare_cached(
+                "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
+                 reading_id, valor, unidad, taken_at, hora_dudosa) \
+                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9, ?10)",
+            )?,
+        })
     }
 }
 
