@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::reader;
 use super::writer::WriterHealth;
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{Micros, Reading};
@@ -30,6 +31,14 @@ const QUEUED_COMMITS: usize = 16;
 
 /// How soon a failed flush is tried again when no new commit arrives to prompt it.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Events kept in memory while flushes fail, about 150 bytes each. Past this only their
+/// `seq`s are kept, and the events are read back from the database once a flush works:
+/// a card that refuses flushes for hours costs no more memory than a few minutes.
+const HELD_EVENTS: usize = 20_000;
+
+/// Events read back from the database at a time.
+const READ_BACK: u32 = 1000;
 
 /// What the writer hands over.
 pub(super) enum Handover {
@@ -53,6 +62,13 @@ pub(super) enum Unpublished {
 }
 
 impl Unpublished {
+    fn seq(&self) -> u64 {
+        match self {
+            Unpublished::Built(event) => event.seq,
+            Unpublished::Reading { seq, .. } => *seq,
+        }
+    }
+
     fn build(self) -> Arc<Event> {
         match self {
             Unpublished::Built(event) => event,
@@ -82,16 +98,21 @@ pub(super) struct Publisher {
 }
 
 impl Publisher {
-    /// Starts the thread that publishes to `hub`, flushing `wal` first when it is given.
+    /// Starts the thread that publishes to `hub`, flushing `wal` first when it is given;
+    /// events held back too long are read back from `database`.
     pub(super) fn spawn(
         wal: Option<PathBuf>,
+        database: PathBuf,
         hub: Hub,
         health: Arc<WriterHealth>,
     ) -> std::io::Result<Self> {
         let (queue, handovers) = mpsc::sync_channel(QUEUED_COMMITS);
         let thread = std::thread::Builder::new()
             .name("store-publisher".into())
-            .spawn(move || run(wal.as_deref(), &handovers, &hub, &health))?;
+            .spawn(move || {
+                let mut backlog = Backlog::new(&database, &hub);
+                run(wal.as_deref(), &handovers, &mut backlog, &health);
+            })?;
         Ok(Publisher { queue, thread })
     }
 
@@ -125,13 +146,87 @@ fn flush(wal: Option<&Path>) -> Result<(), String> {
     }
 }
 
-fn run(wal: Option<&Path>, handovers: &Receiver<Handover>, hub: &Hub, health: &WriterHealth) {
-    let mut held: Vec<Unpublished> = Vec::new();
+/// Committed events waiting for their WAL flush: a round's worth while flushes work,
+/// every commit's since the first failed flush while the card refuses them.
+struct Backlog<'a> {
+    held: Vec<Unpublished>,
+    /// First and last `seq` of the events committed once [`HELD_EVENTS`] were held, not
+    /// kept in memory. The writer numbers without gaps, so every event between them is
+    /// one of them.
+    dropped: Option<(u64, u64)>,
+    database: &'a Path,
+    hub: &'a Hub,
+}
+
+impl<'a> Backlog<'a> {
+    fn new(database: &'a Path, hub: &'a Hub) -> Self {
+        Backlog {
+            held: Vec::new(),
+            dropped: None,
+            database,
+            hub,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.dropped.is_none()
+    }
+
+    fn add(&mut self, events: Vec<Unpublished>) {
+        for event in events {
+            if self.dropped.is_none() && self.held.len() < HELD_EVENTS {
+                self.held.push(event);
+            } else {
+                let seq = event.seq();
+                let first = self.dropped.map_or(seq, |(first, _)| first);
+                self.dropped = Some((first, seq));
+            }
+        }
+    }
+
+    /// Publishes every event, in `seq` order; call once the WAL is flushed.
+    fn publish(&mut self) {
+        self.held
+            .drain(..)
+            .for_each(|event| self.hub.publish(event.build()));
+        if let Some((first, last)) = self.dropped.take() {
+            if let Err(e) = self.read_back(first, last) {
+                log::error!(
+                    "events {first} to {last} could not be read back to go out live ({e}); \
+                     clients that resume from an earlier seq still get them"
+                );
+            }
+        }
+    }
+
+    fn read_back(&self, first: u64, last: u64) -> rusqlite::Result<()> {
+        let conn = super::open_reader(self.database)?;
+        let mut after = first - 1;
+        while after < last {
+            let events = reader::events_after(&conn, after, last, &Channel::ALL, READ_BACK)?;
+            let Some(newest) = events.last() else {
+                break;
+            };
+            after = newest.seq;
+            events
+                .into_iter()
+                .for_each(|event| self.hub.publish(Arc::new(event)));
+        }
+        Ok(())
+    }
+}
+
+fn run(
+    wal: Option<&Path>,
+    handovers: &Receiver<Handover>,
+    backlog: &mut Backlog<'_>,
+    health: &WriterHealth,
+) {
     let mut failing = false;
     loop {
         // With events held back by a failed flush, try again after a while even when
         // nothing new is committed.
-        let first = if held.is_empty() {
+        let first = if backlog.is_empty() {
             handovers.recv().ok()
         } else {
             match handovers.recv_timeout(RETRY_AFTER) {
@@ -139,14 +234,14 @@ fn run(wal: Option<&Path>, handovers: &Receiver<Handover>, hub: &Hub, health: &W
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
                     match flush(wal) {
-                        Ok(()) => held.drain(..).for_each(|e| hub.publish(e.build())),
+                        Ok(()) => backlog.publish(),
                         Err(why) => log::error!("{why}; the last events were not sent"),
                     }
                     return;
                 }
             }
         };
-        if first.is_none() && held.is_empty() {
+        if first.is_none() && backlog.is_empty() {
             return;
         }
         let mut pings = Vec::new();
@@ -154,30 +249,33 @@ fn run(wal: Option<&Path>, handovers: &Receiver<Handover>, hub: &Hub, health: &W
         for handover in first.into_iter().chain(handovers.try_iter()) {
             match handover {
                 Handover::Committed(events, answers) => {
-                    held.extend(events);
+                    backlog.add(events);
                     pings.extend(answers);
                 }
                 Handover::Notice(notice) => notices.push(notice),
             }
         }
-        if !held.is_empty() {
-            match flush(wal) {
+        if !backlog.is_empty() {
+            let flushed = flush(wal);
+            health.record_flush(&flushed);
+            match flushed {
                 Ok(()) => {
                     if std::mem::take(&mut failing) {
                         log::info!("flushing the WAL works again");
                     }
-                    held.drain(..).for_each(|e| hub.publish(e.build()));
+                    backlog.publish();
                 }
                 Err(why) => {
-                    health.record(&Err(why.clone()));
                     if !std::mem::replace(&mut failing, true) {
                         log::error!("{why}; events wait until it works");
-                        hub.publish(super::writer::outage_notice(&why, 0));
+                        backlog.hub.publish(super::writer::outage_notice(&why, 0));
                     }
                 }
             }
         }
-        notices.into_iter().for_each(|notice| hub.publish(notice));
+        notices
+            .into_iter()
+            .for_each(|notice| backlog.hub.publish(notice));
         // The writer is alive even when the card refuses a flush: answer.
         pings.into_iter().for_each(|ping| {
             let _ = ping.send(());
@@ -219,7 +317,9 @@ mod tests {
         let hub = Hub::new(64);
         let mut events = hub.subscribe();
         let health = Arc::new(WriterHealth::default());
-        let publisher = Publisher::spawn(Some(wal.clone()), hub.clone(), health.clone()).unwrap();
+        let database = dir.path().join("sensorgate.db");
+        let publisher =
+            Publisher::spawn(Some(wal.clone()), database, hub.clone(), health.clone()).unwrap();
 
         let (ping, pong) = oneshot::channel();
         publisher.send(Handover::Committed(vec![built(1), built(2)], vec![ping]));
@@ -231,12 +331,21 @@ mod tests {
             "only the outage notice goes out"
         );
         assert!(health.failure().unwrap().error.contains("flushing"));
+        health.record(&Ok(()));
+        assert!(
+            health.failure().is_some(),
+            "a commit that works does not end a run of failed flushes"
+        );
 
         std::fs::write(&wal, b"").unwrap();
         let (ping, pong) = oneshot::channel();
         publisher.send(Handover::Committed(vec![built(3)], vec![ping]));
         pong.blocking_recv().unwrap();
         assert_eq!(received(&mut events), [1, 2, 3]);
+        assert!(
+            health.failure().is_none(),
+            "a flush that works ends the run"
+        );
 
         publisher.send(Handover::Committed(vec![built(4)], Vec::new()));
         publisher.stop();
@@ -245,5 +354,72 @@ mod tests {
             [4],
             "stopping flushes what was handed over"
         );
+    }
+
+    #[test]
+    fn events_past_the_memory_bound_are_read_back_from_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let total = (HELD_EVENTS + 2500) as u64;
+        let conn =
+            crate::store::open_database(dir.path(), crate::config::Synchronous::Normal).unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO events (seq, ts, channel, event_type, frame) \
+                 VALUES (?1, 0, 'sensors', 'updated', ?2)",
+            )
+            .unwrap();
+        for seq in 1..=total {
+            insert
+                .execute(rusqlite::params![seq as i64, format!("stored {seq}")])
+                .unwrap();
+        }
+        let wal = dir.path().join("refused-wal");
+        let hub = Hub::new(total as usize + 16);
+        let mut events = hub.subscribe();
+        let publisher = Publisher::spawn(
+            Some(wal.clone()),
+            dir.path().join(crate::store::DATABASE_FILE),
+            hub.clone(),
+            Arc::new(WriterHealth::default()),
+        )
+        .unwrap();
+        let in_memory = |seq: u64| {
+            Unpublished::Built(Arc::new(Event {
+                frame: format!("held {seq}").into(),
+                ..(*event(seq)).clone()
+            }))
+        };
+        let seqs: Vec<u64> = (1..=total).collect();
+        for chunk in seqs.chunks(1000) {
+            publisher.send(Handover::Committed(
+                chunk.iter().map(|&seq| in_memory(seq)).collect(),
+                Vec::new(),
+            ));
+        }
+        let (ping, pong) = oneshot::channel();
+        publisher.send(Handover::Committed(Vec::new(), vec![ping]));
+        pong.blocking_recv().unwrap();
+        assert_eq!(
+            received(&mut events),
+            [0],
+            "only the outage notice goes out"
+        );
+
+        std::fs::write(&wal, b"").unwrap();
+        publisher.stop();
+        let published: Vec<Arc<Event>> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert_eq!(
+            published.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            seqs,
+            "every event, once, in order"
+        );
+        for event in &published {
+            let source = if event.seq as usize <= HELD_EVENTS {
+                "held"
+            } else {
+                "stored"
+            };
+            assert_eq!(&*event.frame, format!("{source} {}", event.seq));
+        }
     }
 }

@@ -95,6 +95,9 @@ pub struct WriterHealth {
     /// `seq` of the newest committed event, set before any caller hears of its commit.
     committed: AtomicU64,
     failure: Mutex<Option<Failure>>,
+    /// The run of failed WAL flushes (`synchronous = "normal"`), apart from failed
+    /// commits: a commit that works says nothing of the flush that must follow it.
+    flush_failure: Mutex<Option<Failure>>,
 }
 
 /// A run of failed commits: what the latest one said and when the first one failed, so
@@ -135,30 +138,38 @@ impl WriterHealth {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The current run of failed commits, cleared by the next successful one.
+    /// The current run of failed commits, cleared by the next successful one, or else
+    /// of failed WAL flushes, cleared by the next successful flush.
     pub fn failure(&self) -> Option<Failure> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let current =
+            |slot: &Mutex<Option<Failure>>| slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        current(&self.failure).or_else(|| current(&self.flush_failure))
     }
 
+    /// Counts a commit, or the run of failed commits it continues.
     pub(super) fn record(&self, result: &Result<(), String>) {
-        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(()) => {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-                *failure = None;
-            }
-            Err(e) => {
-                let since = failure.as_ref().map_or_else(now_micros, |f| f.since);
-                *failure = Some(Failure {
-                    error: e.clone(),
-                    since,
-                });
-            }
+        if result.is_ok() {
+            self.commits.fetch_add(1, Ordering::Relaxed);
         }
+        note(&self.failure, result);
     }
+
+    /// Ends or continues the run of failed WAL flushes.
+    pub(super) fn record_flush(&self, result: &Result<(), String>) {
+        note(&self.flush_failure, result);
+    }
+}
+
+/// Clears `slot` on success; on failure keeps the time the run of failures began.
+fn note(slot: &Mutex<Option<Failure>>, result: &Result<(), String>) {
+    let mut failure = slot.lock().unwrap_or_else(|e| e.into_inner());
+    *failure = match result {
+        Ok(()) => None,
+        Err(e) => Some(Failure {
+            error: e.clone(),
+            since: failure.as_ref().map_or_else(now_micros, |f| f.since),
+        }),
+    };
 }
 
 /// The running writer thread.
@@ -205,7 +216,8 @@ pub(crate) fn spawn(
     hub.start_at(next_seq - 1);
     health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
-    let publisher = Publisher::spawn(wal, hub, health.clone()).map_err(StoreError::Io)?;
+    let database = config.data_dir.join(super::DATABASE_FILE);
+    let publisher = Publisher::spawn(wal, database, hub, health.clone()).map_err(StoreError::Io)?;
     let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
     let writer = Writer {
         conn,
