@@ -196,7 +196,7 @@ pub fn render(
         (
             "sensorgate_storage_ok",
             "gauge",
-            "1 while the last commit succeeded.",
+            "1 while the last commit succeeded and, with synchronous = normal, the last WAL flush.",
             f64::from(u8::from(store.health().failure().is_none())),
         ),
     ];

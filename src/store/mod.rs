@@ -388,7 +388,7 @@ impl Readers {
     }
 }
 
-pub(super) fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
+fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

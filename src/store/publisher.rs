@@ -9,7 +9,9 @@
 //! until a checkpoint, so this thread flushes the WAL itself before it publishes: a power
 //! cut may take back an answered REST write, never one whose event a client heard of. One
 //! flush covers every commit handed over while the previous one ran, so the writer never
-//! waits for the card. With `full`, SQLite flushed each commit before handing it over.
+//! waits for the card, except behind a long backlog of a failed flush that is read back
+//! once the card works again. With `full`, SQLite flushed each commit before handing it
+//! over.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
@@ -154,6 +156,8 @@ struct Backlog<'a> {
     /// kept in memory. The writer numbers without gaps, so every event between them is
     /// one of them.
     dropped: Option<(u64, u64)>,
+    /// Reading them back failed last time: logged once, tried again every round.
+    read_back_failing: bool,
     database: &'a Path,
     hub: &'a Hub,
 }
@@ -163,6 +167,7 @@ impl<'a> Backlog<'a> {
         Backlog {
             held: Vec::new(),
             dropped: None,
+            read_back_failing: false,
             database,
             hub,
         }
@@ -184,33 +189,56 @@ impl<'a> Backlog<'a> {
         }
     }
 
-    /// Publishes every event, in `seq` order; call once the WAL is flushed.
+    /// Publishes every event, in `seq` order; call once the WAL is flushed. Events that
+    /// cannot be read back yet stay in the backlog, ahead of every newer one.
     fn publish(&mut self) {
         self.held
             .drain(..)
             .for_each(|event| self.hub.publish(event.build()));
-        if let Some((first, last)) = self.dropped.take() {
-            if let Err(e) = self.read_back(first, last) {
-                log::error!(
-                    "events {first} to {last} could not be read back to go out live ({e}); \
-                     clients that resume from an earlier seq still get them"
-                );
+        let Some((first, last)) = self.dropped else {
+            return;
+        };
+        let mut after = first - 1;
+        match self.read_back(&mut after, last) {
+            Ok(()) => {
+                self.dropped = None;
+                if std::mem::take(&mut self.read_back_failing) {
+                    log::info!("events held back by failed flushes are out again");
+                }
+            }
+            Err(e) => {
+                self.dropped = Some((after + 1, last));
+                if !std::mem::replace(&mut self.read_back_failing, true) {
+                    log::error!(
+                        "events {} to {last} could not be read back to go out live: {e}; \
+                         trying again every second",
+                        after + 1
+                    );
+                }
             }
         }
     }
 
-    fn read_back(&self, first: u64, last: u64) -> rusqlite::Result<()> {
+    /// Publishes the stored events after `after` up to `last`, moving `after` along.
+    fn read_back(&self, after: &mut u64, last: u64) -> rusqlite::Result<()> {
         let conn = super::open_reader(self.database)?;
-        let mut after = first - 1;
-        while after < last {
-            let events = reader::events_after(&conn, after, last, &Channel::ALL, READ_BACK)?;
+        while *after < last {
+            let events = reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?;
             let Some(newest) = events.last() else {
                 break;
             };
-            after = newest.seq;
+            if events[0].seq != *after + 1 {
+                log::warn!(
+                    "events {} to {} were removed by retention before they could go out live",
+                    *after + 1,
+                    events[0].seq - 1
+                );
+            }
+            let newest = newest.seq;
             events
                 .into_iter()
                 .for_each(|event| self.hub.publish(Arc::new(event)));
+            *after = newest;
         }
         Ok(())
     }
@@ -317,7 +345,7 @@ mod tests {
         let hub = Hub::new(64);
         let mut events = hub.subscribe();
         let health = Arc::new(WriterHealth::default());
-        let database = dir.path().join("sensorgate.db");
+        let database = dir.path().join(crate::store::DATABASE_FILE);
         let publisher =
             Publisher::spawn(Some(wal.clone()), database, hub.clone(), health.clone()).unwrap();
 
@@ -360,6 +388,7 @@ mod tests {
     fn events_past_the_memory_bound_are_read_back_from_the_database() {
         let dir = tempfile::tempdir().unwrap();
         let total = (HELD_EVENTS + 2500) as u64;
+        let newer = total + 1;
         let conn =
             crate::store::open_database(dir.path(), crate::config::Synchronous::Normal).unwrap();
         let mut insert = conn
@@ -368,17 +397,18 @@ mod tests {
                  VALUES (?1, 0, 'sensors', 'updated', ?2)",
             )
             .unwrap();
-        for seq in 1..=total {
+        for seq in 1..=newer {
             insert
                 .execute(rusqlite::params![seq as i64, format!("stored {seq}")])
                 .unwrap();
         }
+        let database = dir.path().join(crate::store::DATABASE_FILE);
         let wal = dir.path().join("refused-wal");
-        let hub = Hub::new(total as usize + 16);
+        let hub = Hub::new(newer as usize + 16);
         let mut events = hub.subscribe();
         let publisher = Publisher::spawn(
             Some(wal.clone()),
-            dir.path().join(crate::store::DATABASE_FILE),
+            database.clone(),
             hub.clone(),
             Arc::new(WriterHealth::default()),
         )
@@ -389,37 +419,49 @@ mod tests {
                 ..(*event(seq)).clone()
             }))
         };
+        let hand_over = |seqs: &[u64]| {
+            let (ping, pong) = oneshot::channel();
+            let events = seqs.iter().map(|&seq| in_memory(seq)).collect();
+            publisher.send(Handover::Committed(events, vec![ping]));
+            pong.blocking_recv().unwrap();
+        };
+        let published = |events: &mut tokio::sync::broadcast::Receiver<Arc<Event>>| {
+            std::iter::from_fn(|| events.try_recv().ok())
+                .map(|e| (e.seq, e.frame.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let expected = |seqs: std::ops::RangeInclusive<u64>, source: &str| {
+            seqs.map(|seq| (seq, format!("{source} {seq}")))
+                .collect::<Vec<_>>()
+        };
+
         let seqs: Vec<u64> = (1..=total).collect();
-        for chunk in seqs.chunks(1000) {
-            publisher.send(Handover::Committed(
-                chunk.iter().map(|&seq| in_memory(seq)).collect(),
-                Vec::new(),
-            ));
-        }
-        let (ping, pong) = oneshot::channel();
-        publisher.send(Handover::Committed(Vec::new(), vec![ping]));
-        pong.blocking_recv().unwrap();
+        seqs.chunks(1000).for_each(hand_over);
         assert_eq!(
             received(&mut events),
             [0],
             "only the outage notice goes out"
         );
 
+        // The flush works, but the events past the bound cannot be read back yet.
         std::fs::write(&wal, b"").unwrap();
-        publisher.stop();
-        let published: Vec<Arc<Event>> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        let away = dir.path().join("elsewhere.db");
+        std::fs::rename(&database, &away).unwrap();
+        hand_over(&[]);
         assert_eq!(
-            published.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            seqs,
-            "every event, once, in order"
+            published(&mut events),
+            expected(1..=HELD_EVENTS as u64, "held"),
+            "the events kept in memory go out"
         );
-        for event in &published {
-            let source = if event.seq as usize <= HELD_EVENTS {
-                "held"
-            } else {
-                "stored"
-            };
-            assert_eq!(&*event.frame, format!("{source} {}", event.seq));
-        }
+
+        std::fs::rename(&away, &database).unwrap();
+        hand_over(&[newer]);
+        assert_eq!(
+            published(&mut events),
+            expected(HELD_EVENTS as u64 + 1..=newer, "stored"),
+            "the rest is read back, before the newer commit and with it"
+        );
+        publisher.stop();
+        assert_eq!(received(&mut events), Vec::<u64>::new());
     }
 }

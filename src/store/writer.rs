@@ -100,8 +100,8 @@ pub struct WriterHealth {
     flush_failure: Mutex<Option<Failure>>,
 }
 
-/// A run of failed commits: what the latest one said and when the first one failed, so
-/// an operator sees since when the card has been refusing writes.
+/// A run of failed commits or flushes: what the latest one said and when the first one
+/// failed, so an operator sees since when the card has been refusing writes.
 #[derive(Clone, Debug)]
 pub struct Failure {
     pub error: String,
