@@ -182,9 +182,7 @@ impl Scheduler {
             }
         }
         let ids: Vec<i64> = self.running.keys().copied().collect();
-        for id in ids {
-            self.stop(id).await;
-        }
+        self.stop_all(ids).await;
     }
 
     /// Brings the running set in line with every stored sensor.
@@ -202,9 +200,7 @@ impl Scheduler {
                     .filter(|id| !ids.contains(id))
                     .copied()
                     .collect();
-                for id in gone {
-                    self.stop(id).await;
-                }
+                self.stop_all(gone).await;
                 for sensor in &sensors {
                     self.apply(sensor).await;
                 }
@@ -262,30 +258,55 @@ impl Scheduler {
         }
     }
 
-    /// Stops a sensor's thread and waits for it, off the async threads and for at most
-    /// [`STOP_WAIT`]: a thread stuck in a hung driver is left behind rather than holding
-    /// up reconfiguration or shutdown.
+    /// Stops one sensor's thread, as [`Scheduler::stop_all`] does.
     async fn stop(&mut self, sensor_id: i64) {
-        let Some(running) = self.running.remove(&sensor_id) else {
+        self.stop_all(vec![sensor_id]).await;
+    }
+
+    /// Stops sensors' threads and waits for them, off the async threads and for at most
+    /// [`STOP_WAIT`] in all: a thread stuck in a hung driver is left behind rather than
+    /// holding up reconfiguration or shutdown. Every thread is told before any is waited
+    /// for: one told later would go on filling the writer's queue, and the sources
+    /// waiting for room in it would each take their turn.
+    async fn stop_all(&mut self, sensor_ids: Vec<i64>) {
+        let stopping: Vec<(i64, mpsc::Receiver<()>, JoinHandle<()>)> = sensor_ids
+            .into_iter()
+            .filter_map(|id| self.running.remove(&id).map(|running| (id, running)))
+            .map(|(id, running)| {
+                drop(running.stop);
+                (id, running.done, running.thread)
+            })
+            .collect();
+        if stopping.is_empty() {
             return;
-        };
-        let Running {
-            stop, done, thread, ..
-        } = running;
-        drop(stop);
-        let ended = tokio::task::spawn_blocking(move || match done.recv_timeout(STOP_WAIT) {
-            Err(RecvTimeoutError::Timeout) => None,
-            _ => Some(thread.join().is_ok()),
-        })
-        .await;
-        match ended {
-            Ok(Some(true)) => {}
-            Ok(None) => {
-                log::error!("sensor {sensor_id}: sampling thread stuck in a read, left behind")
-            }
-            _ => log::error!("sensor {sensor_id}: sampling thread panicked"),
         }
-        self.health.remove(sensor_id);
+        let ids: Vec<i64> = stopping.iter().map(|(id, ..)| *id).collect();
+        let ended = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + STOP_WAIT;
+            stopping
+                .into_iter()
+                .map(|(id, done, thread)| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let ended = match done.recv_timeout(left) {
+                        Err(RecvTimeoutError::Timeout) => None,
+                        _ => Some(thread.join().is_ok()),
+                    };
+                    (id, ended)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|_| ids.iter().map(|&id| (id, Some(false))).collect());
+        for (sensor_id, ended) in ended {
+            match ended {
+                Some(true) => {}
+                None => {
+                    log::error!("sensor {sensor_id}: sampling thread stuck in a read, left behind")
+                }
+                Some(false) => log::error!("sensor {sensor_id}: sampling thread panicked"),
+            }
+            self.health.remove(sensor_id);
+        }
     }
 }
 
