@@ -235,6 +235,8 @@ test("creating a sensor in the form makes its card appear; editing and deleting 
 
   await page.click("nav a[data-view=manage]");
   await row.getByRole("link", { name: "Edit" }).click();
+  // The link changes the hash; the form is filled when the page handles that, later.
+  await page.locator("#form-title", { hasText: `Edit sensor #${id}` }).waitFor();
   assert.equal(await page.inputValue("#s-ubicacion"), "Taller");
   await page.fill("#s-ubicacion", "Taller 2");
   await page.click("#form-submit");
