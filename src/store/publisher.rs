@@ -112,8 +112,8 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("store-publisher".into())
             .spawn(move || {
-                let mut backlog = Backlog::new(&database, &hub);
-                run(wal.as_deref(), &handovers, &mut backlog, &health);
+                let mut backlog = Backlog::new(&database);
+                run(wal.as_deref(), &handovers, &mut backlog, &hub, &health);
             })?;
         Ok(Publisher { queue, thread })
     }
@@ -159,17 +159,15 @@ struct Backlog<'a> {
     /// Reading them back failed last time: logged once, tried again every round.
     read_back_failing: bool,
     database: &'a Path,
-    hub: &'a Hub,
 }
 
 impl<'a> Backlog<'a> {
-    fn new(database: &'a Path, hub: &'a Hub) -> Self {
+    fn new(database: &'a Path) -> Self {
         Backlog {
             held: Vec::new(),
             dropped: None,
             read_back_failing: false,
             database,
-            hub,
         }
     }
 
@@ -191,15 +189,15 @@ impl<'a> Backlog<'a> {
 
     /// Publishes every event, in `seq` order; call once the WAL is flushed. Events that
     /// cannot be read back yet stay in the backlog, ahead of every newer one.
-    fn publish(&mut self) {
+    fn publish(&mut self, hub: &Hub) {
         self.held
             .drain(..)
-            .for_each(|event| self.hub.publish(event.build()));
+            .for_each(|event| hub.publish(event.build()));
         let Some((first, last)) = self.dropped else {
             return;
         };
         let mut after = first - 1;
-        match self.read_back(&mut after, last) {
+        match self.read_back(hub, &mut after, last) {
             Ok(()) => {
                 self.dropped = None;
                 if std::mem::take(&mut self.read_back_failing) {
@@ -220,25 +218,24 @@ impl<'a> Backlog<'a> {
     }
 
     /// Publishes the stored events after `after` up to `last`, moving `after` along.
-    fn read_back(&self, after: &mut u64, last: u64) -> rusqlite::Result<()> {
+    fn read_back(&self, hub: &Hub, after: &mut u64, last: u64) -> rusqlite::Result<()> {
         let conn = super::open_reader(self.database)?;
         while *after < last {
             let events = reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?;
-            let Some(newest) = events.last() else {
+            let (Some(oldest), Some(newest)) = (events.first(), events.last()) else {
                 break;
             };
-            if events[0].seq != *after + 1 {
+            if oldest.seq != *after + 1 {
                 log::warn!(
                     "events {} to {} were removed by retention before they could go out live",
                     *after + 1,
-                    events[0].seq - 1
+                    oldest.seq - 1
                 );
             }
-            let newest = newest.seq;
+            *after = newest.seq;
             events
                 .into_iter()
-                .for_each(|event| self.hub.publish(Arc::new(event)));
-            *after = newest;
+                .for_each(|event| hub.publish(Arc::new(event)));
         }
         Ok(())
     }
@@ -248,6 +245,7 @@ fn run(
     wal: Option<&Path>,
     handovers: &Receiver<Handover>,
     backlog: &mut Backlog<'_>,
+    hub: &Hub,
     health: &WriterHealth,
 ) {
     let mut failing = false;
@@ -262,7 +260,7 @@ fn run(
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
                     match flush(wal) {
-                        Ok(()) => backlog.publish(),
+                        Ok(()) => backlog.publish(hub),
                         Err(why) => log::error!("{why}; the last events were not sent"),
                     }
                     return;
@@ -291,19 +289,17 @@ fn run(
                     if std::mem::take(&mut failing) {
                         log::info!("flushing the WAL works again");
                     }
-                    backlog.publish();
+                    backlog.publish(hub);
                 }
                 Err(why) => {
                     if !std::mem::replace(&mut failing, true) {
                         log::error!("{why}; events wait until it works");
-                        backlog.hub.publish(super::writer::outage_notice(&why, 0));
+                        hub.publish(super::writer::outage_notice(&why, 0));
                     }
                 }
             }
         }
-        notices
-            .into_iter()
-            .for_each(|notice| backlog.hub.publish(notice));
+        notices.into_iter().for_each(|notice| hub.publish(notice));
         // The writer is alive even when the card refuses a flush: answer.
         pings.into_iter().for_each(|ping| {
             let _ = ping.send(());
