@@ -954,3 +954,108 @@ async fn injected_checksum_failures_are_counted_and_take_the_sensor_offline() {
     assert_eq!(stored_readings(&daemon, id).await, Vec::<Value>::new());
     daemon.stop().await;
 }
+
+/// The next `sensor_online` or `sensor_offline` of `sensor_id` on `general`, skipping
+/// other system events; `None` if none comes within `wait`.
+async fn next_availability(client: &mut Client, sensor_id: i64, wait: Duration) -> Option<Value> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = next_json_within(client, left).await?;
+        if event["data"]["sensor_id"] == sensor_id
+            && matches!(
+                event["event_type"].as_str(),
+                Some("sensor_online" | "sensor_offline")
+            )
+        {
+            return Some(event);
+        }
+    }
+}
+
+/// A simulated source whose every read fails.
+const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["timeout"] }"#;
+
+#[tokio::test]
+async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
+    let dir = temp_dir();
+    let failing = one_sensor(
+        "[sampling]\noffline_after_intervals = 2\n",
+        "shed",
+        0.05,
+        FAILING_SIM,
+    );
+    let daemon = Daemon::start_in(dir.path(), &failing).await;
+    let id = sensor_named(&daemon, "shed").await;
+    let mut general = daemon
+        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
+        .await
+        .greeted()
+        .await;
+    let failing_json = json!({"kind": "sim", "failure_rate": 1.0, "failures": ["timeout"]});
+
+    // Each way back to good samples, from offline: a new source over REST; switched off,
+    // given a good source and switched on again; a reload with a good source.
+    let paths: [&[Value]; 2] = [
+        &[json!({"fuente": {"kind": "sim", "seed": 1}})],
+        &[
+            json!({"activo": false, "fuente": {"kind": "sim", "seed": 2}}),
+            json!({"activo": true}),
+        ],
+    ];
+    for (n, puts) in paths.iter().enumerate() {
+        let offline = next_availability(&mut general, id, SETTLE)
+            .await
+            .unwrap_or_else(|| panic!("path {n}: the failing sensor never went offline"));
+        assert_eq!(
+            offline["event_type"], "sensor_offline",
+            "path {n}: {offline}"
+        );
+        for put in *puts {
+            let (status, body) = daemon
+                .put(&format!("/api/v1/sensores/{id}"), &put.to_string())
+                .await;
+            assert_eq!(status, 200, "path {n}: {body}");
+        }
+        let online = next_availability(&mut general, id, SETTLE)
+            .await
+            .unwrap_or_else(|| panic!("path {n}: good samples again, but no sensor_online"));
+        assert_eq!(online["event_type"], "sensor_online", "path {n}: {online}");
+        assert_eq!(online["data"]["salud"]["estado"], "online", "{online}");
+        assert_eq!(salud(&daemon, id).await["estado"], "online");
+        // Failing again, for the next path.
+        let (status, body) = daemon
+            .put(
+                &format!("/api/v1/sensores/{id}"),
+                &json!({"fuente": failing_json}).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    let offline = next_availability(&mut general, id, SETTLE)
+        .await
+        .expect("offline before the reload");
+    assert_eq!(offline["event_type"], "sensor_offline", "{offline}");
+    let good = one_sensor(
+        "[sampling]\noffline_after_intervals = 2\n",
+        "shed",
+        0.05,
+        r#"{ kind = "sim", seed = 3 }"#,
+    );
+    daemon
+        .reload
+        .send(common::config(dir.path(), &good))
+        .await
+        .unwrap();
+    let online = next_availability(&mut general, id, SETTLE)
+        .await
+        .expect("good samples after a reload, but no sensor_online");
+    assert_eq!(online["event_type"], "sensor_online", "{online}");
+    assert_eq!(
+        next_availability(&mut general, id, QUIET).await,
+        None,
+        "back once, and staying online"
+    );
+    daemon.stop().await;
+}

@@ -2,7 +2,7 @@
 //! whether the sensor is online. A sensor with no good sample for a few intervals is
 //! offline, so no client mistakes its last value for a fresh one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -72,12 +72,19 @@ pub struct Tracker {
 
 impl Tracker {
     /// `offline_after`: how long without a good sample makes the sensor offline.
-    pub fn new(offline_after: Duration, now: Instant) -> Tracker {
+    /// `told_offline`: clients were last told the sensor is offline (by an earlier
+    /// sampling thread of it); the tracker then starts offline, so that its first good
+    /// sample announces `sensor_online` and no second `sensor_offline` is sent.
+    pub fn new(offline_after: Duration, now: Instant, told_offline: bool) -> Tracker {
         Tracker {
             offline_after,
             last_good: now,
             salud: Salud {
-                estado: Estado::Starting,
+                estado: if told_offline {
+                    Estado::Offline
+                } else {
+                    Estado::Starting
+                },
                 conectado: true,
                 ultima_muestra: None,
                 conteo: BTreeMap::new(),
@@ -136,6 +143,11 @@ impl Tracker {
 #[derive(Default)]
 pub struct HealthBoard {
     sensors: Mutex<HashMap<i64, Entry>>,
+    /// Sensors whose last announcement on `general` was `sensor_offline`. Kept apart
+    /// from `sensors` because it outlives a sampling thread: a sensor restarted with a
+    /// new source, switched off and on, or reconfigured by a reload gets a new thread,
+    /// and that thread's first good sample must still announce `sensor_online`.
+    told_offline: Mutex<HashSet<i64>>,
     scheduler_running: AtomicBool,
 }
 
@@ -159,8 +171,33 @@ impl HealthBoard {
         );
     }
 
+    /// The sensor is no longer sampled; what clients were last told of it is kept.
     pub fn remove(&self, sensor_id: i64) {
         self.lock().remove(&sensor_id);
+    }
+
+    /// The sensor was deleted: nothing of it is kept.
+    pub fn forget(&self, sensor_id: i64) {
+        self.remove(sensor_id);
+        self.told().remove(&sensor_id);
+    }
+
+    /// Notes an availability change announced on `general`.
+    pub fn announced(&self, sensor_id: i64, change: &Transition) {
+        match change {
+            Transition::Offline => {
+                self.told().insert(sensor_id);
+            }
+            Transition::Online => {
+                self.told().remove(&sensor_id);
+            }
+            Transition::PortLost(_) | Transition::PortFound => {}
+        }
+    }
+
+    /// Whether clients were last told that the sensor is offline.
+    pub fn told_offline(&self, sensor_id: i64) -> bool {
+        self.told().contains(&sensor_id)
     }
 
     /// Health of a sensor, if it is sampled.
@@ -212,6 +249,10 @@ impl HealthBoard {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
         self.sensors.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn told(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.told_offline.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[cfg(test)]
@@ -221,7 +262,7 @@ mod tests {
     #[test]
     fn offline_after_silence_and_online_again() {
         let t0 = Instant::now();
-        let mut tracker = Tracker::new(Duration::from_secs(6), t0);
+        let mut tracker = Tracker::new(Duration::from_secs(6), t0, false);
         assert_eq!(tracker.salud().estado, Estado::Starting);
         assert_eq!(tracker.ok(t0 + Duration::from_secs(1), 10), None);
         assert_eq!(tracker.salud().estado, Estado::Online);
@@ -247,9 +288,24 @@ mod tests {
     }
 
     #[test]
+    fn a_tracker_of_a_sensor_told_offline_announces_its_return_only() {
+        let t0 = Instant::now();
+        let mut tracker = Tracker::new(Duration::from_secs(6), t0, true);
+        assert_eq!(tracker.salud().estado, Estado::Offline);
+        assert!(
+            tracker.check(true, t0 + Duration::from_secs(60)).is_empty(),
+            "clients know already"
+        );
+        assert_eq!(
+            tracker.ok(t0 + Duration::from_secs(61), 10),
+            Some(Transition::Online)
+        );
+    }
+
+    #[test]
     fn port_lost_and_found_are_reported_once() {
         let t0 = Instant::now();
-        let mut tracker = Tracker::new(Duration::from_secs(60), t0);
+        let mut tracker = Tracker::new(Duration::from_secs(60), t0, false);
         let lost = SensorError::PortLost("unplugged".into());
         assert_eq!(
             tracker.failed(&lost, 1),

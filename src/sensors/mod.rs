@@ -171,7 +171,10 @@ impl Scheduler {
                     {
                         match sensor_of(&event.frame) {
                             Some(sensor) if event.event_type != "deleted" => self.apply(&sensor).await,
-                            Some(sensor) => self.stop(sensor.id).await,
+                            Some(sensor) => {
+                                self.stop(sensor.id).await;
+                                self.health.forget(sensor.id);
+                            }
                             None => log::error!("sensor event {} not understood", event.seq),
                         }
                     }
@@ -200,7 +203,8 @@ impl Scheduler {
                     .filter(|id| !ids.contains(id))
                     .copied()
                     .collect();
-                self.stop_all(gone).await;
+                self.stop_all(gone.clone()).await;
+                gone.iter().for_each(|id| self.health.forget(*id));
                 for sensor in &sensors {
                     self.apply(sensor).await;
                 }
@@ -359,7 +363,11 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, stop: mpsc::Receiver<()>) {
-        let mut tracker = Tracker::new(self.offline_after, tokio::time::Instant::now());
+        let mut tracker = Tracker::new(
+            self.offline_after,
+            tokio::time::Instant::now(),
+            self.health.told_offline(self.sensor_id),
+        );
         let mut failures = FailureLog::default();
         self.health
             .record(self.sensor_id, tracker.salud(), self.allowed_gap);
@@ -428,6 +436,7 @@ impl Worker {
             }
             Transition::PortFound => log::info!("sensor {}: device back", self.sensor_id),
         }
+        self.health.announced(self.sensor_id, change);
         let emission = Emission {
             channel: Channel::General,
             kind: EmissionKind::System(change.event_type().to_owned()),
