@@ -452,6 +452,122 @@ impl NewReading {
     }
 }
 
+/// The reading fields an update may change, in schema order. `updated_fields` lists
+/// changes in this order. `hora_dudosa` is not set by clients: it is cleared when a
+/// client gives the reading its time.
+pub const READING_FIELDS: [&str; 5] = ["tipo", "valor", "unidad", "timestamp", "hora_dudosa"];
+
+/// A validated partial update of a stored reading: only the fields present in the body.
+/// The sensor of a reading is not changed: a reading filed under the wrong sensor is
+/// deleted and posted again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadingPatch {
+    pub tipo: Option<String>,
+    pub valor: Option<f64>,
+    pub unidad: Option<String>,
+    pub timestamp: Option<Micros>,
+}
+
+impl ReadingPatch {
+    /// Validates an update body; every problem is reported. No field can be cleared;
+    /// a null `unidad` is the empty unit, as when a reading is posted.
+    pub fn from_json(body: Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields::new(body)?;
+        let mut patch = ReadingPatch::default();
+        for name in ["id", "sensor_id", "hora_dudosa"] {
+            if f.take(name).is_some() {
+                f.fail(
+                    name,
+                    match name {
+                        "sensor_id" => {
+                            "cannot be changed: delete the reading and post it to the right sensor"
+                        }
+                        "hora_dudosa" => "is set by the gateway: give the reading its timestamp",
+                        _ => "cannot be changed",
+                    },
+                );
+            }
+        }
+        patch.tipo = match f.take("tipo") {
+            None => None,
+            Some(None) => {
+                f.fail("tipo", "must not be null");
+                None
+            }
+            Some(Some(v)) => f.text("tipo", v),
+        };
+        patch.valor = match f.take("valor") {
+            None => None,
+            Some(v) => match v.as_ref().and_then(Value::as_f64) {
+                Some(x) if x.is_finite() => Some(x),
+                _ => {
+                    f.fail("valor", "must be a finite number");
+                    None
+                }
+            },
+        };
+        patch.unidad = match f.take("unidad") {
+            None => None,
+            Some(None) => Some(String::new()),
+            Some(Some(Value::String(s))) if s.chars().count() <= 16 => Some(s),
+            Some(Some(_)) => {
+                f.fail("unidad", "must be a string of at most 16 characters");
+                None
+            }
+        };
+        patch.timestamp = match f.take("timestamp") {
+            None => None,
+            Some(v) => match v.as_ref().and_then(Value::as_str).and_then(parse_time) {
+                Some(t) => Some(t),
+                None => {
+                    f.fail("timestamp", "must be an RFC 3339 time with offset");
+                    None
+                }
+            },
+        };
+        f.finish()?;
+        Ok(patch)
+    }
+
+    /// Applies the patch and returns the names of the fields whose value really changed,
+    /// in schema order. A timestamp given by the client is trusted: it clears
+    /// `hora_dudosa`.
+    pub fn apply(&self, reading: &mut Reading) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if let Some(tipo) = &self.tipo {
+            if *tipo != reading.tipo {
+                reading.tipo = tipo.clone();
+                changed.push("tipo");
+            }
+        }
+        if let Some(valor) = self.valor {
+            // Stored values have no negative zero (SQLite keeps -0.0 as 0).
+            let valor = valor + 0.0;
+            if valor.to_bits() != reading.valor.to_bits() {
+                reading.valor = valor;
+                changed.push("valor");
+            }
+        }
+        if let Some(unidad) = &self.unidad {
+            if *unidad != reading.unidad {
+                reading.unidad = unidad.clone();
+                changed.push("unidad");
+            }
+        }
+        if let Some(timestamp) = self.timestamp {
+            if timestamp != reading.timestamp {
+                reading.timestamp = timestamp;
+                changed.push("timestamp");
+            }
+            if reading.hora_dudosa {
+                reading.hora_dudosa = false;
+                changed.push("hora_dudosa");
+            }
+        }
+        changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +656,32 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(fields(err), ["sensor_id", "tipo", "valor", "timestamp"]);
+    }
+
+    #[test]
+    fn a_reading_patch_lists_real_changes_in_schema_order() {
+        let mut reading = Reading {
+            id: 1,
+            sensor_id: 2,
+            tipo: "temperatura".into(),
+            valor: 0.0,
+            unidad: "°C".into(),
+            timestamp: 5,
+            hora_dudosa: true,
+        };
+        let patch = ReadingPatch::from_json(
+            json!({"timestamp": "1970-01-01T00:00:00.000005Z", "valor": -0.0, "unidad": "°C"}),
+        )
+        .unwrap();
+        // The same time, now vouched for by the client: only the doubt goes.
+        assert_eq!(patch.apply(&mut reading), ["hora_dudosa"]);
+        assert!(patch.apply(&mut reading).is_empty());
+        let patch = ReadingPatch::from_json(json!({"valor": 2.5, "tipo": "humedad"})).unwrap();
+        assert_eq!(patch.apply(&mut reading), ["tipo", "valor"]);
+        assert_eq!(
+            fields(ReadingPatch::from_json(json!({"valor": null, "sensor_id": 3})).unwrap_err()),
+            ["sensor_id", "valor"]
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
 use crate::model::{
-    format_time, now_micros, FieldError, NewReading, NewSensor, Sensor, SensorPatch,
+    format_time, now_micros, FieldError, NewReading, NewSensor, ReadingPatch, Sensor, SensorPatch,
 };
 use crate::store::{
     AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
@@ -349,6 +349,28 @@ pub async fn create_reading(
     }
     let reading = state.store.insert_reading(new).await?;
     Ok(json_response(StatusCode::CREATED, &reading))
+}
+
+pub async fn get_reading(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
+    match state.store.reading(id).await? {
+        Some(reading) => Ok(json_response(StatusCode::OK, &reading)),
+        None => Err(ApiError::not_found(format!("Reading {id} not found"))),
+    }
+}
+
+pub async fn update_reading(
+    req: Request<Incoming>,
+    state: &State,
+    id: i64,
+) -> Result<Response<Body>, ApiError> {
+    let patch = ReadingPatch::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let reading = state.store.update_reading(id, patch).await?;
+    Ok(json_response(StatusCode::OK, &reading))
+}
+
+pub async fn delete_reading(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
+    let reading = state.store.delete_reading(id).await?;
+    Ok(json_response(StatusCode::OK, &reading))
 }
 
 pub fn ws_stats(state: &State) -> Response<Body> {

@@ -34,6 +34,9 @@ enum Route {
     DeleteSensor(i64),
     ListReadings,
     CreateReading,
+    GetReading(i64),
+    UpdateReading(i64),
+    DeleteReading(i64),
     AggregatedReadings,
     ExportReadings,
     Socket,
@@ -106,6 +109,11 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["lecturas" | "readings", "export"] if get => {
                 (Route::ExportReadings, Guard::Needs(Read))
             }
+            ["lecturas" | "readings", id]
+                if !matches!(*id, "agregadas" | "aggregated" | "export") =>
+            {
+                (reading_route(method, id)?, sensor_guard(method))
+            }
             ["ws"] if get => (Route::Socket, Guard::Needs(Read)),
             ["ws", "secure"] if get => (Route::SecureSocket, Guard::Needs(Access::Secure)),
             ["events"] if get => (Route::Events, Guard::Needs(Read)),
@@ -165,6 +173,18 @@ fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
     })
 }
 
+/// One reading: read like the list, changed and deleted with the access a new reading
+/// needs.
+fn reading_route(method: &Method, id: &str) -> Result<Route, ApiError> {
+    Ok(match method.clone() {
+        Method::GET | Method::HEAD => Route::GetReading(parse_id(id)?),
+        Method::PUT => Route::UpdateReading(parse_id(id)?),
+        Method::DELETE => Route::DeleteReading(parse_id(id)?),
+        _ => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
+    })
+}
+
+/// Reads need read access, every other method write access.
 fn sensor_guard(method: &Method) -> Guard {
     if method == Method::GET || method == Method::HEAD {
         Guard::Needs(Access::Read)
@@ -257,6 +277,9 @@ async fn dispatch(
         Route::DeleteSensor(id) => rest::delete_sensor(state, id).await,
         Route::ListReadings => rest::list_readings(&req, state).await,
         Route::CreateReading => rest::create_reading(req, state).await,
+        Route::GetReading(id) => rest::get_reading(state, id).await,
+        Route::UpdateReading(id) => rest::update_reading(req, state, id).await,
+        Route::DeleteReading(id) => rest::delete_reading(state, id).await,
         Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
         Route::ExportReadings => export::readings(&req, state),
         Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false, admission),

@@ -105,6 +105,59 @@ pub(crate) fn reading_frame(reading: &Reading, at: Micros, seq: u64) -> String {
     })
 }
 
+/// A reading as `data` of an update: the reading plus the fields that changed.
+#[derive(Serialize)]
+struct UpdatedReading<'a> {
+    #[serde(flatten)]
+    reading: &'a Reading,
+    updated_fields: &'a [&'a str],
+}
+
+/// The frame of a reading `updated` or `deleted` event, with the same rules as a
+/// sensor's: `changed` is only shown on updates, a deletion carries the reading as it
+/// was.
+pub(crate) fn reading_change_frame(
+    event_type: &str,
+    reading: &Reading,
+    changed: &[&str],
+    at: Micros,
+    seq: u64,
+) -> String {
+    let timestamp = format_time(at);
+    if event_type == "updated" {
+        to_text(&EntityEvent {
+            kind: "entity_event",
+            entity_type: "reading",
+            event_type,
+            entity_id: reading.id,
+            data: UpdatedReading {
+                reading,
+                updated_fields: changed,
+            },
+            timestamp,
+            metadata: Metadata {
+                action: "update_reading",
+                fields_updated: Some(changed),
+            },
+            seq,
+        })
+    } else {
+        to_text(&EntityEvent {
+            kind: "entity_event",
+            entity_type: "reading",
+            event_type,
+            entity_id: reading.id,
+            data: reading,
+            timestamp,
+            metadata: Metadata {
+                action: "delete_reading",
+                fields_updated: None,
+            },
+            seq,
+        })
+    }
+}
+
 #[derive(Serialize)]
 struct SystemEvent<'a> {
     #[serde(rename = "type")]

@@ -11,7 +11,9 @@ mod hub;
 pub use envelope::{
     connection_message, error_message, resync_message, snapshot_message, stats_message,
 };
-pub(crate) use envelope::{reading_frame, sensor_frame, system_frame, test_frame};
+pub(crate) use envelope::{
+    reading_change_frame, reading_frame, sensor_frame, system_frame, test_frame,
+};
 pub use hub::{ChannelStats, Hub, HubStats, QueueCounters, Registration};
 
 use std::fmt;

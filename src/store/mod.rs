@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::Hub;
-use crate::model::{NewReading, NewSensor, Reading, Sensor, SensorPatch};
+use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch};
 use writer::Command;
 
 /// File name of the database inside the data directory.
@@ -171,6 +171,23 @@ impl Store {
         self.call(|reply| Command::InsertReading(new, reply)).await
     }
 
+    /// Applies a patch to a stored reading, with its roll-ups and latest value; emits
+    /// `updated` on `readings` only when a value really changed.
+    pub async fn update_reading(
+        &self,
+        id: i64,
+        patch: ReadingPatch,
+    ) -> Result<Reading, StoreError> {
+        self.call(|reply| Command::UpdateReading(id, patch, reply))
+            .await
+    }
+
+    /// Deletes a stored reading, takes it out of its roll-ups and latest value, emits
+    /// `deleted` with the reading as it was, and returns it.
+    pub async fn delete_reading(&self, id: i64) -> Result<Reading, StoreError> {
+        self.call(|reply| Command::DeleteReading(id, reply)).await
+    }
+
     /// Stores and emits a system or test event; returns its `seq`.
     pub async fn emit(&self, emission: Emission) -> Result<u64, StoreError> {
         self.call(|reply| Command::Emit(emission, reply)).await
@@ -275,6 +292,11 @@ impl Store {
     /// Sensors matching a filter, by id.
     pub async fn sensors(&self, filter: SensorFilter) -> Result<Vec<Sensor>, StoreError> {
         self.read(move |c| reader::sensors(c, &filter)).await
+    }
+
+    /// One reading, if it exists.
+    pub async fn reading(&self, id: i64) -> Result<Option<Reading>, StoreError> {
+        self.read(move |c| reader::reading(c, id)).await
     }
 
     /// Readings matching a filter.

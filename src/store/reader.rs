@@ -143,6 +143,15 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
     rows.collect()
 }
 
+/// One reading by id.
+pub fn reading(conn: &Connection, id: i64) -> rusqlite::Result<Option<Reading>> {
+    conn.prepare_cached(
+        "SELECT id, sensor_id, tipo, valor, unidad, ts, hora_dudosa FROM readings WHERE id = ?1",
+    )?
+    .query_row([id], reading_from_row)
+    .optional()
+}
+
 /// Columns `id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`.
 fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
     Ok(Reading {

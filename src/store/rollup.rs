@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
 use crate::model::Micros;
@@ -122,6 +122,126 @@ impl Pending {
     }
 }
 
+/// A stored reading as the roll-ups count it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Folded<'a> {
+    pub sensor_id: i64,
+    pub tipo: &'a str,
+    pub taken_at: Micros,
+    pub valor: f64,
+}
+
+impl<'a> Folded<'a> {
+    fn key(&self, bucket: Bucket) -> (i64, &'a str, Micros) {
+        (self.sensor_id, self.tipo, bucket.start(self.taken_at))
+    }
+}
+
+/// Brings the buckets of a reading that was changed from `old` to `new`, or deleted
+/// (`new` is `None`), in line with the raw readings, which hold the change already.
+/// Call with every pending roll-up of the transaction flushed.
+///
+/// Each touched bucket is computed again from the raw readings in its range, as if
+/// they had been stored that way. Where retention already removed some of them (a
+/// bucket straddling the raw readings' cut-off, or a reading moved into an older
+/// bucket), the raw rows no longer account for the bucket: its count and sum are
+/// adjusted by the change instead, which keeps count and average exact, and its min
+/// and max take in the new value but still cover the old one, which the removed
+/// readings can no longer disprove.
+pub fn refold(
+    tx: &Transaction<'_>,
+    old: Folded<'_>,
+    new: Option<Folded<'_>>,
+) -> rusqlite::Result<()> {
+    for bucket in Bucket::ALL {
+        let old_key = old.key(bucket);
+        let new_key = new.map(|n| n.key(bucket));
+        refold_bucket(
+            tx,
+            bucket,
+            old_key,
+            Some(old.valor),
+            new.filter(|_| new_key == Some(old_key)).map(|n| n.valor),
+        )?;
+        if let Some(new) = new.filter(|_| new_key != Some(old_key)) {
+            refold_bucket(tx, bucket, new.key(bucket), None, Some(new.valor))?;
+        }
+    }
+    Ok(())
+}
+
+/// One bucket of [`refold`]: `removed` left it, `added` joined it.
+fn refold_bucket(
+    tx: &Transaction<'_>,
+    bucket: Bucket,
+    (sensor_id, tipo, start): (i64, &str, Micros),
+    removed: Option<f64>,
+    added: Option<f64>,
+) -> rusqlite::Result<()> {
+    let table = bucket.table();
+    let stored: Option<Agg> = tx
+        .prepare_cached(&format!(
+            "SELECT min, max, sum, count FROM {table} WHERE sensor_id = ?1 AND tipo = ?2 AND inicio = ?3"
+        ))?
+        .query_row(params![sensor_id, tipo, start], |r| {
+            Ok(Agg {
+                min: r.get(0)?,
+                max: r.get(1)?,
+                sum: r.get(2)?,
+                count: r.get(3)?,
+            })
+        })
+        .optional()?;
+    let raw: (Option<f64>, Option<f64>, f64, i64) = tx
+        .prepare_cached(
+            "SELECT MIN(valor), MAX(valor), COALESCE(SUM(valor), 0), COUNT(*) FROM readings \
+             WHERE sensor_id = ?1 AND ts >= ?2 AND ts < ?3 AND tipo = ?4",
+        )?
+        .query_row(
+            params![sensor_id, start, start + bucket.micros(), tipo],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+    let expected =
+        stored.map_or(0, |s| s.count) - i64::from(removed.is_some()) + i64::from(added.is_some());
+    let folded = match (stored, raw) {
+        (Some(mut kept), (_, _, _, count)) if count < expected => {
+            // Raw readings of this bucket were removed by retention.
+            kept.count = expected;
+            kept.sum += added.unwrap_or(0.0) - removed.unwrap_or(0.0);
+            if let Some(v) = added {
+                kept.min = kept.min.min(v);
+                kept.max = kept.max.max(v);
+            }
+            Some(kept)
+        }
+        (_, (Some(min), Some(max), sum, count)) if count > 0 => Some(Agg {
+            min,
+            max,
+            sum,
+            count,
+        }),
+        _ => None,
+    };
+    match folded {
+        Some(agg) => {
+            tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {table} (sensor_id, tipo, inicio, min, max, sum, count) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            ))?
+            .execute(params![
+                sensor_id, tipo, start, agg.min, agg.max, agg.sum, agg.count
+            ])?;
+        }
+        None => {
+            tx.prepare_cached(&format!(
+                "DELETE FROM {table} WHERE sensor_id = ?1 AND tipo = ?2 AND inicio = ?3"
+            ))?
+            .execute(params![sensor_id, tipo, start])?;
+        }
+    }
+    Ok(())
+}
+
 /// One bucket as served by the aggregated-readings endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Aggregate {
@@ -185,6 +305,80 @@ mod tests {
         assert_eq!(Bucket::Hour.start(t), at("2026-11-28T10:00:00Z"));
         assert_eq!(Bucket::Day.start(t), at("2026-11-28T00:00:00Z"));
         assert_eq!(Bucket::Hour.start(-1), -3_600_000_000);
+    }
+
+    /// Stores readings `(id, t, valor)` of sensor 1 and folds them into their buckets.
+    fn stored(conn: &mut Connection, readings: &[(i64, Micros, f64)]) {
+        let tx = conn.transaction().unwrap();
+        let mut pending = Pending::default();
+        for &(id, t, v) in readings {
+            tx.execute(
+                "INSERT INTO readings (id, sensor_id, ts, tipo, valor, unidad) VALUES (?1, 1, ?2, 't', ?3, '')",
+                params![id, t, v],
+            )
+            .unwrap();
+            pending.add(1, "t", t, v);
+        }
+        pending.flush(&tx).unwrap();
+        tx.commit().unwrap();
+    }
+
+    fn hour_bucket(conn: &Connection) -> (f64, f64, f64, i64) {
+        conn.query_row(
+            "SELECT min, max, sum, count FROM rollup_hour WHERE sensor_id = 1 AND tipo = 't'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    }
+
+    fn at(t: Micros, valor: f64) -> Folded<'static> {
+        Folded {
+            sensor_id: 1,
+            tipo: "t",
+            taken_at: t,
+            valor,
+        }
+    }
+
+    #[test]
+    fn a_changed_reading_refolds_its_buckets_from_the_raw_readings() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let minute = Bucket::Minute.micros();
+        stored(&mut conn, &[(1, 0, 10.0), (2, 1, 30.0), (3, minute, 20.0)]);
+        let tx = conn.transaction().unwrap();
+        tx.execute("UPDATE readings SET valor = 12 WHERE id = 2", [])
+            .unwrap();
+        refold(&tx, at(1, 30.0), Some(at(1, 12.0))).unwrap();
+        tx.execute("DELETE FROM readings WHERE id = 3", []).unwrap();
+        refold(&tx, at(minute, 20.0), None).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(hour_bucket(&conn), (10.0, 12.0, 22.0, 2));
+        let minutes: i64 = conn
+            .query_row("SELECT COUNT(*) FROM rollup_minute", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(minutes, 1, "the emptied minute is gone");
+    }
+
+    #[test]
+    fn a_bucket_whose_raw_readings_were_pruned_keeps_count_and_sum_exact() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        stored(&mut conn, &[(1, 0, 40.0), (2, 1, 10.0), (3, 2, 30.0)]);
+        // Retention removed the oldest raw reading; its bucket stays.
+        conn.execute("DELETE FROM readings WHERE id = 1", [])
+            .unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute("UPDATE readings SET valor = 20 WHERE id = 3", [])
+            .unwrap();
+        refold(&tx, at(2, 30.0), Some(at(2, 20.0))).unwrap();
+        tx.execute("DELETE FROM readings WHERE id = 2", []).unwrap();
+        refold(&tx, at(1, 10.0), None).unwrap();
+        tx.commit().unwrap();
+        // Count and sum as if stored that way (40 and 20); the minimum still covers the
+        // deleted 10, which only the pruned reading could have replaced.
+        assert_eq!(hour_bucket(&conn), (10.0, 40.0, 60.0, 2));
     }
 
     #[test]

@@ -14,18 +14,22 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, CachedStatement, Connection, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::checkpointer::Checkpointer;
 use super::publisher::{self, Handover, Publisher, Unpublished};
 use super::retention::{Retention, SLICE};
-use super::rollup::Pending;
+use super::rollup::{self, Folded, Pending};
 use super::{reader, SampleGate, StoreError};
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
-use crate::model::{now_micros, Micros, NewReading, NewSensor, Reading, Sensor, SensorPatch};
+use crate::model::{
+    now_micros, Micros, NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch,
+};
 use crate::sensors::Measurement;
 
 /// Samples kept in memory while storage fails (a full or read-only card), newest first
@@ -45,6 +49,8 @@ pub(crate) enum Command {
     UpdateSensor(i64, SensorPatch, Reply<Sensor>),
     DeleteSensor(i64, Reply<Sensor>),
     InsertReading(NewReading, Reply<Reading>),
+    UpdateReading(i64, ReadingPatch, Reply<Reading>),
+    DeleteReading(i64, Reply<Reading>),
     Emit(Emission, Reply<u64>),
     Samples(Vec<Sample>),
     /// Answered once the batch it arrived in is through: proof the writer is not wedged.
@@ -346,7 +352,9 @@ impl Command {
             Command::CreateSensor(_, r)
             | Command::UpdateSensor(_, _, r)
             | Command::DeleteSensor(_, r) => Done::Sensor(r, Err(StoreError::Closed)),
-            Command::InsertReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
+            Command::InsertReading(_, r)
+            | Command::UpdateReading(_, _, r)
+            | Command::DeleteReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
             Command::SaveUplinkCursor(_, _, r) => Done::Unit(r),
             Command::Samples(samples) => {
@@ -691,6 +699,10 @@ impl Step<'_> {
                 };
                 Done::Reading(reply, result)
             }
+            Command::UpdateReading(id, patch, reply) => {
+                Done::Reading(reply, self.update_reading(id, patch)?)
+            }
+            Command::DeleteReading(id, reply) => Done::Reading(reply, self.delete_reading(id)?),
             Command::Emit(emission, reply) => Done::Seq(reply, Ok(self.emit(emission)?)),
             Command::Samples(samples) => {
                 let stored = self.insert_samples(&samples);
@@ -903,6 +915,96 @@ impl Step<'_> {
         Ok(Ok(sensor))
     }
 
+    fn update_reading(
+        &mut self,
+        id: i64,
+        patch: ReadingPatch,
+    ) -> Result<Result<Reading, StoreError>, rusqlite::Error> {
+        let Some(old) = reader::reading(self.tx, id)? else {
+            return Ok(Err(StoreError::NotFound {
+                entity: "Reading",
+                id,
+            }));
+        };
+        let mut reading = old.clone();
+        let changed = patch.apply(&mut reading);
+        if changed.is_empty() {
+            return Ok(Ok(reading));
+        }
+        self.tx
+            .prepare_cached(
+                "UPDATE readings SET tipo = ?2, valor = ?3, unidad = ?4, ts = ?5, hora_dudosa = ?6 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                reading.tipo,
+                reading.valor,
+                reading.unidad,
+                reading.timestamp,
+                reading.hora_dudosa
+            ])?;
+        self.derived_after_change(&old, Some(&reading))?;
+        let frame =
+            events::reading_change_frame("updated", &reading, &changed, self.now, *self.seq);
+        self.record(
+            Channel::Readings,
+            "updated",
+            Some(reading.sensor_id),
+            Some(&reading.tipo),
+            frame,
+        )?;
+        Ok(Ok(reading))
+    }
+
+    fn delete_reading(&mut self, id: i64) -> Result<Result<Reading, StoreError>, rusqlite::Error> {
+        let Some(reading) = reader::reading(self.tx, id)? else {
+            return Ok(Err(StoreError::NotFound {
+                entity: "Reading",
+                id,
+            }));
+        };
+        self.tx
+            .prepare_cached("DELETE FROM readings WHERE id = ?1")?
+            .execute([id])?;
+        self.derived_after_change(&reading, None)?;
+        let frame = events::reading_change_frame("deleted", &reading, &[], self.now, *self.seq);
+        self.record(
+            Channel::Readings,
+            "deleted",
+            Some(reading.sensor_id),
+            Some(&reading.tipo),
+            frame,
+        )?;
+        Ok(Ok(reading))
+    }
+
+    /// Brings roll-ups and latest values in line with a reading changed from `old` to
+    /// `new`, or deleted, whose raw row is written already. What this batch stored before
+    /// is written out first, so that both are computed from the tables alone.
+    fn derived_after_change(
+        &mut self,
+        old: &Reading,
+        new: Option<&Reading>,
+    ) -> rusqlite::Result<()> {
+        self.newest.flush(self.tx)?;
+        self.rollups.flush(self.tx)?;
+        fn folded(r: &Reading) -> Folded<'_> {
+            Folded {
+                sensor_id: r.sensor_id,
+                tipo: &r.tipo,
+                taken_at: r.timestamp,
+                valor: r.valor,
+            }
+        }
+        rollup::refold(self.tx, folded(old), new.map(folded))?;
+        refresh_latest(self.tx, old.sensor_id, &old.tipo)?;
+        if let Some(new) = new.filter(|n| n.tipo != old.tipo) {
+            refresh_latest(self.tx, new.sensor_id, &new.tipo)?;
+        }
+        Ok(())
+    }
+
     /// Stores a reading and its share of the roll-ups and latest values; its event is
     /// [`Step::record_reading`].
     fn store_reading(
@@ -959,6 +1061,34 @@ impl Step<'_> {
             frame,
         )
     }
+}
+
+/// Points the latest value of a sensor and `tipo` at its newest remaining reading, or
+/// removes it when none is left. A deleted sensor has no latest values, even while its
+/// readings stay.
+fn refresh_latest(tx: &Transaction<'_>, sensor_id: i64, tipo: &str) -> rusqlite::Result<()> {
+    let newest: Option<(i64, Micros)> = if reader::sensor_exists(tx, sensor_id)? {
+        tx.prepare_cached(
+            "SELECT id, ts FROM readings WHERE sensor_id = ?1 AND tipo = ?2 \
+             ORDER BY ts DESC, id DESC LIMIT 1",
+        )?
+        .query_row(params![sensor_id, tipo], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+    } else {
+        None
+    };
+    match newest {
+        Some((reading_id, ts)) => tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO latest_readings (sensor_id, tipo, reading_id, ts) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![sensor_id, tipo, reading_id, ts])?,
+        None => tx
+            .prepare_cached("DELETE FROM latest_readings WHERE sensor_id = ?1 AND tipo = ?2")?
+            .execute(params![sensor_id, tipo])?,
+    };
+    Ok(())
 }
 
 /// The two inserts of every reading, prepared once per transaction: a busy gateway
