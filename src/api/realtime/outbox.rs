@@ -126,7 +126,10 @@ impl Inner {
         let mut kept: VecDeque<Frame> = VecDeque::with_capacity(before);
         for frame in self.frames.drain(..).rev() {
             if let Frame::Event(event) = &frame {
+                // Only new readings supersede each other: a change or deletion of a
+                // stored reading is news a dashboard cannot learn from a later sample.
                 if event.channel == Channel::Readings
+                    && event.event_type == "created"
                     && !newest.insert((event.sensor_id, event.tipo.clone()))
                 {
                     continue;
@@ -189,6 +192,25 @@ mod tests {
         assert_eq!(counters.queued.load(Relaxed), 4);
         assert_eq!(seqs(&outbox), [2, 3, 4, 5]);
         assert_eq!(counters.queued.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn changes_of_stored_readings_are_never_coalesced() {
+        let (outbox, _) = outbox(3);
+        let deleted = |seq| {
+            let Frame::Event(event) = reading(seq, 1, "t") else {
+                unreachable!()
+            };
+            Frame::Event(Arc::new(Event {
+                event_type: "deleted".into(),
+                ..(*event).clone()
+            }))
+        };
+        outbox
+            .push([deleted(1), reading(2, 1, "t"), reading(3, 1, "t")])
+            .unwrap();
+        outbox.push([reading(4, 1, "t")]).unwrap();
+        assert_eq!(seqs(&outbox), [1, 3, 4]);
     }
 
     #[test]

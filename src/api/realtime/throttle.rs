@@ -29,9 +29,10 @@ impl Throttle {
     }
 
     /// Passes an event through now, or holds it (replacing an older held one of the
-    /// same sensor and `tipo`). Only readings are throttled.
+    /// same sensor and `tipo`). Only new readings are throttled: a change or deletion of
+    /// a stored reading always goes through.
     pub fn admit(&mut self, event: Arc<Event>, now: Instant) -> Option<Arc<Event>> {
-        if event.channel != Channel::Readings {
+        if event.channel != Channel::Readings || event.event_type != "created" {
             return Some(event);
         }
         let key = (event.sensor_id, event.tipo.clone());
@@ -114,6 +115,20 @@ mod tests {
         let released = throttle.release(t0 + Duration::from_millis(1000));
         assert_eq!(released.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(throttle.next_due(), None);
+    }
+
+    #[test]
+    fn changes_of_stored_readings_pass() {
+        let mut throttle = Throttle::new(Duration::from_secs(1));
+        let now = Instant::now();
+        assert!(throttle.admit(reading(1, 1), now).is_some());
+        for (seq, kind) in [(2, "updated"), (3, "deleted")] {
+            let change = Arc::new(Event {
+                event_type: kind.into(),
+                ..(*reading(seq, 1)).clone()
+            });
+            assert!(throttle.admit(change, now).is_some(), "{kind}");
+        }
     }
 
     #[test]
