@@ -796,3 +796,82 @@ async fn without_a_broker_configured_there_is_no_uplink() {
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_or_deleted_reading_reaches_the_broker_apart_from_readings() {
+    let broker = Broker::start().await;
+    let gw = gateway();
+    let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
+    let dir = temp_dir();
+    let uplink = format!(
+        "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gw}\"\ndiscovery = false\n",
+        broker.addr
+    );
+    let daemon = Daemon::start_in(dir.path(), &uplink).await;
+    sub.until(PATIENCE, status_is(&gw, "online")).await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let sensor_id = sensor["id"].as_i64().unwrap();
+    let body =
+        json!({"sensor_id": sensor_id, "tipo": "temperatura", "valor": 85.0, "unidad": "°C"});
+    let (status, reading) = daemon.post("/api/v1/lecturas/", &body.to_string()).await;
+    assert_eq!(status, 201, "{reading}");
+    let id = reading["id"].as_i64().unwrap();
+    let path = format!("/api/v1/lecturas/{id}");
+    let (status, updated) = daemon.put(&path, r#"{"valor": 21.5}"#).await;
+    assert_eq!(status, 200, "{updated}");
+    let (status, deleted) = daemon.delete(&path).await;
+    assert_eq!(status, 200, "{deleted}");
+
+    let topic = format!("sensorgate/{gw}/readings/{id}");
+    let mut got = sub
+        .until(PATIENCE, |m| {
+            m.topic == topic && m.json()["event_type"] == "deleted"
+        })
+        .await;
+    got.extend(sub.drain(Duration::from_millis(300)).await);
+    daemon.stop().await;
+
+    // On the readings' topic, only the reading as it was taken.
+    let readings = readings_in(&gw, &got);
+    assert_eq!(readings.len(), 1, "{readings:?}");
+    assert_eq!(readings[0].valor, 85.0);
+
+    // Its correction and its deletion: the envelopes WebSocket clients get, in order.
+    let changes: Vec<serde_json::Value> = got
+        .iter()
+        .filter(|m| m.topic == topic)
+        .inspect(|m| assert!(!m.retain, "changes are not retained"))
+        .map(Message::json)
+        .collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[0]["entity_type"], "reading");
+    assert_eq!(changes[0]["event_type"], "updated");
+    assert_eq!(changes[0]["data"]["valor"], 21.5);
+    assert_eq!(changes[0]["data"]["updated_fields"], json!(["valor"]));
+    assert_eq!(changes[0]["metadata"]["action"], "update_reading");
+    assert_eq!(changes[1]["event_type"], "deleted");
+    assert_eq!(changes[1]["data"], updated);
+    assert_eq!(changes[1]["metadata"]["action"], "delete_reading");
+    assert_eq!(
+        changes[1]["seq"].as_u64(),
+        changes[0]["seq"].as_u64().map(|s| s + 1)
+    );
+
+    // The same frames as stored for replay.
+    let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    for change in &changes {
+        let stored = conn
+            .query_row(
+                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"),
+                [change["seq"].as_i64().unwrap()],
+                stored_frame,
+            )
+            .unwrap();
+        assert_eq!(&stored, change);
+    }
+}

@@ -1,4 +1,4 @@
-//! The fleet uplink: every reading and sensor event, published to an MQTT broker, with
+//! The fleet uplink: every reading, reading change and sensor event, published to an MQTT broker, with
 //! nothing lost while the broker is away.
 //!
 //! It is one more subscriber on the data path (store writer -> hub -> uplink), reading
@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::events::{Channel, Event, Hub};
 use crate::shutdown::{Shutdown, Trigger};
 use crate::store::{Store, StoreError};
-use topics::{frame_reading, reading_payload};
+use topics::{frame_entity_id, frame_reading, reading_payload};
 use tracker::Tracker;
 
 /// Name of the uplink's row in the cursor table.
@@ -664,6 +664,18 @@ impl Runner {
         self.last_seen = event.seq;
         let topics = &self.settings.topics;
         let (topic, payload) = match event.channel {
+            Channel::Readings if event.event_type != "created" => {
+                // A stored reading updated or deleted: the envelope, as for sensors.
+                let Some(reading_id) = frame_entity_id(&event.frame) else {
+                    log::warn!("uplink: reading event {} is unreadable; skipped", event.seq);
+                    s.outbox.push_back(Item::Skip(event.seq));
+                    return;
+                };
+                (
+                    topics.reading_change(reading_id),
+                    event.frame.as_bytes().to_vec(),
+                )
+            }
             Channel::Readings => match frame_reading(&event.frame) {
                 Some(reading) => {
                     if let Some(discovery) = &mut self.discovery {

@@ -4,6 +4,7 @@
 //! <prefix>/<gateway>/status                  "online" / "offline", retained (last will)
 //! <prefix>/<gateway>/<sensor_id>/<tipo>      a reading: {"sensor_id", "tipo", "value", "unit", "time", "seq"}
 //! <prefix>/<gateway>/sensors/<sensor_id>     a sensor event: the envelope WebSocket clients get
+//! <prefix>/<gateway>/readings/<reading_id>   a stored reading updated or deleted: the envelope
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,12 @@ impl Topics {
     /// Events about one sensor (created, updated, deleted).
     pub fn sensor(&self, sensor_id: i64) -> String {
         format!("{}/sensors/{sensor_id}", self.base)
+    }
+
+    /// Changes to one stored reading (updated, deleted). Apart from the readings'
+    /// topic, so that a consumer storing samples never takes a correction for a sample.
+    pub fn reading_change(&self, reading_id: i64) -> String {
+        format!("{}/readings/{reading_id}", self.base)
     }
 }
 
@@ -81,6 +88,18 @@ pub fn frame_reading(frame: &str) -> Option<FrameReading> {
     serde_json::from_str::<ReadingFrame>(frame)
         .ok()
         .map(|f| f.data)
+}
+
+#[derive(Deserialize)]
+struct EntityFrame {
+    entity_id: i64,
+}
+
+/// The id of the entity an event frame is about.
+pub fn frame_entity_id(frame: &str) -> Option<i64> {
+    serde_json::from_str::<EntityFrame>(frame)
+        .ok()
+        .map(|f| f.entity_id)
 }
 
 #[derive(Serialize)]
@@ -130,6 +149,7 @@ mod tests {
             "sensorgate/gw-1/3/co2_ppm__1"
         );
         assert_eq!(topics.sensor(3), "sensorgate/gw-1/sensors/3");
+        assert_eq!(topics.reading_change(9), "sensorgate/gw-1/readings/9");
     }
 
     #[test]
@@ -154,5 +174,7 @@ mod tests {
                    "time": "2026-11-28T10:15:02.123456Z", "seq": 41})
         );
         assert_eq!(frame_reading("{}"), None);
+        assert_eq!(frame_entity_id(frame), Some(9));
+        assert_eq!(frame_entity_id("{}"), None);
     }
 }
