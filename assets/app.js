@@ -18,6 +18,8 @@ const DEFAULT_INTERVAL_S = 2;
 /** Counters and last errors change without events: re-read them this often. */
 const HEALTH_POLL_MS = 15e3;
 const LOG_ROWS = 1000;
+/** Readings listed under a sensor's charts, newest first, each with a Delete button. */
+const HISTORY_ROWS = 20;
 const LOG_HELD = 5000;
 const EVENT_TYPES = new Set(["entity_event", "system_event", "test_event"]);
 const TIPOS = { temperatura: "Temperature", humedad: "Humidity", presion: "Pressure", co2: "CO₂" };
@@ -159,6 +161,39 @@ function addReading(r) {
 
   detail.reading(r);
   changed(r.sensor_id);
+}
+
+/** A stored reading was corrected (`updated`) or deleted: its old point goes, then the
+ * corrected one is added like a new reading; a latest value it was is looked up again. */
+function forgetReading(r, updated) {
+  const series = recent.get(r.sensor_id);
+  if (series) {
+    for (const points of series.values()) {
+      const at = points.findIndex((p) => p.id === r.id);
+      if (at >= 0) points.splice(at, 1);
+    }
+  }
+  const byTipo = latest.get(r.sensor_id);
+  const stale = [];
+  if (byTipo) {
+    for (const [tipo, current] of byTipo) {
+      if (current.id === r.id) {
+        byTipo.delete(tipo);
+        stale.push(tipo);
+      }
+    }
+  }
+  detail.forget(r.id);
+  if (updated) addReading(r);
+  for (const tipo of stale) quietly(refreshLatest(r.sensor_id, tipo));
+  changed(r.sensor_id);
+}
+
+/** The newest stored reading of a sensor and tipo, after its latest one went. */
+async function refreshLatest(sensorId, tipo) {
+  const [newest] = await api("GET", `/lecturas/?sensor_id=${sensorId}&tipo=${encodeURIComponent(tipo)}&limit=1`);
+  if (newest) addReading(newest);
+  else changed(sensorId);
 }
 
 /** The sampling interval in ms, or null for a sensor fed over REST without one. */
@@ -401,8 +436,11 @@ function applySnapshot(snapshot) {
 
 function applyEvent(e) {
   showSeq(e.seq);
-  if (e.type === "entity_event" && e.entity_type === "reading") addReading(e.data);
-  else if (e.type === "entity_event" && e.entity_type === "sensor") {
+  if (e.type === "entity_event" && e.entity_type === "reading") {
+    if (e.event_type === "updated" || e.event_type === "deleted") forgetReading(e.data, e.event_type === "updated");
+    else addReading(e.data);
+    detail.history(e.event_type, e.data);
+  } else if (e.type === "entity_event" && e.entity_type === "sensor") {
     if (e.event_type === "deleted") removeSensor(e.entity_id);
     else upsertSensor(e.data, 0);
   } else if (e.type === "system_event" && e.data && sensors.has(e.data.sensor_id) && e.data.salud) {
@@ -526,10 +564,13 @@ const detail = {
     }
     this.render();
     this.load();
+    quietly(this.loadRows(id));
   },
 
   close() {
     this.id = null;
+    this.rows = [];
+    $("d-readings").replaceChildren();
     this.loadId++;
     clearInterval(this.refresh);
     for (const c of this.charts.values()) if (c.plot) c.plot.destroy();
@@ -680,13 +721,77 @@ const detail = {
   /** A live reading: the hour chart grows, at most once a frame. */
   reading(r) {
     if (r.sensor_id !== this.id || this.range !== "1h" || view !== "sensor") return;
-    if (!this.collect(r)) return;
+    if (this.collect(r)) this.redrawLive();
+  },
+
+  /** A stored reading corrected or deleted: its point leaves the hour chart. */
+  forget(id) {
+    let found = false;
+    for (const series of this.live.values()) {
+      const at = series.points.findIndex((p) => p[2] === id);
+      if (at < 0) continue;
+      series.points.splice(at, 1);
+      series.ids.delete(id);
+      found = true;
+    }
+    if (found) this.redrawLive();
+  },
+
+  redrawLive() {
     if (!this.pending) {
       this.pending = requestAnimationFrame(() => {
         this.pending = 0;
         for (const tipo of this.live.keys()) quietly(this.drawLive(tipo));
       });
     }
+  },
+
+  rows: [],
+
+  async loadRows(id) {
+    const rows = await api("GET", `/lecturas/?sensor_id=${id}&limit=${HISTORY_ROWS}`);
+    if (id !== this.id) return;
+    this.rows = rows;
+    this.renderRows();
+  },
+
+  /** Keeps the list of latest readings in step with reading events. */
+  history(kind, r) {
+    if (r.sensor_id !== this.id) return;
+    this.rows = this.rows.filter((row) => row.id !== r.id);
+    if (kind !== "deleted") this.rows.push(r);
+    this.rows.sort((a, b) => Date.parse(b.timestamp) - Date.parse(a.timestamp) || b.id - a.id);
+    this.rows.length = Math.min(this.rows.length, HISTORY_ROWS);
+    this.renderRows();
+  },
+
+  renderRows() {
+    $("d-no-readings").hidden = this.rows.length > 0;
+    const tbody = $("d-readings");
+    const existing = new Map([...tbody.children].map((tr) => [Number(tr.dataset.reading), tr]));
+    tbody.replaceChildren(
+      ...this.rows.map((r) => {
+        const key = JSON.stringify([r.tipo, r.valor, r.unidad, r.timestamp]);
+        const known = existing.get(r.id);
+        if (known && known.dataset.key === key) return known;
+        const taken = new Date(Date.parse(r.timestamp));
+        return h(
+          "tr",
+          { "data-reading": r.id, "data-key": key },
+          h("td", { text: `${taken.toLocaleDateString()} ${clock(taken.getTime())}`, title: r.timestamp }),
+          h("td", { class: "wide", text: label(r.tipo) }),
+          h("td", { text: r.unidad ? `${fmt(r.valor)} ${r.unidad}` : fmt(r.valor) }),
+          h("td", { class: "actions" },
+            h("button", {
+              class: "btn small danger",
+              type: "button",
+              text: "Delete",
+              title: `Delete the reading taken at ${r.timestamp}`,
+              onclick: (e) => deleteReading(r, e.currentTarget),
+            }))
+        );
+      })
+    );
   },
 
   async loadHistory(id, tipo, range, current) {
@@ -943,17 +1048,38 @@ function renderRows() {
   );
 }
 
-/** Deleting asks once more on the same button instead of a modal dialog. */
-async function remove(id, button) {
-  if (!button.classList.contains("armed")) {
-    button.classList.add("armed");
-    button.textContent = "Confirm";
-    setTimeout(() => {
-      button.classList.remove("armed");
-      button.textContent = "Delete";
-    }, 4000);
-    return;
+/** Deleting asks once more on the same button instead of a modal dialog: true on the
+ * second click within 4 s. */
+function confirmed(button) {
+  if (button.classList.contains("armed")) return true;
+  button.classList.add("armed");
+  button.textContent = "Confirm";
+  setTimeout(() => {
+    button.classList.remove("armed");
+    button.textContent = "Delete";
+  }, 4000);
+  return false;
+}
+
+/** Deletes a bad reading from a sensor's history; the deleted event updates every view. */
+async function deleteReading(r, button) {
+  if (!confirmed(button)) return;
+  const error = $("d-readings-error");
+  error.hidden = true;
+  button.disabled = true;
+  try {
+    await api("DELETE", `/lecturas/${r.id}`);
+    detail.history("deleted", r);
+  } catch (e) {
+    button.disabled = false;
+    const auth = e.status === 401 || e.status === 403;
+    error.textContent = auth ? `Not allowed: ${e.message}. Check the access token.` : e.message;
+    error.hidden = false;
   }
+}
+
+async function remove(id, button) {
+  if (!confirmed(button)) return;
   try {
     const gone = await api("DELETE", `/sensores/${id}`);
     removeSensor(id);

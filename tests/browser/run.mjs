@@ -280,6 +280,46 @@ test("a 422 shows each field error next to its field", { timeout: 60000 }, async
   await page.close();
 });
 
+test("a bad reading is deleted from a sensor's history, after a confirm", { timeout: 60000 }, async () => {
+  const created = await daemon.json("POST", "/api/v1/sensores/", { tipo: "temperatura", modelo: "ESP32", nombre: "greenhouse door" });
+  assert.equal(created.status, 201);
+  const id = created.body.id;
+  const post = (valor, ago) =>
+    daemon.json("POST", "/api/v1/lecturas/", {
+      sensor_id: id,
+      tipo: "temperatura",
+      valor,
+      unidad: "°C",
+      timestamp: new Date(Date.now() - ago).toISOString(),
+    });
+  assert.equal((await post(21.5, 20000)).status, 201);
+  const bad = await post(999, 10000);
+  assert.equal(bad.status, 201);
+  const page = await open(`#/sensor/${id}`);
+  const rows = page.locator("#d-readings tr");
+  await rows.nth(1).waitFor();
+  const row = page.locator(`#d-readings tr[data-reading="${bad.body.id}"]`);
+  assert.match(await rows.first().textContent(), /999/, "newest first");
+  assert.equal(await page.locator('#d-values [data-tipo="temperatura"] .num').textContent(), "999");
+
+  await row.getByRole("button", { name: "Delete" }).click();
+  assert.equal(await row.count(), 1, "nothing is deleted before the confirm");
+  assert.equal((await daemon.json("GET", `/api/v1/lecturas/${bad.body.id}`)).status, 200);
+  const answer = page.waitForResponse((r) => r.url().endsWith(`/api/v1/lecturas/${bad.body.id}`) && r.request().method() === "DELETE");
+  await row.getByRole("button", { name: "Confirm" }).click();
+  assert.equal((await answer).status(), 200);
+  await row.waitFor({ state: "detached" });
+  assert.equal(await rows.count(), 1);
+  assert.equal((await daemon.json("GET", `/api/v1/lecturas/${bad.body.id}`)).status, 404);
+  // The value shown falls back to the newest reading left, here and on the overview.
+  await page.locator('#d-values [data-tipo="temperatura"] .num', { hasText: "21.5" }).waitFor();
+  await page.click("nav a[data-view=overview]");
+  await page.locator(`.card[data-sensor="${id}"] .value .num`, { hasText: "21.5" }).waitFor();
+  assert.deepEqual(page.errors, []);
+  assert.equal((await daemon.json("DELETE", `/api/v1/sensores/${id}`)).status, 200);
+  await page.close();
+});
+
 test("charts: the live hour draws, longer ranges show history or say it is not available", { timeout: 60000 }, async () => {
   const page = await open("#/sensor/1");
   await page.locator('.chart[data-tipo="temperatura"] .uplot canvas').first().waitFor();
