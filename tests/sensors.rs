@@ -1059,3 +1059,76 @@ async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_it() {
+    let dir = temp_dir();
+    let failing = one_sensor(
+        "[sampling]\noffline_after_intervals = 2\n",
+        "cellar",
+        0.05,
+        FAILING_SIM,
+    );
+    let daemon = Daemon::start_in(dir.path(), &failing).await;
+    let id = sensor_named(&daemon, "cellar").await;
+    let mut general = daemon
+        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
+        .await
+        .greeted()
+        .await;
+    let offline = next_availability(&mut general, id, SETTLE)
+        .await
+        .expect("the failing sensor goes offline");
+    assert_eq!(offline["event_type"], "sensor_offline", "{offline}");
+    let seen = offline["seq"].as_u64().unwrap();
+    daemon.stop().await;
+
+    // The same gateway, its sensor working again: a client resuming where it was sees
+    // the sensor come back.
+    let good = one_sensor(
+        "[sampling]\noffline_after_intervals = 2\n",
+        "cellar",
+        0.05,
+        r#"{ kind = "sim", seed = 4 }"#,
+    );
+    let daemon = Daemon::start_in(dir.path(), &good).await;
+    let mut general = daemon
+        .websocket(&format!(
+            "/api/v1/ws?channel=general&sensor_id={id}&since={seen}"
+        ))
+        .await
+        .greeted()
+        .await;
+    let online = next_availability(&mut general, id, SETTLE)
+        .await
+        .expect("good samples after the restart, but no sensor_online");
+    assert_eq!(online["event_type"], "sensor_online", "{online}");
+    assert_eq!(
+        next_availability(&mut general, id, QUIET).await,
+        None,
+        "announced once"
+    );
+
+    // A sensor never announced offline starts without a sensor_online.
+    let fresh = daemon
+        .post(
+            "/api/v1/sensores/",
+            &json!({"tipo": "temperatura", "modelo": "sim", "fuente": {"kind": "sim"}, "intervalo": 0.05})
+                .to_string(),
+        )
+        .await
+        .1["id"]
+        .as_i64()
+        .unwrap();
+    let mut fresh_general = daemon
+        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={fresh}"))
+        .await
+        .greeted()
+        .await;
+    salud_until(&daemon, fresh, "samples", |s| s["estado"] == "online").await;
+    assert_eq!(
+        next_availability(&mut fresh_general, fresh, QUIET).await,
+        None
+    );
+    daemon.stop().await;
+}

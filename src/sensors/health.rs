@@ -195,6 +195,11 @@ impl HealthBoard {
         }
     }
 
+    /// Takes what clients were told before a restart, from the stored events.
+    pub fn told_offline_before(&self, sensor_ids: impl IntoIterator<Item = i64>) {
+        self.told().extend(sensor_ids);
+    }
+
     /// Whether clients were last told that the sensor is offline.
     pub fn told_offline(&self, sensor_id: i64) -> bool {
         self.told().contains(&sensor_id)

@@ -153,6 +153,10 @@ impl Scheduler {
     pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown, started: oneshot::Sender<usize>) {
         let _running = RunningFlag::set(self.health.clone());
         let mut changes = hub.subscribe_without_readings();
+        match self.store.sensors_told_offline().await {
+            Ok(ids) => self.health.told_offline_before(ids),
+            Err(e) => log::error!("cannot read which sensors were announced offline: {e}"),
+        }
         self.resync().await;
         let _ = started.send(self.running.len());
         loop {

@@ -317,6 +317,11 @@ impl Store {
             .await
     }
 
+    /// Sensors whose last announcement on `general` was `sensor_offline`.
+    pub async fn sensors_told_offline(&self) -> Result<Vec<i64>, StoreError> {
+        self.read(reader::told_offline).await
+    }
+
     /// Current sensors and latest readings, consistent with one `seq`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.read(reader::snapshot).await

@@ -196,6 +196,24 @@ pub fn uplink_cursor(conn: &Connection, name: &str) -> rusqlite::Result<Option<u
         .map(|seq| seq.map(|s| s as u64))
 }
 
+/// Sensors whose newest stored availability event is `sensor_offline`: what clients
+/// were last told of them, as far as the events kept go back.
+pub fn told_offline(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
+    // The bare `event_type` comes from the row with the largest `seq` (SQLite's rule for
+    // MAX in an aggregate); the WHERE matches the partial index.
+    conn.prepare_cached(
+        "SELECT sensor_id, event_type, MAX(seq) FROM events \
+         WHERE event_type IN ('sensor_offline', 'sensor_online') AND sensor_id IS NOT NULL \
+         GROUP BY sensor_id",
+    )?
+    .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+    .filter_map(|row| match row {
+        Ok((id, kind)) => (kind == "sensor_offline").then_some(Ok(id)),
+        Err(e) => Some(Err(e)),
+    })
+    .collect()
+}
+
 /// Stored events with `after < seq <= upto` on the given channels, oldest first, at most
 /// `limit`.
 pub fn events_after(

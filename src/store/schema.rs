@@ -112,6 +112,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE readings ADD COLUMN hora_dudosa INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE events ADD COLUMN hora_dudosa INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+    -- What clients were last told of each sensor's availability, found at start without
+    -- scanning the events: a sensor announced offline before a restart is announced online
+    -- at its first good sample after it. Partial: other events add nothing to it.
+    CREATE INDEX events_availability ON events(sensor_id, seq, event_type)
+        WHERE event_type IN ('sensor_offline', 'sensor_online');
+"#,
 ];
 
 /// The schema version this build writes.
