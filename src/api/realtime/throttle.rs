@@ -12,6 +12,10 @@ use crate::events::{Channel, Event};
 
 type Key = (Option<i64>, Option<String>);
 
+/// The events [`Throttle::admit`] lets through, in order: at most two.
+pub type Admitted =
+    std::iter::Chain<std::option::IntoIter<Arc<Event>>, std::option::IntoIter<Arc<Event>>>;
+
 /// Holds back readings that come too soon after the last one sent.
 pub struct Throttle {
     every: Duration,
@@ -28,22 +32,31 @@ impl Throttle {
         }
     }
 
-    /// Passes an event through now, or holds it (replacing an older held one of the
-    /// same sensor and `tipo`). Only new readings are throttled: a change or deletion of
-    /// a stored reading always goes through.
-    pub fn admit(&mut self, event: Arc<Event>, now: Instant) -> Option<Arc<Event>> {
-        if event.channel != Channel::Readings || event.event_type != "created" {
-            return Some(event);
-        }
+    /// What may go now, in order: nothing (the event is held, replacing an older held
+    /// one of the same sensor and `tipo`), the event, or a held reading and then the
+    /// event. Only new readings are throttled: a change or deletion of a stored reading
+    /// always goes through, after the reading of its sensor and `tipo` held back, which
+    /// may be the very reading it changes.
+    pub fn admit(&mut self, event: Arc<Event>, now: Instant) -> Admitted {
         let key = (event.sensor_id, event.tipo.clone());
+        if event.channel != Channel::Readings {
+            return None.into_iter().chain(Some(event));
+        }
+        if event.event_type != "created" {
+            let held = self.held.remove(&key);
+            if held.is_some() {
+                self.last_sent.insert(key, now);
+            }
+            return held.into_iter().chain(Some(event));
+        }
         match self.last_sent.get(&key) {
             Some(at) if now.duration_since(*at) < self.every => {
                 self.held.insert(key, event);
-                None
+                None.into_iter().chain(None)
             }
             _ => {
                 self.last_sent.insert(key, now);
-                Some(event)
+                None.into_iter().chain(Some(event))
             }
         }
     }
@@ -100,16 +113,13 @@ mod tests {
     fn latest_reading_wins_within_the_interval() {
         let mut throttle = Throttle::new(Duration::from_millis(1000));
         let t0 = Instant::now();
-        assert!(throttle.admit(reading(1, 1), t0).is_some());
-        assert!(throttle
-            .admit(reading(2, 1), t0 + Duration::from_millis(100))
-            .is_none());
-        assert!(throttle
-            .admit(reading(3, 1), t0 + Duration::from_millis(200))
-            .is_none());
-        assert!(throttle
-            .admit(reading(4, 2), t0 + Duration::from_millis(200))
-            .is_some());
+        assert_eq!(seqs(throttle.admit(reading(1, 1), t0)), [1]);
+        assert!(seqs(throttle.admit(reading(2, 1), t0 + Duration::from_millis(100))).is_empty());
+        assert!(seqs(throttle.admit(reading(3, 1), t0 + Duration::from_millis(200))).is_empty());
+        assert_eq!(
+            seqs(throttle.admit(reading(4, 2), t0 + Duration::from_millis(200))),
+            [4]
+        );
         assert_eq!(throttle.next_due(), Some(t0 + Duration::from_millis(1000)));
         assert!(throttle.release(t0 + Duration::from_millis(999)).is_empty());
         let released = throttle.release(t0 + Duration::from_millis(1000));
@@ -117,18 +127,26 @@ mod tests {
         assert_eq!(throttle.next_due(), None);
     }
 
+    fn seqs(admitted: Admitted) -> Vec<u64> {
+        admitted.map(|e| e.seq).collect()
+    }
+
     #[test]
-    fn changes_of_stored_readings_pass() {
+    fn changes_of_stored_readings_pass_after_the_reading_held_back() {
         let mut throttle = Throttle::new(Duration::from_secs(1));
         let now = Instant::now();
-        assert!(throttle.admit(reading(1, 1), now).is_some());
-        for (seq, kind) in [(2, "updated"), (3, "deleted")] {
-            let change = Arc::new(Event {
+        let change = |seq, kind: &str| {
+            Arc::new(Event {
                 event_type: kind.into(),
                 ..(*reading(seq, 1)).clone()
-            });
-            assert!(throttle.admit(change, now).is_some(), "{kind}");
-        }
+            })
+        };
+        assert_eq!(seqs(throttle.admit(reading(1, 1), now)), [1]);
+        assert_eq!(seqs(throttle.admit(change(2, "updated"), now)), [2]);
+        assert!(seqs(throttle.admit(reading(3, 1), now)).is_empty());
+        // Reading 3 may be the one deleted: it goes first, and is not sent again later.
+        assert_eq!(seqs(throttle.admit(change(4, "deleted"), now)), [3, 4]);
+        assert!(throttle.release(now + Duration::from_secs(2)).is_empty());
     }
 
     #[test]
@@ -143,7 +161,7 @@ mod tests {
             frame: "{}".into(),
         });
         let now = Instant::now();
-        assert!(throttle.admit(event.clone(), now).is_some());
-        assert!(throttle.admit(event, now).is_some());
+        assert_eq!(seqs(throttle.admit(event.clone(), now)), [1]);
+        assert_eq!(seqs(throttle.admit(event, now)), [1]);
     }
 }

@@ -404,9 +404,9 @@ impl Session {
                     let frames: Vec<Frame> = events
                         .into_iter()
                         .filter(|e| self.subscription.matches(e))
-                        .filter_map(|e| match &mut self.throttle {
+                        .flat_map(|e| match &mut self.throttle {
                             Some(throttle) => throttle.admit(e, now),
-                            None => Some(e),
+                            None => None.into_iter().chain(Some(e)),
                         })
                         .map(Frame::Event)
                         .collect();
