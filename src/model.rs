@@ -1037,6 +1037,41 @@ mod proptests {
         }
 
         #[test]
+        fn reading_patch_accepts_only_bounded_values(body in reading_body()) {
+            match ReadingPatch::from_json(body.clone()) {
+                Ok(patch) => {
+                    let object = body.as_object().expect("only objects are accepted");
+                    prop_assert!(object.keys().all(|k| super::READING_FIELDS.contains(&k.as_str())));
+                    prop_assert!(!object.contains_key("hora_dudosa"));
+                    prop_assert!(patch.tipo.iter().all(|t| valid_text(t)));
+                    prop_assert!(patch.valor.is_none_or(f64::is_finite));
+                    prop_assert!(patch.unidad.iter().all(|u| u.chars().count() <= 16));
+                    if let Some(t) = patch.timestamp {
+                        prop_assert_eq!(parse_time(&format_time(t)), Some(t));
+                    }
+                    // Applying is idempotent and reports changes in schema order.
+                    let mut reading = Reading {
+                        id: 1,
+                        sensor_id: 1,
+                        tipo: "temperatura".into(),
+                        valor: 20.0,
+                        unidad: "°C".into(),
+                        timestamp: 0,
+                        hora_dudosa: true,
+                    };
+                    let changed = patch.apply(&mut reading);
+                    let order: Vec<usize> = changed
+                        .iter()
+                        .map(|f| super::READING_FIELDS.iter().position(|g| g == f).expect("a reading field"))
+                        .collect();
+                    prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "{:?}", changed);
+                    prop_assert!(patch.apply(&mut reading).is_empty());
+                }
+                Err(errors) => check_errors(&body, &errors, 0),
+            }
+        }
+
+        #[test]
         fn accepted_times_can_be_shown(text in offset_time()) {
             if let Some(t) = parse_time(&text) {
                 prop_assert_eq!(parse_time(&format_time(t)), Some(t));
