@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 pub use crate::auth::Policy;
 use crate::clock::ClockTrust;
-use crate::model::{MAX_INTERVAL_S, MAX_TEXT, MIN_INTERVAL_S};
+use crate::model::{
+    forbidden_char, forbidden_char_message, MAX_INTERVAL_S, MAX_TEXT, MIN_INTERVAL_S,
+};
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -421,6 +423,9 @@ impl Config {
                 if text.is_some_and(|t| t.chars().count() > MAX_TEXT) {
                     return Err(at(key, &format!("must be at most {MAX_TEXT} characters")));
                 }
+                if let Some(c) = text.and_then(|t| forbidden_char(t)) {
+                    return Err(at(key, &forbidden_char_message(c)));
+                }
             }
             if !names.insert(sensor.name.as_str()) {
                 return Err(at("name", "is used twice"));
@@ -636,5 +641,15 @@ source = { kind = "sim" }
             "{err}"
         );
         assert!(err.contains("x.toml: line 2"), "{err}");
+    }
+
+    #[test]
+    fn sensor_texts_refuse_control_characters() {
+        let text = "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\nubicacion = \"shed\\u202E\"\nsource = { kind = \"sim\" }\n";
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ubicacion must not contain control"), "{err}");
+        assert!(err.contains("U+202E"), "{err}");
     }
 }

@@ -597,3 +597,76 @@ async fn websockets_count_against_the_connection_limits() {
     );
     daemon.stop().await;
 }
+
+/// Names, units and places are shown on dashboards, written to logs and exported to
+/// spreadsheets: control and bidirectional formatting characters are refused in every
+/// text field, and exported text a spreadsheet would run as a formula stays text.
+#[tokio::test]
+async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    for (field, text) in [
+        ("nombre", "invoice\u{202E}fdp.exe"),
+        ("ubicacion", "shed\u{0}"),
+        ("tipo", "temp\r\nINFO forged log line"),
+        ("modelo", "\u{1b}[2J"),
+    ] {
+        let mut body = json!({"tipo": "temperatura", "modelo": "DHT22"});
+        body[field] = json!(text);
+        let (status, answer) = daemon.post("/api/v1/sensores/", &body.to_string()).await;
+        assert_eq!(status, 422, "{field}: {answer}");
+        assert_eq!(answer["errors"][0]["field"], field, "{answer}");
+    }
+    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let id = sensor["id"].as_i64().unwrap();
+    let (status, answer) = daemon
+        .put(
+            &format!("/api/v1/sensores/{id}"),
+            &json!({"ubicacion": "shed\u{85}"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "ubicacion");
+    assert_eq!(
+        daemon.get(&format!("/api/v1/sensores/{id}")).await.1["ubicacion"],
+        Value::Null,
+        "a refused update changes nothing"
+    );
+    let (status, answer) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &json!({"sensor_id": id, "tipo": "temperatura", "valor": 1, "unidad": "\u{2067}C"})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "unidad");
+
+    let (status, _) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &json!({"sensor_id": id, "tipo": "=HYPERLINK(\"http://evil.example\",\"ok\")",
+                    "valor": -3.5, "unidad": "@SUM(A1)"})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let raw = common::raw_exchange(
+        daemon.addr,
+        format!(
+            "GET /api/v1/lecturas/export?sensor_id={id} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            daemon.addr
+        )
+        .into_bytes(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.contains(
+            ",\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"ok\"\")\",-3.5,'@SUM(A1),"
+        ),
+        "{text}"
+    );
+    daemon.stop().await;
+}
