@@ -22,6 +22,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../systemd/config.toml");
 /// The configuration `--demo` runs: simulated sensors, development mode, loopback only.
 pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 
+/// Largest `storage.max_future_s`: a week.
+const MAX_FUTURE_S: u64 = 7 * 24 * 3600;
+
 /// Everything the daemon can be told.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +102,9 @@ pub struct StorageConfig {
     /// Raw-reading retention for particular `tipo`s or sensors, instead of
     /// `readings_retention_days`.
     pub retention: Vec<RetentionRule>,
+    /// Readings stamped more than this many seconds ahead of the gateway's clock are
+    /// refused while the clock is trusted, and never stay the latest value.
+    pub max_future_s: u64,
 }
 
 /// Keeps the raw readings of one `tipo`, or of one sensor (by name), for `days`.
@@ -126,6 +132,7 @@ impl Default for StorageConfig {
             maintenance_interval_s: 60,
             max_database_mb: 0,
             retention: Vec::new(),
+            max_future_s: 300,
         }
     }
 }
@@ -350,6 +357,12 @@ impl Config {
                     "each rule names either a tipo or a sensor, and days of at least 1",
                 ));
             }
+        }
+        if !(1..=MAX_FUTURE_S).contains(&self.storage.max_future_s) {
+            return Err(Problem::key(
+                "storage.max_future_s",
+                &format!("must be between 1 and {MAX_FUTURE_S} seconds (a week)"),
+            ));
         }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));

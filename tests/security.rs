@@ -670,3 +670,85 @@ async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
     );
     daemon.stop().await;
 }
+
+/// What `/metrics` says is the latest value of sensor `id`'s `tipo`.
+async fn last_value(daemon: &Daemon, id: i64, tipo: &str) -> Option<String> {
+    let text = metrics_text(daemon).await;
+    let prefix = format!("sensorgate_last_value{{sensor_id=\"{id}\",tipo=\"{tipo}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+}
+
+/// A reading from a client whose clock says year 9999 is refused while the gateway's
+/// clock is trusted; one that is in the database anyway (stored by an older build, or
+/// while the clock was not trusted) stays the latest value only until the next reading.
+#[tokio::test]
+async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_value() {
+    let dir = temp_dir();
+    let config = "[sampling]\ntrust_clock = \"always\"\n";
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let id = sensor["id"].as_i64().unwrap();
+    let reading = |valor: f64, timestamp: String| {
+        json!({"sensor_id": id, "tipo": "temperatura", "valor": valor, "unidad": "°C",
+               "timestamp": timestamp})
+        .to_string()
+    };
+    let (status, answer) = daemon
+        .post("/api/v1/lecturas/", &reading(99.0, "9999-12-31T23:59:59Z".into()))
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "timestamp");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("storage.max_future_s"),
+        "{answer}"
+    );
+    let soon = sensorgate::model::format_time(sensorgate::model::now_micros() + 60_000_000);
+    assert_eq!(
+        daemon.post("/api/v1/lecturas/", &reading(20.0, soon)).await.0,
+        201,
+        "a client clock a minute ahead is within the bound"
+    );
+    daemon.stop().await;
+
+    // A reading of year 9999 that got in before the bound existed.
+    let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    conn.execute(
+        "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) \
+         VALUES (?1, 253402300799000000, 'temperatura', 99.0, '°C')",
+        [id],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE latest_readings SET reading_id = last_insert_rowid(), ts = 253402300799000000 \
+         WHERE sensor_id = ?1",
+        [id],
+    )
+    .unwrap();
+    drop(conn);
+
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    assert_eq!(last_value(&daemon, id, "temperatura").await.as_deref(), Some("99"));
+    let now = sensorgate::model::format_time(sensorgate::model::now_micros());
+    assert_eq!(
+        daemon.post("/api/v1/lecturas/", &reading(21.5, now)).await.0,
+        201
+    );
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await.as_deref(),
+        Some("21.5"),
+        "the reading of year 9999 no longer counts as the latest"
+    );
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=readings&snapshot=true")
+        .await
+        .greeted()
+        .await;
+    let snapshot = client.json().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["readings"][0]["valor"], 21.5, "{snapshot}");
+    daemon.stop().await;
+}

@@ -103,6 +103,9 @@ pub struct State {
     pub health: Arc<HealthBoard>,
     /// Whether the time of a reading posted without one can be trusted.
     pub clock: Arc<Clock>,
+    /// How far ahead of the clock a posted reading's time may be, in seconds, while the
+    /// clock is trusted (`storage.max_future_s`).
+    pub max_future_s: u64,
     pub server: ServerConfig,
     pub realtime: RealtimeConfig,
     pub limits: LimitsConfig,
@@ -144,6 +147,7 @@ impl State {
             hub,
             health,
             clock,
+            max_future_s: config.storage.max_future_s,
             server: config.server.clone(),
             realtime: config.realtime.clone(),
             limits: limits.clone(),
