@@ -596,7 +596,14 @@ mod tests {
 
     #[test]
     fn control_and_bidi_characters_are_refused_naming_the_field() {
-        for bad in ["a\u{0}b", "a\r\nb", "\u{1b}[2J", "a\u{85}", "abc\u{202E}txt", "\u{2066}x"] {
+        for bad in [
+            "a\u{0}b",
+            "a\r\nb",
+            "\u{1b}[2J",
+            "a\u{85}",
+            "abc\u{202E}txt",
+            "\u{2066}x",
+        ] {
             let err = NewSensor::from_json(
                 json!({"tipo": "t", "modelo": "m", "nombre": bad, "ubicacion": bad}),
             )
@@ -615,7 +622,9 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(fields(err), ["fuente"]);
-        assert!(NewSensor::from_json(json!({"tipo": "Temp. ñ °C 🌡", "modelo": "m\u{00A0}x"})).is_ok());
+        assert!(
+            NewSensor::from_json(json!({"tipo": "Temp. ñ °C 🌡", "modelo": "m\u{00A0}x"})).is_ok()
+        );
     }
 
     #[test]

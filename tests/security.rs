@@ -663,9 +663,7 @@ async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
     .unwrap();
     let text = String::from_utf8_lossy(&raw);
     assert!(
-        text.contains(
-            ",\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"ok\"\")\",-3.5,'@SUM(A1),"
-        ),
+        text.contains(",\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"ok\"\")\",-3.5,'@SUM(A1),"),
         "{text}"
     );
     daemon.stop().await;
@@ -695,7 +693,10 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
         .to_string()
     };
     let (status, answer) = daemon
-        .post("/api/v1/lecturas/", &reading(99.0, "9999-12-31T23:59:59Z".into()))
+        .post(
+            "/api/v1/lecturas/",
+            &reading(99.0, "9999-12-31T23:59:59Z".into()),
+        )
         .await;
     assert_eq!(status, 422, "{answer}");
     assert_eq!(answer["errors"][0]["field"], "timestamp");
@@ -708,7 +709,10 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
     );
     let soon = sensorgate::model::format_time(sensorgate::model::now_micros() + 60_000_000);
     assert_eq!(
-        daemon.post("/api/v1/lecturas/", &reading(20.0, soon)).await.0,
+        daemon
+            .post("/api/v1/lecturas/", &reading(20.0, soon))
+            .await
+            .0,
         201,
         "a client clock a minute ahead is within the bound"
     );
@@ -731,10 +735,16 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
     drop(conn);
 
     let daemon = Daemon::start_in(dir.path(), config).await;
-    assert_eq!(last_value(&daemon, id, "temperatura").await.as_deref(), Some("99"));
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await.as_deref(),
+        Some("99")
+    );
     let now = sensorgate::model::format_time(sensorgate::model::now_micros());
     assert_eq!(
-        daemon.post("/api/v1/lecturas/", &reading(21.5, now)).await.0,
+        daemon
+            .post("/api/v1/lecturas/", &reading(21.5, now))
+            .await
+            .0,
         201
     );
     assert_eq!(
@@ -750,5 +760,109 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
     let snapshot = client.json().await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
     assert_eq!(snapshot["readings"][0]["valor"], 21.5, "{snapshot}");
+    daemon.stop().await;
+}
+
+/// Opens `/api/v1/events` with `?token=` and returns the connection once the stream has
+/// started; the request asks for the connection to close when the stream ends.
+async fn event_stream(daemon: &Daemon, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/events?channel=sensors&token={token} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                daemon.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&head).contains("retry: 2000") {
+        let n = tokio::time::timeout(common::PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("the stream starts")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+    stream
+}
+
+/// Waits for an event stream to end; returns what it sent until then.
+async fn stream_end(mut stream: TcpStream) -> String {
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the event stream ends")
+        .unwrap();
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+/// Streams opened with a token end when the token is revoked, from the command line (in
+/// another process) or over REST; streams opened without one, or with another token, go
+/// on.
+#[tokio::test]
+async fn revoking_a_token_closes_the_streams_opened_with_it() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let wall = create_token(&daemon, "wall", "read");
+    let phone = create_token(&daemon, "phone", "read");
+    let other = create_token(&daemon, "other", "read");
+    let secure = daemon
+        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={wall}"))
+        .await
+        .greeted()
+        .await;
+    let plain = daemon
+        .websocket(&format!("/api/v1/ws?channel=sensors&token={wall}"))
+        .await
+        .greeted()
+        .await;
+    let mut by_message = daemon.websocket("/api/v1/ws/secure?channel=sensors").await;
+    by_message
+        .send_text(&json!({"type": "auth", "id": 1, "token": wall}).to_string())
+        .await;
+    assert_eq!(by_message.json().await["ok"], true);
+    let by_message = by_message.greeted().await;
+    let events = event_stream(&daemon, &wall).await;
+    let mut untouched = daemon
+        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={other}"))
+        .await
+        .greeted()
+        .await;
+    let mut anonymous = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+
+    let (ok, _, err) = token_cli(&daemon, &["revoke", "wall"]);
+    assert!(ok, "{err}");
+    for mut client in [secure, plain, by_message] {
+        match client.next().await {
+            Received::Closed(Some(4401), reason) => assert!(reason.contains("revoked"), "{reason}"),
+            other => panic!("expected a close with 4401, got {other:?}"),
+        }
+    }
+    let rest = stream_end(events).await;
+    assert!(rest.contains("revoked"), "{rest}");
+
+    // Over REST, too; the phone's socket is closed, the others go on.
+    let mut phone_socket = daemon
+        .websocket(&format!("/api/v1/ws?channel=sensors&token={phone}"))
+        .await
+        .greeted()
+        .await;
+    assert_eq!(daemon.delete("/api/v1/tokens/phone").await.0, 200);
+    assert!(matches!(
+        phone_socket.next().await,
+        Received::Closed(Some(4401), _)
+    ));
+    daemon.post("/api/v1/sensores/", SENSOR).await;
+    assert_eq!(untouched.json().await["event_type"], "created");
+    assert_eq!(anonymous.json().await["event_type"], "created");
     daemon.stop().await;
 }

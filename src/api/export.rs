@@ -182,7 +182,8 @@ mod tests {
             "1,2,\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\",-3.5,'@SUM(A1),1970-01-01T00:00:00.000000Z,false\n"
         );
         for start in ["+", "-", "\t"] {
-            assert!(row(reading(&format!("{start}1"), 0.0, "")).starts_with(&format!("1,2,'{start}1,0,")));
+            assert!(row(reading(&format!("{start}1"), 0.0, ""))
+                .starts_with(&format!("1,2,'{start}1,0,")));
         }
         assert!(row(reading("temperatura", -0.5, "°C")).starts_with("1,2,temperatura,-0.5,°C,"));
     }

@@ -178,6 +178,10 @@ impl State {
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let permits = Arc::new(Semaphore::new(state.server.max_connections));
     let mut shutdown = state.shutdown.clone();
+    {
+        let state = state.clone();
+        tokio::spawn(async move { state.auth.watch_tokens(state.shutdown.clone()).await });
+    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => break,

@@ -261,7 +261,7 @@ async fn dispatch(
         Route::ExportReadings => export::readings(&req, state),
         Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false, admission),
         Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true, admission),
-        Route::Events => sse::stream(&req, state.clone()),
+        Route::Events => sse::stream(&req, state.clone(), principal),
         Route::SocketStats => Ok(rest::ws_stats(state)),
         Route::ChannelStats(channel) => rest::ws_channel_stats(state, &channel),
         Route::TestEvent => rest::test_event(req, state).await,

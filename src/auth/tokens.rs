@@ -189,6 +189,20 @@ fn mark_revoked(data_dir: &Path) -> std::io::Result<()> {
     std::fs::rename(&fresh, &marker)
 }
 
+/// The hash and scope of every token.
+pub fn live(conn: &Connection) -> rusqlite::Result<Vec<(Vec<u8>, Scope)>> {
+    let mut stmt = conn.prepare_cached("SELECT hash, scope FROM tokens")?;
+    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, String>(1)?)))?;
+    let mut live = Vec::new();
+    for row in rows {
+        let (hash, scope) = row?;
+        if let Ok(scope) = scope.parse() {
+            live.push((hash, scope));
+        }
+    }
+    Ok(live)
+}
+
 /// Whether any token exists.
 pub fn any(conn: &Connection) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))

@@ -7,7 +7,8 @@
 //! queue overflowed after coalescing, or its socket accepted nothing for
 //! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
 //! not answer pings; 4029 the client sent messages faster than its rate limit; 4401 a
-//! secure socket was not authenticated; 1009 a client message was too large.
+//! secure socket was not authenticated, or the token a socket was opened with was
+//! revoked or lost the scope the socket needs; 1009 a client message was too large.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +37,7 @@ use crate::api::limits::Key;
 use crate::api::metrics::Limit;
 use crate::api::query::Query;
 use crate::api::{full, Admission, ApiError, Body, State};
-use crate::auth::Principal;
+use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
 
@@ -106,6 +107,9 @@ pub fn upgrade(
                 let mut session = Session::new(state, request, peer);
                 session.principal = principal;
                 session.must_authenticate = secure && session.principal.is_none();
+                if secure {
+                    session.access = Access::Secure;
+                }
                 session.run(socket).await;
                 // The session counted as a connection until now.
                 drop(admission);
@@ -136,6 +140,8 @@ struct Session {
     principal: Option<Principal>,
     /// A secure socket opened without a token: its first message must be `auth`.
     must_authenticate: bool,
+    /// What the socket needs its token to allow, checked again when tokens change.
+    access: Access,
 }
 
 /// How a session ended.
@@ -166,6 +172,7 @@ impl Session {
             outbox,
             principal: None,
             must_authenticate: false,
+            access: Access::Read,
         }
     }
 
@@ -304,6 +311,8 @@ impl Session {
         let ping_every = Duration::from_secs(self.state.realtime.ping_interval_s);
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut answered_ping = true;
+        let mut tokens = self.state.auth.live_tokens();
+        tokens.mark_changed();
         loop {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
@@ -365,6 +374,15 @@ impl Session {
                         return End::Close(CLOSE_TOO_BIG, "message too large or malformed".into());
                     }
                 },
+                Ok(()) = tokens.changed(), if self.principal.is_some() => {
+                    let live = tokens.borrow_and_update().clone();
+                    if let Some(principal) = &self.principal {
+                        if let Err(reason) = self.state.auth.still_allowed(principal, self.access, &live).await {
+                            log::info!("client {} ({}) closed: {reason}", self.client_id, self.peer);
+                            return End::Close(CLOSE_AUTH_FAILED, reason);
+                        }
+                    }
+                }
                 _ = ping.tick() => {
                     if !answered_ping {
                         return End::Close(CLOSE_PING_TIMEOUT, "no answer to ping".into());
