@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_body_bytes: usize,
     pub header_read_timeout_s: u64,
+    /// Reverse proxies (addresses or `address/prefix` blocks) whose `X-Forwarded-For` or
+    /// `Forwarded` header says which client a request is for; none by default.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_body_bytes: 64 * 1024,
             header_read_timeout_s: 10,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -163,6 +167,10 @@ pub struct AuthConfig {
     /// Origins of browser pages, besides the gateway's own, allowed to open the socket
     /// and the event stream (`"https://dash.example"`, or `"*"` for any).
     pub allowed_origins: Vec<String>,
+    /// Names and addresses requests may use in `Host`, besides `localhost`, loopback, the
+    /// gateway's host name, `<host name>.local` and the address a request arrives on
+    /// (`"sensors.farm.example"`, or `"*"` for any).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Hard limits and rates, each sized for a Pi on a shared LAN.
@@ -343,6 +351,21 @@ impl Config {
                 "server.max_body_bytes",
                 "must be at least 1024",
             ));
+        }
+        for entry in &self.server.trusted_proxies {
+            if let Err(message) = crate::auth::proxy::AddressRange::parse(entry) {
+                return Err(Problem::key("server.trusted_proxies", &message));
+            }
+        }
+        for entry in &self.auth.allowed_hosts {
+            if !crate::auth::host::valid_entry(entry) {
+                return Err(Problem::key(
+                    "auth.allowed_hosts",
+                    &format!(
+                        "{entry:?} is not a host name or address (no scheme or port), or \"*\""
+                    ),
+                ));
+            }
         }
         if self.storage.maintenance_interval_s == 0 {
             return Err(Problem::key(

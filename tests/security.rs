@@ -411,7 +411,7 @@ async fn write_rate_limit_trips_per_address_and_recovers() {
     let raw = common::raw_exchange(
         daemon.addr,
         format!(
-            "POST /api/v1/sensores/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{SENSOR}",
+            "POST /api/v1/sensores/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{SENSOR}",
             daemon.token.as_deref().unwrap(),
             SENSOR.len()
         )
@@ -443,7 +443,7 @@ async fn write_rate_limit_trips_per_address_and_recovers() {
 async fn metrics_text(daemon: &Daemon) -> String {
     let raw = common::raw_exchange(
         daemon.addr,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec(),
     )
     .await
     .unwrap();
@@ -504,7 +504,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     let headers: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
     let raw = common::raw_exchange(
         daemon.addr,
-        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n")
+        format!("GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n")
             .into_bytes(),
     )
     .await
@@ -512,7 +512,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     assert_eq!(split_response(&raw).0, 431);
     // A slow client sending headers forever is cut off.
     let mut slow = TcpStream::connect(daemon.addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -525,7 +525,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(daemon.addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
         let n = s.read(&mut buf).await.unwrap();
@@ -534,7 +534,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     }
     let mut fifth = TcpStream::connect(daemon.addr).await.unwrap();
     let _ = fifth
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     let n = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf))
         .await
@@ -864,5 +864,210 @@ async fn revoking_a_token_closes_the_streams_opened_with_it() {
     daemon.post("/api/v1/sensores/", SENSOR).await;
     assert_eq!(untouched.json().await["event_type"], "created");
     assert_eq!(anonymous.json().await["event_type"], "created");
+    daemon.stop().await;
+}
+
+/// A raw request with the given `Host` and extra header lines; status and JSON body.
+async fn with_host(daemon: &Daemon, host: &str, path: &str, headers: &str) -> (u16, Value) {
+    let close = if headers.contains("Connection:") {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{close}{headers}\r\n");
+    let raw = raw_exchange_first(daemon.addr, request.into_bytes()).await;
+    let (status, body) = split_response(&raw);
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// DNS rebinding: a page on a name its owner points at the gateway sends the gateway's
+/// browser requests with that name in `Host` and the page's origin, which match. Only
+/// the gateway's own names and addresses, and configured ones, are answered.
+#[tokio::test]
+async fn requests_that_name_another_host_are_refused() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let port = daemon.addr.port();
+    let rebinding = "Origin: http://evil.example\r\n";
+    for (path, extra) in [
+        ("/api/v1/ws?channel=sensors", UPGRADE),
+        ("/api/v1/sensores/", ""),
+        ("/api/v1/events", ""),
+        ("/", ""),
+    ] {
+        let (status, answer) = with_host(
+            &daemon,
+            "evil.example",
+            path,
+            &format!("{rebinding}{extra}"),
+        )
+        .await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert_eq!(answer["code"], "host_not_allowed", "{answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("auth.allowed_hosts"),
+            "{answer}"
+        );
+    }
+    let (status, _) = with_host(&daemon, &format!("evil.example:{port}"), "/healthz", "").await;
+    assert_eq!(status, 403);
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "LOCALHOST".to_owned(),
+    ] {
+        assert_eq!(
+            with_host(&daemon, &host, "/api/v1/sensores/", "").await.0,
+            200,
+            "{host}"
+        );
+    }
+    let (status, _) = with_host(
+        &daemon,
+        &format!("localhost:{port}"),
+        "/api/v1/ws?channel=sensors",
+        &format!("Origin: http://localhost:{port}\r\n{UPGRADE}"),
+    )
+    .await;
+    assert_eq!(status, 101);
+    daemon.stop().await;
+
+    let daemon = Daemon::start_in(
+        dir.path(),
+        "[auth]\nallowed_hosts = [\"sensors.farm.example\"]\n",
+    )
+    .await;
+    let (status, _) = with_host(
+        &daemon,
+        "sensors.farm.example",
+        "/api/v1/ws?channel=sensors",
+        &format!("Origin: http://sensors.farm.example\r\n{UPGRADE}"),
+    )
+    .await;
+    assert_eq!(status, 101, "a configured name");
+    assert_eq!(
+        with_host(&daemon, "evil.example", "/api/v1/sensores/", "")
+            .await
+            .0,
+        403
+    );
+    let text = metrics_text(&daemon).await;
+    assert!(
+        text.contains("sensorgate_limit_hits_total{limit=\"host_not_allowed\"} 1"),
+        "{text}"
+    );
+    daemon.stop().await;
+}
+
+/// Opens a socket as a trusted proxy would for `client`.
+async fn socket_for(
+    daemon: &Daemon,
+    path: &str,
+    client: &str,
+) -> Result<common::Client, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("ws://{}{path}", daemon.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("X-Forwarded-For", client.parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(common::Client { socket })
+}
+
+/// Behind a TLS proxy every connection comes from the proxy: the per-address limits
+/// follow the client the proxy forwards for, and writes with a token are limited per
+/// token, so one flooding client does not get its neighbours refused or closed.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_limits() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\nmax_connections_per_address = 2\nwrites_per_second = 1.0\nwrite_burst = 2.0\n",
+    )
+    .await;
+    let path = "/api/v1/ws?channel=general";
+    let mut flooder = socket_for(&daemon, path, "192.0.2.1")
+        .await
+        .unwrap()
+        .greeted()
+        .await;
+    let mut neighbour = socket_for(&daemon, path, "192.0.2.2")
+        .await
+        .unwrap()
+        .greeted()
+        .await;
+    for i in 0..4 {
+        flooder
+            .send_text(&format!(r#"{{"type": "ping", "id": {i}}}"#))
+            .await;
+    }
+    for _ in 0..3 {
+        assert_eq!(flooder.json().await["type"], "pong");
+    }
+    assert!(matches!(
+        flooder.next().await,
+        Received::Closed(Some(4029), _)
+    ));
+    neighbour.send_text(r#"{"type": "ping", "id": 1}"#).await;
+    assert_eq!(
+        neighbour.json().await["type"],
+        "pong",
+        "the neighbour goes on"
+    );
+
+    // Connections: two streams per client, whoever else is behind the proxy.
+    let _a = socket_for(&daemon, path, "198.51.100.7").await.unwrap();
+    let _b = socket_for(&daemon, path, "198.51.100.7").await.unwrap();
+    match socket_for(&daemon, path, "198.51.100.7").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429)
+        }
+        Err(other) => panic!("expected 429, got {other}"),
+        Ok(_) => panic!("a third stream for one client got in"),
+    }
+    assert!(socket_for(&daemon, path, "198.51.100.8").await.is_ok());
+
+    // Writes with a token spend the token's budget, not the address's.
+    let first = create_token(&daemon, "first", "write");
+    let second = create_token(&daemon, "second", "write");
+    for _ in 0..2 {
+        let status = as_token(
+            &daemon,
+            Some(&first),
+            "POST",
+            "/api/v1/sensores/",
+            Some(SENSOR),
+        )
+        .await
+        .0;
+        assert_eq!(status, 201);
+    }
+    let status = as_token(
+        &daemon,
+        Some(&first),
+        "POST",
+        "/api/v1/sensores/",
+        Some(SENSOR),
+    )
+    .await
+    .0;
+    assert_eq!(status, 429);
+    let status = as_token(
+        &daemon,
+        Some(&second),
+        "POST",
+        "/api/v1/sensores/",
+        Some(SENSOR),
+    )
+    .await
+    .0;
+    assert_eq!(status, 201, "another token from the same address");
     daemon.stop().await;
 }

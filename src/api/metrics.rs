@@ -25,10 +25,11 @@ pub enum Limit {
     ForbiddenOrigin,
     Unauthorized,
     Forbidden,
+    ForbiddenHost,
 }
 
 impl Limit {
-    const ALL: [Limit; 12] = [
+    const ALL: [Limit; 13] = [
         Limit::Connections,
         Limit::ConnectionsPerAddress,
         Limit::BodySize,
@@ -41,6 +42,7 @@ impl Limit {
         Limit::ForbiddenOrigin,
         Limit::Unauthorized,
         Limit::Forbidden,
+        Limit::ForbiddenHost,
     ];
 
     fn name(self) -> &'static str {
@@ -57,6 +59,7 @@ impl Limit {
             Limit::ForbiddenOrigin => "forbidden_origin",
             Limit::Unauthorized => "unauthorized",
             Limit::Forbidden => "forbidden",
+            Limit::ForbiddenHost => "host_not_allowed",
         }
     }
 }
@@ -64,7 +67,7 @@ impl Limit {
 /// Counters kept by the HTTP side.
 #[derive(Default)]
 pub struct Counters {
-    limits: [AtomicU64; 12],
+    limits: [AtomicU64; 13],
 }
 
 impl Counters {

@@ -5,7 +5,9 @@
 //! `write`; test events and token management always need `admin`; the secure socket
 //! always needs a token.
 
+pub mod host;
 pub mod origin;
+pub mod proxy;
 pub mod tokens;
 
 use std::collections::HashMap;

@@ -20,6 +20,7 @@ use super::feed::Feed;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
+use crate::api::router::StreamAdmission;
 use crate::api::{streamed, ApiError, Body, State};
 use crate::auth::{Access, Principal};
 use crate::model::FieldError;
@@ -35,6 +36,7 @@ pub fn stream(
     req: &Request<Incoming>,
     state: Arc<State>,
     principal: Option<Principal>,
+    admission: StreamAdmission,
 ) -> Result<Response<Body>, ApiError> {
     super::check_origin(req, &state)?;
     let mut request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
@@ -54,7 +56,7 @@ pub fn stream(
         }
     }
     let (chunks, body) = streamed(QUEUE);
-    tokio::spawn(run(state, request, principal, chunks));
+    tokio::spawn(run(state, request, principal, admission, chunks));
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -82,6 +84,7 @@ async fn run(
     state: Arc<State>,
     request: SubscriptionRequest,
     principal: Option<Principal>,
+    _admission: StreamAdmission,
     chunks: mpsc::Sender<Bytes>,
 ) {
     let _drain = state.drain.clone();

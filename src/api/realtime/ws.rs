@@ -10,7 +10,7 @@
 //! secure socket was not authenticated, or the token a socket was opened with was
 //! revoked or lost the scope the socket needs; 1009 a client message was too large.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +36,8 @@ use super::throttle::Throttle;
 use crate::api::limits::Key;
 use crate::api::metrics::Limit;
 use crate::api::query::Query;
-use crate::api::{full, Admission, ApiError, Body, State};
+use crate::api::router::{Client, StreamAdmission};
+use crate::api::{full, ApiError, Body, State};
 use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
@@ -85,11 +86,12 @@ impl From<SubscriptionError> for ApiError {
 pub fn upgrade(
     mut req: Request<Incoming>,
     state: Arc<State>,
-    peer: SocketAddr,
+    from: Client,
     principal: Option<Principal>,
     secure: bool,
-    admission: Arc<Admission>,
+    admission: StreamAdmission,
 ) -> Result<Response<Body>, ApiError> {
+    let peer = from.peer;
     super::check_origin(&req, &state)?;
     let request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
     let response = create_response_with_body(&req, || full(""))
@@ -105,6 +107,7 @@ pub fn upgrade(
                 )
                 .await;
                 let mut session = Session::new(state, request, peer);
+                session.client = from.address;
                 session.principal = principal;
                 session.must_authenticate = secure && session.principal.is_none();
                 if secure {
@@ -134,6 +137,8 @@ struct Session {
     subscription: Subscription,
     throttle: Option<Throttle>,
     peer: SocketAddr,
+    /// The client's address: the peer's, or the one a trusted proxy forwarded for.
+    client: IpAddr,
     client_id: String,
     outbox: Arc<Outbox>,
     /// The token the client connected with, if any; rate limits are kept per token.
@@ -168,6 +173,7 @@ impl Session {
             request,
             subscription,
             peer,
+            client: peer.ip(),
             client_id,
             outbox,
             principal: None,
@@ -280,12 +286,11 @@ impl Session {
 
     /// Takes one message from the client's rate budget (per address and per token).
     fn within_rate(&self) -> bool {
-        let mut keys = vec![Key::Address(self.peer.ip())];
-        keys.extend(self.principal.as_ref().map(|p| Key::Token(p.token_id)));
+        let key = Key::of(self.client, self.principal.as_ref());
         let allowed = self
             .state
             .socket_limiter
-            .take(&keys, Instant::now())
+            .take(&[key], Instant::now())
             .is_ok();
         if !allowed {
             self.state.counters.hit(Limit::SocketMessageRate);
