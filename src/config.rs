@@ -183,10 +183,12 @@ pub struct LimitsConfig {
     pub max_uri_bytes: usize,
     /// Most request headers (431 above).
     pub max_headers: usize,
-    /// REST writes per second per token and per address, with this burst.
+    /// REST writes per second per token, or per client address without one, with this
+    /// burst.
     pub writes_per_second: f64,
     pub write_burst: f64,
-    /// Client WebSocket messages per second per token and per address, with this burst.
+    /// Client WebSocket messages per second per token, or per client address without
+    /// one, with this burst.
     pub socket_messages_per_second: f64,
     pub socket_message_burst: f64,
 }
