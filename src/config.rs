@@ -682,6 +682,40 @@ source = { kind = "sim" }
     }
 
     #[test]
+    fn security_keys_are_checked_with_their_line() {
+        for (text, expected) in [
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.lan\"]\n",
+                "x.toml: line 2: server.trusted_proxies \"proxy.lan\" is not an address",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/40\"]\n",
+                "x.toml: line 2: server.trusted_proxies \"10.0.0.0/40\": the prefix must be 0 to 32",
+            ),
+            (
+                "[auth]\nallowed_hosts = [\"http://pi.local:8000\"]\n",
+                "x.toml: line 2: auth.allowed_hosts \"http://pi.local:8000\" is not a host name",
+            ),
+            (
+                "[storage]\nmax_future_s = 0\n",
+                "x.toml: line 2: storage.max_future_s must be between 1 and 604800",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+        let good = Config::parse(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"fd00::/8\"]\n[auth]\nallowed_hosts = [\"sensors.farm.example\", \"192.0.2.7\"]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(good.server.trusted_proxies.len(), 2);
+        assert_eq!(good.storage.max_future_s, 300);
+    }
+
+    #[test]
     fn sensor_texts_refuse_control_characters() {
         let text = "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\nubicacion = \"shed\\u202E\"\nsource = { kind = \"sim\" }\n";
         let err = Config::parse(text, Path::new("x.toml"))
