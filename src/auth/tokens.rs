@@ -89,8 +89,9 @@ impl fmt::Display for TokenError {
             TokenError::Random(e) => write!(f, "no randomness from the kernel: {e}"),
             TokenError::Marker(e) => write!(
                 f,
-                "token revoked, but a running daemon may accept it until it restarts: \
-                 {REVOKED_MARKER} not written: {e}"
+                "token revoked, but a running daemon may accept it for up to {} s: \
+                 {REVOKED_MARKER} not written: {e}",
+                super::TOKEN_RELOAD.as_secs()
             ),
             TokenError::Sqlite(e) => write!(f, "database error: {e}"),
         }
