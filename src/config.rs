@@ -12,7 +12,8 @@ use serde::Deserialize;
 pub use crate::auth::Policy;
 use crate::clock::ClockTrust;
 use crate::model::{
-    forbidden_char, forbidden_char_message, MAX_INTERVAL_S, MAX_TEXT, MIN_INTERVAL_S,
+    forbidden_char, forbidden_char_message, forbidden_in_json, MAX_INTERVAL_S, MAX_TEXT,
+    MIN_INTERVAL_S,
 };
 pub use crate::sensors::SourceSpec;
 
@@ -465,6 +466,10 @@ impl Config {
                     return Err(at(key, &forbidden_char_message(c)));
                 }
             }
+            let source = serde_json::to_value(&sensor.source).unwrap_or_default();
+            if let Some(c) = forbidden_in_json(&source) {
+                return Err(at("source", &forbidden_char_message(c)));
+            }
             if !names.insert(sensor.name.as_str()) {
                 return Err(at("name", "is used twice"));
             }
@@ -723,5 +728,10 @@ source = { kind = "sim" }
             .to_string();
         assert!(err.contains("ubicacion must not contain control"), "{err}");
         assert!(err.contains("U+202E"), "{err}");
+        let text = "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\nsource = { kind = \"serial\", path = \"/dev/ttyUSB0\", keys = { co2 = { tipo = \"co2\", unidad = \"ppm\\r\\n\" } } }\n";
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("source must not contain control"), "{err}");
     }
 }

@@ -292,8 +292,9 @@ impl Fields {
     }
 }
 
-/// The first forbidden character ([`forbidden_char`]) in any key or string of `value`.
-fn forbidden_in_json(value: &Value) -> Option<char> {
+/// The first forbidden character ([`forbidden_char`]) in any key or string of `value`:
+/// a source spec's paths and the `tipo` and `unidad` it maps device keys to.
+pub fn forbidden_in_json(value: &Value) -> Option<char> {
     match value {
         Value::String(s) => forbidden_char(s),
         Value::Array(items) => items.iter().find_map(forbidden_in_json),

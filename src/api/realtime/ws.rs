@@ -284,7 +284,8 @@ impl Session {
         }
     }
 
-    /// Takes one message from the client's rate budget (per address and per token).
+    /// Takes one message from the client's rate budget: its token's, or its address's
+    /// when it has none.
     fn within_rate(&self) -> bool {
         let key = Key::of(self.client, self.principal.as_ref());
         let allowed = self
