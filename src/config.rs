@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// Reverse proxies (addresses or `address/prefix` blocks) whose `X-Forwarded-For` or
     /// `Forwarded` header says which client a request is for; none by default.
     pub trusted_proxies: Vec<String>,
+    /// Longest a request body may take to arrive, from the moment its handler starts
+    /// reading it: a client trickling a body must not hold a connection for minutes.
+    pub body_read_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             header_read_timeout_s: 10,
             trusted_proxies: Vec::new(),
+            body_read_timeout_s: 10,
         }
     }
 }
@@ -369,6 +373,12 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if self.server.body_read_timeout_s == 0 {
+            return Err(Problem::key(
+                "server.body_read_timeout_s",
+                "must be at least 1",
+            ));
         }
         if self.storage.maintenance_interval_s == 0 {
             return Err(Problem::key(

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{AUTHORIZATION, HOST};
 use hyper::{Method, Request, Response};
 use tokio::time::Instant;
@@ -71,22 +71,26 @@ pub struct Connection {
 pub async fn route(
     req: Request<Incoming>,
     state: Arc<State>,
-    connection: Connection,
+    ends: Connection,
     admission: Arc<Admission>,
 ) -> Response<Body> {
-    let host = req.headers().get(HOST).map(|v| v.to_str().unwrap_or("?"));
-    if !state.allowed_hosts.allows(host, connection.local) {
-        state.counters.hit(Limit::ForbiddenHost);
-        return ApiError::host_not_allowed(host.unwrap_or_default()).into_response();
-    }
-    let uri_length = req.uri().to_string().len();
-    if uri_length > state.limits.max_uri_bytes {
-        state.counters.hit(Limit::UriLength);
-        return ApiError::uri_too_long(state.limits.max_uri_bytes).into_response();
-    }
-    let peer = connection.peer;
+    // An error answered to a request with a body may leave some of it unread: the
+    // connection then ends, and drains the rest first so that the client reads the answer.
+    let has_body = !req.body().is_end_stream();
+    let connection = admission.clone();
+    let peer = ends.peer;
     let client = state.proxies.client(peer.ip(), req.headers());
     let result = async {
+        let host = req.headers().get(HOST).map(|v| v.to_str().unwrap_or("?"));
+        if !state.allowed_hosts.allows(host, ends.local) {
+            state.counters.hit(Limit::ForbiddenHost);
+            return Err(ApiError::host_not_allowed(host.unwrap_or_default()));
+        }
+        let uri_length = req.uri().to_string().len();
+        if uri_length > state.limits.max_uri_bytes {
+            state.counters.hit(Limit::UriLength);
+            return Err(ApiError::uri_too_long(state.limits.max_uri_bytes));
+        }
         let (route, guard) = resolve(&req, state.server.dev)?;
         let principal = guard_route(&req, &state, &route, guard).await?;
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
@@ -99,7 +103,17 @@ pub async fn route(
         };
         dispatch(route, req, &state, from, principal, admission, slot).await
     };
-    result.await.unwrap_or_else(ApiError::into_response)
+    result.await.unwrap_or_else(|error| {
+        let error = if has_body {
+            error.ending_connection()
+        } else {
+            error
+        };
+        if error.ends_connection {
+            connection.linger_on_close();
+        }
+        error.into_response()
+    })
 }
 
 /// Who a request is from: the TCP peer and the client it is for (the same unless the
