@@ -1,4 +1,5 @@
-//! Who may do what: tokens with scopes, the configured policy, and the origin check.
+//! Who may do what: tokens with scopes, the configured policy, the origin and `Host`
+//! checks, and which proxies may say who a client is.
 //!
 //! Scopes are ordered: `admin` can do what `write` can, `write` what `read` can. The
 //! policy decides what needs a token at all: by default reads are open and writes need
