@@ -436,3 +436,78 @@ async fn roll_ups_and_latest_values_follow_changes_as_if_stored_that_way() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() {
+    let dir = temp_dir();
+    let config = "[sampling]\ntrust_clock = \"always\"\n";
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    let id = sensor(&daemon, "temperatura").await;
+    let at = |ago_s: i64| {
+        sensorgate::model::format_time(sensorgate::model::now_micros() - ago_s * 1_000_000)
+    };
+    let mut ids = Vec::new();
+    for (valor, ago_s) in [(20.0, 10), (21.0, 0)] {
+        let r = post_reading(
+            &daemon,
+            json!({"sensor_id": id, "tipo": "temperatura", "valor": valor, "timestamp": at(ago_s)}),
+        )
+        .await;
+        ids.push(r["id"].as_i64().unwrap());
+    }
+    daemon.stop().await;
+    // A reading of year 9999, from before the bound on sample times existed.
+    let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    conn.execute(
+        "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) \
+         VALUES (?1, 253402300799000000, 'temperatura', 99.0, '')",
+        [id],
+    )
+    .unwrap();
+    let far = conn.last_insert_rowid();
+    drop(conn);
+
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    assert_eq!(last_value(&daemon, id, "temperatura").await, Some(21.0));
+    assert_eq!(
+        daemon
+            .delete(&format!("/api/v1/lecturas/{}", ids[1]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await,
+        Some(20.0),
+        "the reading of year 9999 does not become the latest"
+    );
+    assert_eq!(
+        daemon
+            .delete(&format!("/api/v1/lecturas/{}", ids[0]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await,
+        Some(99.0),
+        "with nothing else left, it is"
+    );
+    // Correcting its time brings it back among the others.
+    let (status, _) = daemon
+        .put(
+            &format!("/api/v1/lecturas/{far}"),
+            &json!({"timestamp": at(5)}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, answer) = daemon
+        .put(
+            &format!("/api/v1/lecturas/{far}"),
+            r#"{"timestamp": "9999-12-31T23:59:59Z"}"#,
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "timestamp");
+    daemon.stop().await;
+}

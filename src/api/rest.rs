@@ -374,6 +374,9 @@ pub async fn update_reading(
     id: i64,
 ) -> Result<Response<Body>, ApiError> {
     let patch = ReadingPatch::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    if let Some(taken_at) = patch.timestamp {
+        check_not_ahead(state, taken_at)?;
+    }
     let reading = state.store.update_reading(id, patch).await?;
     Ok(json_response(StatusCode::OK, &reading))
 }

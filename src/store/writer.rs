@@ -1002,9 +1002,10 @@ impl Step<'_> {
             }
         }
         rollup::refold(self.tx, folded(old), new.map(folded))?;
-        refresh_latest(self.tx, old.sensor_id, &old.tipo)?;
+        let horizon = self.now.saturating_add(self.newest.max_future);
+        refresh_latest(self.tx, old.sensor_id, &old.tipo, horizon)?;
         if let Some(new) = new.filter(|n| n.tipo != old.tipo) {
-            refresh_latest(self.tx, new.sensor_id, &new.tipo)?;
+            refresh_latest(self.tx, new.sensor_id, &new.tipo, horizon)?;
         }
         Ok(())
     }
@@ -1068,16 +1069,30 @@ impl Step<'_> {
 }
 
 /// Points the latest value of a sensor and `tipo` at its newest remaining reading, or
-/// removes it when none is left. A deleted sensor has no latest values, even while its
-/// readings stay.
-fn refresh_latest(tx: &Transaction<'_>, sensor_id: i64, tipo: &str) -> rusqlite::Result<()> {
-    let newest: Option<(i64, Micros)> = if reader::sensor_exists(tx, sensor_id)? {
+/// removes it when none is left. As in [`NewestReadings`], a reading stamped after
+/// `horizon` (too far in the future) is the latest only when there is no other. A
+/// deleted sensor has no latest values, even while its readings stay.
+fn refresh_latest(
+    tx: &Transaction<'_>,
+    sensor_id: i64,
+    tipo: &str,
+    horizon: Micros,
+) -> rusqlite::Result<()> {
+    let newest_until = |until: Micros| -> rusqlite::Result<Option<(i64, Micros)>> {
         tx.prepare_cached(
-            "SELECT id, ts FROM readings WHERE sensor_id = ?1 AND tipo = ?2 \
+            "SELECT id, ts FROM readings WHERE sensor_id = ?1 AND tipo = ?2 AND ts <= ?3 \
              ORDER BY ts DESC, id DESC LIMIT 1",
         )?
-        .query_row(params![sensor_id, tipo], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
+        .query_row(params![sensor_id, tipo, until], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+    };
+    let newest = if reader::sensor_exists(tx, sensor_id)? {
+        match newest_until(horizon)? {
+            Some(found) => Some(found),
+            None => newest_until(Micros::MAX)?,
+        }
     } else {
         None
     };
