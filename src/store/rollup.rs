@@ -265,6 +265,23 @@ pub struct AggregateQuery {
     pub limit: u32,
 }
 
+/// The mean of a bucket from its sum. Values near the limits of a double can make the
+/// sum overflow to infinity (or, mixed, to NaN) though every value is finite; the mean
+/// lies between min and max all the same, and is never shown as null.
+fn mean(min: f64, max: f64, sum: f64, count: i64) -> f64 {
+    if count <= 0 {
+        return 0.0;
+    }
+    let avg = sum / count as f64;
+    if avg.is_nan() {
+        min / 2.0 + max / 2.0
+    } else if min <= max {
+        avg.clamp(min, max)
+    } else {
+        avg
+    }
+}
+
 /// Buckets of a sensor in `[from, to)`, by `tipo` then time.
 pub fn aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec<Aggregate>> {
     let sql = format!(
@@ -277,14 +294,14 @@ pub fn aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec
     let rows = stmt.query_map(
         params![q.sensor_id, q.tipo, q.bucket.start(q.from), q.to, q.limit],
         |row| {
-            let sum: f64 = row.get(4)?;
-            let count: i64 = row.get(5)?;
+            let (min, max, sum, count): (f64, f64, f64, i64) =
+                (row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?);
             Ok(Aggregate {
                 tipo: row.get(0)?,
                 inicio: row.get(1)?,
-                min: row.get(2)?,
-                max: row.get(3)?,
-                avg: if count > 0 { sum / count as f64 } else { 0.0 },
+                min,
+                max,
+                avg: mean(min, max, sum, count),
                 count,
             })
         },
@@ -296,6 +313,14 @@ pub fn aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec
 mod tests {
     use super::*;
     use crate::store::schema;
+
+    #[test]
+    fn the_mean_of_values_near_the_limits_stays_a_number() {
+        assert_eq!(mean(-f64::MAX, -f64::MAX, f64::NEG_INFINITY, 3), -f64::MAX);
+        assert_eq!(mean(-f64::MAX, f64::MAX, f64::NAN, 4), 0.0);
+        assert_eq!(mean(1.0, 3.0, 6.0, 3), 2.0);
+        assert_eq!(mean(0.0, 0.0, 0.0, 0), 0.0);
+    }
 
     #[test]
     fn bucket_starts_are_utc_boundaries() {
