@@ -511,3 +511,54 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
     assert_eq!(answer["errors"][0]["field"], "timestamp");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn the_id_of_a_deleted_reading_is_never_handed_out_again() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let id = sensor(&daemon, "temperatura").await;
+    let post = |valor: f64| {
+        let daemon = &daemon;
+        async move {
+            post_reading(
+                daemon,
+                json!({"sensor_id": id, "tipo": "temperatura", "valor": valor}),
+            )
+            .await["id"]
+                .as_i64()
+                .unwrap()
+        }
+    };
+    post(1.0).await;
+    let newest = post(2.0).await;
+    assert_eq!(
+        daemon.delete(&format!("/api/v1/lecturas/{newest}")).await.0,
+        200
+    );
+    let next = post(3.0).await;
+    assert!(next > newest, "{next} after {newest} was deleted");
+    assert_eq!(
+        daemon.get(&format!("/api/v1/lecturas/{newest}")).await.0,
+        404
+    );
+
+    // Across a restart too.
+    assert_eq!(
+        daemon.delete(&format!("/api/v1/lecturas/{next}")).await.0,
+        200
+    );
+    daemon.stop().await;
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, after) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &json!({"sensor_id": id, "tipo": "temperatura", "valor": 4.0}).to_string(),
+        )
+        .await;
+    let after = after["id"].as_i64().unwrap();
+    assert!(
+        after > next,
+        "{after} after {next} was deleted before the restart"
+    );
+    daemon.stop().await;
+}

@@ -119,6 +119,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_availability ON events(sensor_id, seq, event_type)
         WHERE event_type IN ('sensor_offline', 'sensor_online');
 "#,
+    r#"
+    -- The largest id of a reading deleted over REST. SQLite hands out the largest rowid
+    -- plus one, so deleting the newest reading would give its id to the next one; the
+    -- writer gives the next reading an id above this instead, so that a reading id, like
+    -- a sensor id, is never handed out twice. One row at most.
+    CREATE TABLE deleted_reading_ids (last_id INTEGER NOT NULL);
+"#,
 ];
 
 /// The schema version this build writes.

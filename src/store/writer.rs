@@ -219,6 +219,7 @@ pub(crate) fn spawn(
         }
     }
     let next_seq = last_seq(&conn)? + 1;
+    let reading_id_floor = reading_id_floor(&conn)?;
     hub.start_at(next_seq - 1);
     health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
@@ -249,12 +250,27 @@ pub(crate) fn spawn(
         publisher,
         checkpointer,
         max_future: (config.max_future_s as Micros).saturating_mul(1_000_000),
+        reading_id_floor,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || writer.run())
         .map_err(StoreError::Io)?;
     Ok(WriterHandle { thread })
+}
+
+/// The id the next reading must lie above, when the newest readings were deleted (see
+/// the `deleted_reading_ids` table); 0 when SQLite's own choice is already above it.
+fn reading_id_floor(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE((SELECT MAX(last_id) FROM deleted_reading_ids), 0), \
+         COALESCE((SELECT MAX(id) FROM readings), 0)",
+        [],
+        |r| {
+            let (deleted, newest): (i64, i64) = (r.get(0)?, r.get(1)?);
+            Ok(if deleted > newest { deleted } else { 0 })
+        },
+    )
 }
 
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
@@ -293,6 +309,9 @@ struct Writer {
     /// How far ahead of the clock a latest value may lie before newer-stored readings
     /// replace it (`storage.max_future_s`).
     max_future: Micros,
+    /// New reading ids must lie above this, as the reading that had it was deleted; 0
+    /// once a reading got an id above it.
+    reading_id_floor: i64,
 }
 
 /// How long samples wait for company before they are committed.
@@ -459,6 +478,7 @@ impl Writer {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut seq = self.next_seq;
+            let mut reading_id_floor = self.reading_id_floor;
             let mut step = Step {
                 tx: &tx,
                 readings: ReadingInserts::prepare(&tx)?,
@@ -467,6 +487,7 @@ impl Writer {
                 rollups: &mut rollups,
                 newest: &mut newest,
                 held: &mut held,
+                reading_id_floor: &mut reading_id_floor,
                 now: now_micros(),
             };
             let mut commands = batch.drain(..);
@@ -492,6 +513,7 @@ impl Writer {
             rollups.flush(&tx)?;
             tx.commit()?;
             self.next_seq = seq;
+            self.reading_id_floor = reading_id_floor;
             Ok(())
         })();
         let outcome = outcome.map_err(|e| e.to_string());
@@ -670,6 +692,8 @@ struct Step<'a> {
     /// Samples of this transaction, kept until it commits so that a failed
     /// commit can retry them.
     held: &'a mut Vec<Sample>,
+    /// See [`Writer::reading_id_floor`]; raised by deletions in this transaction.
+    reading_id_floor: &'a mut i64,
     now: Micros,
 }
 
@@ -971,6 +995,19 @@ impl Step<'_> {
         self.tx
             .prepare_cached("DELETE FROM readings WHERE id = ?1")?
             .execute([id])?;
+        // Its id is never handed out again (see `deleted_reading_ids`).
+        let last_deleted = id.max(*self.reading_id_floor).max(
+            self.tx
+                .prepare_cached("SELECT COALESCE(MAX(last_id), 0) FROM deleted_reading_ids")?
+                .query_row([], |r| r.get(0))?,
+        );
+        self.tx
+            .prepare_cached("DELETE FROM deleted_reading_ids")?
+            .execute([])?;
+        self.tx
+            .prepare_cached("INSERT INTO deleted_reading_ids (last_id) VALUES (?1)")?
+            .execute([last_deleted])?;
+        *self.reading_id_floor = last_deleted;
         self.derived_after_change(&reading, None)?;
         let frame = events::reading_change_frame("deleted", &reading, &[], self.now, *self.seq);
         self.record(
@@ -1023,13 +1060,27 @@ impl Step<'_> {
     ) -> Result<Reading, rusqlite::Error> {
         // SQLite keeps -0.0 as 0: the live frame must carry the value replay will read.
         let valor = valor + 0.0;
+        // NULL: SQLite's choice, the largest id plus one; above the floor once the newest
+        // readings were deleted.
+        let mut id = None;
+        if *self.reading_id_floor > 0 {
+            let newest: i64 = self
+                .tx
+                .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM readings")?
+                .query_row([], |r| r.get(0))?;
+            if newest < *self.reading_id_floor {
+                id = Some(*self.reading_id_floor + 1);
+            }
+            *self.reading_id_floor = 0;
+        }
         self.readings.row.execute(params![
             sensor_id,
             taken_at,
             tipo,
             valor,
             unidad,
-            hora_dudosa
+            hora_dudosa,
+            id
         ])?;
         let id = self.tx.last_insert_rowid();
         self.rollups.add(sensor_id, tipo, taken_at, valor);
@@ -1123,8 +1174,8 @@ impl<'tx> ReadingInserts<'tx> {
     fn prepare(tx: &'tx Transaction<'tx>) -> rusqlite::Result<Self> {
         Ok(ReadingInserts {
             row: tx.prepare_cached(
-                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa, id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?,
             event: tx.prepare_cached(
                 "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
