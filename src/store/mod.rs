@@ -66,6 +66,12 @@ pub enum StoreError {
     NewerSchema { found: u32, supported: u32 },
     /// The writer has stopped (the daemon is shutting down).
     Closed,
+    /// A command that works on an existing database found none at this path.
+    NoDatabase(PathBuf),
+    /// The database at this path could not be opened or set up.
+    Open(PathBuf, Box<StoreError>),
+    /// A backup would overwrite this file.
+    BackupExists(PathBuf),
 }
 
 impl fmt::Display for StoreError {
@@ -80,6 +86,17 @@ impl fmt::Display for StoreError {
                 "database schema version {found} is newer than this build supports ({supported}); upgrade sensorgate"
             ),
             StoreError::Closed => write!(f, "storage is shutting down"),
+            StoreError::NoDatabase(path) => write!(
+                f,
+                "no database at {}: check --data-dir or storage.data_dir in --config (the daemon creates the database on its first start)",
+                path.display()
+            ),
+            StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+            StoreError::BackupExists(path) => write!(
+                f,
+                "backup file {} exists already; choose a new file name",
+                path.display()
+            ),
         }
     }
 }
@@ -314,11 +331,32 @@ impl Store {
 /// Opens (creating if needed) the database in `data_dir` read-write and migrates it: for
 /// the writer, and for the command line's token and backup commands.
 pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    std::fs::create_dir_all(data_dir).map_err(StoreError::Io)?;
-    let mut conn = Connection::open(data_dir.join(DATABASE_FILE))?;
-    configure(&conn, synchronous)?;
-    schema::migrate(&mut conn)?;
+    let path = data_dir.join(DATABASE_FILE);
+    // Every failure names the path: "attempt to write a readonly database" alone does
+    // not say which directory to fix.
+    let at = |e: StoreError| match e {
+        e @ StoreError::NewerSchema { .. } => e,
+        e => StoreError::Open(path.clone(), Box::new(e)),
+    };
+    std::fs::create_dir_all(data_dir).map_err(|e| at(StoreError::Io(e)))?;
+    let mut conn = Connection::open(&path).map_err(|e| at(e.into()))?;
+    configure(&conn, synchronous).map_err(|e| at(e.into()))?;
+    schema::migrate(&mut conn).map_err(at)?;
     Ok(conn)
+}
+
+/// Opens the database that a daemon created in `data_dir`, as [`open_database`] does,
+/// but refuses a directory without one: a mistyped path must not get a new, empty
+/// database that no daemon reads.
+pub fn open_existing_database(
+    data_dir: &Path,
+    synchronous: Synchronous,
+) -> Result<Connection, StoreError> {
+    let path = data_dir.join(DATABASE_FILE);
+    if !path.is_file() {
+        return Err(StoreError::NoDatabase(path));
+    }
+    open_database(data_dir, synchronous)
 }
 
 /// Writes a consistent copy of the database to `target` while the daemon keeps running
@@ -326,17 +364,11 @@ pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connec
 /// overwrite an existing file.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
     if target.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} exists already", target.display()),
-        )));
+        return Err(StoreError::BackupExists(target.to_owned()));
     }
     let source = data_dir.join(DATABASE_FILE);
-    if !source.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("no database at {}", source.display()),
-        )));
+    if !source.is_file() {
+        return Err(StoreError::NoDatabase(source));
     }
     let conn = open_reader(&source)?;
     conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
