@@ -776,3 +776,33 @@ async fn openapi_document_matches_the_server() {
     assert!(checked >= 20, "{checked}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "BME280"}"#,
+        )
+        .await;
+    let id = &sensor["id"];
+    for (tipo, unidad, extra) in [
+        ("temperatura", "°C", ""),
+        ("humedad", "%", r#", "unidad": null"#),
+        ("presion", "hPa", ""),
+        ("co2", "", ""),
+        ("temperatura", "K", r#", "unidad": "K""#),
+    ] {
+        let body = format!(r#"{{"sensor_id": {id}, "tipo": "{tipo}", "valor": 1{extra}}}"#);
+        let (status, reading) = daemon.post("/api/v1/lecturas/", &body).await;
+        assert_eq!(status, 201, "{reading}");
+        assert_eq!(reading["unidad"], unidad, "{body}");
+        let (_, stored) = daemon
+            .get(&format!("/api/v1/lecturas/?sensor_id={id}&limit=1"))
+            .await;
+        assert_eq!(stored[0]["unidad"], unidad, "{body}");
+    }
+    daemon.stop().await;
+}
