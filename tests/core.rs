@@ -806,3 +806,82 @@ async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_follow_the_prometheus_naming_rules() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let body = format!(
+        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20}}"#,
+        sensor["id"]
+    );
+    assert_eq!(daemon.post("/api/v1/lecturas/", &body).await.0, 201);
+    let (status, raw) = daemon.try_request("GET", "/metrics", None).await.unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(raw).unwrap();
+    daemon.stop().await;
+
+    // The rules `promtool check metrics` applies to names and types.
+    let mut families = 0;
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        families += 1;
+        let (name, kind) = line.split_once(' ').unwrap();
+        match kind {
+            "counter" => assert!(name.ends_with("_total"), "counter {name} lacks _total"),
+            "summary" | "histogram" => {
+                for part in ["_sum", "_count"] {
+                    assert!(
+                        text.lines()
+                            .any(|l| l.starts_with(&format!("{name}{part}"))),
+                        "{kind} {name} has no {part}"
+                    );
+                }
+            }
+            _ => {}
+        }
+        if kind != "summary" && kind != "histogram" {
+            for suffix in ["_count", "_sum", "_bucket"] {
+                assert!(
+                    !name.ends_with(suffix),
+                    "{kind} {name} is named like a summary"
+                );
+            }
+        }
+    }
+    assert!(families > 10, "{text}");
+
+    // And promtool itself, where it is installed (.ci/promtool installs it).
+    let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed; checked the naming rules only");
+        return;
+    };
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics: {complaints}"
+    );
+}
