@@ -783,3 +783,123 @@ fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
     runtime.block_on(store.close());
     writer.join();
 }
+
+/// A database damaged in the middle (a card that lost pages): found at start, every
+/// write refused with a clear error, exports that run into the damage fail as transfers,
+/// and the operator told what to do.
+#[tokio::test]
+async fn a_damaged_database_refuses_writes_and_fails_exports_that_meet_the_damage() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let id = sensor(&daemon).await;
+    daemon.stop().await;
+    let path = dir.path().join("sensorgate.db");
+    let start = now_micros() - 30 * DAY;
+    {
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        let tx = db.transaction().unwrap();
+        for i in 0..40_000i64 {
+            tx.execute(
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, 'temperatura', ?3, '°C')",
+                rusqlite::params![id, start + i * 1_000_000, i as f64 / 100.0],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    // Garbage over a tenth of the pages, in the middle of the file.
+    let size = std::fs::metadata(&path).unwrap().len();
+    let pages = size / 4096;
+    assert!(pages > 100, "{pages} pages");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(pages / 2 * 4096)).unwrap();
+        file.write_all(&vec![0x5a; (pages / 10 * 4096) as usize])
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    let daemon = Daemon::start_answering(common::config(dir.path(), ""), &[200, 503]).await;
+    let mut health = Value::Null;
+    for _ in 0..200 {
+        health = daemon.get("/healthz").await.1;
+        if health["storage"]["damaged"] == true {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["storage"]["damaged"], true, "{health}");
+    let advice = health["storage"]["last_error"].as_str().unwrap();
+    for needed in [path.to_str().unwrap(), "sensorgate backup", ".recover"] {
+        assert!(advice.contains(needed), "{advice}");
+    }
+
+    let body = format!(r#"{{"sensor_id": {id}, "tipo": "temperatura", "valor": 1}}"#);
+    for (path, body) in [
+        ("/api/v1/lecturas/", body.as_str()),
+        ("/api/v1/sensores/", r#"{"tipo": "t", "modelo": "m"}"#),
+    ] {
+        let (status, answer) = daemon.post(path, body).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+        assert_eq!(answer["code"], "database_damaged", "{answer}");
+        assert!(answer["detail"].as_str().unwrap().contains("damaged"));
+    }
+
+    let range = format!(
+        "sensor_id={id}&desde={}&hasta={}",
+        format_time(start),
+        format_time(start + 40_000 * 1_000_000)
+    );
+    for format in ["csv", "json"] {
+        let target = format!("/api/v1/lecturas/export?{range}&format={format}");
+        let raw = read_until_closed(
+            daemon.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{format}: {}",
+            &text[..100]
+        );
+        assert!(
+            !text.ends_with("\r\n0\r\n\r\n"),
+            "{format}: an export cut short by the damage ended as if complete"
+        );
+        let curl = format!("http://{}{target}", daemon.addr);
+        let exit = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", &curl])
+                .status()
+        })
+        .await
+        .unwrap();
+        if let Ok(exit) = exit {
+            assert!(
+                !exit.success(),
+                "{format}: curl took the export for complete"
+            );
+        }
+    }
+    daemon.stop().await;
+}
+
+/// Sends `request` and reads until the server closes or resets the connection.
+async fn read_until_closed(addr: std::net::SocketAddr, request: String) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout(common::PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return raw,
+            Ok(Ok(n)) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the response neither ended nor failed"),
+        }
+    }
+}

@@ -167,6 +167,7 @@ pub async fn health(state: &State) -> Response<Body> {
                 "ok": failure.is_none(),
                 "last_error": failure.as_ref().map(|f| &f.error),
                 "failing_since": failure.as_ref().map(|f| format_time(f.since)),
+                "damaged": writer.damage().is_some(),
                 "commits": writer.commits(),
                 "schema_version": SCHEMA_VERSION,
                 "sensors": c.sensors,
@@ -174,7 +175,14 @@ pub async fn health(state: &State) -> Response<Body> {
                 "oldest_seq": c.oldest_seq,
             }),
         ),
-        Err(e) => (false, json!({"ok": false, "last_error": e.to_string()})),
+        Err(e) => (
+            false,
+            json!({
+                "ok": false,
+                "last_error": failure.map_or_else(|| e.to_string(), |f| f.error),
+                "damaged": writer.damage().is_some(),
+            }),
+        ),
     };
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },

@@ -72,6 +72,8 @@ pub enum StoreError {
     Open(PathBuf, Box<StoreError>),
     /// A backup would overwrite this file.
     BackupExists(PathBuf),
+    /// The database is damaged; writes are refused. What was found and what to do.
+    Damaged(String),
 }
 
 impl fmt::Display for StoreError {
@@ -92,6 +94,7 @@ impl fmt::Display for StoreError {
                 path.display()
             ),
             StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+            StoreError::Damaged(what) => f.write_str(what),
             StoreError::BackupExists(path) => write!(
                 f,
                 "backup file {} exists already; choose a new file name",
@@ -137,12 +140,14 @@ impl Store {
             config,
             health.clone(),
         )?;
+        check_in_background(path.clone(), health.clone());
         let store = Store {
             commands,
             queued,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
+                health: health.clone(),
             }),
             health,
         };
@@ -395,10 +400,46 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
     Ok(())
 }
 
+/// Looks through the whole database once, on a thread of its own, for damage that no
+/// query has run into yet (a card that lost pages in a power cut): a damaged database
+/// must refuse writes from the start, not only once a read happens upon the damage.
+/// `quick_check` reads every page once; on a card that is seconds per hundred MiB, spent
+/// while the daemon already serves.
+fn check_in_background(path: PathBuf, health: Arc<WriterHealth>) {
+    let check = move || {
+        let started = std::time::Instant::now();
+        let found = open_reader(&path).and_then(|conn| {
+            let mut statement = conn.prepare("PRAGMA quick_check(5)")?;
+            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()
+        });
+        match found {
+            Ok(rows) if rows == ["ok"] => log::info!(
+                "database check found no damage in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(rows) => health.mark_damaged(&path, &rows.join("; ")),
+            Err(e) => {
+                if !health.note_damage(&path, &e) {
+                    log::warn!("database check could not run: {e}");
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("store-check".into())
+        .spawn(check)
+    {
+        log::warn!("database check not started: {e}");
+    }
+}
+
 /// Read-only connections, opened on demand and kept for reuse.
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Told when a query finds the database damaged.
+    health: Arc<WriterHealth>,
 }
 
 impl Readers {
@@ -412,6 +453,9 @@ impl Readers {
             None => open_reader(&self.path)?,
         };
         let result = query(&conn);
+        if let Err(e) = &result {
+            self.health.note_damage(&self.path, e);
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < IDLE_READERS {
             idle.push(conn);

@@ -9,6 +9,7 @@
 //! that a power cut could take back.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -98,6 +99,8 @@ pub struct WriterHealth {
     /// The run of failed WAL flushes (`synchronous = "normal"`), apart from failed
     /// commits: a commit that works says nothing of the flush that must follow it.
     flush_failure: Mutex<Option<Failure>>,
+    /// Set for good once SQLite finds the database damaged: what it found and what to do.
+    damage: Mutex<Option<Failure>>,
 }
 
 /// A run of failed commits or flushes: what the latest one said and when the first one
@@ -138,12 +141,57 @@ impl WriterHealth {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The current run of failed commits, cleared by the next successful one, or else
-    /// of failed WAL flushes, cleared by the next successful flush.
+    /// Damage found in the database, or else the current run of failed commits, cleared
+    /// by the next successful one, or else of failed WAL flushes, cleared by the next
+    /// successful flush.
     pub fn failure(&self) -> Option<Failure> {
         let current =
             |slot: &Mutex<Option<Failure>>| slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        current(&self.failure).or_else(|| current(&self.flush_failure))
+        self.damage()
+            .or_else(|| current(&self.failure))
+            .or_else(|| current(&self.flush_failure))
+    }
+
+    /// What SQLite found damaged in the database and what the operator can do, once it
+    /// found anything; from then on every write is refused.
+    pub fn damage(&self) -> Option<Failure> {
+        self.damage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that `database` is damaged, as `found` says, if `found` is the kind of
+    /// error that means so; logs it the first time. Returns whether it was.
+    pub(super) fn note_damage(&self, database: &Path, found: &rusqlite::Error) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match found.sqlite_error_code() {
+            Some(DatabaseCorrupt | NotADatabase) => {
+                self.mark_damaged(database, &found.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records that `database` is damaged, as `found` says; logs it the first time.
+    pub(super) fn mark_damaged(&self, database: &Path, found: &str) {
+        let mut damage = self.damage.lock().unwrap_or_else(|e| e.into_inner());
+        if damage.is_some() {
+            return;
+        }
+        let error = format!(
+            "the database {path} is damaged ({found}); writes are refused until it is replaced. \
+             Save what can still be read with `sensorgate backup FILE`, or if that fails with \
+             `sqlite3 {path} .recover | sqlite3 FILE`, then stop sensorgate, move the damaged \
+             file and its -wal aside and the saved copy to {path}, and start it again",
+            path = database.display()
+        );
+        log::error!("{error}");
+        *damage = Some(Failure {
+            error,
+            since: now_micros(),
+        });
     }
 
     /// Counts a commit, or the run of failed commits it continues.
@@ -221,6 +269,7 @@ pub(crate) fn spawn(
     let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
     let writer = Writer {
         conn,
+        database: config.data_dir.join(super::DATABASE_FILE),
         queue,
         queued,
         next_seq,
@@ -265,6 +314,8 @@ struct Outage {
 
 struct Writer {
     conn: Connection,
+    /// The database file, named when it is found damaged.
+    database: PathBuf,
     queue: mpsc::Receiver<Command>,
     /// Told how many samples each batch took off `queue`.
     queued: Arc<SampleGate>,
@@ -338,6 +389,21 @@ impl Command {
         match self {
             Command::Samples(samples) => samples.len().max(1),
             _ => 1,
+        }
+    }
+
+    /// Answers the command with [`StoreError::Damaged`].
+    fn refuse(self, damage: &str) {
+        let err = || StoreError::Damaged(damage.to_owned());
+        match self {
+            Command::CreateSensor(_, r)
+            | Command::UpdateSensor(_, _, r)
+            | Command::DeleteSensor(_, r) => drop(r.send(Err(err()))),
+            Command::InsertReading(_, r) => drop(r.send(Err(err()))),
+            Command::Emit(_, r) => drop(r.send(Err(err()))),
+            Command::SaveUplinkCursor(_, _, r) => drop(r.send(Err(err()))),
+            Command::Ping(reply) => drop(reply.send(())),
+            Command::Samples(_) | Command::TouchToken(..) | Command::Shutdown => {}
         }
     }
 
@@ -432,6 +498,10 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<Command>) {
+        if let Some(damage) = self.health.damage() {
+            self.refuse(batch, &damage.error);
+            return;
+        }
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let first_seq = self.next_seq;
@@ -482,7 +552,10 @@ impl Writer {
             self.next_seq = seq;
             Ok(())
         })();
-        let outcome = outcome.map_err(|e| e.to_string());
+        let outcome = outcome.map_err(|e| {
+            self.health.note_damage(&self.database, &e);
+            e.to_string()
+        });
         self.health.record(&outcome);
         match outcome {
             Ok(()) => {
@@ -518,6 +591,25 @@ impl Writer {
                 self.keep_for_retry(held);
                 self.degraded(&why);
             }
+        }
+    }
+
+    /// Answers every write of `batch` with the damage found in the database: writing on
+    /// would build on pages that SQLite cannot read. Samples are dropped (and counted):
+    /// kept for a retry they would only be refused again.
+    fn refuse(&mut self, batch: &mut Vec<Command>, damage: &str) {
+        self.degraded(damage);
+        let mut dropped = 0;
+        for command in batch.drain(..) {
+            match command {
+                Command::Samples(samples) => dropped += samples.len(),
+                other => other.refuse(damage),
+            }
+        }
+        dropped += self.retry.len();
+        self.retry.clear();
+        if let Some(outage) = &mut self.outage {
+            outage.dropped += dropped as u64;
         }
     }
 
@@ -606,6 +698,10 @@ impl Writer {
     /// Retention in small slices (see [`Retention`]), then a checkpoint.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
+        if self.health.damage().is_some() {
+            // Deleting rows rewrites pages that may be the damaged ones.
+            return;
+        }
         let mut behind = false;
         for (what, outcome) in self
             .retention
