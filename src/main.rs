@@ -293,6 +293,12 @@ async fn forward_reloads(
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // Under a file size limit (`LimitFSIZE=`, `ulimit -f`) a write past it then fails, and
+    // storage reports and rides out the failure, instead of the signal killing the daemon.
+    // SAFETY: setting a signal's disposition to "ignore" touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let rig = if args.demo {
         let dir = args
             .data_dir

@@ -397,6 +397,13 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
     // checkpoint, so fewer checkpoints mean fewer card writes. The writer's connection
     // hands its checkpoints to a thread of their own (see `checkpointer`).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+    // A WAL that a burst grew past the checkpoint threshold shrinks back to it when it
+    // starts over, rather than keeping its largest size for good.
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        i64::from(WAL_CHECKPOINT_PAGES) * 4096,
+    )?;
     Ok(())
 }
 

@@ -33,6 +33,11 @@ use crate::sensors::Measurement;
 /// to survive; a few hours of a small gateway.
 const RETRY_SAMPLES: usize = 20_000;
 
+/// How long commits must keep working after a failure before the outage counts as over:
+/// on a card that is nearly full, a small commit fits now and then between failures, and
+/// each of those must not end one outage and start the next.
+const RECOVERY_HOLD: Duration = Duration::from_secs(3);
+
 /// Most work gathered into one transaction, in samples and other commands (see
 /// [`Command::weight`]); bounds the latency of the batch's first command and the memory
 /// of its events.
@@ -194,12 +199,18 @@ impl WriterHealth {
         });
     }
 
-    /// Counts a commit, or the run of failed commits it continues.
+    /// Counts a commit, or the run of failed commits it continues (which only
+    /// [`WriterHealth::clear_failure`] ends).
     pub(super) fn record(&self, result: &Result<(), String>) {
-        if result.is_ok() {
-            self.commits.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => drop(self.commits.fetch_add(1, Ordering::Relaxed)),
+            Err(_) => note(&self.failure, result),
         }
-        note(&self.failure, result);
+    }
+
+    /// Commits work again: ends the run of failed commits.
+    pub(super) fn clear_failure(&self) {
+        note(&self.failure, &Ok(()));
     }
 
     /// Ends or continues the run of failed WAL flushes.
@@ -266,7 +277,7 @@ pub(crate) fn spawn(
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
     let database = config.data_dir.join(super::DATABASE_FILE);
     let publisher = Publisher::spawn(wal, database, hub, health.clone()).map_err(StoreError::Io)?;
-    let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
+    let checkpointer = Checkpointer::spawn(checkpoints, &mut conn, config.data_dir.clone())?;
     let writer = Writer {
         conn,
         database: config.data_dir.join(super::DATABASE_FILE),
@@ -279,16 +290,12 @@ pub(crate) fn spawn(
         last_maintenance: Instant::now(),
         retry: VecDeque::new(),
         outage: None,
-        window: match config.commit_window_ms {
-            0 => None,
-            ms => Some(CommitWindow {
-                length: Duration::from_millis(ms),
-                timer: tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .map_err(StoreError::Io)?,
-            }),
-        },
+        window: (config.commit_window_ms > 0)
+            .then(|| Duration::from_millis(config.commit_window_ms)),
+        timer: tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(StoreError::Io)?,
         publisher,
         checkpointer,
     };
@@ -310,6 +317,9 @@ struct Outage {
     since: Instant,
     /// Samples dropped because the retry buffer was full.
     dropped: u64,
+    /// The first commit of the current run of successful ones, if the last commit
+    /// worked: the outage is over once this run lasts [`RECOVERY_HOLD`].
+    working_since: Option<Instant>,
 }
 
 struct Writer {
@@ -332,14 +342,10 @@ struct Writer {
     /// "normal"`).
     publisher: Publisher,
     checkpointer: Checkpointer,
-    /// `None` when samples are committed as they come (`commit_window_ms = 0`).
-    window: Option<CommitWindow>,
-}
-
-/// How long samples wait for company before they are committed.
-struct CommitWindow {
-    length: Duration,
-    /// Times the wait on the queue; the writer is a plain thread.
+    /// How long samples wait for company; `None` when they are committed as they come
+    /// (`commit_window_ms = 0`).
+    window: Option<Duration>,
+    /// Times waits on the queue; the writer is a plain thread.
     timer: tokio::runtime::Runtime,
 }
 
@@ -460,7 +466,7 @@ impl Writer {
     fn serve(&mut self) {
         let _gate = CloseOnExit(self.queued.clone());
         let mut batch = Vec::with_capacity(64);
-        while let Some(first) = self.queue.blocking_recv() {
+        while let Some(first) = self.next_command() {
             let mut weight = first.weight();
             batch.push(first);
             while weight < MAX_BATCH {
@@ -493,6 +499,25 @@ impl Writer {
             self.commit(&mut batch);
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
+            }
+        }
+    }
+
+    /// The next command, waiting as long as it takes; while an outage seems over, only
+    /// until it has lasted [`RECOVERY_HOLD`], to announce the recovery on time.
+    fn next_command(&mut self) -> Option<Command> {
+        loop {
+            let Some(working_since) = self.outage.as_ref().and_then(|o| o.working_since) else {
+                return self.queue.blocking_recv();
+            };
+            let deadline = tokio::time::Instant::from_std(working_since + RECOVERY_HOLD);
+            let queue = &mut self.queue;
+            let next = self
+                .timer
+                .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
+            match next {
+                Ok(command) => return command,
+                Err(_) => self.confirm_recovery(),
             }
         }
     }
@@ -553,6 +578,9 @@ impl Writer {
             Ok(())
         })();
         let outcome = outcome.map_err(|e| {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                self.make_room();
+            }
             self.health.note_damage(&self.database, &e);
             e.to_string()
         });
@@ -574,8 +602,12 @@ impl Writer {
                     }
                 }
                 self.publisher.send(Handover::Committed(published, pings));
-                if let Some(outage) = self.outage.take() {
-                    self.recovered(outage);
+                match &mut self.outage {
+                    None => self.health.clear_failure(),
+                    Some(outage) => {
+                        outage.working_since.get_or_insert_with(Instant::now);
+                        self.confirm_recovery();
+                    }
                 }
             }
             Err(why) => {
@@ -591,6 +623,21 @@ impl Writer {
                 self.keep_for_retry(held);
                 self.degraded(&why);
             }
+        }
+    }
+
+    /// The card is full: copies the WAL back and truncates it, which frees its space
+    /// whenever the database has room for the copied pages, so that the next attempt
+    /// may fit.
+    fn make_room(&mut self) {
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            }) {
+            Ok(0) => log::info!("storage full: the WAL was copied back and truncated"),
+            Ok(_) => log::debug!("storage full: the WAL could not be truncated yet"),
+            Err(e) => log::debug!("storage full: checkpoint failed: {e}"),
         }
     }
 
@@ -621,16 +668,16 @@ impl Writer {
     /// shutdown) ends the wait. `weight` is what the batch counts for so far.
     fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
         let may_wait = |c: &Command| matches!(c, Command::Samples(_) | Command::TouchToken(..));
-        let Some(window) = &self.window else {
+        let Some(window) = self.window else {
             return;
         };
         if !batch.iter().all(may_wait) {
             return;
         }
-        let deadline = tokio::time::Instant::now() + window.length;
+        let deadline = tokio::time::Instant::now() + window;
         while weight < MAX_BATCH {
             let queue = &mut self.queue;
-            let next = window
+            let next = self
                 .timer
                 .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
             let Ok(Some(command)) = next else {
@@ -661,7 +708,9 @@ impl Writer {
     /// Storage just failed (or failed again): tell clients once per outage. The notice
     /// cannot be stored, so it goes out live only, with `seq` 0.
     fn degraded(&mut self, why: &str) {
-        if self.outage.is_some() {
+        if let Some(outage) = &mut self.outage {
+            // Still the same outage, however many commits fitted in between.
+            outage.working_since = None;
             return;
         }
         log::error!(
@@ -670,6 +719,7 @@ impl Writer {
         self.outage = Some(Outage {
             since: Instant::now(),
             dropped: 0,
+            working_since: None,
         });
         // Through the publisher: events of earlier commits go out before the notice,
         // when they can.
@@ -677,10 +727,25 @@ impl Writer {
             .send(Handover::Notice(outage_notice(why, self.retry.len())));
     }
 
-    /// Storage works again after an outage: a stored event says how long it lasted and
-    /// what was lost.
+    /// Ends the outage once commits have kept working for [`RECOVERY_HOLD`].
+    fn confirm_recovery(&mut self) {
+        let held = |o: &Outage| {
+            o.working_since
+                .is_some_and(|t| t.elapsed() >= RECOVERY_HOLD)
+        };
+        if self.outage.as_ref().is_some_and(held) {
+            if let Some(outage) = self.outage.take() {
+                self.health.clear_failure();
+                self.recovered(outage);
+            }
+        }
+    }
+
+    /// Storage works again after an outage: a stored event says how long it lasted, from
+    /// the first failed commit to the first of those that kept working, and what was lost.
     fn recovered(&mut self, outage: Outage) {
-        let seconds = outage.since.elapsed().as_secs_f64();
+        let ended = outage.working_since.unwrap_or_else(Instant::now);
+        let seconds = ended.duration_since(outage.since).as_secs_f64();
         log::info!(
             "storage writable again after {seconds:.0} s; {} samples were dropped",
             outage.dropped
