@@ -168,7 +168,7 @@ fn check_config_names_file_line_and_key() {
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(message.contains("interval_s"), "{message}");
-    assert!(message.contains("line 2"), "{message}");
+    assert!(message.contains("line 5"), "{message}");
 }
 
 /// Runs the binary with `args`; returns exit success, stdout and stderr.
@@ -296,4 +296,39 @@ fn messages_name_what_they_are_about() {
         stderr.contains(&blocked.join("sensorgate.db").display().to_string()),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.toml");
+    let sensor = |name: &str, interval: &str| {
+        format!(
+            "[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"m\"\ninterval_s = {interval}\nsource = {{ kind = \"sim\" }}\n"
+        )
+    };
+    let text = format!(
+        "[server]\nmax_connections = 0\n[storage]\nmax_events = 0\n{}{}{}",
+        sensor("a", "5"),
+        sensor("b", "0"),
+        sensor("a", "5"),
+    );
+    std::fs::write(&path, &text).unwrap();
+    let (ok, _, stderr) = sensorgate(&["check-config".as_ref(), path.as_os_str()]);
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        ("line 2", "server.max_connections"),
+        ("line 4", "storage.max_events"),
+        ("line 15", "sensor \"b\": interval_s"),
+        // The second definition of "a", not the first.
+        ("line 18", "sensor \"a\": name is used twice"),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, (at, about)) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(&format!("{}: {at}: ", path.display())) && line.contains(about),
+            "expected {at} about {about}, got: {line}\n{stderr}"
+        );
+    }
 }
