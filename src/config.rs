@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_body_bytes: usize,
     pub header_read_timeout_s: u64,
+    /// Longest a request body may take to arrive, from the moment its handler starts
+    /// reading it: a client trickling a body must not hold a connection for minutes.
+    pub body_read_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +64,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_body_bytes: 64 * 1024,
             header_read_timeout_s: 10,
+            body_read_timeout_s: 10,
         }
     }
 }
@@ -345,6 +349,12 @@ impl Config {
             problems.push(Problem::key(
                 "server.max_body_bytes",
                 "must be at least 1024",
+            ));
+        }
+        if self.server.body_read_timeout_s == 0 {
+            problems.push(Problem::key(
+                "server.body_read_timeout_s",
+                "must be at least 1",
             ));
         }
         if self.storage.maintenance_interval_s == 0 {

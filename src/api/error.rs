@@ -22,6 +22,9 @@ pub struct ApiError {
     pub challenge: bool,
     /// The methods the path does answer (`Allow`), on 405.
     pub allow: Option<&'static str>,
+    /// The answer comes before the request was read to the end, so the connection
+    /// cannot carry another request: say `Connection: close`.
+    pub ends_connection: bool,
 }
 
 #[derive(Serialize)]
@@ -42,6 +45,15 @@ impl ApiError {
             retry_after: None,
             challenge: false,
             allow: None,
+            ends_connection: false,
+        }
+    }
+
+    /// The same error, answered as the last on its connection.
+    pub fn ending_connection(self) -> ApiError {
+        ApiError {
+            ends_connection: true,
+            ..self
         }
     }
 
@@ -76,13 +88,24 @@ impl ApiError {
         }
     }
 
-    /// 413.
+    /// 413; the rest of the body is never read.
     pub fn too_large(limit: usize) -> ApiError {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("Request body larger than {limit} bytes"),
         )
+        .ending_connection()
+    }
+
+    /// 408: the body did not arrive in time; the rest of it is never read.
+    pub fn body_timeout(limit: std::time::Duration) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("Request body not received within {} s", limit.as_secs()),
+        )
+        .ending_connection()
     }
 
     /// 422, naming every bad field.
@@ -169,6 +192,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.ends_connection {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(seconds) = self.retry_after {
             response

@@ -16,6 +16,7 @@ pub enum Limit {
     Connections,
     ConnectionsPerAddress,
     BodySize,
+    BodyTimeout,
     UriLength,
     HeaderTimeout,
     HeaderSize,
@@ -28,10 +29,11 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Limit; 12] = [
+    const ALL: [Limit; 13] = [
         Limit::Connections,
         Limit::ConnectionsPerAddress,
         Limit::BodySize,
+        Limit::BodyTimeout,
         Limit::UriLength,
         Limit::HeaderTimeout,
         Limit::HeaderSize,
@@ -48,6 +50,7 @@ impl Limit {
             Limit::Connections => "connections",
             Limit::ConnectionsPerAddress => "connections_per_address",
             Limit::BodySize => "body_size",
+            Limit::BodyTimeout => "body_timeout",
             Limit::UriLength => "uri_length",
             Limit::HeaderTimeout => "header_timeout",
             Limit::HeaderSize => "header_size",
@@ -61,13 +64,60 @@ impl Limit {
     }
 }
 
+/// Who sent the first Close frame of a WebSocket close; a connection that ended without
+/// one counts as 1006, closed by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseInitiator {
+    Client,
+    Server,
+}
+
+impl CloseInitiator {
+    const ALL: [CloseInitiator; 2] = [CloseInitiator::Client, CloseInitiator::Server];
+
+    fn name(self) -> &'static str {
+        match self {
+            CloseInitiator::Client => "client",
+            CloseInitiator::Server => "server",
+        }
+    }
+}
+
+/// The WebSocket close codes counted one by one: the standard ones and the daemon's own.
+/// Clients may send any code from 3000 to 4999; those count together as `other`, so that
+/// no client can grow the metric.
+const CLOSE_CODES: [u16; 13] = [
+    1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 4000, 4008, 4029, 4401,
+];
+
 /// Counters kept by the HTTP side.
 #[derive(Default)]
 pub struct Counters {
-    limits: [AtomicU64; 12],
+    limits: [AtomicU64; 13],
+    /// Per initiator, per code of [`CLOSE_CODES`], then `other`.
+    closes: [[AtomicU64; CLOSE_CODES.len() + 1]; 2],
 }
 
 impl Counters {
+    /// Counts one WebSocket close.
+    pub fn count_close(&self, code: u16, initiator: CloseInitiator) {
+        let index = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        self.closes[initiator as usize][index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// WebSocket closes with `code` started by `initiator` so far.
+    pub fn closes(&self, code: u16, initiator: CloseInitiator) -> u64 {
+        CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .map_or(0, |index| {
+                self.closes[initiator as usize][index].load(Ordering::Relaxed)
+            })
+    }
+
     /// Counts one refusal by `limit`.
     pub fn hit(&self, limit: Limit) {
         self.limits[limit as usize].fetch_add(1, Ordering::Relaxed);
@@ -106,6 +156,28 @@ pub fn render(
             limit.name(),
             counters.hits(limit)
         ));
+    }
+    flush(&mut out, &mut lines);
+
+    let name = family_line(
+        &mut out,
+        "sensorgate_websocket_closes_total",
+        "counter",
+        "WebSocket connections closed, by close code and by who sent the first Close frame (1006: none was sent).",
+    );
+    for initiator in CloseInitiator::ALL {
+        let counted = &counters.closes[initiator as usize];
+        let codes = CLOSE_CODES
+            .iter()
+            .map(u16::to_string)
+            .chain(["other".into()]);
+        for (code, count) in codes.zip(counted) {
+            lines.push(format!(
+                "{name}{{code=\"{code}\",initiator=\"{}\"}} {}",
+                initiator.name(),
+                count.load(Ordering::Relaxed)
+            ));
+        }
     }
     flush(&mut out, &mut lines);
 

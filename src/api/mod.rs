@@ -7,6 +7,7 @@
 mod error;
 mod export;
 mod limits;
+mod linger;
 pub mod metrics;
 mod query;
 pub(crate) mod realtime;
@@ -20,6 +21,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -253,6 +255,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         let admission = Arc::new(Admission {
             _permit: permit,
             _slot: slot,
+            linger: AtomicBool::new(false),
         });
         tokio::spawn(serve_connection(stream, peer, state, admission));
     }
@@ -263,6 +266,20 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
     _slot: Slot,
+    linger: AtomicBool,
+}
+
+impl Admission {
+    /// The connection was answered before its request was read to the end: when it
+    /// closes, it drains what the client still sends first, so that the client reads
+    /// the answer rather than a reset (see [`linger`]).
+    pub fn linger_on_close(&self) {
+        self.linger.store(true, Ordering::Relaxed);
+    }
+
+    fn lingers(&self) -> bool {
+        self.linger.load(Ordering::Relaxed)
+    }
 }
 
 async fn serve_connection(
@@ -274,6 +291,8 @@ async fn serve_connection(
     let _drain = state.drain.clone();
     let mut shutdown = state.shutdown.clone();
     let service_state = state.clone();
+    let io = TokioIo::new(linger::LingeringStream::new(stream, admission.clone()));
+    let connection_admission = admission.clone();
     let service = service_fn(move |req| {
         let state = service_state.clone();
         let admission = admission.clone();
@@ -284,7 +303,7 @@ async fn serve_connection(
         .header_read_timeout(Duration::from_secs(state.server.header_read_timeout_s))
         .max_headers(state.limits.max_headers)
         .max_buf_size(MAX_HEADER_BYTES)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -298,6 +317,8 @@ async fn serve_connection(
         if e.is_timeout() {
             state.counters.hit(Limit::HeaderTimeout);
         } else if e.is_parse_too_large() {
+            // hyper answered 431 or 414 while the client may still be sending.
+            connection_admission.linger_on_close();
             state.counters.hit(Limit::HeaderSize);
         }
         log::debug!("connection from {peer}: {e}");

@@ -3,6 +3,7 @@
 //! matching event.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -64,9 +65,14 @@ pub async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, A
         state.counters.hit(Limit::BodySize);
         return Err(ApiError::too_large(limit));
     }
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
+    let deadline = Duration::from_secs(state.server.body_read_timeout_s);
+    let collected = tokio::time::timeout(deadline, Limited::new(req.into_body(), limit).collect())
         .await
+        .map_err(|_| {
+            state.counters.hit(Limit::BodyTimeout);
+            ApiError::body_timeout(deadline)
+        })?;
+    let bytes = collected
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 state.counters.hit(Limit::BodySize);

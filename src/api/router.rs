@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response};
 use tokio::time::Instant;
@@ -63,12 +63,16 @@ pub async fn route(
     peer: SocketAddr,
     admission: Arc<Admission>,
 ) -> Response<Body> {
-    let uri_length = req.uri().to_string().len();
-    if uri_length > state.limits.max_uri_bytes {
-        state.counters.hit(Limit::UriLength);
-        return ApiError::uri_too_long(state.limits.max_uri_bytes).into_response();
-    }
+    // An error answered to a request with a body may leave some of it unread: the
+    // connection then ends, and drains the rest first so that the client reads the answer.
+    let has_body = !req.body().is_end_stream();
+    let connection = admission.clone();
     let result = async {
+        let uri_length = req.uri().to_string().len();
+        if uri_length > state.limits.max_uri_bytes {
+            state.counters.hit(Limit::UriLength);
+            return Err(ApiError::uri_too_long(state.limits.max_uri_bytes));
+        }
         let (route, guard) = resolve(&req, state.server.dev)?;
         let principal = guard_route(&req, &state, &route, guard).await?;
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
@@ -76,7 +80,17 @@ pub async fn route(
         }
         dispatch(route, req, &state, peer, principal, admission).await
     };
-    result.await.unwrap_or_else(ApiError::into_response)
+    result.await.unwrap_or_else(|error| {
+        let error = if has_body {
+            error.ending_connection()
+        } else {
+            error
+        };
+        if error.ends_connection {
+            connection.linger_on_close();
+        }
+        error.into_response()
+    })
 }
 
 fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiError> {

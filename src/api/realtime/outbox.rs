@@ -38,10 +38,19 @@ pub struct Outbox {
     pub room: Notify,
 }
 
+/// What the session asked the writer to do instead of waiting for more frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closing {
+    /// Send what is queued, then a Close frame with this code and reason.
+    Close(u16, String),
+    /// Stop at once and hand the socket back: the client closed, or the socket broke.
+    Stop,
+}
+
 #[derive(Default)]
 struct Inner {
     frames: VecDeque<Frame>,
-    closing: Option<(u16, String)>,
+    closing: Option<Closing>,
 }
 
 impl Drop for Outbox {
@@ -99,12 +108,21 @@ impl Outbox {
     /// Asks the writer to close the socket with this code and reason after sending what
     /// is queued.
     pub fn close(&self, code: u16, reason: String) {
-        self.lock().closing = Some((code, reason));
+        self.finish(Closing::Close(code, reason));
+    }
+
+    /// Asks the writer to stop at once, leaving what is queued unsent.
+    pub fn stop(&self) {
+        self.finish(Closing::Stop);
+    }
+
+    fn finish(&self, closing: Closing) {
+        self.lock().closing = Some(closing);
         self.ready.notify_one();
     }
 
-    /// The close the writer was asked for, if any.
-    pub fn closing(&self) -> Option<(u16, String)> {
+    /// What the writer was asked to finish with, if anything.
+    pub fn closing(&self) -> Option<Closing> {
         self.lock().closing.clone()
     }
 

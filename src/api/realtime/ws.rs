@@ -7,7 +7,17 @@
 //! queue overflowed after coalescing, or its socket accepted nothing for
 //! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
 //! not answer pings; 4029 the client sent messages faster than its rate limit; 4401 a
-//! secure socket was not authenticated; 1009 a client message was too large.
+//! secure socket was not authenticated; 1009 a client message was too large; 1007 a text
+//! message was not UTF-8; 1002 any other breach of the protocol; 1011 storage failed.
+//!
+//! The close handshake (RFC 6455 §5.5.1, §7) runs both ways. A client's Close is answered
+//! at once with a Close carrying its code (1000 when it gave none), and the connection
+//! ends: the reader hands the socket back from the writer task, because tungstenite only
+//! sends its queued answer with the socket's next write. A close the server starts sends
+//! its Close after what is queued, waits [`CLOSE_WAIT`] at most for the client's, then
+//! ends the connection. A client that breaks the protocol gets its Close and the
+//! connection ends without waiting, its unread bytes drained first so that the Close is
+//! not lost to a reset.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,21 +31,23 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use super::feed::Feed;
-use super::outbox::{Frame, Outbox};
+use super::outbox::{Closing, Frame, Outbox};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
 use crate::api::limits::Key;
-use crate::api::metrics::Limit;
+use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
-use crate::api::{full, Admission, ApiError, Body, State};
+use crate::api::{full, linger, Admission, ApiError, Body, State};
 use crate::auth::Principal;
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
@@ -49,8 +61,17 @@ pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
 /// A client whose socket accepts nothing for this long cannot keep up.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest the server waits for the client's answer to a Close it sent.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL: u16 = 1002;
+/// The code counted for a connection that ended without any Close frame.
+const CLOSE_ABNORMAL: u16 = 1006;
+const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_STORAGE: u16 = 1011;
 const CLOSE_PING_TIMEOUT: u16 = 4000;
 const CLOSE_AUTH_FAILED: u16 = 4401;
 const CLOSE_RATE_LIMITED: u16 = 4029;
@@ -60,6 +81,10 @@ const AUTH_WAIT: Duration = Duration::from_secs(5);
 const CLOSE_SLOW: u16 = 4008;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Socket, Message>;
+
+/// A Close frame with code 1000, as a server sends it (unmasked).
+const NORMAL_CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
 
 fn socket_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -140,10 +165,15 @@ struct Session {
 
 /// How a session ended.
 enum End {
-    /// Nothing more can be sent: the client left or the socket broke.
+    /// The socket broke or the client left without a Close frame: nothing more is sent.
     Gone,
-    /// Close with this code and reason.
+    /// The client sent a Close frame (its code, if it gave one): answer it and end.
+    ClosedByClient(Option<u16>),
+    /// Close with this code and reason, then wait for the client's Close.
     Close(u16, String),
+    /// The client broke the protocol: close with this code and reason and end without
+    /// waiting, as its framing can no longer be trusted.
+    Fail(u16, String),
 }
 
 impl Session {
@@ -174,7 +204,7 @@ impl Session {
         let mut registration = self.state.hub.register(&self.subscription.channel_list());
         let (sink, mut stream) = socket.split();
         let delivered = Arc::new(AtomicU64::new(0));
-        let mut writer = tokio::spawn(write_loop(
+        let mut writer = Writer::spawn(write_loop(
             sink,
             self.outbox.clone(),
             self.state.clone(),
@@ -182,10 +212,9 @@ impl Session {
         ));
 
         if self.must_authenticate {
-            if let Err(reason) = self.authenticate(&mut stream).await {
-                self.state.counters.hit(Limit::Unauthorized);
-                self.outbox.close(CLOSE_AUTH_FAILED, reason);
-                finish_writer(writer).await;
+            if let Err(end) = self.authenticate(&mut stream).await {
+                drop(registration);
+                self.end(end, writer, stream).await;
                 return;
             }
         }
@@ -219,42 +248,86 @@ impl Session {
                 )
                 .await
             }
-            Err(e) => End::Close(1011, format!("storage unavailable: {e}")),
+            Err(e) => End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
         };
-
-        if let End::Close(code, reason) = end {
-            if code == CLOSE_SLOW {
-                for channel in self.subscription.channel_list() {
-                    self.state.hub.count_slow_disconnect(channel);
-                }
-                log::info!(
-                    "client {} ({}) disconnected: {reason}",
-                    self.client_id,
-                    self.peer
-                );
-            }
-            // The writer sends what is queued, then the Close frame, within its timeout.
-            self.outbox.close(code, reason);
-        }
-        finish_writer(writer).await;
+        // A closing client gets no more events and no longer counts as connected.
+        drop(registration);
+        self.end(end, writer, stream).await;
         log::debug!("client {} disconnected", self.client_id);
+    }
+
+    /// Runs the close handshake that `end` calls for, and counts the close.
+    async fn end(&self, end: End, writer: Writer, mut stream: SplitStream<Socket>) {
+        let counters = &self.state.counters;
+        match end {
+            End::Gone => {
+                counters.count_close(CLOSE_ABNORMAL, CloseInitiator::Client);
+                self.outbox.stop();
+                writer.finish().await;
+            }
+            End::ClosedByClient(code) => {
+                counters.count_close(code.unwrap_or(CLOSE_NORMAL), CloseInitiator::Client);
+                self.outbox.stop();
+                if let Some((_, sink)) = writer.finish().await {
+                    if let Ok(socket) = sink.reunite(stream) {
+                        answer_close(socket, code.is_some()).await;
+                    }
+                }
+            }
+            End::Close(code, reason) => {
+                counters.count_close(code, CloseInitiator::Server);
+                if code == CLOSE_SLOW {
+                    for channel in self.subscription.channel_list() {
+                        self.state.hub.count_slow_disconnect(channel);
+                    }
+                    log::info!(
+                        "client {} ({}) disconnected: {reason}",
+                        self.client_id,
+                        self.peer
+                    );
+                }
+                // The writer sends what is queued, then the Close frame, within its
+                // timeout; a client that is still there answers it.
+                self.outbox.close(code, reason);
+                if let Some((WriteEnd::Closed, _)) = writer.finish().await {
+                    await_client_close(&mut stream).await;
+                }
+            }
+            End::Fail(code, reason) => {
+                counters.count_close(code, CloseInitiator::Server);
+                log::debug!("client {} ({}): {reason}", self.client_id, self.peer);
+                self.outbox.close(code, reason);
+                if let Some((_, sink)) = writer.finish().await {
+                    if let Ok(mut socket) = sink.reunite(stream) {
+                        linger::drain(socket.get_mut()).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Waits for the first message of a secure socket opened without a token: it must be
     /// `{"type": "auth", "token": "..."}` and arrive within [`AUTH_WAIT`]. Answers with an
-    /// `auth_result`; the error is the close reason.
-    async fn authenticate(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), String> {
-        let first = tokio::time::timeout(AUTH_WAIT, stream.next()).await;
-        let Ok(Some(Ok(Message::Text(text)))) = first else {
-            return Err(format!(
-                "authentication failed: no auth message within {AUTH_WAIT:?}"
-            ));
+    /// `auth_result`; otherwise says how the session ends.
+    async fn authenticate(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), End> {
+        let text = match tokio::time::timeout(AUTH_WAIT, stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Err(End::ClosedByClient(frame.map(|f| f.code.into())))
+            }
+            Ok(Some(Err(e))) => return Err(failure(&e)),
+            Ok(None) => return Err(End::Gone),
+            _ => {
+                return Err(self.refuse(format!(
+                    "authentication failed: no auth message within {AUTH_WAIT:?}"
+                )))
+            }
         };
         let message: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let id = message.get("id").cloned().unwrap_or(Value::Null);
         let token = match (message.get("type").and_then(Value::as_str), message.get("token").and_then(Value::as_str)) {
             (Some("auth"), Some(token)) => token.to_owned(),
-            _ => return Err("authentication failed: the first message must be {\"type\": \"auth\", \"token\": ...}".into()),
+            _ => return Err(self.refuse("authentication failed: the first message must be {\"type\": \"auth\", \"token\": ...}".into())),
         };
         match self.state.auth.identify(&token).await {
             Ok(Some(principal)) => {
@@ -266,9 +339,15 @@ impl Session {
                 self.principal = Some(principal);
                 Ok(())
             }
-            Ok(None) => Err("authentication failed: invalid or revoked token".into()),
-            Err(e) => Err(format!("authentication failed: {e}")),
+            Ok(None) => Err(self.refuse("authentication failed: invalid or revoked token".into())),
+            Err(e) => Err(self.refuse(format!("authentication failed: {e}"))),
         }
+    }
+
+    /// Counts a refused authentication; the session closes with 4401 and `reason`.
+    fn refuse(&self, reason: String) -> End {
+        self.state.counters.hit(Limit::Unauthorized);
+        End::Close(CLOSE_AUTH_FAILED, reason)
     }
 
     /// Takes one message from the client's rate budget (per address and per token).
@@ -296,7 +375,7 @@ impl Session {
         &mut self,
         feed: &mut Feed,
         stream: &mut SplitStream<Socket>,
-        writer: &mut tokio::task::JoinHandle<WriteEnd>,
+        writer: &mut Writer,
         registration: &mut events::Registration,
         delivered: &AtomicU64,
     ) -> End {
@@ -310,16 +389,16 @@ impl Session {
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
-                ended = &mut *writer => {
+                ended = writer.ended() => {
                     return match ended {
-                        Ok(WriteEnd::Slow) => End::Close(CLOSE_SLOW, self.resume_hint(delivered)),
+                        WriteEnd::Slow => End::Close(CLOSE_SLOW, self.resume_hint(delivered)),
                         _ => End::Gone,
                     };
                 }
                 batch = feed.next(&channels, self.batch_limit()), if may_pull && !channels.is_empty() => {
                     let events = match batch {
                         Ok(events) => events,
-                        Err(e) => return End::Close(1011, format!("storage unavailable: {e}")),
+                        Err(e) => return End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
                     };
                     let now = Instant::now();
                     let frames: Vec<Frame> = events
@@ -355,14 +434,17 @@ impl Session {
                     Some(Ok(Message::Binary(_))) => {
                         self.send_text(events::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
                     }
-                    Some(Ok(Message::Close(_))) | None => return End::Gone,
+                    Some(Ok(Message::Close(frame))) => {
+                        return End::ClosedByClient(frame.map(|f| f.code.into()));
+                    }
+                    None => return End::Gone,
+                    // tungstenite has queued the pong; the next read sends it.
                     Some(Ok(_)) => answered_ping = true,
                     Some(Err(e)) => {
-                        if matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)) {
+                        if matches!(e, WsError::Capacity(_)) {
                             self.state.counters.hit(Limit::SocketMessageSize);
                         }
-                        log::debug!("client {}: {e}", self.client_id);
-                        return End::Close(CLOSE_TOO_BIG, "message too large or malformed".into());
+                        return failure(&e);
                     }
                 },
                 _ = ping.tick() => {
@@ -488,18 +570,88 @@ impl Session {
     }
 }
 
-/// Lets the writer send what is queued and the Close frame, for at most
-/// [`WRITE_TIMEOUT`]. A writer that already ended (and was awaited in the session loop)
-/// is not awaited again.
-async fn finish_writer(mut writer: tokio::task::JoinHandle<WriteEnd>) {
-    if writer.is_finished() {
-        return;
+/// How the session ends for a read error: the protocol errors close with their code,
+/// anything else means the connection is gone.
+fn failure(error: &WsError) -> End {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match error {
+        WsError::Capacity(_) => End::Fail(CLOSE_TOO_BIG, "message too large".into()),
+        WsError::Utf8(_) => End::Fail(CLOSE_INVALID_DATA, "text message is not valid UTF-8".into()),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(e) => End::Fail(CLOSE_PROTOCOL, format!("protocol error: {e}")),
+        _ => End::Gone,
     }
-    if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
+}
+
+/// Answers a client's Close and ends the connection. tungstenite has queued its answer,
+/// which echoes the client's code, and sends it on the next flush. A Close without a code
+/// would be echoed without one, which clients report as 1005 ("no status"): it is
+/// answered with 1000 instead, written past tungstenite, whose queued echo is then never
+/// sent.
+async fn answer_close(mut socket: Socket, client_gave_code: bool) {
+    let answer = async {
+        if client_gave_code {
+            socket.flush().await.map_err(std::io::Error::other)?;
+        } else {
+            socket.get_mut().write_all(&NORMAL_CLOSE_FRAME).await?;
+        }
+        socket.get_mut().shutdown().await
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, answer).await;
+}
+
+/// After the server's Close: reads and drops what the client still sends until its
+/// Close arrives, for at most [`CLOSE_WAIT`].
+async fn await_client_close(stream: &mut SplitStream<Socket>) {
+    let answered = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
+}
+
+/// A session's writer task, and what it handed back once it ended.
+struct Writer {
+    task: JoinHandle<(WriteEnd, Sink)>,
+    /// Set once the task ended; `None` inside if it panicked.
+    ended: Option<Option<(WriteEnd, Sink)>>,
+}
+
+impl Writer {
+    fn spawn(task: impl std::future::Future<Output = (WriteEnd, Sink)> + Send + 'static) -> Writer {
+        Writer {
+            task: tokio::spawn(task),
+            ended: None,
+        }
+    }
+
+    /// Waits until the writer ends by itself (the socket failed or stalled); cancel-safe.
+    async fn ended(&mut self) -> WriteEnd {
+        if self.ended.is_none() {
+            self.ended = Some((&mut self.task).await.ok());
+        }
+        match &self.ended {
+            Some(Some((end, _))) => *end,
+            _ => WriteEnd::Broken,
+        }
+    }
+
+    /// Lets the writer finish what the outbox asks of it, for at most [`WRITE_TIMEOUT`],
+    /// and hands back how it ended with its half of the socket.
+    async fn finish(mut self) -> Option<(WriteEnd, Sink)> {
+        if self.ended.is_none() {
+            match tokio::time::timeout(WRITE_TIMEOUT, &mut self.task).await {
+                Ok(ended) => self.ended = Some(ended.ok()),
+                Err(_) => {
+                    self.task.abort();
+                    return None;
+                }
+            }
+        }
+        self.ended.flatten()
     }
 }
 
@@ -511,25 +663,42 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 /// How the writer task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriteEnd {
-    /// The session asked it to close, and it did.
+    /// The session asked it to close, and it sent the Close frame.
     Closed,
+    /// The session asked it to stop.
+    Stopped,
     /// The socket failed.
     Broken,
     /// The socket accepted nothing for [`WRITE_TIMEOUT`].
     Slow,
 }
 
-/// Drains the outbox to the socket: everything queued, then one flush.
+/// Drains the outbox to the socket: everything queued, then one flush. Hands its half of
+/// the socket back when it ends.
 async fn write_loop(
-    mut sink: SplitSink<Socket, Message>,
+    mut sink: Sink,
     outbox: Arc<Outbox>,
     state: Arc<State>,
     delivered: Arc<AtomicU64>,
+) -> (WriteEnd, Sink) {
+    let end = write_frames(&mut sink, &outbox, &state, &delivered).await;
+    (end, sink)
+}
+
+async fn write_frames(
+    sink: &mut Sink,
+    outbox: &Outbox,
+    state: &State,
+    delivered: &AtomicU64,
 ) -> WriteEnd {
     loop {
-        let frames = outbox.take();
         let closing = outbox.closing();
+        if closing == Some(Closing::Stop) {
+            return WriteEnd::Stopped;
+        }
+        let frames = outbox.take();
         if frames.is_empty() && closing.is_none() {
             outbox.ready.notified().await;
             continue;
@@ -564,14 +733,18 @@ async fn write_loop(
                 state.hub.count_sent(channel, sent[channel.index()]);
             }
         }
-        if let Some((code, reason)) = closing {
+        if let Some(Closing::Close(code, reason)) = closing {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
                 reason: Utf8Bytes::from(reason),
             };
-            let _ =
-                tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-            return WriteEnd::Closed;
+            return match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame))))
+                .await
+            {
+                Ok(Ok(())) => WriteEnd::Closed,
+                Ok(Err(_)) => WriteEnd::Broken,
+                Err(_) => WriteEnd::Slow,
+            };
         }
     }
 }
