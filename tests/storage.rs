@@ -857,7 +857,10 @@ async fn a_damaged_database_refuses_writes_and_fails_exports_that_meet_the_damag
         let target = format!("/api/v1/lecturas/export?{range}&format={format}");
         let raw = read_until_closed(
             daemon.addr,
-            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            format!(
+                "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                daemon.addr
+            ),
         )
         .await;
         let text = String::from_utf8_lossy(&raw);
