@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
@@ -62,19 +63,37 @@ impl Checkpointer {
         let bulk_copied = copied.clone();
         // Whether this WAL, since it last started over, was handed to this thread.
         let mut requested = false;
+        // Short of room: truncations so far, and when to try again after one that a
+        // reader held up (it waited for the busy timeout; the next commits must not).
+        let mut truncations = 0u64;
+        let mut truncate_after: Option<Instant> = None;
         writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
             let pages = u32::try_from(pages).unwrap_or(0);
             let wal_bytes = u64::from(pages) * PAGE_BYTES;
-            if wal_bytes >= room_to_grow(&data_dir, wal_bytes) {
+            let may_truncate = truncate_after.is_none_or(|at| Instant::now() >= at);
+            if may_truncate && wal_bytes >= room_to_grow(&data_dir, wal_bytes) {
                 let _turn = writers_turn.lock().unwrap_or_else(|e| e.into_inner());
                 // TRUNCATE: the WAL's file shrinks to nothing, giving its space back.
                 match wal.checkpoint_v2(CheckpointMode::TRUNCATE) {
-                    Ok(_) => log::info!(
-                        "space for the database runs short: WAL of {pages} pages copied back and truncated"
-                    ),
-                    Err(e) => log::warn!(
-                        "space for the database runs short; checkpoint of a WAL of {pages} pages failed: {e}"
-                    ),
+                    Ok(_) => {
+                        truncations += 1;
+                        truncate_after = None;
+                        // Said once; on a small card it happens every few megabytes.
+                        let level = match truncations {
+                            1 => log::Level::Info,
+                            _ => log::Level::Debug,
+                        };
+                        log::log!(
+                            level,
+                            "space for the database runs short: the WAL ({pages} pages) was copied back and truncated, as it will be whenever it reaches the room left"
+                        );
+                    }
+                    Err(e) => {
+                        truncate_after = Some(Instant::now() + TRUNCATE_RETRY);
+                        log::warn!(
+                            "space for the database runs short; a checkpoint of the WAL ({pages} pages) failed: {e}"
+                        );
+                    }
                 }
                 requested = false;
                 bulk_copied.store(false, Ordering::Relaxed);
@@ -116,6 +135,10 @@ impl Checkpointer {
         }
     }
 }
+
+/// How long the writer leaves the WAL alone after a truncation that could not finish (a
+/// reader was still using the WAL).
+const TRUNCATE_RETRY: Duration = Duration::from_secs(5);
 
 /// WAL frames are pages of this size (SQLite's default, which sensorgate keeps) plus a
 /// 24-byte header.
@@ -178,7 +201,6 @@ fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>, copied: &At
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::time::{Duration, Instant};
 
     use super::*;
 
