@@ -256,7 +256,7 @@ pub fn render(
         (
             "sensorgate_storage_ok",
             "gauge",
-            "1 while the last commit succeeded and, with synchronous = normal, the last WAL flush.",
+            "1 while storage works: no damage found, no outage under way (one ends once commits have worked for 3 s) and, with synchronous = normal, the last WAL flush worked.",
             f64::from(u8::from(store.health().failure().is_none())),
         ),
     ];
