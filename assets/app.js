@@ -266,9 +266,6 @@ function renderStatus(p, s, state) {
   if (state.age === null) parts.push(h("span", { text: s.activo ? "waiting for the first sample" : "not sampled" }));
   else if (state.key === "live") parts.push(h("span", { text: `updated ${ago(state.age)}` }));
   else parts.push(h("span", { class: "warn", text: `last sample ${ago(state.age)}, at ${clock(now() - state.age)}` }));
-  if (orderedValues(s).some((r) => r.hora_dudosa)) {
-    parts.push(h("span", { class: "warn", text: "gateway clock not synchronised: times may be wrong" }));
-  }
   const salud = s.salud;
   if (salud && salud.ultimo_error && salud.ultimo_error_en) {
     const at = Date.parse(salud.ultimo_error_en);
@@ -303,6 +300,8 @@ function flush() {
   }
   dirty.clear();
   $("no-sensors").hidden = sensors.size > 0 || !everLive;
+  // Once for the whole gateway, at the top: it is the gateway's clock, not a sensor's.
+  $("clock-warning").hidden = ![...sensors.values()].some((s) => orderedValues(s).some((r) => r.hora_dudosa));
   if (view === "manage") renderRows();
   if (view === "sensor") detail.render();
 }

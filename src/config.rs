@@ -307,9 +307,10 @@ pub enum ConfigError {
         path: PathBuf,
         message: String,
     },
+    /// Every problem found, each with its line where it could be found.
     Invalid {
         path: PathBuf,
-        message: String,
+        problems: Vec<String>,
     },
 }
 
@@ -317,8 +318,14 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Read { path, error } => write!(f, "{}: {error}", path.display()),
-            ConfigError::Parse { path, message } | ConfigError::Invalid { path, message } => {
-                write!(f, "{}: {message}", path.display())
+            ConfigError::Parse { path, message } => write!(f, "{}: {message}", path.display()),
+            // One line per problem, each naming the file, as compilers do.
+            ConfigError::Invalid { path, problems } => {
+                let lines: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("{}: {p}", path.display()))
+                    .collect();
+                f.write_str(&lines.join("\n"))
             }
         }
     }
@@ -342,31 +349,36 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        config.validate().map_err(|message| ConfigError::Invalid {
-            path: origin.to_owned(),
-            message: locate(text, &message),
-        })?;
+        let problems = config.validate();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                problems: problems.iter().map(|p| locate(text, p)).collect(),
+            });
+        }
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), Problem> {
+    /// Every problem of the config, in file order as far as it can tell.
+    fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
         if self.server.max_connections == 0 {
-            return Err(Problem::key("server.max_connections", "must be at least 1"));
+            problems.push(Problem::key("server.max_connections", "must be at least 1"));
         }
         if self.server.max_body_bytes < 1024 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "server.max_body_bytes",
                 "must be at least 1024",
             ));
         }
         for entry in &self.server.trusted_proxies {
             if let Err(message) = crate::auth::proxy::AddressRange::parse(entry) {
-                return Err(Problem::key("server.trusted_proxies", &message));
+                problems.push(Problem::key("server.trusted_proxies", &message));
             }
         }
         for entry in &self.auth.allowed_hosts {
             if !crate::auth::host::valid_entry(entry) {
-                return Err(Problem::key(
+                problems.push(Problem::key(
                     "auth.allowed_hosts",
                     &format!(
                         "{entry:?} is not a host name or address (no scheme or port), or \"*\""
@@ -375,51 +387,51 @@ impl Config {
             }
         }
         if self.server.body_read_timeout_s == 0 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "server.body_read_timeout_s",
                 "must be at least 1",
             ));
         }
         if self.storage.maintenance_interval_s == 0 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "storage.maintenance_interval_s",
                 "must be at least 1",
             ));
         }
         for rule in &self.storage.retention {
             if rule.tipo.is_some() == rule.sensor.is_some() || rule.days == 0 {
-                return Err(Problem::key(
+                problems.push(Problem::key(
                     "storage.retention",
                     "each rule names either a tipo or a sensor, and days of at least 1",
                 ));
             }
         }
         if !(1..=MAX_FUTURE_S).contains(&self.storage.max_future_s) {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "storage.max_future_s",
                 &format!("must be between 1 and {MAX_FUTURE_S} seconds (a week)"),
             ));
         }
         if self.storage.max_events == 0 {
-            return Err(Problem::key("storage.max_events", "must be at least 1"));
+            problems.push(Problem::key("storage.max_events", "must be at least 1"));
         }
         if self.storage.commit_window_ms > 60_000 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "storage.commit_window_ms",
                 "must be at most 60000 (a minute)",
             ));
         }
         if self.realtime.client_queue < 16 {
-            return Err(Problem::key("realtime.client_queue", "must be at least 16"));
+            problems.push(Problem::key("realtime.client_queue", "must be at least 16"));
         }
         if self.realtime.ping_interval_s == 0 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "realtime.ping_interval_s",
                 "must be at least 1",
             ));
         }
         if self.auth.policy == Policy::None && !self.server.dev {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "auth.policy",
                 "\"none\" is only allowed with server.dev = true (or --dev)",
             ));
@@ -429,7 +441,7 @@ impl Config {
             || limits.max_uri_bytes < 256
             || limits.max_headers < 8
         {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "limits",
                 "max_connections_per_address must be at least 1, max_uri_bytes at least 256, max_headers at least 8",
             ));
@@ -444,24 +456,29 @@ impl Config {
             ("limits.socket_message_burst", limits.socket_message_burst),
         ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(Problem::key(key, "must be a number above 0"));
+                problems.push(Problem::key(key, "must be a number above 0"));
             }
         }
         if self.sampling.offline_after_intervals == 0 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "sampling.offline_after_intervals",
                 "must be at least 1",
             ));
         }
-        self.validate_uplink()?;
+        self.validate_uplink(&mut problems);
         let mut names = std::collections::HashSet::new();
-        for sensor in &self.sensors {
+        for (index, sensor) in self.sensors.iter().enumerate() {
             let at = |key: &str, message: &str| Problem {
-                anchor: Some(format!("\"{}\"", sensor.name)),
-                text: format!("sensor \"{}\": {key} {message}", sensor.name),
+                anchor: Some(key.to_owned()),
+                sensor: Some(index),
+                text: if sensor.name.trim().is_empty() {
+                    format!("sensor {}: {key} {message}", index + 1)
+                } else {
+                    format!("sensor \"{}\": {key} {message}", sensor.name)
+                },
             };
             if sensor.name.trim().is_empty() {
-                return Err(Problem::key("sensor.name", "must not be empty"));
+                problems.push(at("name", "must not be empty"));
             }
             for (key, text) in [
                 ("name", Some(&sensor.name)),
@@ -470,45 +487,45 @@ impl Config {
                 ("ubicacion", sensor.ubicacion.as_ref()),
             ] {
                 if text.is_some_and(|t| t.chars().count() > MAX_TEXT) {
-                    return Err(at(key, &format!("must be at most {MAX_TEXT} characters")));
+                    problems.push(at(key, &format!("must be at most {MAX_TEXT} characters")));
                 }
                 if let Some(c) = text.and_then(|t| forbidden_char(t)) {
-                    return Err(at(key, &forbidden_char_message(c)));
+                    problems.push(at(key, &forbidden_char_message(c)));
                 }
             }
             let source = serde_json::to_value(&sensor.source).unwrap_or_default();
             if let Some(c) = forbidden_in_json(&source) {
-                return Err(at("source", &forbidden_char_message(c)));
+                problems.push(at("source", &forbidden_char_message(c)));
             }
             if !names.insert(sensor.name.as_str()) {
-                return Err(at("name", "is used twice"));
+                problems.push(at("name", "is used twice"));
             }
             if sensor.tipo.trim().is_empty() {
-                return Err(at("tipo", "must not be empty"));
+                problems.push(at("tipo", "must not be empty"));
             }
             if sensor.modelo.trim().is_empty() {
-                return Err(at("modelo", "must not be empty"));
+                problems.push(at("modelo", "must not be empty"));
             }
             if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&sensor.interval_s) {
-                return Err(at("interval_s", "must be between 0.05 and 86400 seconds"));
+                problems.push(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
         }
-        Ok(())
+        problems
     }
 }
 
 impl Config {
-    fn validate_uplink(&self) -> Result<(), Problem> {
+    fn validate_uplink(&self, problems: &mut Vec<Problem>) {
         let uplink = &self.uplink;
         let Some(broker) = &uplink.broker else {
-            return Ok(());
+            return;
         };
         if let Err(message) = crate::uplink::BrokerAddress::parse(broker, uplink.tls) {
-            return Err(Problem::key("uplink.broker", &message));
+            problems.push(Problem::key("uplink.broker", &message));
         }
         if let Some(gateway) = &uplink.gateway {
             if !crate::uplink::is_topic_name(gateway) {
-                return Err(Problem::key(
+                problems.push(Problem::key(
                     "uplink.gateway",
                     "must be letters, digits, '-' or '_' (it is a topic level)",
                 ));
@@ -523,42 +540,44 @@ impl Config {
                 || value.starts_with('/')
                 || value.ends_with('/')
             {
-                return Err(Problem::key(
+                problems.push(Problem::key(
                     key,
                     "must be a topic without wildcards or a leading or trailing '/'",
                 ));
             }
         }
         if uplink.password.is_some() && uplink.username.is_none() {
-            return Err(Problem::key("uplink.password", "needs uplink.username"));
+            problems.push(Problem::key("uplink.password", "needs uplink.username"));
         }
         if uplink.replay_per_second == 0 {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "uplink.replay_per_second",
                 "must be at least 1",
             ));
         }
         if !(5..=3600).contains(&uplink.keep_alive_s) {
-            return Err(Problem::key(
+            problems.push(Problem::key(
                 "uplink.keep_alive_s",
                 "must be between 5 and 3600 seconds",
             ));
         }
         if let Some(ca) = &uplink.ca_file {
             if let Err(e) = std::fs::metadata(ca) {
-                return Err(Problem::key(
+                problems.push(Problem::key(
                     "uplink.ca_file",
                     &format!("cannot be read ({}): {e}", ca.display()),
                 ));
             }
         }
-        Ok(())
     }
 }
 
-/// A validation problem and the text to look for to find its line.
+/// A validation problem and what to look for to find its line.
 struct Problem {
+    /// Text on its line; for a sensor, the key set on it.
     anchor: Option<String>,
+    /// The sensor it is about, by position: its line is looked for in that `[[sensor]]`.
+    sensor: Option<usize>,
     text: String,
 }
 
@@ -567,6 +586,7 @@ impl Problem {
         let last = key.rsplit('.').next().unwrap_or(key);
         Problem {
             anchor: Some(format!("{last} ")),
+            sensor: None,
             text: format!("{key} {message}"),
         }
     }
@@ -579,16 +599,40 @@ impl fmt::Display for Problem {
 }
 
 /// Prefixes a validation message with the line of the file it is about, when the key or
-/// sensor name can be found there.
+/// sensor can be found there.
 fn locate(text: &str, problem: &Problem) -> String {
-    let line = problem.anchor.as_deref().and_then(|anchor| {
-        text.lines()
-            .position(|l| !l.trim_start().starts_with('#') && l.contains(anchor))
-    });
+    let line = match (problem.sensor, problem.anchor.as_deref()) {
+        (Some(index), key) => sensor_line(text, index, key),
+        (None, anchor) => anchor.and_then(|anchor| {
+            text.lines()
+                .position(|l| !l.trim_start().starts_with('#') && l.contains(anchor))
+        }),
+    };
     match line {
         Some(n) => format!("line {}: {}", n + 1, problem.text),
         None => problem.text.clone(),
     }
+}
+
+/// The line, counted from 0, that sets `key` in the `index`th `[[sensor]]` table, or else
+/// that table's header.
+fn sensor_line(text: &str, index: usize, key: Option<&str>) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[sensor]]")
+        .nth(index)?
+        .0;
+    let sets_key = |line: &str| {
+        key.and_then(|key| line.trim_start().strip_prefix(key))
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    };
+    let found = lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .position(|l| sets_key(l));
+    Some(found.map_or(header, |n| header + 1 + n))
 }
 
 #[cfg(test)]
@@ -693,7 +737,7 @@ source = { kind = "sim" }
             err.contains("modelo must be at most 128 characters"),
             "{err}"
         );
-        assert!(err.contains("x.toml: line 2"), "{err}");
+        assert!(err.contains("x.toml: line 4"), "the modelo line: {err}");
     }
 
     #[test]

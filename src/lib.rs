@@ -25,7 +25,8 @@
 //! - [`uplink`]: the fleet uplink to an MQTT broker (store-and-forward, Home Assistant
 //!   discovery); off unless configured.
 
-// One exception, allowed where it is: reading the kernel's clock status (`clock`).
+// Two exceptions, allowed where they are: reading the kernel's clock status (`clock`),
+// and the room left for the WAL (`store::checkpointer`).
 #![deny(unsafe_code)]
 
 pub mod api;

@@ -12,7 +12,7 @@ use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
 use sensorgate::demo::Rig;
 use sensorgate::model::format_time;
 use sensorgate::service;
-use sensorgate::store::open_database;
+use sensorgate::store::open_existing_database;
 use tokio::sync::mpsc;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
@@ -180,10 +180,10 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let conn = match open_database(&config.storage.data_dir, config.storage.synchronous) {
+    let conn = match open_existing_database(&config.storage.data_dir, config.storage.synchronous) {
         Ok(conn) => conn,
         Err(e) => {
-            eprintln!("sensorgate: {}: {e}", config.storage.data_dir.display());
+            eprintln!("sensorgate: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -193,19 +193,17 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
         }),
         TokenCommand::List => tokens::list(&conn).map(|list| {
-            println!("{:<24} {:<6} {:<28} LAST USED", "NAME", "SCOPE", "CREATED");
-            for t in list {
-                let last = t
-                    .last_used_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into());
-                println!(
-                    "{:<24} {:<6} {:<28} {last}",
-                    t.name,
-                    t.scope,
-                    format_time(t.created_at)
-                );
-            }
+            let rows: Vec<[String; 4]> = list
+                .into_iter()
+                .map(|t| {
+                    let last = t
+                        .last_used_at
+                        .map(format_time)
+                        .unwrap_or_else(|| "never".into());
+                    [t.name, t.scope.to_string(), format_time(t.created_at), last]
+                })
+                .collect();
+            print_table(["NAME", "SCOPE", "CREATED", "LAST USED"], &rows);
         }),
         TokenCommand::Revoke(name) => {
             tokens::revoke(&conn, &name, &config.storage.data_dir).map(|()| {
@@ -219,6 +217,28 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             eprintln!("sensorgate: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
     }
 }
 
@@ -273,6 +293,12 @@ async fn forward_reloads(
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // Under a file size limit (`LimitFSIZE=`, `ulimit -f`) a write past it then fails, and
+    // storage reports and rides out the failure, instead of the signal killing the daemon.
+    // SAFETY: setting a signal's disposition to "ignore" touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let rig = if args.demo {
         let dir = args
             .data_dir
@@ -374,7 +400,9 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig(path) => match Config::load(&path) {
             Ok(config) => {
-                println!("{}: ok ({} sensors)", path.display(), config.sensors.len());
+                let count = config.sensors.len();
+                let noun = if count == 1 { "sensor" } else { "sensors" };
+                println!("{}: ok ({count} {noun})", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

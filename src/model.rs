@@ -8,6 +8,19 @@ use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+/// The unit of each `tipo` whose unit sensorgate knows: what its drivers report it in,
+/// and what a reading posted without `unidad` is stored with.
+const KNOWN_UNITS: [(&str, &str); 3] =
+    [("temperatura", "°C"), ("humedad", "%"), ("presion", "hPa")];
+
+/// The unit of a known `tipo`, such as `°C` for `temperatura`.
+pub fn known_unit(tipo: &str) -> Option<&'static str> {
+    KNOWN_UNITS
+        .iter()
+        .find(|(known, _)| *known == tipo)
+        .map(|(_, unit)| *unit)
+}
+
 /// A point in time as stored: microseconds since the Unix epoch, UTC.
 pub type Micros = i64;
 
@@ -466,13 +479,13 @@ impl NewReading {
             }
         };
         let unidad = match f.take("unidad") {
-            None | Some(None) => Some(String::new()),
+            None | Some(None) => Some(None),
             Some(Some(Value::String(s))) if s.chars().count() <= 16 => match forbidden_char(&s) {
                 Some(c) => {
                     f.fail("unidad", &forbidden_char_message(c));
                     None
                 }
-                None => Some(s),
+                None => Some(Some(s)),
             },
             Some(Some(_)) => {
                 f.fail("unidad", "must be a string of at most 16 characters");
@@ -494,11 +507,15 @@ impl NewReading {
             }
         };
         f.finish()?;
+        let tipo = tipo.unwrap_or_default();
+        let unidad = unidad
+            .flatten()
+            .unwrap_or_else(|| known_unit(&tipo).unwrap_or_default().to_owned());
         Ok(NewReading {
             sensor_id: sensor_id.unwrap_or_default(),
-            tipo: tipo.unwrap_or_default(),
+            tipo,
             valor: valor.unwrap_or_default(),
-            unidad: unidad.unwrap_or_default(),
+            unidad,
             timestamp: timestamp.flatten(),
             hora_dudosa: false,
         })

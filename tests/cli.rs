@@ -168,5 +168,167 @@ fn check_config_names_file_line_and_key() {
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(message.contains("interval_s"), "{message}");
-    assert!(message.contains("line 2"), "{message}");
+    assert!(message.contains("line 5"), "{message}");
+}
+
+/// Runs the binary with `args`; returns exit success, stdout and stderr.
+fn sensorgate(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn token_and_backup_commands_refuse_a_data_directory_without_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("sensorgat");
+    let database = typo.join("sensorgate.db");
+    let backup = dir.path().join("copy.db");
+    for args in [
+        vec!["token", "create", "--name", "kitchen", "--scope", "write"],
+        vec!["token", "list"],
+        vec!["token", "revoke", "kitchen"],
+        vec!["backup", backup.to_str().unwrap()],
+    ] {
+        let mut full: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        full.extend(["--data-dir".as_ref(), typo.as_os_str()]);
+        let (ok, stdout, stderr) = sensorgate(&full);
+        assert!(!ok, "{args:?} must fail: {stdout}");
+        assert!(stdout.is_empty(), "{args:?} printed {stdout}");
+        assert!(
+            stderr.contains(&format!("no database at {}", database.display())),
+            "{args:?}: {stderr}"
+        );
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+        assert!(!backup.exists());
+    }
+}
+
+#[test]
+fn messages_name_what_they_are_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(sensorgate::store::open_database(&data, sensorgate::config::Synchronous::Normal).unwrap());
+    let data_dir = data.as_os_str();
+
+    // Token list: every column starts where its heading does, whatever the name's length.
+    for (name, scope) in [
+        ("a-token-for-the-greenhouse-controller", "admin"),
+        ("b", "read"),
+    ] {
+        let (ok, _, stderr) = sensorgate(&[
+            "token".as_ref(),
+            "create".as_ref(),
+            "--name".as_ref(),
+            name.as_ref(),
+            "--scope".as_ref(),
+            scope.as_ref(),
+            "--data-dir".as_ref(),
+            data_dir,
+        ]);
+        assert!(ok, "{stderr}");
+    }
+    let (ok, list, stderr) = sensorgate(&[
+        "token".as_ref(),
+        "list".as_ref(),
+        "--data-dir".as_ref(),
+        data_dir,
+    ]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 3, "{list}");
+    for heading in ["SCOPE", "CREATED", "LAST USED"] {
+        let column = lines[0].find(heading).unwrap();
+        for line in &lines[1..] {
+            assert!(
+                column > 0
+                    && line.as_bytes()[column - 1] == b' '
+                    && line.as_bytes()[column] != b' ',
+                "{heading} not aligned:\n{list}"
+            );
+        }
+    }
+
+    // A backup onto an existing file talks about the backup file.
+    let existing = dir.path().join("existing.db");
+    std::fs::write(&existing, "keep me").unwrap();
+    let (ok, _, stderr) = sensorgate(&[
+        "backup".as_ref(),
+        existing.as_os_str(),
+        "--data-dir".as_ref(),
+        data_dir,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "backup file {} exists already",
+            existing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("data directory"), "{stderr}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+
+    // One sensor is one sensor.
+    let config = dir.path().join("one.toml");
+    std::fs::write(
+        &config,
+        "[[sensor]]\nname = \"a\"\ntipo = \"temperatura\"\nmodelo = \"m\"\ninterval_s = 5\nsource = { kind = \"sim\" }\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = sensorgate(&["check-config".as_ref(), config.as_os_str()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok (1 sensor)"), "{stdout}");
+
+    // A data directory the daemon cannot create or write is named.
+    let blocked = existing.join("data");
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&blocked)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&blocked.join("sensorgate.db").display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.toml");
+    let sensor = |name: &str, interval: &str| {
+        format!(
+            "[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"m\"\ninterval_s = {interval}\nsource = {{ kind = \"sim\" }}\n"
+        )
+    };
+    let text = format!(
+        "[server]\nmax_connections = 0\n[storage]\nmax_events = 0\n{}{}{}",
+        sensor("a", "5"),
+        sensor("b", "0"),
+        sensor("a", "5"),
+    );
+    std::fs::write(&path, &text).unwrap();
+    let (ok, _, stderr) = sensorgate(&["check-config".as_ref(), path.as_os_str()]);
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        ("line 2", "server.max_connections"),
+        ("line 4", "storage.max_events"),
+        ("line 15", "sensor \"b\": interval_s"),
+        // The second definition of "a", not the first.
+        ("line 18", "sensor \"a\": name is used twice"),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, (at, about)) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(&format!("{}: {at}: ", path.display())) && line.contains(about),
+            "expected {at} about {about}, got: {line}\n{stderr}"
+        );
+    }
 }

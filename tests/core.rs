@@ -776,3 +776,187 @@ async fn openapi_document_matches_the_server() {
     assert!(checked >= 20, "{checked}");
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "BME280"}"#,
+        )
+        .await;
+    let id = &sensor["id"];
+    for (tipo, unidad, extra) in [
+        ("temperatura", "°C", ""),
+        ("humedad", "%", r#", "unidad": null"#),
+        ("presion", "hPa", ""),
+        ("co2", "", ""),
+        ("temperatura", "K", r#", "unidad": "K""#),
+    ] {
+        let body = format!(r#"{{"sensor_id": {id}, "tipo": "{tipo}", "valor": 1{extra}}}"#);
+        let (status, reading) = daemon.post("/api/v1/lecturas/", &body).await;
+        assert_eq!(status, 201, "{reading}");
+        assert_eq!(reading["unidad"], unidad, "{body}");
+        let (_, stored) = daemon
+            .get(&format!("/api/v1/lecturas/?sensor_id={id}&limit=1"))
+            .await;
+        assert_eq!(stored[0]["unidad"], unidad, "{body}");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_follow_the_prometheus_naming_rules() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let (_, sensor) = daemon
+        .post(
+            "/api/v1/sensores/",
+            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
+        )
+        .await;
+    let body = format!(
+        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20}}"#,
+        sensor["id"]
+    );
+    assert_eq!(daemon.post("/api/v1/lecturas/", &body).await.0, 201);
+    let (status, raw) = daemon.try_request("GET", "/metrics", None).await.unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(raw).unwrap();
+    daemon.stop().await;
+
+    // The rules `promtool check metrics` applies to names and types.
+    let mut families = 0;
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        families += 1;
+        let (name, kind) = line.split_once(' ').unwrap();
+        match kind {
+            "counter" => assert!(name.ends_with("_total"), "counter {name} lacks _total"),
+            "summary" | "histogram" => {
+                for part in ["_sum", "_count"] {
+                    assert!(
+                        text.lines()
+                            .any(|l| l.starts_with(&format!("{name}{part}"))),
+                        "{kind} {name} has no {part}"
+                    );
+                }
+            }
+            _ => {}
+        }
+        if kind != "summary" && kind != "histogram" {
+            for suffix in ["_count", "_sum", "_bucket"] {
+                assert!(
+                    !name.ends_with(suffix),
+                    "{kind} {name} is named like a summary"
+                );
+            }
+        }
+    }
+    assert!(families > 10, "{text}");
+
+    // And promtool itself, where it is installed (.ci/promtool installs it).
+    let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed; checked the naming rules only");
+        return;
+    };
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics: {complaints}"
+    );
+}
+
+#[tokio::test]
+async fn dashboard_files_are_compressed_and_revalidated() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let addr = daemon.addr;
+    let get = async |path: &str, extra: &str| {
+        let head =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n");
+        let raw = common::raw_exchange(addr, head.into_bytes()).await.unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_owned)
+        };
+        let status: u16 = head[9..12].parse().unwrap();
+        (
+            status,
+            header("content-encoding"),
+            header("etag"),
+            header("vary"),
+            header("cache-control"),
+            raw[split + 4..].to_vec(),
+        )
+    };
+    let (mut plain_total, mut gzip_total) = (0, 0);
+    for path in [
+        "/",
+        "/assets/app.js",
+        "/assets/app.css",
+        "/assets/uPlot.iife.min.js",
+        "/assets/uPlot.min.css",
+        "/sensorgate.js",
+    ] {
+        let (status, encoding, etag, _, cache, plain) = get(path, "").await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(encoding, None, "{path}: not asked for gzip");
+        assert_eq!(cache.as_deref(), Some("no-cache"), "{path}");
+        let etag = etag.unwrap_or_else(|| panic!("{path}: no ETag"));
+
+        let (status, encoding, gzip_etag, vary, _, gzip) =
+            get(path, "Accept-Encoding: br;q=1.0, gzip;q=0.8\r\n").await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(encoding.as_deref(), Some("gzip"), "{path}");
+        assert_eq!(vary.as_deref(), Some("accept-encoding"), "{path}");
+        let gzip_etag = gzip_etag.unwrap();
+        assert_ne!(gzip_etag, etag, "{path}: one tag per form");
+        let mut unpacked = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzip[..]), &mut unpacked)
+            .unwrap();
+        assert_eq!(unpacked, plain, "{path}");
+        plain_total += plain.len();
+        gzip_total += gzip.len();
+
+        // Refused gzip, current copies.
+        let (_, encoding, ..) = get(path, "Accept-Encoding: gzip;q=0\r\n").await;
+        assert_eq!(encoding, None, "{path}");
+        for (tag, extra) in [(&etag, ""), (&gzip_etag, "Accept-Encoding: gzip\r\n")] {
+            let (status, _, answered, _, _, body) =
+                get(path, &format!("{extra}If-None-Match: {tag}\r\n")).await;
+            assert_eq!(status, 304, "{path} {tag}");
+            assert_eq!(answered.as_ref(), Some(tag), "{path}");
+            assert!(body.is_empty(), "{path}");
+        }
+        let (status, ..) = get(path, "If-None-Match: \"something-else\"\r\n").await;
+        assert_eq!(status, 200, "{path}");
+    }
+    assert!(
+        gzip_total * 2 < plain_total,
+        "{gzip_total} bytes compressed of {plain_total}"
+    );
+    daemon.stop().await;
+}

@@ -140,7 +140,15 @@ async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
             assert_eq!(status, expected, "{method} {path} with {token:?}: {answer}");
             match status {
                 401 => assert_eq!(answer["code"], "unauthorized"),
-                403 => assert_eq!(answer["code"], "forbidden"),
+                403 => {
+                    assert_eq!(answer["code"], "forbidden");
+                    let article = if *needed == 3 { "an admin" } else { "a write" };
+                    let detail = answer["detail"].as_str().unwrap();
+                    assert!(
+                        detail.contains(&format!("needs {article} token")),
+                        "{detail}"
+                    );
+                }
                 _ => {}
             }
         }

@@ -783,3 +783,305 @@ fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
     runtime.block_on(store.close());
     writer.join();
 }
+
+/// A database damaged in the middle (a card that lost pages): found at start, every
+/// write refused with a clear error, exports that run into the damage fail as transfers,
+/// and the operator told what to do.
+#[tokio::test]
+async fn a_damaged_database_refuses_writes_and_fails_exports_that_meet_the_damage() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let id = sensor(&daemon).await;
+    daemon.stop().await;
+    let path = dir.path().join("sensorgate.db");
+    let start = now_micros() - 30 * DAY;
+    {
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        let tx = db.transaction().unwrap();
+        for i in 0..40_000i64 {
+            tx.execute(
+                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, 'temperatura', ?3, '°C')",
+                rusqlite::params![id, start + i * 1_000_000, i as f64 / 100.0],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    // Garbage over a tenth of the pages, in the middle of the file.
+    let size = std::fs::metadata(&path).unwrap().len();
+    let pages = size / 4096;
+    assert!(pages > 100, "{pages} pages");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(pages / 2 * 4096)).unwrap();
+        file.write_all(&vec![0x5a; (pages / 10 * 4096) as usize])
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    let daemon = Daemon::start_answering(common::config(dir.path(), ""), &[200, 503]).await;
+    let mut health = Value::Null;
+    for _ in 0..200 {
+        health = daemon.get("/healthz").await.1;
+        if health["storage"]["damaged"] == true {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["storage"]["damaged"], true, "{health}");
+    let advice = health["storage"]["last_error"].as_str().unwrap();
+    for needed in [path.to_str().unwrap(), "sensorgate backup", ".recover"] {
+        assert!(advice.contains(needed), "{advice}");
+    }
+
+    let body = format!(r#"{{"sensor_id": {id}, "tipo": "temperatura", "valor": 1}}"#);
+    for (path, body) in [
+        ("/api/v1/lecturas/", body.as_str()),
+        ("/api/v1/sensores/", r#"{"tipo": "t", "modelo": "m"}"#),
+    ] {
+        let (status, answer) = daemon.post(path, body).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+        assert_eq!(answer["code"], "database_damaged", "{answer}");
+        assert!(answer["detail"].as_str().unwrap().contains("damaged"));
+    }
+
+    let range = format!(
+        "sensor_id={id}&desde={}&hasta={}",
+        format_time(start),
+        format_time(start + 40_000 * 1_000_000)
+    );
+    for format in ["csv", "json"] {
+        let target = format!("/api/v1/lecturas/export?{range}&format={format}");
+        let raw = read_until_closed(
+            daemon.addr,
+            format!(
+                "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                daemon.addr
+            ),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "{format}: {}",
+            &text[..100]
+        );
+        assert!(
+            !text.ends_with("\r\n0\r\n\r\n"),
+            "{format}: an export cut short by the damage ended as if complete"
+        );
+        let curl = format!("http://{}{target}", daemon.addr);
+        let exit = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", &curl])
+                .status()
+        })
+        .await
+        .unwrap();
+        if let Ok(exit) = exit {
+            assert!(
+                !exit.success(),
+                "{format}: curl took the export for complete"
+            );
+        }
+    }
+    daemon.stop().await;
+}
+
+/// Sends `request` and reads until the server closes or resets the connection.
+async fn read_until_closed(addr: std::net::SocketAddr, request: String) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout(common::PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return raw,
+            Ok(Ok(n)) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the response neither ended nor failed"),
+        }
+    }
+}
+
+/// A small disk: the daemon runs with every file limited to 8 MiB (the file size limit,
+/// a real `LimitFSIZE=`); samples commit far more WAL than that, and the WAL is copied
+/// back and truncated before it runs out of room, so storage never fails.
+#[test]
+fn the_wal_stays_within_a_small_disk() {
+    use std::os::unix::process::CommandExt;
+    const LIMIT: u64 = 8 * 1024 * 1024;
+    let dir = temp_dir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{}",
+            dir.path().join("data").display(),
+            fast_sensors(8)
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("daemon.log");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let stop = |child: &mut std::process::Child| {
+        let _ = std::process::Command::new("kill")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+    };
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let addr = loop {
+        let found = log().lines().find_map(|line| {
+            let (_, rest) = line.split_once("listening on http://")?;
+            Some(rest.trim().trim_end_matches('/').to_owned())
+        });
+        if let Some(addr) = found {
+            break addr;
+        }
+        if std::time::Instant::now() > deadline {
+            stop(&mut child);
+            panic!("the daemon did not start:\n{}", log());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Four times the commits whose WAL fills the limit (about 32 KiB each).
+    let wanted = 4 * LIMIT / (32 * 1024);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let (status, health) = http_get(&addr, "/healthz");
+        if status != 200 {
+            stop(&mut child);
+            panic!("storage failed: {health}\n{}", log());
+        }
+        if health["storage"]["commits"].as_u64().unwrap() >= wanted {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            stop(&mut child);
+            panic!("too few commits: {health}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stop(&mut child);
+    let log = log();
+    assert!(!log.contains("storage failing"), "{log}");
+    assert!(
+        log.contains("space for the database runs short"),
+        "the WAL was never truncated for room:\n{log}"
+    );
+    let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+/// Status and JSON body of a plain GET.
+fn http_get(addr: &str, path: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let (status, body) = common::split_response(&raw);
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// The next `system_event` on `general`, also kept in `notices`.
+async fn next_notice(general: &mut common::Client, notices: &mut Vec<Value>) -> Value {
+    loop {
+        let event = general.json().await;
+        if event["type"] == "system_event" {
+            notices.push(event.clone());
+            return event;
+        }
+    }
+}
+
+/// A card that refuses writes, lets one commit through, and refuses again (another
+/// process holding the database's write lock stands in for it): that is one outage,
+/// announced once, and the recovery counts it from its first failure until commits work
+/// for good.
+#[tokio::test]
+async fn a_flapping_outage_is_one_outage_from_first_failure_to_recovery() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), &fast_sensors(2)).await;
+    let mut general = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(30)).unwrap();
+    let time_of = |event: &Value| {
+        sensorgate::model::parse_time(event["timestamp"].as_str().unwrap()).unwrap()
+    };
+    let mut notices = Vec::new();
+
+    // The writer waits 5 s for the lock, then its commit fails.
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let first = next_notice(&mut general, &mut notices).await;
+    assert_eq!(first["event_type"], "storage_degraded", "{first}");
+    let failed_at = time_of(&first);
+    // One commit goes through, then the lock is taken again and held past the writer's
+    // wait, so that its commits fail again.
+    db.execute_batch("ROLLBACK").unwrap();
+    let commits = daemon.commits().await;
+    while daemon.commits().await == commits {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked_again = now_micros();
+    while now_micros() - locked_again < 7_000_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let freed_at = now_micros();
+    db.execute_batch("ROLLBACK").unwrap();
+    let recovered = next_notice(&mut general, &mut notices).await;
+    assert_eq!(
+        notices.len(),
+        2,
+        "one outage, announced once and ended once: {notices:?}"
+    );
+    assert_eq!(recovered["event_type"], "storage_recovered", "{recovered}");
+    let lasted = recovered["data"]["outage_s"].as_f64().unwrap();
+    let at_least = (freed_at - failed_at) as f64 / 1e6;
+    assert!(
+        lasted >= at_least - 0.1,
+        "outage of {lasted} s reported; it lasted at least {at_least} s"
+    );
+    assert!(health_becomes(&daemon, 200).await);
+    daemon.stop().await;
+}

@@ -255,6 +255,13 @@ impl From<StoreError> for ApiError {
                 ApiError::not_found(format!("{entity} {id} not found"))
             }
             StoreError::Closed => ApiError::unavailable("Shutting down"),
+            // Logged with what to do where it was found; waiting will not help.
+            StoreError::Damaged(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_damaged",
+                "The gateway's database is damaged; writes are refused until an operator \
+                 replaces it (the daemon's log and /healthz say how)",
+            ),
             other => {
                 log::error!("storage: {other}");
                 ApiError::unavailable(format!("Storage unavailable: {other}"))

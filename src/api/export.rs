@@ -7,7 +7,7 @@ use hyper::{Request, Response};
 
 use super::query::Query;
 use super::rest::reading_range;
-use super::{streamed, ApiError, Body, State};
+use super::{fallible_stream, ApiError, Body, State, StreamFailed};
 use crate::model::{format_time, FieldError, Reading};
 use crate::store::{ReadingFilter, ReadingOrder, Store};
 
@@ -41,7 +41,7 @@ pub fn readings(req: &Request<Incoming>, state: &State) -> Result<Response<Body>
     }
     filter.limit = PAGE;
     filter.order = ReadingOrder::Asc;
-    let (chunks, body) = streamed(QUEUE);
+    let (chunks, body) = fallible_stream(QUEUE);
     tokio::spawn(produce(state.store.clone(), filter, format, chunks));
     let mut response = Response::new(body);
     let (content_type, file) = match format {
@@ -64,7 +64,7 @@ async fn produce(
     store: Store,
     mut filter: ReadingFilter,
     format: Format,
-    chunks: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    chunks: tokio::sync::mpsc::Sender<Result<bytes::Bytes, StreamFailed>>,
 ) {
     let mut text = match format {
         Format::Csv => String::from("id,sensor_id,tipo,valor,unidad,timestamp,hora_dudosa\n"),
@@ -75,9 +75,10 @@ async fn produce(
         let page = match store.readings(filter.clone()).await {
             Ok(page) => page,
             Err(e) => {
-                // The status line is gone already; an unfinished document tells the
-                // client, and the log tells the operator.
+                // The status line is gone already: the transfer fails (no final chunk),
+                // so no client takes the part sent for the whole; the log says why.
                 log::error!("export stopped: {e}");
+                let _ = chunks.send(Err(StreamFailed(e.to_string()))).await;
                 return;
             }
         };
@@ -100,7 +101,12 @@ async fn produce(
         if done && format == Format::Json {
             text.push(']');
         }
-        if chunks.send(std::mem::take(&mut text).into()).await.is_err() || done {
+        if chunks
+            .send(Ok(std::mem::take(&mut text).into()))
+            .await
+            .is_err()
+            || done
+        {
             return;
         }
     }

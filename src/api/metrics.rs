@@ -257,21 +257,9 @@ pub fn render(
             store.health().batch_commands() as f64,
         ),
         (
-            "sensorgate_writer_commit_seconds_total",
-            "counter",
-            "Time spent in committed transactions, from begin to commit.",
-            store.health().commit_seconds(),
-        ),
-        (
-            "sensorgate_writer_commit_seconds_count",
-            "counter",
-            "Committed transactions timed in sensorgate_writer_commit_seconds_total.",
-            store.health().commits() as f64,
-        ),
-        (
             "sensorgate_storage_ok",
             "gauge",
-            "1 while the last commit succeeded and, with synchronous = normal, the last WAL flush.",
+            "1 while storage works: no damage found, no outage under way (one ends once commits have worked for 3 s) and, with synchronous = normal, the last WAL flush worked.",
             f64::from(u8::from(store.health().failure().is_none())),
         ),
     ];
@@ -279,6 +267,19 @@ pub fn render(
         let name = family_line(&mut out, metric, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
+    // A summary without quantiles: its sum over its count is the mean commit time.
+    let name = family_line(
+        &mut out,
+        "sensorgate_writer_commit_seconds",
+        "summary",
+        "Committed transactions and the time they took, from begin to commit.",
+    );
+    let _ = writeln!(
+        out,
+        "{name}_sum {}\n{name}_count {}",
+        store.health().commit_seconds(),
+        store.health().commits()
+    );
     if let Some(bytes) = process_write_bytes() {
         let name = family_line(
             &mut out,

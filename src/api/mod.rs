@@ -56,12 +56,16 @@ use crate::store::{Store, DATABASE_FILE};
 /// 431 above it.
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 
-/// Response bodies: whole buffers for REST, empty for upgrades.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// Response bodies: whole buffers for REST, empty for upgrades, streams for exports and
+/// event streams. A body that fails ends its response as a failed transfer (see
+/// [`fallible_stream`]).
+pub type Body = UnsyncBoxBody<Bytes, StreamFailed>;
 
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
 }
 
 /// A streamed body and the sender that feeds it, `capacity` chunks deep; the body ends
@@ -72,19 +76,55 @@ pub fn streamed(capacity: usize) -> (mpsc::Sender<Bytes>, Body) {
     (sender, ChannelBody(receiver).boxed_unsync())
 }
 
+/// A streamed body, as [`streamed`], whose producer can also fail it: on an `Err` the
+/// connection is closed without the final chunk, so the client sees a transfer cut
+/// short (curl exits non-zero) rather than a document that only looks complete.
+pub fn fallible_stream(capacity: usize) -> (mpsc::Sender<Result<Bytes, StreamFailed>>, Body) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    (sender, FallibleBody(receiver).boxed_unsync())
+}
+
+/// Why a streamed response was cut short.
+#[derive(Debug)]
+pub struct StreamFailed(pub String);
+
+impl std::fmt::Display for StreamFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StreamFailed {}
+
 struct ChannelBody(mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = StreamFailed;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
         self.0
             .poll_recv(cx)
             .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+struct FallibleBody(mpsc::Receiver<Result<Bytes, StreamFailed>>);
+
+impl hyper::body::Body for FallibleBody {
+    type Data = Bytes;
+    type Error = StreamFailed;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|result| result.map(Frame::data)))
     }
 }
 

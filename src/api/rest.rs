@@ -2,12 +2,16 @@
 //! writes anything itself; every change goes through the store writer, which emits the
 //! matching event.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderMap, HeaderValue, ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY,
+};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -24,9 +28,21 @@ use crate::store::{
     SCHEMA_VERSION,
 };
 
-const OPENAPI: &str = include_str!("../../assets/openapi.json");
-const INDEX: &str = include_str!("../../assets/index.html");
-const CLIENT: &str = include_str!("../../assets/sensorgate.js");
+static OPENAPI: Embedded = Embedded::new(
+    "openapi.json",
+    include_str!("../../assets/openapi.json"),
+    "application/json",
+);
+static INDEX: Embedded = Embedded::new(
+    "index.html",
+    include_str!("../../assets/index.html"),
+    "text/html; charset=utf-8",
+);
+static CLIENT: Embedded = Embedded::new(
+    "sensorgate.js",
+    include_str!("../../assets/sensorgate.js"),
+    JS,
+);
 
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
@@ -34,25 +50,139 @@ const CSS: &str = "text/css; charset=utf-8";
 /// The dashboard's scripts and styles, and the chart library it vendors with its licence,
 /// served at `/assets/{name}`: compiled in, so the gateway needs neither internet access
 /// nor files beside the binary.
-const ASSETS: [(&str, &str, &str); 5] = [
-    ("app.js", include_str!("../../assets/app.js"), JS),
-    ("app.css", include_str!("../../assets/app.css"), CSS),
-    (
+static ASSETS: [Embedded; 5] = [
+    Embedded::new("app.js", include_str!("../../assets/app.js"), JS),
+    Embedded::new("app.css", include_str!("../../assets/app.css"), CSS),
+    Embedded::new(
         "uPlot.iife.min.js",
         include_str!("../../assets/vendor/uPlot.iife.min.js"),
         JS,
     ),
-    (
+    Embedded::new(
         "uPlot.min.css",
         include_str!("../../assets/vendor/uPlot.min.css"),
         CSS,
     ),
-    (
+    Embedded::new(
         "uPlot.LICENSE",
         include_str!("../../assets/vendor/uPlot.LICENSE"),
         "text/plain; charset=utf-8",
     ),
 ];
+
+/// A file compiled into the binary, served as it is or gzip-compressed.
+struct Embedded {
+    name: &'static str,
+    body: &'static str,
+    content_type: &'static str,
+    /// Made at the first request for the file, then kept: compressing costs a few
+    /// milliseconds once, not at every request.
+    prepared: OnceLock<Prepared>,
+}
+
+/// An embedded file's compressed form and entity tags.
+struct Prepared {
+    /// `None` where compression does not make the file smaller.
+    gzip: Option<Bytes>,
+    /// A strong tag per form: `"<hash>"` and `"<hash>-gzip"`, the hash that of the file.
+    etag: HeaderValue,
+    gzip_etag: HeaderValue,
+}
+
+impl Embedded {
+    const fn new(name: &'static str, body: &'static str, content_type: &'static str) -> Self {
+        Embedded {
+            name,
+            body,
+            content_type,
+            prepared: OnceLock::new(),
+        }
+    }
+
+    fn prepared(&self) -> &Prepared {
+        self.prepared.get_or_init(|| {
+            use sha2::Digest;
+            use std::io::Write;
+            let hash = sha2::Sha256::digest(self.body.as_bytes());
+            let hex: String = hash[..12].iter().map(|b| format!("{b:02x}")).collect();
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            let gzip = encoder
+                .write_all(self.body.as_bytes())
+                .and_then(|()| encoder.finish())
+                .map_err(|e| log::warn!("compressing {} failed: {e}", self.name))
+                .ok()
+                .filter(|gzip| gzip.len() < self.body.len())
+                .map(Bytes::from);
+            let tag = |text: String| HeaderValue::try_from(text).expect("hex is a header value");
+            Prepared {
+                gzip,
+                etag: tag(format!("\"{hex}\"")),
+                gzip_etag: tag(format!("\"{hex}-gzip\"")),
+            }
+        })
+    }
+
+    /// The file for a request with `headers`: gzip-compressed when the client accepts
+    /// it, 304 when the client's copy (`If-None-Match`) is current. `no-cache` makes
+    /// browsers ask again at each load, as the URLs stay the same across upgrades of the
+    /// daemon; the tag makes the answer a few bytes while the file is unchanged.
+    fn response(&'static self, headers: &HeaderMap) -> Response<Body> {
+        let prepared = self.prepared();
+        let gzip = prepared.gzip.as_ref().filter(|_| accepts_gzip(headers));
+        let etag = match gzip {
+            Some(_) => &prepared.gzip_etag,
+            None => &prepared.etag,
+        };
+        let current = headers
+            .get_all(IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|tag| tag.trim().trim_start_matches("W/").as_bytes())
+            .any(|tag| tag == b"*" || prepared.etag == tag || prepared.gzip_etag == tag);
+        let mut response = if current {
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        } else {
+            match gzip {
+                Some(gzip) => {
+                    let mut response = Response::new(full(gzip.clone()));
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                    response
+                }
+                None => Response::new(full(self.body)),
+            }
+        };
+        let out = response.headers_mut();
+        out.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        out.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        out.insert(ETAG, etag.clone());
+        out.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+        response
+    }
+}
+
+/// Whether `Accept-Encoding` lists gzip (or `*`) with a weight above 0.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let weight = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && weight > 0.0
+        })
+}
 
 /// Reads a JSON body of at most the configured size. Nothing is parsed past the limit.
 pub async fn read_json(req: Request<Incoming>, state: &State) -> Result<Value, ApiError> {
@@ -109,32 +239,23 @@ fn checked<T>(errors: &mut Vec<FieldError>, result: Result<T, FieldError>) -> Op
     result.map_err(|e| errors.push(e)).ok()
 }
 
-/// An embedded file. `no-cache` makes browsers revalidate, so a dashboard open across an
-/// upgrade of the daemon picks up the new files on its next load.
-fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(full(body));
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
-}
-
-pub fn index() -> Response<Body> {
-    asset(INDEX, "text/html; charset=utf-8")
+/// The dashboard's page.
+pub fn index(headers: &HeaderMap) -> Response<Body> {
+    INDEX.response(headers)
 }
 
 /// One of the dashboard's files, by name.
-pub fn dashboard_asset(name: &str) -> Result<Response<Body>, ApiError> {
+pub fn dashboard_asset(name: &str, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
     ASSETS
         .iter()
-        .find(|(file, _, _)| *file == name)
-        .map(|(_, body, content_type)| asset(body, content_type))
+        .find(|file| file.name == name)
+        .map(|file| file.response(headers))
         .ok_or_else(|| ApiError::not_found(format!("No asset {name}")))
 }
 
 /// The reconnecting reference client, for dashboards.
-pub fn client_module() -> Response<Body> {
-    asset(CLIENT, JS)
+pub fn client_module(headers: &HeaderMap) -> Response<Body> {
+    CLIENT.response(headers)
 }
 
 /// Prometheus text exposition.
@@ -157,8 +278,9 @@ pub async fn metrics(state: &State) -> Response<Body> {
     response
 }
 
-pub fn openapi() -> Response<Body> {
-    asset(OPENAPI, "application/json")
+/// The OpenAPI document.
+pub fn openapi(headers: &HeaderMap) -> Response<Body> {
+    OPENAPI.response(headers)
 }
 
 /// Liveness and storage status. 503 while storage is failing, so a supervisor or load
@@ -174,6 +296,7 @@ pub async fn health(state: &State) -> Response<Body> {
                 "ok": failure.is_none(),
                 "last_error": failure.as_ref().map(|f| &f.error),
                 "failing_since": failure.as_ref().map(|f| format_time(f.since)),
+                "damaged": writer.damage().is_some(),
                 "commits": writer.commits(),
                 "schema_version": SCHEMA_VERSION,
                 "sensors": c.sensors,
@@ -181,7 +304,14 @@ pub async fn health(state: &State) -> Response<Body> {
                 "oldest_seq": c.oldest_seq,
             }),
         ),
-        Err(e) => (false, json!({"ok": false, "last_error": e.to_string()})),
+        Err(e) => (
+            false,
+            json!({
+                "ok": false,
+                "last_error": failure.map_or_else(|| e.to_string(), |f| f.error),
+                "damaged": writer.damage().is_some(),
+            }),
+        ),
     };
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },

@@ -336,12 +336,12 @@ async fn dispatch(
         _client: slot,
     };
     match route {
-        Route::Index => Ok(rest::index()),
-        Route::ClientModule => Ok(rest::client_module()),
-        Route::Asset(name) => rest::dashboard_asset(&name),
+        Route::Index => Ok(rest::index(req.headers())),
+        Route::ClientModule => Ok(rest::client_module(req.headers())),
+        Route::Asset(name) => rest::dashboard_asset(&name, req.headers()),
         Route::Health => Ok(rest::health(state).await),
         Route::Metrics => Ok(rest::metrics(state).await),
-        Route::OpenApi => Ok(rest::openapi()),
+        Route::OpenApi => Ok(rest::openapi(req.headers())),
         Route::ListSensors => rest::list_sensors(&req, state).await,
         Route::CreateSensor => rest::create_sensor(req, state).await,
         Route::GetSensor(id) => rest::get_sensor(state, id).await,

@@ -46,7 +46,8 @@ impl Scope {
 
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, not `write_str`: a width in a table (`{:<6}`) must apply.
+        f.pad(self.as_str())
     }
 }
 
@@ -119,7 +120,15 @@ impl fmt::Display for AuthError {
             AuthError::Missing => write!(f, "A token is needed: send Authorization: Bearer TOKEN"),
             AuthError::Invalid => write!(f, "The token is not valid (unknown or revoked)"),
             AuthError::Forbidden { needed, has } => {
-                write!(f, "This needs a {needed} token; this token has scope {has}")
+                let article = if needed.as_str().starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                write!(
+                    f,
+                    "This needs {article} {needed} token; this token has scope {has}"
+                )
             }
             AuthError::Unavailable(e) => write!(f, "Tokens cannot be checked: {e}"),
         }

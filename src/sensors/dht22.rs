@@ -85,8 +85,8 @@ impl Reading {
     /// The pair in the wire vocabulary.
     pub fn measurements(&self) -> Vec<Measurement> {
         vec![
-            Measurement::new("temperatura", self.temperature, "°C"),
-            Measurement::new("humedad", self.humidity, "%"),
+            Measurement::in_known_unit("temperatura", self.temperature),
+            Measurement::in_known_unit("humedad", self.humidity),
         ]
     }
 }

@@ -54,10 +54,14 @@ impl Quantity {
         let millionths = |x: f64| (x * 1e6).round() / 1e6;
         match self {
             Quantity::Temperature => {
-                Measurement::new("temperatura", millionths(iio_value / 1000.0), "°C")
+                Measurement::in_known_unit("temperatura", millionths(iio_value / 1000.0))
             }
-            Quantity::Humidity => Measurement::new("humedad", millionths(iio_value / 1000.0), "%"),
-            Quantity::Pressure => Measurement::new("presion", millionths(iio_value * 10.0), "hPa"),
+            Quantity::Humidity => {
+                Measurement::in_known_unit("humedad", millionths(iio_value / 1000.0))
+            }
+            Quantity::Pressure => {
+                Measurement::in_known_unit("presion", millionths(iio_value * 10.0))
+            }
         }
     }
 }

@@ -41,26 +41,23 @@ pub struct KeyMapping {
 }
 
 /// The keys firmware authors tend to use, in English and Spanish.
-const DEFAULT_KEYS: &[(&[&str], &str, &str)] = &[
-    (
-        &["t", "temp", "temperature", "temperatura"],
-        "temperatura",
-        "°C",
-    ),
-    (&["h", "hum", "humidity", "humedad"], "humedad", "%"),
-    (&["p", "pres", "pressure", "presion"], "presion", "hPa"),
+const DEFAULT_KEYS: &[(&[&str], &str)] = &[
+    (&["t", "temp", "temperature", "temperatura"], "temperatura"),
+    (&["h", "hum", "humidity", "humedad"], "humedad"),
+    (&["p", "pres", "pressure", "presion"], "presion"),
 ];
 
 impl Default for KeyMapping {
     fn default() -> Self {
         let mut keys = HashMap::new();
-        for (aliases, tipo, unidad) in DEFAULT_KEYS {
+        for (aliases, tipo) in DEFAULT_KEYS {
+            let unidad = crate::model::known_unit(tipo).unwrap_or_default();
             for alias in *aliases {
                 keys.insert(
                     (*alias).to_owned(),
                     KeySpec {
                         tipo: (*tipo).to_owned(),
-                        unidad: (*unidad).to_owned(),
+                        unidad: unidad.to_owned(),
                     },
                 );
             }
@@ -922,7 +919,7 @@ mod tests {
         fn known_key() -> impl Strategy<Value = String> {
             let keys: Vec<&str> = DEFAULT_KEYS
                 .iter()
-                .flat_map(|(aliases, _, _)| aliases.iter().copied())
+                .flat_map(|(aliases, _)| aliases.iter().copied())
                 .collect();
             (prop::sample::select(keys), any::<u64>()).prop_map(|(key, case)| {
                 key.chars()

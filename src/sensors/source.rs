@@ -22,6 +22,15 @@ impl Measurement {
             unidad: unidad.to_owned(),
         }
     }
+
+    /// A value of a `tipo` in its known unit ([`crate::model::known_unit`]).
+    pub fn in_known_unit(tipo: &str, valor: f64) -> Self {
+        Measurement::new(
+            tipo,
+            valor,
+            crate::model::known_unit(tipo).unwrap_or_default(),
+        )
+    }
 }
 
 /// Why a read produced no sample. These happen in normal operation (a DHT22 times out

@@ -15,14 +15,21 @@
 //! after which its next transaction starts the WAL over. Should that fail (a reader still
 //! using the WAL), the writer checkpoints after every commit once the WAL reaches
 //! [`WAL_LIMIT_PAGES`], waiting for a checkpoint under way (SQLite refuses two at once).
+//!
+//! On a small file system (or under a file size limit) the WAL must not take the space
+//! the database needs: the writer also checkpoints, and truncates the WAL to nothing,
+//! once the WAL is as large as the room it has left to grow.
 
 use std::ffi::c_int;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::hooks::Wal;
+use rusqlite::wal::CheckpointMode;
 use rusqlite::Connection;
 
 use super::{StoreError, WAL_CHECKPOINT_PAGES};
@@ -39,8 +46,12 @@ pub(super) struct Checkpointer {
 
 impl Checkpointer {
     /// Starts the thread on `conn` and makes `writer`'s commits ask it for checkpoints,
-    /// in place of SQLite's automatic ones.
-    pub(super) fn spawn(conn: Connection, writer: &mut Connection) -> Result<Self, StoreError> {
+    /// in place of SQLite's automatic ones. The WAL lives in `data_dir`.
+    pub(super) fn spawn(
+        conn: Connection,
+        writer: &mut Connection,
+        data_dir: PathBuf,
+    ) -> Result<Self, StoreError> {
         // One request waiting is enough: it checkpoints everything committed by then.
         let (requests, received) = mpsc::sync_channel(1);
         let from_commits = requests.clone();
@@ -52,9 +63,41 @@ impl Checkpointer {
         let bulk_copied = copied.clone();
         // Whether this WAL, since it last started over, was handed to this thread.
         let mut requested = false;
+        // Short of room: truncations so far, and when to try again after one that a
+        // reader held up (it waited for the busy timeout; the next commits must not).
+        let mut truncations = 0u64;
+        let mut truncate_after: Option<Instant> = None;
         writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
             let pages = u32::try_from(pages).unwrap_or(0);
-            if pages < WAL_CHECKPOINT_PAGES {
+            let wal_bytes = u64::from(pages) * PAGE_BYTES;
+            let may_truncate = truncate_after.is_none_or(|at| Instant::now() >= at);
+            if may_truncate && wal_bytes >= room_to_grow(&data_dir, wal_bytes) {
+                let _turn = writers_turn.lock().unwrap_or_else(|e| e.into_inner());
+                // TRUNCATE: the WAL's file shrinks to nothing, giving its space back.
+                match wal.checkpoint_v2(CheckpointMode::TRUNCATE) {
+                    Ok(_) => {
+                        truncations += 1;
+                        truncate_after = None;
+                        // Said once; on a small card it happens every few megabytes.
+                        let level = match truncations {
+                            1 => log::Level::Info,
+                            _ => log::Level::Debug,
+                        };
+                        log::log!(
+                            level,
+                            "space for the database runs short: the WAL ({pages} pages) was copied back and truncated, as it will be whenever it reaches the room left"
+                        );
+                    }
+                    Err(e) => {
+                        truncate_after = Some(Instant::now() + TRUNCATE_RETRY);
+                        log::warn!(
+                            "space for the database runs short; a checkpoint of the WAL ({pages} pages) failed: {e}"
+                        );
+                    }
+                }
+                requested = false;
+                bulk_copied.store(false, Ordering::Relaxed);
+            } else if pages < WAL_CHECKPOINT_PAGES {
                 requested = false;
                 bulk_copied.store(false, Ordering::Relaxed);
             } else if pages >= WAL_LIMIT_PAGES || bulk_copied.swap(false, Ordering::Relaxed) {
@@ -93,6 +136,42 @@ impl Checkpointer {
     }
 }
 
+/// How long the writer leaves the WAL alone after a truncation that could not finish (a
+/// reader was still using the WAL).
+const TRUNCATE_RETRY: Duration = Duration::from_secs(5);
+
+/// WAL frames are pages of this size (SQLite's default, which sensorgate keeps) plus a
+/// 24-byte header.
+const PAGE_BYTES: u64 = 4096 + 24;
+
+/// Bytes a WAL of `wal_bytes` in `dir` can still grow by: the free space of its file
+/// system, and no more than the process's file size limit (`RLIMIT_FSIZE`, `LimitFSIZE=`
+/// in a unit) allows. Unbounded where neither can be read.
+#[allow(unsafe_code)]
+// The conversions are needed where block counts and limits are 32 bits (32-bit ARM).
+#[allow(clippy::useless_conversion)]
+fn room_to_grow(dir: &Path, wal_bytes: u64) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let free = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .ok()
+        .and_then(|path| {
+            // SAFETY: statvfs fills in the zeroed struct it is given, from a valid C string.
+            let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+            let done = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+            (done == 0).then(|| u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+        })
+        .unwrap_or(u64::MAX);
+    // SAFETY: getrlimit fills in the zeroed struct it is given.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    let file_limit = match unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } {
+        0 if limit.rlim_cur != libc::RLIM_INFINITY => {
+            u64::from(limit.rlim_cur).saturating_sub(wal_bytes)
+        }
+        _ => u64::MAX,
+    };
+    free.min(file_limit)
+}
+
 fn request(requests: &SyncSender<()>) {
     match requests.try_send(()) {
         Ok(()) | Err(TrySendError::Full(())) => {}
@@ -122,7 +201,6 @@ fn run(conn: &Connection, requests: &Receiver<()>, turn: &Mutex<()>, copied: &At
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -138,8 +216,12 @@ mod tests {
         writer
             .execute("CREATE TABLE blobs (data BLOB)", [])
             .unwrap();
-        let checkpointer =
-            Checkpointer::spawn(Connection::open(&path).unwrap(), &mut writer).unwrap();
+        let checkpointer = Checkpointer::spawn(
+            Connection::open(&path).unwrap(),
+            &mut writer,
+            dir.to_owned(),
+        )
+        .unwrap();
         (writer, checkpointer)
     }
 

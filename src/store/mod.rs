@@ -71,6 +71,14 @@ pub enum StoreError {
     NewerSchema { found: u32, supported: u32 },
     /// The writer has stopped (the daemon is shutting down).
     Closed,
+    /// A command that works on an existing database found none at this path.
+    NoDatabase(PathBuf),
+    /// The database at this path could not be opened or set up.
+    Open(PathBuf, Box<StoreError>),
+    /// A backup would overwrite this file.
+    BackupExists(PathBuf),
+    /// The database is damaged; writes are refused. What was found and what to do.
+    Damaged(String),
 }
 
 impl fmt::Display for StoreError {
@@ -85,6 +93,18 @@ impl fmt::Display for StoreError {
                 "database schema version {found} is newer than this build supports ({supported}); upgrade sensorgate"
             ),
             StoreError::Closed => write!(f, "storage is shutting down"),
+            StoreError::NoDatabase(path) => write!(
+                f,
+                "no database at {}: check --data-dir or storage.data_dir in --config (the daemon creates the database on its first start)",
+                path.display()
+            ),
+            StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+            StoreError::Damaged(what) => f.write_str(what),
+            StoreError::BackupExists(path) => write!(
+                f,
+                "backup file {} exists already; choose a new file name",
+                path.display()
+            ),
         }
     }
 }
@@ -129,12 +149,14 @@ impl Store {
             config,
             health.clone(),
         )?;
+        check_in_background(path.clone(), health.clone());
         let store = Store {
             commands,
             queued,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
+                health: health.clone(),
                 permits: Arc::new(Semaphore::new(READERS)),
             }),
             pages: Arc::default(),
@@ -391,11 +413,32 @@ impl Store {
 /// Opens (creating if needed) the database in `data_dir` read-write and migrates it: for
 /// the writer, and for the command line's token and backup commands.
 pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    std::fs::create_dir_all(data_dir).map_err(StoreError::Io)?;
-    let mut conn = Connection::open(data_dir.join(DATABASE_FILE))?;
-    configure(&conn, synchronous)?;
-    schema::migrate(&mut conn)?;
+    let path = data_dir.join(DATABASE_FILE);
+    // Every failure names the path: "attempt to write a readonly database" alone does
+    // not say which directory to fix.
+    let at = |e: StoreError| match e {
+        e @ StoreError::NewerSchema { .. } => e,
+        e => StoreError::Open(path.clone(), Box::new(e)),
+    };
+    std::fs::create_dir_all(data_dir).map_err(|e| at(StoreError::Io(e)))?;
+    let mut conn = Connection::open(&path).map_err(|e| at(e.into()))?;
+    configure(&conn, synchronous).map_err(|e| at(e.into()))?;
+    schema::migrate(&mut conn).map_err(at)?;
     Ok(conn)
+}
+
+/// Opens the database that a daemon created in `data_dir`, as [`open_database`] does,
+/// but refuses a directory without one: a mistyped path must not get a new, empty
+/// database that no daemon reads.
+pub fn open_existing_database(
+    data_dir: &Path,
+    synchronous: Synchronous,
+) -> Result<Connection, StoreError> {
+    let path = data_dir.join(DATABASE_FILE);
+    if !path.is_file() {
+        return Err(StoreError::NoDatabase(path));
+    }
+    open_database(data_dir, synchronous)
 }
 
 /// Writes a consistent copy of the database to `target` while the daemon keeps running
@@ -403,17 +446,11 @@ pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connec
 /// overwrite an existing file.
 pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
     if target.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} exists already", target.display()),
-        )));
+        return Err(StoreError::BackupExists(target.to_owned()));
     }
     let source = data_dir.join(DATABASE_FILE);
-    if !source.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("no database at {}", source.display()),
-        )));
+    if !source.is_file() {
+        return Err(StoreError::NoDatabase(source));
     }
     let conn = open_reader(&source)?;
     conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
@@ -437,16 +474,58 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
     // checkpoint, so fewer checkpoints mean fewer card writes. The writer's connection
     // hands its checkpoints to a thread of their own (see `checkpointer`).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+    // A WAL that a burst grew past the checkpoint threshold shrinks back to it when it
+    // starts over, rather than keeping its largest size for good.
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        i64::from(WAL_CHECKPOINT_PAGES) * 4096,
+    )?;
     Ok(())
 }
 
-/// Read-only connections, opened on demand and kept for reuse.
+/// Looks through the whole database once, on a thread of its own, for damage that no
+/// query has run into yet (a card that lost pages in a power cut): a damaged database
+/// must refuse writes from the start, not only once a read happens upon the damage.
+/// `quick_check` reads every page once; on a card that is seconds per hundred MiB, spent
+/// while the daemon already serves.
+fn check_in_background(path: PathBuf, health: Arc<WriterHealth>) {
+    let check = move || {
+        let started = std::time::Instant::now();
+        let found = open_reader(&path).and_then(|conn| {
+            let mut statement = conn.prepare("PRAGMA quick_check(5)")?;
+            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()
+        });
+        match found {
+            Ok(rows) if rows == ["ok"] => log::info!(
+                "database check found no damage in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(rows) => health.mark_damaged(&path, &rows.join("; ")),
+            Err(e) => {
+                if !health.note_damage(&path, &e) {
+                    log::warn!("database check could not run: {e}");
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("store-check".into())
+        .spawn(check)
+    {
+        log::warn!("database check not started: {e}");
+    }
+}
+
 /// Read-only connections. Reads wait for one of [`READERS`] permits before they
 /// take a blocking thread, so that however many clients replay at once, the daemon holds
 /// that many reader connections (each with its page cache) and threads, not one each.
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Told when a query finds the database damaged.
+    health: Arc<WriterHealth>,
     permits: Arc<Semaphore>,
 }
 
@@ -461,6 +540,9 @@ impl Readers {
             None => open_reader(&self.path)?,
         };
         let result = query(&conn);
+        if let Err(e) = &result {
+            self.health.note_damage(&self.path, e);
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < READERS {
             idle.push(conn);

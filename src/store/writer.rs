@@ -9,6 +9,7 @@
 //! that a power cut could take back.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,6 +36,11 @@ use crate::sensors::Measurement;
 /// Samples kept in memory while storage fails (a full or read-only card), newest first
 /// to survive; a few hours of a small gateway.
 const RETRY_SAMPLES: usize = 20_000;
+
+/// How long commits must keep working after a failure before the outage counts as over:
+/// on a card that is nearly full, a small commit fits now and then between failures, and
+/// each of those must not end one outage and start the next.
+const RECOVERY_HOLD: Duration = Duration::from_secs(3);
 
 /// Most work gathered into one transaction, in samples and other commands (see
 /// [`Command::weight`]); bounds the latency of the batch's first command and the memory
@@ -104,6 +110,8 @@ pub struct WriterHealth {
     /// The run of failed WAL flushes (`synchronous = "normal"`), apart from failed
     /// commits: a commit that works says nothing of the flush that must follow it.
     flush_failure: Mutex<Option<Failure>>,
+    /// Set for good once SQLite finds the database damaged: what it found and what to do.
+    damage: Mutex<Option<Failure>>,
 }
 
 /// A run of failed commits or flushes: what the latest one said and when the first one
@@ -144,20 +152,71 @@ impl WriterHealth {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The current run of failed commits, cleared by the next successful one, or else
-    /// of failed WAL flushes, cleared by the next successful flush.
+    /// Damage found in the database, or else the current run of failed commits, cleared
+    /// by the next successful one, or else of failed WAL flushes, cleared by the next
+    /// successful flush.
     pub fn failure(&self) -> Option<Failure> {
         let current =
             |slot: &Mutex<Option<Failure>>| slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        current(&self.failure).or_else(|| current(&self.flush_failure))
+        self.damage()
+            .or_else(|| current(&self.failure))
+            .or_else(|| current(&self.flush_failure))
     }
 
-    /// Counts a commit, or the run of failed commits it continues.
-    pub(super) fn record(&self, result: &Result<(), String>) {
-        if result.is_ok() {
-            self.commits.fetch_add(1, Ordering::Relaxed);
+    /// What SQLite found damaged in the database and what the operator can do, once it
+    /// found anything; from then on every write is refused.
+    pub fn damage(&self) -> Option<Failure> {
+        self.damage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that `database` is damaged, as `found` says, if `found` is the kind of
+    /// error that means so; logs it the first time. Returns whether it was.
+    pub(super) fn note_damage(&self, database: &Path, found: &rusqlite::Error) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match found.sqlite_error_code() {
+            Some(DatabaseCorrupt | NotADatabase) => {
+                self.mark_damaged(database, &found.to_string());
+                true
+            }
+            _ => false,
         }
-        note(&self.failure, result);
+    }
+
+    /// Records that `database` is damaged, as `found` says; logs it the first time.
+    pub(super) fn mark_damaged(&self, database: &Path, found: &str) {
+        let mut damage = self.damage.lock().unwrap_or_else(|e| e.into_inner());
+        if damage.is_some() {
+            return;
+        }
+        let error = format!(
+            "the database {path} is damaged ({found}); writes are refused until it is replaced. \
+             Save what can still be read with `sensorgate backup FILE`, or if that fails with \
+             `sqlite3 {path} .recover | sqlite3 FILE`, then stop sensorgate, move the damaged \
+             file and its -wal aside and the saved copy to {path}, and start it again",
+            path = database.display()
+        );
+        log::error!("{error}");
+        *damage = Some(Failure {
+            error,
+            since: now_micros(),
+        });
+    }
+
+    /// Counts a commit, or the run of failed commits it continues (which only
+    /// [`WriterHealth::clear_failure`] ends).
+    pub(super) fn record(&self, result: &Result<(), String>) {
+        match result {
+            Ok(()) => drop(self.commits.fetch_add(1, Ordering::Relaxed)),
+            Err(_) => note(&self.failure, result),
+        }
+    }
+
+    /// Commits work again: ends the run of failed commits.
+    pub(super) fn clear_failure(&self) {
+        note(&self.failure, &Ok(()));
     }
 
     /// Ends or continues the run of failed WAL flushes.
@@ -225,9 +284,10 @@ pub(crate) fn spawn(
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
     let database = config.data_dir.join(super::DATABASE_FILE);
     let publisher = Publisher::spawn(wal, database, hub, health.clone()).map_err(StoreError::Io)?;
-    let checkpointer = Checkpointer::spawn(checkpoints, &mut conn)?;
+    let checkpointer = Checkpointer::spawn(checkpoints, &mut conn, config.data_dir.clone())?;
     let writer = Writer {
         conn,
+        database: config.data_dir.join(super::DATABASE_FILE),
         queue,
         queued,
         next_seq,
@@ -237,16 +297,12 @@ pub(crate) fn spawn(
         last_maintenance: Instant::now(),
         retry: VecDeque::new(),
         outage: None,
-        window: match config.commit_window_ms {
-            0 => None,
-            ms => Some(CommitWindow {
-                length: Duration::from_millis(ms),
-                timer: tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .map_err(StoreError::Io)?,
-            }),
-        },
+        window: (config.commit_window_ms > 0)
+            .then(|| Duration::from_millis(config.commit_window_ms)),
+        timer: tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(StoreError::Io)?,
         publisher,
         checkpointer,
         max_future: (config.max_future_s as Micros).saturating_mul(1_000_000),
@@ -284,10 +340,15 @@ struct Outage {
     since: Instant,
     /// Samples dropped because the retry buffer was full.
     dropped: u64,
+    /// The first commit of the current run of successful ones, if the last commit
+    /// worked: the outage is over once this run lasts [`RECOVERY_HOLD`].
+    working_since: Option<Instant>,
 }
 
 struct Writer {
     conn: Connection,
+    /// The database file, named when it is found damaged.
+    database: PathBuf,
     queue: mpsc::Receiver<Command>,
     /// Told how many samples each batch took off `queue`.
     queued: Arc<SampleGate>,
@@ -304,20 +365,16 @@ struct Writer {
     /// "normal"`).
     publisher: Publisher,
     checkpointer: Checkpointer,
-    /// `None` when samples are committed as they come (`commit_window_ms = 0`).
-    window: Option<CommitWindow>,
+    /// How long samples wait for company; `None` when they are committed as they come
+    /// (`commit_window_ms = 0`).
+    window: Option<Duration>,
     /// How far ahead of the clock a latest value may lie before newer-stored readings
     /// replace it (`storage.max_future_s`).
     max_future: Micros,
     /// New reading ids must lie above this, as the reading that had it was deleted; 0
     /// once a reading got an id above it.
     reading_id_floor: i64,
-}
-
-/// How long samples wait for company before they are committed.
-struct CommitWindow {
-    length: Duration,
-    /// Times the wait on the queue; the writer is a plain thread.
+    /// Times waits on the queue; the writer is a plain thread.
     timer: tokio::runtime::Runtime,
 }
 
@@ -367,6 +424,23 @@ impl Command {
         match self {
             Command::Samples(samples) => samples.len().max(1),
             _ => 1,
+        }
+    }
+
+    /// Answers the command with [`StoreError::Damaged`].
+    fn refuse(self, damage: &str) {
+        let err = || StoreError::Damaged(damage.to_owned());
+        match self {
+            Command::CreateSensor(_, r)
+            | Command::UpdateSensor(_, _, r)
+            | Command::DeleteSensor(_, r) => drop(r.send(Err(err()))),
+            Command::InsertReading(_, r)
+            | Command::UpdateReading(_, _, r)
+            | Command::DeleteReading(_, r) => drop(r.send(Err(err()))),
+            Command::Emit(_, r) => drop(r.send(Err(err()))),
+            Command::SaveUplinkCursor(_, _, r) => drop(r.send(Err(err()))),
+            Command::Ping(reply) => drop(reply.send(())),
+            Command::Samples(_) | Command::TouchToken(..) | Command::Shutdown => {}
         }
     }
 
@@ -425,7 +499,7 @@ impl Writer {
     fn serve(&mut self) {
         let _gate = CloseOnExit(self.queued.clone());
         let mut batch = Vec::with_capacity(64);
-        while let Some(first) = self.queue.blocking_recv() {
+        while let Some(first) = self.next_command() {
             let mut weight = first.weight();
             batch.push(first);
             while weight < MAX_BATCH {
@@ -462,7 +536,30 @@ impl Writer {
         }
     }
 
+    /// The next command, waiting as long as it takes; while an outage seems over, only
+    /// until it has lasted [`RECOVERY_HOLD`], to announce the recovery on time.
+    fn next_command(&mut self) -> Option<Command> {
+        loop {
+            let Some(working_since) = self.outage.as_ref().and_then(|o| o.working_since) else {
+                return self.queue.blocking_recv();
+            };
+            let deadline = tokio::time::Instant::from_std(working_since + RECOVERY_HOLD);
+            let queue = &mut self.queue;
+            let next = self
+                .timer
+                .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
+            match next {
+                Ok(command) => return command,
+                Err(_) => self.confirm_recovery(),
+            }
+        }
+    }
+
     fn commit(&mut self, batch: &mut Vec<Command>) {
+        if let Some(damage) = self.health.damage() {
+            self.refuse(batch, &damage.error);
+            return;
+        }
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let first_seq = self.next_seq;
@@ -516,7 +613,13 @@ impl Writer {
             self.reading_id_floor = reading_id_floor;
             Ok(())
         })();
-        let outcome = outcome.map_err(|e| e.to_string());
+        let outcome = outcome.map_err(|e| {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                self.make_room();
+            }
+            self.health.note_damage(&self.database, &e);
+            e.to_string()
+        });
         self.health.record(&outcome);
         match outcome {
             Ok(()) => {
@@ -535,8 +638,12 @@ impl Writer {
                     }
                 }
                 self.publisher.send(Handover::Committed(published, pings));
-                if let Some(outage) = self.outage.take() {
-                    self.recovered(outage);
+                match &mut self.outage {
+                    None => self.health.clear_failure(),
+                    Some(outage) => {
+                        outage.working_since.get_or_insert_with(Instant::now);
+                        self.confirm_recovery();
+                    }
                 }
             }
             Err(why) => {
@@ -555,6 +662,40 @@ impl Writer {
         }
     }
 
+    /// The card is full: copies the WAL back and truncates it, which frees its space
+    /// whenever the database has room for the copied pages, so that the next attempt
+    /// may fit.
+    fn make_room(&mut self) {
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            }) {
+            Ok(0) => log::info!("storage full: the WAL was copied back and truncated"),
+            Ok(_) => log::debug!("storage full: the WAL could not be truncated yet"),
+            Err(e) => log::debug!("storage full: checkpoint failed: {e}"),
+        }
+    }
+
+    /// Answers every write of `batch` with the damage found in the database: writing on
+    /// would build on pages that SQLite cannot read. Samples are dropped (and counted):
+    /// kept for a retry they would only be refused again.
+    fn refuse(&mut self, batch: &mut Vec<Command>, damage: &str) {
+        self.degraded(damage);
+        let mut dropped = 0;
+        for command in batch.drain(..) {
+            match command {
+                Command::Samples(samples) => dropped += samples.len(),
+                other => other.refuse(damage),
+            }
+        }
+        dropped += self.retry.len();
+        self.retry.clear();
+        if let Some(outage) = &mut self.outage {
+            outage.dropped += dropped as u64;
+        }
+    }
+
     /// Waits up to the commit window for more samples when the batch holds nothing else,
     /// so that a gateway sampling a few sensors every few seconds commits once a window
     /// rather than once a sample: the pages every commit rewrites (readings, events,
@@ -563,16 +704,16 @@ impl Writer {
     /// shutdown) ends the wait. `weight` is what the batch counts for so far.
     fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
         let may_wait = |c: &Command| matches!(c, Command::Samples(_) | Command::TouchToken(..));
-        let Some(window) = &self.window else {
+        let Some(window) = self.window else {
             return;
         };
         if !batch.iter().all(may_wait) {
             return;
         }
-        let deadline = tokio::time::Instant::now() + window.length;
+        let deadline = tokio::time::Instant::now() + window;
         while weight < MAX_BATCH {
             let queue = &mut self.queue;
-            let next = window
+            let next = self
                 .timer
                 .block_on(async { tokio::time::timeout_at(deadline, queue.recv()).await });
             let Ok(Some(command)) = next else {
@@ -603,7 +744,9 @@ impl Writer {
     /// Storage just failed (or failed again): tell clients once per outage. The notice
     /// cannot be stored, so it goes out live only, with `seq` 0.
     fn degraded(&mut self, why: &str) {
-        if self.outage.is_some() {
+        if let Some(outage) = &mut self.outage {
+            // Still the same outage, however many commits fitted in between.
+            outage.working_since = None;
             return;
         }
         log::error!(
@@ -612,6 +755,7 @@ impl Writer {
         self.outage = Some(Outage {
             since: Instant::now(),
             dropped: 0,
+            working_since: None,
         });
         // Through the publisher: events of earlier commits go out before the notice,
         // when they can.
@@ -619,10 +763,25 @@ impl Writer {
             .send(Handover::Notice(outage_notice(why, self.retry.len())));
     }
 
-    /// Storage works again after an outage: a stored event says how long it lasted and
-    /// what was lost.
+    /// Ends the outage once commits have kept working for [`RECOVERY_HOLD`].
+    fn confirm_recovery(&mut self) {
+        let held = |o: &Outage| {
+            o.working_since
+                .is_some_and(|t| t.elapsed() >= RECOVERY_HOLD)
+        };
+        if self.outage.as_ref().is_some_and(held) {
+            if let Some(outage) = self.outage.take() {
+                self.health.clear_failure();
+                self.recovered(outage);
+            }
+        }
+    }
+
+    /// Storage works again after an outage: a stored event says how long it lasted, from
+    /// the first failed commit to the first of those that kept working, and what was lost.
     fn recovered(&mut self, outage: Outage) {
-        let seconds = outage.since.elapsed().as_secs_f64();
+        let ended = outage.working_since.unwrap_or_else(Instant::now);
+        let seconds = ended.duration_since(outage.since).as_secs_f64();
         log::info!(
             "storage writable again after {seconds:.0} s; {} samples were dropped",
             outage.dropped
@@ -640,6 +799,10 @@ impl Writer {
     /// Retention in small slices (see [`Retention`]), then a checkpoint.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
+        if self.health.damage().is_some() {
+            // Deleting rows rewrites pages that may be the damaged ones.
+            return;
+        }
         let mut behind = false;
         for (what, outcome) in self
             .retention

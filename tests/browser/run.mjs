@@ -179,6 +179,26 @@ test("a card's value changes as samples arrive", { timeout: 60000 }, async () =>
   await page.close();
 });
 
+test("an unsynchronised gateway clock is shown once, at the top, with what to do", { timeout: 60000 }, async () => {
+  const page = await open();
+  await cardValue(page, 1).waitFor();
+  await page.locator(".card").nth(5).waitFor();
+  const latest = await daemon.json("GET", "/api/v1/lecturas/?limit=1");
+  const doubtful = latest.body[0].hora_dudosa === true;
+  const warning = page.locator("#clock-warning");
+  if (doubtful) {
+    // The demo's samples carry the flag whenever this machine's clock is not synchronised.
+    await warning.waitFor({ state: "visible" });
+    assert.match(await warning.textContent(), /NTP/);
+    assert.match(await warning.textContent(), /trust_clock/);
+  } else {
+    assert.equal(await warning.isVisible(), false);
+  }
+  assert.equal(await page.getByText(/clock not synchronised/i).count(), doubtful ? 1 : 0);
+  assert.equal(await page.locator(".card").getByText(/clock/i).count(), 0);
+  await page.close();
+});
+
 test("a sensor whose last sample is a few intervals old shows as stale, not live", { timeout: 60000 }, async () => {
   const page = await open();
   const created = await daemon.json("POST", "/api/v1/sensores/", {

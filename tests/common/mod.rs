@@ -42,6 +42,12 @@ pub fn config(data_dir: &Path, text: &str) -> Config {
 impl Daemon {
     /// Starts a daemon on `127.0.0.1:0` with the given config.
     pub async fn start(config: Config) -> Daemon {
+        Daemon::start_answering(config, &[200]).await
+    }
+
+    /// Starts a daemon, ready once `/healthz` answers one of `ready` (503 for a daemon
+    /// whose storage fails from the start).
+    pub async fn start_answering(config: Config, ready: &[u16]) -> Daemon {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let data_dir = config.storage.data_dir.clone();
@@ -66,8 +72,10 @@ impl Daemon {
         // Ready when it answers.
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            if let Ok((200, _)) = daemon.try_request("GET", "/healthz", None).await {
-                break;
+            if let Ok((status, _)) = daemon.try_request("GET", "/healthz", None).await {
+                if ready.contains(&status) {
+                    break;
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
