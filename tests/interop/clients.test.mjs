@@ -1,0 +1,190 @@
+// The daemon's WebSocket and event stream against clients written elsewhere: the `ws`
+// package, Node's own WebSocket, and Chromium's WebSocket and EventSource driven by
+// playwright-core; and the reference client /sensorgate.js on Node's WebSocket.
+// Run with Node 22 or newer (Node's WebSocket): `node --test clients.test.mjs`.
+//
+//   SENSORGATE_BIN  the daemon binary (default: target/debug/sensorgate)
+//   CHROMIUM        the browser (default: /usr/bin/chromium)
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { createServer } from "node:net";
+import { chromium } from "playwright-core";
+import WebSocketPackage from "ws";
+import { Daemon, entityEvents, waitFor } from "./daemon.mjs";
+import { localSocket, pageSocket } from "./recording-socket.mjs";
+import { assertCleanClose, socketChecks } from "./socket-checks.mjs";
+import { SensorgateClient } from "../../assets/sensorgate.js";
+
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const NodeWebSocket = globalThis.WebSocket;
+const WS_VERSION = (await import("ws/package.json", { with: { type: "json" } })).default.version;
+
+let daemon;
+let browser;
+let page;
+let ready;
+const context = () => ready;
+
+before(async () => {
+  assert.equal(typeof NodeWebSocket, "function", `Node ${process.version} has no WebSocket; run with Node 22`);
+  ready = (async () => {
+    daemon = await new Daemon().start();
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+    });
+    page = await browser.newPage();
+    // A page of the daemon's own origin, so that its sockets pass the Origin check.
+    await page.goto(`${daemon.url}/healthz`);
+    return { daemon, page };
+  })();
+  await ready;
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (daemon) await daemon.remove();
+});
+
+socketChecks(`ws ${WS_VERSION}`, async () => ({ ...(await context()), open: localSocket(WebSocketPackage) }));
+socketChecks(`Node ${process.version} WebSocket`, async () => ({
+  ...(await context()),
+  open: localSocket(NodeWebSocket),
+}));
+socketChecks("Chromium WebSocket", async () => {
+  const { daemon, page } = await context();
+  return { daemon, open: pageSocket(page) };
+});
+
+test("Chromium EventSource: resumes by itself with Last-Event-ID after a restart, nothing missing", async () => {
+  const { daemon, page } = await context();
+  const tipo = "chromium-eventsource";
+  await page.evaluate((url) => {
+    const source = new EventSource(url);
+    globalThis.streamed = { events: [], opened: 0 };
+    source.onopen = () => streamed.opened++;
+    source.onmessage = (event) => streamed.events.push({ id: event.lastEventId, ...JSON.parse(event.data) });
+  }, `/api/v1/events?channel=sensors&tipo=${tipo}`);
+  const streamed = () => page.evaluate(() => globalThis.streamed);
+  await waitFor("the event stream to open", async () => (await streamed()).opened === 1);
+  const before = await daemon.sensorLife(tipo);
+  await waitFor("the first events", async () => (await streamed()).events.length === before.length);
+
+  // Hold the browser's reconnection until the events made after the restart exist: a
+  // stream without a position starts at the newest event, so only the Last-Event-ID the
+  // browser sends brings them. (The header is added below the interception layer, where
+  // playwright does not show it.)
+  let releaseReconnect;
+  const reconnectHeld = new Promise((resolve) => (releaseReconnect = resolve));
+  let reconnects = 0;
+  await page.route("**/api/v1/events?*", async (route) => {
+    reconnects++;
+    await reconnectHeld;
+    await route.continue();
+  });
+  await daemon.restart();
+  const after = await daemon.sensorLife(tipo);
+  releaseReconnect();
+
+  const { events, opened } = await waitFor("the events made after the restart", async () => {
+    const state = await streamed();
+    return state.events.length >= before.length + after.length && state;
+  });
+  await page.unroute("**/api/v1/events?*");
+  assert.equal(opened, 2, "the stream opened again by itself");
+  assert.deepEqual(entityEvents(events), [...before, ...after]);
+  assert.deepEqual(
+    events.map((e) => e.id),
+    events.map((e) => String(e.seq)),
+    "each event's id is its seq"
+  );
+  assert.ok(reconnects >= 1, "the reconnection waited for the events");
+});
+
+/** A loopback port where nothing listens (taken and given back). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+test("the reference client on Node's WebSocket retries a refused port, then goes live and closes with 1000", async () => {
+  // Counts the client's sockets and how each ended; a socket opened while another is
+  // still alive would mean a reconnect scheduled twice.
+  const sockets = { opened: 0, ended: 0, errors: 0, overlapping: 0, last: null };
+  class CountedWebSocket extends NodeWebSocket {
+    constructor(url) {
+      super(url);
+      if (sockets.opened > sockets.ended) sockets.overlapping++;
+      sockets.opened++;
+      sockets.last = this;
+      let ended = false;
+      const end = () => ended || ((ended = true), sockets.ended++);
+      this.addEventListener("error", () => (sockets.errors++, end()));
+      this.addEventListener("close", (event) => {
+        end();
+        this.closed = { code: event.code, ms: performance.now() - this.closingAt };
+      });
+    }
+    close(code, reason) {
+      this.closingAt = performance.now();
+      super.close(code, reason);
+    }
+  }
+
+  const port = await freePort();
+  const gateway = new Daemon();
+  const received = [];
+  globalThis.WebSocket = CountedWebSocket;
+  const client = new SensorgateClient({
+    url: `ws://127.0.0.1:${port}/api/v1/ws`,
+    channels: ["sensors"],
+    filters: { tipo: ["reference-client"] },
+    minDelayMs: 50,
+    maxDelayMs: 200,
+    onEvent: (event) => received.push(event),
+  });
+  try {
+    client.connect();
+    await waitFor("three refused attempts", () => sockets.opened >= 3 && sockets.ended >= 3);
+    assert.ok(sockets.errors >= 3, "a refused connection is reported as an error");
+    await gateway.start(`127.0.0.1:${port}`);
+    await waitFor("the client to be live", () => client.state === "live", 15000);
+    const life = await gateway.sensorLife("reference-client");
+    await waitFor("the sensor's events", () => received.length >= life.length);
+    assert.deepEqual(entityEvents(received), life);
+    assert.equal(sockets.overlapping, 0, "one socket at a time: no reconnect scheduled twice");
+
+    const socket = sockets.last;
+    client.close();
+    await waitFor("the close", () => socket.closed, 15000);
+    console.log(`clean close: sensorgate.js on Node ${process.version} WebSocket: code ${socket.closed.code} after ${socket.closed.ms.toFixed(1)} ms`);
+    assertCleanClose(socket.closed);
+    assert.equal(client.state, "offline");
+    assert.equal(sockets.opened, sockets.ended, "no socket opened after close()");
+    assert.deepEqual(gateway.problems(), []);
+  } finally {
+    client.close();
+    globalThis.WebSocket = NodeWebSocket;
+    await gateway.remove();
+  }
+});
+
+test("the daemon logged no error and no panic", () => {
+  assert.deepEqual(daemon.problems(), []);
+});
