@@ -1,7 +1,7 @@
 // The daemon's WebSocket and event stream against clients written elsewhere: the `ws`
 // package, Node's own WebSocket, and Chromium's WebSocket and EventSource driven by
 // playwright-core; and the reference client /sensorgate.js on Node's WebSocket.
-// Run with Node 22 or newer (Node's WebSocket): `node --test clients.test.mjs`.
+// Run with Node 22 or newer (Node's WebSocket): `node clients.test.mjs`.
 //
 //   SENSORGATE_BIN  the daemon binary (default: target/debug/sensorgate)
 //   CHROMIUM        the browser (default: /usr/bin/chromium)
@@ -29,7 +29,8 @@ const context = () => ready;
 before(async () => {
   assert.equal(typeof NodeWebSocket, "function", `Node ${process.version} has no WebSocket; run with Node 22`);
   ready = (async () => {
-    daemon = await new Daemon().start();
+    daemon = new Daemon();
+    await daemon.start();
     browser = await chromium.launch({
       executablePath: CHROMIUM,
       headless: true,

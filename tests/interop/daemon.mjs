@@ -18,9 +18,14 @@ const BINARY = process.env.SENSORGATE_BIN
 // The suite writes faster than a person would; the default write limits would answer 429.
 const CONFIG = "[limits]\nwrites_per_second = 10000.0\nwrite_burst = 10000.0\n";
 
-// Whatever ends this process, no daemon it started is left running.
+// Whatever ends this process, no daemon it started is left running, nor its data.
 const running = new Set();
-process.on("exit", () => running.forEach((proc) => proc.kill("SIGKILL")));
+process.on("exit", () =>
+  running.forEach((daemon) => {
+    daemon.proc.kill("SIGKILL");
+    rmSync(daemon.dir, { recursive: true, force: true });
+  })
+);
 for (const signal of ["SIGINT", "SIGTERM"]) process.once(signal, () => process.exit(1));
 
 /** Polls `probe` until it returns something truthy, and returns that. */
@@ -58,8 +63,8 @@ export class Daemon {
       env: { ...process.env, RUST_LOG: "warn,sensorgate=info" },
     });
     this.proc = proc;
-    running.add(proc);
-    proc.once("exit", () => running.delete(proc));
+    running.add(this);
+    proc.once("exit", () => running.delete(this));
     let address = null;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`the daemon did not start:\n${this.tail()}`)), 30000);

@@ -29,7 +29,12 @@ tipos = itertools.count(1)
 
 def setUpModule():
     global daemon
-    daemon = Daemon().start()
+    daemon = Daemon()
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.remove()
+        raise
 
 
 def tearDownModule():
