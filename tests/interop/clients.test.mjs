@@ -13,7 +13,7 @@ import { chromium } from "playwright-core";
 import WebSocketPackage from "ws";
 import { Daemon, entityEvents, waitFor } from "./daemon.mjs";
 import { localSocket, pageSocket } from "./recording-socket.mjs";
-import { assertCleanClose, socketChecks } from "./socket-checks.mjs";
+import { CLOSE_WAIT_MS, checkCleanClose, socketChecks } from "./socket-checks.mjs";
 import { SensorgateClient } from "../../assets/sensorgate.js";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
@@ -124,7 +124,7 @@ function freePort() {
   });
 }
 
-test("the reference client on Node's WebSocket retries a refused port, then goes live and closes with 1000", async () => {
+test("the reference client on Node's WebSocket: refused, retried, live, closed with 1000", async () => {
   // Counts the client's sockets and how each ended; a socket opened while another is
   // still alive would mean a reconnect scheduled twice.
   const sockets = { opened: 0, ended: 0, errors: 0, overlapping: 0, last: null };
@@ -173,9 +173,8 @@ test("the reference client on Node's WebSocket retries a refused port, then goes
 
     const socket = sockets.last;
     client.close();
-    await waitFor("the close", () => socket.closed, 15000);
-    console.log(`clean close: sensorgate.js on Node ${process.version} WebSocket: code ${socket.closed.code} after ${socket.closed.ms.toFixed(1)} ms`);
-    assertCleanClose(socket.closed);
+    const closed = await waitFor("the close", () => socket.closed, CLOSE_WAIT_MS);
+    checkCleanClose(`sensorgate.js on Node ${process.version} WebSocket`, closed);
     assert.equal(client.state, "offline");
     assert.equal(sockets.opened, sockets.ended, "no socket opened after close()");
     assert.deepEqual(gateway.problems(), []);

@@ -84,7 +84,9 @@ class WebsocketsClient(unittest.IsolatedAsyncioTestCase):
         wanted = 3 if query.get("snapshot") else 2
         await wait_for("the opening messages", lambda: len(socket.received) >= wanted)
         first, second = socket.received[:2]
-        self.assertEqual((first["type"], first["status"], first["channel"]), ("connection", "connected", query["channel"]))
+        self.assertEqual(
+            (first["type"], first["status"], first["channel"]), ("connection", "connected", query["channel"])
+        )
         self.assertEqual(second["type"], "stats")
         if query.get("snapshot"):
             self.assertEqual(socket.received[2]["type"], "snapshot")
