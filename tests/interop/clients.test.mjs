@@ -12,7 +12,7 @@ import { createServer } from "node:net";
 import { chromium } from "playwright-core";
 import WebSocketPackage from "ws";
 import { Daemon, entityEvents, waitFor } from "./daemon.mjs";
-import { localSocket, pageSocket } from "./recording-socket.mjs";
+import { countedWebSocket, definedIn, localSocket, pageSocket } from "./recording-socket.mjs";
 import { CLOSE_WAIT_MS, checkCleanClose, socketChecks } from "./socket-checks.mjs";
 import { SensorgateClient } from "../../assets/sensorgate.js";
 
@@ -124,52 +124,34 @@ function freePort() {
   });
 }
 
-test("the reference client on Node's WebSocket: refused, retried, live, closed with 1000", async () => {
-  // Counts the client's sockets and how each ended; a socket opened while another is
-  // still alive would mean a reconnect scheduled twice.
-  const sockets = { opened: 0, ended: 0, errors: 0, overlapping: 0, last: null };
-  class CountedWebSocket extends NodeWebSocket {
-    constructor(url) {
-      super(url);
-      if (sockets.opened > sockets.ended) sockets.overlapping++;
-      sockets.opened++;
-      sockets.last = this;
-      let ended = false;
-      const end = () => ended || ((ended = true), sockets.ended++);
-      this.addEventListener("error", () => (sockets.errors++, end()));
-      this.addEventListener("close", (event) => {
-        end();
-        this.closed = { code: event.code, ms: performance.now() - this.closingAt };
-      });
-    }
-    close(code, reason) {
-      this.closingAt = performance.now();
-      super.close(code, reason);
-    }
-  }
+/** A reference client on a port where nothing listens, retrying quickly. */
+const referenceClientOptions = (port, received) => ({
+  url: `ws://127.0.0.1:${port}/api/v1/ws`,
+  channels: ["sensors"],
+  filters: { tipo: ["reference-client"] },
+  minDelayMs: 50,
+  maxDelayMs: 200,
+  onEvent: (event) => received.push(event),
+});
 
+test("the reference client on Node's WebSocket: refused, retried, live, closed with 1000", async () => {
   const port = await freePort();
   const gateway = new Daemon();
   const received = [];
-  globalThis.WebSocket = CountedWebSocket;
-  const client = new SensorgateClient({
-    url: `ws://127.0.0.1:${port}/api/v1/ws`,
-    channels: ["sensors"],
-    filters: { tipo: ["reference-client"] },
-    minDelayMs: 50,
-    maxDelayMs: 200,
-    onEvent: (event) => received.push(event),
-  });
+  const sockets = {};
+  globalThis.WebSocket = countedWebSocket(NodeWebSocket, sockets);
+  const client = new SensorgateClient(referenceClientOptions(port, received));
   try {
     client.connect();
-    await waitFor("three refused attempts", () => sockets.opened >= 3 && sockets.ended >= 3);
-    assert.ok(sockets.errors >= 3, "a refused connection is reported as an error");
+    // Node's WebSocket reports a refused connection with `error` and nothing else.
+    await waitFor("three refused attempts", () => sockets.ended >= 3);
+    assert.equal(sockets.errors, sockets.ended, "each refusal reported as an error");
     await gateway.start(`127.0.0.1:${port}`);
     await waitFor("the client to be live", () => client.state === "live", 15000);
     const life = await gateway.sensorLife("reference-client");
     await waitFor("the sensor's events", () => received.length >= life.length);
     assert.deepEqual(entityEvents(received), life);
-    assert.equal(sockets.overlapping, 0, "one socket at a time: no reconnect scheduled twice");
+    assert.equal(sockets.overlapping, 0, "one socket at a time");
 
     const socket = sockets.last;
     client.close();
@@ -182,6 +164,37 @@ test("the reference client on Node's WebSocket: refused, retried, live, closed w
     client.close();
     globalThis.WebSocket = NodeWebSocket;
     await gateway.remove();
+  }
+});
+
+test("the reference client in Chromium: a refused socket reports error and close, one retry follows", async () => {
+  const { daemon } = await context();
+  const tab = await browser.newPage();
+  try {
+    await tab.goto(`${daemon.url}/healthz`);
+    await definedIn(tab);
+    const { onEvent, ...options } = referenceClientOptions(await freePort(), []);
+    const client = await tab.evaluateHandle(async (options) => {
+      const { SensorgateClient } = await import("/sensorgate.js");
+      globalThis.sockets = {};
+      globalThis.WebSocket = globalThis.countedWebSocket(WebSocket, globalThis.sockets);
+      const client = new SensorgateClient(options);
+      client.connect();
+      return client;
+    }, options);
+    // Every retry (`attempt`) answers one socket's end: a retry scheduled by both the
+    // error and the close would make two per socket.
+    const sockets = await waitFor("three refused attempts, each retried once", () =>
+      client.evaluate((c) => {
+        const { last, ...counts } = globalThis.sockets;
+        return counts.ended >= 3 && c.attempt === counts.ended && counts;
+      })
+    );
+    assert.ok(sockets.errors >= 3 && sockets.closes >= 3, `the browser reports both: ${JSON.stringify(sockets)}`);
+    assert.equal(sockets.overlapping, 0, "one socket at a time");
+    await client.evaluate((c) => c.close());
+  } finally {
+    await tab.close();
   }
 });
 

@@ -36,6 +36,38 @@ export class RecordingSocket {
   }
 }
 
+/**
+ * A WebSocket class that counts the sockets made with it in `sockets`: how many were
+ * opened, how many ended (by `error` or `close`, whichever came first), their `error` and
+ * `close` events, and how many were opened while another was still alive; and that keeps
+ * on each socket how its close ended, `{code, ms}`, `ms` measured from a `close()` call.
+ * Self-contained like RecordingSocket, so that it runs in the page too.
+ */
+export function countedWebSocket(Base, sockets) {
+  Object.assign(sockets, { opened: 0, ended: 0, errors: 0, closes: 0, overlapping: 0, last: null });
+  return class CountedWebSocket extends Base {
+    constructor(url) {
+      super(url);
+      if (sockets.opened > sockets.ended) sockets.overlapping++;
+      sockets.opened++;
+      sockets.last = this;
+      let ended = false;
+      const end = () => ended || ((ended = true), sockets.ended++);
+      this.addEventListener("error", () => (sockets.errors++, end()));
+      this.addEventListener("close", (event) => {
+        sockets.closes++;
+        end();
+        this.closed = { code: event.code, ms: performance.now() - this.closingAt };
+      });
+    }
+
+    close(code, reason) {
+      this.closingAt = performance.now();
+      super.close(code, reason);
+    }
+  };
+}
+
 /** Opens a RecordingSocket in this process; the handle the checks drive. */
 export function localSocket(WebSocketClass) {
   return async (url) => {
@@ -52,7 +84,7 @@ export function localSocket(WebSocketClass) {
 /** Opens a RecordingSocket with the page's own WebSocket; the same handle, through the page. */
 export function pageSocket(page) {
   return async (url) => {
-    await page.evaluate(`globalThis.RecordingSocket ??= ${RecordingSocket}`);
+    await definedIn(page);
     const socket = await page.evaluateHandle(async (url) => {
       const socket = new globalThis.RecordingSocket(WebSocket, url);
       await socket.opened;
@@ -64,4 +96,10 @@ export function pageSocket(page) {
       close: (code) => socket.evaluate((s, code) => s.close(code), code),
     };
   };
+}
+
+/** Defines RecordingSocket and countedWebSocket in the page. */
+export async function definedIn(page) {
+  await page.evaluate(`globalThis.RecordingSocket ??= ${RecordingSocket}`);
+  await page.evaluate(`globalThis.countedWebSocket ??= ${countedWebSocket}`);
 }
