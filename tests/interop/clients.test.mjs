@@ -1,6 +1,7 @@
 // The daemon's WebSocket and event stream against clients written elsewhere: the `ws`
 // package, Node's own WebSocket, and Chromium's WebSocket and EventSource driven by
-// playwright-core; and the reference client /sensorgate.js on Node's WebSocket.
+// playwright-core; and the reference client /sensorgate.js, on Node's WebSocket and in
+// Chromium.
 // Run with Node 22 or newer (Node's WebSocket): `node clients.test.mjs`.
 //
 //   SENSORGATE_BIN  the daemon binary (default: target/debug/sensorgate)
@@ -23,33 +24,27 @@ const WS_VERSION = (await import("ws/package.json", { with: { type: "json" } }))
 let daemon;
 let browser;
 let page;
-let ready;
-const context = () => ready;
 
 before(async () => {
   assert.equal(typeof NodeWebSocket, "function", `Node ${process.version} has no WebSocket; run with Node 22`);
-  ready = (async () => {
-    daemon = new Daemon();
-    await daemon.start();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
-    });
-    page = await browser.newPage();
-    // A page of the daemon's own origin, so that its sockets pass the Origin check.
-    await page.goto(`${daemon.url}/healthz`);
-    return { daemon, page };
-  })();
-  await ready;
+  daemon = new Daemon();
+  await daemon.start();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  page = await browser.newPage();
+  // A page of the daemon's own origin, so that its sockets pass the Origin check.
+  await page.goto(`${daemon.url}/healthz`);
 });
 
 after(async () => {
@@ -57,18 +52,13 @@ after(async () => {
   if (daemon) await daemon.remove();
 });
 
-socketChecks(`ws ${WS_VERSION}`, async () => ({ ...(await context()), open: localSocket(WebSocketPackage) }));
-socketChecks(`Node ${process.version} WebSocket`, async () => ({
-  ...(await context()),
-  open: localSocket(NodeWebSocket),
-}));
-socketChecks("Chromium WebSocket", async () => {
-  const { daemon, page } = await context();
-  return { daemon, open: pageSocket(page) };
-});
+// The checks are registered now and run after `before`: they take the daemon and the
+// page when they run.
+socketChecks(`ws ${WS_VERSION}`, () => ({ daemon, open: localSocket(WebSocketPackage) }));
+socketChecks(`Node ${process.version} WebSocket`, () => ({ daemon, open: localSocket(NodeWebSocket) }));
+socketChecks("Chromium WebSocket", () => ({ daemon, open: pageSocket(page) }));
 
 test("Chromium EventSource: resumes by itself with Last-Event-ID after a restart, nothing missing", async () => {
-  const { daemon, page } = await context();
   const tipo = "chromium-eventsource";
   await page.evaluate((url) => {
     const source = new EventSource(url);
@@ -168,7 +158,6 @@ test("the reference client on Node's WebSocket: refused, retried, live, closed w
 });
 
 test("the reference client in Chromium: a refused socket reports error and close, one retry follows", async () => {
-  const { daemon } = await context();
   const tab = await browser.newPage();
   try {
     await tab.goto(`${daemon.url}/healthz`);

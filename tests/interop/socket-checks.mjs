@@ -65,12 +65,12 @@ export function checkCleanClose(label, closed) {
 }
 
 /**
- * Registers the checks for one client. `context()` resolves, once the suite's `before`
- * has run, to `{ daemon, open }`, `open(url)` opening a socket with that client.
+ * Registers the checks for one client. `context()` gives, once the suite's `before` has
+ * run, `{ daemon, open }`, `open(url)` opening a socket with that client.
  */
 export function socketChecks(label, context) {
   test(`${label}: a channel and filters let through only their events`, async () => {
-    const { daemon, open } = await context();
+    const { daemon, open } = context();
     const tipo = uniqueTipo(label);
     const socket = await subscribe(daemon, open, {
       channel: "sensors",
@@ -85,7 +85,7 @@ export function socketChecks(label, context) {
   });
 
   test(`${label}: ping, subscribe and unknown messages are answered with their id`, async () => {
-    const { daemon, open } = await context();
+    const { daemon, open } = context();
     const tipo = uniqueTipo(label);
     const socket = await subscribe(daemon, open, { channel: "sensors", tipo, event_type: "created", snapshot: "true" });
     const pong = await answer(socket, { type: "ping", id: 1 });
@@ -109,7 +109,7 @@ export function socketChecks(label, context) {
   });
 
   test(`${label}: reconnecting with since misses nothing and repeats nothing`, async () => {
-    const { daemon, open } = await context();
+    const { daemon, open } = context();
     const tipo = uniqueTipo(label);
     const first = await subscribe(daemon, open, { channel: "sensors", tipo, snapshot: "true" });
     const since = await receives(first, await daemon.sensorLife(tipo));
@@ -125,7 +125,7 @@ export function socketChecks(label, context) {
   });
 
   test(`${label}: a Close with 1000 is answered with 1000 within ${CLOSE_WITHIN_MS} ms`, async () => {
-    const { daemon, open } = await context();
+    const { daemon, open } = context();
     const socket = await subscribe(daemon, open, { channel: "sensors", tipo: uniqueTipo(label) });
     await socket.close(1000);
     checkCleanClose(label, await waitFor("the close", async () => (await socket.state()).closed, CLOSE_WAIT_MS));
