@@ -12,9 +12,11 @@
 //   });
 //   client.connect();
 //
-// After a drop it reconnects with jittered exponential back-off and asks for every event
-// after the last `seq` it saw (`since`), so the stream continues without gap or
-// duplicate. A snapshot is only asked for on the first connection.
+// After a drop, or a connection that failed (`error` or `close`, whichever comes first),
+// it reconnects with jittered exponential back-off and asks for every event after the
+// last `seq` it saw (`since`), so the stream continues without gap or duplicate. A
+// snapshot is only asked for on the first connection. `close()` ends it for good with a
+// normal closure (1000).
 //
 // A browser does not notice a network that silently went away (Wi-Fi out of range, a
 // gateway unplugged), so the client pings when the socket has been quiet for
@@ -60,12 +62,15 @@ export class SensorgateClient {
     this._open();
   }
 
-  /** Closes for good. */
+  /** Closes for good, with a normal closure (1000), which the server answers in kind. */
   close() {
     this.closed = true;
     clearTimeout(this.timer);
-    clearInterval(this.watchdog);
-    if (this.socket) this.socket.close(1000, "client closed");
+    const socket = this.socket;
+    if (socket) {
+      socket.close(1000, "client closed");
+      this._lost(socket, 1000);
+    }
     this._setState("offline");
   }
 
@@ -129,11 +134,16 @@ export class SensorgateClient {
     this.lastHeard = Date.now();
     this.pinged = false;
     socket.onmessage = (message) => {
+      if (this.socket !== socket) return;
       this.lastHeard = Date.now();
       this.pinged = false;
       this._receive(message.data);
     };
+    // Browsers report a failed connection with `error` and then `close`; Node's WebSocket
+    // reports a refused one with `error` alone. Whichever comes first ends the socket and
+    // schedules the one reconnection; `_lost` ignores the other.
     socket.onclose = (event) => this._lost(socket, event.code);
+    socket.onerror = () => this._lost(socket, 1006);
     clearInterval(this.watchdog);
     this.watchdog = setInterval(() => this._watch(socket), this.options.heartbeatMs / 3);
   }
