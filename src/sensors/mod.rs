@@ -10,6 +10,7 @@
 pub mod dht22;
 pub mod health;
 pub mod iio;
+pub mod modbus;
 pub mod plausibility;
 pub mod serial;
 pub mod sim;
