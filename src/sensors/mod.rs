@@ -55,6 +55,8 @@ pub enum SourceSpec {
     W1(w1::W1Config),
     /// A DHT11/DHT22 read directly on a GPIO line.
     GpioDht(dht22::GpioDhtConfig),
+    /// A Modbus RTU device on an RS-485 line, or a Modbus TCP device.
+    Modbus(modbus::ModbusConfig),
 }
 
 impl SourceSpec {
@@ -67,6 +69,7 @@ impl SourceSpec {
             SourceSpec::Iio(c) => Box::new(iio::IioSource::new(c, interval)),
             SourceSpec::W1(c) => Box::new(w1::W1Source::new(c, interval)),
             SourceSpec::GpioDht(c) => Box::new(dht22::GpioDhtSource::new(c, interval)),
+            SourceSpec::Modbus(c) => Box::new(modbus::ModbusSource::new(c, interval)),
         }
     }
 }
@@ -494,6 +497,10 @@ sensor_id = "28-000005e2fdc3""#,
             r#"kind = "gpio_dht"
 line = 4
 model = "dht22""#,
+            r#"kind = "modbus"
+port = "/dev/serial/by-id/usb-FTDI_FT232R-if00-port0"
+unit = 2
+preset = "sdm120""#,
         ];
         for text in specs {
             let spec: SourceSpec = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));

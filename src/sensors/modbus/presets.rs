@@ -193,8 +193,14 @@ mod tests {
             max_gap,
             max_registers: 125,
         };
-        assert_eq!(plan(&find("xy-md02").unwrap().fields(), merging(0)).len(), 1);
-        assert_eq!(plan(&find("soil-th").unwrap().fields(), merging(0)).len(), 1);
+        assert_eq!(
+            plan(&find("xy-md02").unwrap().fields(), merging(0)).len(),
+            1
+        );
+        assert_eq!(
+            plan(&find("soil-th").unwrap().fields(), merging(0)).len(),
+            1
+        );
         let sdm = find("sdm120").unwrap().fields();
         assert_eq!(plan(&sdm, merging(0)).len(), 5);
         assert_eq!(plan(&sdm, merging(60)).len(), 2);

@@ -255,8 +255,7 @@ pub fn plan(fields: &[Field], merging: Merging) -> Vec<Request> {
         if let Some(last) = requests.last_mut() {
             let gap_ok = start <= last.end() + u32::from(merging.max_gap);
             let new_end = end.max(last.end());
-            if last.function == function && gap_ok && new_end - u32::from(last.address) <= limit
-            {
+            if last.function == function && gap_ok && new_end - u32::from(last.address) <= limit {
                 last.count = (new_end - u32::from(last.address)) as u16;
                 continue;
             }
@@ -315,7 +314,8 @@ pub fn decode(
         let value = field.decode(raw);
         let checked = if !value.is_finite() {
             Err(format!("{} is not a number ({value})", field.tipo))
-        } else if field.min.is_some_and(|min| value < min) || field.max.is_some_and(|max| value > max)
+        } else if field.min.is_some_and(|min| value < min)
+            || field.max.is_some_and(|max| value > max)
         {
             Err(format!(
                 "{} {value} {} outside {}..{}",
@@ -493,7 +493,9 @@ mod tests {
         // A wide gap merges everything up to the 125-register limit.
         let wide = plan(&fields, merging(1000));
         assert_eq!(
-            wide.iter().map(|r| (r.address, r.count)).collect::<Vec<_>>(),
+            wide.iter()
+                .map(|r| (r.address, r.count))
+                .collect::<Vec<_>>(),
             [(0, 1), (0, 72), (342, 2)]
         );
         // A smaller limit splits where a value would not fit.
@@ -505,7 +507,10 @@ mod tests {
             },
         );
         assert_eq!(
-            small.iter().map(|r| (r.address, r.count)).collect::<Vec<_>>(),
+            small
+                .iter()
+                .map(|r| (r.address, r.count))
+                .collect::<Vec<_>>(),
             [(0, 8), (12, 2)]
         );
     }
@@ -518,7 +523,10 @@ mod tests {
             .collect();
         let requests = plan(&fields, merging(u16::MAX));
         assert_eq!(
-            requests.iter().map(|r| (r.address, r.count)).collect::<Vec<_>>(),
+            requests
+                .iter()
+                .map(|r| (r.address, r.count))
+                .collect::<Vec<_>>(),
             [(0, 2000), (2000, 501)]
         );
     }
