@@ -7,11 +7,15 @@
 //! LOAD_SCENARIOS="fanout ingest" cargo bench --bench load
 //! ```
 //!
-//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `startup`, `memory`, `size`. History
+//! Scenarios: `rest`, `latency`, `fanout`, `ingest`, `startup`, `memory`,
+//! `resume-storm`, `size`. History
 //! queries are measured by the storage benchmark (`benches/storage.rs`), through the
 //! writer. Sizes can be changed with `LOAD_REST_N`, `LOAD_FANOUT_SECS`,
 //! `LOAD_INGEST_SENSORS`, `LOAD_INGEST_BATCH` (samples per sim read), `LOAD_INGEST_SECS`
-//! and `LOAD_STARTUP_READINGS` (the database a restart is timed on); `LOAD_DAEMON=PATH`
+//! `LOAD_STARTUP_READINGS` (the database a restart is timed on), `LOAD_STORM_CLIENTS`
+//! and `LOAD_STORM_EVENTS` (how many clients resume at once, from how many stored
+//! events; the default, 250 from a million, moves 250 million frames and takes minutes);
+//! `LOAD_DAEMON=PATH`
 //! drives another build of the daemon (one with symbols, for a profiler) instead of the
 //! one cargo built; `LOAD_SYNCHRONOUS=normal` runs it with `storage.synchronous =
 //! "normal"` instead of the default `full`.
@@ -45,8 +49,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const SCENARIOS: [&str; 7] = [
-    "rest", "latency", "fanout", "ingest", "startup", "memory", "size",
+const SCENARIOS: [&str; 8] = [
+    "rest",
+    "latency",
+    "fanout",
+    "ingest",
+    "startup",
+    "memory",
+    "resume-storm",
+    "size",
 ];
 
 /// How big each scenario is.
@@ -66,6 +77,9 @@ struct Sizes {
     ingest_window: Duration,
     /// Readings stored before the restart whose start-up is timed.
     startup_readings: u64,
+    /// Clients that resume from `since=0` at once, and the events stored before.
+    storm_clients: usize,
+    storm_events: u64,
     idle_wait: Duration,
 }
 
@@ -83,6 +97,8 @@ impl Sizes {
             ingest_warmup: Duration::from_secs(2),
             ingest_window: Duration::from_secs(env_number("LOAD_INGEST_SECS", 5) as u64),
             startup_readings: env_number("LOAD_STARTUP_READINGS", 1_000_000) as u64,
+            storm_clients: env_number("LOAD_STORM_CLIENTS", 250),
+            storm_events: env_number("LOAD_STORM_EVENTS", 1_000_000) as u64,
             idle_wait: Duration::from_secs(3),
         }
     }
@@ -100,6 +116,8 @@ impl Sizes {
             ingest_warmup: Duration::from_millis(300),
             ingest_window: Duration::from_millis(700),
             startup_readings: 2_000,
+            storm_clients: 8,
+            storm_events: 2_000,
             idle_wait: Duration::from_millis(300),
         }
     }
@@ -217,6 +235,9 @@ async fn run(selected: &[&str], sizes: &Sizes) -> (Vec<Row>, bool) {
     }
     if has("startup") {
         record("startup", startup(sizes).await);
+    }
+    if has("resume-storm") {
+        record("resume-storm", resume_storm(sizes).await);
     }
     if has("size") {
         record("size", binary_size());
@@ -339,7 +360,13 @@ impl Daemon {
     /// listens and has started its sensors.
     fn launch(sensors: &str) -> Result<Daemon, Error> {
         let dir = tempfile::tempdir()?;
-        let data = dir.path().join(DATA);
+        Daemon::configure(dir.path(), sensors)?;
+        Daemon::spawn(dir)
+    }
+
+    /// Writes the config of a daemon in `dir` with `sensors`.
+    fn configure(dir: &std::path::Path, sensors: &str) -> Result<(), Error> {
+        let data = dir.join(DATA);
         // The WebSocket scenarios hold up to 1000 clients plus the REST connections; the
         // default limit of 256 is meant for a gateway, not for this.
         // Rate limits are for a LAN, not for a load test; writes still present a token,
@@ -352,8 +379,8 @@ impl Daemon {
             data = data.to_string_lossy(),
             synchronous = std::env::var("LOAD_SYNCHRONOUS").unwrap_or_else(|_| "full".into()),
         );
-        std::fs::write(dir.path().join(CONFIG), config)?;
-        Daemon::spawn(dir)
+        std::fs::write(dir.join(CONFIG), config)?;
+        Ok(())
     }
 
     /// Starts the daemon on the config and data in `dir` and waits until it listens and
@@ -461,13 +488,31 @@ impl Daemon {
 
     /// Stops the daemon cleanly and starts it again on the same config and data; the
     /// returned daemon's `startup` is that of the second start.
-    fn restart(mut self) -> Result<Daemon, Error> {
+    fn restart(self) -> Result<Daemon, Error> {
+        self.restart_with(None)
+    }
+
+    /// [`Daemon::restart`], with `sensors` configured instead if given.
+    fn restart_with(mut self, sensors: Option<&str>) -> Result<Daemon, Error> {
         self.halt()?;
         let dir = self
             .dir
             .take()
             .ok_or("the data directory was handed on already")?;
+        if let Some(sensors) = sensors {
+            Daemon::configure(dir.path(), sensors)?;
+        }
         Daemon::spawn(dir)
+    }
+
+    /// Peak resident set since the process started, in KiB (`VmHWM`).
+    fn peak_rss_kib(&self) -> Result<u64, Error> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| "no VmHWM in /proc/PID/status".into())
     }
 
     fn halt(&mut self) -> Result<ExitStatus, Error> {
@@ -1454,19 +1499,7 @@ async fn startup(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let (count, per_read) = (sizes.ingest_sensors, sizes.ingest_samples_per_read);
     eprintln!("startup: filling a database with {wanted} readings, then restarting");
     let daemon = start(&ingest_sensors(count, per_read))?;
-    let mut client = http::Client::new(daemon.addr);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let stored = loop {
-        let (seq, _, _) = ingest_probe(&mut client).await?;
-        if seq >= wanted {
-            break seq;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("only {seq} readings stored after 600 s").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    drop(client);
+    let stored = fill(&daemon, wanted).await?;
     let daemon = tokio::task::block_in_place(|| daemon.restart())?;
     let startup = daemon.startup;
     stop(daemon)?;
@@ -1478,6 +1511,159 @@ async fn startup(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         format!("{:.0} ms", startup.as_secs_f64() * 1e3),
         "≤ 100 ms",
     )])
+}
+
+/// Waits until the daemon's own ingest has stored `wanted` events; returns how many.
+async fn fill(daemon: &Daemon, wanted: u64) -> Result<u64, Error> {
+    let mut client = http::Client::new(daemon.addr);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (seq, _, _) = ingest_probe(&mut client).await?;
+        if seq >= wanted {
+            return Ok(seq);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("only {seq} readings stored after 600 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Resume storm
+
+/// Every channel: a client on all of them sees every `seq` once, in order.
+const ALL_CHANNELS: &str = "sensors,readings,general";
+
+/// A room of dashboards reconnecting after an outage: a database of stored events, then
+/// many clients resuming from `since=0` at once, while one live client times the events
+/// of a sensor created every 50 ms. Memory is sampled throughout; every resuming client
+/// must see every event exactly once, in order.
+async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
+    let (clients, wanted) = (sizes.storm_clients, sizes.storm_events);
+    eprintln!("resume-storm: {clients} clients resuming from since=0 over {wanted} events");
+    let daemon = start(&ingest_sensors(sizes.ingest_sensors, sizes.ingest_samples_per_read))?;
+    fill(&daemon, wanted).await?;
+    // The same data, without sensors: the storm meets a quiet daemon.
+    let daemon = tokio::task::block_in_place(|| daemon.restart_with(Some("")))?;
+    let addr = daemon.addr;
+    tokio::time::sleep(sizes.idle_wait).await;
+    let idle = daemon.rss_kib()?;
+    let mut client = http::Client::new(addr);
+    let stored = get_json(&mut client, "/healthz").await?["storage"]["last_seq"]
+        .as_u64()
+        .ok_or("no storage.last_seq")?;
+
+    let live = subscribe(addr, "sensors").await?;
+    let (listeners, mut deliveries) = listen_for_names(vec![live], "storm-");
+    let positions: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
+    let target = Arc::new(AtomicU64::new(u64::MAX));
+    let started = Instant::now();
+    let mut resuming = JoinSet::new();
+    for client in 0..clients {
+        let (positions, target) = (positions.clone(), target.clone());
+        resuming.spawn(async move {
+            let url = format!("ws://{addr}/api/v1/ws?channel={ALL_CHANNELS}&since=0");
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async_with_config(url, Some(socket_config()), true)
+                    .await?;
+            let mut last = 0u64;
+            while last < target.load(Ordering::Relaxed) {
+                let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+                    .await
+                    .map_err(|_| format!("client {client}: nothing for 60 s after seq {last}"))?;
+                let Some(message) = message else {
+                    return Err(format!("client {client}: closed after seq {last}").into());
+                };
+                let Message::Text(text) = message? else { continue };
+                let Some(seq) = event_seq(text.as_str()) else { continue };
+                if seq != last + 1 {
+                    return Err(format!("client {client}: seq {seq} after {last}").into());
+                }
+                last = seq;
+                positions[client].store(seq, Ordering::Relaxed);
+            }
+            Ok::<Duration, Error>(started.elapsed())
+        });
+    }
+
+    // Creates every 50 ms until every resuming client has caught up with what was
+    // stored before the storm; memory sampled as it goes.
+    let mut sent_at = Vec::new();
+    let mut peak_sampled = idle;
+    let caught_up = |positions: &[AtomicU64]| {
+        positions.iter().all(|p| p.load(Ordering::Relaxed) >= stored)
+    };
+    while !caught_up(&positions) {
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err("the resuming clients had not caught up after 30 minutes".into());
+        }
+        let body = create_body(&format!("storm-{}", sent_at.len()));
+        sent_at.push(Instant::now());
+        let response = client.post_json(SENSORS_PATH, &body).await?;
+        if response.status != 201 {
+            return Err(format!("create answered {}", response.status).into());
+        }
+        peak_sampled = peak_sampled.max(daemon.rss_kib()?);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last = get_json(&mut client, "/healthz").await?["storage"]["last_seq"]
+        .as_u64()
+        .ok_or("no storage.last_seq")?;
+    target.store(last, Ordering::Relaxed);
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = resuming.join_next().await {
+        slowest = slowest.max(done??);
+    }
+    let peak = daemon.peak_rss_kib()?;
+    tokio::time::sleep(sizes.idle_wait).await;
+    let settled = daemon.rss_kib()?;
+
+    let mut latencies = Vec::new();
+    while let Ok((_, event, at)) = deliveries.try_recv() {
+        latencies.push(at - sent_at[event]);
+    }
+    let missing = sent_at.len() - latencies.len();
+    drop(listeners);
+    stop(daemon)?;
+    let latency = Summary::of(latencies).ok_or("the live client got no event")?;
+    let name = format!(
+        "Resume storm, {clients} clients from since=0 over {} events",
+        thousands(stored)
+    );
+    Ok(vec![
+        Row::new(
+            &name,
+            format!(
+                "peak RSS {} (sampled {}), idle before {}, {} after, every client caught up in {:.1} s, each got all {} events once, in order",
+                mib(peak),
+                mib(peak_sampled),
+                mib(idle),
+                mib(settled),
+                slowest.as_secs_f64(),
+                thousands(last),
+            ),
+            "peak ≤ 64 MiB, after ≤ 1.5 × idle",
+        ),
+        Row::new(
+            &name,
+            format!(
+                "live client: p50 {}, p99 {}, max {} over {} events; {missing} missing",
+                ms(latency.p50),
+                ms(latency.p99),
+                ms(latency.max),
+                sent_at.len()
+            ),
+            "p99 ≤ 50 ms",
+        ),
+    ])
+}
+
+/// The `seq` of an entity or system event frame (its last field), `None` for anything
+/// else (greetings, answers).
+fn event_seq(frame: &str) -> Option<u64> {
+    let at = frame.rfind(r#""seq":"#)? + r#""seq":"#.len();
+    frame[at..].trim_end_matches('}').parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -538,6 +538,50 @@ async fn resume_with_a_small_client_queue_replays_every_missed_event() {
     daemon.stop().await;
 }
 
+/// Many clients resuming from the start at once (a room of dashboards after an outage)
+/// read shared pages of the event log; each still gets every stored event exactly once,
+/// in order, and then the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_resuming_at_once_each_get_every_event_once_in_order() {
+    let _gate = GATE.read().await;
+    let dir = temp_dir();
+    let daemon = start_open(dir.path(), "").await;
+    let mut http = Http::connect(daemon.addr).await;
+    let sensors = vec![http.create_sensor("temperatura").await];
+    assert_eq!(
+        post_in_background(daemon.addr, sensors, 700)
+            .await
+            .unwrap()
+            .len(),
+        700
+    );
+    let stored = daemon.last_seq().await;
+
+    let path = "/api/v1/ws?channel=sensors,readings,general&since=0";
+    let connected = futures_util::future::join_all((0..40).map(|_| daemon.websocket(path))).await;
+    let clients: Vec<_> = connected
+        .into_iter()
+        .map(|client| async move {
+            let mut client = client.greeted().await;
+            let mut seqs = Vec::new();
+            while seqs.last() != Some(&(stored + 1)) {
+                match client.next().await {
+                    Received::Json(event) => seqs.push(seq(&event)),
+                    closed => panic!("closed after {} events: {closed:?}", seqs.len()),
+                }
+            }
+            seqs
+        })
+        .map(tokio::spawn)
+        .collect();
+    // One live event while they replay.
+    http.create_sensor("humedad").await;
+    for client in clients {
+        assert_eq!(client.await.unwrap(), (1..=stored + 1).collect::<Vec<_>>());
+    }
+    daemon.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Snapshot.
 

@@ -4,11 +4,12 @@
 //! writes rows, commits whatever is queued in one transaction, and only then hands the
 //! events that describe it to the [`publisher`] thread. The [`checkpointer`] thread copies
 //! the WAL back into the database beside them. Reads run on a small pool of read-only
-//! connections on the blocking thread pool, so they never wait behind a commit.
+//! connections on the blocking thread pool, a few at a time, so they never wait behind a commit.
 
 mod checkpointer;
 mod publisher;
 mod reader;
+mod replay;
 mod retention;
 mod rollup;
 mod schema;
@@ -26,11 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::Hub;
 use crate::model::{NewReading, NewSensor, Reading, Sensor, SensorPatch};
+use replay::ReplayPages;
 use writer::Command;
 
 /// File name of the database inside the data directory.
@@ -48,8 +50,8 @@ const QUEUED_SAMPLES: usize = 16_384;
 /// WAL pages (4 KiB each) that trigger a checkpoint: 16 MiB.
 const WAL_CHECKPOINT_PAGES: u32 = 4096;
 
-/// Read-only connections kept open between reads.
-const IDLE_READERS: usize = 4;
+/// Reads that run at once, each on a read-only connection kept open between reads.
+const READERS: usize = 4;
 
 /// Why a storage operation failed.
 #[derive(Debug)]
@@ -98,6 +100,8 @@ pub struct Store {
     commands: mpsc::Sender<Command>,
     queued: Arc<SampleGate>,
     readers: Arc<Readers>,
+    /// Event pages read for resuming clients, shared by the next ones.
+    pages: Arc<ReplayPages>,
     health: Arc<WriterHealth>,
 }
 
@@ -126,7 +130,9 @@ impl Store {
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(READERS)),
             }),
+            pages: Arc::default(),
             health,
         };
         Ok((store, handle))
@@ -257,9 +263,19 @@ impl Store {
         query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
         let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(query))
+        let permit = readers
+            .permits
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|_| StoreError::Closed)?
+            .map_err(|_| StoreError::Closed)?;
+        tokio::task::spawn_blocking(move || {
+            let result = readers.with(query);
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
     }
 
     /// One sensor, if it exists.
@@ -283,16 +299,31 @@ impl Store {
     }
 
     /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a
-    /// resuming client missed.
+    /// resuming client missed. Clients resuming together share the pages they read.
     pub async fn events_after(
         &self,
         after: u64,
         upto: u64,
         channels: Vec<crate::events::Channel>,
         limit: u32,
-    ) -> Result<Vec<crate::events::Event>, StoreError> {
-        self.read(move |c| reader::events_after(c, after, upto, &channels, limit))
-            .await
+    ) -> Result<Vec<Arc<crate::events::Event>>, StoreError> {
+        if let Some(page) = self.pages.get(after, upto, &channels, limit) {
+            return Ok(page);
+        }
+        let pages = self.pages.clone();
+        self.read(move |c| {
+            // Another client may have read the page while this one waited for a reader.
+            if let Some(page) = pages.get(after, upto, &channels, limit) {
+                return Ok(page);
+            }
+            let page: Vec<_> = reader::events_after(c, after, upto, &channels, limit)?
+                .into_iter()
+                .map(Arc::new)
+                .collect();
+            pages.put(after, upto, &channels, limit, &page);
+            Ok(page)
+        })
+        .await
     }
 
     /// Current sensors and latest readings, consistent with one `seq`.
@@ -364,9 +395,13 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
 }
 
 /// Read-only connections, opened on demand and kept for reuse.
+/// Read-only connections. Reads wait for one of [`READERS`] permits before they
+/// take a blocking thread, so that however many clients replay at once, the daemon holds
+/// that many reader connections (each with its page cache) and threads, not one each.
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
 }
 
 impl Readers {
@@ -381,7 +416,7 @@ impl Readers {
         };
         let result = query(&conn);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_READERS {
+        if idle.len() < READERS {
             idle.push(conn);
         }
         Ok(result?)

@@ -128,7 +128,7 @@ impl Feed {
                     },
                     Some(last) => {
                         self.position = last.seq;
-                        return Ok(page.into_iter().map(Arc::new).collect());
+                        return Ok(page);
                     }
                 }
                 continue;
