@@ -309,6 +309,32 @@ impl TryFrom<ModbusSpec> for ModbusConfig {
     }
 }
 
+/// Checks that sensors naming the same port agree on its settings (one port has one
+/// speed); on a conflict, the name of the second sensor and what is wrong.
+pub fn check_shared_buses<'a>(
+    sensors: impl IntoIterator<Item = (&'a str, &'a ModbusConfig)>,
+) -> Result<(), (String, String)> {
+    let mut seen: Vec<(&str, &Link)> = Vec::new();
+    for (name, config) in sensors {
+        let bus = config.link.name();
+        if let Some((first, link)) = seen.iter().find(|(_, l)| l.name() == bus) {
+            if **link != config.link {
+                return Err((
+                    name.to_owned(),
+                    format!(
+                        "uses {bus} with {}, but sensor \"{first}\" with {}: every sensor on a bus needs the same settings",
+                        config.link.describe(),
+                        link.describe()
+                    ),
+                ));
+            }
+        } else {
+            seen.push((name, &config.link));
+        }
+    }
+    Ok(())
+}
+
 impl ModbusConfig {
     /// The values read at every sampling.
     pub fn fields(&self) -> &[Field] {
@@ -504,6 +530,22 @@ registers = [
             let err = parse(text).expect_err(text);
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn sensors_on_one_port_share_its_settings() {
+        let a = parse("port = \"/dev/ttyUSB0\"\nunit = 1\npreset = \"xy-md02\"").unwrap();
+        let b = parse("port = \"/dev/ttyUSB0\"\nunit = 2\npreset = \"sdm120\"").unwrap();
+        let slow =
+            parse("port = \"/dev/ttyUSB0\"\nbaud = 2400\nunit = 3\npreset = \"sdm120\"").unwrap();
+        let other = parse("port = \"/dev/ttyUSB1\"\nbaud = 2400\npreset = \"sdm120\"").unwrap();
+        assert!(check_shared_buses([("a", &a), ("b", &b), ("other", &other)]).is_ok());
+        let (name, why) = check_shared_buses([("a", &a), ("b", &b), ("slow", &slow)]).unwrap_err();
+        assert_eq!(name, "slow");
+        assert!(
+            why.contains("2400 baud") && why.contains("9600 baud"),
+            "{why}"
+        );
     }
 
     #[test]
