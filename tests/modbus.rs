@@ -545,3 +545,53 @@ async fn the_adapter_unplugged_and_plugged_back() {
     );
     daemon.stop().await;
 }
+
+/// Runs `sensorgate modbus scan` with `args`; its exit code and standard output.
+async fn scan(args: &[&str]) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(["modbus", "scan"])
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_scan_finds_the_units_on_a_line_and_a_gateway() {
+    let Some(mut devices) = Devices::start() else {
+        return;
+    };
+    let expected = |settings: &str| {
+        format!(
+            "unit   1 at {settings}: answers (holding register 0 = 0)\n\
+             unit   2 at {settings}: answers (holding register 0 = 0)\n\
+             unit   3 at {settings}: answers (holding register 0 = 312)\n"
+        )
+    };
+    let serial = devices.serial.clone();
+    let (code, out) = scan(&[&serial, "--units", "1-6", "--timeout-ms", "150"]).await;
+    assert_eq!((code, out), (0, expected("9600 baud, 8N1")));
+    let tcp = devices.tcp.clone();
+    let (code, out) = scan(&[&tcp, "--units", "0-5", "--timeout-ms", "150"]).await;
+    assert_eq!((code, out), (0, expected("tcp")));
+
+    devices.command("corrupt 1");
+    let (code, out) = scan(&[&serial, "--units", "1", "--timeout-ms", "150"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            1,
+            "unit   1 at 9600 baud, 8N1: sends frames that do not decode: try other settings\n"
+        )
+    );
+    let (code, out) = scan(&[&serial, "--units", "7-9", "--timeout-ms", "50"]).await;
+    assert_eq!((code, out.as_str()), (1, ""));
+}

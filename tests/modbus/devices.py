@@ -13,7 +13,8 @@ The units (register tables as in sensorgate's presets):
     2  SDM120: input registers, f32 ABCD: 0 = 230.1 V, 6 = 1.5 A, 12 = 345.25 W,
        70 = 50.0 Hz, 342 = 1234.5 kWh
     3  soil probe: holding registers 0 = 312 (31.2 %), 1 = -25 (-2.5 degC)
-Registers 0 to 399 exist; reading past them is answered with exception 2.
+Registers 0 to 399 exist; reading past them is answered with exception 2. Other units
+are silent.
 """
 
 import asyncio
@@ -70,6 +71,9 @@ def units():
 
 muted = set()
 corrupted = set()
+# pymodbus 3.16 answers an unknown unit with exception 4 even with
+# ignore_missing_devices; on a real bus an absent unit is silent.
+PRESENT = {1, 2, 3}
 
 
 def trace(rtu):
@@ -79,7 +83,7 @@ def trace(rtu):
         if not sending or not data:
             return data
         unit = data[0] if rtu else (data[6] if len(data) > 6 else None)
-        if unit in muted:
+        if unit in muted or unit not in PRESENT:
             return b""
         if rtu and unit in corrupted:
             return data[:-1] + bytes([data[-1] ^ 0xFF])

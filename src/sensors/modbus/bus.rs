@@ -233,11 +233,11 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Tap<T> {
     }
 }
 
-struct Connection {
-    context: Context,
+pub(super) struct Connection {
+    pub(super) context: Context,
     /// Bytes received since the last request; `None` over TCP, where framing errors
     /// surface as errors.
-    received: Option<Arc<AtomicUsize>>,
+    pub(super) received: Option<Arc<AtomicUsize>>,
 }
 
 /// The thread that owns one port.
@@ -431,7 +431,7 @@ impl Owner {
     }
 }
 
-fn open_serial(
+pub(super) fn open_serial(
     path: &str,
     baud: u32,
     parity: Parity,
@@ -466,7 +466,7 @@ fn open_serial(
     })
 }
 
-async fn open_tcp(address: &str, within: Duration) -> io::Result<Connection> {
+pub(super) async fn open_tcp(address: &str, within: Duration) -> io::Result<Connection> {
     let stream = tokio::time::timeout(within, tokio::net::TcpStream::connect(address))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -477,7 +477,10 @@ async fn open_tcp(address: &str, within: Duration) -> io::Result<Connection> {
     })
 }
 
-async fn call(context: &mut Context, request: &Request) -> tokio_modbus::Result<Vec<u16>> {
+pub(super) async fn call(
+    context: &mut Context,
+    request: &Request,
+) -> tokio_modbus::Result<Vec<u16>> {
     let bits = |r: tokio_modbus::Result<Vec<bool>>| {
         r.map(|r| r.map(|bits| bits.into_iter().map(u16::from).collect()))
     };

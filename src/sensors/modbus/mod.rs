@@ -5,6 +5,7 @@
 //! - [`presets`]: the register maps of common devices.
 //! - [`bus`]: one owner thread per port or connection, serialising the requests of every
 //!   sensor on it.
+//! - [`scan`]: which unit ids answer on a line, for installers.
 //! - [`ModbusSource`]: one sensor (one unit id and its values), as the scheduler sees it.
 //!
 //! The framing (CRC, MBAP headers, exception responses) is tokio-modbus's.
@@ -12,6 +13,7 @@
 pub mod bus;
 pub mod presets;
 pub mod registers;
+pub mod scan;
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
