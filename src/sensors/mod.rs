@@ -482,6 +482,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_dashboards_example_sources_are_valid() {
+        let page = include_str!("../../assets/index.html");
+        let examples: Vec<&str> = page
+            .split("<option value='")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('\'').map(|(value, _)| value))
+            .collect();
+        assert!(examples.len() >= 10, "{examples:?}");
+        for example in examples {
+            serde_json::from_str::<SourceSpec>(example)
+                .unwrap_or_else(|e| panic!("{example}: {e}"));
+        }
+    }
+
+    #[test]
     fn every_source_kind_reads_from_toml() {
         let specs = [
             r#"kind = "sim""#,
