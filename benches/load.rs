@@ -1542,7 +1542,10 @@ const ALL_CHANNELS: &str = "sensors,readings,general";
 async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let (clients, wanted) = (sizes.storm_clients, sizes.storm_events);
     eprintln!("resume-storm: {clients} clients resuming from since=0 over {wanted} events");
-    let daemon = start(&ingest_sensors(sizes.ingest_sensors, sizes.ingest_samples_per_read))?;
+    let daemon = start(&ingest_sensors(
+        sizes.ingest_sensors,
+        sizes.ingest_samples_per_read,
+    ))?;
     fill(&daemon, wanted).await?;
     // The same data, without sensors: the storm meets a quiet daemon.
     let daemon = tokio::task::block_in_place(|| daemon.restart_with(Some("")))?;
@@ -1556,7 +1559,8 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
 
     let live = subscribe(addr, "sensors").await?;
     let (listeners, mut deliveries) = listen_for_names(vec![live], "storm-");
-    let positions: Arc<Vec<AtomicU64>> = Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
+    let positions: Arc<Vec<AtomicU64>> =
+        Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
     let target = Arc::new(AtomicU64::new(u64::MAX));
     let started = Instant::now();
     let mut resuming = JoinSet::new();
@@ -1575,8 +1579,12 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
                 let Some(message) = message else {
                     return Err(format!("client {client}: closed after seq {last}").into());
                 };
-                let Message::Text(text) = message? else { continue };
-                let Some(seq) = event_seq(text.as_str()) else { continue };
+                let Message::Text(text) = message? else {
+                    continue;
+                };
+                let Some(seq) = event_seq(text.as_str()) else {
+                    continue;
+                };
                 if seq != last + 1 {
                     return Err(format!("client {client}: seq {seq} after {last}").into());
                 }
@@ -1592,7 +1600,9 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let mut sent_at = Vec::new();
     let mut peak_sampled = idle;
     let caught_up = |positions: &[AtomicU64]| {
-        positions.iter().all(|p| p.load(Ordering::Relaxed) >= stored)
+        positions
+            .iter()
+            .all(|p| p.load(Ordering::Relaxed) >= stored)
     };
     while !caught_up(&positions) {
         if started.elapsed() > Duration::from_secs(1800) {

@@ -11,7 +11,10 @@ use serde::Deserialize;
 
 pub use crate::auth::Policy;
 use crate::clock::ClockTrust;
-use crate::model::{MAX_INTERVAL_S, MAX_TEXT, MIN_INTERVAL_S};
+use crate::model::{
+    forbidden_char, forbidden_char_message, forbidden_in_json, MAX_INTERVAL_S, MAX_TEXT,
+    MIN_INTERVAL_S,
+};
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -19,6 +22,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../systemd/config.toml");
 
 /// The configuration `--demo` runs: simulated sensors, development mode, loopback only.
 pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// Largest `storage.max_future_s`: a week.
+const MAX_FUTURE_S: u64 = 7 * 24 * 3600;
 
 /// Everything the daemon can be told.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +57,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_body_bytes: usize,
     pub header_read_timeout_s: u64,
+    /// Reverse proxies (addresses or `address/prefix` blocks) whose `X-Forwarded-For` or
+    /// `Forwarded` header says which client a request is for; none by default.
+    pub trusted_proxies: Vec<String>,
     /// Longest a request body may take to arrive, from the moment its handler starts
     /// reading it: a client trickling a body must not hold a connection for minutes.
     pub body_read_timeout_s: u64,
@@ -64,6 +73,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_body_bytes: 64 * 1024,
             header_read_timeout_s: 10,
+            trusted_proxies: Vec::new(),
             body_read_timeout_s: 10,
         }
     }
@@ -101,6 +111,9 @@ pub struct StorageConfig {
     /// Raw-reading retention for particular `tipo`s or sensors, instead of
     /// `readings_retention_days`.
     pub retention: Vec<RetentionRule>,
+    /// Readings stamped more than this many seconds ahead of the gateway's clock are
+    /// refused while the clock is trusted, and never stay the latest value.
+    pub max_future_s: u64,
 }
 
 /// Keeps the raw readings of one `tipo`, or of one sensor (by name), for `days`.
@@ -128,6 +141,7 @@ impl Default for StorageConfig {
             maintenance_interval_s: 60,
             max_database_mb: 0,
             retention: Vec::new(),
+            max_future_s: 300,
         }
     }
 }
@@ -158,6 +172,10 @@ pub struct AuthConfig {
     /// Origins of browser pages, besides the gateway's own, allowed to open the socket
     /// and the event stream (`"https://dash.example"`, or `"*"` for any).
     pub allowed_origins: Vec<String>,
+    /// Names and addresses requests may use in `Host`, besides `localhost`, loopback, the
+    /// gateway's host name, `<host name>.local` and the address a request arrives on
+    /// (`"sensors.farm.example"`, or `"*"` for any).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Hard limits and rates, each sized for a Pi on a shared LAN.
@@ -170,10 +188,12 @@ pub struct LimitsConfig {
     pub max_uri_bytes: usize,
     /// Most request headers (431 above).
     pub max_headers: usize,
-    /// REST writes per second per token and per address, with this burst.
+    /// REST writes per second per token, or per client address without one, with this
+    /// burst.
     pub writes_per_second: f64,
     pub write_burst: f64,
-    /// Client WebSocket messages per second per token and per address, with this burst.
+    /// Client WebSocket messages per second per token, or per client address without
+    /// one, with this burst.
     pub socket_messages_per_second: f64,
     pub socket_message_burst: f64,
 }
@@ -339,6 +359,21 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        for entry in &self.server.trusted_proxies {
+            if let Err(message) = crate::auth::proxy::AddressRange::parse(entry) {
+                return Err(Problem::key("server.trusted_proxies", &message));
+            }
+        }
+        for entry in &self.auth.allowed_hosts {
+            if !crate::auth::host::valid_entry(entry) {
+                return Err(Problem::key(
+                    "auth.allowed_hosts",
+                    &format!(
+                        "{entry:?} is not a host name or address (no scheme or port), or \"*\""
+                    ),
+                ));
+            }
+        }
         if self.server.body_read_timeout_s == 0 {
             return Err(Problem::key(
                 "server.body_read_timeout_s",
@@ -358,6 +393,12 @@ impl Config {
                     "each rule names either a tipo or a sensor, and days of at least 1",
                 ));
             }
+        }
+        if !(1..=MAX_FUTURE_S).contains(&self.storage.max_future_s) {
+            return Err(Problem::key(
+                "storage.max_future_s",
+                &format!("must be between 1 and {MAX_FUTURE_S} seconds (a week)"),
+            ));
         }
         if self.storage.max_events == 0 {
             return Err(Problem::key("storage.max_events", "must be at least 1"));
@@ -431,6 +472,13 @@ impl Config {
                 if text.is_some_and(|t| t.chars().count() > MAX_TEXT) {
                     return Err(at(key, &format!("must be at most {MAX_TEXT} characters")));
                 }
+                if let Some(c) = text.and_then(|t| forbidden_char(t)) {
+                    return Err(at(key, &forbidden_char_message(c)));
+                }
+            }
+            let source = serde_json::to_value(&sensor.source).unwrap_or_default();
+            if let Some(c) = forbidden_in_json(&source) {
+                return Err(at("source", &forbidden_char_message(c)));
             }
             if !names.insert(sensor.name.as_str()) {
                 return Err(at("name", "is used twice"));
@@ -695,5 +743,54 @@ source = { kind = "sim" }
             "{err}"
         );
         assert!(err.contains("x.toml: line 2"), "{err}");
+    }
+
+    #[test]
+    fn security_keys_are_checked_with_their_line() {
+        for (text, expected) in [
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.lan\"]\n",
+                "x.toml: line 2: server.trusted_proxies \"proxy.lan\" is not an address",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/40\"]\n",
+                "x.toml: line 2: server.trusted_proxies \"10.0.0.0/40\": the prefix must be 0 to 32",
+            ),
+            (
+                "[auth]\nallowed_hosts = [\"http://pi.local:8000\"]\n",
+                "x.toml: line 2: auth.allowed_hosts \"http://pi.local:8000\" is not a host name",
+            ),
+            (
+                "[storage]\nmax_future_s = 0\n",
+                "x.toml: line 2: storage.max_future_s must be between 1 and 604800",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+        let good = Config::parse(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"fd00::/8\"]\n[auth]\nallowed_hosts = [\"sensors.farm.example\", \"192.0.2.7\"]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(good.server.trusted_proxies.len(), 2);
+        assert_eq!(good.storage.max_future_s, 300);
+    }
+
+    #[test]
+    fn sensor_texts_refuse_control_characters() {
+        let text = "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\nubicacion = \"shed\\u202E\"\nsource = { kind = \"sim\" }\n";
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ubicacion must not contain control"), "{err}");
+        assert!(err.contains("U+202E"), "{err}");
+        let text = "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\nsource = { kind = \"serial\", path = \"/dev/ttyUSB0\", keys = { co2 = { tipo = \"co2\", unidad = \"ppm\\r\\n\" } } }\n";
+        let err = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("source must not contain control"), "{err}");
     }
 }

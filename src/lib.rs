@@ -17,7 +17,7 @@
 //! - [`events`]: the event envelope and the hub that fans events out.
 //! - [`sensors`]: sources and the scheduler that drives them.
 //! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions, limits, metrics.
-//! - [`auth`]: tokens, scopes, the policy, the origin check.
+//! - [`auth`]: tokens, scopes, the policy, the origin and `Host` checks, trusted proxies.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`demo`]: stand-in hardware for `--demo`.

@@ -121,6 +121,30 @@ impl FieldError {
 /// Longest text field of a sensor or reading, in characters, over REST and in the config
 /// file.
 pub const MAX_TEXT: usize = 128;
+
+/// The first character of `text` that has no place in a name or a unit: a control
+/// character (C0, DEL, C1: NUL, CR, LF, escape sequences) or a bidirectional override or
+/// isolate (U+202E turns `exe.txt` into `txt.exe` on screen). Such text breaks log lines,
+/// CSV rows and terminal output, and makes what a dashboard shows differ from what is
+/// stored.
+pub fn forbidden_char(text: &str) -> Option<char> {
+    text.chars().find(|&c| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+            )
+    })
+}
+
+/// The 422 message for text holding `c` (see [`forbidden_char`]).
+pub fn forbidden_char_message(c: char) -> String {
+    format!(
+        "must not contain control or bidirectional formatting characters (found U+{:04X})",
+        u32::from(c)
+    )
+}
+
 /// Sampling intervals accepted, over REST and in the config file.
 pub const MIN_INTERVAL_S: f64 = 0.05;
 pub const MAX_INTERVAL_S: f64 = 86_400.0;
@@ -164,7 +188,13 @@ impl Fields {
                 self.fail(name, "must be at most 128 characters");
                 None
             }
-            Value::String(s) => Some(s),
+            Value::String(s) => match forbidden_char(&s) {
+                Some(c) => {
+                    self.fail(name, &forbidden_char_message(c));
+                    None
+                }
+                None => Some(s),
+            },
             _ => {
                 self.fail(name, "must be a string");
                 None
@@ -203,6 +233,10 @@ impl Fields {
                 None
             }
             Some(v @ Value::Object(_)) => {
+                if let Some(c) = forbidden_in_json(&v) {
+                    self.fail("fuente", &forbidden_char_message(c));
+                    return None;
+                }
                 match serde_json::from_value::<crate::sensors::SourceSpec>(v.clone()) {
                     Ok(_) => Some(Some(v)),
                     Err(e) => {
@@ -255,6 +289,19 @@ impl Fields {
         } else {
             Err(self.errors)
         }
+    }
+}
+
+/// The first forbidden character ([`forbidden_char`]) in any key or string of `value`:
+/// a source spec's paths and the `tipo` and `unidad` it maps device keys to.
+pub fn forbidden_in_json(value: &Value) -> Option<char> {
+    match value {
+        Value::String(s) => forbidden_char(s),
+        Value::Array(items) => items.iter().find_map(forbidden_in_json),
+        Value::Object(map) => map
+            .iter()
+            .find_map(|(k, v)| forbidden_char(k).or_else(|| forbidden_in_json(v))),
+        _ => None,
     }
 }
 
@@ -420,7 +467,13 @@ impl NewReading {
         };
         let unidad = match f.take("unidad") {
             None | Some(None) => Some(String::new()),
-            Some(Some(Value::String(s))) if s.chars().count() <= 16 => Some(s),
+            Some(Some(Value::String(s))) if s.chars().count() <= 16 => match forbidden_char(&s) {
+                Some(c) => {
+                    f.fail("unidad", &forbidden_char_message(c));
+                    None
+                }
+                None => Some(s),
+            },
             Some(Some(_)) => {
                 f.fail("unidad", "must be a string of at most 16 characters");
                 None
@@ -540,6 +593,39 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(fields(err), ["sensor_id", "tipo", "valor", "timestamp"]);
+    }
+
+    #[test]
+    fn control_and_bidi_characters_are_refused_naming_the_field() {
+        for bad in [
+            "a\u{0}b",
+            "a\r\nb",
+            "\u{1b}[2J",
+            "a\u{85}",
+            "abc\u{202E}txt",
+            "\u{2066}x",
+        ] {
+            let err = NewSensor::from_json(
+                json!({"tipo": "t", "modelo": "m", "nombre": bad, "ubicacion": bad}),
+            )
+            .unwrap_err();
+            assert_eq!(fields(err), ["nombre", "ubicacion"], "{bad:?}");
+            let err = SensorPatch::from_json(json!({"tipo": bad})).unwrap_err();
+            assert!(err[0].message.contains("U+"), "{err:?}");
+            let err = NewReading::from_json(
+                json!({"sensor_id": 1, "tipo": bad, "valor": 1, "unidad": bad}),
+            )
+            .unwrap_err();
+            assert_eq!(fields(err), ["tipo", "unidad"], "{bad:?}");
+        }
+        let err = NewSensor::from_json(
+            json!({"tipo": "t", "modelo": "m", "fuente": {"kind": "serial", "path": "/dev/tty\u{0}"}}),
+        )
+        .unwrap_err();
+        assert_eq!(fields(err), ["fuente"]);
+        assert!(
+            NewSensor::from_json(json!({"tipo": "Temp. ñ °C 🌡", "modelo": "m\u{00A0}x"})).is_ok()
+        );
     }
 
     #[test]
@@ -674,7 +760,7 @@ mod proptests {
     const READING_FIELDS: [&str; 5] = ["sensor_id", "tipo", "valor", "unidad", "timestamp"];
 
     fn valid_text(s: &str) -> bool {
-        !s.trim().is_empty() && s.chars().count() <= MAX_TEXT
+        !s.trim().is_empty() && s.chars().count() <= MAX_TEXT && forbidden_char(s).is_none()
     }
 
     fn valid_interval(s: f64) -> bool {
@@ -885,6 +971,7 @@ mod proptests {
                     prop_assert!(valid_text(&r.tipo));
                     prop_assert!(r.valor.is_finite());
                     prop_assert!(r.unidad.chars().count() <= 16);
+                    prop_assert_eq!(forbidden_char(&r.unidad), None);
                     if let Some(t) = r.timestamp {
                         // Whatever was accepted is stored and shown in the wire format.
                         prop_assert_eq!(parse_time(&format_time(t)), Some(t));

@@ -454,7 +454,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     ] {
         let raw = common::raw_exchange(
             daemon.addr,
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
                 .into_bytes(),
         )
         .await
@@ -685,7 +685,7 @@ async fn dashboard_files_are_served_from_the_binary() {
     let dir = temp_dir();
     let daemon = Daemon::start_in(dir.path(), "").await;
     let get = |path: &str| {
-        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         common::raw_exchange(daemon.addr, head.into_bytes())
     };
     let page = String::from_utf8(get("/").await.unwrap()).unwrap();
@@ -756,7 +756,7 @@ async fn openapi_document_matches_the_server() {
                 .is_some()
             {
                 // A stream never ends: read what arrives first.
-                let head = format!("GET {concrete} HTTP/1.1\r\nHost: x\r\n\r\n");
+                let head = format!("GET {concrete} HTTP/1.1\r\nHost: localhost\r\n\r\n");
                 let raw = common::raw_exchange_first(daemon.addr, head.into_bytes()).await;
                 common::split_response(&raw).0
             } else {

@@ -411,7 +411,7 @@ async fn write_rate_limit_trips_per_address_and_recovers() {
     let raw = common::raw_exchange(
         daemon.addr,
         format!(
-            "POST /api/v1/sensores/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{SENSOR}",
+            "POST /api/v1/sensores/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{SENSOR}",
             daemon.token.as_deref().unwrap(),
             SENSOR.len()
         )
@@ -443,7 +443,7 @@ async fn write_rate_limit_trips_per_address_and_recovers() {
 async fn metrics_text(daemon: &Daemon) -> String {
     let raw = common::raw_exchange(
         daemon.addr,
-        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec(),
     )
     .await
     .unwrap();
@@ -504,7 +504,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     let headers: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
     let raw = common::raw_exchange(
         daemon.addr,
-        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n")
+        format!("GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n")
             .into_bytes(),
     )
     .await
@@ -512,7 +512,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     assert_eq!(split_response(&raw).0, 431);
     // A slow client sending headers forever is cut off.
     let mut slow = TcpStream::connect(daemon.addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -525,7 +525,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(daemon.addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
         let n = s.read(&mut buf).await.unwrap();
@@ -534,7 +534,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     }
     let mut fifth = TcpStream::connect(daemon.addr).await.unwrap();
     let _ = fifth
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
     let n = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf))
         .await
@@ -595,5 +595,479 @@ async fn websockets_count_against_the_connection_limits() {
         tokio_tungstenite::connect_async(&url).await.is_ok(),
         "the place was given back"
     );
+    daemon.stop().await;
+}
+
+/// Names, units and places are shown on dashboards, written to logs and exported to
+/// spreadsheets: control and bidirectional formatting characters are refused in every
+/// text field, and exported text a spreadsheet would run as a formula stays text.
+#[tokio::test]
+async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    for (field, text) in [
+        ("nombre", "invoice\u{202E}fdp.exe"),
+        ("ubicacion", "shed\u{0}"),
+        ("tipo", "temp\r\nINFO forged log line"),
+        ("modelo", "\u{1b}[2J"),
+    ] {
+        let mut body = json!({"tipo": "temperatura", "modelo": "DHT22"});
+        body[field] = json!(text);
+        let (status, answer) = daemon.post("/api/v1/sensores/", &body.to_string()).await;
+        assert_eq!(status, 422, "{field}: {answer}");
+        assert_eq!(answer["errors"][0]["field"], field, "{answer}");
+    }
+    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let id = sensor["id"].as_i64().unwrap();
+    let (status, answer) = daemon
+        .put(
+            &format!("/api/v1/sensores/{id}"),
+            &json!({"ubicacion": "shed\u{85}"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "ubicacion");
+    assert_eq!(
+        daemon.get(&format!("/api/v1/sensores/{id}")).await.1["ubicacion"],
+        Value::Null,
+        "a refused update changes nothing"
+    );
+    let (status, answer) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &json!({"sensor_id": id, "tipo": "temperatura", "valor": 1, "unidad": "\u{2067}C"})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "unidad");
+
+    let (status, _) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &json!({"sensor_id": id, "tipo": "=HYPERLINK(\"http://evil.example\",\"ok\")",
+                    "valor": -3.5, "unidad": "@SUM(A1)"})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let raw = common::raw_exchange(
+        daemon.addr,
+        format!(
+            "GET /api/v1/lecturas/export?sensor_id={id} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            daemon.addr
+        )
+        .into_bytes(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.contains(",\"'=HYPERLINK(\"\"http://evil.example\"\",\"\"ok\"\")\",-3.5,'@SUM(A1),"),
+        "{text}"
+    );
+    daemon.stop().await;
+}
+
+/// What `/metrics` says is the latest value of sensor `id`'s `tipo`.
+async fn last_value(daemon: &Daemon, id: i64, tipo: &str) -> Option<String> {
+    let text = metrics_text(daemon).await;
+    let prefix = format!("sensorgate_last_value{{sensor_id=\"{id}\",tipo=\"{tipo}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+}
+
+/// A reading from a client whose clock says year 9999 is refused while the gateway's
+/// clock is trusted; one that is in the database anyway (stored by an older build, or
+/// while the clock was not trusted) stays the latest value only until the next reading.
+#[tokio::test]
+async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_value() {
+    let dir = temp_dir();
+    let config = "[sampling]\ntrust_clock = \"always\"\n";
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let id = sensor["id"].as_i64().unwrap();
+    let reading = |valor: f64, timestamp: String| {
+        json!({"sensor_id": id, "tipo": "temperatura", "valor": valor, "unidad": "°C",
+               "timestamp": timestamp})
+        .to_string()
+    };
+    let (status, answer) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            &reading(99.0, "9999-12-31T23:59:59Z".into()),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["errors"][0]["field"], "timestamp");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("storage.max_future_s"),
+        "{answer}"
+    );
+    let soon = sensorgate::model::format_time(sensorgate::model::now_micros() + 60_000_000);
+    assert_eq!(
+        daemon
+            .post("/api/v1/lecturas/", &reading(20.0, soon))
+            .await
+            .0,
+        201,
+        "a client clock a minute ahead is within the bound"
+    );
+    daemon.stop().await;
+
+    // A reading of year 9999 that got in before the bound existed.
+    let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    conn.execute(
+        "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) \
+         VALUES (?1, 253402300799000000, 'temperatura', 99.0, '°C')",
+        [id],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE latest_readings SET reading_id = last_insert_rowid(), ts = 253402300799000000 \
+         WHERE sensor_id = ?1",
+        [id],
+    )
+    .unwrap();
+    drop(conn);
+
+    let daemon = Daemon::start_in(dir.path(), config).await;
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await.as_deref(),
+        Some("99")
+    );
+    let now = sensorgate::model::format_time(sensorgate::model::now_micros());
+    assert_eq!(
+        daemon
+            .post("/api/v1/lecturas/", &reading(21.5, now))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        last_value(&daemon, id, "temperatura").await.as_deref(),
+        Some("21.5"),
+        "the reading of year 9999 no longer counts as the latest"
+    );
+    let mut client = daemon
+        .websocket("/api/v1/ws?channel=readings&snapshot=true")
+        .await
+        .greeted()
+        .await;
+    let snapshot = client.json().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["readings"][0]["valor"], 21.5, "{snapshot}");
+    daemon.stop().await;
+}
+
+/// Opens `/api/v1/events` with `?token=` and returns the connection once the stream has
+/// started; the request asks for the connection to close when the stream ends.
+async fn event_stream(daemon: &Daemon, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/events?channel=sensors&token={token} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                daemon.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&head).contains("retry: 2000") {
+        let n = tokio::time::timeout(common::PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("the stream starts")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+    stream
+}
+
+/// Waits for an event stream to end; returns what it sent until then.
+async fn stream_end(mut stream: TcpStream) -> String {
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::PATIENCE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the event stream ends")
+        .unwrap();
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+/// Streams opened with a token end when the token is revoked, from the command line (in
+/// another process) or over REST; streams opened without one, or with another token, go
+/// on.
+#[tokio::test]
+async fn revoking_a_token_closes_the_streams_opened_with_it() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let wall = create_token(&daemon, "wall", "read");
+    let phone = create_token(&daemon, "phone", "read");
+    let other = create_token(&daemon, "other", "read");
+    let secure = daemon
+        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={wall}"))
+        .await
+        .greeted()
+        .await;
+    let plain = daemon
+        .websocket(&format!("/api/v1/ws?channel=sensors&token={wall}"))
+        .await
+        .greeted()
+        .await;
+    let mut by_message = daemon.websocket("/api/v1/ws/secure?channel=sensors").await;
+    by_message
+        .send_text(&json!({"type": "auth", "id": 1, "token": wall}).to_string())
+        .await;
+    assert_eq!(by_message.json().await["ok"], true);
+    let by_message = by_message.greeted().await;
+    let events = event_stream(&daemon, &wall).await;
+    let mut untouched = daemon
+        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={other}"))
+        .await
+        .greeted()
+        .await;
+    let mut anonymous = daemon
+        .websocket("/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
+
+    let (ok, _, err) = token_cli(&daemon, &["revoke", "wall"]);
+    assert!(ok, "{err}");
+    for mut client in [secure, plain, by_message] {
+        match client.next().await {
+            Received::Closed(Some(4401), reason) => assert!(reason.contains("revoked"), "{reason}"),
+            other => panic!("expected a close with 4401, got {other:?}"),
+        }
+    }
+    let rest = stream_end(events).await;
+    assert!(rest.contains("revoked"), "{rest}");
+
+    // Over REST, too; the phone's socket is closed, the others go on.
+    let mut phone_socket = daemon
+        .websocket(&format!("/api/v1/ws?channel=sensors&token={phone}"))
+        .await
+        .greeted()
+        .await;
+    assert_eq!(daemon.delete("/api/v1/tokens/phone").await.0, 200);
+    assert!(matches!(
+        phone_socket.next().await,
+        Received::Closed(Some(4401), _)
+    ));
+    daemon.post("/api/v1/sensores/", SENSOR).await;
+    assert_eq!(untouched.json().await["event_type"], "created");
+    assert_eq!(anonymous.json().await["event_type"], "created");
+    daemon.stop().await;
+}
+
+/// A raw request with the given `Host` and extra header lines; status and JSON body.
+async fn with_host(daemon: &Daemon, host: &str, path: &str, headers: &str) -> (u16, Value) {
+    let close = if headers.contains("Connection:") {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{close}{headers}\r\n");
+    let raw = raw_exchange_first(daemon.addr, request.into_bytes()).await;
+    let (status, body) = split_response(&raw);
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// DNS rebinding: a page on a name its owner points at the gateway sends the gateway's
+/// browser requests with that name in `Host` and the page's origin, which match. Only
+/// the gateway's own names and addresses, and configured ones, are answered.
+#[tokio::test]
+async fn requests_that_name_another_host_are_refused() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let port = daemon.addr.port();
+    let rebinding = "Origin: http://evil.example\r\n";
+    for (path, extra) in [
+        ("/api/v1/ws?channel=sensors", UPGRADE),
+        ("/api/v1/sensores/", ""),
+        ("/api/v1/events", ""),
+        ("/", ""),
+    ] {
+        let (status, answer) = with_host(
+            &daemon,
+            "evil.example",
+            path,
+            &format!("{rebinding}{extra}"),
+        )
+        .await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert_eq!(answer["code"], "host_not_allowed", "{answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("auth.allowed_hosts"),
+            "{answer}"
+        );
+    }
+    let (status, _) = with_host(&daemon, &format!("evil.example:{port}"), "/healthz", "").await;
+    assert_eq!(status, 403);
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "LOCALHOST".to_owned(),
+    ] {
+        assert_eq!(
+            with_host(&daemon, &host, "/api/v1/sensores/", "").await.0,
+            200,
+            "{host}"
+        );
+    }
+    let (status, _) = with_host(
+        &daemon,
+        &format!("localhost:{port}"),
+        "/api/v1/ws?channel=sensors",
+        &format!("Origin: http://localhost:{port}\r\n{UPGRADE}"),
+    )
+    .await;
+    assert_eq!(status, 101);
+    daemon.stop().await;
+
+    let daemon = Daemon::start_in(
+        dir.path(),
+        "[auth]\nallowed_hosts = [\"sensors.farm.example\"]\n",
+    )
+    .await;
+    let (status, _) = with_host(
+        &daemon,
+        "sensors.farm.example",
+        "/api/v1/ws?channel=sensors",
+        &format!("Origin: http://sensors.farm.example\r\n{UPGRADE}"),
+    )
+    .await;
+    assert_eq!(status, 101, "a configured name");
+    assert_eq!(
+        with_host(&daemon, "evil.example", "/api/v1/sensores/", "")
+            .await
+            .0,
+        403
+    );
+    let text = metrics_text(&daemon).await;
+    assert!(
+        text.contains("sensorgate_limit_hits_total{limit=\"host_not_allowed\"} 1"),
+        "{text}"
+    );
+    daemon.stop().await;
+}
+
+/// Opens a socket as a trusted proxy would for `client`.
+async fn socket_for(
+    daemon: &Daemon,
+    path: &str,
+    client: &str,
+) -> Result<common::Client, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("ws://{}{path}", daemon.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("X-Forwarded-For", client.parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(common::Client { socket })
+}
+
+/// Behind a TLS proxy every connection comes from the proxy: the per-address limits
+/// follow the client the proxy forwards for, and writes with a token are limited per
+/// token, so one flooding client does not get its neighbours refused or closed.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_limits() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\nmax_connections_per_address = 2\nwrites_per_second = 1.0\nwrite_burst = 2.0\n",
+    )
+    .await;
+    let path = "/api/v1/ws?channel=general";
+    let mut flooder = socket_for(&daemon, path, "192.0.2.1")
+        .await
+        .unwrap()
+        .greeted()
+        .await;
+    let mut neighbour = socket_for(&daemon, path, "192.0.2.2")
+        .await
+        .unwrap()
+        .greeted()
+        .await;
+    for i in 0..4 {
+        flooder
+            .send_text(&format!(r#"{{"type": "ping", "id": {i}}}"#))
+            .await;
+    }
+    for _ in 0..3 {
+        assert_eq!(flooder.json().await["type"], "pong");
+    }
+    assert!(matches!(
+        flooder.next().await,
+        Received::Closed(Some(4029), _)
+    ));
+    neighbour.send_text(r#"{"type": "ping", "id": 1}"#).await;
+    assert_eq!(
+        neighbour.json().await["type"],
+        "pong",
+        "the neighbour goes on"
+    );
+
+    // Connections: two streams per client, whoever else is behind the proxy.
+    let _a = socket_for(&daemon, path, "198.51.100.7").await.unwrap();
+    let _b = socket_for(&daemon, path, "198.51.100.7").await.unwrap();
+    match socket_for(&daemon, path, "198.51.100.7").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429)
+        }
+        Err(other) => panic!("expected 429, got {other}"),
+        Ok(_) => panic!("a third stream for one client got in"),
+    }
+    assert!(socket_for(&daemon, path, "198.51.100.8").await.is_ok());
+
+    // Writes with a token spend the token's budget, not the address's.
+    let first = create_token(&daemon, "first", "write");
+    let second = create_token(&daemon, "second", "write");
+    for _ in 0..2 {
+        let status = as_token(
+            &daemon,
+            Some(&first),
+            "POST",
+            "/api/v1/sensores/",
+            Some(SENSOR),
+        )
+        .await
+        .0;
+        assert_eq!(status, 201);
+    }
+    let status = as_token(
+        &daemon,
+        Some(&first),
+        "POST",
+        "/api/v1/sensores/",
+        Some(SENSOR),
+    )
+    .await
+    .0;
+    assert_eq!(status, 429);
+    let status = as_token(
+        &daemon,
+        Some(&second),
+        "POST",
+        "/api/v1/sensores/",
+        Some(SENSOR),
+    )
+    .await
+    .0;
+    assert_eq!(status, 201, "another token from the same address");
     daemon.stop().await;
 }

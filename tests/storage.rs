@@ -424,7 +424,7 @@ async fn export_streams_exactly_the_range() {
     let raw = common::raw_exchange(
         daemon.addr,
         format!(
-            "GET /api/v1/lecturas/export?{range} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET /api/v1/lecturas/export?{range} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
         .into_bytes(),
     )
@@ -452,7 +452,7 @@ async fn export_streams_exactly_the_range() {
 
     let raw = common::raw_exchange(
         daemon.addr,
-        format!("GET /api/v1/readings/export?{range}&format=json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes(),
+        format!("GET /api/v1/readings/export?{range}&format=json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").into_bytes(),
     )
     .await
     .unwrap();
@@ -549,7 +549,7 @@ async fn readings_stamped_by_an_untrusted_clock_are_flagged() {
         assert_eq!(flags, [doubtful, false], "{trust}: {listed}");
         let raw = common::raw_exchange(
             daemon.addr,
-            b"GET /api/v1/lecturas/export?tipo=t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /api/v1/lecturas/export?tipo=t HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                 .to_vec(),
         )
         .await

@@ -164,6 +164,32 @@ impl ApiError {
         )
     }
 
+    /// 403 for a request naming a host that is not this gateway (DNS rebinding).
+    pub fn host_not_allowed(host: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            format!(
+                "Host {host:?} is not a name or address of this gateway; if it is one, \
+                 add it to auth.allowed_hosts in the config"
+            ),
+        )
+    }
+
+    /// 429 for a client behind a trusted proxy with too many streams open.
+    pub fn too_many_connections(max: usize) -> ApiError {
+        ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!(
+                    "This client has {max} connections open already (limits.max_connections_per_address)"
+                ),
+            )
+        }
+    }
+
     /// 503: the daemon is stopping or storage is unavailable.
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         ApiError {

@@ -106,13 +106,24 @@ async fn produce(
     }
 }
 
-/// One CSV row; text fields are quoted when they hold a comma, quote or line break.
+/// Characters that make a spreadsheet read a cell starting with them as a formula
+/// (OWASP's list for CSV injection).
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// One CSV row; text fields are quoted when they hold a comma, quote or line break, and
+/// a text field a spreadsheet would run as a formula gets a leading `'`, which makes it
+/// text. Only text fields: `valor` is a number and a negative one stays a number.
 fn csv_row(out: &mut String, r: &Reading) {
     let quote = |field: &str| {
+        let field = if field.starts_with(FORMULA_STARTS) {
+            format!("'{field}")
+        } else {
+            field.to_owned()
+        };
         if field.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", field.replace('"', "\"\""))
         } else {
-            field.to_owned()
+            field
         }
     };
     out.push_str(&format!(
@@ -148,5 +159,32 @@ mod tests {
             out,
             "1,2,\"a,b\",21.5,\"\"\"x\"\"\",1970-01-01T00:00:00.000000Z,false\n"
         );
+    }
+
+    #[test]
+    fn csv_text_that_looks_like_a_formula_stays_text() {
+        let reading = |tipo: &str, valor: f64, unidad: &str| Reading {
+            id: 1,
+            sensor_id: 2,
+            tipo: tipo.into(),
+            valor,
+            unidad: unidad.into(),
+            timestamp: 0,
+            hora_dudosa: false,
+        };
+        let row = |r: Reading| {
+            let mut out = String::new();
+            csv_row(&mut out, &r);
+            out
+        };
+        assert_eq!(
+            row(reading("=HYPERLINK(\"x\",\"y\")", -3.5, "@SUM(A1)")),
+            "1,2,\"'=HYPERLINK(\"\"x\"\",\"\"y\"\")\",-3.5,'@SUM(A1),1970-01-01T00:00:00.000000Z,false\n"
+        );
+        for start in ["+", "-", "\t"] {
+            assert!(row(reading(&format!("{start}1"), 0.0, ""))
+                .starts_with(&format!("1,2,'{start}1,0,")));
+        }
+        assert!(row(reading("temperatura", -0.5, "°C")).starts_with("1,2,temperatura,-0.5,°C,"));
     }
 }

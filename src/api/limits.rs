@@ -19,6 +19,18 @@ pub enum Key {
     Token(i64),
 }
 
+impl Key {
+    /// The key of a request or message: its token where it has one, so that clients
+    /// sharing an address (a proxy, a NAT) with tokens of their own never share a
+    /// budget; the client's address otherwise.
+    pub fn of(client: IpAddr, principal: Option<&crate::auth::Principal>) -> Key {
+        match principal {
+            Some(p) => Key::Token(p.token_id),
+            None => Key::Address(client),
+        }
+    }
+}
+
 /// Token buckets by key.
 pub struct RateLimiter {
     per_second: f64,

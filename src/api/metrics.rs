@@ -26,10 +26,11 @@ pub enum Limit {
     ForbiddenOrigin,
     Unauthorized,
     Forbidden,
+    ForbiddenHost,
 }
 
 impl Limit {
-    const ALL: [Limit; 13] = [
+    const ALL: [Limit; 14] = [
         Limit::Connections,
         Limit::ConnectionsPerAddress,
         Limit::BodySize,
@@ -43,6 +44,7 @@ impl Limit {
         Limit::ForbiddenOrigin,
         Limit::Unauthorized,
         Limit::Forbidden,
+        Limit::ForbiddenHost,
     ];
 
     fn name(self) -> &'static str {
@@ -60,6 +62,7 @@ impl Limit {
             Limit::ForbiddenOrigin => "forbidden_origin",
             Limit::Unauthorized => "unauthorized",
             Limit::Forbidden => "forbidden",
+            Limit::ForbiddenHost => "host_not_allowed",
         }
     }
 }
@@ -93,7 +96,7 @@ const CLOSE_CODES: [u16; 13] = [
 /// Counters kept by the HTTP side.
 #[derive(Default)]
 pub struct Counters {
-    limits: [AtomicU64; 13],
+    limits: [AtomicU64; 14],
     /// Per initiator, per code of [`CLOSE_CODES`], then `other`.
     closes: [[AtomicU64; CLOSE_CODES.len() + 1]; 2],
 }

@@ -12,7 +12,7 @@ pub mod metrics;
 mod query;
 pub(crate) mod realtime;
 mod rest;
-mod router;
+pub(crate) mod router;
 mod tokens;
 
 pub use error::ApiError;
@@ -42,6 +42,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use limits::{AddressSlots, RateLimiter, Slot};
 use metrics::{Counters, Limit};
 
+use crate::auth::host::{self, AllowedHosts};
+use crate::auth::proxy::TrustedProxies;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::{Config, LimitsConfig, RealtimeConfig, ServerConfig};
@@ -105,11 +107,18 @@ pub struct State {
     pub health: Arc<HealthBoard>,
     /// Whether the time of a reading posted without one can be trusted.
     pub clock: Arc<Clock>,
+    /// How far ahead of the clock a posted reading's time may be, in seconds, while the
+    /// clock is trusted (`storage.max_future_s`).
+    pub max_future_s: u64,
     pub server: ServerConfig,
     pub realtime: RealtimeConfig,
     pub limits: LimitsConfig,
     /// Browser origins allowed besides the gateway's own.
     pub allowed_origins: Vec<String>,
+    /// What requests may name in `Host`.
+    pub allowed_hosts: AllowedHosts,
+    /// Proxies whose forwarding headers name the client.
+    pub proxies: TrustedProxies,
     pub auth: Authenticator,
     /// The database file, for token management on a connection of its own.
     pub database: PathBuf,
@@ -146,10 +155,17 @@ impl State {
             hub,
             health,
             clock,
+            max_future_s: config.storage.max_future_s,
             server: config.server.clone(),
             realtime: config.realtime.clone(),
             limits: limits.clone(),
             allowed_origins: config.auth.allowed_origins.clone(),
+            allowed_hosts: AllowedHosts::new(
+                config.server.listen.ip(),
+                host::host_name().as_deref(),
+                &config.auth.allowed_hosts,
+            ),
+            proxies: TrustedProxies::new(&config.server.trusted_proxies),
             counters: Counters::default(),
             write_limiter: RateLimiter::new(limits.writes_per_second, limits.write_burst),
             socket_limiter: RateLimiter::new(
@@ -176,6 +192,10 @@ impl State {
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let permits = Arc::new(Semaphore::new(state.server.max_connections));
     let mut shutdown = state.shutdown.clone();
+    {
+        let state = state.clone();
+        tokio::spawn(async move { state.auth.watch_tokens(state.shutdown.clone()).await });
+    }
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => break,
@@ -199,16 +219,23 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             );
             continue;
         };
-        let Some(slot) = state
-            .address_slots
-            .take(peer.ip(), state.limits.max_connections_per_address)
-        else {
-            state.counters.hit(Limit::ConnectionsPerAddress);
-            log::warn!(
-                "connection from {peer} refused: {} connections open from that address",
-                state.limits.max_connections_per_address
-            );
-            continue;
+        // A trusted proxy's connections carry many clients: each client's streams take
+        // their places when they start (see the router), not the proxy's connection.
+        let slot = if state.proxies.trusts(peer.ip()) {
+            None
+        } else {
+            let Some(slot) = state
+                .address_slots
+                .take(peer.ip(), state.limits.max_connections_per_address)
+            else {
+                state.counters.hit(Limit::ConnectionsPerAddress);
+                log::warn!(
+                    "connection from {peer} refused: {} connections open from that address",
+                    state.limits.max_connections_per_address
+                );
+                continue;
+            };
+            Some(slot)
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
@@ -225,7 +252,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 /// the WebSocket session it may become, which outlives it in hyper's eyes.
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
-    _slot: Slot,
+    _slot: Option<Slot>,
     linger: AtomicBool,
 }
 
@@ -251,12 +278,17 @@ async fn serve_connection(
     let _drain = state.drain.clone();
     let mut shutdown = state.shutdown.clone();
     let service_state = state.clone();
+    let local = stream
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or(state.server.listen.ip());
     let io = TokioIo::new(linger::LingeringStream::new(stream, admission.clone()));
     let connection_admission = admission.clone();
     let service = service_fn(move |req| {
         let state = service_state.clone();
         let admission = admission.clone();
-        async move { Ok::<_, Infallible>(router::route(req, state, peer, admission).await) }
+        let connection = router::Connection { peer, local };
+        async move { Ok::<_, Infallible>(router::route(req, state, connection, admission).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

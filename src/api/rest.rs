@@ -16,7 +16,7 @@ use super::query::Query;
 use super::{full, json_response, ApiError, Body, State};
 use crate::events::Channel;
 use crate::model::{
-    format_time, now_micros, FieldError, NewReading, NewSensor, Sensor, SensorPatch,
+    format_time, now_micros, FieldError, Micros, NewReading, NewSensor, Sensor, SensorPatch,
 };
 use crate::store::{
     AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
@@ -348,6 +348,9 @@ pub async fn create_reading(
     state: &State,
 ) -> Result<Response<Body>, ApiError> {
     let mut new = NewReading::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    if let Some(taken_at) = new.timestamp {
+        check_not_ahead(state, taken_at)?;
+    }
     if new.timestamp.is_none() {
         // Stamped here, with the gateway's clock: flagged if that is not trusted yet.
         new.timestamp = Some(now_micros());
@@ -355,6 +358,25 @@ pub async fn create_reading(
     }
     let reading = state.store.insert_reading(new).await?;
     Ok(json_response(StatusCode::CREATED, &reading))
+}
+
+/// Refuses a sample time further ahead of the gateway's clock than the configured bound,
+/// while that clock is trusted: a client clock set to year 9999 must not make its
+/// reading the newest forever. With an untrusted clock the gateway cannot tell.
+pub fn check_not_ahead(state: &State, taken_at: Micros) -> Result<(), ApiError> {
+    let bound = state.max_future_s;
+    let horizon = now_micros().saturating_add((bound as Micros).saturating_mul(1_000_000));
+    if taken_at > horizon && state.clock.trusted() {
+        return Err(ApiError::invalid_field(
+            "timestamp",
+            &format!(
+                "is more than {bound} s ahead of the gateway's clock ({}); fix the client's \
+                 clock, or raise storage.max_future_s",
+                format_time(now_micros())
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn ws_stats(state: &State) -> Response<Body> {

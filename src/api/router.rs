@@ -3,15 +3,15 @@
 //! limit. Paths are matched with or without a trailing slash, as the original
 //! service's clients use both.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::header::AUTHORIZATION;
+use hyper::header::{AUTHORIZATION, HOST};
 use hyper::{Method, Request, Response};
 use tokio::time::Instant;
 
-use super::limits::Key;
+use super::limits::{Key, Slot};
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
@@ -57,17 +57,35 @@ enum Guard {
     Needs(Access),
 }
 
+/// The two ends of the TCP connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// The gateway's address the client connected to.
+    pub local: IpAddr,
+}
+
+/// Answers one request. Before anything else, the `Host` it names must be one of the
+/// gateway's (see [`crate::auth::host`]): on every route, since a page that rebinds a
+/// name of its own to the gateway can `fetch()` REST as well as open the socket.
 pub async fn route(
     req: Request<Incoming>,
     state: Arc<State>,
-    peer: SocketAddr,
+    ends: Connection,
     admission: Arc<Admission>,
 ) -> Response<Body> {
     // An error answered to a request with a body may leave some of it unread: the
     // connection then ends, and drains the rest first so that the client reads the answer.
     let has_body = !req.body().is_end_stream();
     let connection = admission.clone();
+    let peer = ends.peer;
+    let client = state.proxies.client(peer.ip(), req.headers());
     let result = async {
+        let host = req.headers().get(HOST).map(|v| v.to_str().unwrap_or("?"));
+        if !state.allowed_hosts.allows(host, ends.local) {
+            state.counters.hit(Limit::ForbiddenHost);
+            return Err(ApiError::host_not_allowed(host.unwrap_or_default()));
+        }
         let uri_length = req.uri().to_string().len();
         if uri_length > state.limits.max_uri_bytes {
             state.counters.hit(Limit::UriLength);
@@ -76,9 +94,14 @@ pub async fn route(
         let (route, guard) = resolve(&req, state.server.dev)?;
         let principal = guard_route(&req, &state, &route, guard).await?;
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
-            limit_writes(&state, peer, principal.as_ref())?;
+            limit_writes(&state, client, principal.as_ref())?;
         }
-        dispatch(route, req, &state, peer, principal, admission).await
+        let slot = stream_slot(&state, &route, peer, client)?;
+        let from = Client {
+            peer,
+            address: client,
+        };
+        dispatch(route, req, &state, from, principal, admission, slot).await
     };
     result.await.unwrap_or_else(|error| {
         let error = if has_body {
@@ -91,6 +114,38 @@ pub async fn route(
         }
         error.into_response()
     })
+}
+
+/// Who a request is from: the TCP peer and the client it is for (the same unless the
+/// peer is a trusted proxy).
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub peer: SocketAddr,
+    pub address: IpAddr,
+}
+
+/// A place under `limits.max_connections_per_address` for a stream that comes through a
+/// trusted proxy, whose connections were admitted without one: the stream is the client's
+/// connection. Other connections hold theirs from the moment they were accepted.
+fn stream_slot(
+    state: &State,
+    route: &Route,
+    peer: SocketAddr,
+    client: IpAddr,
+) -> Result<Option<Slot>, ApiError> {
+    let streaming = matches!(route, Route::Socket | Route::SecureSocket | Route::Events);
+    if !streaming || !state.proxies.trusts(peer.ip()) {
+        return Ok(None);
+    }
+    let max = state.limits.max_connections_per_address;
+    match state.address_slots.take(client, max) {
+        Some(slot) => Ok(Some(slot)),
+        None => {
+            state.counters.hit(Limit::ConnectionsPerAddress);
+            log::warn!("stream for {client} (through {peer}) refused: {max} open for it");
+            Err(ApiError::too_many_connections(max))
+        }
+    }
 }
 
 fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiError> {
@@ -235,14 +290,12 @@ async fn guard_route(
 
 fn limit_writes(
     state: &State,
-    peer: SocketAddr,
+    client: IpAddr,
     principal: Option<&Principal>,
 ) -> Result<(), ApiError> {
-    let mut keys = vec![Key::Address(peer.ip())];
-    keys.extend(principal.map(|p| Key::Token(p.token_id)));
     state
         .write_limiter
-        .take(&keys, Instant::now())
+        .take(&[Key::of(client, principal)], Instant::now())
         .map_err(|wait| {
             state.counters.hit(Limit::WriteRate);
             ApiError::rate_limited(wait)
@@ -253,10 +306,15 @@ async fn dispatch(
     route: Route,
     req: Request<Incoming>,
     state: &Arc<State>,
-    peer: SocketAddr,
+    from: Client,
     principal: Option<Principal>,
     admission: Arc<Admission>,
+    slot: Option<Slot>,
 ) -> Result<Response<Body>, ApiError> {
+    let stream = StreamAdmission {
+        _connection: admission,
+        _client: slot,
+    };
     match route {
         Route::Index => Ok(rest::index()),
         Route::ClientModule => Ok(rest::client_module()),
@@ -273,9 +331,9 @@ async fn dispatch(
         Route::CreateReading => rest::create_reading(req, state).await,
         Route::AggregatedReadings => rest::aggregated_readings(&req, state).await,
         Route::ExportReadings => export::readings(&req, state),
-        Route::Socket => ws::upgrade(req, state.clone(), peer, principal, false, admission),
-        Route::SecureSocket => ws::upgrade(req, state.clone(), peer, principal, true, admission),
-        Route::Events => sse::stream(&req, state.clone()),
+        Route::Socket => ws::upgrade(req, state.clone(), from, principal, false, stream),
+        Route::SecureSocket => ws::upgrade(req, state.clone(), from, principal, true, stream),
+        Route::Events => sse::stream(&req, state.clone(), principal, stream),
         Route::SocketStats => Ok(rest::ws_stats(state)),
         Route::ChannelStats(channel) => rest::ws_channel_stats(state, &channel),
         Route::TestEvent => rest::test_event(req, state).await,
@@ -283,6 +341,13 @@ async fn dispatch(
         Route::CreateToken => tokens::create(req, state).await,
         Route::RevokeToken(name) => tokens::revoke(state, name).await,
     }
+}
+
+/// What a stream holds for as long as it lives: its connection's places under the
+/// limits, and the client's place when it came through a trusted proxy.
+pub struct StreamAdmission {
+    _connection: Arc<Admission>,
+    _client: Option<Slot>,
 }
 
 fn parse_id(text: &str) -> Result<i64, ApiError> {

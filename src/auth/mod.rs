@@ -1,23 +1,28 @@
-//! Who may do what: tokens with scopes, the configured policy, and the origin check.
+//! Who may do what: tokens with scopes, the configured policy, the origin and `Host`
+//! checks, and which proxies may say who a client is.
 //!
 //! Scopes are ordered: `admin` can do what `write` can, `write` what `read` can. The
 //! policy decides what needs a token at all: by default reads are open and writes need
 //! `write`; test events and token management always need `admin`; the secure socket
 //! always needs a token.
 
+pub mod host;
 pub mod origin;
+pub mod proxy;
 pub mod tokens;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
 
 use crate::model::now_micros;
+use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
 /// What a token allows.
@@ -90,6 +95,9 @@ pub struct Principal {
     pub token_id: i64,
     pub name: String,
     pub scope: Scope,
+    /// The token's stored hash: what identifies it for as long as a stream lives (ids
+    /// and names are given again to tokens made later).
+    pub hash: Vec<u8>,
 }
 
 /// Why a request is refused.
@@ -130,9 +138,30 @@ pub struct Authenticator {
     /// When each token's `last_used_at` was last written; written at most once a
     /// minute per token, not on every request.
     touched: Mutex<HashMap<i64, Instant>>,
+    /// The tokens that exist and their scopes, for open streams to check themselves
+    /// against whenever it changes (see [`Authenticator::watch_tokens`]).
+    live: watch::Sender<Arc<LiveTokens>>,
+    /// Asks the watcher to read the tokens again now.
+    reload: Notify,
 }
 
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the watcher looks at the revocation marker (one `stat`): a token revoked
+/// from the command line, in another process, closes its streams within this, plus the
+/// time to read the token table.
+pub const MARKER_POLL: Duration = Duration::from_secs(1);
+
+/// How often the watcher reads the token table whatever the marker says: a change the
+/// marker does not show (a scope lowered in the database by hand, a marker that could
+/// not be written) reaches open streams and the token cache within this.
+pub const TOKEN_RELOAD: Duration = Duration::from_secs(30);
+
+/// The tokens in the database, by hash, as last read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LiveTokens {
+    by_hash: HashMap<Vec<u8>, Scope>,
+}
 
 /// Tokens found in the database since the revocation marker last moved. Only tokens
 /// that exist are kept, so guesses cannot fill it; a gateway has a handful.
@@ -182,6 +211,8 @@ impl Authenticator {
             marker: data_dir.join(tokens::REVOKED_MARKER),
             known: Mutex::new(KnownTokens::default()),
             touched: Mutex::new(HashMap::new()),
+            live: watch::Sender::new(Arc::default()),
+            reload: Notify::new(),
         }
     }
 
@@ -247,15 +278,93 @@ impl Authenticator {
             token_id,
             name,
             scope,
+            hash: hash.clone(),
         };
         self.known().keep(hash, principal.clone(), revocations);
         self.touch(token_id);
         Ok(Some(principal))
     }
 
-    /// Forgets every token checked so far, as a move of the revocation marker does.
+    /// Forgets every token checked so far, as a move of the revocation marker does, and
+    /// has open streams check their tokens again.
     pub fn forget_known(&self) {
         self.known().by_hash.clear();
+        self.reload.notify_one();
+    }
+
+    /// Follows the token table for open streams: reads it when the revocation marker
+    /// moves (looked at every [`MARKER_POLL`]), when this daemon revokes a token, and
+    /// every [`TOKEN_RELOAD`] in any case, and publishes it when it changed. Streams wait
+    /// on [`Authenticator::live_tokens`] and never read the database per event.
+    pub async fn watch_tokens(&self, mut shutdown: Shutdown) {
+        let mut poll = tokio::time::interval(MARKER_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut marker = None;
+        let mut read_at: Option<Instant> = None;
+        loop {
+            let asked = tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = poll.tick() => false,
+                _ = self.reload.notified() => true,
+            };
+            // The marker is looked at before the table is read: a revocation between
+            // the two moves it again, and the next poll reads the table again.
+            let now_marker = tokens::revocations(&self.marker);
+            let due = read_at.is_none_or(|at| at.elapsed() >= TOKEN_RELOAD);
+            if !(asked || due || now_marker != marker) {
+                continue;
+            }
+            match self.store.read(tokens::live).await {
+                Ok(rows) => {
+                    marker = now_marker;
+                    read_at = Some(Instant::now());
+                    let fresh = LiveTokens {
+                        by_hash: rows.into_iter().collect(),
+                    };
+                    if **self.live.borrow() != fresh {
+                        self.known().by_hash.clear();
+                        self.live.send_replace(Arc::new(fresh));
+                    }
+                }
+                Err(e) => log::warn!("tokens could not be read to check open streams: {e}"),
+            }
+        }
+    }
+
+    /// The tokens as last read, marked changed whenever they change.
+    pub fn live_tokens(&self) -> watch::Receiver<Arc<LiveTokens>> {
+        self.live.subscribe()
+    }
+
+    /// Whether a stream opened with `principal` for `access` may go on, given the tokens
+    /// as last read; the reason to close it if not. A token newer than that reading is
+    /// looked up in the database, once.
+    pub async fn still_allowed(
+        &self,
+        principal: &Principal,
+        access: Access,
+        live: &LiveTokens,
+    ) -> Result<(), String> {
+        let scope = match live.by_hash.get(&principal.hash) {
+            Some(scope) => Some(*scope),
+            None => {
+                let hash = principal.hash.clone();
+                match self.store.read(move |c| tokens::find(c, &hash)).await {
+                    Ok(found) => found.map(|(_, _, scope)| scope),
+                    // Storage trouble is not a revocation: the stream goes on, and is
+                    // checked again with the next reading of the tokens.
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        match (scope, self.needed(access)) {
+            (None, _) => Err(format!("token {:?} was revoked", principal.name)),
+            (Some(has), Some(needed)) if has < needed => Err(format!(
+                "token {:?} now has scope {has}; this stream needs {needed}",
+                principal.name
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, KnownTokens> {

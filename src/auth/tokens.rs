@@ -89,8 +89,9 @@ impl fmt::Display for TokenError {
             TokenError::Random(e) => write!(f, "no randomness from the kernel: {e}"),
             TokenError::Marker(e) => write!(
                 f,
-                "token revoked, but a running daemon may accept it until it restarts: \
-                 {REVOKED_MARKER} not written: {e}"
+                "token revoked, but a running daemon may accept it for up to {} s: \
+                 {REVOKED_MARKER} not written: {e}",
+                super::TOKEN_RELOAD.as_secs()
             ),
             TokenError::Sqlite(e) => write!(f, "database error: {e}"),
         }
@@ -187,6 +188,20 @@ fn mark_revoked(data_dir: &Path) -> std::io::Result<()> {
     writeln!(file, "{}", now_micros())?;
     file.sync_all()?;
     std::fs::rename(&fresh, &marker)
+}
+
+/// The hash and scope of every token.
+pub fn live(conn: &Connection) -> rusqlite::Result<Vec<(Vec<u8>, Scope)>> {
+    let mut stmt = conn.prepare_cached("SELECT hash, scope FROM tokens")?;
+    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, String>(1)?)))?;
+    let mut live = Vec::new();
+    for row in rows {
+        let (hash, scope) = row?;
+        if let Ok(scope) = scope.parse() {
+            live.push((hash, scope));
+        }
+    }
+    Ok(live)
 }
 
 /// Whether any token exists.

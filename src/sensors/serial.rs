@@ -197,6 +197,11 @@ fn parse_json(text: &str, mapping: &KeyMapping) -> Result<Vec<Measurement>, Sens
         let valor = finite(valor.as_f64(), "valor")?;
         let unidad = match field("unidad") {
             None | Some(Value::Null) => spec.unidad.as_str(),
+            Some(Value::String(unidad)) if crate::model::forbidden_char(unidad).is_some() => {
+                return Err(SensorError::Malformed(
+                    "unidad holds control or bidirectional formatting characters".into(),
+                ))
+            }
             Some(Value::String(unidad)) if !unidad.trim().is_empty() => unidad.trim(),
             Some(_) => return Err(SensorError::Malformed("unidad is not a string".into())),
         };
@@ -566,6 +571,9 @@ mod tests {
         assert!(malformed(parse(r#"{"tipo": "co2", "valor": 415}"#)));
         assert!(malformed(parse(r#"{"tipo": 1, "valor": 415}"#)));
         assert!(malformed(parse(r#"{"tipo": "t", "valor": "21"}"#)));
+        assert!(malformed(parse(
+            r#"{"tipo": "t", "valor": 21, "unidad": "C\u202e"}"#
+        )));
         assert!(malformed(parse(
             r#"{"tipo": "t", "valor": 21, "unidad": 5}"#
         )));

@@ -242,6 +242,7 @@ pub(crate) fn spawn(
         },
         publisher,
         checkpointer,
+        max_future: (config.max_future_s as Micros).saturating_mul(1_000_000),
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -283,6 +284,9 @@ struct Writer {
     checkpointer: Checkpointer,
     /// `None` when samples are committed as they come (`commit_window_ms = 0`).
     window: Option<CommitWindow>,
+    /// How far ahead of the clock a latest value may lie before newer-stored readings
+    /// replace it (`storage.max_future_s`).
+    max_future: Micros,
 }
 
 /// How long samples wait for company before they are committed.
@@ -436,7 +440,7 @@ impl Writer {
         let mut published = Vec::new();
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
-        let mut newest = NewestReadings::default();
+        let mut newest = NewestReadings::new(self.max_future);
         let mut held = Vec::new();
         let commands = batch.len();
         let started = Instant::now();
@@ -926,7 +930,7 @@ impl Step<'_> {
         ])?;
         let id = self.tx.last_insert_rowid();
         self.rollups.add(sensor_id, tipo, taken_at, valor);
-        self.newest.add(sensor_id, tipo, id, taken_at);
+        self.newest.add(sensor_id, tipo, id, taken_at, self.now);
         let reading = Reading {
             id,
             sensor_id,
@@ -990,9 +994,14 @@ impl<'tx> ReadingInserts<'tx> {
 /// `latest_readings` once, at commit, instead of once per reading: a batched source
 /// hands over hundreds of readings of one sensor together. A sensor has a few `tipo`s,
 /// so each keeps a short list.
-#[derive(Default)]
+///
+/// "Newest" is by sample time, except that a reading stamped further in the future than
+/// `max_future` (a client's clock in year 9999, or one that got in while the gateway's
+/// clock was not trusted, or is in an older database) is newest only until anything
+/// else is stored: it cannot pin the latest value.
 struct NewestReadings {
     by_sensor: HashMap<i64, Vec<Newest>>,
+    max_future: Micros,
 }
 
 struct Newest {
@@ -1002,12 +1011,20 @@ struct Newest {
 }
 
 impl NewestReadings {
-    /// A reading just stored; of two taken at the same moment the later stored wins, as
-    /// in the upsert.
-    fn add(&mut self, sensor_id: i64, tipo: &str, reading_id: i64, taken_at: Micros) {
+    fn new(max_future: Micros) -> NewestReadings {
+        NewestReadings {
+            by_sensor: HashMap::new(),
+            max_future,
+        }
+    }
+
+    /// A reading just stored at `now`; of two taken at the same moment the later stored
+    /// wins, as in the upsert.
+    fn add(&mut self, sensor_id: i64, tipo: &str, reading_id: i64, taken_at: Micros, now: Micros) {
+        let horizon = now.saturating_add(self.max_future);
         let kept = self.by_sensor.entry(sensor_id).or_default();
         match kept.iter_mut().find(|n| n.tipo == tipo) {
-            Some(newest) if taken_at >= newest.taken_at => {
+            Some(newest) if taken_at >= newest.taken_at || newest.taken_at > horizon => {
                 newest.reading_id = reading_id;
                 newest.taken_at = taken_at;
             }
@@ -1025,12 +1042,14 @@ impl NewestReadings {
         self.by_sensor.remove(&sensor_id);
     }
 
-    /// Writes the batch's newest readings where they are newer than the stored ones.
+    /// Writes the batch's newest readings where they are newer than the stored ones, or
+    /// the stored ones lie too far in the future.
     fn flush(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let horizon = now_micros().saturating_add(self.max_future);
         let mut upsert = tx.prepare_cached(
             "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT (sensor_id, tipo) DO UPDATE SET reading_id = excluded.reading_id, ts = excluded.ts \
-             WHERE excluded.ts >= latest_readings.ts",
+             WHERE excluded.ts >= latest_readings.ts OR latest_readings.ts > ?5",
         )?;
         for (sensor_id, kept) in self.by_sensor.drain() {
             for newest in kept {
@@ -1038,7 +1057,8 @@ impl NewestReadings {
                     sensor_id,
                     newest.tipo,
                     newest.reading_id,
-                    newest.taken_at
+                    newest.taken_at,
+                    horizon
                 ])?;
             }
         }

@@ -3,7 +3,9 @@
 //!
 //! Every event goes out as `id: SEQ` and `data: ENVELOPE`, so a browser's `EventSource`
 //! resumes by itself through `Last-Event-ID`. A snapshot carries its `seq` as id too.
-//! A client that leaves its stream unread for [`WRITE_TIMEOUT`] is dropped.
+//! A client that leaves its stream unread for [`WRITE_TIMEOUT`] is dropped. A stream
+//! opened with a token ends when the token is revoked or no longer has the scope the
+//! stream needs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,9 @@ use super::feed::Feed;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
+use crate::api::router::StreamAdmission;
 use crate::api::{streamed, ApiError, Body, State};
+use crate::auth::{Access, Principal};
 use crate::model::FieldError;
 
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
@@ -28,7 +32,12 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 const QUEUE: usize = 64;
 
 /// Starts an event stream.
-pub fn stream(req: &Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, ApiError> {
+pub fn stream(
+    req: &Request<Incoming>,
+    state: Arc<State>,
+    principal: Option<Principal>,
+    admission: StreamAdmission,
+) -> Result<Response<Body>, ApiError> {
     super::check_origin(req, &state)?;
     let mut request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
     if request.since.is_none() {
@@ -47,7 +56,7 @@ pub fn stream(req: &Request<Incoming>, state: Arc<State>) -> Result<Response<Bod
         }
     }
     let (chunks, body) = streamed(QUEUE);
-    tokio::spawn(run(state, request, chunks));
+    tokio::spawn(run(state, request, principal, admission, chunks));
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -71,8 +80,16 @@ async fn send(chunks: &mpsc::Sender<Bytes>, text: String) -> bool {
     )
 }
 
-async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Sender<Bytes>) {
+async fn run(
+    state: Arc<State>,
+    request: SubscriptionRequest,
+    principal: Option<Principal>,
+    _admission: StreamAdmission,
+    chunks: mpsc::Sender<Bytes>,
+) {
     let _drain = state.drain.clone();
+    let mut tokens = state.auth.live_tokens();
+    tokens.mark_changed();
     let subscription = request.subscription.clone();
     let channels = subscription.channel_list();
     let _registration = state.hub.register(&channels);
@@ -118,6 +135,16 @@ async fn run(state: Arc<State>, request: SubscriptionRequest, chunks: mpsc::Send
                     }
                     if let Some(&channel) = channels.first() {
                         state.hub.count_sent(channel, sent);
+                    }
+                }
+            }
+            Ok(()) = tokens.changed(), if principal.is_some() => {
+                let live = tokens.borrow_and_update().clone();
+                if let Some(principal) = &principal {
+                    if let Err(reason) = state.auth.still_allowed(principal, Access::Read, &live).await {
+                        log::info!("event stream closed: {reason}");
+                        let _ = send(&chunks, format!(": {reason}; stream closed\n\n")).await;
+                        return;
                     }
                 }
             }

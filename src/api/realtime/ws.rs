@@ -7,8 +7,9 @@
 //! queue overflowed after coalescing, or its socket accepted nothing for
 //! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
 //! not answer pings; 4029 the client sent messages faster than its rate limit; 4401 a
-//! secure socket was not authenticated; 1009 a client message was too large; 1007 a text
-//! message was not UTF-8; 1002 any other breach of the protocol; 1011 storage failed.
+//! secure socket was not authenticated, or the token a socket was opened with was
+//! revoked or lost the scope the socket needs; 1009 a client message was too large; 1007
+//! a text message was not UTF-8; 1002 any other breach of the protocol; 1011 storage failed.
 //!
 //! The close handshake (RFC 6455 §5.5.1, §7) runs both ways. A client's Close is answered
 //! at once with a Close carrying its code (1000 when it gave none), and the connection
@@ -19,7 +20,7 @@
 //! connection ends without waiting, its unread bytes drained first so that the Close is
 //! not lost to a reset.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +48,9 @@ use super::throttle::Throttle;
 use crate::api::limits::Key;
 use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
-use crate::api::{full, linger, Admission, ApiError, Body, State};
-use crate::auth::Principal;
+use crate::api::router::{Client, StreamAdmission};
+use crate::api::{full, linger, ApiError, Body, State};
+use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
 
@@ -109,11 +111,12 @@ impl From<SubscriptionError> for ApiError {
 pub fn upgrade(
     mut req: Request<Incoming>,
     state: Arc<State>,
-    peer: SocketAddr,
+    from: Client,
     principal: Option<Principal>,
     secure: bool,
-    admission: Arc<Admission>,
+    admission: StreamAdmission,
 ) -> Result<Response<Body>, ApiError> {
+    let peer = from.peer;
     super::check_origin(&req, &state)?;
     let request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
     let response = create_response_with_body(&req, || full(""))
@@ -129,8 +132,12 @@ pub fn upgrade(
                 )
                 .await;
                 let mut session = Session::new(state, request, peer);
+                session.client = from.address;
                 session.principal = principal;
                 session.must_authenticate = secure && session.principal.is_none();
+                if secure {
+                    session.access = Access::Secure;
+                }
                 session.run(socket).await;
                 // The session counted as a connection until now.
                 drop(admission);
@@ -155,12 +162,16 @@ struct Session {
     subscription: Subscription,
     throttle: Option<Throttle>,
     peer: SocketAddr,
+    /// The client's address: the peer's, or the one a trusted proxy forwarded for.
+    client: IpAddr,
     client_id: String,
     outbox: Arc<Outbox>,
     /// The token the client connected with, if any; rate limits are kept per token.
     principal: Option<Principal>,
     /// A secure socket opened without a token: its first message must be `auth`.
     must_authenticate: bool,
+    /// What the socket needs its token to allow, checked again when tokens change.
+    access: Access,
 }
 
 /// How a session ended.
@@ -192,10 +203,12 @@ impl Session {
             request,
             subscription,
             peer,
+            client: peer.ip(),
             client_id,
             outbox,
             principal: None,
             must_authenticate: false,
+            access: Access::Read,
         }
     }
 
@@ -350,14 +363,14 @@ impl Session {
         End::Close(CLOSE_AUTH_FAILED, reason)
     }
 
-    /// Takes one message from the client's rate budget (per address and per token).
+    /// Takes one message from the client's rate budget: its token's, or its address's
+    /// when it has none.
     fn within_rate(&self) -> bool {
-        let mut keys = vec![Key::Address(self.peer.ip())];
-        keys.extend(self.principal.as_ref().map(|p| Key::Token(p.token_id)));
+        let key = Key::of(self.client, self.principal.as_ref());
         let allowed = self
             .state
             .socket_limiter
-            .take(&keys, Instant::now())
+            .take(&[key], Instant::now())
             .is_ok();
         if !allowed {
             self.state.counters.hit(Limit::SocketMessageRate);
@@ -383,6 +396,8 @@ impl Session {
         let ping_every = Duration::from_secs(self.state.realtime.ping_interval_s);
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let mut answered_ping = true;
+        let mut tokens = self.state.auth.live_tokens();
+        tokens.mark_changed();
         loop {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
@@ -447,6 +462,15 @@ impl Session {
                         return failure(&e);
                     }
                 },
+                Ok(()) = tokens.changed(), if self.principal.is_some() => {
+                    let live = tokens.borrow_and_update().clone();
+                    if let Some(principal) = &self.principal {
+                        if let Err(reason) = self.state.auth.still_allowed(principal, self.access, &live).await {
+                            log::info!("client {} ({}) closed: {reason}", self.client_id, self.peer);
+                            return End::Close(CLOSE_AUTH_FAILED, reason);
+                        }
+                    }
+                }
                 _ = ping.tick() => {
                     if !answered_ping {
                         return End::Close(CLOSE_PING_TIMEOUT, "no answer to ping".into());
