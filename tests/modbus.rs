@@ -525,6 +525,18 @@ async fn the_adapter_unplugged_and_plugged_back() {
         0.0
     );
 
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "sensorgate_modbus_errors_total{{bus=\"{}\",kind=\"port_lost\"}}",
+                devices.serial
+            )
+        ),
+        1.0,
+        "one loss, however many sensors and jobs met it"
+    );
+
     devices.command("plug");
     for found in system_events(&mut general, &[aire, bomba], "port_found").await {
         assert_eq!(found["data"]["salud"]["conectado"], true, "{found}");

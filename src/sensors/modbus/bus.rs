@@ -304,10 +304,7 @@ impl Owner {
                         self.stats.error(error.kind());
                         return Err(error);
                     }
-                    Err(Failure::Lost(why)) => {
-                        self.stats.error("port_lost");
-                        return Err(SensorError::PortLost(why));
-                    }
+                    Err(Failure::Lost(why)) => return Err(SensorError::PortLost(why)),
                     Err(Failure::Retry(error)) => {
                         self.stats.error(error.kind());
                         // A late answer must not be taken for the next one: start over
@@ -388,7 +385,12 @@ impl Owner {
         }
     }
 
+    /// The port or connection is gone: counted once per loss, not per job refused while
+    /// it stays away.
     fn lose(&mut self, why: String) {
+        if self.retry_at.is_none() {
+            self.stats.error("port_lost");
+        }
         self.connection = None;
         self.set_connected(false);
         self.retry_at = Some(Instant::now() + self.backoff);
