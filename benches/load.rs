@@ -730,6 +730,10 @@ mod http {
             self.request("POST", path, Some(body)).await
         }
 
+        pub async fn put_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
+            self.request("PUT", path, Some(body)).await
+        }
+
         async fn request(
             &mut self,
             method: &str,
@@ -1547,7 +1551,17 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         sizes.ingest_samples_per_read,
     ))?;
     fill(&daemon, wanted).await?;
-    // The same data, without sensors: the storm meets a quiet daemon.
+    // The same data with its sensors switched off: the storm meets a quiet daemon.
+    let mut client = http::Client::new(daemon.addr);
+    let sensors = get_json(&mut client, "/api/v1/sensores/?limit=1000").await?;
+    for sensor in sensors.as_array().ok_or("the sensor list is not a list")? {
+        let path = format!("{SENSORS_PATH}{}", sensor["id"]);
+        let response = client.put_json(&path, br#"{"activo": false}"#).await?;
+        if response.status != 200 {
+            return Err(format!("PUT {path} answered {}", response.status).into());
+        }
+    }
+    drop(client);
     let daemon = tokio::task::block_in_place(|| daemon.restart_with(Some("")))?;
     let addr = daemon.addr;
     tokio::time::sleep(sizes.idle_wait).await;
@@ -1572,10 +1586,20 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
                 tokio_tungstenite::connect_async_with_config(url, Some(socket_config()), true)
                     .await?;
             let mut last = 0u64;
+            let mut heard = Instant::now();
+            // The target is set once the creates stop: look at it at least every 100 ms.
             while last < target.load(Ordering::Relaxed) {
-                let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
-                    .await
-                    .map_err(|_| format!("client {client}: nothing for 60 s after seq {last}"))?;
+                let Ok(message) =
+                    tokio::time::timeout(Duration::from_millis(100), socket.next()).await
+                else {
+                    if heard.elapsed() > Duration::from_secs(60) {
+                        return Err(
+                            format!("client {client}: nothing for 60 s after seq {last}").into(),
+                        );
+                    }
+                    continue;
+                };
+                heard = Instant::now();
                 let Some(message) = message else {
                     return Err(format!("client {client}: closed after seq {last}").into());
                 };
@@ -1607,6 +1631,10 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     while !caught_up(&positions) {
         if started.elapsed() > Duration::from_secs(1800) {
             return Err("the resuming clients had not caught up after 30 minutes".into());
+        }
+        if let Some(ended) = resuming.try_join_next() {
+            ended??;
+            return Err("a resuming client ended before the others caught up".into());
         }
         let body = create_body(&format!("storm-{}", sent_at.len()));
         sent_at.push(Instant::now());

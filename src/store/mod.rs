@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::Hub;
@@ -52,6 +52,9 @@ const WAL_CHECKPOINT_PAGES: u32 = 4096;
 
 /// Reads that run at once, each on a read-only connection kept open between reads.
 const READERS: usize = 4;
+
+/// Clients that replay stored events at once (see [`Store::replay_turn`]).
+const REPLAYING_CLIENTS: usize = 8;
 
 /// Why a storage operation failed.
 #[derive(Debug)]
@@ -102,6 +105,8 @@ pub struct Store {
     readers: Arc<Readers>,
     /// Event pages read for resuming clients, shared by the next ones.
     pages: Arc<ReplayPages>,
+    /// Turns to replay stored events; see [`Store::replay_turn`].
+    replay_turns: Arc<Semaphore>,
     health: Arc<WriterHealth>,
 }
 
@@ -133,6 +138,7 @@ impl Store {
                 permits: Arc::new(Semaphore::new(READERS)),
             }),
             pages: Arc::default(),
+            replay_turns: Arc::new(Semaphore::new(REPLAYING_CLIENTS)),
             health,
         };
         Ok((store, handle))
@@ -296,6 +302,19 @@ impl Store {
     /// Readings matching a filter.
     pub async fn readings(&self, filter: ReadingFilter) -> Result<Vec<Reading>, StoreError> {
         self.read(move |c| reader::readings(c, &filter)).await
+    }
+
+    /// Waits for a turn to replay stored events, held while a client takes pages as fast
+    /// as it reads them. However many clients resume at once, only
+    /// [`REPLAYING_CLIENTS`] fill their queues and sockets from the log at a time, so the
+    /// memory and the cores they take stay bounded and live clients keep their latency;
+    /// the others wait, connected, and their live events wait in the log.
+    pub async fn replay_turn(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        self.replay_turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a

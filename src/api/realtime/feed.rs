@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::events::{Channel, Event, Hub};
 use crate::store::{Store, StoreError};
@@ -37,6 +38,8 @@ pub struct Feed {
     readings_from: Option<u64>,
     /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
     snapshot_at: Option<u64>,
+    /// The turn to replay, held from the first page read until caught up or paused.
+    turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Feed {
@@ -58,7 +61,14 @@ impl Feed {
             replaying: true,
             readings_from: None,
             snapshot_at: None,
+            turn: None,
         }
+    }
+
+    /// Gives up the turn to replay while the client cannot take more: a client that
+    /// reads slowly must not keep others waiting. The next page waits for a turn again.
+    pub fn pause(&mut self) {
+        self.turn = None;
     }
 
     /// Moves to the hub's ring with or without readings, subscribing before reading
@@ -107,6 +117,9 @@ impl Feed {
         }
         loop {
             if self.replaying {
+                if self.turn.is_none() {
+                    self.turn = Some(self.store.replay_turn().await?);
+                }
                 // Never past what the hub has published: a committed event may still wait
                 // for its flush to the card (`synchronous = "normal"`), and no client may
                 // hear of it before.
@@ -124,7 +137,10 @@ impl Feed {
                 match page.last() {
                     None => match self.readings_from.take() {
                         Some(from) => self.position = self.position.max(from),
-                        None => self.replaying = false,
+                        None => {
+                            self.replaying = false;
+                            self.turn = None;
+                        }
                     },
                     Some(last) => {
                         self.position = last.seq;

@@ -401,6 +401,9 @@ impl Session {
         loop {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
+            if !may_pull {
+                feed.pause();
+            }
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
