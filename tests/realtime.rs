@@ -582,6 +582,45 @@ async fn many_clients_resuming_at_once_each_get_every_event_once_in_order() {
     daemon.stop().await;
 }
 
+/// Only a few clients replay at a time; one that stops reading while it resumes gives
+/// its turn up once its queue is full, so those resuming behind it still catch up,
+/// long before the stuck ones are closed for not reading.
+///
+/// The stored events are sensor updates with 48 KB frames, 6 MB in all, more than a
+/// loopback socket takes before the daemon's writes block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_while_resuming_do_not_hold_up_the_others() {
+    let _gate = GATE.read().await;
+    let dir = temp_dir();
+    let daemon = start_open(dir.path(), "[realtime]\nclient_queue = 16\n").await;
+    let mut http = Http::connect(daemon.addr).await;
+    let sensor = http.create_sensor("temperatura").await;
+    let filler = "x".repeat(48 * 1024);
+    for i in 0..120 {
+        let body = big_update(i, &filler);
+        http.put(&format!("/api/v1/sensores/{sensor}"), &body).await;
+    }
+    let stored = daemon.last_seq().await;
+
+    // More stuck clients than there are turns, each with a socket that fills at once.
+    let path = "/api/v1/ws?channel=sensors&since=0";
+    let mut stuck = Vec::new();
+    for _ in 0..10 {
+        stuck.push(small_buffer_websocket(daemon.addr, path).await);
+    }
+    let mut reader = daemon.websocket(path).await.greeted().await;
+    let received = events_until(&mut reader, stored).await;
+    assert_eq!(seqs(&received), (1..=stored).collect::<Vec<_>>());
+    let stats = ws_stats(&daemon).await;
+    assert_eq!(
+        stats["channels"]["sensors"]["slow_disconnects"], 0,
+        "{stats}"
+    );
+    assert_eq!(stats["total_connections"], 11, "{stats}");
+    drop(stuck);
+    daemon.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Snapshot.
 
