@@ -538,12 +538,18 @@ function chartOptions(width, name, unit, banded) {
   };
 }
 
+/** An entry of a list in a source: a modbus register by what it measures. */
+function listed(entry) {
+  if (entry === null || typeof entry !== "object") return entry;
+  return entry.tipo ?? JSON.stringify(entry);
+}
+
 /** `sim · profile dht22 · base_temperature 22`: the kind first, unset options left out. */
 function describeSource(fuente) {
   const { kind, ...options } = fuente;
   const shown = Object.entries(options)
     .filter(([, v]) => v !== null && v !== undefined)
-    .map(([k, v]) => `${k} ${Array.isArray(v) ? v.join(", ") : typeof v === "object" ? JSON.stringify(v) : v}`);
+    .map(([k, v]) => `${k} ${Array.isArray(v) ? v.map(listed).join(", ") : typeof v === "object" ? JSON.stringify(v) : v}`);
   return [kind, ...shown].join(" · ");
 }
 

@@ -510,6 +510,17 @@ impl Config {
                 problems.push(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
         }
+        let modbus = self.sensors.iter().filter_map(|s| match &s.source {
+            SourceSpec::Modbus(config) => Some((s.name.as_str(), config)),
+            _ => None,
+        });
+        if let Err((name, why)) = crate::sensors::modbus::check_shared_buses(modbus) {
+            problems.push(Problem {
+                anchor: Some("source".to_owned()),
+                sensor: self.sensors.iter().position(|s| s.name == name),
+                text: format!("sensor \"{name}\": source {why}"),
+            });
+        }
         problems
     }
 }
@@ -719,6 +730,45 @@ source = { kind = "sim" }
             .unwrap_err()
             .to_string();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn modbus_maps_and_shared_ports_are_checked() {
+        let sensor = |name: &str, source: &str| {
+            format!(
+                "[[sensor]]\nname = \"{name}\"\ntipo = \"t\"\nmodelo = \"m\"\nsource = {{ kind = \"modbus\", {source} }}\n"
+            )
+        };
+        let aire = sensor(
+            "aire",
+            "port = \"/dev/ttyUSB0\", unit = 1, preset = \"xy-md02\"",
+        );
+        let medidor = sensor(
+            "medidor",
+            "port = \"/dev/ttyUSB0\", unit = 2, preset = \"sdm120\"",
+        );
+        assert!(Config::parse(&format!("{aire}{medidor}"), Path::new("x.toml")).is_ok());
+        let lento = sensor(
+            "lento",
+            "port = \"/dev/ttyUSB0\", baud = 2400, unit = 3, preset = \"sdm120\"",
+        );
+        let err = Config::parse(&format!("{aire}{lento}"), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x.toml: line 7: sensor \"lento\": source uses /dev/ttyUSB0"),
+            "{err}"
+        );
+        let err = Config::parse(
+            &sensor("mal", "port = \"/dev/ttyUSB0\", preset = \"sdm630\""),
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("line 5") && err.contains("unknown preset"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ use sensorgate::auth::{tokens, Scope};
 use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
 use sensorgate::demo::Rig;
 use sensorgate::model::format_time;
+use sensorgate::sensors::modbus::scan::{self, ScanOptions};
+use sensorgate::sensors::modbus::Parity;
 use sensorgate::service;
 use sensorgate::store::open_existing_database;
 use tokio::sync::mpsc;
@@ -30,6 +32,8 @@ USAGE:
     sensorgate token list
     sensorgate token revoke NAME
     sensorgate backup FILE
+    sensorgate modbus scan PORT|HOST:PORT [--units 1-247] [--baud 9600,19200 | --all-bauds]
+                           [--parity none,even,odd] [--timeout-ms 200]
 
 OPTIONS:
     --config FILE     Config file (default: /etc/sensorgate/config.toml if present)
@@ -39,6 +43,9 @@ OPTIONS:
     --dev             Enable development-only routes (/api/v1/test-sensors/)
     -h, --help        Print this help
     -V, --version     Print the version
+
+modbus scan probes each unit id (holding register 0) at each setting and prints what answers;
+each probe waits at most --timeout-ms. Stop the daemon first if it uses the same port.
 
 Token and backup commands use the database of --config (or /etc/sensorgate/config.toml) or --data-dir;
 a running daemon sees new and revoked tokens at once.
@@ -52,6 +59,7 @@ enum Command {
     Token(RunArgs, TokenCommand),
     Backup(RunArgs, PathBuf),
     CheckConfig(PathBuf),
+    ModbusScan(String, ScanOptions),
     PrintDefaultConfig,
     Help,
     Version,
@@ -103,6 +111,17 @@ fn parse_args() -> Result<Command, lexopt::Error> {
                 }
                 return Ok(Command::Backup(args, target));
             }
+            Value(word) if word == "modbus" => {
+                let action = parser.value()?.string()?;
+                if action != "scan" {
+                    return Err(format!("unknown modbus command {action:?}; expected scan").into());
+                }
+                let target = parser.value()?.string()?;
+                return Ok(Command::ModbusScan(
+                    target,
+                    parse_scan_options(&mut parser)?,
+                ));
+            }
             Value(word) if word == "token" => {
                 let action = parser.value()?.string()?;
                 let token = parse_token_command(&mut parser, &mut args, &action)?;
@@ -112,6 +131,103 @@ fn parse_args() -> Result<Command, lexopt::Error> {
         }
     }
     Ok(Command::Run(args))
+}
+
+/// The options of `modbus scan`.
+fn parse_scan_options(parser: &mut lexopt::Parser) -> Result<ScanOptions, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut options = ScanOptions {
+        units: 1..=247,
+        bauds: vec![9600],
+        parities: vec![Parity::None],
+        timeout: std::time::Duration::from_millis(200),
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("units") => options.units = scan::parse_units(&parser.value()?.string()?)?,
+            Long("baud") => {
+                options.bauds = parser
+                    .value()?
+                    .string()?
+                    .split(',')
+                    .map(|b| {
+                        b.trim()
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|b| (300..=4_000_000).contains(b))
+                    })
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or("--baud takes speeds from 300 to 4000000, separated by commas")?
+            }
+            Long("all-bauds") => options.bauds = scan::USUAL_BAUDS.to_vec(),
+            Long("parity") => {
+                options.parities = parser
+                    .value()?
+                    .string()?
+                    .split(',')
+                    .map(|p| match p.trim() {
+                        "none" => Some(Parity::None),
+                        "even" => Some(Parity::Even),
+                        "odd" => Some(Parity::Odd),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<Parity>>>()
+                    .ok_or("--parity takes none, even and odd, separated by commas")?
+            }
+            Long("timeout-ms") => {
+                let ms: u64 = parser.value()?.parse()?;
+                if !(10..=5000).contains(&ms) {
+                    return Err("--timeout-ms must be between 10 and 5000".into());
+                }
+                options.timeout = std::time::Duration::from_millis(ms);
+            }
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(options)
+}
+
+/// Probes a Modbus line and prints what answers.
+fn modbus_scan(target: &str, options: &ScanOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sensorgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = if target.starts_with('/') {
+        options.bauds.len() * options.parities.len()
+    } else {
+        1
+    };
+    let probes = options.units.clone().count() * settings;
+    eprintln!(
+        "probing {probes} unit ids and settings on {target}, at most {:?} each",
+        options.timeout
+    );
+    let found = runtime.block_on(scan::scan(target, options, |found| {
+        let heard = match &found.heard {
+            scan::Heard::Register(value) => format!("answers (holding register 0 = {value})"),
+            scan::Heard::Exception(name) => format!("answers (exception {name})"),
+            scan::Heard::Garbled => "sends frames that do not decode: try other settings".into(),
+        };
+        println!("unit {:>3} at {}: {heard}", found.unit, found.settings);
+    }));
+    match found {
+        Ok(found) if found.iter().any(|f| f.heard != scan::Heard::Garbled) => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("no device answered");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sensorgate: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// The rest of `token create|list|revoke`; `--config` and `--data-dir` say which
@@ -414,6 +530,7 @@ fn main() -> ExitCode {
             service::init_logging();
             run(args)
         }
+        Command::ModbusScan(target, options) => modbus_scan(&target, &options),
         Command::Token(args, command) => token_command(&args, command),
         Command::Backup(args, target) => backup_command(&args, &target),
     }

@@ -357,6 +357,7 @@ pub fn render(
         ));
     }
     flush(&mut out, &mut lines);
+    render_modbus(&mut out, &mut lines);
     if let Some(snapshot) = snapshot {
         let name = family_line(
             &mut out,
@@ -375,6 +376,61 @@ pub fn render(
         flush(&mut out, &mut lines);
     }
     out
+}
+
+/// The load of every Modbus bus: requests, time spent waiting for answers, failures.
+fn render_modbus(out: &mut String, lines: &mut Vec<String>) {
+    let buses = crate::sensors::modbus::loads();
+    if buses.is_empty() {
+        return;
+    }
+    type Figure = fn(&crate::sensors::modbus::BusLoad) -> String;
+    let families: [(&str, &str, &str, Figure); 3] = [
+        (
+            "sensorgate_modbus_requests_total",
+            "counter",
+            "Requests sent on each Modbus bus.",
+            |b| b.requests.to_string(),
+        ),
+        (
+            "sensorgate_modbus_busy_seconds_total",
+            "counter",
+            "Time each Modbus bus spent waiting for answers; its rate is the bus's load.",
+            |b| b.busy_seconds.to_string(),
+        ),
+        (
+            "sensorgate_modbus_connected",
+            "gauge",
+            "1 while the port of a Modbus bus is open or its connection up.",
+            |b| u8::from(b.connected).to_string(),
+        ),
+    ];
+    for (metric, kind, help, value) in families {
+        let name = family_line(out, metric, kind, help);
+        for bus in &buses {
+            lines.push(format!(
+                "{name}{{bus=\"{}\"}} {}",
+                label_value(&bus.bus),
+                value(bus)
+            ));
+        }
+        flush(out, lines);
+    }
+    let name = family_line(
+        out,
+        "sensorgate_modbus_errors_total",
+        "counter",
+        "Failed requests on each Modbus bus, by kind (timeout, checksum, exception name, port_lost).",
+    );
+    for bus in &buses {
+        for (kind, count) in &bus.errors {
+            lines.push(format!(
+                "{name}{{bus=\"{}\",kind=\"{kind}\"}} {count}",
+                label_value(&bus.bus)
+            ));
+        }
+    }
+    flush(out, lines);
 }
 
 /// A label value with `\`, `"` and line feeds escaped, as the text format wants.

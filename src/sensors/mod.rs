@@ -10,6 +10,7 @@
 pub mod dht22;
 pub mod health;
 pub mod iio;
+pub mod modbus;
 pub mod plausibility;
 pub mod serial;
 pub mod sim;
@@ -54,6 +55,8 @@ pub enum SourceSpec {
     W1(w1::W1Config),
     /// A DHT11/DHT22 read directly on a GPIO line.
     GpioDht(dht22::GpioDhtConfig),
+    /// A Modbus RTU device on an RS-485 line, or a Modbus TCP device.
+    Modbus(modbus::ModbusConfig),
 }
 
 impl SourceSpec {
@@ -66,6 +69,7 @@ impl SourceSpec {
             SourceSpec::Iio(c) => Box::new(iio::IioSource::new(c, interval)),
             SourceSpec::W1(c) => Box::new(w1::W1Source::new(c, interval)),
             SourceSpec::GpioDht(c) => Box::new(dht22::GpioDhtSource::new(c, interval)),
+            SourceSpec::Modbus(c) => Box::new(modbus::ModbusSource::new(c, interval)),
         }
     }
 }
@@ -491,6 +495,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_dashboards_example_sources_are_valid() {
+        let page = include_str!("../../assets/index.html");
+        let examples: Vec<&str> = page
+            .split("<option value='")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('\'').map(|(value, _)| value))
+            .collect();
+        assert!(examples.len() >= 10, "{examples:?}");
+        for example in examples {
+            serde_json::from_str::<SourceSpec>(example)
+                .unwrap_or_else(|e| panic!("{example}: {e}"));
+        }
+    }
+
+    #[test]
     fn every_source_kind_reads_from_toml() {
         let specs = [
             r#"kind = "sim""#,
@@ -506,6 +525,10 @@ sensor_id = "28-000005e2fdc3""#,
             r#"kind = "gpio_dht"
 line = 4
 model = "dht22""#,
+            r#"kind = "modbus"
+port = "/dev/serial/by-id/usb-FTDI_FT232R-if00-port0"
+unit = 2
+preset = "sdm120""#,
         ];
         for text in specs {
             let spec: SourceSpec = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));

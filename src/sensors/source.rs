@@ -49,6 +49,8 @@ pub enum SensorError {
     PortLost(String),
     /// Any other I/O failure, with the OS message.
     Io(String),
+    /// A Modbus device answered with an exception code (`detail` says to which request).
+    Exception { code: u8, detail: String },
 }
 
 impl SensorError {
@@ -61,6 +63,18 @@ impl SensorError {
             SensorError::Malformed(_) => "malformed",
             SensorError::PortLost(_) => "port_lost",
             SensorError::Io(_) => "io",
+            SensorError::Exception { code, .. } => match code {
+                0x01 => "illegal_function",
+                0x02 => "illegal_address",
+                0x03 => "illegal_value",
+                0x04 => "device_failure",
+                0x05 => "acknowledge",
+                0x06 => "device_busy",
+                0x08 => "memory_parity_error",
+                0x0A => "gateway_path_unavailable",
+                0x0B => "gateway_no_response",
+                _ => "exception",
+            },
         }
     }
 }
@@ -74,6 +88,11 @@ impl fmt::Display for SensorError {
             SensorError::Malformed(why) => write!(f, "malformed input: {why}"),
             SensorError::PortLost(why) => write!(f, "device lost: {why}"),
             SensorError::Io(why) => write!(f, "I/O error: {why}"),
+            SensorError::Exception { code, detail } => write!(
+                f,
+                "exception 0x{code:02X} ({}) for {detail}",
+                self.kind().replace('_', " ")
+            ),
         }
     }
 }

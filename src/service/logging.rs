@@ -2,12 +2,17 @@
 
 use std::io::Write;
 
+/// tokio-modbus warns about every frame it cannot decode; on a noisy RS-485 line that is
+/// one line per request. The modbus source counts those failures in `salud` and logs
+/// them at most once a minute per sensor, so its own warnings are left out by default.
+const DEFAULT_FILTER: &str = "info,tokio_modbus=error";
+
 /// Terminal logs get timestamps; under systemd (`JOURNAL_STREAM` set) journald adds its
 /// own, so lines carry only a `<N>` priority prefix that journald turns into a level.
-/// `RUST_LOG` sets the filter (default `info`).
+/// `RUST_LOG` sets the filter (default `info`, tokio-modbus at `error`).
 pub fn init() {
     let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_FILTER));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder
             .format(|buf, record| writeln!(buf, "<{}>{}", priority(record.level()), record.args()));
