@@ -1372,13 +1372,22 @@ const MIN_INTERVAL_S: f64 = 0.05;
 /// `count` simulated DHT22s at the fastest interval, each read yielding `per_read`
 /// samples.
 fn ingest_sensors(count: usize, per_read: usize) -> String {
+    ingest_sensors_stopping(count, per_read, None)
+}
+
+/// [`ingest_sensors`] that stop after `reads` reads each, when given (their next read
+/// hangs): a database filled to a size, not past it.
+fn ingest_sensors_stopping(count: usize, per_read: usize, reads: Option<u64>) -> String {
+    let stop = reads
+        .map(|n| format!("hang_after_reads = {n}, "))
+        .unwrap_or_default();
     let mut sensors = String::new();
     for i in 0..count {
         let _ = write!(
             sensors,
             "[[sensor]]\nname = \"ingest-{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
              interval_s = {MIN_INTERVAL_S}\nsource = {{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, \
-             samples_per_read = {per_read}, seed = {} }}\n\n",
+             {stop}samples_per_read = {per_read}, seed = {} }}\n\n",
             i + 1
         );
     }
@@ -1546,10 +1555,11 @@ const ALL_CHANNELS: &str = "sensors,readings,general";
 async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let (clients, wanted) = (sizes.storm_clients, sizes.storm_events);
     eprintln!("resume-storm: {clients} clients resuming from since=0 over {wanted} events");
-    let daemon = start(&ingest_sensors(
-        sizes.ingest_sensors,
-        sizes.ingest_samples_per_read,
-    ))?;
+    // Sensors that stop once they have given what was asked, as ingest outruns any
+    // polling: a database past `storage.max_events` would be pruned under the storm.
+    let (count, per_read) = (sizes.ingest_sensors, sizes.ingest_samples_per_read);
+    let reads = wanted.div_ceil((count * per_read) as u64);
+    let daemon = start(&ingest_sensors_stopping(count, per_read, Some(reads)))?;
     fill(&daemon, wanted).await?;
     // The same data with its sensors switched off: the storm meets a quiet daemon.
     let mut client = http::Client::new(daemon.addr);
