@@ -756,7 +756,7 @@ source = { kind = "sim" }
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("x.toml: line 7: sensor \"lento\": source uses /dev/ttyUSB0"),
+            err.starts_with("x.toml: line 10: sensor \"lento\": source uses /dev/ttyUSB0"),
             "{err}"
         );
         let err = Config::parse(
