@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use common::{temp_dir, Client, Daemon, Received};
+use common::{count, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -102,41 +102,6 @@ fn sensor(name: &str, source: &str) -> String {
         "[[sensor]]\nname = \"{name}\"\ntipo = \"modbus\"\nmodelo = \"test\"\n\
          interval_s = 0.2\nsource = {{ kind = \"modbus\", {source} }}\n"
     )
-}
-
-async fn sensor_named(daemon: &Daemon, name: &str) -> i64 {
-    let (status, sensors) = daemon.get("/api/v1/sensores/").await;
-    assert_eq!(status, 200);
-    sensors
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["nombre"] == name)
-        .unwrap_or_else(|| panic!("no sensor named {name}: {sensors}"))["id"]
-        .as_i64()
-        .unwrap()
-}
-
-async fn salud(daemon: &Daemon, id: i64) -> Value {
-    let (status, sensor) = daemon.get(&format!("/api/v1/sensores/{id}")).await;
-    assert_eq!(status, 200, "{sensor}");
-    sensor["salud"].clone()
-}
-
-async fn salud_until(daemon: &Daemon, id: i64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let salud = salud(daemon, id).await;
-        if done(&salud) {
-            return salud;
-        }
-        assert!(Instant::now() < deadline, "{what}: salud is {salud}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn count(salud: &Value, kind: &str) -> u64 {
-    salud["conteo"][kind].as_u64().unwrap_or(0)
 }
 
 /// The newest stored value of each `tipo` of a sensor, once every one of `tipos` has

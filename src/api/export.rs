@@ -7,7 +7,7 @@ use hyper::{Request, Response};
 
 use super::query::Query;
 use super::rest::reading_range;
-use super::{fallible_stream, ApiError, Body, State, StreamFailed};
+use super::{streamed, ApiError, Body, State, StreamFailed};
 use crate::model::{format_time, FieldError, Reading};
 use crate::store::{ReadingFilter, ReadingOrder, Store};
 
@@ -41,7 +41,7 @@ pub fn readings(req: &Request<Incoming>, state: &State) -> Result<Response<Body>
     }
     filter.limit = PAGE;
     filter.order = ReadingOrder::Asc;
-    let (chunks, body) = fallible_stream(QUEUE);
+    let (chunks, body) = streamed(QUEUE);
     tokio::spawn(produce(state.store.clone(), filter, format, chunks));
     let mut response = Response::new(body);
     let (content_type, file) = match format {

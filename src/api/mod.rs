@@ -58,7 +58,7 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Response bodies: whole buffers for REST, empty for upgrades, streams for exports and
 /// event streams. A body that fails ends its response as a failed transfer (see
-/// [`fallible_stream`]).
+/// [`streamed`]).
 pub type Body = UnsyncBoxBody<Bytes, StreamFailed>;
 
 /// A body from bytes.
@@ -70,18 +70,12 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A streamed body and the sender that feeds it, `capacity` chunks deep; the body ends
 /// when the sender is dropped. The producer waits while the client is not reading, so a
-/// stream costs constant memory however long it is.
-pub fn streamed(capacity: usize) -> (mpsc::Sender<Bytes>, Body) {
+/// stream costs constant memory however long it is. On an `Err` the connection is closed
+/// without the final chunk, so the client sees a transfer cut short (curl exits
+/// non-zero) rather than a document that only looks complete.
+pub fn streamed(capacity: usize) -> (mpsc::Sender<Result<Bytes, StreamFailed>>, Body) {
     let (sender, receiver) = mpsc::channel(capacity);
     (sender, ChannelBody(receiver).boxed_unsync())
-}
-
-/// A streamed body, as [`streamed`], whose producer can also fail it: on an `Err` the
-/// connection is closed without the final chunk, so the client sees a transfer cut
-/// short (curl exits non-zero) rather than a document that only looks complete.
-pub fn fallible_stream(capacity: usize) -> (mpsc::Sender<Result<Bytes, StreamFailed>>, Body) {
-    let (sender, receiver) = mpsc::channel(capacity);
-    (sender, FallibleBody(receiver).boxed_unsync())
 }
 
 /// Why a streamed response was cut short.
@@ -96,25 +90,9 @@ impl std::fmt::Display for StreamFailed {
 
 impl std::error::Error for StreamFailed {}
 
-struct ChannelBody(mpsc::Receiver<Bytes>);
+struct ChannelBody(mpsc::Receiver<Result<Bytes, StreamFailed>>);
 
 impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = StreamFailed;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
-    }
-}
-
-struct FallibleBody(mpsc::Receiver<Result<Bytes, StreamFailed>>);
-
-impl hyper::body::Body for FallibleBody {
     type Data = Bytes;
     type Error = StreamFailed;
 

@@ -335,3 +335,51 @@ pub fn stored_frame(row: &rusqlite::Row) -> rusqlite::Result<Value> {
     }
     Ok(frame)
 }
+
+/// The id of the sensor record of a configured sensor.
+pub async fn sensor_named(daemon: &Daemon, name: &str) -> i64 {
+    let (status, sensors) = daemon.get("/api/v1/sensores/").await;
+    assert_eq!(status, 200);
+    sensors
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["nombre"] == name)
+        .unwrap_or_else(|| panic!("no sensor named {name}: {sensors}"))["id"]
+        .as_i64()
+        .unwrap()
+}
+
+/// A sensor's `salud` as `GET /api/v1/sensores/{id}` shows it.
+pub async fn salud(daemon: &Daemon, id: i64) -> Value {
+    let (status, sensor) = daemon.get(&format!("/api/v1/sensores/{id}")).await;
+    assert_eq!(status, 200, "{sensor}");
+    sensor["salud"].clone()
+}
+
+/// Polls a sensor's `salud` until `done` holds; health is updated by the sampling thread
+/// right after it hands a sample over, so it may trail the pushed event by a moment.
+pub async fn salud_until(
+    daemon: &Daemon,
+    id: i64,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let salud = salud(daemon, id).await;
+        if done(&salud) {
+            return salud;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: salud is {salud}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// How many read outcomes of `kind` a `salud` counted.
+pub fn count(salud: &Value, kind: &str) -> u64 {
+    salud["conteo"][kind].as_u64().unwrap_or(0)
+}

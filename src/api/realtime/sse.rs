@@ -21,7 +21,7 @@ use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
 use crate::api::router::StreamAdmission;
-use crate::api::{streamed, ApiError, Body, State};
+use crate::api::{streamed, ApiError, Body, State, StreamFailed};
 use crate::auth::{Access, Principal};
 use crate::model::FieldError;
 
@@ -73,9 +73,9 @@ fn event_chunk(out: &mut String, id: Option<u64>, data: &str) {
     out.push_str("\n\n");
 }
 
-async fn send(chunks: &mpsc::Sender<Bytes>, text: String) -> bool {
+async fn send(chunks: &mpsc::Sender<Result<Bytes, StreamFailed>>, text: String) -> bool {
     matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Bytes::from(text))).await,
+        tokio::time::timeout(WRITE_TIMEOUT, chunks.send(Ok(Bytes::from(text)))).await,
         Ok(Ok(()))
     )
 }
@@ -85,7 +85,7 @@ async fn run(
     request: SubscriptionRequest,
     principal: Option<Principal>,
     _admission: StreamAdmission,
-    chunks: mpsc::Sender<Bytes>,
+    chunks: mpsc::Sender<Result<Bytes, StreamFailed>>,
 ) {
     let _drain = state.drain.clone();
     let mut tokens = state.auth.live_tokens();
