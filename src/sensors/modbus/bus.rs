@@ -402,17 +402,7 @@ impl Owner {
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(Failure::Lost(self.lost_because.clone()));
         }
-        let opened = match &self.link.line {
-            Line::Serial {
-                path,
-                baud,
-                parity,
-                data_bits,
-                stop_bits,
-            } => open_serial(path, *baud, *parity, *data_bits, *stop_bits),
-            Line::Tcp { address } => open_tcp(address, Duration::from_secs(3)).await,
-        };
-        match opened {
+        match open(&self.link).await {
             Ok(connection) => {
                 if !self.connected.load(Ordering::Relaxed) {
                     log::info!("modbus {}: open", self.link.name());
@@ -433,7 +423,21 @@ impl Owner {
     }
 }
 
-pub(super) fn open_serial(
+/// Opens the serial line or TCP connection of a bus.
+pub(super) async fn open(link: &Link) -> io::Result<Connection> {
+    match &link.line {
+        Line::Serial {
+            path,
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+        } => open_serial(path, *baud, *parity, *data_bits, *stop_bits),
+        Line::Tcp { address } => open_tcp(address, Duration::from_secs(3)).await,
+    }
+}
+
+fn open_serial(
     path: &str,
     baud: u32,
     parity: Parity,
@@ -468,7 +472,7 @@ pub(super) fn open_serial(
     })
 }
 
-pub(super) async fn open_tcp(address: &str, within: Duration) -> io::Result<Connection> {
+async fn open_tcp(address: &str, within: Duration) -> io::Result<Connection> {
     let stream = tokio::time::timeout(within, tokio::net::TcpStream::connect(address))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;

@@ -124,17 +124,9 @@ pub async fn scan(
 }
 
 async fn open(link: &Link) -> Result<Connection, String> {
-    let opened = match &link.line {
-        Line::Serial {
-            path,
-            baud,
-            parity,
-            data_bits,
-            stop_bits,
-        } => bus::open_serial(path, *baud, *parity, *data_bits, *stop_bits),
-        Line::Tcp { address } => bus::open_tcp(address, Duration::from_secs(3)).await,
-    };
-    opened.map_err(|e| format!("{}: {e}", link.name()))
+    bus::open(link)
+        .await
+        .map_err(|e| format!("{}: {e}", link.name()))
 }
 
 async fn probe(connection: &mut Connection, unit: u8, timeout: Duration) -> Option<Heard> {
