@@ -1774,6 +1774,19 @@ async fn event_stream_delivers_and_resumes_exactly() {
     );
     assert!(since.next_within(QUIET).await.is_none());
 
+    // A browser reconnecting to a URL with `since` and `snapshot` sends what it saw
+    // last: it resumes from there, with no second snapshot and nothing seen again.
+    let mut reconnected = EventStream::open(
+        daemon.addr,
+        "/api/v1/events?channel=readings&since=6&snapshot=true",
+        &format!("Last-Event-ID: {}\r\n", marker - 2),
+    )
+    .await;
+    assert_eq!(reconnected.next().await.retry, Some(2000));
+    let got = reconnected.events_until(marker).await;
+    assert_eq!(seqs(&got), [marker - 1, marker]);
+    assert!(reconnected.next_within(QUIET).await.is_none());
+
     // A snapshot carries its seq as id.
     let mut snap = EventStream::open(
         daemon.addr,

@@ -40,20 +40,21 @@ pub fn stream(
 ) -> Result<Response<Body>, ApiError> {
     super::check_origin(req, &state)?;
     let mut request = SubscriptionRequest::from_query(&Query::parse(req.uri().query()))?;
-    if request.since.is_none() {
-        if let Some(value) = req.headers().get("last-event-id") {
-            let seq = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::invalid(vec![FieldError::new(
-                        "Last-Event-ID",
-                        "must be a seq number",
-                    )])
-                })?;
-            request.since = Some(seq);
-        }
+    // A browser sends `Last-Event-ID` when it reconnects, to the same URL: what it saw
+    // last is newer than the URL's `since`, and it has the snapshot the URL asked for.
+    if let Some(value) = req.headers().get("last-event-id") {
+        let seq = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::invalid(vec![FieldError::new(
+                    "Last-Event-ID",
+                    "must be a seq number",
+                )])
+            })?;
+        request.since = Some(seq);
+        request.snapshot = false;
     }
     let (chunks, body) = streamed(QUEUE);
     tokio::spawn(run(state, request, principal, admission, chunks));
