@@ -195,18 +195,10 @@ async fn open_daemon(dir: &std::path::Path) -> Daemon {
 
 /// The value of the sample `series` (name and labels) in `/metrics`.
 async fn metric(daemon: &Daemon, series: &str) -> u64 {
-    let (status, body) = daemon
-        .try_request("GET", "/metrics", None)
+    daemon
+        .metric(series)
         .await
-        .expect("metrics");
-    assert_eq!(status, 200);
-    let wanted = format!("{series} ");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|line| line.strip_prefix(&wanted))
-        .unwrap_or_else(|| panic!("no {series} in /metrics"))
-        .parse()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no {series} in /metrics")) as u64
 }
 
 /// Counted closes with `code` from `/metrics`.

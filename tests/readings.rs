@@ -287,13 +287,11 @@ async fn buckets(daemon: &Daemon, sensor_id: i64, bucket: &str) -> Value {
 
 /// `sensorgate_last_value` of a sensor and `tipo`, if `/metrics` has one.
 async fn last_value(daemon: &Daemon, sensor_id: i64, tipo: &str) -> Option<f64> {
-    let (status, body) = daemon.try_request("GET", "/metrics", None).await.unwrap();
-    assert_eq!(status, 200);
-    let series = format!("sensorgate_last_value{{sensor_id=\"{sensor_id}\",tipo=\"{tipo}\"}} ");
-    String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix(&series).map(|v| v.parse().unwrap()))
+    daemon
+        .metric(&format!(
+            "sensorgate_last_value{{sensor_id=\"{sensor_id}\",tipo=\"{tipo}\"}}"
+        ))
+        .await
 }
 
 /// The latest readings a snapshot gives for `sensor_id`, by `tipo`.

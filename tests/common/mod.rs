@@ -160,6 +160,24 @@ impl Daemon {
         Client { socket }
     }
 
+    /// The value of one sample (`name{labels}`) in `/metrics`, if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (status, body) = self
+            .try_request("GET", "/metrics", None)
+            .await
+            .expect("metrics");
+        assert_eq!(status, 200);
+        let wanted = format!("{series} ");
+        String::from_utf8_lossy(&body).lines().find_map(|line| {
+            let value = line.strip_prefix(&wanted)?;
+            Some(
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{line}: not a number")),
+            )
+        })
+    }
+
     /// The store's last `seq`, from `/healthz`.
     pub async fn last_seq(&self) -> u64 {
         self.storage_figure("last_seq").await
