@@ -111,16 +111,6 @@ impl Counters {
         self.closes[initiator as usize][index].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// WebSocket closes with `code` started by `initiator` so far.
-    pub fn closes(&self, code: u16, initiator: CloseInitiator) -> u64 {
-        CLOSE_CODES
-            .iter()
-            .position(|&c| c == code)
-            .map_or(0, |index| {
-                self.closes[initiator as usize][index].load(Ordering::Relaxed)
-            })
-    }
-
     /// Counts one refusal by `limit`.
     pub fn hit(&self, limit: Limit) {
         self.limits[limit as usize].fetch_add(1, Ordering::Relaxed);
