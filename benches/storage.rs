@@ -4,7 +4,16 @@
 //! ```sh
 //! cargo bench --bench storage                       # 10 sensors x 3 days at 1 Hz
 //! STORAGE_DAYS=30 cargo bench --bench storage       # the full month: 26 million readings
+//! cargo bench --bench storage -- gateway            # a greenhouse in real time, 10 minutes
 //! ```
+//!
+//! The `gateway` scenario runs the writer at the pace of a real gateway, with the default
+//! storage settings: `GATEWAY_SENSORS` (10) DHT22-like sensors, each giving temperature
+//! and humidity every `GATEWAY_INTERVAL_MS` (2000), spread evenly over the interval, for
+//! `GATEWAY_SECONDS` (600). `GATEWAY_WINDOW_MS` and `GATEWAY_BUDGET_MB` override
+//! `storage.commit_window_ms` and `storage.write_budget_mb_per_day`. It prints bytes
+//! written per reading and per day, database bytes per reading and how long a sample
+//! took from being taken to its event.
 //!
 //! Samples are stamped one second apart per sensor but submitted as fast as the writer
 //! takes them, so a month of data goes in in minutes. A second part measures what a
@@ -12,6 +21,8 @@
 //! with `commit_window_ms = 0` when sensors are slow) and in groups (as a commit window
 //! gathers them). Prints one markdown table.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sensorgate::config::{StorageConfig, Synchronous};
@@ -61,7 +72,7 @@ fn bytes_per_reading_in_commits_of(per_commit: usize, samples: usize) -> f64 {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
-    let ids = runtime.block_on(create_sensors(&store));
+    let ids = runtime.block_on(create_sensors(&store, SENSORS as usize));
     let start_time = sensorgate::model::now_micros() - samples as i64 * 2_000_000;
     let bytes_before = write_bytes();
     let mut group = Vec::with_capacity(per_commit);
@@ -87,9 +98,9 @@ fn bytes_per_reading_in_commits_of(per_commit: usize, samples: usize) -> f64 {
     (write_bytes() - bytes_before) as f64 / (samples * 2) as f64
 }
 
-async fn create_sensors(store: &Store) -> Vec<i64> {
+async fn create_sensors(store: &Store, count: usize) -> Vec<i64> {
     let mut ids = Vec::new();
-    for i in 0..SENSORS {
+    for i in 0..count {
         let new = NewSensor {
             tipo: "temperatura".into(),
             modelo: "DHT22".into(),
@@ -108,6 +119,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::args().any(|a| a == "gateway") {
+        gateway();
+        return;
+    }
     let bench = std::env::args().any(|a| a == "--bench");
     let days = env_or("STORAGE_DAYS", if bench { 3 } else { 1 });
     let seconds = if bench { days * 86_400 } else { 600 };
@@ -124,7 +139,7 @@ fn main() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
-    let ids = runtime.block_on(create_sensors(&store));
+    let ids = runtime.block_on(create_sensors(&store, SENSORS as usize));
 
     let start_time = sensorgate::model::now_micros() - seconds as i64 * 1_000_000;
     let readings = seconds * SENSORS as u64;
@@ -239,4 +254,124 @@ fn main() {
             bytes_per_reading_in_commits_of(per_commit, paced)
         );
     }
+}
+
+/// A gateway at its own pace (see the module's doc): what it costs the card.
+fn gateway() {
+    let sensors = env_or("GATEWAY_SENSORS", 10) as usize;
+    let interval = Duration::from_millis(env_or("GATEWAY_INTERVAL_MS", 2000));
+    let seconds = env_or("GATEWAY_SECONDS", 600);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StorageConfig {
+        data_dir: dir.path().to_owned(),
+        ..StorageConfig::default()
+    };
+    if let Ok(window) = std::env::var("GATEWAY_WINDOW_MS") {
+        config.commit_window_ms = window.parse().unwrap();
+    }
+    if let Ok(budget) = std::env::var("GATEWAY_BUDGET_MB") {
+        config.write_budget_mb_per_day = budget.parse().unwrap();
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let hub = Hub::new(4096);
+    let mut events = hub.subscribe();
+    let (store, writer) = Store::open(&config, hub).unwrap();
+    let ids = runtime.block_on(create_sensors(&store, sensors));
+
+    // When each sensor's samples were taken, oldest first; the first event of a sample
+    // (its temperature) ends its wait.
+    let taken: Arc<Mutex<HashMap<i64, VecDeque<Instant>>>> = Arc::default();
+    let waits = {
+        let taken = taken.clone();
+        runtime.spawn(async move {
+            let mut waits = Vec::new();
+            while let Ok(event) = events.recv().await {
+                if event.tipo.as_deref() != Some("temperatura") {
+                    continue;
+                }
+                let Some(sensor) = event.sensor_id else {
+                    continue;
+                };
+                if let Some(at) = taken
+                    .lock()
+                    .unwrap()
+                    .get_mut(&sensor)
+                    .and_then(|q| q.pop_front())
+                {
+                    waits.push(at.elapsed());
+                }
+            }
+            waits
+        })
+    };
+
+    let bytes_before = write_bytes();
+    let began = Instant::now();
+    let spacing = interval / sensors as u32;
+    let mut samples = 0u64;
+    let mut tick = 0u32;
+    while began.elapsed() < Duration::from_secs(seconds) {
+        let due = began + spacing * tick;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = ids[tick as usize % sensors];
+        let round = (tick as usize / sensors) as f64;
+        taken
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .push_back(Instant::now());
+        store
+            .submit_samples(vec![Sample {
+                sensor_id: id,
+                taken_at: sensorgate::model::now_micros(),
+                hora_dudosa: false,
+                measurements: vec![
+                    Measurement::new("temperatura", 20.0 + (round / 50.0).sin(), "°C"),
+                    Measurement::new("humedad", 55.0 + (round / 70.0).cos() * 5.0, "%"),
+                ],
+            }])
+            .unwrap();
+        samples += 1;
+        tick += 1;
+    }
+    runtime.block_on(store.close());
+    writer.join();
+    let elapsed = began.elapsed().as_secs_f64();
+    let written = write_bytes() - bytes_before;
+    let on_disk = size_of(dir.path());
+    let mut waits = runtime.block_on(waits).unwrap();
+    waits.sort();
+    let at = |q: f64| waits[((waits.len() as f64 * q) as usize).min(waits.len() - 1)];
+    let readings = samples * 2;
+    println!("| gateway scenario | figure |");
+    println!("| --- | --- |");
+    println!(
+        "| setup | {sensors} sensors, temperature and humidity every {} ms, {elapsed:.0} s, commit window {} ms, write budget {} MB/day, synchronous={:?} |",
+        interval.as_millis(),
+        config.commit_window_ms,
+        config.write_budget_mb_per_day,
+        config.synchronous
+    );
+    println!(
+        "| bytes written per reading | {:.0} (`/proc/self/io` write_bytes: {written} bytes for {readings} readings, WAL, checkpoints and the final one included) |",
+        written as f64 / readings as f64
+    );
+    println!(
+        "| bytes written per day at this rate | {:.2} GB |",
+        written as f64 / elapsed * 86_400.0 / 1e9
+    );
+    println!(
+        "| database bytes per reading | {:.0} ({on_disk} bytes on disk after the final checkpoint) |",
+        on_disk as f64 / readings as f64
+    );
+    println!(
+        "| sample taken -> event, {} samples | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms |",
+        waits.len(),
+        at(0.5).as_secs_f64() * 1000.0,
+        at(0.99).as_secs_f64() * 1000.0,
+        at(1.0).as_secs_f64() * 1000.0
+    );
 }

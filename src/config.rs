@@ -94,8 +94,18 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub synchronous: Synchronous,
     /// Samples from sensors wait up to this long for others before they are committed
-    /// together; 0 commits each at once.
+    /// together; 0 commits each at once. REST writes never wait.
     pub commit_window_ms: u64,
+    /// Bytes the daemon may write to the card per day, in MB (10^6 bytes); past it the
+    /// commit window widens, up to `max_commit_window_ms`. 0: no budget.
+    pub write_budget_mb_per_day: u64,
+    /// The widest the write budget may make the commit window.
+    pub max_commit_window_ms: u64,
+    /// The free space the database leaves its file system: this share of it in percent
+    /// or `min_free_mb`, whichever is smaller. Below it the oldest raw readings go.
+    /// 0 in either turns the floor off.
+    pub min_free_percent: u8,
+    pub min_free_mb: u64,
     pub max_events: u64,
     /// Raw readings older than this many days are removed; 0 keeps them forever.
     pub readings_retention_days: u32,
@@ -132,7 +142,11 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
             synchronous: Synchronous::Full,
-            commit_window_ms: 0,
+            commit_window_ms: 1000,
+            write_budget_mb_per_day: 0,
+            max_commit_window_ms: 30_000,
+            min_free_percent: 10,
+            min_free_mb: 1024,
             max_events: 1_000_000,
             readings_retention_days: 365,
             minute_rollup_retention_days: 31,
@@ -419,6 +433,18 @@ impl Config {
             problems.push(Problem::key(
                 "storage.commit_window_ms",
                 "must be at most 60000 (a minute)",
+            ));
+        }
+        if !(self.storage.commit_window_ms..=600_000).contains(&self.storage.max_commit_window_ms) {
+            problems.push(Problem::key(
+                "storage.max_commit_window_ms",
+                "must lie between storage.commit_window_ms and 600000 (ten minutes)",
+            ));
+        }
+        if self.storage.min_free_percent > 90 {
+            problems.push(Problem::key(
+                "storage.min_free_percent",
+                "must be at most 90",
             ));
         }
         if self.realtime.client_queue < 16 {

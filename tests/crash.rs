@@ -105,14 +105,16 @@ async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
             .unwrap();
         assert_eq!(check, "ok", "round {round}");
         let (min, max, count): (i64, i64, i64) = db
-            .query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT MIN(seq), MAX(seq), COUNT(*) FROM event_log",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .unwrap();
         assert_eq!(max - min + 1, count, "round {round}: seq has holes");
         let mut stmt = db
             .prepare(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"
+                "SELECT {EVENT_COLUMNS} FROM event_log WHERE seq = ?1"
             ))
             .unwrap();
         for (seq, frame) in &received {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{temp_dir, Daemon, Received};
+use common::{insert_reading_row, temp_dir, Daemon, Received};
 use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -456,13 +456,7 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
     daemon.stop().await;
     // A reading of year 9999, from before the bound on sample times existed.
     let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
-    conn.execute(
-        "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) \
-         VALUES (?1, 253402300799000000, 'temperatura', 99.0, '')",
-        [id],
-    )
-    .unwrap();
-    let far = conn.last_insert_rowid();
+    let far = insert_reading_row(&conn, id, 253402300799000000, "temperatura", 99.0, "");
     drop(conn);
 
     let daemon = Daemon::start_in(dir.path(), config).await;

@@ -187,7 +187,7 @@ fn stored(dir: &Path, channel: &str, after: u64, upto: u64) -> Vec<Stored> {
     let conn = database(dir);
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE channel = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq"
+            "SELECT {EVENT_COLUMNS} FROM event_log WHERE channel = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq"
         ))
         .unwrap();
     stmt.query_map(
@@ -214,7 +214,7 @@ fn stored_seqs(dir: &Path, channel: &str, after: u64, upto: u64) -> Vec<u64> {
 /// The newest stored `seq`.
 fn stored_last_seq(dir: &Path) -> u64 {
     database(dir)
-        .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+        .query_row("SELECT COALESCE(MAX(seq), 0) FROM event_log", [], |r| {
             r.get::<_, i64>(0)
         })
         .unwrap() as u64
@@ -465,11 +465,17 @@ async fn since_older_than_retention_is_told_since_too_old() {
         http.reading(sensor, "temperatura", f64::from(i)).await;
     }
     assert_eq!(daemon.last_seq().await, 11);
-    // Retention removed everything up to seq 6 (done by hand: the daemon's own
-    // retention only runs once a minute).
-    let removed = database(dir.path())
-        .execute("DELETE FROM events WHERE seq <= 6", [])
-        .unwrap();
+    // Retention removed everything up to seq 6 and moved the log's floor past it (done
+    // by hand: the daemon's own retention only runs once a minute).
+    let db = database(dir.path());
+    let removed = db.execute("DELETE FROM events WHERE seq <= 6", []).unwrap()
+        + db.execute("DELETE FROM reading_rows WHERE id <= 6", [])
+            .unwrap();
+    db.execute(
+        "UPDATE store_meta SET value = 7 WHERE key = 'log_floor'",
+        [],
+    )
+    .unwrap();
     assert_eq!(removed, 6);
     let (_, health) = daemon.get("/healthz").await;
     assert_eq!(health["storage"]["oldest_seq"], 7);

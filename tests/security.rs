@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{raw_exchange_first, split_response, temp_dir, Daemon, Received};
+use common::{insert_reading_row, raw_exchange_first, split_response, temp_dir, Daemon, Received};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -728,16 +728,11 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
 
     // A reading of year 9999 that got in before the bound existed.
     let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    let far = insert_reading_row(&conn, id, 253402300799000000, "temperatura", 99.0, "°C");
     conn.execute(
-        "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) \
-         VALUES (?1, 253402300799000000, 'temperatura', 99.0, '°C')",
-        [id],
-    )
-    .unwrap();
-    conn.execute(
-        "UPDATE latest_readings SET reading_id = last_insert_rowid(), ts = 253402300799000000 \
+        "UPDATE latest_readings SET reading_id = ?2, ts = 253402300799000000 \
          WHERE sensor_id = ?1",
-        [id],
+        [id, far],
     )
     .unwrap();
     drop(conn);

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{temp_dir, Daemon};
+use std::time::Duration;
+
+use common::{insert_reading_row, temp_dir, Daemon};
 use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
@@ -245,7 +247,9 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
     // so an outage seen under the lock is still going on when the space is freed.
     let (locked_at, outage_since, seq_under_lock) = hold_a_long_outage(&daemon, &db).await;
     db.execute_batch(
-        "DROP TABLE ballast; DELETE FROM rollup_minute; DELETE FROM rollup_hour; DELETE FROM readings; \
+        "DROP TABLE ballast; DELETE FROM rollup_minute; DELETE FROM rollup_hour; \
+         UPDATE store_meta SET value = (SELECT MAX(seq) FROM event_log) + 1 WHERE key = 'log_floor'; \
+         DELETE FROM reading_rows; \
          DELETE FROM events WHERE seq < (SELECT MAX(seq) - 100 FROM events); COMMIT;",
     )
     .unwrap();
@@ -286,10 +290,14 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
+    // The log from its floor on, where the readings deleted above end it.
     let (min, max, count): (i64, i64, i64) = db
-        .query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT MIN(seq), MAX(seq), COUNT(*) FROM event_log \
+             WHERE seq >= (SELECT value FROM store_meta WHERE key = 'log_floor')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!(max - min + 1, count, "seq has no holes");
 }
@@ -382,15 +390,17 @@ async fn backup_while_running_is_consistent() {
         .unwrap();
     assert_eq!(sensors, 4);
     let (min, max, count): (i64, i64, i64) = copy
-        .query_row("SELECT MIN(seq), MAX(seq), COUNT(*) FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT MIN(seq), MAX(seq), COUNT(*) FROM event_log",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!(max - min + 1, count);
     // Every reading event in the copy has its reading: one snapshot, not a torn copy.
     let orphans: i64 = copy
         .query_row(
-            "SELECT COUNT(*) FROM events e WHERE e.channel = 'readings' AND NOT EXISTS \
+            "SELECT COUNT(*) FROM event_log e WHERE e.channel = 'readings' AND NOT EXISTS \
              (SELECT 1 FROM readings r WHERE r.id = e.reading_id)",
             [],
             |r| r.get(0),
@@ -799,11 +809,14 @@ async fn a_damaged_database_refuses_writes_and_fails_exports_that_meet_the_damag
         let mut db = rusqlite::Connection::open(&path).unwrap();
         let tx = db.transaction().unwrap();
         for i in 0..40_000i64 {
-            tx.execute(
-                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, 'temperatura', ?3, '°C')",
-                rusqlite::params![id, start + i * 1_000_000, i as f64 / 100.0],
-            )
-            .unwrap();
+            insert_reading_row(
+                &tx,
+                id,
+                start + i * 1_000_000,
+                "temperatura",
+                i as f64 / 100.0,
+                "°C",
+            );
         }
         tx.commit().unwrap();
         db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
@@ -919,7 +932,7 @@ fn the_wal_stays_within_a_small_disk() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\ncommit_window_ms = 0\n{}",
             dir.path().join("data").display(),
             fast_sensors(8)
         ),
@@ -969,8 +982,9 @@ fn the_wal_stays_within_a_small_disk() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    // Four times the commits whose WAL fills the limit (about 32 KiB each).
-    let wanted = 4 * LIMIT / (32 * 1024);
+    // Four times the commits whose WAL fills the limit (each sample its own commit, at
+    // most about 4 KiB of WAL each).
+    let wanted = 4 * LIMIT / (4 * 1024);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     loop {
         let (status, health) = http_get(&addr, "/healthz");
@@ -1083,5 +1097,296 @@ async fn a_flapping_outage_is_one_outage_from_first_failure_to_recovery() {
         "outage of {lasted} s reported; it lasted at least {at_least} s"
     );
     assert!(health_becomes(&daemon, 200).await);
+    daemon.stop().await;
+}
+
+/// A database left by the previous schema (readings with their text columns and two
+/// indexes, every reading event a row of its own) with a million readings upgrades in
+/// place at start: every reading keeps its id, time and value, the events kept go on
+/// replaying, and the next reading is its own event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_previous_schema_upgrades_in_place_with_nothing_lost() {
+    const READINGS: i64 = 1_000_000;
+    const KEPT_EVENTS: i64 = 1000;
+    let dir = temp_dir();
+    let path = dir.path().join("sensorgate.db");
+    let start = now_micros() - READINGS * 1_000_000;
+    let before = {
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        db.pragma_update(None, "journal_mode", "WAL").unwrap();
+        sensorgate::store::migrate_up_to(&mut db, 7).unwrap();
+        let tx = db.transaction().unwrap();
+        tx.execute_batch(
+            "INSERT INTO sensors (id, tipo, modelo, nombre, created_at, updated_at) VALUES \
+             (1, 'temperatura', 'DHT22', 'a', 0, 0), (2, 'temperatura', 'DHT22', 'b', 0, 0);",
+        )
+        .unwrap();
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO readings (id, sensor_id, ts, tipo, valor, unidad, hora_dudosa) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .unwrap();
+            for id in 1..=READINGS {
+                let (tipo, unidad) = if id % 2 == 0 {
+                    ("temperatura", "°C")
+                } else {
+                    ("humedad", "%")
+                };
+                insert
+                    .execute(rusqlite::params![
+                        id,
+                        1 + id % 3 / 2,
+                        start + id * 1_000_000,
+                        tipo,
+                        (id % 1000) as f64 / 10.0,
+                        unidad,
+                        id % 97 == 0
+                    ])
+                    .unwrap();
+            }
+        }
+        // Two sensors created (seq 1 and 2), then a reading event per reading, of which
+        // retention kept the newest.
+        tx.execute(
+            "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
+             reading_id, valor, unidad, taken_at, hora_dudosa) \
+             SELECT id + 2, ts + 5, 'readings', 'created', sensor_id, tipo, '', id, valor, \
+             unidad, ts, hora_dudosa FROM readings WHERE id > ?1",
+            [READINGS - KEPT_EVENTS],
+        )
+        .unwrap();
+        tx.execute_batch(
+            "INSERT INTO latest_readings (sensor_id, tipo, reading_id, ts) \
+             SELECT sensor_id, tipo, MAX(id), MAX(ts) FROM readings GROUP BY sensor_id, tipo; \
+             INSERT INTO rollup_hour (sensor_id, tipo, inicio, min, max, sum, count) \
+             SELECT sensor_id, tipo, ts - ts % 3600000000, MIN(valor), MAX(valor), SUM(valor), COUNT(*) \
+             FROM readings GROUP BY sensor_id, tipo, ts - ts % 3600000000;",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        checksum(&db)
+    };
+
+    let began = std::time::Instant::now();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    eprintln!(
+        "upgraded {READINGS} readings and started in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let last = READINGS + 2;
+    let (_, health) = daemon.get("/healthz").await;
+    assert_eq!(health["storage"]["last_seq"], last);
+    assert_eq!(health["storage"]["oldest_seq"], last - KEPT_EVENTS + 1);
+    let (_, newest) = daemon.get("/api/v1/lecturas/?sensor_id=1&limit=1").await;
+    assert_eq!(newest[0]["id"], READINGS, "{newest}");
+    let (_, old) = daemon.get("/api/v1/lecturas/194").await;
+    assert_eq!(old["hora_dudosa"], true, "{old}");
+    assert_eq!(old["valor"], 19.4);
+
+    // The kept events replay as they were sent; a new reading continues the log.
+    let mut client = daemon
+        .websocket(&format!("/api/v1/ws?channel=readings&since={}", last - 2))
+        .await
+        .greeted()
+        .await;
+    for seq in [last - 1, last] {
+        let event = client.json().await;
+        assert_eq!(event["seq"], seq);
+        assert_eq!(event["entity_id"], seq - 2);
+    }
+    let (status, created) = daemon
+        .post(
+            "/api/v1/lecturas/",
+            r#"{"sensor_id": 2, "tipo": "temperatura", "valor": 7.5, "unidad": "°C"}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["id"], last + 1);
+    let event = client.json().await;
+    assert_eq!(
+        (event["seq"].as_i64(), event["entity_id"].as_i64()),
+        (Some(last + 1), Some(last + 1))
+    );
+    let (_, hours) = daemon
+        .get(&format!(
+            "/api/v1/lecturas/agregadas?sensor_id=1&bucket=hour&desde={}&hasta={}",
+            sensorgate::model::format_time(start),
+            sensorgate::model::format_time(now_micros() + 3_600_000_000)
+        ))
+        .await;
+    let counted: i64 = hours
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_i64().unwrap())
+        .sum();
+    assert!(counted > 0, "{hours}");
+    daemon.stop().await;
+
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute("DELETE FROM reading_rows WHERE id = ?1", [last + 1])
+        .unwrap();
+    assert_eq!(checksum(&db), before, "every reading as it was");
+    let version: u32 = db
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, sensorgate::store::SCHEMA_VERSION);
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+/// Count and sums over every column of every reading.
+fn checksum(db: &rusqlite::Connection) -> (i64, i64, i64, f64, i64, String) {
+    db.query_row(
+        "SELECT COUNT(*), SUM(id), SUM(ts % 1000000007), SUM(valor), SUM(hora_dudosa), \
+         group_concat(DISTINCT sensor_id || tipo || unidad) FROM readings",
+        [],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )
+    .unwrap()
+}
+
+/// Below the free-space floor the oldest raw readings go, a slice per pass, while the
+/// roll-ups keep counting them, sampling goes on, and an event and a metric say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay() {
+    let dir = temp_dir();
+    // A floor of 90 % of the file system (the smaller of 90 % and 100 TB): this one is
+    // rarely that empty. If it is, there is nothing to see here.
+    let (free, total) = sensorgate::store::file_system_space(dir.path()).unwrap();
+    if free > total / 100 * 85 {
+        eprintln!("skipped: the file system is more than 85 % free");
+        return;
+    }
+    let config = format!(
+        "[storage]\nmin_free_percent = 90\nmin_free_mb = 100000000\nmaintenance_interval_s = 1\n{}",
+        fast_sensors(2)
+    );
+    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let mut general = daemon
+        .websocket("/api/v1/ws?channel=general")
+        .await
+        .greeted()
+        .await;
+    let pruned = loop {
+        let event = general.json().await;
+        if event["event_type"] == "storage_pruned" {
+            break event;
+        }
+    };
+    assert!(
+        pruned["data"]["removed_readings"].as_u64() > Some(0),
+        "{pruned}"
+    );
+    assert!(pruned["data"]["free_bytes"].as_u64() < pruned["data"]["floor_bytes"].as_u64());
+    assert!(
+        daemon
+            .metric("sensorgate_storage_pruned_readings_total")
+            .await
+            > Some(0.0)
+    );
+    let (_, health) = daemon.get("/healthz").await;
+    assert_eq!(health["status"], "ok", "nothing else breaks: {health}");
+    assert!(health["storage"]["pruned_readings"].as_u64() > Some(0));
+
+    // The roll-ups still count what the raw readings no longer hold.
+    let id = common::sensor_named(&daemon, "s0").await;
+    let range = format!(
+        "desde={}&hasta={}",
+        sensorgate::model::format_time(now_micros() - 3_600_000_000),
+        sensorgate::model::format_time(now_micros() + 3_600_000_000)
+    );
+    let (_, raw) = daemon
+        .get(&format!(
+            "/api/v1/lecturas/?sensor_id={id}&limit=10000&{range}"
+        ))
+        .await;
+    let (_, minutes) = daemon
+        .get(&format!(
+            "/api/v1/lecturas/agregadas?sensor_id={id}&bucket=minute&{range}"
+        ))
+        .await;
+    let counted: u64 = minutes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        counted > raw.as_array().unwrap().len() as u64,
+        "roll-ups count {counted}, raw readings left {}",
+        raw.as_array().unwrap().len()
+    );
+    // Sampling goes on.
+    let mut readings = daemon
+        .websocket("/api/v1/ws?channel=readings")
+        .await
+        .greeted()
+        .await;
+    assert_eq!(readings.json().await["event_type"], "created");
+    daemon.stop().await;
+}
+
+/// A write budget far below what the gateway writes widens the commit window, up to its
+/// bound, and `/metrics` and `/healthz` show the rate against the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_budget_widens_the_commit_window() {
+    let dir = temp_dir();
+    let config = format!(
+        "[storage]\ncommit_window_ms = 200\nwrite_budget_mb_per_day = 1\nmax_commit_window_ms = 1000\n{}",
+        fast_sensors(4)
+    );
+    let daemon = Daemon::start_in(dir.path(), &config).await;
+    assert_eq!(
+        daemon
+            .metric("sensorgate_storage_commit_window_seconds")
+            .await,
+        Some(0.2)
+    );
+    assert_eq!(
+        daemon
+            .metric("sensorgate_storage_write_budget_bytes_per_day")
+            .await,
+        Some(1e6)
+    );
+    let widened = tokio::time::timeout(common::PATIENCE * 4, async {
+        loop {
+            if daemon
+                .metric("sensorgate_storage_commit_window_seconds")
+                .await
+                == Some(1.0)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(widened.is_ok(), "the window never reached its bound");
+    assert!(
+        daemon
+            .metric("sensorgate_storage_write_budget_used_ratio")
+            .await
+            > Some(1.0)
+    );
+    let (_, health) = daemon.get("/healthz").await;
+    assert!(
+        health["storage"]["written_bytes_per_day"].as_u64() > Some(1_000_000),
+        "{health}"
+    );
+    assert_eq!(health["storage"]["commit_window_ms"], 1000);
     daemon.stop().await;
 }

@@ -73,7 +73,7 @@ fn stored_readings(data_dir: &Path) -> Vec<Stored> {
     .unwrap();
     let mut stmt = conn
         .prepare(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE channel = 'readings' ORDER BY seq"
+            "SELECT {EVENT_COLUMNS} FROM event_log WHERE channel = 'readings' ORDER BY seq"
         ))
         .unwrap();
     let rows = stmt
@@ -873,7 +873,7 @@ async fn a_changed_or_deleted_reading_reaches_the_broker_apart_from_readings() {
     for change in &changes {
         let stored = conn
             .query_row(
-                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?1"),
+                &format!("SELECT {EVENT_COLUMNS} FROM event_log WHERE seq = ?1"),
                 [change["seq"].as_i64().unwrap()],
                 stored_frame,
             )

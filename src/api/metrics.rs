@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::events::{Channel, Hub};
 use crate::sensors::health::Estado;
 use crate::sensors::HealthBoard;
-use crate::store::{Snapshot, Store};
+use crate::store::{process_write_bytes, Snapshot, Store};
 use crate::uplink;
 
 /// A limit that refused something.
@@ -209,6 +209,7 @@ pub fn render(
         }
         flush(&mut out, &mut lines);
     }
+    let figures = &store.health().storage;
     let scalars = [
         (
             "sensorgate_clients",
@@ -251,6 +252,59 @@ pub fn render(
             "gauge",
             "1 while storage works: no damage found, no outage under way (one ends once commits have worked for 3 s) and, with synchronous = normal, the last WAL flush worked.",
             f64::from(u8::from(store.health().failure().is_none())),
+        ),
+        (
+            "sensorgate_storage_write_bytes_per_day",
+            "gauge",
+            "Bytes written to storage per day, at the rate of the last ten minutes.",
+            figures.bytes_per_day() as f64,
+        ),
+        (
+            "sensorgate_storage_write_budget_bytes_per_day",
+            "gauge",
+            "The daily write budget (storage.write_budget_mb_per_day); 0 when there is none.",
+            figures.budget_bytes_per_day() as f64,
+        ),
+        (
+            "sensorgate_storage_write_budget_used_ratio",
+            "gauge",
+            "Bytes written per day over the budget; 0 when there is none.",
+            match figures.budget_bytes_per_day() {
+                0 => 0.0,
+                budget => figures.bytes_per_day() as f64 / budget as f64,
+            },
+        ),
+        (
+            "sensorgate_storage_commit_window_seconds",
+            "gauge",
+            "How long samples wait for others before their commit, as the write budget set it.",
+            figures.commit_window_ms() as f64 / 1000.0,
+        ),
+        (
+            "sensorgate_storage_free_bytes",
+            "gauge",
+            "Free bytes of the database's file system.",
+            figures.free_bytes() as f64,
+        ),
+        (
+            "sensorgate_storage_free_floor_bytes",
+            "gauge",
+            "Free bytes the database leaves its file system; 0 when there is no floor.",
+            figures.floor_bytes() as f64,
+        ),
+        (
+            "sensorgate_storage_seconds_to_floor",
+            "gauge",
+            "Time until the database, growing as in the last ten minutes, reaches the free-space floor; +Inf while it does not grow.",
+            figures
+                .days_to_floor()
+                .map_or(f64::INFINITY, |days| days * 86_400.0),
+        ),
+        (
+            "sensorgate_storage_pruned_readings_total",
+            "counter",
+            "Oldest raw readings removed to keep the free-space floor.",
+            figures.pruned_readings() as f64,
         ),
     ];
     for (metric, kind, help, value) in scalars {
@@ -432,13 +486,6 @@ fn label_value(text: &str) -> String {
 
 /// `write_bytes` of `/proc/self/io`: what this process made the kernel write to storage.
 /// `None` where the file does not exist or cannot be read.
-fn process_write_bytes() -> Option<u64> {
-    let io = std::fs::read_to_string("/proc/self/io").ok()?;
-    io.lines()
-        .find_map(|line| line.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn family_line(out: &mut String, name: &str, kind: &str, help: &str) -> String {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     name.to_owned()

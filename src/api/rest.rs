@@ -302,6 +302,13 @@ pub async fn health(state: &State) -> Response<Body> {
                 "sensors": c.sensors,
                 "last_seq": c.last_seq,
                 "oldest_seq": c.oldest_seq,
+                "written_bytes_per_day": writer.storage.bytes_per_day(),
+                "write_budget_bytes_per_day": writer.storage.budget_bytes_per_day(),
+                "commit_window_ms": writer.storage.commit_window_ms(),
+                "free_bytes": writer.storage.free_bytes(),
+                "free_floor_bytes": writer.storage.floor_bytes(),
+                "days_to_floor": writer.storage.days_to_floor(),
+                "pruned_readings": writer.storage.pruned_readings(),
             }),
         ),
         Err(e) => (

@@ -5,7 +5,7 @@
 //! crosses its threshold, on the writer thread, so every command queued behind that
 //! commit waited for it. This thread checkpoints beside the writer instead, on a
 //! connection of its own (it writes no rows), when the writer's WAL hook reports
-//! [`WAL_CHECKPOINT_PAGES`] or more and at each maintenance pass.
+//! [`WAL_CHECKPOINT_PAGES`] or more.
 //!
 //! The WAL starts over from its beginning only when a write transaction begins with
 //! everything in it copied, which a writer that keeps committing never finds, as commits
@@ -34,7 +34,8 @@ use rusqlite::Connection;
 
 use super::{StoreError, WAL_CHECKPOINT_PAGES};
 
-/// WAL pages past which the writer checkpoints itself (32 MiB): under a sustained burst
+/// WAL pages past which the writer checkpoints itself (8 MiB of 1 KiB pages, 32 MiB of
+/// an older database's 4 KiB ones): under a sustained burst
 /// the WAL stays below about twice the checkpoint threshold.
 const WAL_LIMIT_PAGES: u32 = 2 * WAL_CHECKPOINT_PAGES;
 
@@ -118,11 +119,6 @@ impl Checkpointer {
         Ok(Checkpointer { requests, thread })
     }
 
-    /// Asks for a checkpoint soon; returns at once.
-    pub(super) fn request(&self) {
-        request(&self.requests);
-    }
-
     /// Removes the writer's hook, lets a checkpoint under way finish and stops the thread.
     pub(super) fn stop(self, writer: &mut Connection) {
         type Hook = fn(&mut Wal, c_int) -> rusqlite::Result<()>;
@@ -140,27 +136,18 @@ impl Checkpointer {
 /// reader was still using the WAL).
 const TRUNCATE_RETRY: Duration = Duration::from_secs(5);
 
-/// WAL frames are pages of this size (SQLite's default, which sensorgate keeps) plus a
-/// 24-byte header.
+/// WAL frames are pages of at most this size (a database made before sensorgate chose
+/// 1 KiB pages keeps SQLite's default 4 KiB) plus a 24-byte header.
 const PAGE_BYTES: u64 = 4096 + 24;
 
 /// Bytes a WAL of `wal_bytes` in `dir` can still grow by: the free space of its file
 /// system, and no more than the process's file size limit (`RLIMIT_FSIZE`, `LimitFSIZE=`
 /// in a unit) allows. Unbounded where neither can be read.
 #[allow(unsafe_code)]
-// The conversions are needed where block counts and limits are 32 bits (32-bit ARM).
+// The conversion is needed where limits are 32 bits (32-bit ARM).
 #[allow(clippy::useless_conversion)]
 fn room_to_grow(dir: &Path, wal_bytes: u64) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let free = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .ok()
-        .and_then(|path| {
-            // SAFETY: statvfs fills in the zeroed struct it is given, from a valid C string.
-            let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-            let done = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-            (done == 0).then(|| u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
-        })
-        .unwrap_or(u64::MAX);
+    let free = super::capacity::file_system_space(dir).map_or(u64::MAX, |(free, _)| free);
     // SAFETY: getrlimit fills in the zeroed struct it is given.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
     let file_limit = match unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } {

@@ -6,6 +6,7 @@
 //! the WAL back into the database beside them. Reads run on a small pool of read-only
 //! connections on the blocking thread pool, a few at a time, so they never wait behind a commit.
 
+mod capacity;
 mod checkpointer;
 mod publisher;
 mod reader;
@@ -15,11 +16,12 @@ mod rollup;
 mod schema;
 mod writer;
 
+pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
 pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
-pub use schema::SCHEMA_VERSION;
+pub use schema::{migrate_up_to, SCHEMA_VERSION};
 pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
 
 use std::fmt;
@@ -33,6 +35,7 @@ use crate::config::{StorageConfig, Synchronous};
 use crate::events::Hub;
 use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch};
 use replay::ReplayPages;
+use rollup::OpenBuckets;
 use writer::Command;
 
 /// File name of the database inside the data directory.
@@ -47,7 +50,10 @@ const WRITER_QUEUE: usize = 8192;
 /// that takes minutes to commit them).
 const QUEUED_SAMPLES: usize = 16_384;
 
-/// WAL pages (4 KiB each) that trigger a checkpoint: 16 MiB.
+/// Page size of a new database, in bytes.
+const PAGE_SIZE: u32 = 1024;
+
+/// WAL pages that trigger a checkpoint: 4 MiB of 1 KiB pages.
 const WAL_CHECKPOINT_PAGES: u32 = 4096;
 
 /// Reads that run at once, each on a read-only connection kept open between reads.
@@ -128,6 +134,10 @@ pub struct Store {
     /// Turns to replay stored events; see [`Store::replay_turn`].
     replay_turns: Arc<Semaphore>,
     health: Arc<WriterHealth>,
+    /// Roll-up buckets not yet written to their tables, which queries merge in.
+    open_buckets: Arc<OpenBuckets>,
+    /// `storage.max_future_s` in microseconds, for the latest values of a snapshot.
+    max_future: crate::model::Micros,
 }
 
 impl Store {
@@ -140,6 +150,7 @@ impl Store {
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
         let queued = Arc::new(SampleGate::new(QUEUED_SAMPLES));
+        let open_buckets = Arc::new(OpenBuckets::default());
         let handle = writer::spawn(
             conn,
             checkpoints,
@@ -148,6 +159,7 @@ impl Store {
             hub,
             config,
             health.clone(),
+            open_buckets.clone(),
         )?;
         check_in_background(path.clone(), health.clone());
         let store = Store {
@@ -162,6 +174,8 @@ impl Store {
             pages: Arc::default(),
             replay_turns: Arc::new(Semaphore::new(REPLAYING_CLIENTS)),
             health,
+            open_buckets,
+            max_future: (config.max_future_s as i64).saturating_mul(1_000_000),
         };
         Ok((store, handle))
     }
@@ -396,12 +410,15 @@ impl Store {
 
     /// Current sensors and latest readings, consistent with one `seq`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.read(reader::snapshot).await
+        let max_future = self.max_future;
+        self.read(move |c| reader::snapshot(c, max_future)).await
     }
 
     /// Roll-up buckets of one sensor over a time range.
     pub async fn aggregates(&self, query: AggregateQuery) -> Result<Vec<Aggregate>, StoreError> {
-        self.read(move |c| rollup::aggregates(c, &query)).await
+        let open = self.open_buckets.clone();
+        self.read(move |c| rollup::aggregates(c, &query, &open))
+            .await
     }
 
     /// Counts for the health endpoint: sensors, readings, last `seq`.
@@ -462,6 +479,9 @@ pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`
 /// decides what a power cut may take (see the README's storage section).
 fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite::Error> {
+    // Small pages for a new database (an existing one keeps its own): a commit writes
+    // each page it touched whole, and a few samples touch a few bytes of each.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     let level = match synchronous {
         Synchronous::Normal => "NORMAL",
@@ -479,7 +499,7 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
     conn.pragma_update(
         None,
         "journal_size_limit",
-        i64::from(WAL_CHECKPOINT_PAGES) * 4096,
+        i64::from(WAL_CHECKPOINT_PAGES) * i64::from(PAGE_SIZE),
     )?;
     Ok(())
 }

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use super::reader;
 use super::writer::WriterHealth;
 use crate::events::{self, Channel, Event, Hub};
-use crate::model::{Micros, Reading};
+use crate::model::Reading;
 
 /// Commits waiting for the publisher before the writer waits for it in turn: the
 /// publisher takes everything queued at each round, so this only fills while the card
@@ -55,12 +55,10 @@ pub(super) enum Handover {
 pub(super) enum Unpublished {
     /// Built by the writer: sensor, system and test events, a tenth of all.
     Built(Arc<Event>),
-    /// A stored reading, whose `created` frame the publisher builds.
-    Reading {
-        reading: Reading,
-        seq: u64,
-        stored_at: Micros,
-    },
+    /// A stored reading, whose `created` frame the publisher builds. The frame's
+    /// `timestamp` is the reading's own: replay rebuilds the frame from the reading's row
+    /// alone (see `reader::events_after`), which keeps no time of its storing.
+    Reading { reading: Reading, seq: u64 },
 }
 
 impl Unpublished {
@@ -74,12 +72,8 @@ impl Unpublished {
     fn build(self) -> Arc<Event> {
         match self {
             Unpublished::Built(event) => event,
-            Unpublished::Reading {
-                reading,
-                seq,
-                stored_at,
-            } => {
-                let frame = events::reading_frame(&reading, stored_at, seq);
+            Unpublished::Reading { reading, seq } => {
+                let frame = events::reading_frame(&reading, reading.timestamp, seq);
                 Arc::new(Event {
                     seq,
                     channel: Channel::Readings,

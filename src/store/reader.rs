@@ -106,35 +106,53 @@ pub struct ReadingFilter {
     pub after: Option<(Micros, i64)>,
 }
 
-/// Readings matching the filter, ordered by sample time (then id).
+/// A reading's columns (`id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`, as
+/// [`reading_from_row`] takes them) from `reading_rows r` and its series `s`. CROSS JOIN
+/// keeps the readings the outer loop, so that the index on their second leads.
+pub(super) const READING_COLUMNS: &str =
+    "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
+     FROM reading_rows r CROSS JOIN series s ON s.id = r.series";
+
+/// The newest `seq` stored: of an event row, or of a reading that is its own event.
+pub(super) const LAST_SEQ: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), \
+     COALESCE((SELECT MAX(id) FROM reading_rows), 0))";
+
+/// A value the store keeps about itself (see the `store_meta` table).
+pub(super) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT value FROM store_meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+}
+
+/// Readings matching the filter, ordered by sample time (then id). Time bounds are
+/// given twice, on the indexed second and on the exact time.
 pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<Vec<Reading>> {
-    let mut sql = String::from(
-        "SELECT id, sensor_id, tipo, valor, unidad, ts, hora_dudosa FROM readings WHERE 1=1",
-    );
+    let mut sql = format!("{READING_COLUMNS} WHERE 1=1");
     let mut args: Vec<SqlValue> = Vec::new();
     if let Some(id) = filter.sensor_id {
-        sql.push_str(" AND sensor_id = ?");
+        sql.push_str(" AND s.sensor_id = ?");
         args.push(id.into());
     }
     if let Some(tipo) = &filter.tipo {
-        sql.push_str(" AND tipo = ?");
+        sql.push_str(" AND s.tipo = ?");
         args.push(tipo.clone().into());
     }
     if let Some(from) = filter.from {
-        sql.push_str(" AND ts >= ?");
-        args.push(from.into());
+        sql.push_str(" AND r.ts / 1000000 >= ? / 1000000 AND r.ts >= ?");
+        args.extend([from.into(), from.into()]);
     }
     if let Some(to) = filter.to {
-        sql.push_str(" AND ts < ?");
-        args.push(to.into());
+        sql.push_str(" AND r.ts / 1000000 <= (? - 1) / 1000000 AND r.ts < ?");
+        args.extend([to.into(), to.into()]);
     }
     if let Some((ts, id)) = filter.after {
-        sql.push_str(" AND (ts > ? OR (ts = ? AND id > ?))");
-        args.extend([ts.into(), ts.into(), id.into()]);
+        sql.push_str(
+            " AND r.ts / 1000000 >= ? / 1000000 AND (r.ts > ? OR (r.ts = ? AND r.id > ?))",
+        );
+        args.extend([ts.into(), ts.into(), ts.into(), id.into()]);
     }
     sql.push_str(match filter.order {
-        ReadingOrder::Asc => " ORDER BY ts ASC, id ASC",
-        ReadingOrder::Desc => " ORDER BY ts DESC, id DESC",
+        ReadingOrder::Asc => " ORDER BY r.ts / 1000000 ASC, r.ts ASC, r.id ASC",
+        ReadingOrder::Desc => " ORDER BY r.ts / 1000000 DESC, r.ts DESC, r.id DESC",
     });
     sql.push_str(" LIMIT ?");
     args.push(i64::from(filter.limit).into());
@@ -145,15 +163,13 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
 
 /// One reading by id.
 pub fn reading(conn: &Connection, id: i64) -> rusqlite::Result<Option<Reading>> {
-    conn.prepare_cached(
-        "SELECT id, sensor_id, tipo, valor, unidad, ts, hora_dudosa FROM readings WHERE id = ?1",
-    )?
-    .query_row([id], reading_from_row)
-    .optional()
+    conn.prepare_cached(&format!("{READING_COLUMNS} WHERE r.id = ?1"))?
+        .query_row([id], reading_from_row)
+        .optional()
 }
 
 /// Columns `id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`.
-fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
+pub(super) fn reading_from_row(row: &Row<'_>) -> rusqlite::Result<Reading> {
     Ok(Reading {
         id: row.get(0)?,
         sensor_id: row.get(1)?,
@@ -176,11 +192,12 @@ pub struct Counts {
 /// See [`Counts`].
 pub fn counts(conn: &Connection) -> rusqlite::Result<Counts> {
     let sensors = conn.query_row("SELECT COUNT(*) FROM sensors", [], |r| r.get(0))?;
-    let (oldest_seq, last_seq): (i64, i64) = conn.query_row(
-        "SELECT COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) FROM events",
-        params![],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let last_seq: i64 = conn.query_row(LAST_SEQ, [], |r| r.get(0))?;
+    let oldest_seq = if last_seq == 0 {
+        0
+    } else {
+        meta(conn, "log_floor")?.clamp(1, last_seq)
+    };
     Ok(Counts {
         sensors,
         last_seq: last_seq as u64,
@@ -215,8 +232,63 @@ pub fn told_offline(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
 }
 
 /// Stored events with `after < seq <= upto` on the given channels, oldest first, at most
-/// `limit`.
+/// `limit`, from the log's floor on: rows of the `events` table merged with the readings
+/// that are their own `created` events. Where both hold a `seq` (a reading changed or
+/// deleted over REST keeps its first event as a row), the row wins.
 pub fn events_after(
+    conn: &Connection,
+    after: u64,
+    upto: u64,
+    channels: &[Channel],
+    limit: u32,
+) -> rusqlite::Result<Vec<Event>> {
+    let after = after.max(meta(conn, "log_floor")?.max(1) as u64 - 1);
+    let mut rows = event_rows(conn, after, upto, channels, limit)?;
+    if !channels.contains(&Channel::Readings) {
+        return Ok(rows);
+    }
+    let from = meta(conn, "reading_events_from")?;
+    let readings = conn
+        .prepare_cached(&format!(
+            "{READING_COLUMNS} WHERE r.id > ?1 AND r.id <= ?2 AND r.id >= ?3 ORDER BY r.id LIMIT ?4"
+        ))?
+        .query_map(
+            params![after as i64, upto as i64, from, i64::from(limit)],
+            reading_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if readings.is_empty() {
+        return Ok(rows);
+    }
+    let mut merged = Vec::with_capacity(rows.len() + readings.len());
+    let mut readings = readings.into_iter().peekable();
+    for row in rows.drain(..) {
+        while let Some(reading) = readings.next_if(|r| (r.id as u64) < row.seq) {
+            merged.push(reading_event(reading));
+        }
+        readings.next_if(|r| r.id as u64 == row.seq);
+        merged.push(row);
+    }
+    merged.extend(readings.map(reading_event));
+    merged.truncate(limit as usize);
+    Ok(merged)
+}
+
+/// A reading that is its own `created` event, as the publisher sent it.
+fn reading_event(reading: Reading) -> Event {
+    let seq = reading.id as u64;
+    Event {
+        seq,
+        channel: Channel::Readings,
+        event_type: "created".into(),
+        sensor_id: Some(reading.sensor_id),
+        tipo: Some(reading.tipo.clone()),
+        frame: events::reading_frame(&reading, reading.timestamp, seq).into(),
+    }
+}
+
+/// The rows of the `events` table of [`events_after`].
+fn event_rows(
     conn: &Connection,
     after: u64,
     upto: u64,
@@ -279,10 +351,44 @@ pub struct Snapshot {
     pub latest: Vec<Reading>,
 }
 
+/// The latest values of `latest_readings` with the readings stored since it was last
+/// written folded in, by the rule the writer writes it by (a reading stamped further
+/// ahead than `max_future` is the latest only until anything else is stored), for the
+/// sensors that exist; in the table's order.
+fn with_newer_readings(
+    conn: &Connection,
+    mut latest: Vec<Reading>,
+    sensors: &[Sensor],
+    upto: i64,
+    max_future: Micros,
+) -> rusqlite::Result<Vec<Reading>> {
+    let since = meta(conn, "latest_through")?;
+    let horizon = crate::model::now_micros().saturating_add(max_future);
+    let mut newer = conn.prepare_cached(&format!(
+        "{READING_COLUMNS} WHERE r.id > ?1 AND r.id <= ?2 ORDER BY r.id"
+    ))?;
+    for reading in newer.query_map(params![since, upto], reading_from_row)? {
+        let r = reading?;
+        if !sensors.iter().any(|s| s.id == r.sensor_id) {
+            continue;
+        }
+        match latest
+            .iter_mut()
+            .find(|l| l.sensor_id == r.sensor_id && l.tipo == r.tipo)
+        {
+            Some(kept) if r.timestamp >= kept.timestamp || kept.timestamp > horizon => *kept = r,
+            Some(_) => {}
+            None => latest.push(r),
+        }
+    }
+    latest.sort_by(|a, b| (a.sensor_id, &a.tipo).cmp(&(b.sensor_id, &b.tipo)));
+    Ok(latest)
+}
+
 /// See [`Snapshot`].
-pub fn snapshot(conn: &Connection) -> rusqlite::Result<Snapshot> {
+pub fn snapshot(conn: &Connection, max_future: Micros) -> rusqlite::Result<Snapshot> {
     let tx = conn.unchecked_transaction()?;
-    let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let seq: i64 = tx.query_row(LAST_SEQ, [], |r| r.get(0))?;
     let all = SensorFilter {
         limit: u32::MAX,
         ..SensorFilter::default()
@@ -290,12 +396,13 @@ pub fn snapshot(conn: &Connection) -> rusqlite::Result<Snapshot> {
     let sensors = self::sensors(&tx, &all)?;
     let latest = tx
         .prepare_cached(
-            "SELECT r.id, r.sensor_id, r.tipo, r.valor, r.unidad, r.ts, r.hora_dudosa \
-             FROM latest_readings l JOIN readings r ON r.id = l.reading_id \
-             ORDER BY l.sensor_id, l.tipo",
+            "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
+             FROM latest_readings l JOIN reading_rows r ON r.id = l.reading_id \
+             JOIN series s ON s.id = r.series ORDER BY l.sensor_id, l.tipo",
         )?
         .query_map([], reading_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    let latest = with_newer_readings(&tx, latest, &sensors, seq, max_future)?;
     tx.finish()?;
     Ok(Snapshot {
         seq: seq as u64,

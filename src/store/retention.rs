@@ -10,7 +10,7 @@ use std::time::Duration;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection};
 
-use super::rollup::Bucket;
+use super::rollup::{Bucket, Pending};
 use crate::config::{RetentionRule, StorageConfig};
 use crate::model::Micros;
 
@@ -58,25 +58,28 @@ impl Retention {
             conn.execute(
                 "DELETE FROM events WHERE seq <= ?1 AND seq < (SELECT MIN(seq) FROM events) + ?2",
                 params![keep_from, SLICE],
-            ),
+            )
+            .and_then(|n| raise_log_floor(conn, keep_from.max(0) + 1).map(|_| n)),
         ));
         for rule in &self.rules {
             let (name, filter, value) = match (&rule.tipo, &rule.sensor) {
-                (Some(tipo), _) => (format!("readings of tipo {tipo}"), "tipo = ?1", tipo),
+                (Some(tipo), _) => (format!("readings of tipo {tipo}"), " AND s.tipo = ?", tipo),
                 (None, Some(sensor)) => (
                     format!("readings of sensor {sensor}"),
-                    "sensor_id IN (SELECT id FROM sensors WHERE nombre = ?1)",
+                    " AND s.sensor_id IN (SELECT id FROM sensors WHERE nombre = ?)",
                     sensor,
                 ),
                 (None, None) => continue,
             };
-            let sql = format!(
-                "DELETE FROM readings WHERE id IN \
-                 (SELECT id FROM readings WHERE {filter} AND ts < ?2 ORDER BY ts LIMIT ?3)"
-            );
             outcomes.push((
                 name,
-                conn.execute(&sql, params![value, cutoff(days(rule.days)), SLICE]),
+                delete_readings(
+                    conn,
+                    cutoff(days(rule.days)),
+                    filter,
+                    vec![value.clone().into()],
+                    SLICE,
+                ),
             ));
         }
         if !self.readings.is_zero() {
@@ -103,27 +106,80 @@ impl Retention {
         outcomes
     }
 
+    /// Drops the open roll-up buckets past their retention, as [`Retention::sweep`]
+    /// removes the stored ones.
+    pub fn prune_open(&self, open: &mut Pending, now: Micros) {
+        for (bucket, period) in &self.rollups {
+            if !period.is_zero() {
+                open.forget_before(*bucket, now - period.as_micros() as i64);
+            }
+        }
+    }
+
     /// Readings not covered by a rule, past the default period.
     fn sweep_default(&self, conn: &Connection, cutoff: Micros) -> rusqlite::Result<usize> {
-        let mut args: Vec<SqlValue> = vec![cutoff.into()];
+        let mut args: Vec<SqlValue> = Vec::new();
         let mut excluded = String::new();
         for rule in &self.rules {
             if let Some(tipo) = &rule.tipo {
-                excluded.push_str(" AND tipo <> ?");
+                excluded.push_str(" AND s.tipo <> ?");
                 args.push(tipo.clone().into());
             } else if let Some(sensor) = &rule.sensor {
                 excluded
-                    .push_str(" AND sensor_id NOT IN (SELECT id FROM sensors WHERE nombre = ?)");
+                    .push_str(" AND s.sensor_id NOT IN (SELECT id FROM sensors WHERE nombre = ?)");
                 args.push(sensor.clone().into());
             }
         }
-        args.push(SLICE.into());
-        let sql = format!(
-            "DELETE FROM readings WHERE id IN \
-             (SELECT id FROM readings WHERE ts < ?{excluded} ORDER BY ts LIMIT ?)"
-        );
-        conn.execute(&sql, params_from_iter(args))
+        delete_readings(conn, cutoff, &excluded, args, SLICE)
     }
+}
+
+/// Deletes up to `limit` readings taken before `cutoff` whose series passes `filter`
+/// (SQL on the series `s`, with `args` for its placeholders), oldest first. Returns how
+/// many. Replay can no longer serve the `created` events of the deleted readings, so the
+/// log's floor moves past them.
+pub(super) fn delete_readings(
+    conn: &Connection,
+    cutoff: Micros,
+    filter: &str,
+    args: Vec<SqlValue>,
+    limit: i64,
+) -> rusqlite::Result<usize> {
+    let sql = format!(
+        "DELETE FROM reading_rows WHERE id IN \
+         (SELECT r.id FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
+          WHERE r.ts / 1000000 <= ? / 1000000 AND r.ts < ?{filter} \
+          ORDER BY r.ts / 1000000 LIMIT ?) RETURNING id"
+    );
+    let mut all: Vec<SqlValue> = vec![cutoff.into(), cutoff.into()];
+    all.extend(args);
+    all.push(limit.into());
+    // One transaction: the floor moves with the readings or not at all.
+    let tx = conn.unchecked_transaction()?;
+    let ids: Vec<i64> = tx
+        .prepare_cached(&sql)?
+        .query_map(params_from_iter(all), |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    // Readings older than the first that is its own event had their events in the
+    // `events` table, which has its own retention: they leave the floor alone.
+    let from: i64 = tx.query_row(
+        "SELECT value FROM store_meta WHERE key = 'reading_events_from'",
+        [],
+        |r| r.get(0),
+    )?;
+    if let Some(newest) = ids.iter().copied().filter(|id| *id >= from).max() {
+        raise_log_floor(&tx, newest + 1)?;
+    }
+    tx.commit()?;
+    Ok(ids.len())
+}
+
+/// Replay serves events from `floor` on at the oldest, once readings or events below it
+/// are gone.
+fn raise_log_floor(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE store_meta SET value = MAX(value, ?1) WHERE key = 'log_floor'")?
+        .execute([floor])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -155,8 +211,14 @@ mod tests {
         for (sensor, tipo) in [(1, "temperatura"), (2, "temperatura"), (2, "humedad")] {
             for age in [5, 50, 500] {
                 conn.execute(
-                    "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad) VALUES (?1, ?2, ?3, 1, 'u')",
-                    params![sensor, now - age * DAY, tipo],
+                    "INSERT OR IGNORE INTO series (sensor_id, tipo, unidad, hora_dudosa) VALUES (?1, ?2, 'u', 0)",
+                    params![sensor, tipo],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO reading_rows (series, ts, valor) SELECT id, ?3, 1 FROM series \
+                     WHERE sensor_id = ?1 AND tipo = ?2",
+                    params![sensor, tipo, now - age * DAY],
                 )
                 .unwrap();
             }

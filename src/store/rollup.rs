@@ -2,11 +2,14 @@
 //! kept up to date as readings are stored, so that history queries read a few hundred
 //! bucket rows instead of millions of readings.
 //!
-//! The writer folds a whole batch into one aggregate per bucket in memory and writes
-//! each touched bucket once per commit: under load, thousands of readings cost a
-//! handful of row updates.
+//! The writer folds readings into one aggregate per bucket in memory ([`OpenBuckets`])
+//! and writes the buckets out every few minutes, not with every commit: on a card, each
+//! commit that touched a bucket row would write that row's page again. Queries merge
+//! the open buckets into what they read, and a restart folds the readings stored since
+//! the last write-out again, so nothing is counted twice or lost.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
@@ -101,9 +104,40 @@ impl Pending {
         }
     }
 
-    /// Merges the batch into the stored buckets, inside the batch's transaction.
-    pub fn flush(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        for ((bucket, sensor_id, start), tipos) in self.buckets.drain() {
+    /// Whether nothing was folded.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Folds `other` in.
+    pub fn merge(&mut self, other: Pending) {
+        for (key, tipos) in other.buckets {
+            let kept = self.buckets.entry(key).or_default();
+            for (tipo, agg) in tipos {
+                match kept.iter_mut().find(|(t, _)| *t == tipo) {
+                    Some((_, a)) => a.merge(&agg),
+                    None => kept.push((tipo, agg)),
+                }
+            }
+        }
+    }
+
+    /// Forgets the buckets of one granularity that start before `cutoff`: retention
+    /// removed their stored rows, and writing them out would bring them back.
+    pub fn forget_before(&mut self, bucket: Bucket, cutoff: Micros) {
+        self.buckets
+            .retain(|(b, _, start), _| *b != bucket || *start >= cutoff);
+    }
+
+    /// Forgets what was folded, once it is written out.
+    pub fn clear(&mut self) {
+        self.buckets.clear();
+    }
+
+    /// Merges what was folded into the stored buckets, inside a transaction; keeps it,
+    /// as the transaction may still fail.
+    pub fn flush(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        for ((bucket, sensor_id, start), tipos) in &self.buckets {
             let mut upsert = tx.prepare_cached(&format!(
                 "INSERT INTO {} (sensor_id, tipo, inicio, min, max, sum, count) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -119,6 +153,51 @@ impl Pending {
             }
         }
         Ok(())
+    }
+
+    /// The folded buckets of one sensor at one granularity, from `from` (a bucket start)
+    /// until before `to`, of one `tipo` or all.
+    fn of<'a>(
+        &'a self,
+        bucket: Bucket,
+        sensor_id: i64,
+        tipo: Option<&'a str>,
+        from: Micros,
+        to: Micros,
+    ) -> impl Iterator<Item = (&'a str, Micros, &'a Agg)> {
+        self.buckets
+            .iter()
+            .filter(move |((b, s, start), _)| {
+                *b == bucket && *s == sensor_id && *start >= from && *start < to
+            })
+            .flat_map(|((_, _, start), tipos)| {
+                tipos.iter().map(move |(t, agg)| (t.as_str(), *start, agg))
+            })
+            .filter(move |(t, _, _)| tipo.is_none_or(|wanted| wanted == *t))
+    }
+}
+
+impl Agg {
+    fn merge(&mut self, other: &Agg) {
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// Readings folded since the roll-up tables were last written, shared by the writer
+/// (which folds and writes them out) and queries (which add them to what they read).
+/// The writer holds the lock from writing them out until the commit has cleared them,
+/// and a query holds it while it reads the tables: a query sees each reading once, in
+/// the tables or here.
+#[derive(Default)]
+pub struct OpenBuckets(Mutex<Pending>);
+
+impl OpenBuckets {
+    /// The folded readings, locked.
+    pub fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -194,8 +273,10 @@ fn refold_bucket(
         .optional()?;
     let raw: (Option<f64>, Option<f64>, f64, i64) = tx
         .prepare_cached(
-            "SELECT MIN(valor), MAX(valor), COALESCE(SUM(valor), 0), COUNT(*) FROM readings \
-             WHERE sensor_id = ?1 AND ts >= ?2 AND ts < ?3 AND tipo = ?4",
+            "SELECT MIN(r.valor), MAX(r.valor), COALESCE(SUM(r.valor), 0), COUNT(*) \
+             FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
+             WHERE r.ts / 1000000 BETWEEN ?2 / 1000000 AND (?3 - 1) / 1000000 \
+             AND r.ts >= ?2 AND r.ts < ?3 AND s.sensor_id = ?1 AND s.tipo = ?4",
         )?
         .query_row(
             params![sensor_id, start, start + bucket.micros(), tipo],
@@ -251,6 +332,9 @@ pub struct Aggregate {
     pub min: f64,
     pub max: f64,
     pub avg: f64,
+    /// Kept to merge the open buckets in; not part of the answer.
+    #[serde(skip)]
+    sum: f64,
     pub count: i64,
 }
 
@@ -282,8 +366,64 @@ fn mean(min: f64, max: f64, sum: f64, count: i64) -> f64 {
     }
 }
 
-/// Buckets of a sensor in `[from, to)`, by `tipo` then time.
-pub fn aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec<Aggregate>> {
+/// Buckets of a sensor in `[from, to)`, by `tipo` then time: the stored ones with the
+/// open ones merged in.
+pub fn aggregates(
+    conn: &Connection,
+    q: &AggregateQuery,
+    open: &OpenBuckets,
+) -> rusqlite::Result<Vec<Aggregate>> {
+    let open = open.lock();
+    let mut stored = stored_aggregates(conn, q)?;
+    let complete = stored.len() < q.limit as usize;
+    let last = stored.last().map(|a| (a.tipo.clone(), a.inicio));
+    let from = q.bucket.start(q.from);
+    for (tipo, inicio, agg) in open.of(q.bucket, q.sensor_id, q.tipo.as_deref(), from, q.to) {
+        // Past the last stored row of a full page lie rows this page does not show.
+        if !complete
+            && last
+                .as_ref()
+                .is_some_and(|(t, i)| (tipo, inicio) > (t.as_str(), *i))
+        {
+            continue;
+        }
+        match stored
+            .iter_mut()
+            .find(|a| a.tipo == tipo && a.inicio == inicio)
+        {
+            Some(row) => {
+                let mut merged = Agg {
+                    min: row.min,
+                    max: row.max,
+                    sum: row.sum,
+                    count: row.count,
+                };
+                merged.merge(agg);
+                *row = Aggregate::from_agg(tipo, inicio, merged);
+            }
+            None => stored.push(Aggregate::from_agg(tipo, inicio, *agg)),
+        }
+    }
+    stored.sort_by(|a, b| (a.tipo.as_str(), a.inicio).cmp(&(b.tipo.as_str(), b.inicio)));
+    stored.truncate(q.limit as usize);
+    Ok(stored)
+}
+
+impl Aggregate {
+    fn from_agg(tipo: &str, inicio: Micros, a: Agg) -> Aggregate {
+        Aggregate {
+            tipo: tipo.to_owned(),
+            inicio,
+            min: a.min,
+            max: a.max,
+            avg: mean(a.min, a.max, a.sum, a.count),
+            sum: a.sum,
+            count: a.count,
+        }
+    }
+}
+
+fn stored_aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec<Aggregate>> {
     let sql = format!(
         "SELECT tipo, inicio, min, max, sum, count FROM {} \
          WHERE sensor_id = ?1 AND (?2 IS NULL OR tipo = ?2) AND inicio >= ?3 AND inicio < ?4 \
@@ -302,6 +442,7 @@ pub fn aggregates(conn: &Connection, q: &AggregateQuery) -> rusqlite::Result<Vec
                 min,
                 max,
                 avg: mean(min, max, sum, count),
+                sum,
                 count,
             })
         },
@@ -336,9 +477,14 @@ mod tests {
     fn stored(conn: &mut Connection, readings: &[(i64, Micros, f64)]) {
         let tx = conn.transaction().unwrap();
         let mut pending = Pending::default();
+        tx.execute(
+            "INSERT OR IGNORE INTO series (id, sensor_id, tipo, unidad, hora_dudosa) VALUES (1, 1, 't', '', 0)",
+            [],
+        )
+        .unwrap();
         for &(id, t, v) in readings {
             tx.execute(
-                "INSERT INTO readings (id, sensor_id, ts, tipo, valor, unidad) VALUES (?1, 1, ?2, 't', ?3, '')",
+                "INSERT INTO reading_rows (id, series, ts, valor) VALUES (?1, 1, ?2, ?3)",
                 params![id, t, v],
             )
             .unwrap();
@@ -373,10 +519,11 @@ mod tests {
         let minute = Bucket::Minute.micros();
         stored(&mut conn, &[(1, 0, 10.0), (2, 1, 30.0), (3, minute, 20.0)]);
         let tx = conn.transaction().unwrap();
-        tx.execute("UPDATE readings SET valor = 12 WHERE id = 2", [])
+        tx.execute("UPDATE reading_rows SET valor = 12 WHERE id = 2", [])
             .unwrap();
         refold(&tx, at(1, 30.0), Some(at(1, 12.0))).unwrap();
-        tx.execute("DELETE FROM readings WHERE id = 3", []).unwrap();
+        tx.execute("DELETE FROM reading_rows WHERE id = 3", [])
+            .unwrap();
         refold(&tx, at(minute, 20.0), None).unwrap();
         tx.commit().unwrap();
         assert_eq!(hour_bucket(&conn), (10.0, 12.0, 22.0, 2));
@@ -392,13 +539,14 @@ mod tests {
         schema::migrate(&mut conn).unwrap();
         stored(&mut conn, &[(1, 0, 40.0), (2, 1, 10.0), (3, 2, 30.0)]);
         // Retention removed the oldest raw reading; its bucket stays.
-        conn.execute("DELETE FROM readings WHERE id = 1", [])
+        conn.execute("DELETE FROM reading_rows WHERE id = 1", [])
             .unwrap();
         let tx = conn.transaction().unwrap();
-        tx.execute("UPDATE readings SET valor = 20 WHERE id = 3", [])
+        tx.execute("UPDATE reading_rows SET valor = 20 WHERE id = 3", [])
             .unwrap();
         refold(&tx, at(2, 30.0), Some(at(2, 20.0))).unwrap();
-        tx.execute("DELETE FROM readings WHERE id = 2", []).unwrap();
+        tx.execute("DELETE FROM reading_rows WHERE id = 2", [])
+            .unwrap();
         refold(&tx, at(1, 10.0), None).unwrap();
         tx.commit().unwrap();
         // Count and sum as if stored that way (40 and 20); the minimum still covers the
@@ -407,20 +555,29 @@ mod tests {
     }
 
     #[test]
-    fn batches_merge_into_stored_buckets() {
+    fn open_buckets_merge_into_stored_ones() {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::migrate(&mut conn).unwrap();
         let hour = Bucket::Hour.micros();
-        for batch in [[(0, 20.0), (10, 22.0)], [(hour - 1, 18.0), (hour, 30.0)]] {
-            let tx = conn.transaction().unwrap();
+        let open = OpenBuckets::default();
+        // The first batch was written out, the second is still open.
+        for (n, batch) in [[(0, 20.0), (10, 22.0)], [(hour - 1, 18.0), (hour, 30.0)]]
+            .into_iter()
+            .enumerate()
+        {
             let mut pending = Pending::default();
             for (t, v) in batch {
                 // Two tipos of one sensor share each bucket and must not mix.
                 pending.add(1, "temperatura", t, v);
                 pending.add(1, "humedad", t, v + 40.0);
             }
-            pending.flush(&tx).unwrap();
-            tx.commit().unwrap();
+            if n == 0 {
+                let tx = conn.transaction().unwrap();
+                pending.flush(&tx).unwrap();
+                tx.commit().unwrap();
+            } else {
+                open.lock().merge(pending);
+            }
         }
         let q = AggregateQuery {
             sensor_id: 1,
@@ -430,7 +587,7 @@ mod tests {
             to: 2 * hour,
             limit: 100,
         };
-        let got = aggregates(&conn, &q).unwrap();
+        let got = aggregates(&conn, &q, &open).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].min, got[0].max, got[0].count), (18.0, 22.0, 3));
         assert_eq!(got[0].avg, 20.0);
@@ -441,6 +598,7 @@ mod tests {
                 tipo: Some("humedad".into()),
                 ..q.clone()
             },
+            &open,
         )
         .unwrap();
         assert_eq!(
@@ -451,11 +609,15 @@ mod tests {
             &conn,
             &AggregateQuery {
                 bucket: Bucket::Day,
-                ..q
+                ..q.clone()
             },
+            &open,
         )
         .unwrap();
         assert_eq!(day.len(), 1);
         assert_eq!(day[0].count, 4);
+        // A full page of stored rows shows no open bucket that sorts after its last row.
+        let first = aggregates(&conn, &AggregateQuery { limit: 1, ..q }, &open).unwrap();
+        assert_eq!((first.len(), first[0].count), (1, 3));
     }
 }

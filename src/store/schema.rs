@@ -126,6 +126,70 @@ const MIGRATIONS: &[&str] = &[
     -- a sensor id, is never handed out twice. One row at most.
     CREATE TABLE deleted_reading_ids (last_id INTEGER NOT NULL);
 "#,
+    r#"
+    -- Readings as small as an SD card wants them (see the README's storage section).
+    -- What the store keeps about itself, by name:
+    --   reading_events_from: readings with this id or above are their own `created`
+    --     event, with `seq` = id; older ones have a row in `events`.
+    --   log_floor: the oldest `seq` that replay can still serve.
+    --   rollups_through: the newest reading id the stored roll-ups count; newer ones
+    --     are folded again at start.
+    --   latest_through: the newest reading id `latest_readings` has taken in; a
+    --     snapshot folds in the newer ones.
+    CREATE TABLE store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO store_meta (key, value) VALUES
+        ('reading_events_from', (SELECT COALESCE(MAX(seq), 0) + 1 FROM events)),
+        ('log_floor', (SELECT COALESCE(MIN(seq), 1) FROM events)),
+        ('rollups_through', (SELECT COALESCE(MAX(id), 0) FROM readings)),
+        ('latest_through', (SELECT COALESCE(MAX(id), 0) FROM readings));
+
+    -- Each sensor's `tipo`, `unidad` and clock trust once, instead of in every reading.
+    CREATE TABLE series (
+        id          INTEGER PRIMARY KEY,
+        sensor_id   INTEGER NOT NULL,
+        tipo        TEXT    NOT NULL,
+        unidad      TEXT    NOT NULL,
+        hora_dudosa INTEGER NOT NULL,
+        UNIQUE (sensor_id, tipo, unidad, hora_dudosa)
+    );
+    INSERT INTO series (sensor_id, tipo, unidad, hora_dudosa)
+        SELECT DISTINCT sensor_id, tipo, unidad, hora_dudosa FROM readings;
+
+    -- One index, on the second of the sample time: half the bytes of an index on the
+    -- time itself, and appended to like the table, so a commit touches two pages.
+    CREATE TABLE reading_rows (
+        id     INTEGER PRIMARY KEY,
+        series INTEGER NOT NULL,
+        ts     INTEGER NOT NULL,
+        valor  REAL    NOT NULL
+    );
+    INSERT INTO reading_rows (id, series, ts, valor)
+        SELECT r.id, s.id, r.ts, r.valor FROM readings r JOIN series s
+            ON s.sensor_id = r.sensor_id AND s.tipo = r.tipo AND s.unidad = r.unidad
+            AND s.hora_dudosa = r.hora_dudosa
+        ORDER BY r.id;
+    DROP TABLE readings;
+    DROP TABLE deleted_reading_ids;
+    CREATE INDEX reading_rows_second ON reading_rows(ts / 1000000);
+
+    -- The readings and the whole event log as they were, for queries by hand
+    -- (`sqlite3 sensorgate.db`): a reading's `created` event is the reading itself,
+    -- unless a row in `events` keeps it (the reading was changed or deleted since).
+    CREATE VIEW readings AS
+        SELECT r.id AS id, s.sensor_id AS sensor_id, r.ts AS ts, s.tipo AS tipo,
+               r.valor AS valor, s.unidad AS unidad, s.hora_dudosa AS hora_dudosa
+        FROM reading_rows r JOIN series s ON s.id = r.series;
+    CREATE VIEW event_log AS
+        SELECT seq, ts, channel, event_type, sensor_id, tipo, frame, reading_id, valor,
+               unidad, taken_at, hora_dudosa
+        FROM events
+        UNION ALL
+        SELECT r.id, r.ts, 'readings', 'created', s.sensor_id, s.tipo, '', r.id, r.valor,
+               s.unidad, r.ts, s.hora_dudosa
+        FROM reading_rows r JOIN series s ON s.id = r.series
+        WHERE r.id >= (SELECT value FROM store_meta WHERE key = 'reading_events_from')
+            AND r.id NOT IN (SELECT seq FROM events);
+"#,
 ];
 
 /// The schema version this build writes.
@@ -134,6 +198,12 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// Brings the database up to [`SCHEMA_VERSION`]. Refuses a database written by a newer
 /// build rather than guessing at a schema it does not know.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_up_to(conn, SCHEMA_VERSION)
+}
+
+/// Brings the database up to `version` and no further: [`migrate`], and how the upgrade
+/// tests make a database as an older build left it.
+pub fn migrate_up_to(conn: &mut Connection, version: u32) -> Result<(), StoreError> {
     let current: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if current > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
@@ -141,12 +211,23 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    let wanted = version.min(SCHEMA_VERSION) as usize;
+    for (version, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(wanted)
+        .skip(current as usize)
+    {
+        let started = std::time::Instant::now();
         let tx: Transaction = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version as u32 + 1)?;
         tx.commit()?;
-        log::info!("database schema migrated to version {}", version + 1);
+        log::info!(
+            "database schema migrated to version {} in {:.1} s",
+            version + 1,
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

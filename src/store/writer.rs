@@ -21,10 +21,11 @@ use rusqlite::{
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::capacity::{self, Meter, StorageFigures};
 use super::checkpointer::Checkpointer;
 use super::publisher::{self, Handover, Publisher, Unpublished};
-use super::retention::{Retention, SLICE};
-use super::rollup::{self, Folded, Pending};
+use super::retention::{self, Retention, SLICE};
+use super::rollup::{self, Folded, OpenBuckets, Pending};
 use super::{reader, SampleGate, StoreError};
 use crate::config::{StorageConfig, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
@@ -41,6 +42,14 @@ const RETRY_SAMPLES: usize = 20_000;
 /// on a card that is nearly full, a small commit fits now and then between failures, and
 /// each of those must not end one outage and start the next.
 const RECOVERY_HOLD: Duration = Duration::from_secs(3);
+
+/// How often the latest value of each sensor and `tipo` is written to its table (see
+/// [`write_out_latest`]): what a snapshot folds in from the readings since.
+const LATEST_WRITE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often the roll-up buckets folded in memory are written to their tables (see
+/// [`rollup`]): a restart folds what came since again, so this bounds only that work.
+const ROLLUP_WRITE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Most work gathered into one transaction, in samples and other commands (see
 /// [`Command::weight`]); bounds the latency of the batch's first command and the memory
@@ -99,6 +108,8 @@ pub enum EmissionKind {
 /// What the writer has done, for health checks, the watchdog and `/metrics`.
 #[derive(Debug, Default)]
 pub struct WriterHealth {
+    /// What storage costs the card: bytes written, space left.
+    pub storage: StorageFigures,
     commits: AtomicU64,
     /// Commands in committed batches, summed: divided by `commits`, the mean batch size.
     batch_commands: AtomicU64,
@@ -260,6 +271,7 @@ pub(crate) fn spawn(
     hub: Hub,
     config: &StorageConfig,
     health: Arc<WriterHealth>,
+    open: Arc<OpenBuckets>,
 ) -> Result<WriterHandle, StoreError> {
     if config.max_database_mb > 0 {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -278,13 +290,20 @@ pub(crate) fn spawn(
         }
     }
     let next_seq = last_seq(&conn)? + 1;
-    let reading_id_floor = reading_id_floor(&conn)?;
+    if let Err(e) = fold_unwritten(&conn, &open) {
+        // A damaged page must not keep the daemon from serving what can still be read.
+        if !health.note_damage(&config.data_dir.join(super::DATABASE_FILE), &e) {
+            return Err(e.into());
+        }
+    }
+    let reading_events_from = reader::meta(&conn, "reading_events_from")?;
     hub.start_at(next_seq - 1);
     health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
     let database = config.data_dir.join(super::DATABASE_FILE);
     let publisher = Publisher::spawn(wal, database, hub, health.clone()).map_err(StoreError::Io)?;
     let checkpointer = Checkpointer::spawn(checkpoints, &mut conn, config.data_dir.clone())?;
+    let meter = Meter::new(config, &health.storage);
     let writer = Writer {
         conn,
         database: config.data_dir.join(super::DATABASE_FILE),
@@ -297,8 +316,9 @@ pub(crate) fn spawn(
         last_maintenance: Instant::now(),
         retry: VecDeque::new(),
         outage: None,
-        window: (config.commit_window_ms > 0)
-            .then(|| Duration::from_millis(config.commit_window_ms)),
+        meter,
+        data_dir: config.data_dir.clone(),
+        floor_config: config.clone(),
         timer: tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -306,7 +326,12 @@ pub(crate) fn spawn(
         publisher,
         checkpointer,
         max_future: (config.max_future_s as Micros).saturating_mul(1_000_000),
-        reading_id_floor,
+        series: HashMap::new(),
+        reading_events_from,
+        open,
+        rollups_written: Instant::now(),
+        latest_written: Instant::now(),
+        write_rollups: false,
     };
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -315,22 +340,26 @@ pub(crate) fn spawn(
     Ok(WriterHandle { thread })
 }
 
-/// The id the next reading must lie above, when the newest readings were deleted (see
-/// the `deleted_reading_ids` table); 0 when SQLite's own choice is already above it.
-fn reading_id_floor(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row(
-        "SELECT COALESCE((SELECT MAX(last_id) FROM deleted_reading_ids), 0), \
-         COALESCE((SELECT MAX(id) FROM readings), 0)",
-        [],
-        |r| {
-            let (deleted, newest): (i64, i64) = (r.get(0)?, r.get(1)?);
-            Ok(if deleted > newest { deleted } else { 0 })
-        },
-    )
+/// Folds the readings stored after the last write-out of the roll-ups (see
+/// [`rollup`]) into the open buckets: what a restart, or a power cut, left unwritten.
+fn fold_unwritten(conn: &Connection, open: &OpenBuckets) -> rusqlite::Result<()> {
+    let through = reader::meta(conn, "rollups_through")?;
+    let mut pending = open.lock();
+    let mut rows = conn.prepare(&format!("{} WHERE r.id > ?1", reader::READING_COLUMNS))?;
+    let mut folded = 0u64;
+    for reading in rows.query_map([through], reader::reading_from_row)? {
+        let r = reading?;
+        pending.add(r.sensor_id, &r.tipo, r.timestamp, r.valor);
+        folded += 1;
+    }
+    if folded > 0 {
+        log::info!("{folded} readings folded into the roll-ups again after a restart");
+    }
+    Ok(())
 }
 
 fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
-    let seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let seq: i64 = conn.query_row(reader::LAST_SEQ, [], |r| r.get(0))?;
     Ok(seq as u64)
 }
 
@@ -365,15 +394,29 @@ struct Writer {
     /// "normal"`).
     publisher: Publisher,
     checkpointer: Checkpointer,
-    /// How long samples wait for company; `None` when they are committed as they come
-    /// (`commit_window_ms = 0`).
-    window: Option<Duration>,
+    /// Bytes written and space left; decides how long samples wait for company (the
+    /// commit window, widened by a write budget).
+    meter: Meter,
+    /// Where the database lives, for the free space of its file system.
+    data_dir: PathBuf,
+    /// The settings of the free-space floor.
+    floor_config: StorageConfig,
     /// How far ahead of the clock a latest value may lie before newer-stored readings
     /// replace it (`storage.max_future_s`).
     max_future: Micros,
-    /// New reading ids must lie above this, as the reading that had it was deleted; 0
-    /// once a reading got an id above it.
-    reading_id_floor: i64,
+    /// Series ids by sensor, `tipo`, `unidad` and clock trust, as looked up or created;
+    /// forgotten when a commit fails, as the series it created are gone with it.
+    series: SeriesIds,
+    /// Readings with this id or above are their own `created` event.
+    reading_events_from: i64,
+    /// Readings folded into roll-ups since these were last written out.
+    open: Arc<OpenBuckets>,
+    /// When the roll-ups were last written out.
+    rollups_written: Instant,
+    /// When the latest values were last written out.
+    latest_written: Instant,
+    /// Write the roll-ups out with the next commit, whenever it is due or not.
+    write_rollups: bool,
     /// Times waits on the queue; the writer is a plain thread.
     timer: tokio::runtime::Runtime,
 }
@@ -480,6 +523,7 @@ impl Drop for CloseOnExit {
 impl Writer {
     fn run(mut self) {
         self.serve();
+        self.write_out_rollups();
         let stopped_at = self.next_seq - 1;
         let Writer {
             mut conn,
@@ -530,6 +574,7 @@ impl Writer {
                 batch.insert(0, Command::Samples(self.retry.drain(..).collect()));
             }
             self.commit(&mut batch);
+            self.look_at_costs();
             if self.last_maintenance.elapsed() >= self.maintenance_every {
                 self.maintain();
             }
@@ -560,11 +605,23 @@ impl Writer {
             self.refuse(batch, &damage.error);
             return;
         }
+        // A reading changed over REST is refolded from the tables, which must then hold
+        // every reading's share: the open buckets go out first, in the same transaction.
+        let changes_readings = batch
+            .iter()
+            .any(|c| matches!(c, Command::UpdateReading(..) | Command::DeleteReading(..)));
+        let write_latest = changes_readings
+            || self.write_rollups
+            || self.latest_written.elapsed() >= LATEST_WRITE_INTERVAL;
+        let open = self.open.clone();
+        let mut writing_out = (changes_readings
+            || self.write_rollups
+            || self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL)
+            .then(|| open.lock());
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let first_seq = self.next_seq;
         let mut rollups = Pending::default();
-        let mut newest = NewestReadings::new(self.max_future);
         let mut held = Vec::new();
         let commands = batch.len();
         let started = Instant::now();
@@ -574,17 +631,20 @@ impl Writer {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(open) = &writing_out {
+                open.flush(&tx)?;
+            }
             let mut seq = self.next_seq;
-            let mut reading_id_floor = self.reading_id_floor;
             let mut step = Step {
                 tx: &tx,
                 readings: ReadingInserts::prepare(&tx)?,
                 seq: &mut seq,
                 events: &mut published,
                 rollups: &mut rollups,
-                newest: &mut newest,
                 held: &mut held,
-                reading_id_floor: &mut reading_id_floor,
+                series: &mut self.series,
+                reading_events_from: self.reading_events_from,
+                max_future: self.max_future,
                 now: now_micros(),
             };
             let mut commands = batch.drain(..);
@@ -606,11 +666,18 @@ impl Writer {
             }
             drop(commands);
             drop(step);
-            newest.flush(&tx)?;
-            rollups.flush(&tx)?;
+            if write_latest {
+                write_out_latest(&tx, seq as i64 - 1, self.max_future)?;
+            }
+            if writing_out.is_some() {
+                rollups.flush(&tx)?;
+                tx.execute(
+                    "UPDATE store_meta SET value = ?1 WHERE key = 'rollups_through'",
+                    [seq as i64 - 1],
+                )?;
+            }
             tx.commit()?;
             self.next_seq = seq;
-            self.reading_id_floor = reading_id_floor;
             Ok(())
         })();
         let outcome = outcome.map_err(|e| {
@@ -621,6 +688,23 @@ impl Writer {
             e.to_string()
         });
         self.health.record(&outcome);
+        if write_latest && outcome.is_ok() {
+            self.latest_written = Instant::now();
+        }
+        match &mut writing_out {
+            Some(open) if outcome.is_ok() => {
+                open.clear();
+                self.rollups_written = Instant::now();
+                self.write_rollups = false;
+            }
+            Some(_) => {}
+            None if outcome.is_ok() => open.lock().merge(rollups),
+            None => {}
+        }
+        drop(writing_out);
+        if outcome.is_err() {
+            self.series.clear();
+        }
         match outcome {
             Ok(()) => {
                 self.health.timed(commands, started.elapsed());
@@ -704,9 +788,10 @@ impl Writer {
     /// shutdown) ends the wait. `weight` is what the batch counts for so far.
     fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
         let may_wait = |c: &Command| matches!(c, Command::Samples(_) | Command::TouchToken(..));
-        let Some(window) = self.window else {
+        let window = self.meter.window();
+        if window.is_zero() {
             return;
-        };
+        }
         if !batch.iter().all(may_wait) {
             return;
         }
@@ -796,14 +881,101 @@ impl Writer {
         self.commit(&mut vec![Command::Emit(emission, reply)]);
     }
 
-    /// Retention in small slices (see [`Retention`]), then a checkpoint.
+    /// Samples bytes written and space left (at most once a second), which steers the
+    /// commit window by the write budget.
+    fn look_at_costs(&mut self) {
+        if !self.meter.due() {
+            return;
+        }
+        let space = capacity::file_system_space(&self.data_dir);
+        let floor = space.map_or(0, |(_, total)| {
+            capacity::free_space_floor(&self.floor_config, total)
+        });
+        let used = database_bytes(&self.conn).map_or(0, |(used, _)| used);
+        self.meter.look(&self.health.storage, used, space, floor);
+    }
+
+    /// Keeps the database from taking its file system below the free-space floor: while
+    /// the free space, with the free pages inside the database that new rows reuse, lies
+    /// below it, each pass removes a slice of the oldest raw readings (roll-ups stay) and
+    /// says so with a `storage_pruned` event. Returns whether more may be due.
+    fn keep_free_space_floor(&mut self) -> bool {
+        let Some((free, total)) = capacity::file_system_space(&self.data_dir) else {
+            return false;
+        };
+        let floor = capacity::free_space_floor(&self.floor_config, total);
+        let reusable = database_bytes(&self.conn).map_or(0, |(_, free_pages)| free_pages);
+        if floor == 0 || free.saturating_add(reusable) >= floor {
+            return false;
+        }
+        let removed =
+            match retention::delete_readings(&self.conn, Micros::MAX, "", Vec::new(), SLICE) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("removing the oldest readings to keep free space failed: {e}");
+                    return false;
+                }
+            };
+        if removed == 0 {
+            return false;
+        }
+        self.health.storage.count_pruned(removed as u64);
+        log::warn!(
+            "{free} bytes free, below the floor of {floor}: removed the {removed} oldest raw readings"
+        );
+        let oldest = self
+            .conn
+            .query_row(
+                &format!(
+                    "{} ORDER BY r.ts / 1000000, r.ts LIMIT 1",
+                    reader::READING_COLUMNS
+                ),
+                [],
+                reader::reading_from_row,
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .map(|r| crate::model::format_time(r.timestamp));
+        let (reply, _) = oneshot::channel();
+        let emission = Emission {
+            channel: Channel::General,
+            kind: EmissionKind::System("storage_pruned".into()),
+            sensor_id: None,
+            data: serde_json::json!({
+                "removed_readings": removed,
+                "oldest_reading": oldest,
+                "free_bytes": free,
+                "floor_bytes": floor,
+            }),
+        };
+        self.commit(&mut vec![Command::Emit(emission, reply)]);
+        true
+    }
+
+    /// Writes the open roll-up buckets to their tables now, in a commit of their own.
+    fn write_out_rollups(&mut self) {
+        if self.open.lock().is_empty() || self.health.damage().is_some() {
+            return;
+        }
+        self.write_rollups = true;
+        self.commit(&mut Vec::new());
+    }
+
+    /// Retention in small slices (see [`Retention`]) and the free-space floor.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
         if self.health.damage().is_some() {
             // Deleting rows rewrites pages that may be the damaged ones.
             return;
         }
-        let mut behind = false;
+        if self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL {
+            // A quiet gateway has no commit to write them out with.
+            self.write_out_rollups();
+        }
+        self.retention
+            .prune_open(&mut self.open.lock(), now_micros());
+        let mut behind = self.keep_free_space_floor();
         for (what, outcome) in self
             .retention
             .sweep(&self.conn, now_micros(), self.next_seq - 1)
@@ -817,9 +989,9 @@ impl Writer {
                 Err(e) => log::warn!("retention of {what} failed: {e}"),
             }
         }
-        // Copy the WAL back into the database now, at a quiet moment, rather than only
-        // once it crosses the threshold.
-        self.checkpointer.request();
+        // No checkpoint here: each one writes the pages every commit touches (the first
+        // page, the B-trees' inner pages) to the card once more, so the WAL is copied
+        // back only once it reaches its threshold.
         if behind {
             // More is due than one slice: come back after a second, not a whole interval.
             self.last_maintenance -= self
@@ -827,6 +999,21 @@ impl Writer {
                 .saturating_sub(Duration::from_secs(1));
         }
     }
+}
+
+/// Bytes the database uses in its pages, and bytes of its free pages (which new rows
+/// take before the file grows).
+fn database_bytes(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+    let (pages, free, size) = (
+        pragma("page_count")?,
+        pragma("freelist_count")?,
+        pragma("page_size")?,
+    );
+    Ok((
+        ((pages - free) * size).max(0) as u64,
+        (free * size).max(0) as u64,
+    ))
 }
 
 /// The live-only notice (`seq` 0, it cannot be stored) that storage fails, with the
@@ -851,12 +1038,13 @@ struct Step<'a> {
     seq: &'a mut u64,
     events: &'a mut Vec<Unpublished>,
     rollups: &'a mut Pending,
-    newest: &'a mut NewestReadings,
     /// Samples of this transaction, kept until it commits so that a failed
     /// commit can retry them.
     held: &'a mut Vec<Sample>,
-    /// See [`Writer::reading_id_floor`]; raised by deletions in this transaction.
-    reading_id_floor: &'a mut i64,
+    series: &'a mut SeriesIds,
+    reading_events_from: i64,
+    /// See [`Writer::max_future`].
+    max_future: Micros,
     now: Micros,
 }
 
@@ -880,7 +1068,7 @@ impl Step<'_> {
                         new.valor,
                         &new.unidad,
                     )?;
-                    self.record_reading(reading.clone())?;
+                    self.record_reading(reading.clone());
                     Ok(reading)
                 } else {
                     Err(StoreError::NotFound {
@@ -943,7 +1131,7 @@ impl Step<'_> {
                     m.valor,
                     &m.unidad,
                 )?;
-                self.record_reading(reading)?;
+                self.record_reading(reading);
             }
         }
         Ok(())
@@ -985,29 +1173,13 @@ impl Step<'_> {
         Ok(seq)
     }
 
-    /// Stores a reading's `created` event as the reading's fields, from which
-    /// [`reader::events_after`] rebuilds the same frame the publisher builds.
-    fn record_reading(&mut self, reading: Reading) -> Result<(), rusqlite::Error> {
+    /// Takes the next `seq` for a reading just stored with it as its id: the reading's
+    /// row is its `created` event (see [`reader::events_after`]).
+    fn record_reading(&mut self, reading: Reading) {
         let seq = *self.seq;
-        self.readings.event.execute(params![
-            seq as i64,
-            self.now,
-            Channel::Readings.as_str(),
-            reading.sensor_id,
-            reading.tipo,
-            reading.id,
-            reading.valor,
-            reading.unidad,
-            reading.timestamp,
-            reading.hora_dudosa,
-        ])?;
+        debug_assert_eq!(reading.id as u64, seq);
         *self.seq += 1;
-        self.events.push(Unpublished::Reading {
-            reading,
-            seq,
-            stored_at: self.now,
-        });
-        Ok(())
+        self.events.push(Unpublished::Reading { reading, seq });
     }
 
     fn sensor_event(
@@ -1101,7 +1273,6 @@ impl Step<'_> {
         self.tx
             .prepare_cached("DELETE FROM latest_readings WHERE sensor_id = ?1")?
             .execute([id])?;
-        self.newest.forget(id);
         self.sensor_event("deleted", &sensor, &[])?;
         Ok(Ok(sensor))
     }
@@ -1122,19 +1293,18 @@ impl Step<'_> {
         if changed.is_empty() {
             return Ok(Ok(reading));
         }
+        self.keep_created_event(&old)?;
+        let series = self.series_of(
+            reading.sensor_id,
+            &reading.tipo,
+            &reading.unidad,
+            reading.hora_dudosa,
+        )?;
         self.tx
             .prepare_cached(
-                "UPDATE readings SET tipo = ?2, valor = ?3, unidad = ?4, ts = ?5, hora_dudosa = ?6 \
-                 WHERE id = ?1",
+                "UPDATE reading_rows SET series = ?2, valor = ?3, ts = ?4 WHERE id = ?1",
             )?
-            .execute(params![
-                id,
-                reading.tipo,
-                reading.valor,
-                reading.unidad,
-                reading.timestamp,
-                reading.hora_dudosa
-            ])?;
+            .execute(params![id, series, reading.valor, reading.timestamp])?;
         self.derived_after_change(&old, Some(&reading))?;
         let frame =
             events::reading_change_frame("updated", &reading, &changed, self.now, *self.seq);
@@ -1155,22 +1325,11 @@ impl Step<'_> {
                 id,
             }));
         };
+        self.keep_created_event(&reading)?;
+        // Its id is never handed out again: ids are `seq`s.
         self.tx
-            .prepare_cached("DELETE FROM readings WHERE id = ?1")?
+            .prepare_cached("DELETE FROM reading_rows WHERE id = ?1")?
             .execute([id])?;
-        // Its id is never handed out again (see `deleted_reading_ids`).
-        let last_deleted = id.max(*self.reading_id_floor).max(
-            self.tx
-                .prepare_cached("SELECT COALESCE(MAX(last_id), 0) FROM deleted_reading_ids")?
-                .query_row([], |r| r.get(0))?,
-        );
-        self.tx
-            .prepare_cached("DELETE FROM deleted_reading_ids")?
-            .execute([])?;
-        self.tx
-            .prepare_cached("INSERT INTO deleted_reading_ids (last_id) VALUES (?1)")?
-            .execute([last_deleted])?;
-        *self.reading_id_floor = last_deleted;
         self.derived_after_change(&reading, None)?;
         let frame = events::reading_change_frame("deleted", &reading, &[], self.now, *self.seq);
         self.record(
@@ -1191,8 +1350,9 @@ impl Step<'_> {
         old: &Reading,
         new: Option<&Reading>,
     ) -> rusqlite::Result<()> {
-        self.newest.flush(self.tx)?;
+        write_out_latest(self.tx, *self.seq as i64 - 1, self.max_future)?;
         self.rollups.flush(self.tx)?;
+        self.rollups.clear();
         fn folded(r: &Reading) -> Folded<'_> {
             Folded {
                 sensor_id: r.sensor_id,
@@ -1202,7 +1362,7 @@ impl Step<'_> {
             }
         }
         rollup::refold(self.tx, folded(old), new.map(folded))?;
-        let horizon = self.now.saturating_add(self.newest.max_future);
+        let horizon = self.now.saturating_add(self.max_future);
         refresh_latest(self.tx, old.sensor_id, &old.tipo, horizon)?;
         if let Some(new) = new.filter(|n| n.tipo != old.tipo) {
             refresh_latest(self.tx, new.sensor_id, &new.tipo, horizon)?;
@@ -1223,31 +1383,13 @@ impl Step<'_> {
     ) -> Result<Reading, rusqlite::Error> {
         // SQLite keeps -0.0 as 0: the live frame must carry the value replay will read.
         let valor = valor + 0.0;
-        // NULL: SQLite's choice, the largest id plus one; above the floor once the newest
-        // readings were deleted.
-        let mut id = None;
-        if *self.reading_id_floor > 0 {
-            let newest: i64 = self
-                .tx
-                .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM readings")?
-                .query_row([], |r| r.get(0))?;
-            if newest < *self.reading_id_floor {
-                id = Some(*self.reading_id_floor + 1);
-            }
-            *self.reading_id_floor = 0;
-        }
-        self.readings.row.execute(params![
-            sensor_id,
-            taken_at,
-            tipo,
-            valor,
-            unidad,
-            hora_dudosa,
-            id
-        ])?;
-        let id = self.tx.last_insert_rowid();
+        // The reading is its own `created` event: its id is the event's `seq`.
+        let id = *self.seq as i64;
+        let series = self.series_of(sensor_id, tipo, unidad, hora_dudosa)?;
+        self.readings
+            .row
+            .execute(params![id, series, taken_at, valor])?;
         self.rollups.add(sensor_id, tipo, taken_at, valor);
-        self.newest.add(sensor_id, tipo, id, taken_at, self.now);
         let reading = Reading {
             id,
             sensor_id,
@@ -1258,6 +1400,75 @@ impl Step<'_> {
             hora_dudosa,
         };
         Ok(reading)
+    }
+
+    /// The series of a sensor's `tipo` in `unidad`, created on first use.
+    fn series_of(
+        &mut self,
+        sensor_id: i64,
+        tipo: &str,
+        unidad: &str,
+        hora_dudosa: bool,
+    ) -> rusqlite::Result<i64> {
+        let known = self.series.entry(sensor_id).or_default();
+        if let Some(found) = known
+            .iter()
+            .find(|s| s.tipo == tipo && s.unidad == unidad && s.hora_dudosa == hora_dudosa)
+        {
+            return Ok(found.id);
+        }
+        let id = match self
+            .tx
+            .prepare_cached(
+                "SELECT id FROM series WHERE sensor_id = ?1 AND tipo = ?2 AND unidad = ?3 \
+                 AND hora_dudosa = ?4",
+            )?
+            .query_row(params![sensor_id, tipo, unidad, hora_dudosa], |r| r.get(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO series (sensor_id, tipo, unidad, hora_dudosa) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![sensor_id, tipo, unidad, hora_dudosa])?;
+                self.tx.last_insert_rowid()
+            }
+        };
+        known.push(SeriesId {
+            tipo: tipo.to_owned(),
+            unidad: unidad.to_owned(),
+            hora_dudosa,
+            id,
+        });
+        Ok(id)
+    }
+
+    /// Keeps the `created` event of a reading about to change or go, which replay would
+    /// otherwise rebuild from the changed row or miss: as the fields it was sent with.
+    fn keep_created_event(&mut self, reading: &Reading) -> rusqlite::Result<()> {
+        if reading.id < self.reading_events_from {
+            return Ok(());
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO events (seq, ts, channel, event_type, sensor_id, tipo, \
+                 frame, reading_id, valor, unidad, taken_at, hora_dudosa) \
+                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?1, ?6, ?7, ?2, ?8)",
+            )?
+            .execute(params![
+                reading.id,
+                reading.timestamp,
+                Channel::Readings.as_str(),
+                reading.sensor_id,
+                reading.tipo,
+                reading.valor,
+                reading.unidad,
+                reading.hora_dudosa
+            ])?;
+        Ok(())
     }
 
     fn emit(&mut self, emission: Emission) -> Result<u64, rusqlite::Error> {
@@ -1282,6 +1493,36 @@ impl Step<'_> {
     }
 }
 
+/// Brings the `latest_readings` table up to the reading with id `through`: folds in the
+/// readings stored since it was last written (a commit would otherwise rewrite its page
+/// every time), as [`reader::snapshot`] does on reading it.
+fn write_out_latest(
+    tx: &Transaction<'_>,
+    through: i64,
+    max_future: Micros,
+) -> rusqlite::Result<()> {
+    let since = reader::meta(tx, "latest_through")?;
+    if through <= since {
+        return Ok(());
+    }
+    let mut newest = NewestReadings::new(max_future);
+    let now = now_micros();
+    for reading in tx
+        .prepare_cached(&format!(
+            "{} WHERE r.id > ?1 AND r.id <= ?2 AND s.sensor_id IN (SELECT id FROM sensors) ORDER BY r.id",
+            reader::READING_COLUMNS
+        ))?
+        .query_map(params![since, through], reader::reading_from_row)?
+    {
+        let r = reading?;
+        newest.add(r.sensor_id, &r.tipo, r.id, r.timestamp, now);
+    }
+    newest.flush(tx)?;
+    tx.prepare_cached("UPDATE store_meta SET value = ?1 WHERE key = 'latest_through'")?
+        .execute([through])?;
+    Ok(())
+}
+
 /// Points the latest value of a sensor and `tipo` at its newest remaining reading, or
 /// removes it when none is left. As in [`NewestReadings`], a reading stamped after
 /// `horizon` (too far in the future) is the latest only when there is no other. A
@@ -1294,8 +1535,9 @@ fn refresh_latest(
 ) -> rusqlite::Result<()> {
     let newest_until = |until: Micros| -> rusqlite::Result<Option<(i64, Micros)>> {
         tx.prepare_cached(
-            "SELECT id, ts FROM readings WHERE sensor_id = ?1 AND tipo = ?2 AND ts <= ?3 \
-             ORDER BY ts DESC, id DESC LIMIT 1",
+            "SELECT r.id, r.ts FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
+             WHERE s.sensor_id = ?1 AND s.tipo = ?2 AND r.ts / 1000000 <= ?3 / 1000000 \
+             AND r.ts <= ?3 ORDER BY r.ts / 1000000 DESC, r.ts DESC, r.id DESC LIMIT 1",
         )?
         .query_row(params![sensor_id, tipo, until], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -1324,35 +1566,36 @@ fn refresh_latest(
     Ok(())
 }
 
-/// The two inserts of every reading, prepared once per transaction: a busy gateway
-/// stores thousands of readings per commit, and looking both statements up in the
-/// connection's cache by their text for every reading cost the writer about a fifth of
-/// its ingest rate.
+/// The insert of every reading, prepared once per transaction: a busy gateway stores
+/// thousands of readings per commit, and looking the statement up in the connection's
+/// cache by its text for every reading cost the writer a good part of its ingest rate.
 struct ReadingInserts<'tx> {
     row: CachedStatement<'tx>,
-    event: CachedStatement<'tx>,
 }
 
 impl<'tx> ReadingInserts<'tx> {
     fn prepare(tx: &'tx Transaction<'tx>) -> rusqlite::Result<Self> {
         Ok(ReadingInserts {
             row: tx.prepare_cached(
-                "INSERT INTO readings (sensor_id, ts, tipo, valor, unidad, hora_dudosa, id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?,
-            event: tx.prepare_cached(
-                "INSERT INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
-                 reading_id, valor, unidad, taken_at, hora_dudosa) \
-                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO reading_rows (id, series, ts, valor) VALUES (?1, ?2, ?3, ?4)",
             )?,
         })
     }
 }
 
-/// The newest reading of each sensor and `tipo` in one batch, written to
-/// `latest_readings` once, at commit, instead of once per reading: a batched source
-/// hands over hundreds of readings of one sensor together. A sensor has a few `tipo`s,
-/// so each keeps a short list.
+/// Series ids known to the writer, by sensor; a sensor has a few.
+type SeriesIds = HashMap<i64, Vec<SeriesId>>;
+
+struct SeriesId {
+    tipo: String,
+    unidad: String,
+    hora_dudosa: bool,
+    id: i64,
+}
+
+/// The newest reading of each sensor and `tipo` among the readings stored since the
+/// `latest_readings` table was last written, written to it once. A sensor has a few
+/// `tipo`s, so each keeps a short list.
 ///
 /// "Newest" is by sample time, except that a reading stamped further in the future than
 /// `max_future` (a client's clock in year 9999, or one that got in while the gateway's
@@ -1394,11 +1637,6 @@ impl NewestReadings {
                 taken_at,
             }),
         }
-    }
-
-    /// A sensor deleted in this batch: its readings are no one's latest.
-    fn forget(&mut self, sensor_id: i64) {
-        self.by_sensor.remove(&sensor_id);
     }
 
     /// Writes the batch's newest readings where they are newer than the stored ones, or
