@@ -206,9 +206,19 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
     // fill the rest within moments.
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-    db.execute_batch(
-        "CREATE TABLE ballast (b BLOB); INSERT INTO ballast VALUES (zeroblob(900 * 1024));",
-    )
+    // All but a few of the pages of the 1 MiB it may use.
+    let (pages, page_size): (i64, i64) = db
+        .query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count), \
+             (SELECT page_size FROM pragma_page_size)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let ballast = (1024 * 1024 / page_size - pages - 8).max(1) * (page_size - 64);
+    db.execute_batch(&format!(
+        "CREATE TABLE ballast (b BLOB); INSERT INTO ballast VALUES (zeroblob({ballast}));"
+    ))
     .unwrap();
 
     let degraded = loop {

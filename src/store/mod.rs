@@ -158,8 +158,10 @@ impl Store {
             queued.clone(),
             hub,
             config,
-            health.clone(),
-            open_buckets.clone(),
+            writer::Shared {
+                health: health.clone(),
+                open: open_buckets.clone(),
+            },
         )?;
         check_in_background(path.clone(), health.clone());
         let store = Store {

@@ -107,11 +107,21 @@ pub struct ReadingFilter {
 }
 
 /// A reading's columns (`id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`, as
-/// [`reading_from_row`] takes them) from `reading_rows r` and its series `s`. CROSS JOIN
-/// keeps the readings the outer loop, so that the index on their second leads.
+/// [`reading_from_row`] takes them) from `reading_rows r` and its series `s`, for
+/// queries by id. CROSS JOIN keeps the readings the outer loop.
 pub(super) const READING_COLUMNS: &str =
     "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
      FROM reading_rows r CROSS JOIN series s ON s.id = r.series";
+
+/// The same for queries by sample time: the seconds `m` (`reading_seconds`) in order,
+/// the readings of each by their id range. Each reading is taken from its own second
+/// only, where late readings widen a range over others. Bound the seconds with
+/// `m.second`, and order by `m.second` first.
+pub(super) const READINGS_BY_SECOND: &str =
+    "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
+     FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
+     WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
+     AND s.id = r.series";
 
 /// The newest `seq` stored: of an event row, or of a reading that is its own event.
 pub(super) const LAST_SEQ: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), \
@@ -124,9 +134,9 @@ pub(super) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
 }
 
 /// Readings matching the filter, ordered by sample time (then id). Time bounds are
-/// given twice, on the indexed second and on the exact time.
+/// given twice, on the second (which bounds the rows read) and on the exact time.
 pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<Vec<Reading>> {
-    let mut sql = format!("{READING_COLUMNS} WHERE 1=1");
+    let mut sql = READINGS_BY_SECOND.to_owned();
     let mut args: Vec<SqlValue> = Vec::new();
     if let Some(id) = filter.sensor_id {
         sql.push_str(" AND s.sensor_id = ?");
@@ -137,22 +147,20 @@ pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<V
         args.push(tipo.clone().into());
     }
     if let Some(from) = filter.from {
-        sql.push_str(" AND r.ts / 1000000 >= ? / 1000000 AND r.ts >= ?");
+        sql.push_str(" AND m.second >= ? / 1000000 AND r.ts >= ?");
         args.extend([from.into(), from.into()]);
     }
     if let Some(to) = filter.to {
-        sql.push_str(" AND r.ts / 1000000 <= (? - 1) / 1000000 AND r.ts < ?");
+        sql.push_str(" AND m.second <= (? - 1) / 1000000 AND r.ts < ?");
         args.extend([to.into(), to.into()]);
     }
     if let Some((ts, id)) = filter.after {
-        sql.push_str(
-            " AND r.ts / 1000000 >= ? / 1000000 AND (r.ts > ? OR (r.ts = ? AND r.id > ?))",
-        );
+        sql.push_str(" AND m.second >= ? / 1000000 AND (r.ts > ? OR (r.ts = ? AND r.id > ?))");
         args.extend([ts.into(), ts.into(), ts.into(), id.into()]);
     }
     sql.push_str(match filter.order {
-        ReadingOrder::Asc => " ORDER BY r.ts / 1000000 ASC, r.ts ASC, r.id ASC",
-        ReadingOrder::Desc => " ORDER BY r.ts / 1000000 DESC, r.ts DESC, r.id DESC",
+        ReadingOrder::Asc => " ORDER BY m.second ASC, r.ts ASC, r.id ASC",
+        ReadingOrder::Desc => " ORDER BY m.second DESC, r.ts DESC, r.id DESC",
     });
     sql.push_str(" LIMIT ?");
     args.push(i64::from(filter.limit).into());

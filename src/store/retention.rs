@@ -147,9 +147,10 @@ pub(super) fn delete_readings(
 ) -> rusqlite::Result<usize> {
     let sql = format!(
         "DELETE FROM reading_rows WHERE id IN \
-         (SELECT r.id FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
-          WHERE r.ts / 1000000 <= ? / 1000000 AND r.ts < ?{filter} \
-          ORDER BY r.ts / 1000000 LIMIT ?) RETURNING id"
+         (SELECT r.id FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
+          WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
+          AND s.id = r.series AND m.second <= ? / 1000000 AND r.ts < ?{filter} \
+          ORDER BY m.second LIMIT ?) RETURNING id"
     );
     let mut all: Vec<SqlValue> = vec![cutoff.into(), cutoff.into()];
     all.extend(args);
@@ -170,6 +171,12 @@ pub(super) fn delete_readings(
     if let Some(newest) = ids.iter().copied().filter(|id| *id >= from).max() {
         raise_log_floor(&tx, newest + 1)?;
     }
+    // Seconds whose whole range lies below the oldest reading left hold none.
+    tx.prepare_cached(
+        "DELETE FROM reading_seconds \
+         WHERE last_id < (SELECT COALESCE(MIN(id), 0) FROM reading_rows)",
+    )?
+    .execute([])?;
     tx.commit()?;
     Ok(ids.len())
 }
@@ -223,6 +230,11 @@ mod tests {
                 .unwrap();
             }
         }
+        conn.execute_batch(
+            "INSERT INTO reading_seconds (second, first_id, last_id) \
+             SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000",
+        )
+        .unwrap();
         let config = StorageConfig {
             readings_retention_days: 365,
             retention: vec![

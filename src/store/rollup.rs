@@ -274,8 +274,9 @@ fn refold_bucket(
     let raw: (Option<f64>, Option<f64>, f64, i64) = tx
         .prepare_cached(
             "SELECT MIN(r.valor), MAX(r.valor), COALESCE(SUM(r.valor), 0), COUNT(*) \
-             FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
-             WHERE r.ts / 1000000 BETWEEN ?2 / 1000000 AND (?3 - 1) / 1000000 \
+             FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
+             WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
+             AND s.id = r.series AND m.second BETWEEN ?2 / 1000000 AND (?3 - 1) / 1000000 \
              AND r.ts >= ?2 AND r.ts < ?3 AND s.sensor_id = ?1 AND s.tipo = ?4",
         )?
         .query_row(
@@ -473,6 +474,11 @@ mod tests {
         assert_eq!(Bucket::Hour.start(-1), -3_600_000_000);
     }
 
+    /// The id range of each second, from the readings rows as they are.
+    const SECONDS_OF_ROWS: &str =
+        "INSERT OR REPLACE INTO reading_seconds (second, first_id, last_id) \
+        SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000";
+
     /// Stores readings `(id, t, valor)` of sensor 1 and folds them into their buckets.
     fn stored(conn: &mut Connection, readings: &[(i64, Micros, f64)]) {
         let tx = conn.transaction().unwrap();
@@ -490,6 +496,7 @@ mod tests {
             .unwrap();
             pending.add(1, "t", t, v);
         }
+        tx.execute_batch(SECONDS_OF_ROWS).unwrap();
         pending.flush(&tx).unwrap();
         tx.commit().unwrap();
     }

@@ -263,6 +263,12 @@ impl WriterHandle {
     }
 }
 
+/// What the writer keeps up to date for the store's readers.
+pub(crate) struct Shared {
+    pub(crate) health: Arc<WriterHealth>,
+    pub(crate) open: Arc<OpenBuckets>,
+}
+
 pub(crate) fn spawn(
     mut conn: Connection,
     checkpoints: Connection,
@@ -270,8 +276,7 @@ pub(crate) fn spawn(
     queued: Arc<SampleGate>,
     hub: Hub,
     config: &StorageConfig,
-    health: Arc<WriterHealth>,
-    open: Arc<OpenBuckets>,
+    Shared { health, open }: Shared,
 ) -> Result<WriterHandle, StoreError> {
     if config.max_database_mb > 0 {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
@@ -665,6 +670,7 @@ impl Writer {
                 }
             }
             drop(commands);
+            step.readings.write_seconds()?;
             drop(step);
             if write_latest {
                 write_out_latest(&tx, seq as i64 - 1, self.max_future)?;
@@ -927,8 +933,8 @@ impl Writer {
             .conn
             .query_row(
                 &format!(
-                    "{} ORDER BY r.ts / 1000000, r.ts LIMIT 1",
-                    reader::READING_COLUMNS
+                    "{} ORDER BY m.second, r.ts LIMIT 1",
+                    reader::READINGS_BY_SECOND
                 ),
                 [],
                 reader::reading_from_row,
@@ -1305,6 +1311,7 @@ impl Step<'_> {
                 "UPDATE reading_rows SET series = ?2, valor = ?3, ts = ?4 WHERE id = ?1",
             )?
             .execute(params![id, series, reading.valor, reading.timestamp])?;
+        self.readings.note_second(reading.timestamp, id);
         self.derived_after_change(&old, Some(&reading))?;
         let frame =
             events::reading_change_frame("updated", &reading, &changed, self.now, *self.seq);
@@ -1350,6 +1357,7 @@ impl Step<'_> {
         old: &Reading,
         new: Option<&Reading>,
     ) -> rusqlite::Result<()> {
+        self.readings.write_seconds()?;
         write_out_latest(self.tx, *self.seq as i64 - 1, self.max_future)?;
         self.rollups.flush(self.tx)?;
         self.rollups.clear();
@@ -1386,9 +1394,7 @@ impl Step<'_> {
         // The reading is its own `created` event: its id is the event's `seq`.
         let id = *self.seq as i64;
         let series = self.series_of(sensor_id, tipo, unidad, hora_dudosa)?;
-        self.readings
-            .row
-            .execute(params![id, series, taken_at, valor])?;
+        self.readings.insert(id, series, taken_at, valor)?;
         self.rollups.add(sensor_id, tipo, taken_at, valor);
         let reading = Reading {
             id,
@@ -1535,9 +1541,11 @@ fn refresh_latest(
 ) -> rusqlite::Result<()> {
     let newest_until = |until: Micros| -> rusqlite::Result<Option<(i64, Micros)>> {
         tx.prepare_cached(
-            "SELECT r.id, r.ts FROM reading_rows r CROSS JOIN series s ON s.id = r.series \
-             WHERE s.sensor_id = ?1 AND s.tipo = ?2 AND r.ts / 1000000 <= ?3 / 1000000 \
-             AND r.ts <= ?3 ORDER BY r.ts / 1000000 DESC, r.ts DESC, r.id DESC LIMIT 1",
+            "SELECT r.id, r.ts FROM reading_seconds m CROSS JOIN reading_rows r \
+             CROSS JOIN series s WHERE r.id BETWEEN m.first_id AND m.last_id \
+             AND r.ts / 1000000 = m.second AND s.id = r.series \
+             AND s.sensor_id = ?1 AND s.tipo = ?2 AND m.second <= ?3 / 1000000 \
+             AND r.ts <= ?3 ORDER BY m.second DESC, r.ts DESC, r.id DESC LIMIT 1",
         )?
         .query_row(params![sensor_id, tipo, until], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -1571,6 +1579,10 @@ fn refresh_latest(
 /// cache by its text for every reading cost the writer a good part of its ingest rate.
 struct ReadingInserts<'tx> {
     row: CachedStatement<'tx>,
+    second: CachedStatement<'tx>,
+    /// The id range of each second of sample time in this transaction, written to
+    /// `reading_seconds` once (see [`ReadingInserts::write_seconds`]).
+    seconds: HashMap<i64, (i64, i64)>,
 }
 
 impl<'tx> ReadingInserts<'tx> {
@@ -1579,7 +1591,41 @@ impl<'tx> ReadingInserts<'tx> {
             row: tx.prepare_cached(
                 "INSERT INTO reading_rows (id, series, ts, valor) VALUES (?1, ?2, ?3, ?4)",
             )?,
+            second: tx.prepare_cached(
+                "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (second) DO UPDATE SET first_id = MIN(first_id, excluded.first_id), \
+                 last_id = MAX(last_id, excluded.last_id)",
+            )?,
+            seconds: HashMap::new(),
         })
+    }
+
+    /// Stores a reading's row; its second's id range is written with the others.
+    fn insert(
+        &mut self,
+        id: i64,
+        series: i64,
+        taken_at: Micros,
+        valor: f64,
+    ) -> rusqlite::Result<()> {
+        self.row.execute(params![id, series, taken_at, valor])?;
+        self.note_second(taken_at, id);
+        Ok(())
+    }
+
+    /// `id` was taken in the second of `taken_at` (as SQLite divides, towards zero).
+    fn note_second(&mut self, taken_at: Micros, id: i64) {
+        let range = self.seconds.entry(taken_at / 1_000_000).or_insert((id, id));
+        range.0 = range.0.min(id);
+        range.1 = range.1.max(id);
+    }
+
+    /// Widens the stored id range of each second this transaction stored readings in.
+    fn write_seconds(&mut self) -> rusqlite::Result<()> {
+        for (second, (first, last)) in self.seconds.drain() {
+            self.second.execute(params![second, first, last])?;
+        }
+        Ok(())
     }
 }
 
