@@ -15,7 +15,7 @@ use crate::model::{
     forbidden_char, forbidden_char_message, forbidden_in_json, MAX_INTERVAL_S, MAX_TEXT,
     MIN_INTERVAL_S,
 };
-use crate::sensors::calibration::Calibration;
+use crate::sensors::calibration::{unknown_tipos, Calibration};
 use crate::sensors::derived::Derived;
 pub use crate::sensors::SourceSpec;
 
@@ -539,10 +539,19 @@ impl Config {
                 problems.push(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
             if let Some(calibration) = &sensor.calibration {
-                let errors = match Calibration::from_json(calibration, "calibration") {
-                    Ok(c) => c.unknown_tipos(&sensor.tipo, Some(&source), "calibration"),
-                    Err(errors) => errors,
-                };
+                // Every problem at once: unknown tipos besides bad corrections.
+                let mut errors = Calibration::from_json(calibration, "calibration")
+                    .err()
+                    .unwrap_or_default();
+                if let Some(tipos) = calibration.as_object() {
+                    errors.extend(unknown_tipos(
+                        tipos.keys().map(String::as_str),
+                        &sensor.tipo,
+                        Some(&source),
+                        "calibration",
+                    ));
+                }
+                errors.sort_by(|a, b| a.field.cmp(&b.field));
                 for e in errors {
                     // Found by the `calibration` key; named by the exact entry.
                     let whole = at(&e.field, &e.message);
@@ -792,7 +801,10 @@ mod tests {
         let err = Config::parse(&sensor("derive = [\"rocio\"]\n"), Path::new("x.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 6") && err.contains("punto_rocio"), "{err}");
+        assert!(
+            err.contains("line 6") && err.contains("punto_rocio"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -118,23 +118,7 @@ impl Calibration {
         fuente: Option<&Value>,
         field: &str,
     ) -> Vec<FieldError> {
-        let mut known: Vec<String> = COMMON_TIPOS.iter().map(|t| t.to_string()).collect();
-        known.push(tipo.to_owned());
-        if let Some(fuente) = fuente {
-            tipos_named_in(fuente, &mut known);
-        }
-        known.sort();
-        known.dedup();
-        self.0
-            .keys()
-            .filter(|t| !known.contains(t))
-            .map(|t| {
-                FieldError::new(
-                    &format!("{field}.{t}"),
-                    format!("unknown tipo: this sensor measures {}", known.join(", ")),
-                )
-            })
-            .collect()
+        unknown_tipos(self.tipos(), tipo, fuente, field)
     }
 
     /// Corrects the measurements of one sample in place. A corrected value that cannot
@@ -164,6 +148,32 @@ impl Calibration {
         }
         Ok(())
     }
+}
+
+/// A problem for each of `tipos` that a sensor of `tipo` with source `fuente` does not
+/// measure (see [`Calibration::unknown_tipos`]).
+pub fn unknown_tipos<'a>(
+    tipos: impl Iterator<Item = &'a str>,
+    tipo: &str,
+    fuente: Option<&Value>,
+    field: &str,
+) -> Vec<FieldError> {
+    let mut known: Vec<String> = COMMON_TIPOS.iter().map(|t| t.to_string()).collect();
+    known.push(tipo.to_owned());
+    if let Some(fuente) = fuente {
+        tipos_named_in(fuente, &mut known);
+    }
+    known.sort();
+    known.dedup();
+    tipos
+        .filter(|t| !known.iter().any(|k| k == t))
+        .map(|t| {
+            FieldError::new(
+                &format!("{field}.{t}"),
+                format!("unknown tipo: this sensor measures {}", known.join(", ")),
+            )
+        })
+        .collect()
 }
 
 /// Every string under a `tipo` key in a source spec: the tipos its serial keys and
