@@ -128,22 +128,29 @@ impl Calibration {
         if self.is_empty() {
             return Ok(());
         }
-        for m in measurements.iter_mut() {
-            if let Some(adjustment) = self.0.get(&m.tipo) {
-                m.valor = adjustment.apply(m.valor);
-            }
-        }
-        for m in measurements.iter() {
-            let impossible = match (m.tipo.as_str(), m.unidad.as_str()) {
-                ("humedad", "%") => !(0.0..=100.0).contains(&m.valor),
-                ("temperatura", "°C") => m.valor < -273.15,
-                _ => !m.valor.is_finite(),
-            };
+        // Checked before anything is changed, so a refused sample is left as it was read.
+        let corrected: Vec<Option<f64>> = measurements
+            .iter()
+            .map(|m| self.0.get(&m.tipo).map(|a| a.apply(m.valor)))
+            .collect();
+        for (m, value) in measurements.iter().zip(&corrected) {
+            let Some(value) = *value else { continue };
+            let impossible = !value.is_finite()
+                || match (m.tipo.as_str(), m.unidad.as_str()) {
+                    ("humedad", "%") => !(0.0..=100.0).contains(&value),
+                    ("temperatura", "°C") => value < -273.15,
+                    _ => false,
+                };
             if impossible {
                 return Err(SensorError::Implausible(format!(
-                    "{} {} {} after calibration",
-                    m.tipo, m.valor, m.unidad
+                    "{} {} {} after calibration (read {})",
+                    m.tipo, value, m.unidad, m.valor
                 )));
+            }
+        }
+        for (m, value) in measurements.iter_mut().zip(corrected) {
+            if let Some(value) = value {
+                m.valor = value;
             }
         }
         Ok(())
@@ -431,6 +438,12 @@ mod tests {
             c.apply(&mut wet),
             Err(SensorError::Implausible(_))
         ));
+        assert_eq!(wet[0].valor, 97.0, "a refused sample is left as read");
+        // Only corrected values are judged: what the device sent was judged by it.
+        let only_temperature =
+            Calibration::from_json(&json!({"temperatura": {"offset": 1}}), "c").unwrap();
+        let mut odd = vec![Measurement::new("humedad", 101.0, "%")];
+        assert_eq!(only_temperature.apply(&mut odd), Ok(()));
     }
 
     #[test]
