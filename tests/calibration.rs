@@ -148,6 +148,21 @@ async fn a_calibration_in_the_config_corrects_readings_and_derived_values_follow
         .await;
     assert_eq!(status, 200, "{buckets}");
     assert!(buckets[0]["count"].as_u64().unwrap() >= 1, "{buckets}");
+    let raw = common::raw_exchange(
+        daemon.addr,
+        format!(
+            "GET /api/v1/lecturas/export?sensor_id={id}&tipo=humedad_absoluta HTTP/1.1\r\n\
+             Host: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+    )
+    .await
+    .unwrap();
+    let exported = String::from_utf8_lossy(&raw);
+    assert!(
+        exported.contains(&format!(",{id},humedad_absoluta,8.6")) && exported.contains(",g/m³,"),
+        "{exported}"
+    );
 
     // Out of the formulas' range (a sensor in a 60 °C oven): the measured values are
     // stored, no derived value is.
