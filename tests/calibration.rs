@@ -3,11 +3,13 @@
 //! history is checked against them.
 
 mod common;
+mod mqtt;
 
 use std::io::Write;
 use std::time::Duration;
 
 use common::{sensor_named, temp_dir, Client, Daemon, Received, PATIENCE};
+use mqtt::{Broker, Subscriber};
 use serde_json::{json, Value};
 use serialport::{SerialPort, TTYPort};
 
@@ -304,5 +306,60 @@ async fn a_calibration_changed_over_rest_is_an_update_in_the_history_and_used_fr
     assert_eq!(history["historial"][1]["calibracion"], json!({}));
     let (status, _) = daemon.get("/api/v1/sensores/999/calibracion").await;
     assert_eq!(status, 404);
+    daemon.stop().await;
+}
+
+/// Derived values leave by the uplink like any reading, and Home Assistant is told what
+/// they are: a dew point is a temperature, a VPD a pressure in kPa, and absolute humidity
+/// a number in g/m³ without a class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn derived_values_reach_the_broker_and_home_assistant_with_their_classes() {
+    let broker = Broker::start().await;
+    let gw = format!("derived-{}", std::process::id());
+    let mut configs = Subscriber::start(broker.addr, &["homeassistant/sensor/+/config"]).await;
+    let mut values = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/+/vpd")]).await;
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(
+        dir.path(),
+        &format!(
+            "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gw}\"\n\n\
+             [[sensor]]\nname = \"sala\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
+             interval_s = 0.2\nsource = {{ kind = \"sim\", profile = \"dht22\", seed = 3 }}\n\
+             derive = [\"punto_rocio\", \"vpd\", \"humedad_absoluta\"]\n",
+            broker.addr
+        ),
+    )
+    .await;
+    let id = sensor_named(&daemon, "sala").await;
+
+    let vpd = values.until(PATIENCE, |_| true).await.remove(0).json();
+    assert_eq!(vpd["tipo"], "vpd");
+    assert_eq!(vpd["unit"], "kPa");
+    assert_eq!(vpd["sensor_id"], id);
+    let value = vpd["value"].as_f64().unwrap();
+    assert!(value > 0.0 && value < 5.0, "{vpd}");
+
+    let mut found = std::collections::BTreeMap::new();
+    let prefix = format!("homeassistant/sensor/{gw}_{id}_");
+    configs
+        .until(PATIENCE, |m| {
+            if let Some(tipo) = m.topic.strip_prefix(&prefix) {
+                found.insert(tipo.trim_end_matches("/config").to_owned(), m.json());
+            }
+            ["punto_rocio", "vpd", "humedad_absoluta"]
+                .iter()
+                .all(|t| found.contains_key(*t))
+        })
+        .await;
+    assert_eq!(found["punto_rocio"]["device_class"], "temperature");
+    assert_eq!(found["punto_rocio"]["unit_of_measurement"], "°C");
+    assert_eq!(found["vpd"]["device_class"], "pressure");
+    assert_eq!(found["vpd"]["unit_of_measurement"], "kPa");
+    assert!(found["humedad_absoluta"].get("device_class").is_none());
+    assert_eq!(found["humedad_absoluta"]["unit_of_measurement"], "g/m³");
+    assert_eq!(
+        found["vpd"]["state_topic"],
+        format!("sensorgate/{gw}/{id}/vpd")
+    );
     daemon.stop().await;
 }
