@@ -6,6 +6,12 @@
 //! sensor records themselves: a sensor with an active `fuente` is sampled, whether it
 //! came from the config file or from REST, and a change to it (an event on `sensors`)
 //! restarts or stops its thread.
+//!
+//! Between the source and the writer, the thread corrects each sample by the sensor's
+//! [`calibration`] and adds the values [`derived`] from it, so that they enter storage
+//! with the sample, as readings like any other. A change to either reaches the running
+//! thread without restarting it (a serial device stays open, a DHT's filter keeps its
+//! history).
 
 pub mod calibration;
 pub mod derived;
