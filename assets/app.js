@@ -22,7 +22,12 @@ const LOG_ROWS = 1000;
 const HISTORY_ROWS = 20;
 const LOG_HELD = 5000;
 const EVENT_TYPES = new Set(["entity_event", "system_event", "test_event"]);
-const TIPOS = { temperatura: "Temperature", humedad: "Humidity", presion: "Pressure", co2: "CO₂" };
+const TIPOS = {
+  temperatura: "Temperature", humedad: "Humidity", presion: "Pressure", co2: "CO₂",
+  punto_rocio: "Dew point", vpd: "VPD", humedad_absoluta: "Abs. humidity",
+};
+/** Values the gateway derives from a sample's temperature and humidity. */
+const DERIVED = new Set(["punto_rocio", "vpd", "humedad_absoluta"]);
 const RANGES = {
   "1h": { ms: 3600e3 },
   "24h": { ms: 86400e3, bucket: "minute", bucketMs: 60e3 },
@@ -244,7 +249,7 @@ function renderValues(box, s, state) {
     box.replaceChildren(
       ...(values.length
         ? values.map((r) =>
-            h("div", { class: "value", "data-tipo": r.tipo },
+            h("div", { class: DERIVED.has(r.tipo) ? "value derived" : "value", "data-tipo": r.tipo },
               h("span", { class: "label", text: label(r.tipo) }),
               h("span", { class: "reading" }, h("span", { class: "num" }), h("span", { class: "unit" }))
             )
@@ -1115,12 +1120,19 @@ function clearErrors() {
   $("form-notice").hidden = true;
 }
 
-/** Puts each of the server's validation messages next to its field. */
+/** Puts each of the server's validation messages next to its field; one about an entry
+ * of a field (`calibracion.temperatura.scale`) goes next to that field, naming the entry. */
 function fieldErrors(errors) {
   const unplaced = [];
-  for (const { field, message } of errors) {
+  for (const error of errors) {
+    let { field, message } = error;
+    const dot = field.indexOf(".");
+    if (dot > 0) {
+      message = `${field.slice(dot + 1)}: ${message}`;
+      field = field.slice(0, dot);
+    }
     const slot = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
-    const input = form.elements[field];
+    const input = field === "calibracion" ? form.querySelector(".cal-tipo") : form.elements[field];
     if (!slot) {
       unplaced.push(`${field}: ${message}`);
       continue;
@@ -1136,9 +1148,26 @@ function fieldErrors(errors) {
   if (unplaced.length) failure(new Error(unplaced.join("; ")));
 }
 
+/** One row of the calibration editor: a tipo and its offset and scale. */
+function calibrationRow(tipo = "", adjustment = {}) {
+  const input = (cls, label, value, mode) =>
+    h("input", { class: cls, "aria-label": label, autocomplete: "off", inputmode: mode, value: value ?? "" });
+  const row = h("div", { class: "cal-row" },
+    input("cal-tipo", "Calibrated tipo", tipo),
+    input("cal-offset", "Offset", adjustment.offset, "decimal"),
+    input("cal-scale", "Scale", adjustment.scale, "decimal"),
+    h("button", { class: "btn small", type: "button", text: "Remove", onclick: () => row.remove() }));
+  row.querySelector(".cal-tipo").setAttribute("list", "tipos");
+  row.querySelector(".cal-offset").placeholder = "offset, 0";
+  row.querySelector(".cal-scale").placeholder = "scale, 1";
+  $("s-calibration").append(row);
+  return row;
+}
+
 function resetForm() {
   editing = null;
   form.reset();
+  $("s-calibration").replaceChildren();
   clearErrors();
   $("form-title").textContent = "New sensor";
   $("form-submit").textContent = "Create sensor";
@@ -1161,6 +1190,26 @@ function editSensor(id) {
   f.intervalo.value = s.intervalo ?? "";
   f.fuente.value = s.fuente ? JSON.stringify(s.fuente, null, 2) : "";
   f.activo.checked = s.activo;
+  for (const [tipo, adjustment] of Object.entries(s.calibracion || {})) calibrationRow(tipo, adjustment);
+  const derived = new Set(s.derivados || []);
+  for (const box of form.querySelectorAll("input[name=derivados]")) box.checked = derived.has(box.value);
+}
+
+/** The calibration the editor holds: numbers as typed, so the server names what is
+ * wrong; a row without a tipo is ignored. */
+function calibrationBody() {
+  const calibration = {};
+  for (const row of $("s-calibration").children) {
+    const tipo = row.querySelector(".cal-tipo").value.trim();
+    if (!tipo) continue;
+    const entry = {};
+    for (const key of ["offset", "scale"]) {
+      const text = row.querySelector(`.cal-${key}`).value.trim();
+      if (text !== "") entry[key] = Number.isFinite(Number(text)) ? Number(text) : text;
+    }
+    calibration[tipo] = entry;
+  }
+  return calibration;
 }
 
 /** The request body. Values are sent as typed so that the server's validation, the one
@@ -1176,6 +1225,10 @@ function formBody() {
   optional("ubicacion", f.ubicacion.value.trim());
   const interval = f.intervalo.value.trim();
   optional("intervalo", interval === "" || !Number.isFinite(Number(interval)) ? interval : Number(interval));
+  const calibration = calibrationBody();
+  if (Object.keys(calibration).length || editing !== null) body.calibracion = calibration;
+  const derived = [...form.querySelectorAll("input[name=derivados]:checked")].map((box) => box.value);
+  if (derived.length || editing !== null) body.derivados = derived;
   const source = f.fuente.value.trim();
   if (source === "") optional("fuente", "");
   else {
@@ -1217,6 +1270,7 @@ form.addEventListener("submit", async (e) => {
   }
 });
 
+$("s-calibration-add").addEventListener("click", () => calibrationRow().querySelector("input").focus());
 $("form-cancel").addEventListener("click", () => {
   resetForm();
   location.hash = "#/manage";

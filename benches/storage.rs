@@ -109,6 +109,8 @@ async fn create_sensors(store: &Store, count: usize) -> Vec<i64> {
             fuente: None,
             intervalo: Some(1.0),
             activo: true,
+            calibracion: Default::default(),
+            derivados: Vec::new(),
         };
         ids.push(store.create_sensor(new).await.unwrap().id);
     }

@@ -215,6 +215,8 @@ async fn sync_configured_sensor(store: &Store, config: &SensorConfig) -> Result<
                 fuente: Some(fuente),
                 intervalo: Some(Some(config.interval_s)),
                 activo: Some(true),
+                calibracion: config.calibracion(),
+                derivados: config.derivados(),
                 ..SensorPatch::default()
             };
             Ok(store.update_sensor(existing.id, patch).await?.id)
@@ -228,6 +230,8 @@ async fn sync_configured_sensor(store: &Store, config: &SensorConfig) -> Result<
                 fuente,
                 intervalo: Some(config.interval_s),
                 activo: true,
+                calibracion: config.calibracion().unwrap_or_default(),
+                derivados: config.derivados().unwrap_or_default(),
             };
             Ok(store.create_sensor(new).await?.id)
         }

@@ -15,6 +15,8 @@ use crate::model::{
     forbidden_char, forbidden_char_message, forbidden_in_json, MAX_INTERVAL_S, MAX_TEXT,
     MIN_INTERVAL_S,
 };
+use crate::sensors::calibration::{unknown_tipos, Calibration};
+use crate::sensors::derived::Derived;
 pub use crate::sensors::SourceSpec;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
@@ -304,6 +306,33 @@ pub struct SensorConfig {
     #[serde(default = "default_interval")]
     pub interval_s: f64,
     pub source: SourceSpec,
+    /// Corrections per `tipo` (`{ temperatura = { offset = -0.8 } }`), as the sensor's
+    /// `calibracion` takes them. Absent: a calibration set over REST stays.
+    #[serde(default)]
+    pub calibration: Option<serde_json::Value>,
+    /// Values derived from each sample (`["punto_rocio", "vpd", "humedad_absoluta"]`).
+    /// Absent: the ones set over REST stay.
+    #[serde(default)]
+    pub derive: Option<Vec<Derived>>,
+}
+
+impl SensorConfig {
+    /// The calibration the file sets, once [`Config::validate`] passed.
+    pub fn calibracion(&self) -> Option<Calibration> {
+        self.calibration
+            .as_ref()
+            .map(|v| Calibration::from_json(v, "calibration").unwrap_or_default())
+    }
+
+    /// The derived values the file sets, in their stored order.
+    pub fn derivados(&self) -> Option<Vec<Derived>> {
+        self.derive.as_ref().map(|list| {
+            let mut list = list.clone();
+            list.sort();
+            list.dedup();
+            list
+        })
+    }
 }
 
 fn default_interval() -> f64 {
@@ -535,6 +564,29 @@ impl Config {
             if !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&sensor.interval_s) {
                 problems.push(at("interval_s", "must be between 0.05 and 86400 seconds"));
             }
+            if let Some(calibration) = &sensor.calibration {
+                // Every problem at once: unknown tipos besides bad corrections.
+                let mut errors = Calibration::from_json(calibration, "calibration")
+                    .err()
+                    .unwrap_or_default();
+                if let Some(tipos) = calibration.as_object() {
+                    errors.extend(unknown_tipos(
+                        tipos.keys().map(String::as_str),
+                        &sensor.tipo,
+                        Some(&source),
+                        "calibration",
+                    ));
+                }
+                errors.sort_by(|a, b| a.field.cmp(&b.field));
+                for e in errors {
+                    // Found by the `calibration` key; named by the exact entry.
+                    let whole = at(&e.field, &e.message);
+                    problems.push(Problem {
+                        anchor: Some("calibration".to_owned()),
+                        ..whole
+                    });
+                }
+            }
         }
         let modbus = self.sensors.iter().filter_map(|s| match &s.source {
             SourceSpec::Modbus(config) => Some((s.name.as_str(), config)),
@@ -736,6 +788,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("x.toml: line 2: uplink.broker"), "{err}");
+    }
+
+    #[test]
+    fn calibration_and_derived_values_are_read_and_checked() {
+        let sensor = |extra: &str| {
+            format!(
+                "[[sensor]]\nname = \"aula\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\nsource = {{ kind = \"sim\" }}\n{extra}"
+            )
+        };
+        let good = sensor(
+            "calibration = { temperatura = { offset = -0.8 }, humedad = { points = [[30, 32], [80, 81]] } }\n\
+             derive = [\"vpd\", \"punto_rocio\", \"vpd\"]\n",
+        );
+        let config = Config::parse(&good, Path::new("x.toml")).unwrap();
+        let sensor_config = &config.sensors[0];
+        let calibration = sensor_config.calibracion().unwrap();
+        assert_eq!(calibration.get("temperatura").unwrap().offset, -0.8);
+        assert_eq!(
+            sensor_config.derivados().unwrap(),
+            [Derived::PuntoRocio, Derived::Vpd]
+        );
+        for (extra, expected) in [
+            (
+                "calibration = { temperatura = { scale = 0 } }\n",
+                "x.toml: line 6: sensor \"aula\": calibration.temperatura.scale must not be 0",
+            ),
+            (
+                "derive = [\"vpd\"]\ncalibration = { co2 = { offset = 1 } }\n",
+                "x.toml: line 7: sensor \"aula\": calibration.co2 unknown tipo",
+            ),
+        ] {
+            let err = Config::parse(&sensor(extra), Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+        let err = Config::parse(&sensor("derive = [\"rocio\"]\n"), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 6") && err.contains("punto_rocio"),
+            "{err}"
+        );
     }
 
     #[test]

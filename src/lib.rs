@@ -15,7 +15,7 @@
 //! - [`model`]: sensors and readings as clients see them, and validated inputs.
 //! - [`store`]: schema, the writer thread (group commit, event numbering), read queries.
 //! - [`events`]: the event envelope and the hub that fans events out.
-//! - [`sensors`]: sources and the scheduler that drives them.
+//! - [`sensors`]: sources and the scheduler that drives them; calibration and derived values.
 //! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions, limits, metrics.
 //! - [`auth`]: tokens, scopes, the policy, the origin and `Host` checks, trusted proxies.
 //! - [`app`]: wiring and ordered shutdown.

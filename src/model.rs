@@ -8,10 +8,19 @@ use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::sensors::calibration::Calibration;
+use crate::sensors::derived::Derived;
+
 /// The unit of each `tipo` whose unit sensorgate knows: what its drivers report it in,
 /// and what a reading posted without `unidad` is stored with.
-const KNOWN_UNITS: [(&str, &str); 3] =
-    [("temperatura", "°C"), ("humedad", "%"), ("presion", "hPa")];
+const KNOWN_UNITS: [(&str, &str); 6] = [
+    ("temperatura", "°C"),
+    ("humedad", "%"),
+    ("presion", "hPa"),
+    ("punto_rocio", "°C"),
+    ("vpd", "kPa"),
+    ("humedad_absoluta", "g/m³"),
+];
 
 /// The unit of a known `tipo`, such as `°C` for `temperatura`.
 pub fn known_unit(tipo: &str) -> Option<&'static str> {
@@ -80,6 +89,10 @@ pub struct Sensor {
     /// Sampling interval in seconds.
     pub intervalo: Option<f64>,
     pub activo: bool,
+    /// Corrections applied to its values as they are read, per `tipo`; `{}` when none.
+    pub calibracion: Calibration,
+    /// Values derived from each sample's temperature and humidity; `[]` when none.
+    pub derivados: Vec<Derived>,
     #[serde(serialize_with = "wire_time::required")]
     pub created_at: Micros,
     #[serde(serialize_with = "wire_time::required")]
@@ -88,7 +101,7 @@ pub struct Sensor {
 
 /// The sensor fields a client may set, in schema order. `updated_fields` lists changes in
 /// this order.
-pub const SENSOR_FIELDS: [&str; 7] = [
+pub const SENSOR_FIELDS: [&str; 9] = [
     "tipo",
     "modelo",
     "nombre",
@@ -96,6 +109,8 @@ pub const SENSOR_FIELDS: [&str; 7] = [
     "fuente",
     "intervalo",
     "activo",
+    "calibracion",
+    "derivados",
 ];
 
 /// A reading as stored and as sent on the wire.
@@ -291,6 +306,35 @@ impl Fields {
         }
     }
 
+    /// A calibration (see [`Calibration::from_json`]); `null` clears it. Only its first
+    /// problem is reported, under the exact key it is about.
+    fn calibracion(&mut self) -> Option<Calibration> {
+        match self.take("calibracion")? {
+            None => Some(Calibration::default()),
+            Some(v) => match Calibration::from_json(&v, "calibracion") {
+                Ok(c) => Some(c),
+                Err(errors) => {
+                    self.errors.extend(errors.into_iter().take(1));
+                    None
+                }
+            },
+        }
+    }
+
+    /// The derived values wanted, as a list of their `tipo`s; `null` clears it.
+    fn derivados(&mut self) -> Option<Vec<Derived>> {
+        match self.take("derivados")? {
+            None => Some(Vec::new()),
+            Some(v) => match parse_derived(&v) {
+                Ok(list) => Some(list),
+                Err(message) => {
+                    self.fail("derivados", &message);
+                    None
+                }
+            },
+        }
+    }
+
     /// Unknown fields are errors: a typo in a field name must not be silently ignored.
     fn finish(mut self) -> Result<(), Vec<FieldError>> {
         let unknown: Vec<String> = self.object.keys().cloned().collect();
@@ -318,6 +362,28 @@ pub fn forbidden_in_json(value: &Value) -> Option<char> {
     }
 }
 
+/// A list of derived values by `tipo`, without repeats, in the order of
+/// [`Derived::ALL`]; the message names the values accepted.
+pub fn parse_derived(value: &Value) -> Result<Vec<Derived>, String> {
+    let names = || {
+        let all: Vec<&str> = Derived::ALL.iter().map(|d| d.tipo()).collect();
+        format!("must be a list of: {}", all.join(", "))
+    };
+    let items = value.as_array().ok_or_else(names)?;
+    let mut list = Vec::new();
+    for item in items {
+        let derived = item
+            .as_str()
+            .and_then(Derived::from_tipo)
+            .ok_or_else(names)?;
+        if !list.contains(&derived) {
+            list.push(derived);
+        }
+    }
+    list.sort();
+    Ok(list)
+}
+
 /// A validated request to create a sensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewSensor {
@@ -328,6 +394,8 @@ pub struct NewSensor {
     pub fuente: Option<Value>,
     pub intervalo: Option<f64>,
     pub activo: bool,
+    pub calibracion: Calibration,
+    pub derivados: Vec<Derived>,
 }
 
 impl NewSensor {
@@ -341,6 +409,8 @@ impl NewSensor {
         let fuente = f.fuente().flatten();
         let intervalo = f.intervalo().flatten();
         let activo = f.activo().unwrap_or(true);
+        let calibracion = f.calibracion().unwrap_or_default();
+        let derivados = f.derivados().unwrap_or_default();
         f.finish()?;
         Ok(NewSensor {
             tipo: tipo.unwrap_or_default(),
@@ -350,6 +420,8 @@ impl NewSensor {
             fuente,
             intervalo,
             activo,
+            calibracion,
+            derivados,
         })
     }
 }
@@ -364,6 +436,8 @@ pub struct SensorPatch {
     pub fuente: Option<Option<Value>>,
     pub intervalo: Option<Option<f64>>,
     pub activo: Option<bool>,
+    pub calibracion: Option<Calibration>,
+    pub derivados: Option<Vec<Derived>>,
 }
 
 impl SensorPatch {
@@ -392,6 +466,8 @@ impl SensorPatch {
         patch.fuente = f.fuente();
         patch.intervalo = f.intervalo();
         patch.activo = f.activo();
+        patch.calibracion = f.calibracion();
+        patch.derivados = f.derivados();
         f.finish()?;
         Ok(patch)
     }
@@ -430,6 +506,18 @@ impl SensorPatch {
             &mut changed,
         );
         set(&mut sensor.activo, &self.activo, "activo", &mut changed);
+        set(
+            &mut sensor.calibracion,
+            &self.calibracion,
+            "calibracion",
+            &mut changed,
+        );
+        set(
+            &mut sensor.derivados,
+            &self.derivados,
+            "derivados",
+            &mut changed,
+        );
         changed
     }
 }
@@ -701,6 +789,8 @@ mod tests {
             fuente: None,
             intervalo: None,
             activo: true,
+            calibracion: Calibration::default(),
+            derivados: Vec::new(),
             created_at: 0,
             updated_at: 0,
         };
@@ -992,6 +1082,25 @@ mod proptests {
             number(),
             Just(Value::Null),
         ];
+        let calibracion = prop_oneof![
+            (-10.0f64..10.0, -2.0f64..2.0).prop_map(
+                |(offset, scale)| serde_json::json!({"temperatura": {"offset": offset, "scale": scale}})
+            ),
+            Just(serde_json::json!({"humedad": {"points": [[20, 21], [80, 79]]}})),
+            Just(serde_json::json!({"humedad": {"points": [[20, 21], [20, 79]]}})),
+            Just(serde_json::json!({"vpd": {"offset": 1}})),
+            Just(Value::Null),
+        ];
+        let derivados = prop_oneof![
+            Just(serde_json::json!([
+                "punto_rocio",
+                "vpd",
+                "humedad_absoluta"
+            ])),
+            Just(serde_json::json!(["vpd", "vpd"])),
+            Just(serde_json::json!(["rocio"])),
+            Just(Value::Null),
+        ];
         let fields = vec![
             ("tipo", mostly(string())),
             ("modelo", mostly(string())),
@@ -1000,6 +1109,8 @@ mod proptests {
             ("fuente", mostly(fuente)),
             ("intervalo", mostly(intervalo)),
             ("activo", mostly(any::<bool>().prop_map(Value::Bool))),
+            ("calibracion", mostly(calibracion)),
+            ("derivados", mostly(derivados)),
         ];
         prop_oneof![
             6 => body(fields),
@@ -1073,6 +1184,8 @@ mod proptests {
             fuente: None,
             intervalo: Some(2.0),
             activo: true,
+            calibracion: Calibration::default(),
+            derivados: Vec::new(),
             created_at: 0,
             updated_at: 0,
         }

@@ -332,3 +332,27 @@ fn check_config_reports_every_problem_with_its_line() {
         );
     }
 }
+
+#[test]
+fn check_config_names_the_line_of_a_bad_calibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calibration.toml");
+    let text = "[[sensor]]\nname = \"aula\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
+                source = { kind = \"sim\" }\nderive = [\"vpd\"]\n\
+                calibration = { temperatura = { scale = 0 }, co2 = { offset = 1 } }\n";
+    std::fs::write(&path, text).unwrap();
+    let (ok, _, stderr) = sensorgate(&["check-config".as_ref(), path.as_os_str()]);
+    assert!(!ok);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        "line 7: sensor \"aula\": calibration.co2 unknown tipo",
+        "line 7: sensor \"aula\": calibration.temperatura.scale must not be 0",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, about) in lines.iter().zip(expected) {
+        assert!(
+            line.starts_with(&format!("{}: {about}", path.display())),
+            "expected {about}, got: {line}\n{stderr}"
+        );
+    }
+}

@@ -379,6 +379,12 @@ pub async fn create_sensor(
     state: &State,
 ) -> Result<Response<Body>, ApiError> {
     let new = NewSensor::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let unknown = new
+        .calibracion
+        .unknown_tipos(&new.tipo, new.fuente.as_ref(), "calibracion");
+    if !unknown.is_empty() {
+        return Err(ApiError::invalid(unknown));
+    }
     let sensor = state.store.create_sensor(new).await?;
     Ok(json_response(StatusCode::CREATED, &sensor))
 }
@@ -396,8 +402,40 @@ pub async fn update_sensor(
     id: i64,
 ) -> Result<Response<Body>, ApiError> {
     let patch = SensorPatch::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    if patch.calibracion.is_some() {
+        // Which tipos a sensor measures depends on its tipo and source as they will be
+        // after the update.
+        let Some(mut after) = state.store.sensor(id).await? else {
+            return Err(ApiError::not_found(format!("Sensor {id} not found")));
+        };
+        patch.apply(&mut after);
+        let unknown =
+            after
+                .calibracion
+                .unknown_tipos(&after.tipo, after.fuente.as_ref(), "calibracion");
+        if !unknown.is_empty() {
+            return Err(ApiError::invalid(unknown));
+        }
+    }
     let sensor = state.store.update_sensor(id, patch).await?;
     Ok(json_response(StatusCode::OK, &sensor))
+}
+
+/// A sensor's calibration and every one it had before, each with when it took effect,
+/// so that a stored reading can be traced to the calibration that corrected it. Kept
+/// after the sensor is deleted, as its readings are.
+pub async fn calibration_history(state: &State, id: i64) -> Result<Response<Body>, ApiError> {
+    let sensor = state.store.sensor(id).await?;
+    let history = state.store.calibration_history(id).await?;
+    if sensor.is_none() && history.is_empty() {
+        return Err(ApiError::not_found(format!("Sensor {id} not found")));
+    }
+    let body = json!({
+        "sensor_id": id,
+        "calibracion": sensor.map(|s| s.calibracion),
+        "historial": history,
+    });
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 pub async fn delete_sensor(state: &State, id: i64) -> Result<Response<Body>, ApiError> {

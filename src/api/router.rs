@@ -32,6 +32,7 @@ enum Route {
     GetSensor(i64),
     UpdateSensor(i64),
     DeleteSensor(i64),
+    CalibrationHistory(i64),
     ListReadings,
     CreateReading,
     GetReading(i64),
@@ -236,6 +237,10 @@ fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
         (Method::GET | Method::HEAD, [id]) => Route::GetSensor(parse_id(id)?),
         (Method::PUT, [id]) => Route::UpdateSensor(parse_id(id)?),
         (Method::DELETE, [id]) => Route::DeleteSensor(parse_id(id)?),
+        (Method::GET | Method::HEAD, [id, "calibracion"]) => {
+            Route::CalibrationHistory(parse_id(id)?)
+        }
+        (_, [_, "calibracion"]) => return Err(ApiError::method_not_allowed(READ_METHODS)),
         (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
         (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
         _ => return Err(ApiError::not_found("No such sensor route")),
@@ -347,6 +352,7 @@ async fn dispatch(
         Route::GetSensor(id) => rest::get_sensor(state, id).await,
         Route::UpdateSensor(id) => rest::update_sensor(req, state, id).await,
         Route::DeleteSensor(id) => rest::delete_sensor(state, id).await,
+        Route::CalibrationHistory(id) => rest::calibration_history(state, id).await,
         Route::ListReadings => rest::list_readings(&req, state).await,
         Route::CreateReading => rest::create_reading(req, state).await,
         Route::GetReading(id) => rest::get_reading(state, id).await,

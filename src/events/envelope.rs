@@ -275,6 +275,8 @@ mod tests {
             fuente: None,
             intervalo: None,
             activo: true,
+            calibracion: Default::default(),
+            derivados: Vec::new(),
             created_at: 0,
             updated_at: 1_000_000,
         }

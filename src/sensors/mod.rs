@@ -6,7 +6,15 @@
 //! sensor records themselves: a sensor with an active `fuente` is sampled, whether it
 //! came from the config file or from REST, and a change to it (an event on `sensors`)
 //! restarts or stops its thread.
+//!
+//! Between the source and the writer, the thread corrects each sample by the sensor's
+//! [`calibration`] and adds the values [`derived`] from it, so that they enter storage
+//! with the sample, as readings like any other. A change to either reaches the running
+//! thread without restarting it (a serial device stays open, a DHT's filter keeps its
+//! history).
 
+pub mod calibration;
+pub mod derived;
 pub mod dht22;
 pub mod health;
 pub mod iio;
@@ -22,7 +30,7 @@ pub use source::{Measurement, Pacing, SensorError, Source};
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +44,8 @@ use crate::events::{Channel, Hub};
 use crate::model::{now_micros, Sensor};
 use crate::shutdown::Shutdown;
 use crate::store::{Emission, EmissionKind, Sample, SensorFilter, Store, StoreError};
+use calibration::Calibration;
+use derived::Derived;
 use health::{Tracker, Transition};
 
 /// Where a sensor's samples come from: the `fuente` of a sensor record, and the `source`
@@ -120,6 +130,8 @@ pub struct Scheduler {
 
 struct Running {
     plan: Plan,
+    /// What the thread does to each sample; changed in place, without restarting it.
+    processing: SharedProcessing,
     /// Dropping the sender wakes the thread out of its sleep and ends it.
     stop: mpsc::Sender<()>,
     /// Disconnects when the thread has ended.
@@ -225,8 +237,19 @@ impl Scheduler {
     /// Starts, restarts or stops a sensor's thread as its record says.
     async fn apply(&mut self, sensor: &Sensor) {
         let plan = Plan::of(sensor);
-        if self.running.get(&sensor.id).map(|r| &r.plan) == plan.as_ref() {
-            return;
+        let processing = Processing::of(sensor);
+        if let Some(running) = self.running.get(&sensor.id) {
+            if Some(&running.plan) == plan.as_ref() {
+                // A new calibration reaches the running thread: its device stays open.
+                let mut current = running
+                    .processing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if **current != processing {
+                    *current = Arc::new(processing);
+                }
+                return;
+            }
         }
         self.stop(sensor.id).await;
         let Some(plan) = plan else { return };
@@ -239,9 +262,11 @@ impl Scheduler {
             Pacing::Every(every) => every.max(plan.interval),
             Pacing::Streaming => plan.interval,
         };
+        let shared: SharedProcessing = Arc::new(Mutex::new(Arc::new(processing)));
         let worker = Worker {
             sensor_id: sensor.id,
             source,
+            processing: shared.clone(),
             store: self.store.clone(),
             health: self.health.clone(),
             clock: self.clock.clone(),
@@ -260,6 +285,7 @@ impl Scheduler {
                 log::info!("sensor {} sampled every {:?}", sensor.id, pace);
                 let running = Running {
                     plan,
+                    processing: shared,
                     stop,
                     done,
                     thread,
@@ -322,6 +348,36 @@ impl Scheduler {
     }
 }
 
+/// What is done to each sample between the source and the store: its calibration, then
+/// the values derived from it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Processing {
+    calibration: Calibration,
+    derive: Vec<Derived>,
+}
+
+impl Processing {
+    fn of(sensor: &Sensor) -> Processing {
+        Processing {
+            calibration: sensor.calibracion.clone(),
+            derive: sensor.derivados.clone(),
+        }
+    }
+
+    /// Corrects a sample and adds what is derived from the corrected values, or says why
+    /// the corrected sample cannot be right.
+    fn apply(&self, measurements: &mut Vec<Measurement>) -> Result<(), SensorError> {
+        self.calibration.apply(measurements)?;
+        let derived = derived::derive(measurements, &self.derive);
+        measurements.extend(derived);
+        Ok(())
+    }
+}
+
+/// A sampling thread's processing, shared with the scheduler, which replaces it when the
+/// sensor's calibration or derived values change.
+type SharedProcessing = Arc<Mutex<Arc<Processing>>>;
+
 /// Marks the scheduler as running for as long as it lives, so the watchdog notices a
 /// scheduler that died.
 struct RunningFlag(Arc<HealthBoard>);
@@ -353,6 +409,14 @@ fn sensor_of(frame: &str) -> Option<Sensor> {
         fuente: data.get("fuente").filter(|v| !v.is_null()).cloned(),
         intervalo: data.get("intervalo").and_then(Value::as_f64),
         activo: data.get("activo")?.as_bool()?,
+        calibracion: data
+            .get("calibracion")
+            .and_then(|v| Calibration::from_json(v, "calibracion").ok())
+            .unwrap_or_default(),
+        derivados: data
+            .get("derivados")
+            .and_then(|v| crate::model::parse_derived(v).ok())
+            .unwrap_or_default(),
         created_at: 0,
         updated_at: 0,
     })
@@ -362,6 +426,7 @@ fn sensor_of(frame: &str) -> Option<Sensor> {
 struct Worker {
     sensor_id: i64,
     source: Box<dyn Source>,
+    processing: SharedProcessing,
     store: Store,
     health: Arc<HealthBoard>,
     clock: Arc<Clock>,
@@ -388,22 +453,43 @@ impl Worker {
                 Ok(Some(measurements)) if !measurements.is_empty() => {
                     let taken_at = now_micros();
                     let hora_dudosa = !self.clock.trusted();
-                    let samples = self
+                    let processing = self
+                        .processing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    let mut rejected = None;
+                    let samples: Vec<Sample> = self
                         .source
                         .earlier_samples()
                         .into_iter()
                         .chain([(Duration::ZERO, measurements)])
-                        .map(|(age, measurements)| Sample {
-                            sensor_id: self.sensor_id,
-                            taken_at: taken_at - age.as_micros() as i64,
-                            hora_dudosa,
-                            measurements,
+                        .filter_map(|(age, mut measurements)| {
+                            if let Err(e) = processing.apply(&mut measurements) {
+                                rejected = Some(e);
+                                return None;
+                            }
+                            Some(Sample {
+                                sensor_id: self.sensor_id,
+                                taken_at: taken_at - age.as_micros() as i64,
+                                hora_dudosa,
+                                measurements,
+                            })
                         })
                         .collect();
-                    if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
-                        return;
+                    let stored = !samples.is_empty();
+                    if stored {
+                        if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
+                            return;
+                        }
+                        changes.extend(tracker.ok(now, taken_at));
                     }
-                    changes.extend(tracker.ok(now, taken_at));
+                    if let Some(e) = rejected {
+                        failures.record(self.sensor_id, &e);
+                        if !stored {
+                            changes.extend(tracker.failed(&e, now_micros()));
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {

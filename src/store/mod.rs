@@ -17,7 +17,7 @@ mod schema;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
-pub use reader::{Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
+pub use reader::{CalibrationChange, Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
@@ -347,6 +347,15 @@ impl Store {
     /// The first sensor with this name, if any.
     pub async fn sensor_named(&self, name: String) -> Result<Option<Sensor>, StoreError> {
         self.read(move |c| reader::sensor_named(c, &name)).await
+    }
+
+    /// A sensor's calibrations, oldest first, each with when it took effect.
+    pub async fn calibration_history(
+        &self,
+        sensor_id: i64,
+    ) -> Result<Vec<CalibrationChange>, StoreError> {
+        self.read(move |c| reader::calibration_history(c, sensor_id))
+            .await
     }
 
     /// Sensors matching a filter, by id.

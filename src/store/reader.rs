@@ -7,9 +7,10 @@ use serde::Serialize;
 
 use crate::events::{self, Channel, Event};
 use crate::model::{Micros, Reading, Sensor};
+use crate::sensors::calibration::Calibration;
 
-const SENSOR_COLUMNS: &str =
-    "id, tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, created_at, updated_at";
+const SENSOR_COLUMNS: &str = "id, tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, \
+     created_at, updated_at, calibracion, derivados";
 
 fn sensor_from_row(row: &Row<'_>) -> rusqlite::Result<Sensor> {
     let fuente: Option<String> = row.get(5)?;
@@ -26,7 +27,39 @@ fn sensor_from_row(row: &Row<'_>) -> rusqlite::Result<Sensor> {
         activo: row.get(7)?,
         created_at: row.get(8)?,
         updated_at: row.get(9)?,
+        calibracion: Calibration::from_stored(row.get::<_, Option<String>>(10)?.as_deref()),
+        derivados: row
+            .get::<_, Option<String>>(11)?
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default(),
     })
+}
+
+/// A calibration a sensor had, from the time it took effect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CalibrationChange {
+    /// When it took effect: samples taken from then on were corrected by it.
+    #[serde(serialize_with = "crate::model::wire_time::required")]
+    pub desde: Micros,
+    /// `{}` when the sensor's calibration was removed.
+    pub calibracion: Calibration,
+}
+
+/// A sensor's calibrations, oldest first.
+pub fn calibration_history(
+    conn: &Connection,
+    sensor_id: i64,
+) -> rusqlite::Result<Vec<CalibrationChange>> {
+    conn.prepare_cached(
+        "SELECT desde, calibracion FROM calibration_history WHERE sensor_id = ?1 ORDER BY desde",
+    )?
+    .query_map([sensor_id], |row| {
+        Ok(CalibrationChange {
+            desde: row.get(0)?,
+            calibracion: Calibration::from_stored(Some(&row.get::<_, String>(1)?)),
+        })
+    })?
+    .collect()
 }
 
 /// One sensor by id.

@@ -203,6 +203,21 @@ const MIGRATIONS: &[&str] = &[
         WHERE r.id >= (SELECT value FROM store_meta WHERE key = 'reading_events_from')
             AND r.id NOT IN (SELECT seq FROM events);
 "#,
+    r#"
+    -- A sensor's calibration (offset and scale per tipo, JSON) and the values derived
+    -- from its samples (a JSON list of tipos); NULL when it has none.
+    ALTER TABLE sensors ADD COLUMN calibracion TEXT;
+    ALTER TABLE sensors ADD COLUMN derivados TEXT;
+    -- Every calibration a sensor has had, from when it took effect ('{}': none), so that
+    -- a reading taken at time t is traced to the newest row with desde <= t. A row per
+    -- change made by hand: it grows with edits, not with samples.
+    CREATE TABLE calibration_history (
+        sensor_id   INTEGER NOT NULL,
+        desde       INTEGER NOT NULL,
+        calibracion TEXT    NOT NULL,
+        PRIMARY KEY (sensor_id, desde)
+    ) WITHOUT ROWID;
+"#,
 ];
 
 /// The schema version this build writes.

@@ -1209,10 +1209,11 @@ impl Step<'_> {
         let fuente = new.fuente.as_ref().map(Value::to_string);
         self.tx
             .prepare_cached(
-                "INSERT INTO sensors (tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                "INSERT INTO sensors (tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, created_at, updated_at, \
+                 calibracion, derivados) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)",
             )?
-            .execute(params![new.tipo, new.modelo, new.nombre, new.ubicacion, fuente, new.intervalo, new.activo, self.now])?;
+            .execute(params![new.tipo, new.modelo, new.nombre, new.ubicacion, fuente, new.intervalo, new.activo, self.now,
+                new.calibracion.to_stored(), stored_derived(&new.derivados)])?;
         let sensor = Sensor {
             id: self.tx.last_insert_rowid(),
             tipo: new.tipo,
@@ -1222,9 +1223,14 @@ impl Step<'_> {
             fuente: new.fuente,
             intervalo: new.intervalo,
             activo: new.activo,
+            calibracion: new.calibracion,
+            derivados: new.derivados,
             created_at: self.now,
             updated_at: self.now,
         };
+        if !sensor.calibracion.is_empty() {
+            self.record_calibration(&sensor)?;
+        }
         self.sensor_event("created", &sensor, &[])?;
         Ok(sensor)
     }
@@ -1249,7 +1255,7 @@ impl Step<'_> {
         self.tx
             .prepare_cached(
                 "UPDATE sensors SET tipo = ?2, modelo = ?3, nombre = ?4, ubicacion = ?5, fuente = ?6, \
-                 intervalo = ?7, activo = ?8, updated_at = ?9 WHERE id = ?1",
+                 intervalo = ?7, activo = ?8, updated_at = ?9, calibracion = ?10, derivados = ?11 WHERE id = ?1",
             )?
             .execute(params![
                 id,
@@ -1260,10 +1266,30 @@ impl Step<'_> {
                 fuente,
                 sensor.intervalo,
                 sensor.activo,
-                sensor.updated_at
+                sensor.updated_at,
+                sensor.calibracion.to_stored(),
+                stored_derived(&sensor.derivados)
             ])?;
+        if changed.contains(&"calibracion") {
+            self.record_calibration(&sensor)?;
+        }
         self.sensor_event("updated", &sensor, &changed)?;
         Ok(Ok(sensor))
+    }
+
+    /// Adds the sensor's calibration to its history, effective from now. Two changes
+    /// committed in the same batch share that moment; the later one is what stands.
+    fn record_calibration(&mut self, sensor: &Sensor) -> Result<(), rusqlite::Error> {
+        let text = sensor
+            .calibracion
+            .to_stored()
+            .unwrap_or_else(|| "{}".to_owned());
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO calibration_history (sensor_id, desde, calibracion) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![sensor.id, self.now, text])?;
+        Ok(())
     }
 
     fn delete_sensor(&mut self, id: i64) -> Result<Result<Sensor, StoreError>, rusqlite::Error> {
@@ -1707,4 +1733,9 @@ impl NewestReadings {
         }
         Ok(())
     }
+}
+
+/// The stored text of a sensor's derived values; `None` when it derives none.
+fn stored_derived(derivados: &[crate::sensors::derived::Derived]) -> Option<String> {
+    (!derivados.is_empty()).then(|| serde_json::to_string(derivados).unwrap_or_default())
 }

@@ -18,7 +18,14 @@ use crate::store::Snapshot;
 
 /// `tipo`s every sensor may have, whose configs are cleared when a sensor is deleted even
 /// if this process never saw a reading of them.
-const COMMON_TIPOS: [&str; 3] = ["temperatura", "humedad", "presion"];
+const COMMON_TIPOS: [&str; 6] = [
+    "temperatura",
+    "humedad",
+    "presion",
+    "punto_rocio",
+    "vpd",
+    "humedad_absoluta",
+];
 
 /// A retained message to publish; an empty payload removes the entity.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +46,9 @@ pub struct SensorInfo {
     pub ubicacion: Option<String>,
     #[serde(default)]
     pub intervalo: Option<f64>,
+    /// The `tipo`s of the values it derives, announced before their first reading.
+    #[serde(default)]
+    pub derivados: Vec<String>,
 }
 
 impl From<&Sensor> for SensorInfo {
@@ -50,19 +60,28 @@ impl From<&Sensor> for SensorInfo {
             nombre: s.nombre.clone(),
             ubicacion: s.ubicacion.clone(),
             intervalo: s.intervalo,
+            derivados: s.derivados.iter().map(|d| d.tipo().to_owned()).collect(),
         }
     }
 }
 
 /// The Home Assistant device class and the unit it expects, for the `tipo`s sensorgate's
-/// sources produce (Spanish, as on the wire) and their English names.
+/// sources produce (Spanish, as on the wire) and their English names. A dew point is a
+/// temperature and a vapour-pressure deficit a pressure to Home Assistant.
 fn device_class(tipo: &str) -> Option<(&'static str, &'static str)> {
     match tipo {
-        "temperatura" | "temperature" => Some(("temperature", "°C")),
+        "temperatura" | "temperature" | "punto_rocio" => Some(("temperature", "°C")),
         "humedad" | "humidity" => Some(("humidity", "%")),
         "presion" | "presión" | "pressure" => Some(("pressure", "hPa")),
+        "vpd" => Some(("pressure", "kPa")),
         _ => None,
     }
+}
+
+/// The unit of a `tipo` Home Assistant has no device class for but that sensorgate
+/// knows: absolute humidity, shown as a plain number in g/m³.
+fn classless_unit(tipo: &str) -> Option<&'static str> {
+    (tipo == "humedad_absoluta").then_some("g/m³")
 }
 
 /// The announcements of one gateway.
@@ -140,11 +159,10 @@ impl Discovery {
     }
 
     fn remember(&mut self, sensor: SensorInfo) {
-        self.tipos
-            .entry(sensor.id)
-            .or_default()
-            .entry(sensor.tipo.clone())
-            .or_insert(None);
+        let tipos = self.tipos.entry(sensor.id).or_default();
+        for tipo in std::iter::once(&sensor.tipo).chain(&sensor.derivados) {
+            tipos.entry(tipo.clone()).or_insert(None);
+        }
         self.sensors.insert(sensor.id, sensor);
     }
 
@@ -202,7 +220,10 @@ impl Discovery {
         match tipos.get(tipo) {
             Some(Some(known)) if known == unit => Vec::new(),
             // Announced with the unit a tipo usually has, and this is that unit.
-            Some(None) if device_class(tipo).is_some_and(|(_, u)| u == unit) => {
+            Some(None)
+                if device_class(tipo).is_some_and(|(_, u)| u == unit)
+                    || classless_unit(tipo) == Some(unit) =>
+            {
                 tipos.insert(tipo.to_owned(), Some(unit.to_owned()));
                 Vec::new()
             }
@@ -237,7 +258,8 @@ impl Discovery {
         let class = device_class(tipo);
         let unit = unit
             .filter(|u| !u.is_empty())
-            .or(class.map(|(_, unit)| unit));
+            .or(class.map(|(_, unit)| unit))
+            .or(classless_unit(tipo));
         // A unit Home Assistant does not accept for the class would make it refuse the
         // entity; without the class it is still shown, as a plain number.
         let device_class = class.filter(|(_, u)| Some(*u) == unit).map(|(c, _)| c);
@@ -297,8 +319,41 @@ mod tests {
             fuente: None,
             intervalo: Some(2.0),
             activo: true,
+            calibracion: Default::default(),
+            derivados: Vec::new(),
             created_at: 0,
             updated_at: 0,
+        }
+    }
+
+    /// Dew point is a temperature and VPD a pressure in kPa to Home Assistant; absolute
+    /// humidity has no class and keeps its unit. Each is announced before its first
+    /// reading, and its first reading in that unit announces nothing again.
+    #[test]
+    fn derived_values_get_their_classes_and_units() {
+        use crate::sensors::derived::Derived;
+        let mut d = discovery();
+        let mut derives = sensor(4);
+        derives.derivados = Derived::ALL.to_vec();
+        let snapshot = Snapshot {
+            seq: 1,
+            sensors: vec![derives],
+            latest: Vec::new(),
+        };
+        let announced: BTreeMap<String, Value> = d
+            .load(&snapshot)
+            .iter()
+            .map(|a| (a.topic.clone(), json_of(a)))
+            .collect();
+        let config = |tipo: &str| &announced[&format!("homeassistant/sensor/gw_4_{tipo}/config")];
+        assert_eq!(config("punto_rocio")["device_class"], "temperature");
+        assert_eq!(config("punto_rocio")["unit_of_measurement"], "°C");
+        assert_eq!(config("vpd")["device_class"], "pressure");
+        assert_eq!(config("vpd")["unit_of_measurement"], "kPa");
+        assert!(config("humedad_absoluta").get("device_class").is_none());
+        assert_eq!(config("humedad_absoluta")["unit_of_measurement"], "g/m³");
+        for dv in Derived::ALL {
+            assert!(d.reading(4, dv.tipo(), dv.unit()).is_empty(), "{dv:?}");
         }
     }
 
@@ -400,8 +455,11 @@ mod tests {
             topics,
             [
                 "homeassistant/sensor/gw_3_humedad/config",
+                "homeassistant/sensor/gw_3_humedad_absoluta/config",
                 "homeassistant/sensor/gw_3_presion/config",
-                "homeassistant/sensor/gw_3_temperatura/config"
+                "homeassistant/sensor/gw_3_punto_rocio/config",
+                "homeassistant/sensor/gw_3_temperatura/config",
+                "homeassistant/sensor/gw_3_vpd/config"
             ]
         );
         assert!(a.iter().all(|a| a.payload.is_empty()));

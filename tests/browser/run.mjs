@@ -300,6 +300,83 @@ test("a 422 shows each field error next to its field", { timeout: 60000 }, async
   await page.close();
 });
 
+test("derived values show on a card beside the values they come from", { timeout: 60000 }, async () => {
+  const page = await open();
+  // The demo's first sensor derives dew point, VPD and absolute humidity.
+  const card = page.locator('.card[data-sensor="1"]');
+  for (const [tipo, name, unit] of [
+    ["punto_rocio", "Dew point", "°C"],
+    ["vpd", "VPD", "kPa"],
+    ["humedad_absoluta", "Abs. humidity", "g/m³"],
+  ]) {
+    const value = card.locator(`.value.derived[data-tipo="${tipo}"]`);
+    await value.locator(".num").filter({ hasText: /\d/ }).waitFor({ timeout: 30000 });
+    assert.equal(await value.locator(".label").textContent(), name);
+    assert.equal(await value.locator(".unit").textContent(), unit);
+  }
+  // Measured values stay first and are not marked derived.
+  assert.equal(await card.locator('.value:not(.derived)[data-tipo="temperatura"]').count(), 1);
+  assert.equal(await card.locator(".value").first().getAttribute("data-tipo"), "temperatura");
+  await page.close();
+});
+
+test("an admin edits a sensor's calibration; a bad one is refused next to its field", { timeout: 60000 }, async () => {
+  const created = await daemon.json("POST", "/api/v1/sensores/", {
+    tipo: "temperatura",
+    modelo: "DHT22",
+    nombre: "calibrado",
+    intervalo: 1,
+    fuente: { kind: "sim", profile: "dht22", base_temperature: 21 },
+  });
+  assert.equal(created.status, 201);
+  const id = created.body.id;
+  const page = await open("#/manage");
+  const sensorRow = page.locator(`#sensor-rows tr[data-sensor="${id}"]`);
+  await sensorRow.getByRole("link", { name: "Edit" }).click();
+  await page.locator("#form-title", { hasText: `Edit sensor #${id}` }).waitFor();
+  await page.click("#s-calibration-add");
+  const row = page.locator("#s-calibration .cal-row").first();
+  await row.locator(".cal-tipo").fill("temperatura");
+  await row.locator(".cal-scale").fill("0");
+  let answer = page.waitForResponse((r) => r.url().endsWith(`/api/v1/sensores/${id}`) && r.request().method() === "PUT");
+  await page.click("#form-submit");
+  assert.equal((await answer).status(), 422);
+  const error = page.locator("[data-error-for=calibracion]");
+  await error.filter({ hasText: /temperatura\.scale/ }).waitFor();
+  assert.deepEqual((await daemon.json("GET", `/api/v1/sensores/${id}`)).body.calibracion, {}, "nothing changed");
+
+  await row.locator(".cal-scale").fill("");
+  await row.locator(".cal-offset").fill("1000");
+  answer = page.waitForResponse((r) => r.url().endsWith(`/api/v1/sensores/${id}`) && r.request().method() === "PUT");
+  await page.click("#form-submit");
+  assert.equal((await answer).status(), 200);
+  await page.locator("#form-notice", { hasText: "saved" }).waitFor();
+  const history = await daemon.json("GET", `/api/v1/sensores/${id}/calibracion`);
+  assert.equal(history.body.historial.length, 1);
+  assert.deepEqual(history.body.historial[0].calibracion, { temperatura: { offset: 1000, scale: 1 } });
+
+  // The card follows: samples taken from now on read about 1021 °C.
+  await page.click("nav a[data-view=overview]");
+  await page.waitForFunction(
+    (sensor) => {
+      const num = document.querySelector(`.card[data-sensor="${sensor}"] .value[data-tipo="temperatura"] .num`);
+      return num && Number(num.textContent) > 900;
+    },
+    id,
+    { timeout: 30000 }
+  );
+  // Editing again shows the calibration as stored.
+  await page.click("nav a[data-view=manage]");
+  await sensorRow.getByRole("link", { name: "Edit" }).click();
+  await page.locator("#form-title", { hasText: `Edit sensor #${id}` }).waitFor();
+  assert.equal(await page.inputValue("#s-calibration .cal-tipo"), "temperatura");
+  assert.equal(await page.inputValue("#s-calibration .cal-offset"), "1000");
+  assert.equal((await daemon.json("DELETE", `/api/v1/sensores/${id}`)).status, 200);
+  // Chromium logs the refused request itself; nothing else went wrong on the page.
+  assert.deepEqual(page.errors.filter((e) => !/status of 422/.test(e)), []);
+  await page.close();
+});
+
 test("a bad reading is deleted from a sensor's history, after a confirm", { timeout: 60000 }, async () => {
   const created = await daemon.json("POST", "/api/v1/sensores/", { tipo: "temperatura", modelo: "ESP32", nombre: "greenhouse door" });
   assert.equal(created.status, 201);
