@@ -515,6 +515,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig(path) => match Config::load(&path) {
+            Ok(config) if !config.alert_problems(&path).is_empty() => {
+                for problem in config.alert_problems(&path) {
+                    eprintln!("{problem}");
+                }
+                ExitCode::FAILURE
+            }
             Ok(config) => {
                 let count = config.sensors.len();
                 let noun = if count == 1 { "sensor" } else { "sensors" };
