@@ -277,7 +277,10 @@ impl Watcher {
             );
         }
         let names = store
-            .sensors(crate::store::SensorFilter::default())
+            .sensors(crate::store::SensorFilter {
+                limit: u32::MAX,
+                ..crate::store::SensorFilter::default()
+            })
             .await?
             .into_iter()
             .filter_map(|s| Some((s.id, s.nombre?)))
