@@ -615,3 +615,126 @@ async fn each_rule_has_a_retained_topic_with_its_latest_alert_event() {
     assert_eq!(published, resolved);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firing_alert_is_notified_again_until_acknowledged() {
+    let receiver = Receiver::start(0).await;
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let sensor = create_sensor(&daemon, "incubadora").await;
+    let rule = create_rule(
+        &daemon,
+        json!({"name": "incubadora hot", "sensor_id": sensor, "tipo": "temperatura",
+               "condition": "above", "threshold": 38, "repeat_s": 1,
+               "webhook": receiver.url(), "webhook_per_minute": 600}),
+    )
+    .await;
+    let other = create_rule(
+        &daemon,
+        json!({"name": "incubadora hot too", "sensor_id": sensor, "tipo": "temperatura",
+               "condition": "above", "threshold": 38, "repeat_s": 1,
+               "webhook": receiver.url(), "webhook_per_minute": 600}),
+    )
+    .await;
+    post_reading(&daemon, sensor, 39.0).await;
+    until("a repeated notification", || async {
+        receiver
+            .delivered()
+            .iter()
+            .any(|b| b["rule_id"] == rule && b["repeat"] == true)
+            .then_some(())
+    })
+    .await;
+    let (status, acked) = daemon
+        .post(
+            &format!("/api/v1/alertas/{rule}/ack"),
+            &json!({"by": "eva"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{acked}");
+    let acked_at = micros(&acked["state"]["acknowledged"]["at"]);
+    // A second rule, never acknowledged, shows the clock going on: once it has been
+    // notified again well after the acknowledgement, the first one was due as often.
+    until(
+        "the other rule repeated after the acknowledgement",
+        || async {
+            receiver
+                .delivered()
+                .iter()
+                .any(|b| b["rule_id"] == other && micros(&b["sent_at"]) > acked_at + 2_500_000)
+                .then_some(())
+        },
+    )
+    .await;
+    post_reading(&daemon, sensor, 30.0).await;
+    let delivered = until("the resolution", || async {
+        let delivered: Vec<Value> = receiver
+            .delivered()
+            .into_iter()
+            .filter(|b| b["rule_id"] == rule)
+            .collect();
+        delivered
+            .last()
+            .is_some_and(|b| b["status"] == "resolved")
+            .then_some(delivered)
+    })
+    .await;
+    assert_eq!(delivered[0]["status"], "firing");
+    assert_eq!(delivered[0]["repeat"], false);
+    for body in &delivered[1..delivered.len() - 1] {
+        assert_eq!(body["repeat"], true, "{body}");
+        assert!(
+            micros(&body["sent_at"]) <= acked_at,
+            "repeated after the acknowledgement: {body}"
+        );
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_gone_offline_does_not_fire_a_value_rule_with_its_stale_value() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), "").await;
+    let source = |failure_rate: f64| {
+        json!({"kind": "sim", "profile": "ds18b20", "base_temperature": 30.0, "seed": 3,
+               "failure_rate": failure_rate})
+    };
+    let body = json!({"tipo": "temperatura", "modelo": "DS18B20", "nombre": "estufa",
+                      "intervalo": 0.1, "fuente": source(0.0)});
+    let (status, sensor) = daemon.post("/api/v1/sensores/", &body.to_string()).await;
+    assert_eq!(status, 201, "{sensor}");
+    let sensor = sensor["id"].as_i64().unwrap();
+    let rule = create_rule(
+        &daemon,
+        json!({"name": "estufa hot", "sensor_id": sensor, "tipo": "temperatura",
+               "condition": "above", "threshold": 20, "for_s": 3600}),
+    )
+    .await;
+    until("the alert is pending on the sampled values", || async {
+        (phase(&daemon, rule).await == "pending").then_some(())
+    })
+    .await;
+    let mut socket = daemon
+        .websocket("/api/v1/ws?channel=general&event_type=sensor_offline")
+        .await
+        .greeted()
+        .await;
+    // Every read fails from now on: the sensor goes offline.
+    let (status, _) = daemon
+        .put(
+            &format!("/api/v1/sensores/{sensor}"),
+            &json!({"fuente": source(1.0)}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let offline = next_event(&mut socket).await;
+    assert_eq!(offline["event_type"], "sensor_offline");
+    // Dropped once the sensor is offline, rather than left to fire an hour later on a
+    // value nobody confirmed.
+    until("the pending alert drops back", || async {
+        (phase(&daemon, rule).await == "inactive").then_some(())
+    })
+    .await;
+    assert!(stored_events(dir.path()).is_empty());
+    daemon.stop().await;
+}
