@@ -80,7 +80,12 @@ pub(super) async fn deliver(store: Store, wake: Arc<Notify>, mut shutdown: Shutd
                 }
                 continue;
             }
-            match attempt(&head).await {
+            // A stop does not wait for a slow receiver: the notification stays queued.
+            let outcome = tokio::select! {
+                outcome = attempt(&head) => outcome,
+                _ = shutdown.recv() => return,
+            };
+            match outcome {
                 Ok(()) => {
                     let done = AlertWrite {
                         ops: vec![AlertOp::Delivered(head.id)],
