@@ -336,6 +336,20 @@ impl Watcher {
     }
 
     async fn on_event(&mut self, event: &Event) {
+        if event.channel == Channel::Readings {
+            if let Some(sensor_id) = event.sensor_id {
+                self.offline.remove(&sensor_id);
+            }
+            // Readings are nine in ten events: only those of a watched tipo are parsed.
+            let watched = event.event_type == "created"
+                && self
+                    .rules
+                    .values()
+                    .any(|r| event.tipo.as_deref() == Some(r.spec.tipo.as_str()));
+            if !watched {
+                return;
+            }
+        }
         #[derive(Deserialize)]
         struct Frame {
             data: Value,
@@ -358,7 +372,6 @@ impl Watcher {
                     .as_str()
                     .and_then(parse_time)
                     .unwrap_or(now);
-                self.offline.remove(&sensor_id);
                 let ids: Vec<i64> = self
                     .rules
                     .values()
