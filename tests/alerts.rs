@@ -388,7 +388,7 @@ async fn a_silence_holds_notifications_back_until_it_ends_and_acks_are_events() 
     let (status, silence) = daemon
         .post(
             "/api/v1/silencios",
-            &json!({"sensor_id": sensor, "duration_s": 2, "created_by": "ana",
+            &json!({"sensor_id": sensor, "duration_s": 4, "created_by": "ana",
                     "comment": "defrosting"})
             .to_string(),
         )
