@@ -126,6 +126,7 @@ impl Alerts {
         let mut watcher = Watcher::load(store.clone(), courier.clone()).await?;
         let events = hub.subscribe();
         watcher.configure(configured.rules.clone()).await?;
+        log::info!("alerts: {} rules watched", watcher.rules.len());
         let (requests, queue) = mpsc::channel(REQUESTS);
         let delivering = tokio::spawn(webhook::deliver(store, courier, shutdown.clone()));
         let task = tokio::spawn(async move {
@@ -462,6 +463,26 @@ impl Watcher {
                 Change::Fired => "alert_firing",
                 Change::Resolved => "alert_resolved",
             };
+            let value = rule
+                .tracker
+                .state
+                .value
+                .map_or("-".into(), |v| v.to_string());
+            match change {
+                Change::Fired => log::warn!(
+                    "alert \"{}\" firing: {} {} {} (value {value})",
+                    rule.spec.name,
+                    rule.spec
+                        .sensor
+                        .clone()
+                        .unwrap_or_else(|| format!("sensor {}", sensor_id.unwrap_or_default())),
+                    rule.spec.tipo,
+                    rule.spec.condition.as_str(),
+                ),
+                Change::Resolved => {
+                    log::info!("alert \"{}\" resolved (value {value})", rule.spec.name)
+                }
+            }
             let mut data = alert_data(rule, sensor_id);
             data["silenced"] = Value::Bool(silenced);
             write.emissions.push(Emission {
