@@ -524,7 +524,12 @@ fn main() -> ExitCode {
             Ok(config) => {
                 let count = config.sensors.len();
                 let noun = if count == 1 { "sensor" } else { "sensors" };
-                println!("{}: ok ({count} {noun})", path.display());
+                let rules = match config.alerts.rules.len() {
+                    0 => String::new(),
+                    1 => ", 1 alert rule".to_owned(),
+                    n => format!(", {n} alert rules"),
+                };
+                println!("{}: ok ({count} {noun}{rules})", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

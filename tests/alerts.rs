@@ -529,6 +529,17 @@ async fn a_bad_rule_in_the_config_is_named_by_line_and_sampling_goes_on() {
         message.contains("bad-alert.toml: line 22: alert 2: hysteresis must be 0 or more"),
         "{message}"
     );
+    let good = dir.path().join("good-alert.toml");
+    let without_bad = &BAD_RULE_CONFIG[..BAD_RULE_CONFIG.rfind("[[alert]]").unwrap()];
+    std::fs::write(&good, without_bad).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("ok (1 sensor, 1 alert rule)"), "{said}");
 
     let data = dir.path().join("data");
     let config = sensorgate::config::Config::parse(BAD_RULE_CONFIG, Path::new("test.toml"))
