@@ -24,6 +24,7 @@ pub use rules::{ConditionKind, RuleSpec};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,6 +109,32 @@ enum Request {
 #[derive(Clone)]
 pub struct Alerts {
     requests: mpsc::Sender<Request>,
+    stats: Arc<AlertStats>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AlertStats {
+    firing: AtomicU64,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl AlertStats {
+    /// Rules whose alert fires now.
+    pub fn firing(&self) -> u64 {
+        self.firing.load(Ordering::Relaxed)
+    }
+
+    /// Webhook notifications delivered since start.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Webhook delivery attempts that failed since start (each is retried).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
 }
 
 impl Alerts {
@@ -123,17 +150,29 @@ impl Alerts {
             log::error!("alert rule left out: {problem}");
         }
         let courier = Arc::new(Notify::new());
-        let mut watcher = Watcher::load(store.clone(), courier.clone()).await?;
+        let stats = Arc::new(AlertStats::default());
+        let mut watcher = Watcher::load(store.clone(), courier.clone(), stats.clone()).await?;
         let events = hub.subscribe();
         watcher.configure(configured.rules.clone()).await?;
         log::info!("alerts: {} rules watched", watcher.rules.len());
         let (requests, queue) = mpsc::channel(REQUESTS);
-        let delivering = tokio::spawn(webhook::deliver(store, courier, shutdown.clone()));
+        watcher.count_firing();
+        let delivering = tokio::spawn(webhook::deliver(
+            store,
+            courier,
+            stats.clone(),
+            shutdown.clone(),
+        ));
         let task = tokio::spawn(async move {
             watcher.run(events, queue, shutdown).await;
             let _ = delivering.await;
         });
-        Ok((Alerts { requests }, task))
+        Ok((Alerts { requests, stats }, task))
+    }
+
+    /// The counters of `/metrics`.
+    pub fn stats(&self) -> &AlertStats {
+        &self.stats
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, AlertError> {
@@ -224,10 +263,15 @@ struct Watcher {
     offline: HashSet<i64>,
     silences: Vec<SilenceRow>,
     courier: Arc<Notify>,
+    stats: Arc<AlertStats>,
 }
 
 impl Watcher {
-    async fn load(store: Store, courier: Arc<Notify>) -> Result<Watcher, StoreError> {
+    async fn load(
+        store: Store,
+        courier: Arc<Notify>,
+        stats: Arc<AlertStats>,
+    ) -> Result<Watcher, StoreError> {
         let now = now_micros();
         let mut states: HashMap<i64, AlertState> = HashMap::new();
         for (rule_id, text) in store.alert_states().await? {
@@ -295,7 +339,17 @@ impl Watcher {
             offline,
             silences,
             courier,
+            stats,
         })
+    }
+
+    fn count_firing(&self) {
+        let firing = self
+            .rules
+            .values()
+            .filter(|r| r.tracker.state.phase == Phase::Firing)
+            .count();
+        self.stats.firing.store(firing as u64, Ordering::Relaxed);
     }
 
     async fn run(
@@ -514,6 +568,7 @@ impl Watcher {
                 rule.tracker.state = before;
             }
         }
+        self.count_firing();
     }
 
     /// Queues a notification for a firing alert whose last one was held back by a
@@ -745,6 +800,7 @@ impl Watcher {
         self.write(write).await?;
         self.rules.remove(&id);
         self.silences.retain(|s| s.rule_id != Some(id));
+        self.count_firing();
         Ok(view)
     }
 

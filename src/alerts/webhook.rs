@@ -4,6 +4,7 @@
 //! receiver answered 2xx, so a restart or power cut loses none.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::AlertStats;
 use crate::shutdown::Shutdown;
 use crate::store::alerts::{AlertOp, AlertWrite, OutboxRow};
 use crate::store::Store;
@@ -45,7 +47,12 @@ struct Lane {
 }
 
 /// Delivers notifications until shutdown. `wake` is notified when new ones are queued.
-pub(super) async fn deliver(store: Store, wake: Arc<Notify>, mut shutdown: Shutdown) {
+pub(super) async fn deliver(
+    store: Store,
+    wake: Arc<Notify>,
+    stats: Arc<AlertStats>,
+    mut shutdown: Shutdown,
+) {
     let mut lanes: HashMap<i64, Lane> = HashMap::new();
     loop {
         let mut next_look = Instant::now() + IDLE_LOOK;
@@ -101,8 +108,10 @@ pub(super) async fn deliver(store: Store, wake: Arc<Notify>, mut shutdown: Shutd
                     lane.backoff = None;
                     lane.delivered.push_back(Instant::now());
                     delivered_any = true;
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(why) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
                     let wait = lane.backoff.unwrap_or(FIRST_RETRY);
                     log::warn!(
                         "webhook of alert rule {} ({}): {why}; retrying in {:.1} s",
