@@ -144,6 +144,7 @@ async fn a_sensor_crossing_its_threshold_fires_after_its_hold_and_resolves_past_
         "fired before the 2 s hold ran out: {data}"
     );
     assert_eq!(phase(&daemon, rule).await, "firing");
+    assert_eq!(daemon.metric("sensorgate_alerts_firing").await, Some(1.0));
 
     // Below the threshold, but within the hysteresis: still firing. Then past it.
     post_reading(&daemon, sensor, 9.5).await;
@@ -156,6 +157,7 @@ async fn a_sensor_crossing_its_threshold_fires_after_its_hold_and_resolves_past_
     );
     assert_eq!(resolved["data"]["started_at"], data["started_at"]);
     assert_eq!(phase(&daemon, rule).await, "resolved");
+    assert_eq!(daemon.metric("sensorgate_alerts_firing").await, Some(0.0));
 
     // Exactly these two, stored; a client resuming from before hears the same.
     let stored: Vec<_> = stored_events(dir.path())
@@ -365,6 +367,22 @@ async fn webhook_notifications_are_retried_in_order_and_survive_a_restart() {
         .filter(|(s, _)| *s == 500)
         .count();
     assert_eq!(refused, 3);
+    // Counted once the delivery is marked in the database, a moment after the receiver
+    // answered.
+    until("three deliveries counted", || async {
+        let delivered = daemon
+            .metric("sensorgate_alert_notifications_delivered_total")
+            .await;
+        (delivered == Some(3.0)).then_some(())
+    })
+    .await;
+    let failed = daemon
+        .metric("sensorgate_alert_notification_failures_total")
+        .await;
+    assert!(
+        failed.is_some_and(|n| (1.0..=3.0).contains(&n)),
+        "{failed:?}"
+    );
     until("the outbox empties", || async {
         (outbox_rows(dir.path()) == 0).then_some(())
     })
