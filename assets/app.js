@@ -434,6 +434,7 @@ function applySnapshot(snapshot) {
   for (const s of snapshot.sensors) upsertSensor(s, 0);
   for (const r of snapshot.readings) addReading(r);
   showSeq(snapshot.seq);
+  alerts.changed();
   quietly(loadSensors());
   quietly(loadRecent());
 }
@@ -447,6 +448,8 @@ function applyEvent(e) {
   } else if (e.type === "entity_event" && e.entity_type === "sensor") {
     if (e.event_type === "deleted") removeSensor(e.entity_id);
     else upsertSensor(e.data, 0);
+  } else if (e.type === "system_event" && /^(alert|silence)_/.test(e.event_type)) {
+    alerts.changed();
   } else if (e.type === "system_event" && e.data && sensors.has(e.data.sensor_id) && e.data.salud) {
     const s = sensors.get(e.data.sensor_id);
     const at = Date.parse(e.timestamp);
@@ -1294,13 +1297,248 @@ $("token-form").addEventListener("submit", (e) => {
   notice(token ? "Token saved in this browser." : "Token removed.");
 });
 
+// ---------------------------------------------------------------- alerts
+
+/** Alert rules: a banner of the firing ones at the top of every view, and the rules
+ * view where an admin creates, edits and deletes them. The rules are re-read over REST
+ * whenever an alert or silence event arrives (they are few), so the banner follows the
+ * gateway's own state machine rather than rebuilding it from events. */
+const alerts = (() => {
+  let rules = [];
+  let editingRule = null;
+  let loading = null;
+  let again = false;
+  const ruleForm = $("rule-form");
+
+  async function load() {
+    try {
+      rules = await api("GET", "/alertas");
+      $("rules-error").hidden = true;
+    } catch (e) {
+      $("rules-error").textContent = `Alert rules unavailable: ${e.message}`;
+      $("rules-error").hidden = false;
+    }
+    banner();
+    if (view === "alerts") rows();
+  }
+
+  /** Reloads, at most one request at a time; a change during one asks for another. */
+  function changed() {
+    if (loading) {
+      again = true;
+      return;
+    }
+    loading = load().finally(() => {
+      loading = null;
+      if (again) {
+        again = false;
+        changed();
+      }
+    });
+  }
+
+  function watches(r) {
+    const sensor = r.sensor ?? `#${r.sensor_id}`;
+    const what = {
+      above: `> ${r.threshold}`,
+      below: `< ${r.threshold}`,
+      outside: `outside ${r.min}…${r.max}`,
+      no_reading: `no reading for ${r.seconds} s`,
+      rate: `changes > ${r.per_minute}/min`,
+    }[r.condition];
+    return `${sensor} ${r.tipo} ${what}${r.for_s ? ` for ${r.for_s} s` : ""}`;
+  }
+
+  function banner() {
+    const firing = rules.filter((r) => r.state.phase === "firing");
+    const box = $("alerts-banner");
+    box.hidden = firing.length === 0;
+    const items = firing.map((r) => {
+      const since = r.state.fired_at ? ` since ${clock(Date.parse(r.state.fired_at))}` : "";
+      const ack = r.state.acknowledged ? ` · acknowledged by ${r.state.acknowledged.by}` : "";
+      return h("li", { "data-rule": r.id }, h("b", { text: r.name }), ` ${fmt(r.state.value)}${since}${ack}`);
+    });
+    $("alerts-text").replaceChildren(
+      h("span", { text: firing.length === 1 ? "Alert firing: " : `${firing.length} alerts firing: ` }),
+      h("ul", {}, items)
+    );
+  }
+
+  function failed(e, slot) {
+    const auth = e.status === 401 || e.status === 403;
+    slot.textContent = auth ? `Not allowed: ${e.message}. Check the access token (Sensors view).` : e.message;
+    slot.hidden = false;
+  }
+
+  function rows() {
+    $("no-rules").hidden = rules.length > 0;
+    $("rule-rows").replaceChildren(
+      ...rules.map((r) => {
+        const fromFile = r.origin === "config";
+        const actions = h("td", { class: "actions" });
+        if (r.state.phase === "firing" && !r.state.acknowledged) {
+          actions.append(
+            h("button", {
+              class: "btn small",
+              type: "button",
+              text: "Acknowledge",
+              onclick: () => acknowledge(r),
+            })
+          );
+        }
+        if (!fromFile) {
+          actions.append(
+            h("button", { class: "btn small", type: "button", text: "Edit", onclick: () => edit(r) }),
+            h("button", {
+              class: "btn small danger",
+              type: "button",
+              text: "Delete",
+              onclick: (e) => remove(r, e.currentTarget),
+            })
+          );
+        } else {
+          actions.append(h("span", { class: "hint", text: "from the config file" }));
+        }
+        return h(
+          "tr",
+          { "data-rule": r.id },
+          h("td", { text: r.id }),
+          h("td", { text: r.name }),
+          h("td", { class: "wide", text: watches(r) }),
+          h("td", {}, h("span", { class: "phase", "data-phase": r.state.phase, text: r.state.phase })),
+          actions
+        );
+      })
+    );
+  }
+
+  async function acknowledge(r) {
+    const by = prompt(`Acknowledge "${r.name}": your name`);
+    if (!by) return;
+    try {
+      await api("POST", `/alertas/${r.id}/ack`, { by, comment: "" });
+      changed();
+    } catch (e) {
+      failed(e, $("rules-error"));
+    }
+  }
+
+  async function remove(r, button) {
+    if (!confirmed(button)) return;
+    try {
+      await api("DELETE", `/alertas/${r.id}`);
+      if (editingRule === r.id) reset();
+      changed();
+    } catch (e) {
+      failed(e, $("rules-error"));
+    }
+  }
+
+  function showCondition() {
+    const condition = ruleForm.elements.condition.value;
+    for (const box of ruleForm.querySelectorAll("[data-for]")) {
+      box.hidden = !box.dataset.for.split(" ").includes(condition);
+    }
+  }
+
+  function clear() {
+    for (const el of ruleForm.querySelectorAll("[data-rule-error]")) el.textContent = "";
+    for (const el of ruleForm.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+    $("rule-error").hidden = true;
+    $("rule-notice").hidden = true;
+  }
+
+  function reset() {
+    editingRule = null;
+    ruleForm.reset();
+    clear();
+    showCondition();
+    $("rule-title").textContent = "New alert rule";
+    $("rule-submit").textContent = "Create rule";
+    $("rule-cancel").hidden = true;
+  }
+
+  const NUMBERS = ["threshold", "min", "max", "seconds", "per_minute", "for_s", "hysteresis", "repeat_s"];
+
+  function edit(r) {
+    reset();
+    editingRule = r.id;
+    $("rule-title").textContent = `Edit alert rule #${r.id}`;
+    $("rule-submit").textContent = "Save changes";
+    $("rule-cancel").hidden = false;
+    const f = ruleForm.elements;
+    f.name.value = r.name;
+    f.sensor.value = r.sensor ?? `#${r.sensor_id}`;
+    f.tipo.value = r.tipo;
+    f.condition.value = r.condition;
+    for (const key of NUMBERS) f[key].value = r[key] ?? "";
+    f.webhook.value = r.webhook ?? "";
+    showCondition();
+  }
+
+  /** The request body: the condition's own parameters only, numbers as typed so that
+   * the server's validation names what is wrong. */
+  function body() {
+    const f = ruleForm.elements;
+    const sensor = f.sensor.value.trim();
+    const out = { name: f.name.value.trim(), tipo: f.tipo.value.trim(), condition: f.condition.value };
+    const byId = /^#\d+$/.test(sensor);
+    out.sensor_id = byId ? Number(sensor.slice(1)) : null;
+    out.sensor = byId ? null : sensor;
+    const wanted = { above: ["threshold"], below: ["threshold"], outside: ["min", "max"], no_reading: ["seconds"], rate: ["per_minute"] }[out.condition];
+    for (const key of NUMBERS) {
+      const text = f[key].value.trim();
+      const used = wanted.includes(key) || ["for_s", "hysteresis", "repeat_s"].includes(key);
+      if (!used || text === "") out[key] = null;
+      else out[key] = Number.isFinite(Number(text)) ? Number(text) : text;
+    }
+    out.webhook = f.webhook.value.trim() || null;
+    if (editingRule === null) {
+      for (const [key, value] of Object.entries(out)) if (value === null) delete out[key];
+    }
+    return out;
+  }
+
+  ruleForm.elements.condition.addEventListener("change", showCondition);
+  $("rule-cancel").addEventListener("click", reset);
+  ruleForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clear();
+    try {
+      if (editingRule === null) await api("POST", "/alertas", body());
+      else await api("PUT", `/alertas/${editingRule}`, body());
+      reset();
+      $("rule-notice").textContent = "Rule saved.";
+      $("rule-notice").hidden = false;
+      changed();
+    } catch (err) {
+      const errors = (err.body && err.body.errors) || [];
+      const unplaced = [];
+      for (const { field, message } of errors) {
+        const slot = ruleForm.querySelector(`[data-rule-error="${CSS.escape(field)}"]`);
+        if (!slot) {
+          unplaced.push(`${field}: ${message}`);
+          continue;
+        }
+        slot.textContent = slot.textContent ? `${slot.textContent}; ${message}` : message;
+        const input = ruleForm.elements[field === "sensor_id" ? "sensor" : field];
+        if (input) input.setAttribute("aria-invalid", "true");
+      }
+      if (errors.length === 0 || unplaced.length) failed(unplaced.length ? new Error(unplaced.join("; ")) : err, $("rule-error"));
+    }
+  });
+  showCondition();
+
+  return { changed, render: () => { rows(); changed(); } };
+})();
+
 // ---------------------------------------------------------------- views
 
 let view = "overview";
 
 function route() {
   const [name = "", arg] = location.hash.replace(/^#\/?/, "").split("/");
-  const next = { "": "overview", sensor: "sensor", events: "events", manage: "manage" }[name] || "overview";
+  const next = { "": "overview", sensor: "sensor", events: "events", manage: "manage", alerts: "alerts" }[name] || "overview";
   if (view === "sensor" && (next !== "sensor" || Number(arg) !== detail.id)) detail.close();
   view = next;
   for (const section of document.querySelectorAll("main > section")) section.hidden = section.id !== `view-${view}`;
@@ -1316,7 +1554,8 @@ function route() {
     if (arg) editSensor(Number(arg));
     else if (editing !== null) resetForm();
   }
-  document.title = { overview: "sensorgate", sensor: "sensor · sensorgate", events: "events · sensorgate", manage: "sensors · sensorgate" }[view];
+  if (view === "alerts") alerts.render();
+  document.title = { overview: "sensorgate", sensor: "sensor · sensorgate", events: "events · sensorgate", manage: "sensors · sensorgate", alerts: "alerts · sensorgate" }[view];
 }
 
 window.addEventListener("hashchange", route);

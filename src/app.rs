@@ -16,6 +16,7 @@ use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alerts::Alerts;
 use crate::api::{self, State};
 use crate::auth::{self, Policy};
 use crate::clock::Clock;
@@ -68,6 +69,16 @@ pub async fn run(
     }
 
     let (trigger, signal) = Trigger::new();
+    // After the configured sensors, so that rules naming them find them. A failure
+    // leaves the gateway without alerts, never without sampling.
+    let (alerts, watching) =
+        match Alerts::start(&config.alerts, store.clone(), &hub, signal.clone()).await {
+            Ok((alerts, task)) => (Some(alerts), Some(task)),
+            Err(e) => {
+                log::error!("alerts not started: {e}");
+                (None, None)
+            }
+        };
     let health = Arc::new(HealthBoard::default());
     let clock = Arc::new(Clock::new(config.sampling.trust_clock));
     if !clock.trusted() {
@@ -90,7 +101,8 @@ pub async fn run(
     let (drain, guard) = Drain::new();
     let state = Arc::new(
         State::new(&config, store.clone(), hub, health, clock, signal, guard)
-            .with_uplink(uplink.as_ref().map(Uplink::stats)),
+            .with_uplink(uplink.as_ref().map(Uplink::stats))
+            .with_alerts(alerts.clone()),
     );
     let server = tokio::spawn(api::serve(listener, state.clone()));
     let sampled = sources_started.await.unwrap_or_default();
@@ -107,6 +119,11 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(next) = reloads.recv() => {
                 reload(&store, &current, &next).await;
+                if let Some(alerts) = &alerts {
+                    if let Err(e) = alerts.configure(&next.alerts).await {
+                        log::error!("alert rules not reloaded: {e}");
+                    }
+                }
                 current = next;
             }
         }
@@ -122,6 +139,9 @@ pub async fn run(
     }
     let _ = sampling.await;
     let _ = supervising.await;
+    if let Some(watching) = watching {
+        let _ = watching.await;
+    }
     if let Some(uplink) = uplink {
         uplink.stop().await;
     }

@@ -48,6 +48,10 @@ pub struct Config {
     pub uplink: UplinkConfig,
     #[serde(default, rename = "sensor")]
     pub sensors: Vec<SensorConfig>,
+    /// Alert rules (`[[alert]]`). A bad one is reported with its line and left out: it
+    /// never keeps the daemon from starting (see [`Config::alert_problems`]).
+    #[serde(default, rename = "alert")]
+    pub alerts: crate::alerts::ConfiguredRules,
 }
 
 /// HTTP server and its limits.
@@ -388,10 +392,11 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        config.alerts.locate(text);
         let problems = config.validate();
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
@@ -400,6 +405,16 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// What is wrong with the alert rules that were left out, one line each, naming the
+    /// file and the line: `check-config` fails on them, the daemon logs them and runs.
+    pub fn alert_problems(&self, origin: &Path) -> Vec<String> {
+        self.alerts
+            .problems()
+            .iter()
+            .map(|p| format!("{}: {p}", origin.display()))
+            .collect()
     }
 
     /// Every problem of the config, in file order as far as it can tell.

@@ -12,6 +12,8 @@
 //!
 //! - [`config`]: typed configuration, validated once.
 //! - [`clock`]: whether sample times can be trusted (boards without a real-time clock).
+//! - [`alerts`]: alert rules over readings, their state, acknowledgements, silences and
+//!   webhook notifications; one watcher task that follows the hub.
 //! - [`model`]: sensors and readings as clients see them, and validated inputs.
 //! - [`store`]: schema, the writer thread (group commit, event numbering), read queries.
 //! - [`events`]: the event envelope and the hub that fans events out.
@@ -29,6 +31,7 @@
 // and the room left for the WAL (`store::checkpointer`).
 #![deny(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -515,10 +515,21 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig(path) => match Config::load(&path) {
+            Ok(config) if !config.alert_problems(&path).is_empty() => {
+                for problem in config.alert_problems(&path) {
+                    eprintln!("{problem}");
+                }
+                ExitCode::FAILURE
+            }
             Ok(config) => {
                 let count = config.sensors.len();
                 let noun = if count == 1 { "sensor" } else { "sensors" };
-                println!("{}: ok ({count} {noun})", path.display());
+                let rules = match config.alerts.rules.len() {
+                    0 => String::new(),
+                    1 => ", 1 alert rule".to_owned(),
+                    n => format!(", {n} alert rules"),
+                };
+                println!("{}: ok ({count} {noun}{rules})", path.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

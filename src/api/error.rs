@@ -269,3 +269,16 @@ impl From<StoreError> for ApiError {
         }
     }
 }
+
+impl From<crate::alerts::AlertError> for ApiError {
+    fn from(e: crate::alerts::AlertError) -> ApiError {
+        use crate::alerts::AlertError;
+        match e {
+            AlertError::NotFound(detail) => ApiError::not_found(detail),
+            AlertError::Invalid(errors) => ApiError::invalid(errors),
+            AlertError::Conflict(detail) => ApiError::conflict(detail),
+            AlertError::Store(store) => ApiError::from(store),
+            AlertError::Stopped => ApiError::unavailable("Shutting down"),
+        }
+    }
+}

@@ -484,8 +484,34 @@ fn label_value(text: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// `write_bytes` of `/proc/self/io`: what this process made the kernel write to storage.
-/// `None` where the file does not exist or cannot be read.
+/// Appends the alert watcher's figures to the exposition text.
+pub fn render_alerts(out: &mut String, stats: &crate::alerts::AlertStats) {
+    let scalars = [
+        (
+            "sensorgate_alerts_firing",
+            "gauge",
+            "Alert rules whose alert fires now.",
+            stats.firing(),
+        ),
+        (
+            "sensorgate_alert_notifications_delivered_total",
+            "counter",
+            "Webhook notifications delivered since start.",
+            stats.delivered(),
+        ),
+        (
+            "sensorgate_alert_notification_failures_total",
+            "counter",
+            "Webhook delivery attempts that failed since start; each is retried.",
+            stats.failed(),
+        ),
+    ];
+    for (metric, kind, help, value) in scalars {
+        let name = family_line(out, metric, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 fn family_line(out: &mut String, name: &str, kind: &str, help: &str) -> String {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     name.to_owned()

@@ -4,6 +4,7 @@
 //! number of connections, gives each a header deadline, and on shutdown stops accepting
 //! and lets each connection finish the request in flight.
 
+mod alerts;
 mod error;
 mod export;
 mod limits;
@@ -152,6 +153,8 @@ pub struct State {
     pub drain: DrainGuard,
     /// The fleet uplink's counters, when it runs.
     pub uplink: Option<Arc<crate::uplink::Stats>>,
+    /// The alert watcher, when it runs.
+    pub alerts: Option<crate::alerts::Alerts>,
 }
 
 impl State {
@@ -196,12 +199,19 @@ impl State {
             shutdown,
             drain,
             uplink: None,
+            alerts: None,
         }
     }
 
     /// Shows the uplink's counters in `/metrics`.
     pub fn with_uplink(mut self, stats: Option<Arc<crate::uplink::Stats>>) -> State {
         self.uplink = stats;
+        self
+    }
+
+    /// The same state, answering alert requests with `alerts`.
+    pub fn with_alerts(mut self, alerts: Option<crate::alerts::Alerts>) -> State {
+        self.alerts = alerts;
         self
     }
 }

@@ -262,7 +262,7 @@ pub fn client_module(headers: &HeaderMap) -> Response<Body> {
 pub async fn metrics(state: &State) -> Response<Body> {
     // The last values come from a snapshot; without one the rest is still worth serving.
     let snapshot = state.store.snapshot().await.ok();
-    let text = metrics::render(
+    let mut text = metrics::render(
         &state.counters,
         &state.hub,
         &state.health,
@@ -270,6 +270,9 @@ pub async fn metrics(state: &State) -> Response<Body> {
         state.uplink.as_deref(),
         snapshot.as_ref(),
     );
+    if let Some(alerts) = &state.alerts {
+        metrics::render_alerts(&mut text, alerts.stats());
+    }
     let mut response = Response::new(full(text));
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -15,7 +15,7 @@ use super::limits::{Key, Slot};
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{export, rest, tokens, Admission, ApiError, Body, State};
+use super::{alerts, export, rest, tokens, Admission, ApiError, Body, State};
 use crate::auth::{Access, AuthError, Principal};
 
 /// Everything the API answers.
@@ -49,6 +49,15 @@ enum Route {
     ListTokens,
     CreateToken,
     RevokeToken(String),
+    ListAlerts,
+    CreateAlert,
+    GetAlert(i64),
+    UpdateAlert(i64),
+    DeleteAlert(i64),
+    AcknowledgeAlert(i64),
+    ListSilences,
+    CreateSilence,
+    DeleteSilence(i64),
 }
 
 /// Who may use a route.
@@ -198,6 +207,8 @@ fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiErro
             ["tokens", name] if method == Method::DELETE => {
                 (Route::RevokeToken((*name).to_owned()), Guard::Needs(Admin))
             }
+            ["alertas" | "alerts", tail @ ..] => alert_route(method, tail)?,
+            ["silencios" | "silences", tail @ ..] => silence_route(method, tail)?,
             _ => return Err(wrong_method_or_not_found(&segments, path)),
         },
         _ => return Err(wrong_method_or_not_found(&segments, path)),
@@ -244,6 +255,39 @@ fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
         (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
         (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
         _ => return Err(ApiError::not_found("No such sensor route")),
+    })
+}
+
+/// Alert rules: read with read access, changed by an admin; a firing alert is
+/// acknowledged with write access, as operators have.
+fn alert_route(method: &Method, tail: &[&str]) -> Result<(Route, Guard), ApiError> {
+    use Access::{Admin, Read, Write};
+    Ok(match (method.clone(), tail) {
+        (Method::GET | Method::HEAD, []) => (Route::ListAlerts, Guard::Needs(Read)),
+        (Method::POST, []) => (Route::CreateAlert, Guard::Needs(Admin)),
+        (Method::GET | Method::HEAD, [id]) => (Route::GetAlert(parse_id(id)?), Guard::Needs(Read)),
+        (Method::PUT, [id]) => (Route::UpdateAlert(parse_id(id)?), Guard::Needs(Admin)),
+        (Method::DELETE, [id]) => (Route::DeleteAlert(parse_id(id)?), Guard::Needs(Admin)),
+        (Method::POST, [id, "ack"]) => {
+            (Route::AcknowledgeAlert(parse_id(id)?), Guard::Needs(Write))
+        }
+        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
+        (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
+        (_, [_, "ack"]) => return Err(ApiError::method_not_allowed("POST")),
+        _ => return Err(ApiError::not_found("No such alert route")),
+    })
+}
+
+/// Silences: listed with read access, set and lifted with write access.
+fn silence_route(method: &Method, tail: &[&str]) -> Result<(Route, Guard), ApiError> {
+    use Access::{Read, Write};
+    Ok(match (method.clone(), tail) {
+        (Method::GET | Method::HEAD, []) => (Route::ListSilences, Guard::Needs(Read)),
+        (Method::POST, []) => (Route::CreateSilence, Guard::Needs(Write)),
+        (Method::DELETE, [id]) => (Route::DeleteSilence(parse_id(id)?), Guard::Needs(Write)),
+        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
+        (_, [_]) => return Err(ApiError::method_not_allowed("DELETE")),
+        _ => return Err(ApiError::not_found("No such silence route")),
     })
 }
 
@@ -369,6 +413,15 @@ async fn dispatch(
         Route::ListTokens => tokens::list(state).await,
         Route::CreateToken => tokens::create(req, state).await,
         Route::RevokeToken(name) => tokens::revoke(state, name).await,
+        Route::ListAlerts => alerts::list(state).await,
+        Route::CreateAlert => alerts::create(req, state).await,
+        Route::GetAlert(id) => alerts::get(state, id).await,
+        Route::UpdateAlert(id) => alerts::update(req, state, id).await,
+        Route::DeleteAlert(id) => alerts::delete(state, id).await,
+        Route::AcknowledgeAlert(id) => alerts::acknowledge(req, state, id).await,
+        Route::ListSilences => alerts::silences(state).await,
+        Route::CreateSilence => alerts::silence(req, state).await,
+        Route::DeleteSilence(id) => alerts::unsilence(state, id).await,
     }
 }
 

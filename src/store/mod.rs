@@ -6,6 +6,7 @@
 //! the WAL back into the database beside them. Reads run on a small pool of read-only
 //! connections on the blocking thread pool, a few at a time, so they never wait behind a commit.
 
+pub mod alerts;
 mod capacity;
 mod checkpointer;
 mod publisher;
@@ -305,6 +306,34 @@ impl Store {
     pub async fn save_uplink_cursor(&self, name: &'static str, seq: u64) -> Result<(), StoreError> {
         self.call(|reply| Command::SaveUplinkCursor(name, seq, reply))
             .await
+    }
+
+    /// Applies alert rows and their events in one transaction (see [`alerts`]).
+    pub async fn alert_write(
+        &self,
+        write: alerts::AlertWrite,
+    ) -> Result<alerts::AlertReceipt, StoreError> {
+        self.call(|reply| Command::Alerts(write, reply)).await
+    }
+
+    /// Every alert rule, by id.
+    pub async fn alert_rules(&self) -> Result<Vec<alerts::RuleRow>, StoreError> {
+        self.read(alerts::rules).await
+    }
+
+    /// The stored state of every alert rule that has one.
+    pub async fn alert_states(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        self.read(alerts::states).await
+    }
+
+    /// Stored silences, by id.
+    pub async fn alert_silences(&self) -> Result<Vec<alerts::SilenceRow>, StoreError> {
+        self.read(alerts::silences).await
+    }
+
+    /// The oldest undelivered webhook notification of each rule.
+    pub async fn alert_outbox_heads(&self) -> Result<Vec<alerts::OutboxRow>, StoreError> {
+        self.read(alerts::outbox_heads).await
     }
 
     /// The saved position of the uplink `name`, if it ever saved one.

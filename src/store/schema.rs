@@ -218,6 +218,44 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sensor_id, desde)
     ) WITHOUT ROWID;
 "#,
+    r#"
+    -- Alert rules (`origin` 'config' for those of the config file, 'api' for those made
+    -- over REST; `definition` the rule as JSON), the state of each (JSON, so that a restart
+    -- in the middle of a firing alert picks it up without firing it again), the silences
+    -- still running, and the webhook notifications not yet delivered, in order. Delivered
+    -- notifications and ended silences are deleted; their events stay in `events`.
+    CREATE TABLE alert_rules (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        name       TEXT    NOT NULL UNIQUE,
+        origin     TEXT    NOT NULL,
+        definition TEXT    NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE alert_state (
+        rule_id    INTEGER PRIMARY KEY,
+        state      TEXT    NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE alert_silences (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule_id    INTEGER,
+        sensor_id  INTEGER,
+        ends_at    INTEGER NOT NULL,
+        created_by TEXT    NOT NULL,
+        comment    TEXT    NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE alert_outbox (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule_id    INTEGER NOT NULL,
+        url        TEXT    NOT NULL,
+        per_minute INTEGER NOT NULL,
+        body       TEXT    NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX alert_outbox_rule ON alert_outbox(rule_id, id);
+"#,
 ];
 
 /// The schema version this build writes.

@@ -21,6 +21,7 @@ use rusqlite::{
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::alerts::{self, AlertReceipt, AlertWrite};
 use super::capacity::{self, Meter, StorageFigures};
 use super::checkpointer::Checkpointer;
 use super::publisher::{self, Handover, Publisher, Unpublished};
@@ -74,6 +75,8 @@ pub(crate) enum Command {
     TouchToken(i64, Micros),
     /// Saves how far an uplink got (its name, the `seq`).
     SaveUplinkCursor(&'static str, u64, Reply<()>),
+    /// Alert rows and their events, together (see [`super::alerts`]).
+    Alerts(AlertWrite, Reply<AlertReceipt>),
     Shutdown,
 }
 
@@ -432,6 +435,7 @@ enum Done {
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
+    Alerts(Reply<AlertReceipt>, AlertReceipt),
     Ping(oneshot::Sender<()>),
     Nothing,
 }
@@ -444,6 +448,7 @@ impl Done {
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
+            Done::Alerts(reply, receipt) => drop(reply.send(Ok(receipt))),
             Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
         }
@@ -457,6 +462,7 @@ impl Done {
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
+            Done::Alerts(reply, _) => drop(reply.send(Err(err()))),
             // The writer is alive even when a commit fails (a full disk): answer.
             Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
@@ -487,6 +493,7 @@ impl Command {
             | Command::DeleteReading(_, r) => drop(r.send(Err(err()))),
             Command::Emit(_, r) => drop(r.send(Err(err()))),
             Command::SaveUplinkCursor(_, _, r) => drop(r.send(Err(err()))),
+            Command::Alerts(_, r) => drop(r.send(Err(err()))),
             Command::Ping(reply) => drop(reply.send(())),
             Command::Samples(_) | Command::TouchToken(..) | Command::Shutdown => {}
         }
@@ -502,6 +509,7 @@ impl Command {
             | Command::DeleteReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
             Command::SaveUplinkCursor(_, _, r) => Done::Unit(r),
+            Command::Alerts(_, r) => Done::Alerts(r, AlertReceipt::default()),
             Command::Samples(samples) => {
                 log::error!("{} samples not stored: {why}", samples.len());
                 Done::Nothing
@@ -1112,6 +1120,14 @@ impl Step<'_> {
                     )?
                     .execute(params![name, seq as i64, self.now])?;
                 Done::Unit(reply)
+            }
+            Command::Alerts(write, reply) => {
+                let ids = alerts::apply(self.tx, self.now, write.ops)?;
+                let mut seqs = Vec::with_capacity(write.emissions.len());
+                for emission in write.emissions {
+                    seqs.push(self.emit(emission)?);
+                }
+                Done::Alerts(reply, AlertReceipt { ids, seqs })
             }
             Command::Shutdown => Done::Nothing,
         })

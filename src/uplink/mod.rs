@@ -709,10 +709,24 @@ impl Runner {
                 };
                 (topics.sensor(sensor_id), event.frame.as_bytes().to_vec())
             }
-            Channel::General => {
-                s.outbox.push_back(Item::Skip(event.seq));
-                return;
-            }
+            Channel::General => match alert_rule_of(event) {
+                // The latest word on each rule's alert stays on its topic, retained, so a
+                // consumer that subscribes later learns whether it fires.
+                Some(rule_id) => {
+                    s.outbox.push_back(Item::Publish {
+                        topic: topics.alert(rule_id),
+                        payload: event.frame.as_bytes().to_vec(),
+                        retain: true,
+                        seq: Some(event.seq),
+                        paced: replayed,
+                    });
+                    return;
+                }
+                None => {
+                    s.outbox.push_back(Item::Skip(event.seq));
+                    return;
+                }
+            },
         };
         s.outbox.push_back(Item::Publish {
             topic,
@@ -774,6 +788,16 @@ struct Session {
     outbox: VecDeque<Item>,
     /// When the next paced message may go.
     paced_at: Instant,
+}
+
+/// The rule an alert event is about (`alert_firing`, `alert_resolved`,
+/// `alert_acknowledged`), if it is one.
+fn alert_rule_of(event: &Event) -> Option<i64> {
+    if !event.event_type.starts_with("alert_") {
+        return None;
+    }
+    let frame: serde_json::Value = serde_json::from_str(&event.frame).ok()?;
+    frame["data"]["rule_id"].as_i64()
 }
 
 fn retained(a: Announcement) -> Item {

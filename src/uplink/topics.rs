@@ -5,6 +5,7 @@
 //! <prefix>/<gateway>/<sensor_id>/<tipo>      a reading: {"sensor_id", "tipo", "value", "unit", "time", "seq"}
 //! <prefix>/<gateway>/sensors/<sensor_id>     a sensor event: the envelope WebSocket clients get
 //! <prefix>/<gateway>/readings/<reading_id>   a stored reading updated or deleted: the envelope
+//! <prefix>/<gateway>/alerts/<rule_id>        the latest alert event of a rule, retained: the envelope
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,11 @@ impl Topics {
     /// Events about one sensor (created, updated, deleted).
     pub fn sensor(&self, sensor_id: i64) -> String {
         format!("{}/sensors/{sensor_id}", self.base)
+    }
+
+    /// The latest alert event of one rule (firing, acknowledged, resolved), retained.
+    pub fn alert(&self, rule_id: i64) -> String {
+        format!("{}/alerts/{rule_id}", self.base)
     }
 
     /// Changes to one stored reading (updated, deleted). Apart from the readings'

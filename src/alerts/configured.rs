@@ -1,0 +1,122 @@
+//! The `[[alert]]` tables of the config file. A bad rule is reported with its line and
+//! left out; it never keeps the daemon from starting or sampling.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use super::rules::RuleSpec;
+
+/// The rules of the config file that passed their checks, and a message for each one
+/// that did not.
+#[derive(Debug, Clone, Default)]
+pub struct ConfiguredRules {
+    pub rules: Vec<RuleSpec>,
+    /// What is wrong, by position of the `[[alert]]` table: the field and the message.
+    found: Vec<(usize, String, String)>,
+    /// `found`, each with its line once [`ConfiguredRules::locate`] saw the text.
+    problems: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for ConfiguredRules {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Each table alone, as JSON, so that one bad rule neither hides the others nor
+        // fails the whole file, and every bad field is named.
+        let tables = Vec::<Value>::deserialize(deserializer)?;
+        let mut configured = ConfiguredRules::default();
+        let mut names = std::collections::HashSet::new();
+        for (index, table) in tables.into_iter().enumerate() {
+            match RuleSpec::from_json(table) {
+                Ok(rule) if !names.insert(rule.name.clone()) => {
+                    configured
+                        .found
+                        .push((index, "name".into(), "is used twice".into()));
+                }
+                Ok(rule) => configured.rules.push(rule),
+                Err(errors) => configured
+                    .found
+                    .extend(errors.into_iter().map(|e| (index, e.field, e.message))),
+            }
+        }
+        Ok(configured)
+    }
+}
+
+impl ConfiguredRules {
+    /// Finds the line of each problem in the file's `text`.
+    pub fn locate(&mut self, text: &str) {
+        self.problems = self
+            .found
+            .iter()
+            .map(|(index, field, message)| {
+                let what = format!("alert {}: {field} {message}", index + 1);
+                match alert_line(text, *index, field) {
+                    Some(n) => format!("line {}: {what}", n + 1),
+                    None => what,
+                }
+            })
+            .collect();
+    }
+
+    /// Every problem, with its line when it could be found.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+}
+
+/// The line, counted from 0, that sets `key` in the `index`th `[[alert]]` table, or else
+/// that table's header.
+fn alert_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == "[[alert]]")
+        .nth(index)?
+        .0;
+    let sets_key = |line: &str| {
+        line.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    };
+    let found = lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .position(|l| sets_key(l));
+    Some(found.map_or(header, |n| header + 1 + n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct File {
+        alert: ConfiguredRules,
+    }
+
+    #[test]
+    fn a_bad_rule_is_named_by_line_and_the_good_ones_stay() {
+        let text = "\
+[[alert]]
+name = \"ok\"
+sensor = \"s\"
+tipo = \"t\"
+condition = \"above\"
+threshold = 3
+
+[[alert]]
+name = \"bad\"
+sensor = \"s\"
+tipo = \"t\"
+condition = \"below\"
+threshold = \"cold\"
+";
+        let mut file: File = toml::from_str(text).unwrap();
+        file.alert.locate(text);
+        assert_eq!(file.alert.rules.len(), 1);
+        assert_eq!(
+            file.alert.problems(),
+            ["line 13: alert 2: threshold must be a number"]
+        );
+    }
+}
