@@ -1400,3 +1400,45 @@ async fn a_write_budget_widens_the_commit_window() {
     assert_eq!(health["storage"]["commit_window_ms"], 1000);
     daemon.stop().await;
 }
+
+/// A reading that arrives late (taken long before those stored around it) starts an id
+/// range of its own in its second rather than widening one over everything stored since,
+/// and queries by time find it and the others alike.
+#[tokio::test]
+async fn a_late_reading_is_found_by_time_without_widening_its_second() {
+    let dir = temp_dir();
+    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let id = sensor(&daemon).await;
+    let now = now_micros();
+    let old = now - 200 * DAY;
+    reading(&daemon, id, "temperatura", old, 1.0).await;
+    for i in 0..300 {
+        reading(&daemon, id, "temperatura", now - i * 1000, 20.0).await;
+    }
+    // The second of the first reading again, 300 readings later.
+    reading(&daemon, id, "temperatura", old + 1, 2.0).await;
+    let (_, found) = daemon
+        .get(&format!(
+            "/api/v1/lecturas/?sensor_id={id}&desde={}&hasta={}&order=asc",
+            format_time(old),
+            format_time(old + 1_000_000)
+        ))
+        .await;
+    let values: Vec<f64> = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["valor"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, [1.0, 2.0]);
+    daemon.stop().await;
+    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    let widest: i64 = db
+        .query_row(
+            "SELECT MAX(last_id - first_id) FROM reading_seconds WHERE second = ?1",
+            [old / 1_000_000],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(widest, 0, "each of the two readings has a range of its own");
+}

@@ -17,12 +17,13 @@ use crate::config::StorageConfig;
 /// How far back the write rate is measured, for the budget and the figures.
 const RATE_WINDOW: Duration = Duration::from_secs(600);
 
-/// The rate the budget aims at, as a share of the budget: the rate swings with
-/// checkpoints, and a budget is a ceiling.
-const BUDGET_AIM: f64 = 0.8;
+/// The rate the budget aims at, as a share of the budget: a budget is a ceiling, and
+/// the checkpoints, minutes apart, add to the rate the window is steered by: at such
+/// rates they write about as many bytes again as the readings take at rest.
+const BUDGET_AIM: f64 = 0.6;
 
 /// How often the budget steers the window, and over how long it measures the rate it
-/// steers by: long enough to take in a checkpoint, short enough to follow a change.
+/// steers by: short enough to follow a change of the window.
 const STEER_EVERY: Duration = Duration::from_secs(10);
 const STEER_RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -243,7 +244,7 @@ impl Meter {
     /// towards the configured one when it lies below: each commit costs the card about
     /// the same, so the rate falls with the commits. Damped (the square root of the
     /// ratio, at most a factor of two a step), as the rate follows the window only as
-    /// its measuring window moves on.
+    /// the minute it is measured over moves on.
     fn steer(&mut self, rate_per_day: f64) {
         let aim = self.budget_per_day as f64 * BUDGET_AIM;
         if rate_per_day <= 0.0 {

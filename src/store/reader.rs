@@ -156,9 +156,12 @@ pub(super) const READINGS_BY_SECOND: &str =
      WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
      AND s.id = r.series";
 
-/// The newest `seq` stored: of an event row, or of a reading that is its own event.
+/// The newest `seq` stored: of an event row, or of a reading that is its own event, or
+/// below the log's floor when the newest events were removed with their readings to free
+/// space (a `seq` is never handed out twice).
 pub(super) const LAST_SEQ: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), \
-     COALESCE((SELECT MAX(id) FROM reading_rows), 0))";
+     COALESCE((SELECT MAX(id) FROM reading_rows), 0), \
+     (SELECT value - 1 FROM store_meta WHERE key = 'log_floor'))";
 
 /// A value the store keeps about itself (see the `store_meta` table).
 pub(super) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, params_from_iter, Connection};
+use rusqlite::{params, params_from_iter, Connection, Transaction};
 
 use super::rollup::{Bucket, Pending};
 use crate::config::{RetentionRule, StorageConfig};
@@ -79,6 +79,7 @@ impl Retention {
                     filter,
                     vec![value.clone().into()],
                     SLICE,
+                    RemovedEvents::Keep,
                 ),
             ));
         }
@@ -106,6 +107,18 @@ impl Retention {
         outcomes
     }
 
+    /// The newest sample time before which some rule may remove raw readings, if any
+    /// rule does.
+    pub fn readings_cutoff(&self, now: Micros) -> Option<Micros> {
+        let shortest = self
+            .rules
+            .iter()
+            .map(|r| days(r.days))
+            .chain((!self.readings.is_zero()).then_some(self.readings))
+            .min()?;
+        Some(now - shortest.as_micros() as i64)
+    }
+
     /// Drops the open roll-up buckets past their retention, as [`Retention::sweep`]
     /// removes the stored ones.
     pub fn prune_open(&self, open: &mut Pending, now: Micros) {
@@ -130,55 +143,122 @@ impl Retention {
                 args.push(sensor.clone().into());
             }
         }
-        delete_readings(conn, cutoff, &excluded, args, SLICE)
+        delete_readings(conn, cutoff, &excluded, args, SLICE, RemovedEvents::Keep)
     }
 }
 
+/// What becomes of the `created` events of readings removed while replay still serves
+/// them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum RemovedEvents {
+    /// Kept, as rows of the `events` table: retention removes a reading by its sample
+    /// time, and one stored late (a buffered sample, one stamped by a clock in 1970) may
+    /// still be within what clients resume from.
+    Keep,
+    /// Gone with the readings; the log's floor moves past them: removing readings to
+    /// free space must not fill the space again.
+    Drop,
+}
+
 /// Deletes up to `limit` readings taken before `cutoff` whose series passes `filter`
-/// (SQL on the series `s`, with `args` for its placeholders), oldest first. Returns how
-/// many. Replay can no longer serve the `created` events of the deleted readings, so the
-/// log's floor moves past them.
+/// (SQL on the series `s`, with `args` for its placeholders), oldest first, of those
+/// the stored roll-ups count already (a restart folds only the readings still stored
+/// into the open buckets again). Returns how many.
 pub(super) fn delete_readings(
     conn: &Connection,
     cutoff: Micros,
     filter: &str,
     args: Vec<SqlValue>,
     limit: i64,
+    events: RemovedEvents,
 ) -> rusqlite::Result<usize> {
     let sql = format!(
-        "DELETE FROM reading_rows WHERE id IN \
-         (SELECT r.id FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
-          WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
-          AND s.id = r.series AND m.second <= ? / 1000000 AND r.ts < ?{filter} \
-          ORDER BY m.second LIMIT ?) RETURNING id"
+        "SELECT r.id, m.second FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
+         WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
+         AND s.id = r.series AND m.second <= ? / 1000000 AND r.ts < ? \
+         AND r.id <= (SELECT value FROM store_meta WHERE key = 'rollups_through'){filter} \
+         ORDER BY m.second LIMIT ?"
     );
     let mut all: Vec<SqlValue> = vec![cutoff.into(), cutoff.into()];
     all.extend(args);
     all.push(limit.into());
-    // One transaction: the floor moves with the readings or not at all.
+    // One transaction: the events and the floor move with the readings or not at all.
     let tx = conn.unchecked_transaction()?;
-    let ids: Vec<i64> = tx
+    let found: Vec<(i64, i64)> = tx
         .prepare_cached(&sql)?
-        .query_map(params_from_iter(all), |r| r.get(0))?
+        .query_map(params_from_iter(all), |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
+    remove(&tx, &found, events)?;
+    tx.commit()?;
+    Ok(found.len())
+}
+
+/// Deletes up to `limit` of the readings stored first, of those the stored roll-ups
+/// count already, with their events (see [`RemovedEvents::Drop`]): room for new ones.
+/// Returns how many. By storing order, not sample time, so that one stamped by a clock
+/// in 1970 does not take the events of everything stored since with it.
+pub(super) fn remove_oldest_stored(conn: &Connection, limit: i64) -> rusqlite::Result<usize> {
+    let tx = conn.unchecked_transaction()?;
+    let found: Vec<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT id, ts / 1000000 FROM reading_rows \
+             WHERE id <= (SELECT value FROM store_meta WHERE key = 'rollups_through') \
+             ORDER BY id LIMIT ?1",
+        )?
+        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    remove(&tx, &found, RemovedEvents::Drop)?;
+    tx.commit()?;
+    Ok(found.len())
+}
+
+/// Deletes the readings `found` (id and second), inside `tx`, with their events kept or
+/// dropped.
+fn remove(
+    tx: &Transaction<'_>,
+    found: &[(i64, i64)],
+    events: RemovedEvents,
+) -> rusqlite::Result<()> {
     // Readings older than the first that is its own event had their events in the
-    // `events` table, which has its own retention: they leave the floor alone.
-    let from: i64 = tx.query_row(
-        "SELECT value FROM store_meta WHERE key = 'reading_events_from'",
+    // `events` table, which has its own retention; so have those below the floor.
+    let served_from: i64 = tx.query_row(
+        "SELECT MAX((SELECT value FROM store_meta WHERE key = 'reading_events_from'), \
+                    (SELECT value FROM store_meta WHERE key = 'log_floor'))",
         [],
         |r| r.get(0),
     )?;
-    if let Some(newest) = ids.iter().copied().filter(|id| *id >= from).max() {
-        raise_log_floor(&tx, newest + 1)?;
+    let mut keep = tx.prepare_cached(
+        "INSERT OR IGNORE INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
+         reading_id, valor, unidad, taken_at, hora_dudosa) \
+         SELECT r.id, r.ts, 'readings', 'created', s.sensor_id, s.tipo, '', r.id, r.valor, \
+         s.unidad, r.ts, s.hora_dudosa FROM reading_rows r JOIN series s ON s.id = r.series \
+         WHERE r.id = ?1",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM reading_rows WHERE id = ?1")?;
+    for (id, _) in found {
+        if *id >= served_from && events == RemovedEvents::Keep {
+            keep.execute([id])?;
+        }
+        delete.execute([id])?;
     }
-    // Seconds whose whole range lies below the oldest reading left hold none.
-    tx.prepare_cached(
-        "DELETE FROM reading_seconds \
-         WHERE last_id < (SELECT COALESCE(MIN(id), 0) FROM reading_rows)",
-    )?
-    .execute([])?;
-    tx.commit()?;
-    Ok(ids.len())
+    let newest_served = found
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| *id >= served_from)
+        .max();
+    if let (Some(newest), RemovedEvents::Drop) = (newest_served, events) {
+        raise_log_floor(tx, newest + 1)?;
+    }
+    // Ranges of the seconds touched that lie wholly below the oldest reading left hold
+    // none.
+    if let Some(latest_second) = found.iter().map(|(_, second)| *second).max() {
+        tx.prepare_cached(
+            "DELETE FROM reading_seconds WHERE second <= ?1 \
+             AND last_id < (SELECT COALESCE(MIN(id), 0) FROM reading_rows)",
+        )?
+        .execute([latest_second])?;
+    }
+    Ok(())
 }
 
 /// Replay serves events from `floor` on at the oldest, once readings or events below it
@@ -230,9 +310,12 @@ mod tests {
                 .unwrap();
             }
         }
+        // The roll-ups count them all (retention never removes a reading they do not).
         conn.execute_batch(
             "INSERT INTO reading_seconds (second, first_id, last_id) \
-             SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000",
+             SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000; \
+             UPDATE store_meta SET value = (SELECT MAX(id) FROM reading_rows) \
+             WHERE key = 'rollups_through';",
         )
         .unwrap();
         let config = StorageConfig {

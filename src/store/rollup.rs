@@ -129,6 +129,12 @@ impl Pending {
             .retain(|(b, _, start), _| *b != bucket || *start >= cutoff);
     }
 
+    /// Whether a bucket starts before `t`: readings taken before it may be among those
+    /// folded.
+    pub fn starts_before(&self, t: Micros) -> bool {
+        self.buckets.keys().any(|(_, _, start)| *start < t)
+    }
+
     /// Forgets what was folded, once it is written out.
     pub fn clear(&mut self) {
         self.buckets.clear();

@@ -922,14 +922,15 @@ impl Writer {
         if floor == 0 || free.saturating_add(reusable) >= floor {
             return false;
         }
-        let removed =
-            match retention::delete_readings(&self.conn, Micros::MAX, "", Vec::new(), SLICE) {
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("removing the oldest readings to keep free space failed: {e}");
-                    return false;
-                }
-            };
+        // Only readings the stored roll-ups count are removed: those are written out first.
+        self.write_out_rollups();
+        let removed = match retention::remove_oldest_stored(&self.conn, SLICE) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("removing the oldest readings to keep free space failed: {e}");
+                return false;
+            }
+        };
         if removed == 0 {
             return false;
         }
@@ -987,8 +988,15 @@ impl Writer {
             // A quiet gateway has no commit to write them out with.
             self.write_out_rollups();
         }
-        self.retention
-            .prune_open(&mut self.open.lock(), now_micros());
+        let now = now_micros();
+        self.retention.prune_open(&mut self.open.lock(), now);
+        // Retention removes only readings the stored roll-ups count: where it has some
+        // to remove that are folded in memory only (a sample that came late), those go
+        // out first.
+        let due = self.retention.readings_cutoff(now);
+        if due.is_some_and(|cutoff| self.open.lock().starts_before(cutoff)) {
+            self.write_out_rollups();
+        }
         let mut behind = self.keep_free_space_floor();
         for (what, outcome) in self
             .retention
@@ -1353,7 +1361,7 @@ impl Step<'_> {
                 "UPDATE reading_rows SET series = ?2, valor = ?3, ts = ?4 WHERE id = ?1",
             )?
             .execute(params![id, series, reading.valor, reading.timestamp])?;
-        self.readings.note_second(reading.timestamp, id);
+        self.readings.note_moved(reading.timestamp, id);
         self.derived_after_change(&old, Some(&reading))?;
         let frame =
             events::reading_change_frame("updated", &reading, &changed, self.now, *self.seq);
@@ -1620,25 +1628,28 @@ fn refresh_latest(
 /// thousands of readings per commit, and looking the statement up in the connection's
 /// cache by its text for every reading cost the writer a good part of its ingest rate.
 struct ReadingInserts<'tx> {
+    tx: &'tx Transaction<'tx>,
     row: CachedStatement<'tx>,
-    second: CachedStatement<'tx>,
     /// The id range of each second of sample time in this transaction, written to
     /// `reading_seconds` once (see [`ReadingInserts::write_seconds`]).
     seconds: HashMap<i64, (i64, i64)>,
+    /// Readings of earlier transactions moved to another second (over REST).
+    moved: Vec<(i64, i64)>,
 }
+
+/// How far past the end of its second's last range a reading may lie and still extend
+/// it, in ids: what a query of that second reads of other seconds' readings.
+const SECOND_RANGE_GAP: i64 = 256;
 
 impl<'tx> ReadingInserts<'tx> {
     fn prepare(tx: &'tx Transaction<'tx>) -> rusqlite::Result<Self> {
         Ok(ReadingInserts {
+            tx,
             row: tx.prepare_cached(
                 "INSERT INTO reading_rows (id, series, ts, valor) VALUES (?1, ?2, ?3, ?4)",
             )?,
-            second: tx.prepare_cached(
-                "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (second) DO UPDATE SET first_id = MIN(first_id, excluded.first_id), \
-                 last_id = MAX(last_id, excluded.last_id)",
-            )?,
             seconds: HashMap::new(),
+            moved: Vec::new(),
         })
     }
 
@@ -1655,17 +1666,51 @@ impl<'tx> ReadingInserts<'tx> {
         Ok(())
     }
 
-    /// `id` was taken in the second of `taken_at` (as SQLite divides, towards zero).
+    /// `id`, new in this transaction, was taken in the second of `taken_at` (as SQLite
+    /// divides, towards zero).
     fn note_second(&mut self, taken_at: Micros, id: i64) {
         let range = self.seconds.entry(taken_at / 1_000_000).or_insert((id, id));
         range.0 = range.0.min(id);
         range.1 = range.1.max(id);
     }
 
-    /// Widens the stored id range of each second this transaction stored readings in.
+    /// The stored reading `id` now lies in the second of `taken_at`.
+    fn note_moved(&mut self, taken_at: Micros, id: i64) {
+        self.moved.push((taken_at / 1_000_000, id));
+    }
+
+    /// Records the ids of this transaction's readings in their seconds' ranges: each
+    /// second's range extends its last one where that ends close enough before it, or
+    /// starts one of its own. Ids of this transaction lie above every stored one.
     fn write_seconds(&mut self) -> rusqlite::Result<()> {
+        let mut last_range = self.tx.prepare_cached(
+            "SELECT first_id, last_id FROM reading_seconds WHERE second = ?1 \
+             ORDER BY first_id DESC LIMIT 1",
+        )?;
+        let mut extend = self.tx.prepare_cached(
+            "UPDATE reading_seconds SET last_id = ?3 WHERE second = ?1 AND first_id = ?2",
+        )?;
+        let mut start = self.tx.prepare_cached(
+            "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1, ?2, ?3)",
+        )?;
         for (second, (first, last)) in self.seconds.drain() {
-            self.second.execute(params![second, first, last])?;
+            let kept: Option<(i64, i64)> = last_range
+                .query_row([second], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match kept {
+                Some((kept_first, kept_last)) if first - kept_last <= SECOND_RANGE_GAP => {
+                    extend.execute(params![second, kept_first, last.max(kept_last)])?;
+                }
+                _ => drop(start.execute(params![second, first, last])?),
+            }
+        }
+        let mut covered = self.tx.prepare_cached(
+            "SELECT 1 FROM reading_seconds WHERE second = ?1 AND first_id <= ?2 AND last_id >= ?2",
+        )?;
+        for (second, id) in self.moved.drain(..) {
+            if !covered.exists(params![second, id])? {
+                start.execute(params![second, id, id])?;
+            }
         }
         Ok(())
     }

@@ -349,9 +349,7 @@ pub fn insert_reading_row(
     .unwrap();
     let id = conn.last_insert_rowid();
     conn.execute(
-        "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1 / 1000000, ?2, ?2) \
-         ON CONFLICT (second) DO UPDATE SET first_id = MIN(first_id, excluded.first_id), \
-         last_id = MAX(last_id, excluded.last_id)",
+        "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1 / 1000000, ?2, ?2)",
         [ts, id],
     )
     .unwrap();
