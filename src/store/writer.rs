@@ -796,8 +796,10 @@ impl Writer {
 
     /// Waits up to the commit window for more samples when the batch holds nothing else,
     /// so that a gateway sampling a few sensors every few seconds commits once a window
-    /// rather than once a sample: the pages every commit rewrites (readings, events,
-    /// indexes, latest values) reach the card once for many samples. A token's "last
+    /// rather than once a sample: the pages every commit rewrites (the last page of the
+    /// readings and of their seconds, the first page) reach the card once for many
+    /// samples. The window is the configured one, or wider under a write budget (see
+    /// [`Meter`]). A token's "last
     /// used" time waits with them; anything else (a REST write, the watchdog's ping,
     /// shutdown) ends the wait. `weight` is what the batch counts for so far.
     fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
@@ -1753,8 +1755,8 @@ impl NewestReadings {
         }
     }
 
-    /// A reading just stored at `now`; of two taken at the same moment the later stored
-    /// wins, as in the upsert.
+    /// A reading stored since the table was written, looked at `now`; of two taken at
+    /// the same moment the later stored wins, as in the upsert.
     fn add(&mut self, sensor_id: i64, tipo: &str, reading_id: i64, taken_at: Micros, now: Micros) {
         let horizon = now.saturating_add(self.max_future);
         let kept = self.by_sensor.entry(sensor_id).or_default();
