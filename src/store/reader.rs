@@ -147,9 +147,9 @@ pub(super) const READING_COLUMNS: &str =
      FROM reading_rows r CROSS JOIN series s ON s.id = r.series";
 
 /// The same for queries by sample time: the seconds `m` (`reading_seconds`) in order,
-/// the readings of each by their id range. Each reading is taken from its own second
-/// only, where late readings widen a range over others. Bound the seconds with
-/// `m.second`, and order by `m.second` first.
+/// the readings of each by its id ranges. A range also holds readings of neighbouring
+/// seconds, stored in between; each reading is taken from its own second only. Bound the
+/// seconds with `m.second`, and order by `m.second` first.
 pub(super) const READINGS_BY_SECOND: &str =
     "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
      FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
