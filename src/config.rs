@@ -398,7 +398,9 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        config.alerts.locate(text);
+        config
+            .alerts
+            .locate(|index, key| table_line(text, "[[alert]]", index, Some(key)));
         let problems = config.validate();
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
@@ -708,7 +710,7 @@ impl fmt::Display for Problem {
 /// sensor can be found there.
 fn locate(text: &str, problem: &Problem) -> String {
     let line = match (problem.sensor, problem.anchor.as_deref()) {
-        (Some(index), key) => sensor_line(text, index, key),
+        (Some(index), key) => table_line(text, "[[sensor]]", index, key),
         (None, anchor) => anchor.and_then(|anchor| {
             text.lines()
                 .position(|l| !l.trim_start().starts_with('#') && l.contains(anchor))
@@ -720,14 +722,19 @@ fn locate(text: &str, problem: &Problem) -> String {
     }
 }
 
-/// The line, counted from 0, that sets `key` in the `index`th `[[sensor]]` table, or else
-/// that table's header.
-fn sensor_line(text: &str, index: usize, key: Option<&str>) -> Option<usize> {
+/// The line, counted from 0, that sets `key` in the `index`th table under `header` (such
+/// as `[[sensor]]`), or else that table's header.
+pub(crate) fn table_line(
+    text: &str,
+    header: &str,
+    index: usize,
+    key: Option<&str>,
+) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let header = lines
         .iter()
         .enumerate()
-        .filter(|(_, l)| l.trim() == "[[sensor]]")
+        .filter(|(_, l)| l.trim() == header)
         .nth(index)?
         .0;
     let sets_key = |line: &str| {

@@ -42,14 +42,16 @@ impl<'de> Deserialize<'de> for ConfiguredRules {
 }
 
 impl ConfiguredRules {
-    /// Finds the line of each problem in the file's `text`.
-    pub fn locate(&mut self, text: &str) {
+    /// Finds the line of each problem: `line_of(index, field)` is the line, counted from
+    /// 0, that sets `field` in the `index`th `[[alert]]` table of the file, or else its
+    /// header.
+    pub fn locate(&mut self, line_of: impl Fn(usize, &str) -> Option<usize>) {
         self.problems = self
             .found
             .iter()
             .map(|(index, field, message)| {
                 let what = format!("alert {}: {field} {message}", index + 1);
-                match alert_line(text, *index, field) {
+                match line_of(*index, field) {
                     Some(n) => format!("line {}: {what}", n + 1),
                     None => what,
                 }
@@ -61,28 +63,6 @@ impl ConfiguredRules {
     pub fn problems(&self) -> &[String] {
         &self.problems
     }
-}
-
-/// The line, counted from 0, that sets `key` in the `index`th `[[alert]]` table, or else
-/// that table's header.
-fn alert_line(text: &str, index: usize, key: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let header = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.trim() == "[[alert]]")
-        .nth(index)?
-        .0;
-    let sets_key = |line: &str| {
-        line.trim_start()
-            .strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with('='))
-    };
-    let found = lines[header + 1..]
-        .iter()
-        .take_while(|l| !l.trim_start().starts_with('['))
-        .position(|l| sets_key(l));
-    Some(found.map_or(header, |n| header + 1 + n))
 }
 
 #[cfg(test)]
@@ -112,7 +92,8 @@ condition = \"below\"
 threshold = \"cold\"
 ";
         let mut file: File = toml::from_str(text).unwrap();
-        file.alert.locate(text);
+        file.alert
+            .locate(|index, key| crate::config::table_line(text, "[[alert]]", index, Some(key)));
         assert_eq!(file.alert.rules.len(), 1);
         assert_eq!(
             file.alert.problems(),
