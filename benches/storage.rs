@@ -29,7 +29,9 @@ use sensorgate::config::{StorageConfig, Synchronous};
 use sensorgate::events::Hub;
 use sensorgate::model::NewSensor;
 use sensorgate::sensors::Measurement;
-use sensorgate::store::{AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Sample, Store};
+use sensorgate::store::{
+    process_write_bytes, AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Sample, Store,
+};
 
 const SENSORS: i64 = 10;
 const CHUNK: usize = 1000;
@@ -39,19 +41,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Bytes this process has caused to be written to storage, from the kernel's accounting.
-fn write_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|io| {
-            io.lines().find_map(|l| {
-                l.strip_prefix("write_bytes:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
 }
 
 fn size_of(dir: &std::path::Path) -> u64 {
@@ -74,7 +63,7 @@ fn bytes_per_reading_in_commits_of(per_commit: usize, samples: usize) -> f64 {
     let (store, writer) = Store::open(&config, Hub::new(4096)).unwrap();
     let ids = runtime.block_on(create_sensors(&store, SENSORS as usize));
     let start_time = sensorgate::model::now_micros() - samples as i64 * 2_000_000;
-    let bytes_before = write_bytes();
+    let bytes_before = process_write_bytes().unwrap_or(0);
     let mut group = Vec::with_capacity(per_commit);
     for (n, id) in ids.iter().cycle().take(samples).enumerate() {
         let round = (n / ids.len()) as i64;
@@ -95,7 +84,7 @@ fn bytes_per_reading_in_commits_of(per_commit: usize, samples: usize) -> f64 {
     }
     runtime.block_on(store.close());
     writer.join();
-    (write_bytes() - bytes_before) as f64 / (samples * 2) as f64
+    (process_write_bytes().unwrap_or(0) - bytes_before) as f64 / (samples * 2) as f64
 }
 
 async fn create_sensors(store: &Store, count: usize) -> Vec<i64> {
@@ -145,7 +134,7 @@ fn main() {
 
     let start_time = sensorgate::model::now_micros() - seconds as i64 * 1_000_000;
     let readings = seconds * SENSORS as u64;
-    let bytes_before = write_bytes();
+    let bytes_before = process_write_bytes().unwrap_or(0);
     let began = Instant::now();
     let mut chunk = Vec::with_capacity(CHUNK);
     for t in 0..seconds {
@@ -165,7 +154,7 @@ fn main() {
     store.submit_samples(chunk).unwrap();
     runtime.block_on(store.ping()).unwrap();
     let ingest = began.elapsed();
-    let written = write_bytes() - bytes_before;
+    let written = process_write_bytes().unwrap_or(0) - bytes_before;
     let on_disk = size_of(dir.path());
 
     let hour_query = AggregateQuery {
@@ -307,7 +296,7 @@ fn gateway() {
         })
     };
 
-    let bytes_before = write_bytes();
+    let bytes_before = process_write_bytes().unwrap_or(0);
     let began = Instant::now();
     let spacing = interval / sensors as u32;
     let mut samples = 0u64;
@@ -342,7 +331,7 @@ fn gateway() {
     runtime.block_on(store.close());
     writer.join();
     let elapsed = began.elapsed().as_secs_f64();
-    let written = write_bytes() - bytes_before;
+    let written = process_write_bytes().unwrap_or(0) - bytes_before;
     let on_disk = size_of(dir.path());
     let mut waits = runtime.block_on(waits).unwrap();
     waits.sort();

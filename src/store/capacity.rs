@@ -68,7 +68,6 @@ pub fn free_space_floor(config: &StorageConfig, total_bytes: u64) -> u64 {
 /// Figures for `/metrics` and `/healthz`, kept by the writer.
 #[derive(Debug, Default)]
 pub struct StorageFigures {
-    written_bytes: AtomicU64,
     bytes_per_day: AtomicU64,
     budget_bytes_per_day: AtomicU64,
     commit_window_ms: AtomicU64,
@@ -80,11 +79,6 @@ pub struct StorageFigures {
 }
 
 impl StorageFigures {
-    /// Bytes written to storage since start (WAL, checkpoints, everything).
-    pub fn written_bytes(&self) -> u64 {
-        self.written_bytes.load(Ordering::Relaxed)
-    }
-
     /// Bytes written per day at the rate of the last ten minutes.
     pub fn bytes_per_day(&self) -> u64 {
         self.bytes_per_day.load(Ordering::Relaxed)
@@ -185,7 +179,6 @@ impl Meter {
         figures: &StorageFigures,
         database_bytes: u64,
         space: Option<(u64, u64)>,
-        floor: u64,
     ) {
         let now = Instant::now();
         self.last_look = Some(now);
@@ -193,7 +186,6 @@ impl Meter {
             return;
         };
         let written = written.saturating_sub(self.started_with.unwrap_or(0));
-        figures.written_bytes.store(written, Ordering::Relaxed);
         self.samples.push_back((now, written, database_bytes));
         while self
             .samples
@@ -212,7 +204,7 @@ impl Meter {
         let per_day = |bytes: f64| bytes / seconds * 86_400.0;
         let rate = per_day(written.saturating_sub(written_then) as f64);
         figures.bytes_per_day.store(rate as u64, Ordering::Relaxed);
-        if let Some((free, _)) = space {
+        if let Some((free, floor)) = space {
             figures.free_bytes.store(free, Ordering::Relaxed);
             figures.floor_bytes.store(floor, Ordering::Relaxed);
             let growth = per_day(database_bytes as f64 - size_then as f64);

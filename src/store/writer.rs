@@ -903,12 +903,16 @@ impl Writer {
         if !self.meter.due() {
             return;
         }
-        let space = capacity::file_system_space(&self.data_dir);
-        let floor = space.map_or(0, |(_, total)| {
-            capacity::free_space_floor(&self.floor_config, total)
-        });
+        let space = self.free_space();
         let used = database_bytes(&self.conn).map_or(0, |(used, _)| used);
-        self.meter.look(&self.health.storage, used, space, floor);
+        self.meter.look(&self.health.storage, used, space);
+    }
+
+    /// Free bytes of the database's file system and the floor the database leaves there,
+    /// where the file system says.
+    fn free_space(&self) -> Option<(u64, u64)> {
+        capacity::file_system_space(&self.data_dir)
+            .map(|(free, total)| (free, capacity::free_space_floor(&self.floor_config, total)))
     }
 
     /// Keeps the database from taking its file system below the free-space floor: while
@@ -916,10 +920,9 @@ impl Writer {
     /// below it, each pass removes a slice of the oldest raw readings (roll-ups stay) and
     /// says so with a `storage_pruned` event. Returns whether more may be due.
     fn keep_free_space_floor(&mut self) -> bool {
-        let Some((free, total)) = capacity::file_system_space(&self.data_dir) else {
+        let Some((free, floor)) = self.free_space() else {
             return false;
         };
-        let floor = capacity::free_space_floor(&self.floor_config, total);
         let reusable = database_bytes(&self.conn).map_or(0, |(_, free_pages)| free_pages);
         if floor == 0 || free.saturating_add(reusable) >= floor {
             return false;
