@@ -227,17 +227,10 @@ fn remove(
         [],
         |r| r.get(0),
     )?;
-    let mut keep = tx.prepare_cached(
-        "INSERT OR IGNORE INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
-         reading_id, valor, unidad, taken_at, hora_dudosa) \
-         SELECT r.id, r.ts, 'readings', 'created', s.sensor_id, s.tipo, '', r.id, r.valor, \
-         s.unidad, r.ts, s.hora_dudosa FROM reading_rows r JOIN series s ON s.id = r.series \
-         WHERE r.id = ?1",
-    )?;
     let mut delete = tx.prepare_cached("DELETE FROM reading_rows WHERE id = ?1")?;
     for (id, _) in found {
         if *id >= served_from && events == RemovedEvents::Keep {
-            keep.execute([id])?;
+            keep_created_event(tx, *id)?;
         }
         delete.execute([id])?;
     }
@@ -258,6 +251,23 @@ fn remove(
         )?
         .execute([latest_second])?;
     }
+    Ok(())
+}
+
+/// Keeps the `created` event of the stored reading `id`, about to change or go, as a row
+/// of the `events` table with the fields it was sent with: replay would otherwise
+/// rebuild it from the changed row, or miss it. Nothing for a reading older than the
+/// first that is its own event (its event is a row already), nor twice.
+pub(super) fn keep_created_event(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO events (seq, ts, channel, event_type, sensor_id, tipo, frame, \
+         reading_id, valor, unidad, taken_at, hora_dudosa) \
+         SELECT r.id, r.ts, 'readings', 'created', s.sensor_id, s.tipo, '', r.id, r.valor, \
+         s.unidad, r.ts, s.hora_dudosa FROM reading_rows r JOIN series s ON s.id = r.series \
+         WHERE r.id = ?1 \
+         AND r.id >= (SELECT value FROM store_meta WHERE key = 'reading_events_from')",
+    )?
+    .execute([id])?;
     Ok(())
 }
 

@@ -304,7 +304,6 @@ pub(crate) fn spawn(
             return Err(e.into());
         }
     }
-    let reading_events_from = reader::meta(&conn, "reading_events_from")?;
     hub.start_at(next_seq - 1);
     health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
@@ -335,7 +334,6 @@ pub(crate) fn spawn(
         checkpointer,
         max_future: (config.max_future_s as Micros).saturating_mul(1_000_000),
         series: HashMap::new(),
-        reading_events_from,
         open,
         rollups_written: Instant::now(),
         latest_written: Instant::now(),
@@ -415,8 +413,6 @@ struct Writer {
     /// Series ids by sensor, `tipo`, `unidad` and clock trust, as looked up or created;
     /// forgotten when a commit fails, as the series it created are gone with it.
     series: SeriesIds,
-    /// Readings with this id or above are their own `created` event.
-    reading_events_from: i64,
     /// Readings folded into roll-ups since these were last written out.
     open: Arc<OpenBuckets>,
     /// When the roll-ups were last written out.
@@ -656,7 +652,6 @@ impl Writer {
                 rollups: &mut rollups,
                 held: &mut held,
                 series: &mut self.series,
-                reading_events_from: self.reading_events_from,
                 max_future: self.max_future,
                 now: now_micros(),
             };
@@ -1069,7 +1064,6 @@ struct Step<'a> {
     /// commit can retry them.
     held: &'a mut Vec<Sample>,
     series: &'a mut SeriesIds,
-    reading_events_from: i64,
     /// See [`Writer::max_future`].
     max_future: Micros,
     now: Micros,
@@ -1354,7 +1348,7 @@ impl Step<'_> {
         if changed.is_empty() {
             return Ok(Ok(reading));
         }
-        self.keep_created_event(&old)?;
+        retention::keep_created_event(self.tx, old.id)?;
         let series = self.series_of(
             reading.sensor_id,
             &reading.tipo,
@@ -1387,7 +1381,7 @@ impl Step<'_> {
                 id,
             }));
         };
-        self.keep_created_event(&reading)?;
+        retention::keep_created_event(self.tx, reading.id)?;
         // Its id is never handed out again: ids are `seq`s.
         self.tx
             .prepare_cached("DELETE FROM reading_rows WHERE id = ?1")?
@@ -1505,31 +1499,6 @@ impl Step<'_> {
             id,
         });
         Ok(id)
-    }
-
-    /// Keeps the `created` event of a reading about to change or go, which replay would
-    /// otherwise rebuild from the changed row or miss: as the fields it was sent with.
-    fn keep_created_event(&mut self, reading: &Reading) -> rusqlite::Result<()> {
-        if reading.id < self.reading_events_from {
-            return Ok(());
-        }
-        self.tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO events (seq, ts, channel, event_type, sensor_id, tipo, \
-                 frame, reading_id, valor, unidad, taken_at, hora_dudosa) \
-                 VALUES (?1, ?2, ?3, 'created', ?4, ?5, '', ?1, ?6, ?7, ?2, ?8)",
-            )?
-            .execute(params![
-                reading.id,
-                reading.timestamp,
-                Channel::Readings.as_str(),
-                reading.sensor_id,
-                reading.tipo,
-                reading.valor,
-                reading.unidad,
-                reading.hora_dudosa
-            ])?;
-        Ok(())
     }
 
     fn emit(&mut self, emission: Emission) -> Result<u64, rusqlite::Error> {
