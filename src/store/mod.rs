@@ -76,6 +76,14 @@ pub enum StoreError {
     Io(std::io::Error),
     /// The database was written by a newer sensorgate.
     NewerSchema { found: u32, supported: u32 },
+    /// The upgrade to schema `version` rewrites `readings` readings and needs `needed`
+    /// bytes of the file system, which has `free`; nothing was changed.
+    NoRoomToUpgrade {
+        version: u32,
+        readings: u64,
+        needed: u64,
+        free: u64,
+    },
     /// The writer has stopped (the daemon is shutting down).
     Closed,
     /// A command that works on an existing database found none at this path.
@@ -98,6 +106,17 @@ impl fmt::Display for StoreError {
             StoreError::NewerSchema { found, supported } => write!(
                 f,
                 "database schema version {found} is newer than this build supports ({supported}); upgrade sensorgate"
+            ),
+            StoreError::NoRoomToUpgrade {
+                version,
+                readings,
+                needed,
+                free,
+            } => write!(
+                f,
+                "upgrading the database to schema version {version} rewrites its {readings} readings and needs about {} MiB free on its file system, which has {} MiB: free some space on it (or move storage.data_dir to a larger one) and start again; nothing was changed",
+                needed.div_ceil(1024 * 1024),
+                free / (1024 * 1024)
             ),
             StoreError::Closed => write!(f, "storage is shutting down"),
             StoreError::NoDatabase(path) => write!(

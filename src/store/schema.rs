@@ -267,6 +267,53 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
+/// The version whose migration copies every reading into `reading_rows`: the one
+/// upgrade whose room grows with the database.
+const READINGS_REWRITTEN_AT: u32 = 8;
+
+/// Room the readings' rewrite takes per reading: the new row and its share of
+/// `reading_seconds` twice, once in the WAL and once in the file when the WAL is
+/// checkpointed, before the old table's pages are free again (a compact row is about
+/// 30 bytes at rest). Measured on a million readings: 68 bytes each (43 in the WAL, 25
+/// of growth).
+const REWRITE_BYTES_PER_READING: u64 = 80;
+
+/// Room any migration may take beyond that, and what other writers on the card need
+/// meanwhile.
+const MIGRATION_MARGIN_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Refuses, before anything is written, an upgrade across [`READINGS_REWRITTEN_AT`] that
+/// would fill the file system: it would fail at the full card after writing most of the
+/// copy, roll back, and do the same at every restart, wearing the card for nothing.
+fn check_room_to_rewrite_readings(
+    conn: &Connection,
+    current: u32,
+    wanted: u32,
+    free: u64,
+) -> Result<(), StoreError> {
+    if current == 0 || current >= READINGS_REWRITTEN_AT || wanted < READINGS_REWRITTEN_AT {
+        return Ok(());
+    }
+    // Ids of the old `readings` table are its rowids: the span is read from the index's
+    // two ends, not by counting a million rows.
+    let readings: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM readings",
+        [],
+        |row| row.get(0),
+    )?;
+    let readings = readings.max(0) as u64;
+    let needed = readings * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
+    if free < needed {
+        return Err(StoreError::NoRoomToUpgrade {
+            version: READINGS_REWRITTEN_AT,
+            readings,
+            needed,
+            free,
+        });
+    }
+    Ok(())
+}
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
@@ -279,6 +326,22 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// Brings the database up to `version` and no further: [`migrate`], and how the upgrade
 /// tests make a database as an older build left it.
 pub fn migrate_up_to(conn: &mut Connection, version: u32) -> Result<(), StoreError> {
+    let free = conn
+        .path()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::parent)
+        .and_then(super::file_system_space)
+        .map(|(free, _)| free);
+    migrate_with_room(conn, version, free)
+}
+
+/// [`migrate_up_to`] on a file system with `free` bytes left (`None`: unknown, as for an
+/// in-memory database).
+fn migrate_with_room(
+    conn: &mut Connection,
+    version: u32,
+    free: Option<u64>,
+) -> Result<(), StoreError> {
     let current: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if current > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
@@ -287,6 +350,9 @@ pub fn migrate_up_to(conn: &mut Connection, version: u32) -> Result<(), StoreErr
         });
     }
     let wanted = version.min(SCHEMA_VERSION) as usize;
+    if let Some(free) = free {
+        check_room_to_rewrite_readings(conn, current, wanted as u32, free)?;
+    }
     for (version, sql) in MIGRATIONS
         .iter()
         .enumerate()
@@ -322,6 +388,62 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         conn.execute("INSERT INTO events (seq, ts, channel, event_type, frame) VALUES (1, 0, 'general', 'test', '{}')", [])
             .unwrap();
+    }
+
+    /// A database as the build before the readings' rewrite left it, with `readings`
+    /// readings of one sensor.
+    fn database_before_the_rewrite(path: &std::path::Path, readings: i64) -> Connection {
+        let mut conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        migrate_up_to(&mut conn, READINGS_REWRITTEN_AT - 1).unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO sensors (id, tipo, modelo, nombre, created_at, updated_at) \
+             VALUES (1, 'temperatura', 'DHT22', 'a', 0, 0)",
+            [],
+        )
+        .unwrap();
+        tx.execute(
+            "WITH RECURSIVE n(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM n WHERE id < ?1) \
+             INSERT INTO readings (id, sensor_id, ts, tipo, valor, unidad) \
+             SELECT id, 1, id * 2000000, 'temperatura', id / 10.0, '°C' FROM n",
+            [readings],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        conn
+    }
+
+    #[test]
+    fn an_upgrade_that_would_fill_the_file_system_is_refused_before_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = database_before_the_rewrite(&dir.path().join("old.db"), 1000);
+        let needed = 1000 * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
+        let refused = migrate_with_room(&mut conn, SCHEMA_VERSION, Some(needed - 1));
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::NoRoomToUpgrade {
+                    version: READINGS_REWRITTEN_AT,
+                    readings: 1000,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, READINGS_REWRITTEN_AT - 1, "nothing migrated");
+
+        migrate_with_room(&mut conn, SCHEMA_VERSION, Some(needed)).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM reading_rows", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1000);
+        // Past the rewrite, a full card stops no upgrade: the next ones add a table
+        // or a column.
+        migrate_with_room(&mut conn, SCHEMA_VERSION, Some(0)).unwrap();
     }
 
     #[test]
