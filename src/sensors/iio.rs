@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::dht22::{self, DhtModel, Reading};
 use super::plausibility::PlausibilityFilter;
 use super::source::{Measurement, Pacing, SensorError, Source};
+use crate::backoff::Backoff;
 
 /// A physical quantity an IIO device may expose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +149,7 @@ fn read_number(path: &Path) -> Result<f64, Failure> {
 struct RetryPolicy {
     attempts: u32,
     /// Pause after a failed attempt, so the sensor is not re-triggered mid-recovery.
-    gap: Duration,
+    gap: Backoff,
     /// No new attempt starts after this much time: a DHT read can block about a second,
     /// and `read` must return within a couple of seconds.
     budget: Duration,
@@ -157,7 +158,7 @@ struct RetryPolicy {
 /// Three tries fit the budget even when each blocks for the driver's full second.
 const RETRY: RetryPolicy = RetryPolicy {
     attempts: 3,
-    gap: Duration::from_millis(200),
+    gap: Backoff::fixed(Duration::from_millis(200)),
     budget: Duration::from_millis(1500),
 };
 
@@ -168,6 +169,7 @@ fn with_retries<T>(
     mut attempt: impl FnMut() -> Result<T, Failure>,
 ) -> Result<T, Failure> {
     let start = Instant::now();
+    let mut gap = policy.gap;
     let mut tries = 0;
     loop {
         tries += 1;
@@ -177,7 +179,7 @@ fn with_retries<T>(
                     && tries < policy.attempts
                     && start.elapsed() < policy.budget =>
             {
-                thread::sleep(policy.gap);
+                thread::sleep(gap.next_delay());
             }
             outcome => return outcome,
         }
@@ -535,7 +537,7 @@ mod tests {
 
     const FAST: RetryPolicy = RetryPolicy {
         attempts: 3,
-        gap: Duration::ZERO,
+        gap: Backoff::fixed(Duration::ZERO),
         budget: Duration::from_secs(5),
     };
 

@@ -22,6 +22,7 @@ use serde_json::Value;
 use serialport::{ClearBuffer, SerialPort};
 
 use super::source::{Measurement, Pacing, SensorError, Source};
+use crate::backoff::Backoff;
 
 /// What a key on the line measures.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -299,35 +300,6 @@ impl LineAssembler {
             }
         }
         out
-    }
-}
-
-/// Exponential back-off between attempts to reopen a lost port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    const fn new(first: Duration, max: Duration) -> Self {
-        Backoff {
-            first,
-            max,
-            next: first,
-        }
-    }
-
-    /// The wait before the next attempt; each call doubles the following one, up to `max`.
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = self.first;
     }
 }
 
@@ -745,18 +717,6 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut b = RECONNECT;
-        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(
-            delays,
-            vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]
-        );
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(500));
-    }
-
-    #[test]
     fn config_defaults_and_keys_table() {
         let config: SerialConfig = toml::from_str(
             r#"
@@ -868,7 +828,7 @@ mod tests {
         }
         assert!(!source.is_connected());
         // The quiet reads were failed attempts that kept backing off, not just waits.
-        assert_eq!(source.backoff.next, Duration::from_millis(40));
+        assert_eq!(source.backoff.upcoming(), Duration::from_millis(40));
     }
 
     fn link(target: &str, link: &Path) {
@@ -899,13 +859,13 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(source.read(), Ok(None));
         }
-        assert_eq!(source.backoff.next, Duration::from_millis(80));
+        assert_eq!(source.backoff.upcoming(), Duration::from_millis(80));
 
         // Replug.
         let (mut device, _slave, path) = pty();
         link(&path, &by_id);
         connect(&mut source);
-        assert_eq!(source.backoff.next, Duration::from_millis(20));
+        assert_eq!(source.backoff.upcoming(), Duration::from_millis(20));
         device.write_all(b"H=41.5\n").unwrap();
         assert_eq!(next(&mut source), Ok(vec![m("humedad", 41.5, "%")]));
     }

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::api::realtime::feed::Feed;
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::events::{Channel, Event, Hub};
 use crate::shutdown::{Shutdown, Trigger};
@@ -64,9 +65,8 @@ const MAX_PACKET: usize = 256 * 1024;
 /// How long a connection attempt (TCP, TLS, CONNECT and CONNACK) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Waits between connection attempts: doubling from the first to the last.
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
-const BACKOFF_LAST: Duration = Duration::from_secs(30);
+/// Waits between connection attempts: doubling from half a second to 30 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// How often a moved cursor is saved. A crash re-sends at most this much.
 const SAVE_EVERY: Duration = Duration::from_secs(2);
@@ -408,7 +408,7 @@ struct Runner {
 
 impl Runner {
     async fn run(mut self) {
-        let mut backoff = BACKOFF_FIRST;
+        let mut backoff = RECONNECT;
         // Failed attempts are logged once per outage, then only at debug level.
         let mut warned = false;
         loop {
@@ -418,7 +418,7 @@ impl Runner {
                     self.stats.connected.store(false, Ordering::Relaxed);
                     if connected {
                         log::warn!("uplink connection to {} lost: {why}", self.settings.broker);
-                        backoff = BACKOFF_FIRST;
+                        backoff.reset();
                         warned = true;
                     } else if !warned {
                         log::warn!(
@@ -432,8 +432,8 @@ impl Runner {
                 }
             }
             self.save().await;
-            let wait = backoff + jitter(backoff / 4);
-            backoff = (backoff * 2).min(BACKOFF_LAST);
+            let delay = backoff.next_delay();
+            let wait = delay + jitter(delay / 4);
             tokio::select! {
                 _ = sleep(wait) => {}
                 _ = self.stopped.recv() => break,
