@@ -22,6 +22,7 @@
 //! - [`auth`]: tokens, scopes, the policy, the origin and `Host` checks, trusted proxies.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
+//! - [`backoff`]: the waits between attempts at something that failed.
 //! - [`demo`]: stand-in hardware for `--demo`.
 //! - [`service`]: systemd readiness, status and watchdog; logs; signals.
 //! - [`uplink`]: the fleet uplink to an MQTT broker (store-and-forward, Home Assistant
@@ -35,6 +36,7 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::AlertStats;
+use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
 use crate::store::alerts::{AlertOp, AlertWrite, OutboxRow};
 use crate::store::Store;
@@ -25,9 +26,8 @@ use crate::store::Store;
 /// Longest one delivery attempt may take, connection included.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// First wait after a failed attempt; it doubles with each failure, up to the most.
-const FIRST_RETRY: Duration = Duration::from_millis(500);
-const MOST_RETRY: Duration = Duration::from_secs(300);
+/// Waits after failed attempts: doubling from half a second to five minutes.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(300));
 
 /// The window of the per-rule rate limit.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
@@ -36,14 +36,23 @@ const RATE_WINDOW: Duration = Duration::from_secs(60);
 const IDLE_LOOK: Duration = Duration::from_secs(30);
 
 /// Where delivery of one rule's notifications stands.
-#[derive(Default)]
 struct Lane {
     /// No attempt before this (after a failure).
     retry_at: Option<Instant>,
-    /// Wait after the next failure.
-    backoff: Option<Duration>,
+    /// Waits after failures, from the first since the last delivery.
+    backoff: Backoff,
     /// Deliveries in the last [`RATE_WINDOW`].
     delivered: VecDeque<Instant>,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        Lane {
+            retry_at: None,
+            backoff: RETRY,
+            delivered: VecDeque::new(),
+        }
+    }
 }
 
 /// Delivers notifications until shutdown. `wake` is notified when new ones are queued.
@@ -68,7 +77,7 @@ pub(super) async fn deliver(
             if shutdown.is_fired() {
                 return;
             }
-            let lane = lanes.entry(head.rule_id).or_default();
+            let lane = lanes.entry(head.rule_id).or_insert_with(Lane::new);
             let now = Instant::now();
             if let Some(at) = lane.retry_at.filter(|at| *at > now) {
                 next_look = next_look.min(at);
@@ -105,14 +114,14 @@ pub(super) async fn deliver(
                         );
                     }
                     lane.retry_at = None;
-                    lane.backoff = None;
+                    lane.backoff.reset();
                     lane.delivered.push_back(Instant::now());
                     delivered_any = true;
                     stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(why) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
-                    let wait = lane.backoff.unwrap_or(FIRST_RETRY);
+                    let wait = lane.backoff.next_delay();
                     log::warn!(
                         "webhook of alert rule {} ({}): {why}; retrying in {:.1} s",
                         head.rule_id,
@@ -120,7 +129,6 @@ pub(super) async fn deliver(
                         wait.as_secs_f64()
                     );
                     lane.retry_at = Some(Instant::now() + wait);
-                    lane.backoff = Some((wait * 2).min(MOST_RETRY));
                     next_look = next_look.min(Instant::now() + wait);
                 }
             }

@@ -4,7 +4,7 @@
 //! service's clients use both.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{AUTHORIZATION, HOST};
@@ -104,7 +104,7 @@ pub async fn route(
             state.counters.hit(Limit::UriLength);
             return Err(ApiError::uri_too_long(state.limits.max_uri_bytes));
         }
-        let (route, guard) = resolve(&req, state.server.dev)?;
+        let (route, guard) = resolve(req.method(), req.uri().path(), state.server.dev)?;
         let principal = guard_route(&req, &state, &route, guard).await?;
         if matches!(guard, Guard::Needs(Access::Write | Access::Admin)) {
             limit_writes(&state, client, principal.as_ref())?;
@@ -161,154 +161,399 @@ fn stream_slot(
     }
 }
 
-fn resolve(req: &Request<Incoming>, dev: bool) -> Result<(Route, Guard), ApiError> {
-    use Access::{Admin, Read, Write};
-    let path = req.uri().path();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let method = req.method();
-    let get = method == Method::GET || method == Method::HEAD;
-    let post = method == Method::POST;
-    let (route, guard) = match segments.as_slice() {
-        [] if get => (Route::Index, Guard::Open),
-        ["sensorgate.js"] if get => (Route::ClientModule, Guard::Open),
-        ["assets", name] if get => (Route::Asset((*name).to_owned()), Guard::Open),
-        ["healthz"] if get => (Route::Health, Guard::Open),
-        ["metrics"] if get => (Route::Metrics, Guard::Needs(Read)),
-        ["api", "v1", rest @ ..] => match rest {
-            ["openapi.json"] if get => (Route::OpenApi, Guard::Open),
-            ["sensores" | "sensors", tail @ ..] => {
-                (sensor_route(method, tail)?, sensor_guard(method))
-            }
-            ["test-sensors", tail @ ..] if dev => (sensor_route(method, tail)?, Guard::Open),
-            ["lecturas" | "readings"] if get => (Route::ListReadings, Guard::Needs(Read)),
-            ["lecturas" | "readings"] if post => (Route::CreateReading, Guard::Needs(Write)),
-            ["lecturas", "agregadas"] | ["readings", "aggregated"] if get => {
-                (Route::AggregatedReadings, Guard::Needs(Read))
-            }
-            ["lecturas" | "readings", "export"] if get => {
-                (Route::ExportReadings, Guard::Needs(Read))
-            }
-            ["lecturas" | "readings", id]
-                if !matches!(*id, "agregadas" | "aggregated" | "export") =>
-            {
-                (reading_route(method, id)?, sensor_guard(method))
-            }
-            ["ws"] if get => (Route::Socket, Guard::Needs(Read)),
-            ["ws", "secure"] if get => (Route::SecureSocket, Guard::Needs(Access::Secure)),
-            ["events"] if get => (Route::Events, Guard::Needs(Read)),
-            ["ws", "stats"] if get => (Route::SocketStats, Guard::Needs(Read)),
-            ["ws", "stats", channel] if get => (
-                Route::ChannelStats((*channel).to_owned()),
-                Guard::Needs(Read),
-            ),
-            ["ws", "test-event"] if post => (Route::TestEvent, Guard::Needs(Admin)),
-            ["tokens"] if get => (Route::ListTokens, Guard::Needs(Admin)),
-            ["tokens"] if post => (Route::CreateToken, Guard::Needs(Admin)),
-            ["tokens", name] if method == Method::DELETE => {
-                (Route::RevokeToken((*name).to_owned()), Guard::Needs(Admin))
-            }
-            ["alertas" | "alerts", tail @ ..] => alert_route(method, tail)?,
-            ["silencios" | "silences", tail @ ..] => silence_route(method, tail)?,
-            _ => return Err(wrong_method_or_not_found(&segments, path)),
-        },
-        _ => return Err(wrong_method_or_not_found(&segments, path)),
-    };
-    Ok((route, guard))
+/// A method as the route table lists it; `Get` answers HEAD as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Get,
+    Post,
+    Put,
+    Delete,
 }
 
-const READ_METHODS: &str = "GET, HEAD";
-const COLLECTION_METHODS: &str = "GET, HEAD, POST";
-const ITEM_METHODS: &str = "GET, HEAD, PUT, DELETE";
+impl Verb {
+    /// In the order `Allow` names them.
+    const ALL: [Verb; 4] = [Verb::Get, Verb::Post, Verb::Put, Verb::Delete];
 
-/// 405 with `Allow` for a known path asked with the wrong method, 404 otherwise.
-fn wrong_method_or_not_found(segments: &[&str], path: &str) -> ApiError {
-    let allow = match segments {
-        [] | ["sensorgate.js" | "healthz" | "metrics"] | ["assets", _] => READ_METHODS,
-        ["api", "v1", rest @ ..] => match rest {
-            ["lecturas" | "readings"] | ["tokens"] => COLLECTION_METHODS,
-            ["ws", "test-event"] => "POST",
-            ["tokens", _] => "DELETE",
-            ["openapi.json" | "ws" | "events"]
-            | ["lecturas", "agregadas"]
-            | ["readings", "aggregated"]
-            | ["lecturas" | "readings", "export"]
-            | ["ws", "secure" | "stats"]
-            | ["ws", "stats", _] => READ_METHODS,
-            _ => return not_found(path),
-        },
-        _ => return not_found(path),
-    };
-    ApiError::method_not_allowed(allow)
-}
-
-fn sensor_route(method: &Method, tail: &[&str]) -> Result<Route, ApiError> {
-    Ok(match (method.clone(), tail) {
-        (Method::GET | Method::HEAD, []) => Route::ListSensors,
-        (Method::POST, []) => Route::CreateSensor,
-        (Method::GET | Method::HEAD, [id]) => Route::GetSensor(parse_id(id)?),
-        (Method::PUT, [id]) => Route::UpdateSensor(parse_id(id)?),
-        (Method::DELETE, [id]) => Route::DeleteSensor(parse_id(id)?),
-        (Method::GET | Method::HEAD, [id, "calibracion"]) => {
-            Route::CalibrationHistory(parse_id(id)?)
+    fn of(method: &Method) -> Option<Verb> {
+        match *method {
+            Method::GET | Method::HEAD => Some(Verb::Get),
+            Method::POST => Some(Verb::Post),
+            Method::PUT => Some(Verb::Put),
+            Method::DELETE => Some(Verb::Delete),
+            _ => None,
         }
-        (_, [_, "calibracion"]) => return Err(ApiError::method_not_allowed(READ_METHODS)),
-        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
-        (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
-        _ => return Err(ApiError::not_found("No such sensor route")),
-    })
-}
-
-/// Alert rules: read with read access, changed by an admin; a firing alert is
-/// acknowledged with write access, as operators have.
-fn alert_route(method: &Method, tail: &[&str]) -> Result<(Route, Guard), ApiError> {
-    use Access::{Admin, Read, Write};
-    Ok(match (method.clone(), tail) {
-        (Method::GET | Method::HEAD, []) => (Route::ListAlerts, Guard::Needs(Read)),
-        (Method::POST, []) => (Route::CreateAlert, Guard::Needs(Admin)),
-        (Method::GET | Method::HEAD, [id]) => (Route::GetAlert(parse_id(id)?), Guard::Needs(Read)),
-        (Method::PUT, [id]) => (Route::UpdateAlert(parse_id(id)?), Guard::Needs(Admin)),
-        (Method::DELETE, [id]) => (Route::DeleteAlert(parse_id(id)?), Guard::Needs(Admin)),
-        (Method::POST, [id, "ack"]) => {
-            (Route::AcknowledgeAlert(parse_id(id)?), Guard::Needs(Write))
-        }
-        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
-        (_, [_]) => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
-        (_, [_, "ack"]) => return Err(ApiError::method_not_allowed("POST")),
-        _ => return Err(ApiError::not_found("No such alert route")),
-    })
-}
-
-/// Silences: listed with read access, set and lifted with write access.
-fn silence_route(method: &Method, tail: &[&str]) -> Result<(Route, Guard), ApiError> {
-    use Access::{Read, Write};
-    Ok(match (method.clone(), tail) {
-        (Method::GET | Method::HEAD, []) => (Route::ListSilences, Guard::Needs(Read)),
-        (Method::POST, []) => (Route::CreateSilence, Guard::Needs(Write)),
-        (Method::DELETE, [id]) => (Route::DeleteSilence(parse_id(id)?), Guard::Needs(Write)),
-        (_, []) => return Err(ApiError::method_not_allowed(COLLECTION_METHODS)),
-        (_, [_]) => return Err(ApiError::method_not_allowed("DELETE")),
-        _ => return Err(ApiError::not_found("No such silence route")),
-    })
-}
-
-/// One reading: read like the list, changed and deleted with the access a new reading
-/// needs.
-fn reading_route(method: &Method, id: &str) -> Result<Route, ApiError> {
-    Ok(match method.clone() {
-        Method::GET | Method::HEAD => Route::GetReading(parse_id(id)?),
-        Method::PUT => Route::UpdateReading(parse_id(id)?),
-        Method::DELETE => Route::DeleteReading(parse_id(id)?),
-        _ => return Err(ApiError::method_not_allowed(ITEM_METHODS)),
-    })
-}
-
-/// Reads need read access, every other method write access.
-fn sensor_guard(method: &Method) -> Guard {
-    if method == Method::GET || method == Method::HEAD {
-        Guard::Needs(Access::Read)
-    } else {
-        Guard::Needs(Access::Write)
     }
+
+    /// The methods it stands for in `Allow`.
+    fn allows(self) -> &'static str {
+        match self {
+            Verb::Get => "GET, HEAD",
+            Verb::Post => "POST",
+            Verb::Put => "PUT",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn bit(self) -> usize {
+        1 << self as usize
+    }
+}
+
+/// One segment of a path in the table.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// A fixed word, in any of its spellings (the original service's Spanish, and English).
+    Word(&'static [&'static str]),
+    /// A parameter: any segment, except a word that another path of the table spells out
+    /// in the same place (`/lecturas/export` is the export, never a reading `export`).
+    Param,
+}
+
+impl Part {
+    /// Whether some segment could match both.
+    fn overlaps(self, other: Part) -> bool {
+        match (self, other) {
+            (Part::Word(a), Part::Word(b)) => a.iter().any(|word| b.contains(word)),
+            _ => true,
+        }
+    }
+}
+
+/// Builds the route from the path's parameters, in order.
+type Make = fn(&[&str]) -> Result<Route, ApiError>;
+
+/// What one method does on one path.
+struct Action {
+    verb: Verb,
+    guard: Guard,
+    make: Make,
+}
+
+/// One path of the API and the methods it answers.
+struct Entry {
+    parts: &'static [Part],
+    /// A development copy (`server.dev` only): the same actions, open to anyone.
+    dev: bool,
+    actions: &'static [Action],
+    /// The 404 detail of the paths below this one that the table does not have.
+    not_found_below: Option<&'static str>,
+}
+
+impl Entry {
+    /// The path's parameters when `segments` is this path.
+    fn matches<'a>(&self, segments: &[&'a str]) -> Option<Vec<&'a str>> {
+        if segments.len() != self.parts.len() {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (place, (part, segment)) in self.parts.iter().zip(segments).enumerate() {
+            match part {
+                Part::Word(spellings) if spellings.contains(segment) => {}
+                Part::Word(_) => return None,
+                Part::Param if self.spelled_out_elsewhere(place, segment) => return None,
+                Part::Param => params.push(*segment),
+            }
+        }
+        Some(params)
+    }
+
+    /// Whether another path that can share this one's segments up to `place` has `word`
+    /// there as a fixed word.
+    fn spelled_out_elsewhere(&self, place: usize, word: &str) -> bool {
+        ROUTES.iter().any(|other| {
+            other.parts.len() > place
+                && other.parts[..place]
+                    .iter()
+                    .zip(&self.parts[..place])
+                    .all(|(a, b)| a.overlaps(*b))
+                && matches!(other.parts[place], Part::Word(spellings) if spellings.contains(&word))
+        })
+    }
+
+    /// The `Allow` of a 405 on this path.
+    fn allow(&self) -> &'static str {
+        static ALLOW: OnceLock<Vec<String>> = OnceLock::new();
+        let by_mask = ALLOW.get_or_init(|| {
+            (0..1 << Verb::ALL.len())
+                .map(|mask| {
+                    let verbs = Verb::ALL.iter().filter(|verb| mask & verb.bit() != 0);
+                    verbs
+                        .map(|verb| verb.allows())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .collect()
+        });
+        let mask = self
+            .actions
+            .iter()
+            .fold(0, |mask, action| mask | action.verb.bit());
+        &by_mask[mask]
+    }
+}
+
+const fn get(guard: Guard, make: Make) -> Action {
+    Action {
+        verb: Verb::Get,
+        guard,
+        make,
+    }
+}
+
+const fn post(guard: Guard, make: Make) -> Action {
+    Action {
+        verb: Verb::Post,
+        guard,
+        make,
+    }
+}
+
+const fn put(guard: Guard, make: Make) -> Action {
+    Action {
+        verb: Verb::Put,
+        guard,
+        make,
+    }
+}
+
+const fn delete(guard: Guard, make: Make) -> Action {
+    Action {
+        verb: Verb::Delete,
+        guard,
+        make,
+    }
+}
+
+const fn path(parts: &'static [Part], actions: &'static [Action]) -> Entry {
+    Entry {
+        parts,
+        dev: false,
+        actions,
+        not_found_below: None,
+    }
+}
+
+const fn dev_path(parts: &'static [Part], actions: &'static [Action]) -> Entry {
+    Entry {
+        dev: true,
+        ..path(parts, actions)
+    }
+}
+
+impl Entry {
+    /// The same path, whose unknown subpaths answer 404 with `detail`.
+    const fn not_found_below(self, detail: &'static str) -> Entry {
+        Entry {
+            not_found_below: Some(detail),
+            ..self
+        }
+    }
+}
+
+const OPEN: Guard = Guard::Open;
+const READ: Guard = Guard::Needs(Access::Read);
+const WRITE: Guard = Guard::Needs(Access::Write);
+const ADMIN: Guard = Guard::Needs(Access::Admin);
+
+use Part::{Param, Word};
+
+const API: Part = Word(&["api"]);
+const V1: Part = Word(&["v1"]);
+const SENSORS: Part = Word(&["sensores", "sensors"]);
+const TEST_SENSORS: Part = Word(&["test-sensors"]);
+const READINGS: Part = Word(&["lecturas", "readings"]);
+const WS: Part = Word(&["ws"]);
+const TOKENS: Part = Word(&["tokens"]);
+const ALERTS: Part = Word(&["alertas", "alerts"]);
+const SILENCES: Part = Word(&["silencios", "silences"]);
+
+/// Sensors are read with read access and changed with write access; the development
+/// copy under `test-sensors` is open.
+const SENSOR_LIST: &[Action] = &[
+    get(READ, |_| Ok(Route::ListSensors)),
+    post(WRITE, |_| Ok(Route::CreateSensor)),
+];
+const SENSOR: &[Action] = &[
+    get(READ, |p| Ok(Route::GetSensor(parse_id(p[0])?))),
+    put(WRITE, |p| Ok(Route::UpdateSensor(parse_id(p[0])?))),
+    delete(WRITE, |p| Ok(Route::DeleteSensor(parse_id(p[0])?))),
+];
+const SENSOR_CALIBRATION: &[Action] = &[get(READ, |p| {
+    Ok(Route::CalibrationHistory(parse_id(p[0])?))
+})];
+
+/// Every path the API answers: what routing follows and what a 405's `Allow` names.
+/// One reading is read like the list, changed and deleted with the access a new reading
+/// needs. Alert rules are read with read access and changed by an admin; a firing alert is
+/// acknowledged with write access, as operators have. Silences are listed with read
+/// access, set and lifted with write access.
+static ROUTES: &[Entry] = &[
+    path(&[], &[get(OPEN, |_| Ok(Route::Index))]),
+    path(
+        &[Word(&["sensorgate.js"])],
+        &[get(OPEN, |_| Ok(Route::ClientModule))],
+    ),
+    path(
+        &[Word(&["assets"]), Param],
+        &[get(OPEN, |p| Ok(Route::Asset(p[0].to_owned())))],
+    ),
+    path(&[Word(&["healthz"])], &[get(OPEN, |_| Ok(Route::Health))]),
+    path(&[Word(&["metrics"])], &[get(READ, |_| Ok(Route::Metrics))]),
+    path(
+        &[API, V1, Word(&["openapi.json"])],
+        &[get(OPEN, |_| Ok(Route::OpenApi))],
+    ),
+    path(&[API, V1, SENSORS], SENSOR_LIST).not_found_below("No such sensor route"),
+    path(&[API, V1, SENSORS, Param], SENSOR),
+    path(
+        &[API, V1, SENSORS, Param, Word(&["calibracion"])],
+        SENSOR_CALIBRATION,
+    ),
+    dev_path(&[API, V1, TEST_SENSORS], SENSOR_LIST).not_found_below("No such sensor route"),
+    dev_path(&[API, V1, TEST_SENSORS, Param], SENSOR),
+    dev_path(
+        &[API, V1, TEST_SENSORS, Param, Word(&["calibracion"])],
+        SENSOR_CALIBRATION,
+    ),
+    path(
+        &[API, V1, READINGS],
+        &[
+            get(READ, |_| Ok(Route::ListReadings)),
+            post(WRITE, |_| Ok(Route::CreateReading)),
+        ],
+    ),
+    path(
+        &[API, V1, Word(&["lecturas"]), Word(&["agregadas"])],
+        &[get(READ, |_| Ok(Route::AggregatedReadings))],
+    ),
+    path(
+        &[API, V1, Word(&["readings"]), Word(&["aggregated"])],
+        &[get(READ, |_| Ok(Route::AggregatedReadings))],
+    ),
+    path(
+        &[API, V1, READINGS, Word(&["export"])],
+        &[get(READ, |_| Ok(Route::ExportReadings))],
+    ),
+    path(
+        &[API, V1, READINGS, Param],
+        &[
+            get(READ, |p| Ok(Route::GetReading(parse_id(p[0])?))),
+            put(WRITE, |p| Ok(Route::UpdateReading(parse_id(p[0])?))),
+            delete(WRITE, |p| Ok(Route::DeleteReading(parse_id(p[0])?))),
+        ],
+    ),
+    path(&[API, V1, WS], &[get(READ, |_| Ok(Route::Socket))]),
+    path(
+        &[API, V1, WS, Word(&["secure"])],
+        &[get(Guard::Needs(Access::Secure), |_| {
+            Ok(Route::SecureSocket)
+        })],
+    ),
+    path(
+        &[API, V1, Word(&["events"])],
+        &[get(READ, |_| Ok(Route::Events))],
+    ),
+    path(
+        &[API, V1, WS, Word(&["stats"])],
+        &[get(READ, |_| Ok(Route::SocketStats))],
+    ),
+    path(
+        &[API, V1, WS, Word(&["stats"]), Param],
+        &[get(READ, |p| Ok(Route::ChannelStats(p[0].to_owned())))],
+    ),
+    path(
+        &[API, V1, WS, Word(&["test-event"])],
+        &[post(ADMIN, |_| Ok(Route::TestEvent))],
+    ),
+    path(
+        &[API, V1, TOKENS],
+        &[
+            get(ADMIN, |_| Ok(Route::ListTokens)),
+            post(ADMIN, |_| Ok(Route::CreateToken)),
+        ],
+    ),
+    path(
+        &[API, V1, TOKENS, Param],
+        &[delete(ADMIN, |p| Ok(Route::RevokeToken(p[0].to_owned())))],
+    ),
+    path(
+        &[API, V1, ALERTS],
+        &[
+            get(READ, |_| Ok(Route::ListAlerts)),
+            post(ADMIN, |_| Ok(Route::CreateAlert)),
+        ],
+    )
+    .not_found_below("No such alert route"),
+    path(
+        &[API, V1, ALERTS, Param],
+        &[
+            get(READ, |p| Ok(Route::GetAlert(parse_id(p[0])?))),
+            put(ADMIN, |p| Ok(Route::UpdateAlert(parse_id(p[0])?))),
+            delete(ADMIN, |p| Ok(Route::DeleteAlert(parse_id(p[0])?))),
+        ],
+    ),
+    path(
+        &[API, V1, ALERTS, Param, Word(&["ack"])],
+        &[post(WRITE, |p| {
+            Ok(Route::AcknowledgeAlert(parse_id(p[0])?))
+        })],
+    ),
+    path(
+        &[API, V1, SILENCES],
+        &[
+            get(READ, |_| Ok(Route::ListSilences)),
+            post(WRITE, |_| Ok(Route::CreateSilence)),
+        ],
+    )
+    .not_found_below("No such silence route"),
+    path(
+        &[API, V1, SILENCES, Param],
+        &[delete(WRITE, |p| Ok(Route::DeleteSilence(parse_id(p[0])?)))],
+    ),
+];
+
+/// The route and its guard for a method and path; 405 with `Allow` for a path of the table
+/// asked with another method, 404 for any other path. The development paths exist only
+/// with `dev`.
+fn resolve(method: &Method, path: &str, dev: bool) -> Result<(Route, Guard), ApiError> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let found = ROUTES
+        .iter()
+        .filter(|entry| dev || !entry.dev)
+        .find_map(|entry| entry.matches(&segments).map(|params| (entry, params)));
+    let Some((entry, params)) = found else {
+        return Err(not_found_under(&segments, dev).unwrap_or_else(|| not_found(path)));
+    };
+    let verb = Verb::of(method);
+    let Some(action) = entry
+        .actions
+        .iter()
+        .find(|action| Some(action.verb) == verb)
+    else {
+        return Err(ApiError::method_not_allowed(entry.allow()));
+    };
+    let route = (action.make)(&params)?;
+    Ok((route, if entry.dev { Guard::Open } else { action.guard }))
+}
+
+/// The 404 of the resource `segments` lie under, if it has one.
+fn not_found_under(segments: &[&str], dev: bool) -> Option<ApiError> {
+    ROUTES
+        .iter()
+        .filter(|entry| dev || !entry.dev)
+        .find_map(|entry| {
+            let detail = entry.not_found_below?;
+            let under = segments.len() >= entry.parts.len()
+                && entry
+                    .parts
+                    .iter()
+                    .zip(segments)
+                    .all(|(part, segment)| match part {
+                        Part::Word(spellings) => spellings.contains(segment),
+                        Part::Param => true,
+                    });
+            under.then(|| ApiError::not_found(detail))
+        })
 }
 
 /// The token a request presents: `Authorization: Bearer`, or `?token=` on the socket
@@ -441,4 +686,175 @@ fn parse_id(text: &str) -> Result<i64, ApiError> {
 
 fn not_found(path: &str) -> ApiError {
     ApiError::not_found(format!("No route for {path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::StatusCode;
+
+    /// A route and its guard, or the error's status, detail, `Allow` and fields.
+    fn answer(method: &str, path: &str, dev: bool) -> String {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        match resolve(&method, path, dev) {
+            Ok((route, guard)) => format!("{route:?} {guard:?}"),
+            Err(e) => {
+                let mut text = format!("{} {}", e.status.as_u16(), e.detail);
+                if let Some(allow) = e.allow {
+                    text += &format!(" [{allow}]");
+                }
+                for field in &e.errors {
+                    text += &format!(" {field:?}");
+                }
+                text
+            }
+        }
+    }
+
+    /// What the API answered before it had a route table, on the paths where that is
+    /// easiest to get wrong: both spellings and mixed ones, parameters next to fixed words,
+    /// development paths, bad ids, the resource 404s.
+    #[test]
+    fn answers_stay_as_they_were() {
+        for (method, path, dev, expected) in ANSWERS {
+            assert_eq!(
+                answer(method, path, *dev),
+                *expected,
+                "{method} {path} dev={dev}"
+            );
+        }
+    }
+
+    /// The path of `entry` with every parameter `1`.
+    fn example(entry: &Entry) -> String {
+        let path: String = entry
+            .parts
+            .iter()
+            .map(|part| match part {
+                Part::Word(spellings) => format!("/{}", spellings[0]),
+                Part::Param => "/1".to_owned(),
+            })
+            .collect();
+        if path.is_empty() {
+            "/".to_owned()
+        } else {
+            path
+        }
+    }
+
+    #[test]
+    fn every_route_answers_exactly_the_methods_its_allow_names() {
+        const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+        for entry in ROUTES {
+            let path = example(entry);
+            let mut answered = Vec::new();
+            let mut allows = Vec::new();
+            for name in METHODS {
+                let method = Method::from_bytes(name.as_bytes()).unwrap();
+                match resolve(&method, &path, true) {
+                    Ok(_) => answered.push(name),
+                    Err(e) if e.status == StatusCode::METHOD_NOT_ALLOWED => allows.extend(e.allow),
+                    Err(e) => panic!("{name} {path}: {} {}", e.status, e.detail),
+                }
+            }
+            assert!(!answered.is_empty(), "{path} answers nothing");
+            assert!(allows.len() >= 2, "{path}: {allows:?}");
+            for allow in allows {
+                assert_eq!(allow, answered.join(", "), "{path}");
+            }
+        }
+    }
+
+    const ANSWERS: &[(&str, &str, bool, &str)] = &[
+        ("GET", "/", false, "Index Open"),
+        ("HEAD", "/", false, "Index Open"),
+        ("POST", "/", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/sensorgate.js", false, "ClientModule Open"),
+        ("PUT", "/healthz", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/assets/app.js", false, "Asset(\"app.js\") Open"),
+        ("GET", "/assets", false, "404 No route for /assets"),
+        ("GET", "/assets/a/b", false, "404 No route for /assets/a/b"),
+        ("GET", "/metrics/", false, "Metrics Needs(Read)"),
+        ("GET", "//api//v1//sensores//", false, "ListSensors Needs(Read)"),
+        ("GET", "/api/v1/openapi.json", false, "OpenApi Open"),
+        ("DELETE", "/api/v1/openapi.json", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/sensores", false, "ListSensors Needs(Read)"),
+        ("POST", "/api/v1/sensors", false, "CreateSensor Needs(Write)"),
+        ("PATCH", "/api/v1/sensors", false, "405 Method not allowed; this path answers GET, HEAD, POST [GET, HEAD, POST]"),
+        ("GET", "/api/v1/sensors/7", false, "GetSensor(7) Needs(Read)"),
+        ("PUT", "/api/v1/sensores/7", false, "UpdateSensor(7) Needs(Write)"),
+        ("DELETE", "/api/v1/sensors/7", false, "DeleteSensor(7) Needs(Write)"),
+        ("POST", "/api/v1/sensors/7", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/sensors/abc", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("POST", "/api/v1/sensors/abc", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/sensors/0", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("GET", "/api/v1/sensors/7/calibracion", false, "CalibrationHistory(7) Needs(Read)"),
+        ("POST", "/api/v1/sensors/7/calibracion", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/sensors/7/other", false, "404 No such sensor route"),
+        ("GET", "/api/v1/sensors/7/calibracion/x", false, "404 No such sensor route"),
+        ("GET", "/api/v1/sensors/export", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("GET", "/api/v1/test-sensors", false, "404 No route for /api/v1/test-sensors"),
+        ("GET", "/api/v1/test-sensors", true, "ListSensors Open"),
+        ("POST", "/api/v1/test-sensors/3", true, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/test-sensors/3/x", true, "404 No such sensor route"),
+        ("PUT", "/api/v1/test-sensors/3", false, "404 No route for /api/v1/test-sensors/3"),
+        ("GET", "/api/v1/lecturas", false, "ListReadings Needs(Read)"),
+        ("POST", "/api/v1/readings", false, "CreateReading Needs(Write)"),
+        ("PUT", "/api/v1/readings", false, "405 Method not allowed; this path answers GET, HEAD, POST [GET, HEAD, POST]"),
+        ("GET", "/api/v1/lecturas/agregadas", false, "AggregatedReadings Needs(Read)"),
+        ("GET", "/api/v1/readings/aggregated", false, "AggregatedReadings Needs(Read)"),
+        ("POST", "/api/v1/readings/aggregated", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/lecturas/aggregated", false, "404 No route for /api/v1/lecturas/aggregated"),
+        ("POST", "/api/v1/lecturas/aggregated", false, "404 No route for /api/v1/lecturas/aggregated"),
+        ("GET", "/api/v1/readings/agregadas", false, "404 No route for /api/v1/readings/agregadas"),
+        ("GET", "/api/v1/lecturas/export", false, "ExportReadings Needs(Read)"),
+        ("PUT", "/api/v1/readings/export", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/readings/12", false, "GetReading(12) Needs(Read)"),
+        ("PUT", "/api/v1/readings/12", false, "UpdateReading(12) Needs(Write)"),
+        ("DELETE", "/api/v1/lecturas/12", false, "DeleteReading(12) Needs(Write)"),
+        ("POST", "/api/v1/lecturas/12", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/lecturas/x", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("PATCH", "/api/v1/lecturas/x", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/lecturas/1/2", false, "404 No route for /api/v1/lecturas/1/2"),
+        ("GET", "/api/v1/ws", false, "Socket Needs(Read)"),
+        ("POST", "/api/v1/ws", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/ws/secure", false, "SecureSocket Needs(Secure)"),
+        ("HEAD", "/api/v1/events", false, "Events Needs(Read)"),
+        ("POST", "/api/v1/events", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("GET", "/api/v1/ws/stats", false, "SocketStats Needs(Read)"),
+        ("GET", "/api/v1/ws/stats/readings", false, "ChannelStats(\"readings\") Needs(Read)"),
+        ("DELETE", "/api/v1/ws/stats/readings", false, "405 Method not allowed; this path answers GET, HEAD [GET, HEAD]"),
+        ("POST", "/api/v1/ws/test-event", false, "TestEvent Needs(Admin)"),
+        ("GET", "/api/v1/ws/test-event", false, "405 Method not allowed; this path answers POST [POST]"),
+        ("GET", "/api/v1/ws/other", false, "404 No route for /api/v1/ws/other"),
+        ("GET", "/api/v1/tokens", false, "ListTokens Needs(Admin)"),
+        ("POST", "/api/v1/tokens", false, "CreateToken Needs(Admin)"),
+        ("DELETE", "/api/v1/tokens", false, "405 Method not allowed; this path answers GET, HEAD, POST [GET, HEAD, POST]"),
+        ("DELETE", "/api/v1/tokens/ops", false, "RevokeToken(\"ops\") Needs(Admin)"),
+        ("GET", "/api/v1/tokens/ops", false, "405 Method not allowed; this path answers DELETE [DELETE]"),
+        ("GET", "/api/v1/alertas", false, "ListAlerts Needs(Read)"),
+        ("POST", "/api/v1/alerts", false, "CreateAlert Needs(Admin)"),
+        ("PUT", "/api/v1/alerts", false, "405 Method not allowed; this path answers GET, HEAD, POST [GET, HEAD, POST]"),
+        ("GET", "/api/v1/alerts/4", false, "GetAlert(4) Needs(Read)"),
+        ("PUT", "/api/v1/alerts/4", false, "UpdateAlert(4) Needs(Admin)"),
+        ("DELETE", "/api/v1/alertas/4", false, "DeleteAlert(4) Needs(Admin)"),
+        ("POST", "/api/v1/alerts/4", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+        ("GET", "/api/v1/alerts/x", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("POST", "/api/v1/alerts/4/ack", false, "AcknowledgeAlert(4) Needs(Write)"),
+        ("GET", "/api/v1/alerts/4/ack", false, "405 Method not allowed; this path answers POST [POST]"),
+        ("POST", "/api/v1/alerts/x/ack", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("GET", "/api/v1/alerts/4/other", false, "404 No such alert route"),
+        ("GET", "/api/v1/silencios", false, "ListSilences Needs(Read)"),
+        ("POST", "/api/v1/silences", false, "CreateSilence Needs(Write)"),
+        ("PUT", "/api/v1/silences", false, "405 Method not allowed; this path answers GET, HEAD, POST [GET, HEAD, POST]"),
+        ("DELETE", "/api/v1/silences/2", false, "DeleteSilence(2) Needs(Write)"),
+        ("GET", "/api/v1/silences/2", false, "405 Method not allowed; this path answers DELETE [DELETE]"),
+        ("DELETE", "/api/v1/silences/x", false, "422 Validation failed: id: must be a positive integer FieldError { field: \"id\", message: \"must be a positive integer\" }"),
+        ("GET", "/api/v1/silences/2/x", false, "404 No such silence route"),
+        ("GET", "/api", false, "404 No route for /api"),
+        ("GET", "/api/v1", false, "404 No route for /api/v1"),
+        ("GET", "/api/v2/sensors", false, "404 No route for /api/v2/sensors"),
+        ("GET", "/nope", false, "404 No route for /nope"),
+        ("OPTIONS", "/api/v1/sensors/1", false, "405 Method not allowed; this path answers GET, HEAD, PUT, DELETE [GET, HEAD, PUT, DELETE]"),
+    ];
 }

@@ -2,10 +2,10 @@
 //!
 //! Every IIO device is a directory `<root>/bus/iio/devices/iio:deviceN/` whose `name` file
 //! holds the driver's device name; the number N depends on probe order, so devices are
-//! found by name. Two sources live here: [`IioDhtSource`] for the kernel `dht11` driver
-//! (which serves DHT11 and DHT22 alike) and [`IioSource`] for environmental chips such as
-//! the BME280/BMP280. Values are converted from the IIO ABI units by pure functions; the
-//! sources only find the directory and read files.
+//! found by name. [`IioSource`] reads environmental chips such as the BME280/BMP280; the
+//! device lookup, the retries and the loss reporting are shared with the DHT's IIO source
+//! (`dht::IioDhtSource`). Values are converted from the IIO ABI units by pure functions;
+//! the sources only find the directory and read files.
 
 use std::fs;
 use std::io;
@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::dht22::{self, DhtModel, Reading};
-use super::plausibility::PlausibilityFilter;
 use super::source::{Measurement, Pacing, SensorError, Source};
+use crate::backoff::Backoff;
 
 /// A physical quantity an IIO device may expose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +119,7 @@ pub fn classify(err: &io::Error) -> ReadFailure {
 
 /// Why reading a device's attributes produced no value.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     /// The read itself failed; [`classify`] decides what that means.
     Io(io::Error),
     /// The read worked but the text was not a usable value.
@@ -139,7 +138,8 @@ impl From<SensorError> for Failure {
     }
 }
 
-fn read_number(path: &Path) -> Result<f64, Failure> {
+/// Reads one sysfs attribute as a number.
+pub(crate) fn read_number(path: &Path) -> Result<f64, Failure> {
     Ok(parse_sysfs_number(&fs::read_to_string(path)?)?)
 }
 
@@ -148,7 +148,7 @@ fn read_number(path: &Path) -> Result<f64, Failure> {
 struct RetryPolicy {
     attempts: u32,
     /// Pause after a failed attempt, so the sensor is not re-triggered mid-recovery.
-    gap: Duration,
+    gap: Backoff,
     /// No new attempt starts after this much time: a DHT read can block about a second,
     /// and `read` must return within a couple of seconds.
     budget: Duration,
@@ -157,7 +157,7 @@ struct RetryPolicy {
 /// Three tries fit the budget even when each blocks for the driver's full second.
 const RETRY: RetryPolicy = RetryPolicy {
     attempts: 3,
-    gap: Duration::from_millis(200),
+    gap: Backoff::fixed(Duration::from_millis(200)),
     budget: Duration::from_millis(1500),
 };
 
@@ -168,6 +168,7 @@ fn with_retries<T>(
     mut attempt: impl FnMut() -> Result<T, Failure>,
 ) -> Result<T, Failure> {
     let start = Instant::now();
+    let mut gap = policy.gap;
     let mut tries = 0;
     loop {
         tries += 1;
@@ -177,7 +178,7 @@ fn with_retries<T>(
                     && tries < policy.attempts
                     && start.elapsed() < policy.budget =>
             {
-                thread::sleep(policy.gap);
+                thread::sleep(gap.next_delay());
             }
             outcome => return outcome,
         }
@@ -216,7 +217,7 @@ fn find_device(root: &Path, name: &str, index: Option<u32>) -> io::Result<Option
 
 /// The device directory a source reads, found lazily and forgotten when it disappears.
 #[derive(Debug)]
-struct Device {
+pub(crate) struct Device {
     root: PathBuf,
     name: String,
     index: Option<u32>,
@@ -225,7 +226,9 @@ struct Device {
 }
 
 impl Device {
-    fn new(root: &Path, name: &str, index: Option<u32>) -> Self {
+    /// The device named `name` under `root`, optionally `iio:device<index>`; looked up by
+    /// the first read.
+    pub(crate) fn new(root: &Path, name: &str, index: Option<u32>) -> Self {
         Device {
             root: root.to_owned(),
             name: name.to_owned(),
@@ -238,7 +241,7 @@ impl Device {
     /// Finds the device if need be and runs `attempt` on its directory, retrying routine
     /// failures. `Ok(None)` means the device is still gone and that was reported already:
     /// a loss is reported once, not on every read while it lasts.
-    fn read<T>(
+    pub(crate) fn read<T>(
         &mut self,
         mut attempt: impl FnMut(&Path) -> Result<T, Failure>,
     ) -> Result<Option<T>, SensorError> {
@@ -268,6 +271,11 @@ impl Device {
         Err(error)
     }
 
+    /// Whether the device directory was found and has not gone since.
+    pub(crate) fn is_found(&self) -> bool {
+        self.dir.is_some()
+    }
+
     fn lost<T>(&mut self, why: String) -> Result<Option<T>, SensorError> {
         self.dir = None;
         if self.loss_reported {
@@ -279,79 +287,9 @@ impl Device {
     }
 }
 
-fn default_sysfs_root() -> PathBuf {
+/// Where sysfs is mounted, unless a config says otherwise.
+pub(crate) fn default_sysfs_root() -> PathBuf {
     PathBuf::from("/sys")
-}
-
-fn default_dht_device_name() -> String {
-    "dht11".to_owned()
-}
-
-/// A DHT11/DHT22 served by the kernel `dht11` driver (`dtoverlay=dht11,gpiopin=N`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct IioDhtConfig {
-    /// The driver names its device `dht11` whichever model is wired, hence `model`.
-    pub model: DhtModel,
-    /// The device's `name` file; `dht11` unless the overlay was renamed.
-    #[serde(default = "default_dht_device_name")]
-    pub device_name: String,
-    /// The N of `iio:deviceN`, for several sensors on one gateway; the device there must
-    /// still carry `device_name`.
-    #[serde(default)]
-    pub device_index: Option<u32>,
-    /// Where sysfs is mounted; tests point it at a temporary tree.
-    #[serde(default = "default_sysfs_root")]
-    pub sysfs_root: PathBuf,
-}
-
-/// A DHT read through the kernel driver, with the plausibility filter on top.
-#[derive(Debug)]
-pub struct IioDhtSource {
-    interval: Duration,
-    device: Device,
-    filter: PlausibilityFilter,
-}
-
-impl IioDhtSource {
-    /// A source reading every `interval`, raised to the sensor's 2 s minimum. Nothing is
-    /// opened here: a missing device is reported by the first `read`.
-    pub fn new(config: &IioDhtConfig, interval: Duration) -> Self {
-        IioDhtSource {
-            interval: interval.max(dht22::MIN_INTERVAL),
-            device: Device::new(&config.sysfs_root, &config.device_name, config.device_index),
-            filter: PlausibilityFilter::new(config.model.limits()),
-        }
-    }
-}
-
-/// Reads both channels back to back: the first read triggers a conversion and the driver
-/// caches the pair for 2 s, so the second returns the same conversion.
-fn read_dht(dir: &Path) -> Result<Reading, Failure> {
-    let temperature = read_number(&dir.join("in_temp_input"))?;
-    let humidity = read_number(&dir.join("in_humidityrelative_input"))?;
-    Ok(Reading {
-        temperature: temperature / 1000.0,
-        humidity: humidity / 1000.0,
-    })
-}
-
-impl Source for IioDhtSource {
-    fn is_connected(&self) -> bool {
-        self.device.dir.is_some()
-    }
-
-    fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
-        let Some(reading) = self.device.read(read_dht)? else {
-            return Ok(None);
-        };
-        let reading = self.filter.check(reading, Instant::now())?;
-        Ok(Some(reading.measurements()))
-    }
-
-    fn pacing(&self) -> Pacing {
-        Pacing::Every(self.interval)
-    }
 }
 
 /// A generic IIO environmental sensor (BME280, BMP280, HDC1080, ...).
@@ -430,7 +368,7 @@ impl IioSource {
 
 impl Source for IioSource {
     fn is_connected(&self) -> bool {
-        self.device.dir.is_some()
+        self.device.is_found()
     }
 
     fn read(&mut self) -> Result<Option<Vec<Measurement>>, SensorError> {
@@ -442,30 +380,23 @@ impl Source for IioSource {
     }
 }
 
+/// Lays out `iio:deviceN` under `root` as the kernel does, with the given attribute files:
+/// the sysfs tree the IIO sources' tests read.
+#[cfg(test)]
+pub(crate) fn add_device(root: &Path, n: u32, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = root.join(format!("bus/iio/devices/iio:device{n}"));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("name"), format!("{name}\n")).unwrap();
+    for (file, content) in files {
+        fs::write(dir.join(file), content).unwrap();
+    }
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::cell::Cell;
-
-    /// Lays out `iio:deviceN` as the kernel does, with the given attribute files.
-    fn add_device(root: &Path, n: u32, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = root.join(format!("bus/iio/devices/iio:device{n}"));
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("name"), format!("{name}\n")).unwrap();
-        for (file, content) in files {
-            fs::write(dir.join(file), content).unwrap();
-        }
-        dir
-    }
-
-    fn dht_config(root: &Path) -> IioDhtConfig {
-        IioDhtConfig {
-            model: DhtModel::Dht22,
-            device_name: "dht11".into(),
-            device_index: None,
-            sysfs_root: root.to_owned(),
-        }
-    }
 
     fn generic_config(root: &Path, name: &str) -> IioConfig {
         IioConfig {
@@ -535,7 +466,7 @@ mod tests {
 
     const FAST: RetryPolicy = RetryPolicy {
         attempts: 3,
-        gap: Duration::ZERO,
+        gap: Backoff::fixed(Duration::ZERO),
         budget: Duration::from_secs(5),
     };
 
@@ -602,188 +533,6 @@ mod tests {
         };
         assert!(routine(with_retries(spent, dead)));
         assert_eq!(calls.get(), 1);
-    }
-
-    #[test]
-    fn dht_device_is_found_by_name_and_read_in_milli_units() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path();
-        add_device(root, 0, "bmp280", &[("in_temp_input", "30000\n")]);
-        add_device(
-            root,
-            1,
-            "dht11",
-            &[
-                ("in_temp_input", "21500\n"),
-                ("in_humidityrelative_input", "40250\n"),
-            ],
-        );
-        let mut source = IioDhtSource::new(&dht_config(root), Duration::from_secs(1));
-        assert_eq!(source.pacing(), Pacing::Every(Duration::from_secs(2)));
-        assert!(!source.is_connected());
-        assert_eq!(
-            source.read(),
-            Ok(Some(vec![
-                Measurement::new("temperatura", 21.5, "°C"),
-                Measurement::new("humedad", 40.25, "%"),
-            ]))
-        );
-        assert!(source.is_connected());
-    }
-
-    #[test]
-    fn device_index_picks_among_devices_of_one_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path();
-        let files = |t: &'static str| {
-            [
-                ("in_temp_input", t),
-                ("in_humidityrelative_input", "50000\n"),
-            ]
-        };
-        add_device(root, 2, "dht11", &files("20000\n"));
-        add_device(root, 10, "dht11", &files("25000\n"));
-        add_device(root, 3, "bme280", &files("99000\n"));
-
-        let mut lowest = IioDhtSource::new(&dht_config(root), Duration::from_secs(5));
-        assert_eq!(lowest.read().unwrap().unwrap()[0].valor, 20.0);
-
-        let mut tenth = IioDhtSource::new(
-            &IioDhtConfig {
-                device_index: Some(10),
-                ..dht_config(root)
-            },
-            Duration::from_secs(5),
-        );
-        assert_eq!(tenth.read().unwrap().unwrap()[0].valor, 25.0);
-
-        // An index whose device has another name is not a match.
-        let mut wrong = IioDhtSource::new(
-            &IioDhtConfig {
-                device_index: Some(3),
-                ..dht_config(root)
-            },
-            Duration::from_secs(5),
-        );
-        assert!(matches!(wrong.read(), Err(SensorError::PortLost(_))));
-    }
-
-    #[test]
-    fn dht_rejects_implausible_values_and_jumps() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "21000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
-        let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
-        assert!(source.read().unwrap().is_some());
-
-        // The DHT22's doubled value with a valid checksum, moments later.
-        fs::write(dir.join("in_temp_input"), "42000\n").unwrap();
-        assert!(matches!(source.read(), Err(SensorError::Implausible(_))));
-        fs::write(dir.join("in_temp_input"), "21100\n").unwrap();
-        assert_eq!(source.read().unwrap().unwrap()[0].valor, 21.1);
-
-        fs::write(dir.join("in_humidityrelative_input"), "120000\n").unwrap();
-        assert!(matches!(source.read(), Err(SensorError::Implausible(_))));
-    }
-
-    #[test]
-    fn dht11_model_uses_its_narrower_range() {
-        let tmp = tempfile::tempdir().unwrap();
-        add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "-5000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
-        let config = IioDhtConfig {
-            model: DhtModel::Dht11,
-            ..dht_config(tmp.path())
-        };
-        assert!(matches!(
-            IioDhtSource::new(&config, Duration::from_secs(2)).read(),
-            Err(SensorError::Implausible(_))
-        ));
-        assert!(
-            IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2))
-                .read()
-                .unwrap()
-                .is_some()
-        );
-    }
-
-    #[test]
-    fn missing_channel_file_is_a_loss_reported_once() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "21000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
-        let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
-        assert!(source.read().unwrap().is_some());
-
-        fs::remove_dir_all(&dir).unwrap();
-        assert!(matches!(source.read(), Err(SensorError::PortLost(_))));
-        assert!(!source.is_connected());
-        assert_eq!(source.read(), Ok(None));
-
-        add_device(
-            tmp.path(),
-            4,
-            "dht11",
-            &[
-                ("in_temp_input", "21500\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
-        assert_eq!(source.read().unwrap().unwrap()[0].valor, 21.5);
-        assert!(source.is_connected());
-    }
-
-    #[test]
-    fn garbage_in_a_channel_is_malformed() {
-        let tmp = tempfile::tempdir().unwrap();
-        add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "twenty\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
-        let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
-        assert!(matches!(source.read(), Err(SensorError::Malformed(_))));
-        assert!(source.is_connected());
-    }
-
-    #[test]
-    fn unreadable_channel_is_an_io_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        // A directory where the attribute should be: reading it fails with EISDIR.
-        let dir = add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[("in_humidityrelative_input", "1")],
-        );
-        fs::create_dir(dir.join("in_temp_input")).unwrap();
-        let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
-        assert!(matches!(source.read(), Err(SensorError::Io(_))));
     }
 
     #[test]
@@ -875,11 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn configs_have_defaults_and_refuse_unknown_fields() {
-        let dht: IioDhtConfig = serde_json::from_str(r#"{"model": "dht22"}"#).unwrap();
-        assert_eq!(dht, dht_config(Path::new("/sys")));
-        assert!(serde_json::from_str::<IioDhtConfig>(r#"{}"#).is_err());
-        assert!(serde_json::from_str::<IioDhtConfig>(r#"{"model": "dht22", "pin": 4}"#).is_err());
+    fn config_has_defaults_and_refuses_unknown_fields() {
         let generic: IioConfig =
             serde_json::from_str(r#"{"device_name": "bme280", "device_index": 1}"#).unwrap();
         assert_eq!(generic.device_index, Some(1));

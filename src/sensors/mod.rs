@@ -15,11 +15,10 @@
 
 pub mod calibration;
 pub mod derived;
-pub mod dht22;
+pub mod dht;
 pub mod health;
 pub mod iio;
 pub mod modbus;
-pub mod plausibility;
 pub mod serial;
 pub mod sim;
 pub mod source;
@@ -58,13 +57,13 @@ pub enum SourceSpec {
     /// A microcontroller printing lines on a serial port.
     Serial(serial::SerialConfig),
     /// A DHT11/DHT22 through the kernel's `dht11` IIO driver.
-    IioDht(iio::IioDhtConfig),
+    IioDht(dht::IioDhtConfig),
     /// Any other IIO sensor (BME280, SHT3x, ...).
     Iio(iio::IioConfig),
     /// A DS18B20 on the 1-Wire bus.
     W1(w1::W1Config),
     /// A DHT11/DHT22 read directly on a GPIO line.
-    GpioDht(dht22::GpioDhtConfig),
+    GpioDht(dht::GpioDhtConfig),
     /// A Modbus RTU device on an RS-485 line, or a Modbus TCP device.
     Modbus(modbus::ModbusConfig),
 }
@@ -75,10 +74,10 @@ impl SourceSpec {
         match self {
             SourceSpec::Sim(c) => Box::new(sim::SimSource::new(c.clone(), interval)),
             SourceSpec::Serial(c) => Box::new(serial::SerialSource::new(c)),
-            SourceSpec::IioDht(c) => Box::new(iio::IioDhtSource::new(c, interval)),
+            SourceSpec::IioDht(c) => Box::new(dht::IioDhtSource::new(c, interval)),
             SourceSpec::Iio(c) => Box::new(iio::IioSource::new(c, interval)),
             SourceSpec::W1(c) => Box::new(w1::W1Source::new(c, interval)),
-            SourceSpec::GpioDht(c) => Box::new(dht22::GpioDhtSource::new(c, interval)),
+            SourceSpec::GpioDht(c) => Box::new(dht::GpioDhtSource::new(c, interval)),
             SourceSpec::Modbus(c) => Box::new(modbus::ModbusSource::new(c, interval)),
         }
     }

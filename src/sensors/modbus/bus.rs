@@ -25,6 +25,7 @@ use tokio_serial::{SerialPort, SerialPortBuilderExt};
 
 use super::registers::{Answer, Function, Request};
 use super::{Line, Link, Parity};
+use crate::backoff::Backoff;
 use crate::sensors::SensorError;
 
 /// One sampling of one sensor: every request for its unit, with its timing.
@@ -157,7 +158,7 @@ pub fn bus_for(link: &Link) -> Result<Arc<BusHandle>, String> {
         stats: stats.clone(),
         last_frame: None,
         retry_at: None,
-        backoff: RECONNECT_FIRST,
+        backoff: RECONNECT,
         lost_because: String::new(),
     };
     std::thread::Builder::new()
@@ -184,8 +185,7 @@ pub fn bus_for(link: &Link) -> Result<Arc<BusHandle>, String> {
 
 /// A replugged USB adapter is usually back within a second; one gone for good costs an
 /// open every 30 s (as the serial source does).
-const RECONNECT_FIRST: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Counts the bytes read from a serial port since the last request, so that a request
 /// that timed out can tell silence (timeout) from an answer that never decoded (a bad CRC
@@ -251,7 +251,7 @@ struct Owner {
     last_frame: Option<Instant>,
     /// While the port is away: when to try opening it again.
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     lost_because: String,
 }
 
@@ -393,8 +393,7 @@ impl Owner {
         }
         self.connection = None;
         self.set_connected(false);
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
         self.lost_because = why;
     }
 
@@ -410,7 +409,7 @@ impl Owner {
                 self.connection = Some(connection);
                 self.set_connected(true);
                 self.retry_at = None;
-                self.backoff = RECONNECT_FIRST;
+                self.backoff.reset();
                 self.last_frame = None;
                 tokio::time::sleep(self.link.pause_after_connect).await;
                 Ok(())

@@ -6,32 +6,8 @@
 
 use std::time::Instant;
 
-use super::dht22::Reading;
-use super::source::SensorError;
-
-/// A closed interval of values a sensor model can report.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bounds {
-    /// Lowest plausible value, inclusive.
-    pub min: f64,
-    /// Highest plausible value, inclusive.
-    pub max: f64,
-}
-
-impl Bounds {
-    fn contains(&self, value: f64) -> bool {
-        (self.min..=self.max).contains(&value)
-    }
-}
-
-/// What one sensor model can measure, from its datasheet.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    /// Degrees Celsius.
-    pub temperature: Bounds,
-    /// Percent relative humidity.
-    pub humidity: Bounds,
-}
+use super::datasheet::{Limits, Reading};
+use crate::sensors::source::SensorError;
 
 /// How far a reading may move from the last accepted one: `base + per_minute * minutes`.
 /// The base covers sensor noise and resolution (a DHT11 reports whole degrees) at the 2 s
@@ -152,6 +128,7 @@ impl PlausibilityFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sensors::dht::datasheet::Bounds;
     use std::time::Duration;
 
     const ROOM: Limits = Limits {
