@@ -51,7 +51,14 @@ pub async fn run(
         config.storage.data_dir.join(DATABASE_FILE).display()
     );
     // Before the configured sensors are brought in, so that their events are sent too.
-    let uplink = match Uplink::start(&config, store.clone(), hub.clone()).await {
+    let uplink = match Uplink::start(
+        &config.uplink,
+        config.sampling.offline_after_intervals,
+        store.clone(),
+        hub.clone(),
+    )
+    .await
+    {
         Ok(uplink) => uplink,
         Err(e) => {
             log::error!("uplink not started: {e}");
@@ -100,9 +107,24 @@ pub async fn run(
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
     let state = Arc::new(
-        State::new(&config, store.clone(), hub, health, clock, signal, guard)
-            .with_uplink(uplink.as_ref().map(Uplink::stats))
-            .with_alerts(alerts.clone()),
+        State::new(
+            api::settings::Settings {
+                server: config.server.clone(),
+                realtime: config.realtime.clone(),
+                limits: config.limits.clone(),
+                auth: config.auth.clone(),
+                data_dir: config.storage.data_dir.clone(),
+                max_future_s: config.storage.max_future_s,
+            },
+            store.clone(),
+            hub,
+            health,
+            clock,
+            signal,
+            guard,
+        )
+        .with_uplink(uplink.as_ref().map(Uplink::stats))
+        .with_alerts(alerts.clone()),
     );
     let server = tokio::spawn(api::serve(listener, state.clone()));
     let sampled = sources_started.await.unwrap_or_default();

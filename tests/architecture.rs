@@ -89,10 +89,17 @@ const LAYERS: &[(&str, &[&str], &str)] = &[
     (
         "config",
         &[
-            "model", "auth", "clock", "sensors", "store", "alerts", "uplink", "api",
+            "model",
+            "auth",
+            "clock",
+            "sensors",
+            "store",
+            "alerts",
+            "uplink",
+            "api::settings",
         ],
         "reads the file and composes the settings types each part owns, validating with \
-         line numbers; no part imports it back",
+         line numbers; no part imports it back. Of `api` it sees the settings alone",
     ),
     (
         "app",
@@ -631,6 +638,13 @@ fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     found
 }
 
+/// Whether an entry of the table (`store`, or `api::settings` for that submodule alone)
+/// lets an arrow land in module `to`.
+fn permits(entry: &str, to: &[String]) -> bool {
+    let segments: Vec<&str> = entry.split("::").collect();
+    to.len() >= segments.len() && to.iter().zip(&segments).all(|(a, b)| a == b)
+}
+
 /// Everything wrong with the tree, one line each; empty when the layers hold.
 fn violations(krate: &Crate) -> Vec<String> {
     let allowed: BTreeMap<&str, &[&str]> = LAYERS.iter().map(|(m, may, _)| (*m, *may)).collect();
@@ -653,10 +667,12 @@ fn violations(krate: &Crate) -> Vec<String> {
                     "{place}: module `{from}` is not in the table (arrow {from} -> {to}, `{}`)",
                     arrow.written
                 )),
-                Some(may) if !may.contains(&to) => problems.push(format!(
-                    "{place}: {from} -> {to} is not allowed (`{}`)",
-                    arrow.written
-                )),
+                Some(may) if !may.iter().any(|entry| permits(entry, &arrow.to)) => {
+                    problems.push(format!(
+                        "{place}: {from} -> {to} is not allowed (`{}`)",
+                        arrow.written
+                    ))
+                }
                 Some(_) => {}
             }
             top_graph
@@ -764,7 +780,12 @@ fn the_table_names_every_module_once_and_has_no_circle() {
     );
     let graph: BTreeMap<String, BTreeSet<String>> = LAYERS
         .iter()
-        .map(|(m, may, _)| (m.to_string(), may.iter().map(|s| s.to_string()).collect()))
+        .map(|(m, may, _)| {
+            let tops = may
+                .iter()
+                .map(|s| s.split("::").next().unwrap_or(s).to_string());
+            (m.to_string(), tops.collect())
+        })
         .collect();
     assert_eq!(
         circles(&graph),

@@ -80,6 +80,21 @@ pub enum Policy {
     None,
 }
 
+/// Who may do what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `writes` (default), `all`, or `none` (development mode only).
+    pub policy: Policy,
+    /// Origins of browser pages, besides the gateway's own, allowed to open the socket
+    /// and the event stream (`"https://dash.example"`, or `"*"` for any).
+    pub allowed_origins: Vec<String>,
+    /// Names and addresses requests may use in `Host`, besides `localhost`, loopback, the
+    /// gateway's host name, `<host name>.local` and the address a request arrives on
+    /// (`"sensors.farm.example"`, or `"*"` for any).
+    pub allowed_hosts: Vec<String>,
+}
+
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -8,13 +8,11 @@
 //! restarts or stops its thread.
 //!
 //! Between the source and the writer, the thread corrects each sample by the sensor's
-//! [`calibration`] and adds the values [`derived`] from it, so that they enter storage
+//! calibration and adds the values derived from it, so that they enter storage
 //! with the sample, as readings like any other. A change to either reaches the running
 //! thread without restarting it (a serial device stays open, a DHT's filter keeps its
 //! history).
 
-pub mod calibration;
-pub mod derived;
 pub mod dht22;
 pub mod health;
 pub mod iio;
@@ -39,13 +37,12 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, ClockTrust};
 use crate::events::{Channel, Hub};
-use crate::model::{now_micros, Sensor};
+use crate::model::derived::{self, Derived};
+use crate::model::{now_micros, Calibration, Sample, Sensor};
 use crate::shutdown::Shutdown;
-use crate::store::{Emission, EmissionKind, Sample, SensorFilter, Store, StoreError};
-use calibration::Calibration;
-use derived::Derived;
+use crate::store::{Emission, EmissionKind, SensorFilter, Store, StoreError};
 use health::{Tracker, Transition};
 
 /// Where a sensor's samples come from: the `fuente` of a sensor record, and the `source`
@@ -67,6 +64,33 @@ pub enum SourceSpec {
     GpioDht(dht22::GpioDhtConfig),
     /// A Modbus RTU device on an RS-485 line, or a Modbus TCP device.
     Modbus(modbus::ModbusConfig),
+}
+
+/// Sensor sampling and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// A sensor with no good sample for this many intervals is reported offline.
+    pub offline_after_intervals: u32,
+    /// Which sample times to trust; the others are stored flagged `hora_dudosa`.
+    pub trust_clock: ClockTrust,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            offline_after_intervals: 5,
+            trust_clock: ClockTrust::default(),
+        }
+    }
+}
+
+/// Whether a `fuente` describes a source the daemon can drive ([`SourceSpec`]), and if
+/// not, why: the check the model runs on every `fuente` a client sends.
+pub fn check_source(fuente: &Value) -> Result<(), String> {
+    serde_json::from_value::<SourceSpec>(fuente.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl SourceSpec {
@@ -367,7 +391,9 @@ impl Processing {
     /// Corrects a sample and adds what is derived from the corrected values, or says why
     /// the corrected sample cannot be right.
     fn apply(&self, measurements: &mut Vec<Measurement>) -> Result<(), SensorError> {
-        self.calibration.apply(measurements)?;
+        self.calibration
+            .apply(measurements)
+            .map_err(SensorError::Implausible)?;
         let derived = derived::derive(measurements, &self.derive);
         measurements.extend(derived);
         Ok(())
@@ -579,6 +605,18 @@ impl FailureLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fuente_must_name_a_source_the_daemon_drives() {
+        assert_eq!(check_source(&json!({"kind": "sim"})), Ok(()));
+        for bad in [
+            json!({"kind": "laser"}),
+            json!({"kind": "serial"}),
+            json!("sim"),
+        ] {
+            assert!(check_source(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_dashboards_example_sources_are_valid() {

@@ -15,6 +15,7 @@ mod replay;
 mod retention;
 mod rollup;
 mod schema;
+mod settings;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
@@ -23,7 +24,8 @@ pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
 pub use schema::{migrate_up_to, SCHEMA_VERSION};
-pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
+pub use settings::{RetentionRule, StorageConfig, Synchronous};
+pub use writer::{Emission, EmissionKind, WriterHandle, WriterHealth};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,9 +34,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{StorageConfig, Synchronous};
 use crate::events::Hub;
-use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch};
+use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sample, Sensor, SensorPatch};
 use replay::ReplayPages;
 use rollup::OpenBuckets;
 use writer::Command;

@@ -380,7 +380,7 @@ mod tests {
         let total = (HELD_EVENTS + 2500) as u64;
         let newer = total + 1;
         let conn =
-            crate::store::open_database(dir.path(), crate::config::Synchronous::Normal).unwrap();
+            crate::store::open_database(dir.path(), crate::store::Synchronous::Normal).unwrap();
         let mut insert = conn
             .prepare(
                 "INSERT INTO events (seq, ts, channel, event_type, frame) \

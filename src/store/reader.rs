@@ -6,8 +6,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
 use crate::events::{self, Channel, Event};
+use crate::model::Calibration;
 use crate::model::{Micros, Reading, Sensor};
-use crate::sensors::calibration::Calibration;
 
 const SENSOR_COLUMNS: &str = "id, tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, \
      created_at, updated_at, calibracion, derivados";

@@ -27,13 +27,11 @@ use super::checkpointer::Checkpointer;
 use super::publisher::{self, Handover, Publisher, Unpublished};
 use super::retention::{self, Retention, SLICE};
 use super::rollup::{self, Folded, OpenBuckets, Pending};
-use super::{reader, SampleGate, StoreError};
-use crate::config::{StorageConfig, Synchronous};
+use super::{reader, SampleGate, StorageConfig, StoreError, Synchronous};
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::{
-    now_micros, Micros, NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch,
+    now_micros, Micros, NewReading, NewSensor, Reading, ReadingPatch, Sample, Sensor, SensorPatch,
 };
-use crate::sensors::Measurement;
 
 /// Samples kept in memory while storage fails (a full or read-only card), newest first
 /// to survive; a few hours of a small gateway.
@@ -78,16 +76,6 @@ pub(crate) enum Command {
     /// Alert rows and their events, together (see [`super::alerts`]).
     Alerts(AlertWrite, Reply<AlertReceipt>),
     Shutdown,
-}
-
-/// Values read from one sensor at one moment, on their way to storage.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub sensor_id: i64,
-    pub taken_at: Micros,
-    /// `taken_at` comes from a clock that was not trusted yet (see [`crate::clock`]).
-    pub hora_dudosa: bool,
-    pub measurements: Vec<Measurement>,
 }
 
 /// A system or test event to store and publish.
@@ -1771,6 +1759,6 @@ impl NewestReadings {
 }
 
 /// The stored text of a sensor's derived values; `None` when it derives none.
-fn stored_derived(derivados: &[crate::sensors::derived::Derived]) -> Option<String> {
+fn stored_derived(derivados: &[crate::model::Derived]) -> Option<String> {
     (!derivados.is_empty()).then(|| serde_json::to_string(derivados).unwrap_or_default())
 }

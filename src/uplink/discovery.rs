@@ -331,7 +331,7 @@ mod tests {
     /// reading, and its first reading in that unit announces nothing again.
     #[test]
     fn derived_values_get_their_classes_and_units() {
-        use crate::sensors::derived::Derived;
+        use crate::model::Derived;
         let mut d = discovery();
         let mut derives = sensor(4);
         derives.derivados = Derived::ALL.to_vec();

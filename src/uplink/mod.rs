@@ -16,10 +16,12 @@
 //! between the broker taking a publish and its PUBACK arriving sends that event again,
 //! with the same `seq`, which consumers use to drop it.
 
+mod configured;
 mod discovery;
 mod topics;
 mod tracker;
 
+pub use configured::UplinkConfig;
 pub use discovery::{Announcement, Discovery};
 pub use topics::{is_topic_name, topic_level, Topics};
 
@@ -38,7 +40,6 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::api::realtime::feed::Feed;
-use crate::config::Config;
 use crate::events::{Channel, Event, Hub};
 use crate::shutdown::{Shutdown, Trigger};
 use crate::store::{Store, StoreError};
@@ -197,9 +198,11 @@ impl Uplink {
     /// Starts the uplink when `uplink.broker` is configured; `None` otherwise, and then
     /// nothing is opened. Reads the cursor, or on the very first start sets it to the
     /// newest event (history from before the uplink was configured is not sent) and saves
-    /// it at once, so an outage right after the first start loses nothing either.
+    /// it at once, so an outage right after the first start loses nothing either. A
+    /// sensor is announced offline after `offline_after_intervals` quiet intervals.
     pub async fn start(
-        config: &Config,
+        config: &UplinkConfig,
+        offline_after_intervals: u32,
         store: Store,
         hub: Hub,
     ) -> Result<Option<Uplink>, UplinkError> {
@@ -236,7 +239,7 @@ impl Uplink {
                 prefix,
                 &settings.gateway,
                 settings.topics.clone(),
-                config.sampling.offline_after_intervals,
+                offline_after_intervals,
             )
         });
         let runner = Runner {
@@ -295,8 +298,7 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_config(config: &Config) -> Result<Option<Settings>, UplinkError> {
-        let uplink = &config.uplink;
+    fn from_config(uplink: &UplinkConfig) -> Result<Option<Settings>, UplinkError> {
         let Some(broker) = &uplink.broker else {
             return Ok(None);
         };
