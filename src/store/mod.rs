@@ -9,6 +9,7 @@
 pub mod alerts;
 mod capacity;
 mod checkpointer;
+mod feed;
 mod publisher;
 mod reader;
 mod replay;
@@ -19,6 +20,7 @@ mod settings;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
+pub use feed::Feed;
 pub use reader::{CalibrationChange, Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]

@@ -39,10 +39,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::api::realtime::feed::Feed;
 use crate::events::{Channel, Event, Hub};
 use crate::shutdown::{Shutdown, Trigger};
-use crate::store::{Store, StoreError};
+use crate::store::{Feed, Store, StoreError};
 use topics::{frame_entity_id, frame_reading, reading_payload};
 use tracker::Tracker;
 

@@ -1,11 +1,11 @@
 //! Live delivery to clients: WebSocket sessions and Server-Sent Events streams.
 //!
 //! Both are built from the same parts: a [`subscription::Subscription`] says what the
-//! client wants, a [`feed::Feed`] yields every event after the client's position (stored
-//! ones first when resuming, then live), and [`opening`] decides what the client is told
-//! before the first event (a snapshot, or that its `since` cannot be honoured).
+//! client wants, the store's [`Feed`](crate::store::Feed) yields every event after the
+//! client's position (stored ones first when resuming, then live), and [`opening`]
+//! decides what the client is told before the first event (a snapshot, or that its
+//! `since` cannot be honoured).
 
-pub mod feed;
 pub mod outbox;
 pub mod sse;
 pub mod subscription;

@@ -16,7 +16,6 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
 
-use super::feed::Feed;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
@@ -24,6 +23,7 @@ use crate::api::router::StreamAdmission;
 use crate::api::{streamed, ApiError, Body, State, StreamFailed};
 use crate::auth::{Access, Principal};
 use crate::model::FieldError;
+use crate::store::Feed;
 
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);

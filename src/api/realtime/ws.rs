@@ -41,7 +41,6 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::feed::Feed;
 use super::outbox::{Closing, Frame, Outbox};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
@@ -53,6 +52,7 @@ use crate::api::{full, linger, ApiError, Body, State};
 use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
+use crate::store::Feed;
 
 /// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
 /// memory per client and zero-fill time on every read.
