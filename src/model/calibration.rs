@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(sample[1].valor, 45.0);
         assert_eq!(sample[2].valor, 1013.0);
         let mut wet = vec![Measurement::new("humedad", 97.0, "%")];
-        assert!(matches!(c.apply(&mut wet), Err(_)));
+        assert!(c.apply(&mut wet).unwrap_err().contains("after calibration"));
         assert_eq!(wet[0].valor, 97.0, "a refused sample is left as read");
         // Only corrected values are judged: what the device sent was judged by it.
         let only_temperature =

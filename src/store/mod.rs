@@ -9,7 +9,9 @@
 pub mod alerts;
 mod capacity;
 mod checkpointer;
+mod command;
 mod feed;
+mod health;
 mod publisher;
 mod reader;
 mod replay;
@@ -17,30 +19,51 @@ mod retention;
 mod rollup;
 mod schema;
 mod settings;
+mod step;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
 pub use feed::Feed;
+pub use health::WriterHealth;
 pub use reader::{CalibrationChange, Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
 pub use schema::{migrate_up_to, SCHEMA_VERSION};
 pub use settings::{RetentionRule, StorageConfig, Synchronous};
-pub use writer::{Emission, EmissionKind, WriterHandle, WriterHealth};
+pub use writer::WriterHandle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::events::Hub;
+use crate::events::{Channel, Hub};
 use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sample, Sensor, SensorPatch};
+use command::Command;
 use replay::ReplayPages;
 use rollup::OpenBuckets;
-use writer::Command;
+
+/// A system or test event to store and publish.
+#[derive(Debug, Clone)]
+pub struct Emission {
+    pub channel: Channel,
+    pub kind: EmissionKind,
+    pub sensor_id: Option<i64>,
+    pub data: Value,
+}
+
+/// The envelope an [`Emission`] goes out in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmissionKind {
+    /// `{"type": "system_event", "event_type": ...}`.
+    System(String),
+    /// `{"type": "test_event", ...}` from `POST /api/v1/ws/test-event`.
+    Test,
+}
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "sensorgate.db";

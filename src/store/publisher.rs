@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::health::{self, WriterHealth};
 use super::reader;
-use super::writer::WriterHealth;
 use crate::events::{self, Channel, Event, Hub};
 use crate::model::Reading;
 
@@ -288,7 +288,7 @@ fn run(
                 Err(why) => {
                     if !std::mem::replace(&mut failing, true) {
                         log::error!("{why}; events wait until it works");
-                        hub.publish(super::writer::outage_notice(&why, 0));
+                        hub.publish(health::outage_notice(&why, 0));
                     }
                 }
             }
