@@ -8,9 +8,6 @@
 mod envelope;
 mod hub;
 
-pub use envelope::{
-    connection_message, error_message, resync_message, snapshot_message, stats_message,
-};
 pub(crate) use envelope::{
     reading_change_frame, reading_frame, sensor_frame, system_frame, test_frame,
 };

@@ -7,6 +7,7 @@
 //! `since` cannot be honoured).
 
 pub mod outbox;
+pub mod protocol;
 pub mod sse;
 pub mod subscription;
 pub mod throttle;
@@ -18,7 +19,6 @@ use hyper::header::{HOST, ORIGIN};
 use crate::api::metrics::Limit;
 use crate::api::{ApiError, State};
 use crate::auth::origin;
-use crate::events;
 use crate::model::now_micros;
 use crate::store::{Store, StoreError};
 use subscription::{Request, Subscription};
@@ -59,7 +59,7 @@ pub async fn opening(store: &Store, request: &Request) -> Result<Opening, StoreE
             None
         };
         if let Some(reason) = reason {
-            messages.push(events::resync_message(
+            messages.push(protocol::resync_message(
                 reason,
                 asked,
                 counts.oldest_seq,
@@ -108,6 +108,6 @@ pub async fn snapshot(
         .iter()
         .filter(|r| wanted_sensor(r.sensor_id) && wanted_tipo(&r.tipo))
         .collect();
-    let text = events::snapshot_message(snapshot.seq, &sensors, &readings, now_micros());
+    let text = protocol::snapshot_message(snapshot.seq, &sensors, &readings, now_micros());
     Ok((text, snapshot.seq))
 }
