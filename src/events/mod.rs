@@ -16,7 +16,10 @@ pub use hub::{ChannelStats, Hub, HubStats, QueueCounters, Registration};
 use std::fmt;
 use std::str::FromStr;
 
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::model::{Reading, Sensor};
 
 /// A topic clients subscribe to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,8 +72,20 @@ impl FromStr for Channel {
     }
 }
 
-/// One emitted event: its place in the sequence, what subscriptions filter on, and the
-/// frame every subscriber receives.
+/// What an event says, as values. Parts of the daemon that follow events read this,
+/// never the frame: the frame is for clients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A sensor created, updated (as it is now) or deleted (as it was).
+    Sensor(Sensor),
+    /// A reading created, updated (as it is now) or deleted (as it was).
+    Reading(Reading),
+    /// A system or test event: its `data`.
+    Data(Value),
+}
+
+/// One emitted event: its place in the sequence, what subscriptions filter on, what it
+/// says, and the frame every subscriber receives.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub seq: u64,
@@ -80,6 +95,8 @@ pub struct Event {
     /// The sensor the event is about (the reading's sensor for readings).
     pub sensor_id: Option<i64>,
     pub tipo: Option<String>,
+    /// What the frame says, for the daemon's own parts.
+    pub body: Body,
     /// The serialised JSON envelope, shared by every subscriber without copying.
     pub frame: Utf8Bytes,
 }

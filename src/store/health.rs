@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::capacity::StorageFigures;
-use crate::events::{self, Channel, Event};
+use crate::events::{self, Body, Channel, Event};
 use crate::model::{now_micros, Micros};
 
 /// What the writer has done, for health checks, the watchdog and `/metrics`.
@@ -164,6 +164,7 @@ pub(super) fn outage_notice(why: &str, buffered_samples: usize) -> Arc<Event> {
         event_type: "storage_degraded".into(),
         sensor_id: None,
         tipo: None,
+        body: Body::Data(data),
         frame: frame.into(),
     })
 }

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::health::{self, WriterHealth};
 use super::reader;
-use crate::events::{self, Channel, Event, Hub};
+use crate::events::{self, Body, Channel, Event, Hub};
 use crate::model::Reading;
 
 /// Commits waiting for the publisher before the writer waits for it in turn: the
@@ -79,7 +79,8 @@ impl Unpublished {
                     channel: Channel::Readings,
                     event_type: "created".into(),
                     sensor_id: Some(reading.sensor_id),
-                    tipo: Some(reading.tipo),
+                    tipo: Some(reading.tipo.clone()),
+                    body: Body::Reading(reading),
                     frame: frame.into(),
                 })
             }
@@ -313,6 +314,7 @@ mod tests {
             event_type: "sensor_updated".into(),
             sensor_id: Some(1),
             tipo: None,
+            body: Body::Data(serde_json::Value::Null),
             frame: format!("{{\"seq\":{seq}}}").into(),
         })
     }

@@ -12,7 +12,7 @@ use super::publisher::Unpublished;
 use super::retention;
 use super::rollup::{self, Folded, Pending};
 use super::{reader, Emission, EmissionKind, StoreError};
-use crate::events::{self, Channel, Event};
+use crate::events::{self, Body, Channel, Event};
 use crate::model::{
     now_micros, Micros, NewSensor, Reading, ReadingPatch, Sample, Sensor, SensorPatch,
 };
@@ -138,6 +138,7 @@ impl Step<'_> {
         sensor_id: Option<i64>,
         tipo: Option<&str>,
         frame: String,
+        body: Body,
     ) -> Result<u64, rusqlite::Error> {
         let seq = *self.seq;
         self.tx
@@ -161,6 +162,7 @@ impl Step<'_> {
             event_type: event_type.to_owned(),
             sensor_id,
             tipo: tipo.map(str::to_owned),
+            body,
             frame: frame.into(),
         })));
         Ok(seq)
@@ -188,6 +190,7 @@ impl Step<'_> {
             Some(sensor.id),
             Some(&sensor.tipo),
             frame,
+            Body::Sensor(sensor.clone()),
         )?;
         Ok(())
     }
@@ -337,6 +340,7 @@ impl Step<'_> {
             Some(reading.sensor_id),
             Some(&reading.tipo),
             frame,
+            Body::Reading(reading.clone()),
         )?;
         Ok(Ok(reading))
     }
@@ -364,6 +368,7 @@ impl Step<'_> {
             Some(reading.sensor_id),
             Some(&reading.tipo),
             frame,
+            Body::Reading(reading.clone()),
         )?;
         Ok(Ok(reading))
     }
@@ -489,6 +494,7 @@ impl Step<'_> {
             emission.sensor_id,
             None,
             frame,
+            Body::Data(emission.data),
         )
     }
 }
