@@ -34,15 +34,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
 use crate::clock::{Clock, ClockTrust};
-use crate::events::{Channel, Hub};
 use crate::model::derived::{self, Derived};
 use crate::model::{now_micros, Calibration, Sample, Sensor};
 use crate::shutdown::Shutdown;
-use crate::store::{Emission, EmissionKind, SensorFilter, Store, StoreError};
 use health::{Tracker, Transition};
 
 /// Where a sensor's samples come from: the `fuente` of a sensor record, and the `source`
@@ -143,9 +140,37 @@ impl Plan {
     }
 }
 
+/// Where the sensors' output goes: samples to storage, health changes to clients. Wired
+/// to the store in `app`; the sensors know nothing of what is behind it.
+pub trait SampleSink: Send + Sync {
+    /// Hands samples over for storage, waiting while storage is busy (a bounded queue:
+    /// a slow card pushes back on the sources). Fails once storage has stopped.
+    fn submit(&self, samples: Vec<Sample>) -> Result<(), SinkClosed>;
+
+    /// Tells clients of a sensor's health change (`sensor_offline`, `sensor_online`,
+    /// ...), with its `data`; stored and numbered like every event.
+    fn announce(&self, sensor_id: i64, event_type: &str, data: Value);
+}
+
+/// The sink takes nothing more: storage has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkClosed;
+
+/// A change to the sensor records, as the scheduler hears of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SensorChange {
+    /// Every sensor record: at start, and again after changes were missed. `None` when
+    /// they could not be read; the sensors sampled then stay as they are.
+    All(Option<Vec<Sensor>>),
+    /// A sensor created or updated, as it is now.
+    Saved(Sensor),
+    /// A sensor deleted.
+    Deleted(i64),
+}
+
 /// Runs one thread per sampled sensor and keeps the set in step with the sensor records.
 pub struct Scheduler {
-    store: Store,
+    sink: Arc<dyn SampleSink>,
     health: Arc<HealthBoard>,
     clock: Arc<Clock>,
     offline_after_intervals: u32,
@@ -171,13 +196,13 @@ const MAX_READ_TIME: Duration = Duration::from_secs(5);
 
 impl Scheduler {
     pub fn new(
-        store: Store,
+        sink: Arc<dyn SampleSink>,
         health: Arc<HealthBoard>,
         clock: Arc<Clock>,
         offline_after_intervals: u32,
     ) -> Scheduler {
         Scheduler {
-            store,
+            sink,
             health,
             clock,
             offline_after_intervals,
@@ -185,46 +210,38 @@ impl Scheduler {
         }
     }
 
-    /// Samples every sensor whose record has an active source, follows changes to the
-    /// records until `shutdown`, then stops every thread.
+    /// Samples every sensor whose record has an active source, follows `changes` to the
+    /// records until `shutdown`, then stops every thread. The first change is every
+    /// record.
     ///
     /// `started` is told, with their number, once the sensors sampled at start have
     /// their threads running.
-    pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown, started: oneshot::Sender<usize>) {
+    pub async fn run(
+        mut self,
+        mut changes: tokio::sync::mpsc::Receiver<SensorChange>,
+        mut shutdown: Shutdown,
+        started: oneshot::Sender<usize>,
+    ) {
         let _running = RunningFlag::set(self.health.clone());
-        let mut changes = hub.subscribe_without_readings();
-        match self.store.sensors_told_offline().await {
-            Ok(ids) => self.health.told_offline_before(ids),
-            Err(e) => log::error!("cannot read which sensors were announced offline: {e}"),
-        }
-        self.resync().await;
-        let _ = started.send(self.running.len());
+        let mut started = Some(started);
         loop {
             tokio::select! {
                 _ = shutdown.recv() => break,
                 change = changes.recv() => match change {
-                    // Only the store's own sensor events describe sensor records: an
-                    // admin's test event on `sensors` carries whatever data it was given
-                    // and must not start or stop sampling.
-                    Ok(event)
-                        if event.channel == Channel::Sensors
-                            && matches!(
-                                event.event_type.as_str(),
-                                "created" | "updated" | "deleted"
-                            ) =>
-                    {
-                        match sensor_of(&event.frame) {
-                            Some(sensor) if event.event_type != "deleted" => self.apply(&sensor).await,
-                            Some(sensor) => {
-                                self.stop(sensor.id).await;
-                                self.health.forget(sensor.id);
-                            }
-                            None => log::error!("sensor event {} not understood", event.seq),
+                    Some(SensorChange::All(sensors)) => {
+                        if let Some(sensors) = sensors {
+                            self.resync(&sensors).await;
+                        }
+                        if let Some(started) = started.take() {
+                            let _ = started.send(self.running.len());
                         }
                     }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => self.resync().await,
-                    Err(RecvError::Closed) => break,
+                    Some(SensorChange::Saved(sensor)) => self.apply(&sensor).await,
+                    Some(SensorChange::Deleted(id)) => {
+                        self.stop(id).await;
+                        self.health.forget(id);
+                    }
+                    None => break,
                 }
             }
         }
@@ -232,30 +249,21 @@ impl Scheduler {
         self.stop_all(ids).await;
     }
 
-    /// Brings the running set in line with every stored sensor.
-    async fn resync(&mut self) {
-        let all = SensorFilter {
-            limit: u32::MAX,
-            ..SensorFilter::default()
-        };
-        match self.store.sensors(all).await {
-            Ok(sensors) => {
-                let ids: Vec<i64> = sensors.iter().map(|s| s.id).collect();
-                let gone: Vec<i64> = self
-                    .running
-                    .keys()
-                    .filter(|id| !ids.contains(id))
-                    .copied()
-                    .collect();
-                self.stop_all(gone.clone()).await;
-                gone.iter().for_each(|id| self.health.forget(*id));
-                for sensor in &sensors {
-                    self.apply(sensor).await;
-                }
-                log::info!("{} sensors sampled", self.running.len());
-            }
-            Err(e) => log::error!("cannot read sensors to sample: {e}"),
+    /// Brings the running set in line with every sensor record.
+    async fn resync(&mut self, sensors: &[Sensor]) {
+        let ids: Vec<i64> = sensors.iter().map(|s| s.id).collect();
+        let gone: Vec<i64> = self
+            .running
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        self.stop_all(gone.clone()).await;
+        gone.iter().for_each(|id| self.health.forget(*id));
+        for sensor in sensors {
+            self.apply(sensor).await;
         }
+        log::info!("{} sensors sampled", self.running.len());
     }
 
     /// Starts, restarts or stops a sensor's thread as its record says.
@@ -291,7 +299,7 @@ impl Scheduler {
             sensor_id: sensor.id,
             source,
             processing: shared.clone(),
-            store: self.store.clone(),
+            sink: self.sink.clone(),
             health: self.health.clone(),
             clock: self.clock.clone(),
             offline_after: pace * self.offline_after_intervals,
@@ -421,39 +429,12 @@ impl Drop for RunningFlag {
     }
 }
 
-/// The sensor in a `sensors` event's frame.
-fn sensor_of(frame: &str) -> Option<Sensor> {
-    let envelope: Value = serde_json::from_str(frame).ok()?;
-    let data = envelope.get("data")?;
-    let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
-    Some(Sensor {
-        id: data.get("id")?.as_i64()?,
-        tipo: text("tipo")?,
-        modelo: text("modelo")?,
-        nombre: text("nombre"),
-        ubicacion: text("ubicacion"),
-        fuente: data.get("fuente").filter(|v| !v.is_null()).cloned(),
-        intervalo: data.get("intervalo").and_then(Value::as_f64),
-        activo: data.get("activo")?.as_bool()?,
-        calibracion: data
-            .get("calibracion")
-            .and_then(|v| Calibration::from_json(v, "calibracion").ok())
-            .unwrap_or_default(),
-        derivados: data
-            .get("derivados")
-            .and_then(|v| crate::model::parse_derived(v).ok())
-            .unwrap_or_default(),
-        created_at: 0,
-        updated_at: 0,
-    })
-}
-
 /// The sampling loop of one sensor, on its own thread.
 struct Worker {
     sensor_id: i64,
     source: Box<dyn Source>,
     processing: SharedProcessing,
-    store: Store,
+    sink: Arc<dyn SampleSink>,
     health: Arc<HealthBoard>,
     clock: Arc<Clock>,
     offline_after: Duration,
@@ -505,7 +486,7 @@ impl Worker {
                         .collect();
                     let stored = !samples.is_empty();
                     if stored {
-                        if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
+                        if self.sink.submit(samples).is_err() {
                             return;
                         }
                         changes.extend(tracker.ok(now, taken_at));
@@ -557,16 +538,14 @@ impl Worker {
             Transition::PortFound => log::info!("sensor {}: device back", self.sensor_id),
         }
         self.health.announced(self.sensor_id, change);
-        let emission = Emission {
-            channel: Channel::General,
-            kind: EmissionKind::System(change.event_type().to_owned()),
-            sensor_id: Some(self.sensor_id),
-            data: json!({
+        self.sink.announce(
+            self.sensor_id,
+            change.event_type(),
+            json!({
                 "sensor_id": self.sensor_id,
                 "salud": salud,
             }),
-        };
-        let _ = self.store.submit_emission(emission);
+        );
     }
 }
 
