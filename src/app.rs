@@ -70,10 +70,7 @@ pub async fn run(
     sync_configured_sensors(&store, &[], &config.sensors).await;
     if config.auth.policy == Policy::None {
         log::warn!("auth policy \"none\": anyone on the network can change sensors and data");
-    } else if let Err(e) = auth::bootstrap_admin(
-        &config.storage.data_dir.join(DATABASE_FILE),
-        &config.storage.data_dir,
-    ) {
+    } else if let Err(e) = auth::bootstrap_admin(&store, &config.storage.data_dir).await {
         log::error!("could not create the first admin token: {e}");
     }
 

@@ -304,11 +304,13 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
         }
     };
     let outcome = match command {
-        TokenCommand::Create { name, scope } => tokens::create(&conn, &name, scope).map(|token| {
-            println!("{token}");
-            eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
-        }),
-        TokenCommand::List => tokens::list(&conn).map(|list| {
+        TokenCommand::Create { name, scope } => {
+            tokens::create_offline(&conn, &name, scope).map(|token| {
+                println!("{token}");
+                eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
+            })
+        }
+        TokenCommand::List => tokens::list_offline(&conn).map(|list| {
             let rows: Vec<[String; 4]> = list
                 .into_iter()
                 .map(|t| {
@@ -322,7 +324,7 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             print_table(["NAME", "SCOPE", "CREATED", "LAST USED"], &rows);
         }),
         TokenCommand::Revoke(name) => {
-            tokens::revoke(&conn, &name, &config.storage.data_dir).map(|()| {
+            tokens::revoke_offline(&conn, &name, &config.storage.data_dir).map(|()| {
                 eprintln!("token {name:?} revoked");
             })
         }

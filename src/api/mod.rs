@@ -51,7 +51,7 @@ use crate::clock::Clock;
 use crate::events::Hub;
 use crate::sensors::HealthBoard;
 use crate::shutdown::{DrainGuard, Shutdown};
-use crate::store::{Store, DATABASE_FILE};
+use crate::store::Store;
 use settings::{LimitsConfig, RealtimeConfig, ServerConfig, Settings};
 
 /// Largest request head (request line and headers) a connection buffers; hyper answers
@@ -140,8 +140,8 @@ pub struct State {
     /// Proxies whose forwarding headers name the client.
     pub proxies: TrustedProxies,
     pub auth: Authenticator,
-    /// The database file, for token management on a connection of its own.
-    pub database: PathBuf,
+    /// The data directory, where a token's revocation is marked for other processes.
+    pub data_dir: PathBuf,
     pub counters: Counters,
     pub write_limiter: RateLimiter,
     pub socket_limiter: RateLimiter,
@@ -179,7 +179,7 @@ impl State {
         } = settings;
         State {
             auth: Authenticator::new(store.clone(), auth.policy, &data_dir),
-            database: data_dir.join(DATABASE_FILE),
+            data_dir: data_dir.clone(),
             store,
             hub,
             health,

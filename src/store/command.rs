@@ -24,6 +24,16 @@ pub(crate) enum Command {
     Ping(oneshot::Sender<()>),
     /// Records a token's last use.
     TouchToken(i64, Micros),
+    /// Adds a token (its name, scope and the hash of its secret); answers whether it was
+    /// added.
+    CreateToken {
+        name: String,
+        scope: &'static str,
+        hash: Vec<u8>,
+        reply: Reply<bool>,
+    },
+    /// Removes a token by name; answers whether there was one.
+    DeleteToken(String, Reply<bool>),
     /// Saves how far an uplink got (its name, the `seq`).
     SaveUplinkCursor(&'static str, u64, Reply<()>),
     /// Alert rows and their events, together (see [`super::alerts`]).
@@ -37,6 +47,7 @@ pub(super) enum Done {
     Sensor(Reply<Sensor>, Result<Sensor, StoreError>),
     Reading(Reply<Reading>, Result<Reading, StoreError>),
     Seq(Reply<u64>, Result<u64, StoreError>),
+    Flag(Reply<bool>, bool),
     Alerts(Reply<AlertReceipt>, AlertReceipt),
     Ping(oneshot::Sender<()>),
     Nothing,
@@ -50,6 +61,7 @@ impl Done {
             Done::Sensor(reply, result) => drop(reply.send(result)),
             Done::Reading(reply, result) => drop(reply.send(result)),
             Done::Seq(reply, result) => drop(reply.send(result)),
+            Done::Flag(reply, flag) => drop(reply.send(Ok(flag))),
             Done::Alerts(reply, receipt) => drop(reply.send(Ok(receipt))),
             Done::Ping(reply) => drop(reply.send(())),
             Done::Nothing => {}
@@ -64,6 +76,7 @@ impl Done {
             Done::Sensor(reply, _) => drop(reply.send(Err(err()))),
             Done::Reading(reply, _) => drop(reply.send(Err(err()))),
             Done::Seq(reply, _) => drop(reply.send(Err(err()))),
+            Done::Flag(reply, _) => drop(reply.send(Err(err()))),
             Done::Alerts(reply, _) => drop(reply.send(Err(err()))),
             // The writer is alive even when a commit fails (a full disk): answer.
             Done::Ping(reply) => drop(reply.send(())),
@@ -95,6 +108,9 @@ impl Command {
             | Command::DeleteReading(_, r) => drop(r.send(Err(err()))),
             Command::Emit(_, r) => drop(r.send(Err(err()))),
             Command::SaveUplinkCursor(_, _, r) => drop(r.send(Err(err()))),
+            Command::CreateToken { reply, .. } | Command::DeleteToken(_, reply) => {
+                drop(reply.send(Err(err())))
+            }
             Command::Alerts(_, r) => drop(r.send(Err(err()))),
             Command::Ping(reply) => drop(reply.send(())),
             Command::Samples(_) | Command::TouchToken(..) | Command::Shutdown => {}
@@ -111,6 +127,9 @@ impl Command {
             | Command::DeleteReading(_, r) => Done::Reading(r, Err(StoreError::Closed)),
             Command::Emit(_, r) => Done::Seq(r, Err(StoreError::Closed)),
             Command::SaveUplinkCursor(_, _, r) => Done::Unit(r),
+            Command::CreateToken { reply, .. } | Command::DeleteToken(_, reply) => {
+                Done::Flag(reply, false)
+            }
             Command::Alerts(_, r) => Done::Alerts(r, AlertReceipt::default()),
             Command::Samples(samples) => {
                 log::error!("{} samples not stored: {why}", samples.len());

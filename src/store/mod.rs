@@ -20,6 +20,7 @@ mod rollup;
 mod schema;
 mod settings;
 mod step;
+pub mod tokens;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
@@ -327,6 +328,32 @@ impl Store {
         let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
     }
 
+    /// Every token, by name.
+    pub async fn tokens(&self) -> Result<Vec<tokens::StoredToken>, StoreError> {
+        self.read(tokens::all).await
+    }
+
+    /// Adds a token with the hash of its secret; `false` when the name is taken.
+    pub async fn create_token(
+        &self,
+        name: String,
+        scope: &'static str,
+        hash: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        self.call(|reply| Command::CreateToken {
+            name,
+            scope,
+            hash,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a token; `false` when there was none of that name.
+    pub async fn delete_token(&self, name: String) -> Result<bool, StoreError> {
+        self.call(|reply| Command::DeleteToken(name, reply)).await
+    }
+
     /// Saves how far the uplink `name` got: every event up to `seq` was delivered (or
     /// needs no delivery). Written through the writer like everything else.
     pub async fn save_uplink_cursor(&self, name: &'static str, seq: u64) -> Result<(), StoreError> {
@@ -374,7 +401,7 @@ impl Store {
     }
 
     /// Runs a query on a read-only connection off the async threads.
-    pub(crate) async fn read<T: Send + 'static>(
+    async fn read<T: Send + 'static>(
         &self,
         query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {

@@ -11,6 +11,7 @@ use super::command::{Command, Done};
 use super::publisher::Unpublished;
 use super::retention;
 use super::rollup::{self, Folded, Pending};
+use super::tokens;
 use super::{reader, Emission, EmissionKind, StoreError};
 use crate::events::{self, Body, Channel, Event};
 use crate::model::{
@@ -78,11 +79,19 @@ impl Step<'_> {
             }
             Command::Ping(reply) => Done::Ping(reply),
             Command::TouchToken(id, at) => {
-                self.tx
-                    .prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
-                    .execute(params![id, at])?;
+                tokens::touch(self.tx, id, at)?;
                 Done::Nothing
             }
+            Command::CreateToken {
+                name,
+                scope,
+                hash,
+                reply,
+            } => Done::Flag(
+                reply,
+                tokens::insert(self.tx, &name, scope, &hash, self.now)?,
+            ),
+            Command::DeleteToken(name, reply) => Done::Flag(reply, tokens::delete(self.tx, &name)?),
             Command::SaveUplinkCursor(name, seq, reply) => {
                 self.tx
                     .prepare_cached(
