@@ -10,14 +10,13 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use rusqlite::Connection;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::Scope;
 use crate::model::{now_micros, Micros};
-use crate::store::tokens::StoredToken;
-use crate::store::{self, Store, StoreError};
+use crate::store::tokens::{OfflineTable, StoredToken};
+use crate::store::{Store, StoreError};
 
 /// What makes a token name acceptable: short, printable, no spaces.
 pub fn valid_name(name: &str) -> bool {
@@ -158,26 +157,27 @@ pub async fn revoke(store: &Store, name: &str, data_dir: &Path) -> Result<(), To
     }
 }
 
-/// The same as [`create`], for the command line: on a database connection of its own
-/// (opened by the store), while a daemon may be running on it.
-pub fn create_offline(conn: &Connection, name: &str, scope: Scope) -> Result<String, TokenError> {
+/// The same as [`create`], for the command line, on the table by itself.
+pub fn create_offline(
+    table: &OfflineTable,
+    name: &str,
+    scope: Scope,
+) -> Result<String, TokenError> {
     let (token, hashed) = new_token(name)?;
-    if !store::tokens::insert(conn, name, scope.as_str(), &hashed, now_micros())
-        .map_err(StoreError::from)?
-    {
+    if !table.insert(name, scope.as_str(), &hashed)? {
         return Err(TokenError::NameTaken(name.to_owned()));
     }
     Ok(token)
 }
 
 /// The same as [`list`], for the command line.
-pub fn list_offline(conn: &Connection) -> Result<Vec<TokenInfo>, TokenError> {
-    Ok(listed(store::tokens::all(conn).map_err(StoreError::from)?))
+pub fn list_offline(table: &OfflineTable) -> Result<Vec<TokenInfo>, TokenError> {
+    Ok(listed(table.all()?))
 }
 
 /// The same as [`revoke`], for the command line.
-pub fn revoke_offline(conn: &Connection, name: &str, data_dir: &Path) -> Result<(), TokenError> {
-    match store::tokens::delete(conn, name).map_err(StoreError::from)? {
+pub fn revoke_offline(table: &OfflineTable, name: &str, data_dir: &Path) -> Result<(), TokenError> {
+    match table.delete(name)? {
         false => Err(TokenError::NotFound(name.to_owned())),
         true => mark_revoked(data_dir).map_err(TokenError::Marker),
     }
@@ -252,12 +252,9 @@ pub fn find(rows: &[StoredToken], presented: &[u8]) -> Option<(i64, String, Scop
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::migrate;
 
-    fn db() -> Connection {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        conn
+    fn db() -> OfflineTable {
+        OfflineTable::in_memory()
     }
 
     #[test]
@@ -267,7 +264,8 @@ mod tests {
         let b = create_offline(&conn, "wall", Scope::Read).unwrap();
         assert_ne!(a, b);
         assert!(a.starts_with("sg_") && a.len() == 67);
-        let stored: Vec<Vec<u8>> = store::tokens::all(&conn)
+        let stored: Vec<Vec<u8>> = conn
+            .all()
             .unwrap()
             .into_iter()
             .map(|row| row.hash)
@@ -276,15 +274,10 @@ mod tests {
             .iter()
             .all(|h| h.len() == 32 && !h.windows(3).any(|w| w == b"sg_")));
         assert_eq!(
-            find(&store::tokens::all(&conn).unwrap(), &hash(&a))
-                .unwrap()
-                .2,
+            find(&conn.all().unwrap(), &hash(&a)).unwrap().2,
             Scope::Write
         );
-        assert_eq!(
-            find(&store::tokens::all(&conn).unwrap(), &hash("sg_wrong")),
-            None
-        );
+        assert_eq!(find(&conn.all().unwrap(), &hash("sg_wrong")), None);
     }
 
     #[test]
@@ -304,10 +297,7 @@ mod tests {
         assert_eq!(listed[0].last_used_at, None);
         let dir = tempfile::tempdir().unwrap();
         revoke_offline(&conn, "x", dir.path()).unwrap();
-        assert_eq!(
-            find(&store::tokens::all(&conn).unwrap(), &hash(&token)),
-            None
-        );
+        assert_eq!(find(&conn.all().unwrap(), &hash(&token)), None);
         assert!(matches!(
             revoke_offline(&conn, "x", dir.path()),
             Err(TokenError::NotFound(_))

@@ -4,7 +4,8 @@
 
 use rusqlite::{params, Connection};
 
-use crate::model::Micros;
+use super::StoreError;
+use crate::model::{now_micros, Micros};
 
 /// A row of the token table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,40 @@ pub fn touch(conn: &Connection, id: i64, at: Micros) -> rusqlite::Result<()> {
     conn.prepare_cached("UPDATE tokens SET last_used_at = ?2 WHERE id = ?1")?
         .execute(params![id, at])?;
     Ok(())
+}
+
+/// The token table on a connection of its own: for the command line, which works on the
+/// database while a daemon may be running on it.
+pub struct OfflineTable(Connection);
+
+impl OfflineTable {
+    /// The table on `conn` (see [`super::open_existing_database`]).
+    pub fn new(conn: Connection) -> OfflineTable {
+        OfflineTable(conn)
+    }
+
+    /// A table in a database of its own in memory.
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> OfflineTable {
+        let mut conn = Connection::open_in_memory().expect("an in-memory database opens");
+        super::schema::migrate(&mut conn).expect("a new database migrates");
+        OfflineTable(conn)
+    }
+
+    /// Every token, by name.
+    pub fn all(&self) -> Result<Vec<StoredToken>, StoreError> {
+        Ok(all(&self.0)?)
+    }
+
+    /// Adds a token; `false` when the name is taken.
+    pub fn insert(&self, name: &str, scope: &str, hash: &[u8]) -> Result<bool, StoreError> {
+        Ok(insert(&self.0, name, scope, hash, now_micros())?)
+    }
+
+    /// Removes a token; `false` when there was none of that name.
+    pub fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(delete(&self.0, name)?)
+    }
 }
 
 #[cfg(test)]
