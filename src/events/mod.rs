@@ -16,8 +16,8 @@ pub use hub::{ChannelStats, Hub, HubStats, QueueCounters, Registration};
 use std::fmt;
 use std::str::FromStr;
 
+use bytes::Bytes;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::model::{Reading, Sensor};
 
@@ -98,5 +98,46 @@ pub struct Event {
     /// What the frame says, for the daemon's own parts.
     pub body: Body,
     /// The serialised JSON envelope, shared by every subscriber without copying.
-    pub frame: Utf8Bytes,
+    pub frame: Frame,
+}
+
+/// An event's frame: the JSON text every subscriber is sent, made once and shared. Any
+/// transport takes it as bytes; nothing here knows which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    /// The frame as text.
+    pub fn as_str(&self) -> &str {
+        // Always UTF-8: a frame is only made from text.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The frame as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A handle on the same bytes, for a transport that sends them as they are.
+    pub fn shared(&self) -> Bytes {
+        self.0.clone()
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame(Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for Frame {
+    fn from(text: &'static str) -> Frame {
+        Frame(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

@@ -126,7 +126,7 @@ async fn run(
                 let mut text = String::new();
                 let mut sent = 0;
                 for event in events.iter().filter(|e| subscription.matches(e)) {
-                    event_chunk(&mut text, Some(event.seq), &event.frame);
+                    event_chunk(&mut text, Some(event.seq), event.frame.as_str());
                     sent += 1;
                 }
                 if sent > 0 {

@@ -739,7 +739,8 @@ async fn write_frames(
                     Frame::Event(event) => {
                         sent[event.channel.index()] += 1;
                         newest = Some(event.seq);
-                        Message::Text(event.frame.clone())
+                        // A frame is made from text: this checks it, it does not copy it.
+                        Message::Text(Utf8Bytes::try_from(event.frame.shared()).unwrap_or_default())
                     }
                     Frame::Text(text) => Message::Text(text),
                     Frame::Ping => Message::Ping(Default::default()),
