@@ -114,7 +114,24 @@ const LAYERS: &[(&str, &[&str], &str)] = &[
 
 /// Circles between the files of one module that are known and listed here, each as the
 /// module and its files in the circle, sorted.
-const KNOWN_CIRCLES: &[(&str, &[&str])] = &[("sensors", &["dht22", "plausibility"])];
+const KNOWN_CIRCLES: &[(&str, &[&str])] = &[
+    ("sensors", &["dht22", "plausibility"]),
+    ("api", &["realtime", "router"]),
+];
+
+/// Crates that one layer owns: no other module may name them.
+const OWNED_CRATES: &[(&str, &[&str], &str)] = &[
+    (
+        "rusqlite",
+        &["store"],
+        "SQLite is opened and queried in the store alone",
+    ),
+    (
+        "tokio_tungstenite",
+        &["api"],
+        "WebSocket is a transport of the API: events and the rest know nothing of it",
+    ),
+];
 
 /// One file of the library: its module path and its text.
 struct SourceFile {
@@ -645,6 +662,23 @@ fn permits(entry: &str, to: &[String]) -> bool {
     to.len() >= segments.len() && to.iter().zip(&segments).all(|(a, b)| a == b)
 }
 
+/// The lines of `text` that name the crate `name` in code (`name::...`).
+fn lines_naming_crate(text: &str, name: &str) -> Vec<usize> {
+    let (bytes, _) = strip_comments(text);
+    let pattern = format!("{name}::");
+    let mut lines = Vec::new();
+    for i in 0..bytes.len() {
+        let before_ok = i == 0 || !(is_ident_byte(bytes[i - 1]) || bytes[i - 1] == b':');
+        if before_ok && bytes[i..].starts_with(pattern.as_bytes()) {
+            let line = bytes[..i].iter().filter(|&&b| b == b'\n').count() + 1;
+            if lines.last() != Some(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    lines
+}
+
 /// Everything wrong with the tree, one line each; empty when the layers hold.
 fn violations(krate: &Crate) -> Vec<String> {
     let allowed: BTreeMap<&str, &[&str]> = LAYERS.iter().map(|(m, may, _)| (*m, *may)).collect();
@@ -710,6 +744,23 @@ fn violations(krate: &Crate) -> Vec<String> {
         witness
             .entry(key)
             .or_insert_with(|| format!("{place} `{}`", arrow.written));
+    }
+    for file in &krate.files {
+        let Some(module) = top(&file.module) else {
+            continue;
+        };
+        for (name, owners, _) in OWNED_CRATES {
+            if owners.contains(&module) {
+                continue;
+            }
+            for line in lines_naming_crate(&file.text, name) {
+                problems.push(format!(
+                    "{}:{line}: {module} uses `{name}`, which only {} may use",
+                    file.shown,
+                    owners.join(", ")
+                ));
+            }
+        }
     }
     // Every arrow inside a circle, each with the first place that draws it.
     let describe = |graph: &BTreeMap<String, BTreeSet<String>>, part: &[String], prefix: &str| {
@@ -821,7 +872,7 @@ fn grouped_inline_and_relative_paths_are_all_arrows() {
         ),
         (
             "api.rs",
-            "#[serde(serialize_with = \"crate::model::wire\")]\nstruct A;\nuse crate::store::Sample;\n",
+            "#[serde(serialize_with = \"crate::model::wire\")]\nstruct A;\nuse crate::store::Sample;\nfn f(_: rusqlite::Error) {}\n",
         ),
     ]);
     let seen: Vec<(String, usize, String)> = krate
@@ -870,6 +921,11 @@ fn grouped_inline_and_relative_paths_are_all_arrows() {
             |p| p.starts_with("import circle between modules api, store:")
                 && p.contains("store -> api at src/store/mod.rs:4")
         ),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .contains(&"src/api.rs:4: api uses `rusqlite`, which only store may use".to_string()),
         "{problems:#?}"
     );
 }
