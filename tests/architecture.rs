@@ -108,7 +108,7 @@ const LAYERS: &[(&str, &[&str], &str)] = &[
             "clock", "config", "shutdown",
         ],
         "wiring and ordered shutdown: the only place that sees every part, and the only \
-         one that sees `api`",
+         one that sees `api` beyond its settings",
     ),
 ];
 
