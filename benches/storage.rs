@@ -25,13 +25,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sensorgate::config::{StorageConfig, Synchronous};
 use sensorgate::events::Hub;
 use sensorgate::model::NewSensor;
-use sensorgate::sensors::Measurement;
+use sensorgate::model::{Measurement, Sample};
 use sensorgate::store::{
-    process_write_bytes, AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Sample, Store,
+    process_write_bytes, AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Store,
 };
+use sensorgate::store::{StorageConfig, Synchronous};
 
 const SENSORS: i64 = 10;
 const CHUNK: usize = 1000;

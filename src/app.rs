@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
+use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alerts::Alerts;
@@ -21,12 +23,12 @@ use crate::api::{self, State};
 use crate::auth::{self, Policy};
 use crate::clock::Clock;
 use crate::config::{Config, SensorConfig};
-use crate::events::Hub;
-use crate::model::{NewSensor, SensorPatch};
-use crate::sensors::{HealthBoard, Scheduler};
+use crate::events::{Body, Channel, Event, Hub};
+use crate::model::{NewSensor, Sample, Sensor, SensorPatch};
+use crate::sensors::{HealthBoard, SampleSink, Scheduler, SensorChange, SinkClosed};
 use crate::service::{self, Supervisor};
 use crate::shutdown::{Drain, Trigger};
-use crate::store::{Store, StoreError, DATABASE_FILE};
+use crate::store::{Emission, EmissionKind, SensorFilter, Store, StoreError, DATABASE_FILE};
 use crate::uplink::Uplink;
 
 /// Events the hub keeps for subscribers that fall briefly behind; one further behind
@@ -51,7 +53,14 @@ pub async fn run(
         config.storage.data_dir.join(DATABASE_FILE).display()
     );
     // Before the configured sensors are brought in, so that their events are sent too.
-    let uplink = match Uplink::start(&config, store.clone(), hub.clone()).await {
+    let uplink = match Uplink::start(
+        &config.uplink,
+        config.sampling.offline_after_intervals,
+        store.clone(),
+        hub.clone(),
+    )
+    .await
+    {
         Ok(uplink) => uplink,
         Err(e) => {
             log::error!("uplink not started: {e}");
@@ -61,10 +70,7 @@ pub async fn run(
     sync_configured_sensors(&store, &[], &config.sensors).await;
     if config.auth.policy == Policy::None {
         log::warn!("auth policy \"none\": anyone on the network can change sensors and data");
-    } else if let Err(e) = auth::bootstrap_admin(
-        &config.storage.data_dir.join(DATABASE_FILE),
-        &config.storage.data_dir,
-    ) {
+    } else if let Err(e) = auth::bootstrap_admin(&store, &config.storage.data_dir).await {
         log::error!("could not create the first admin token: {e}");
     }
 
@@ -88,21 +94,44 @@ pub async fn run(
              real-time clock)"
         );
     }
+    match store.sensors_told_offline().await {
+        Ok(ids) => health.told_offline_before(ids),
+        Err(e) => log::error!("cannot read which sensors were announced offline: {e}"),
+    }
     let scheduler = Scheduler::new(
-        store.clone(),
+        Arc::new(StoreSink(store.clone())),
         health.clone(),
         clock.clone(),
         config.sampling.offline_after_intervals,
     );
+    // Subscribed before the records are read, so no change falls in between.
+    let events = hub.subscribe_without_readings();
+    let (changes, sensor_changes) = mpsc::channel(SENSOR_CHANGES);
+    tokio::spawn(follow_sensor_records(store.clone(), events, changes));
     let (started, sources_started) = oneshot::channel();
-    let sampling = tokio::spawn(scheduler.run(hub.clone(), signal.clone(), started));
+    let sampling = tokio::spawn(scheduler.run(sensor_changes, signal.clone(), started));
     let supervisor = Supervisor::new(store.clone(), hub.clone(), health.clone());
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     let (drain, guard) = Drain::new();
     let state = Arc::new(
-        State::new(&config, store.clone(), hub, health, clock, signal, guard)
-            .with_uplink(uplink.as_ref().map(Uplink::stats))
-            .with_alerts(alerts.clone()),
+        State::new(
+            api::settings::Settings {
+                server: config.server.clone(),
+                realtime: config.realtime.clone(),
+                limits: config.limits.clone(),
+                auth: config.auth.clone(),
+                data_dir: config.storage.data_dir.clone(),
+                max_future_s: config.storage.max_future_s,
+            },
+            store.clone(),
+            hub,
+            health,
+            clock,
+            signal,
+            guard,
+        )
+        .with_uplink(uplink.as_ref().map(Uplink::stats))
+        .with_alerts(alerts.clone()),
     );
     let server = tokio::spawn(api::serve(listener, state.clone()));
     let sampled = sources_started.await.unwrap_or_default();
@@ -254,6 +283,79 @@ async fn sync_configured_sensor(store: &Store, config: &SensorConfig) -> Result<
                 derivados: config.derivados().unwrap_or_default(),
             };
             Ok(store.create_sensor(new).await?.id)
+        }
+    }
+}
+
+/// Sensor changes waiting for the scheduler; past it, the hub's ring holds them, and
+/// past that every record is read again.
+const SENSOR_CHANGES: usize = 64;
+
+/// The sensors' way to the store: samples into the writer's queue, health changes as
+/// system events on `general`.
+struct StoreSink(Store);
+
+impl SampleSink for StoreSink {
+    fn submit(&self, samples: Vec<Sample>) -> Result<(), SinkClosed> {
+        self.0.submit_samples(samples).map_err(|_| SinkClosed)
+    }
+
+    fn announce(&self, sensor_id: i64, event_type: &str, data: Value) {
+        let _ = self.0.submit_emission(Emission {
+            channel: Channel::General,
+            kind: EmissionKind::System(event_type.to_owned()),
+            sensor_id: Some(sensor_id),
+            data,
+        });
+    }
+}
+
+/// Tells the scheduler of the sensor records: every record first, then each sensor event
+/// of the store, and every record again when events were missed. Ends when the scheduler
+/// stops listening.
+async fn follow_sensor_records(
+    store: Store,
+    mut events: broadcast::Receiver<Arc<Event>>,
+    changes: mpsc::Sender<SensorChange>,
+) {
+    let mut change = SensorChange::All(all_sensors(&store).await);
+    loop {
+        if changes.send(change).await.is_err() {
+            return;
+        }
+        change = loop {
+            let event = tokio::select! {
+                _ = changes.closed() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                // Only the store's own sensor events describe sensor records: an admin's
+                // test event on `sensors` carries whatever data it was given.
+                Ok(event) => match (&event.body, event.event_type.as_str()) {
+                    (Body::Sensor(sensor), "deleted") => break SensorChange::Deleted(sensor.id),
+                    (Body::Sensor(sensor), "created" | "updated") => {
+                        break SensorChange::Saved(sensor.clone())
+                    }
+                    _ => {}
+                },
+                Err(RecvError::Lagged(_)) => break SensorChange::All(all_sensors(&store).await),
+                Err(RecvError::Closed) => return,
+            }
+        };
+    }
+}
+
+/// Every sensor record, or `None` (logged) when they cannot be read.
+async fn all_sensors(store: &Store) -> Option<Vec<Sensor>> {
+    let all = SensorFilter {
+        limit: u32::MAX,
+        ..SensorFilter::default()
+    };
+    match store.sensors(all).await {
+        Ok(sensors) => Some(sensors),
+        Err(e) => {
+            log::error!("cannot read sensors to sample: {e}");
+            None
         }
     }
 }

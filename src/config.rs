@@ -2,22 +2,27 @@
 //!
 //! The packaged default (`systemd/config.toml`) is embedded so that
 //! `print-default-config` always matches the binary.
+//!
+//! Each part owns the settings type of its section (`store::StorageConfig`,
+//! `api::settings::ServerConfig`, `uplink::UplinkConfig`, ...); this module composes them,
+//! fills in defaults and reports what is wrong with the line it is on. No part reads it.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::auth::Policy;
-use crate::clock::ClockTrust;
+use crate::api::settings::{LimitsConfig, RealtimeConfig, ServerConfig};
+use crate::auth::{AuthConfig, Policy};
+use crate::model::calibration::unknown_tipos;
 use crate::model::{
     forbidden_char, forbidden_char_message, forbidden_in_json, MAX_INTERVAL_S, MAX_TEXT,
     MIN_INTERVAL_S,
 };
-use crate::sensors::calibration::{unknown_tipos, Calibration};
-use crate::sensors::derived::Derived;
-pub use crate::sensors::SourceSpec;
+use crate::model::{Calibration, Derived};
+use crate::sensors::{SamplingConfig, SourceSpec};
+use crate::store::StorageConfig;
+use crate::uplink::UplinkConfig;
 
 /// The documented default configuration, as installed in `/etc/sensorgate/config.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../systemd/config.toml");
@@ -52,251 +57,6 @@ pub struct Config {
     /// never keeps the daemon from starting (see [`Config::alert_problems`]).
     #[serde(default, rename = "alert")]
     pub alerts: crate::alerts::ConfiguredRules,
-}
-
-/// HTTP server and its limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub dev: bool,
-    pub max_connections: usize,
-    pub max_body_bytes: usize,
-    pub header_read_timeout_s: u64,
-    /// Reverse proxies (addresses or `address/prefix` blocks) whose `X-Forwarded-For` or
-    /// `Forwarded` header says which client a request is for; none by default.
-    pub trusted_proxies: Vec<String>,
-    /// Longest a request body may take to arrive, from the moment its handler starts
-    /// reading it: a client trickling a body must not hold a connection for minutes.
-    pub body_read_timeout_s: u64,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
-            dev: false,
-            max_connections: 256,
-            max_body_bytes: 64 * 1024,
-            header_read_timeout_s: 10,
-            trusted_proxies: Vec::new(),
-            body_read_timeout_s: 10,
-        }
-    }
-}
-
-/// How SQLite trades durability against card writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    Normal,
-    Full,
-}
-
-/// The database and what it keeps.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    pub data_dir: PathBuf,
-    pub synchronous: Synchronous,
-    /// Samples from sensors wait up to this long for others before they are committed
-    /// together; 0 commits each at once. REST writes never wait.
-    pub commit_window_ms: u64,
-    /// Bytes the daemon may write to the card per day, in MB (10^6 bytes); past it the
-    /// commit window widens, up to `max_commit_window_ms`. 0: no budget.
-    pub write_budget_mb_per_day: u64,
-    /// The widest the write budget may make the commit window (never narrower than
-    /// `commit_window_ms`).
-    pub max_commit_window_ms: u64,
-    /// The free space the database leaves its file system: this share of it in percent
-    /// or `min_free_mb`, whichever is smaller. Below it the oldest raw readings go.
-    /// 0 in either turns the floor off.
-    pub min_free_percent: u8,
-    /// See `min_free_percent`.
-    pub min_free_mb: u64,
-    pub max_events: u64,
-    /// Raw readings older than this many days are removed; 0 keeps them forever.
-    pub readings_retention_days: u32,
-    /// Retention of the minute, hour and day roll-ups, in days; 0 keeps them forever.
-    pub minute_rollup_retention_days: u32,
-    pub hour_rollup_retention_days: u32,
-    pub day_rollup_retention_days: u32,
-    /// Seconds between retention passes.
-    pub maintenance_interval_s: u64,
-    /// Largest the database may grow, in MiB (0: as large as the card allows). Past it,
-    /// writes fail as on a full card until retention or an operator frees space.
-    pub max_database_mb: u64,
-    /// Raw-reading retention for particular `tipo`s or sensors, instead of
-    /// `readings_retention_days`.
-    pub retention: Vec<RetentionRule>,
-    /// Readings stamped more than this many seconds ahead of the gateway's clock are
-    /// refused while the clock is trusted, and never stay the latest value.
-    pub max_future_s: u64,
-}
-
-/// Keeps the raw readings of one `tipo`, or of one sensor (by name), for `days`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionRule {
-    #[serde(default)]
-    pub tipo: Option<String>,
-    #[serde(default)]
-    pub sensor: Option<String>,
-    pub days: u32,
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            data_dir: PathBuf::from("/var/lib/sensorgate"),
-            synchronous: Synchronous::Full,
-            commit_window_ms: 1000,
-            write_budget_mb_per_day: 0,
-            max_commit_window_ms: 30_000,
-            min_free_percent: 10,
-            min_free_mb: 1024,
-            max_events: 1_000_000,
-            readings_retention_days: 365,
-            minute_rollup_retention_days: 31,
-            hour_rollup_retention_days: 1825,
-            day_rollup_retention_days: 0,
-            maintenance_interval_s: 60,
-            max_database_mb: 0,
-            retention: Vec::new(),
-            max_future_s: 300,
-        }
-    }
-}
-
-/// WebSocket sessions.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RealtimeConfig {
-    pub client_queue: usize,
-    pub ping_interval_s: u64,
-}
-
-impl Default for RealtimeConfig {
-    fn default() -> Self {
-        RealtimeConfig {
-            client_queue: 1024,
-            ping_interval_s: 30,
-        }
-    }
-}
-
-/// Who may do what.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// `writes` (default), `all`, or `none` (development mode only).
-    pub policy: Policy,
-    /// Origins of browser pages, besides the gateway's own, allowed to open the socket
-    /// and the event stream (`"https://dash.example"`, or `"*"` for any).
-    pub allowed_origins: Vec<String>,
-    /// Names and addresses requests may use in `Host`, besides `localhost`, loopback, the
-    /// gateway's host name, `<host name>.local` and the address a request arrives on
-    /// (`"sensors.farm.example"`, or `"*"` for any).
-    pub allowed_hosts: Vec<String>,
-}
-
-/// Hard limits and rates, each sized for a Pi on a shared LAN.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Open connections from one address at once.
-    pub max_connections_per_address: usize,
-    /// Longest request URI, in bytes (414 above).
-    pub max_uri_bytes: usize,
-    /// Most request headers (431 above).
-    pub max_headers: usize,
-    /// REST writes per second per token, or per client address without one, with this
-    /// burst.
-    pub writes_per_second: f64,
-    pub write_burst: f64,
-    /// Client WebSocket messages per second per token, or per client address without
-    /// one, with this burst.
-    pub socket_messages_per_second: f64,
-    pub socket_message_burst: f64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_connections_per_address: 64,
-            max_uri_bytes: 8 * 1024,
-            max_headers: 64,
-            writes_per_second: 50.0,
-            write_burst: 100.0,
-            socket_messages_per_second: 10.0,
-            socket_message_burst: 20.0,
-        }
-    }
-}
-
-/// Sensor sampling and health.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplingConfig {
-    /// A sensor with no good sample for this many intervals is reported offline.
-    pub offline_after_intervals: u32,
-    /// Which sample times to trust; the others are stored flagged `hora_dudosa`.
-    pub trust_clock: ClockTrust,
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        SamplingConfig {
-            offline_after_intervals: 5,
-            trust_clock: ClockTrust::default(),
-        }
-    }
-}
-
-/// The fleet uplink to an MQTT broker; off unless `broker` is set.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UplinkConfig {
-    /// `mqtt://host:1883`, `mqtts://host:8883` or `host:port`; none: no uplink.
-    pub broker: Option<String>,
-    /// TLS to the broker (implied by `mqtts://`).
-    pub tls: bool,
-    /// PEM file of the CA that signed the broker's certificate; by default the system's.
-    pub ca_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// This gateway's name in topics; by default the host name.
-    pub gateway: Option<String>,
-    /// MQTT client id; by default `sensorgate-<gateway>`.
-    pub client_id: Option<String>,
-    /// First level of every topic.
-    pub topic_prefix: String,
-    /// Home Assistant MQTT discovery announcements.
-    pub discovery: bool,
-    pub discovery_prefix: String,
-    /// Most stored events sent per second while catching up after an outage.
-    pub replay_per_second: u32,
-    /// Seconds between MQTT keep-alive pings.
-    pub keep_alive_s: u64,
-}
-
-impl Default for UplinkConfig {
-    fn default() -> Self {
-        UplinkConfig {
-            broker: None,
-            tls: false,
-            ca_file: None,
-            username: None,
-            password: None,
-            gateway: None,
-            client_id: None,
-            topic_prefix: "sensorgate".into(),
-            discovery: true,
-            discovery_prefix: "homeassistant".into(),
-            replay_per_second: 200,
-            keep_alive_s: 30,
-        }
-    }
 }
 
 /// One sensor this gateway samples.
@@ -751,6 +511,37 @@ pub(crate) fn table_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_rule_is_named_by_line_and_the_good_ones_stay() {
+        let text = "\
+[[alert]]
+name = \"ok\"
+sensor = \"s\"
+tipo = \"t\"
+condition = \"above\"
+threshold = 3
+
+[[alert]]
+name = \"bad\"
+sensor = \"s\"
+tipo = \"t\"
+condition = \"below\"
+threshold = \"cold\"
+";
+        #[derive(Deserialize)]
+        struct File {
+            alert: crate::alerts::ConfiguredRules,
+        }
+        let mut file: File = toml::from_str(text).unwrap();
+        file.alert
+            .locate(|index, key| table_line(text, "[[alert]]", index, Some(key)));
+        assert_eq!(file.alert.rules.len(), 1);
+        assert_eq!(
+            file.alert.problems(),
+            ["line 13: alert 2: threshold must be a number"]
+        );
+    }
 
     #[test]
     fn embedded_configs_are_valid() {

@@ -3,22 +3,30 @@
 //! Data flows one way:
 //!
 //! ```text
-//! sensors (source threads) ─┐
+//! sensors (source threads) ─┐ (a sample sink, wired in app)
 //!                           ├─> store::Store ─> writer thread ─> SQLite (one transaction per batch)
 //! api (REST writes) ────────┘                        │
-//!                                                    └─> events::Hub ─┬─> api::ws sessions
-//!                                                                     └─> uplink ─> MQTT broker
+//!                                                    └─> events::Hub ─┬─> store::Feed ─┬─> api sessions
+//!                                                                     │                └─> uplink ─> MQTT
+//!                                                                     └─> alerts, sensor changes (app)
 //! ```
+//!
+//! Dependencies point down: `app` wires `api`, `uplink`, `sensors`, `service` and `alerts`
+//! over `store`, which stands on `events` and `model`; each part owns its settings and
+//! `config` composes them. `tests/architecture.rs` holds the table.
 //!
 //! - [`config`]: typed configuration, validated once.
 //! - [`clock`]: whether sample times can be trusted (boards without a real-time clock).
 //! - [`alerts`]: alert rules over readings, their state, acknowledgements, silences and
 //!   webhook notifications; one watcher task that follows the hub.
-//! - [`model`]: sensors and readings as clients see them, and validated inputs.
-//! - [`store`]: schema, the writer thread (group commit, event numbering), read queries.
-//! - [`events`]: the event envelope and the hub that fans events out.
-//! - [`sensors`]: sources and the scheduler that drives them; calibration and derived values.
-//! - [`api`]: accept loop, routing, REST handlers, WebSocket sessions, limits, metrics.
+//! - [`model`]: sensors, readings and samples as clients see them, validated inputs,
+//!   calibration and derived values.
+//! - [`store`]: schema, the writer thread (group commit, event numbering), read queries,
+//!   the token table, the event log and the feed (stored events, then live ones).
+//! - [`events`]: events with a typed body and their frames, and the hub that fans them out.
+//! - [`sensors`]: sources and the scheduler that drives them.
+//! - [`api`]: accept loop, routing, REST handlers, WebSocket and SSE sessions and their
+//!   client protocol, limits, metrics.
 //! - [`auth`]: tokens, scopes, the policy, the origin and `Host` checks, trusted proxies.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.

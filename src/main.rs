@@ -15,6 +15,7 @@ use sensorgate::sensors::modbus::scan::{self, ScanOptions};
 use sensorgate::sensors::modbus::Parity;
 use sensorgate::service;
 use sensorgate::store::open_existing_database;
+use sensorgate::store::tokens::OfflineTable;
 use tokio::sync::mpsc;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
@@ -296,19 +297,21 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let conn = match open_existing_database(&config.storage.data_dir, config.storage.synchronous) {
-        Ok(conn) => conn,
+    let table = match open_existing_database(&config.storage.data_dir, config.storage.synchronous) {
+        Ok(conn) => OfflineTable::new(conn),
         Err(e) => {
             eprintln!("sensorgate: {e}");
             return ExitCode::FAILURE;
         }
     };
     let outcome = match command {
-        TokenCommand::Create { name, scope } => tokens::create(&conn, &name, scope).map(|token| {
-            println!("{token}");
-            eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
-        }),
-        TokenCommand::List => tokens::list(&conn).map(|list| {
+        TokenCommand::Create { name, scope } => {
+            tokens::create_offline(&table, &name, scope).map(|token| {
+                println!("{token}");
+                eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
+            })
+        }
+        TokenCommand::List => tokens::list_offline(&table).map(|list| {
             let rows: Vec<[String; 4]> = list
                 .into_iter()
                 .map(|t| {
@@ -322,7 +325,7 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             print_table(["NAME", "SCOPE", "CREATED", "LAST USED"], &rows);
         }),
         TokenCommand::Revoke(name) => {
-            tokens::revoke(&conn, &name, &config.storage.data_dir).map(|()| {
+            tokens::revoke_offline(&table, &name, &config.storage.data_dir).map(|()| {
                 eprintln!("token {name:?} revoked");
             })
         }

@@ -676,11 +676,11 @@ async fn negative_zero_is_answered_as_it_is_stored() {
 /// row, and a sample that can never be stored would hold up every commit it is retried in.
 #[test]
 fn a_value_that_is_not_a_number_is_dropped_and_holds_nothing_up() {
-    use sensorgate::sensors::Measurement;
-    use sensorgate::store::{ReadingFilter, ReadingOrder, Sample, Store};
+    use sensorgate::model::{Measurement, Sample};
+    use sensorgate::store::{ReadingFilter, ReadingOrder, Store};
 
     let dir = temp_dir();
-    let config = sensorgate::config::StorageConfig {
+    let config = sensorgate::store::StorageConfig {
         data_dir: dir.path().to_owned(),
         ..Default::default()
     };
@@ -688,6 +688,7 @@ fn a_value_that_is_not_a_number_is_dropped_and_holds_nothing_up() {
     let (store, writer) = Store::open(&config, sensorgate::events::Hub::new(64)).unwrap();
     let new = sensorgate::model::NewSensor::from_json(
         serde_json::json!({"tipo": "temperatura", "modelo": "DHT22"}),
+        sensorgate::sensors::check_source,
     )
     .unwrap();
     let id = runtime.block_on(store.create_sensor(new)).unwrap().id;
@@ -747,12 +748,12 @@ fn a_value_that_is_not_a_number_is_dropped_and_holds_nothing_up() {
 /// and none for a sensor deleted in the same commit as its readings.
 #[test]
 fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
-    use sensorgate::sensors::Measurement;
-    use sensorgate::store::{Sample, Store};
+    use sensorgate::model::{Measurement, Sample};
+    use sensorgate::store::Store;
 
     let dir = temp_dir();
     // Samples wait for company; the delete ends the wait and shares their commit.
-    let config = sensorgate::config::StorageConfig {
+    let config = sensorgate::store::StorageConfig {
         data_dir: dir.path().to_owned(),
         commit_window_ms: 60_000,
         ..Default::default()
@@ -762,6 +763,7 @@ fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
     let create = |tipo: &str| {
         let new = sensorgate::model::NewSensor::from_json(
             serde_json::json!({"tipo": tipo, "modelo": "DHT22"}),
+            sensorgate::sensors::check_source,
         )
         .unwrap();
         runtime.block_on(store.create_sensor(new)).unwrap().id

@@ -28,16 +28,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use crate::events::{Channel, Event, Hub};
+use crate::events::{Body, Channel, Event, Hub};
 use crate::model::{
-    forbidden_char, forbidden_char_message, format_time, now_micros, parse_time, FieldError,
-    Micros, MAX_TEXT,
+    forbidden_char, forbidden_char_message, format_time, now_micros, FieldError, Micros, MAX_TEXT,
 };
 use crate::shutdown::Shutdown;
 use crate::store::alerts::{AlertOp, AlertWrite, SilenceRow};
@@ -395,7 +393,7 @@ impl Watcher {
             if let Some(sensor_id) = event.sensor_id {
                 self.offline.remove(&sensor_id);
             }
-            // Readings are nine in ten events: only those of a watched tipo are parsed.
+            // Readings are nine in ten events: only those of a watched tipo are looked at.
             let watched = event.event_type == "created"
                 && self
                     .rules
@@ -405,28 +403,12 @@ impl Watcher {
                 return;
             }
         }
-        #[derive(Deserialize)]
-        struct Frame {
-            data: Value,
-        }
-        let Ok(frame) = serde_json::from_str::<Frame>(&event.frame) else {
-            return;
-        };
-        let data = frame.data;
-        match (event.channel, event.event_type.as_str()) {
-            (Channel::Readings, "created") => {
-                let (Some(sensor_id), Some(tipo), Some(valor)) = (
-                    data["sensor_id"].as_i64(),
-                    data["tipo"].as_str(),
-                    data["valor"].as_f64(),
-                ) else {
-                    return;
-                };
+        match (&event.body, event.event_type.as_str()) {
+            (Body::Reading(reading), "created") => {
+                let (sensor_id, tipo, valor) =
+                    (reading.sensor_id, reading.tipo.as_str(), reading.valor);
                 let now = now_micros();
-                let taken_at = data["timestamp"]
-                    .as_str()
-                    .and_then(parse_time)
-                    .unwrap_or(now);
+                let taken_at = reading.timestamp;
                 let ids: Vec<i64> = self
                     .rules
                     .values()
@@ -438,17 +420,15 @@ impl Watcher {
                         .await;
                 }
             }
-            (Channel::Sensors, "created" | "updated") => {
-                if let (Some(id), Some(name)) = (data["id"].as_i64(), data["nombre"].as_str()) {
-                    self.names.insert(id, name.to_owned());
+            (Body::Sensor(sensor), "created" | "updated") => {
+                if let Some(name) = &sensor.nombre {
+                    self.names.insert(sensor.id, name.clone());
                 }
             }
-            (Channel::Sensors, "deleted") => {
-                if let Some(id) = data["id"].as_i64() {
-                    self.names.remove(&id);
-                }
+            (Body::Sensor(sensor), "deleted") => {
+                self.names.remove(&sensor.id);
             }
-            (Channel::General, "sensor_offline") => {
+            (Body::Data(_), "sensor_offline") if event.channel == Channel::General => {
                 let Some(sensor_id) = event.sensor_id else {
                     return;
                 };
@@ -463,7 +443,7 @@ impl Watcher {
                     self.step(id, now_micros(), Tracker::offline).await;
                 }
             }
-            (Channel::General, "sensor_online") => {
+            (Body::Data(_), "sensor_online") if event.channel == Channel::General => {
                 if let Some(sensor_id) = event.sensor_id {
                     self.offline.remove(&sensor_id);
                 }

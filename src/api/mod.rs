@@ -14,12 +14,13 @@ mod query;
 pub(crate) mod realtime;
 mod rest;
 pub(crate) mod router;
+pub mod settings;
 mod tokens;
 
 pub use error::ApiError;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,11 +48,11 @@ use crate::auth::host::{self, AllowedHosts};
 use crate::auth::proxy::TrustedProxies;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
-use crate::config::{Config, LimitsConfig, RealtimeConfig, ServerConfig};
 use crate::events::Hub;
 use crate::sensors::HealthBoard;
 use crate::shutdown::{DrainGuard, Shutdown};
-use crate::store::{Store, DATABASE_FILE};
+use crate::store::Store;
+use settings::{LimitsConfig, RealtimeConfig, ServerConfig, Settings};
 
 /// Largest request head (request line and headers) a connection buffers; hyper answers
 /// 431 above it.
@@ -139,8 +140,8 @@ pub struct State {
     /// Proxies whose forwarding headers name the client.
     pub proxies: TrustedProxies,
     pub auth: Authenticator,
-    /// The database file, for token management on a connection of its own.
-    pub database: PathBuf,
+    /// The data directory, where a token's revocation is marked for other processes.
+    pub data_dir: PathBuf,
     pub counters: Counters,
     pub write_limiter: RateLimiter,
     pub socket_limiter: RateLimiter,
@@ -158,9 +159,9 @@ pub struct State {
 }
 
 impl State {
-    /// The state a server runs with, limits and policy taken from `config`.
+    /// The state a server runs with, limits and policy taken from `settings`.
     pub fn new(
-        config: &Config,
+        settings: Settings,
         store: Store,
         hub: Hub,
         health: Arc<HealthBoard>,
@@ -168,31 +169,38 @@ impl State {
         shutdown: Shutdown,
         drain: DrainGuard,
     ) -> State {
-        let limits = &config.limits;
+        let Settings {
+            server,
+            realtime,
+            limits,
+            auth,
+            data_dir,
+            max_future_s,
+        } = settings;
         State {
-            auth: Authenticator::new(store.clone(), config.auth.policy, &config.storage.data_dir),
-            database: config.storage.data_dir.join(DATABASE_FILE),
+            auth: Authenticator::new(store.clone(), auth.policy, &data_dir),
+            data_dir: data_dir.clone(),
             store,
             hub,
             health,
             clock,
-            max_future_s: config.storage.max_future_s,
-            server: config.server.clone(),
-            realtime: config.realtime.clone(),
-            limits: limits.clone(),
-            allowed_origins: config.auth.allowed_origins.clone(),
+            max_future_s,
             allowed_hosts: AllowedHosts::new(
-                config.server.listen.ip(),
+                server.listen.ip(),
                 host::host_name().as_deref(),
-                &config.auth.allowed_hosts,
+                &auth.allowed_hosts,
             ),
-            proxies: TrustedProxies::new(&config.server.trusted_proxies),
+            proxies: TrustedProxies::new(&server.trusted_proxies),
+            allowed_origins: auth.allowed_origins,
+            server,
+            realtime,
             counters: Counters::default(),
             write_limiter: RateLimiter::new(limits.writes_per_second, limits.write_burst),
             socket_limiter: RateLimiter::new(
                 limits.socket_messages_per_second,
                 limits.socket_message_burst,
             ),
+            limits,
             address_slots: Arc::default(),
             started: Instant::now(),
             started_at: crate::model::now_micros(),
@@ -274,6 +282,21 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         });
         tokio::spawn(serve_connection(stream, peer, state, admission));
     }
+}
+
+/// Who a request is from: the TCP peer and the client it is for (the same unless the
+/// peer is a trusted proxy).
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub peer: SocketAddr,
+    pub address: IpAddr,
+}
+
+/// What a stream holds for as long as it lives: its connection's places under the
+/// limits, and the client's place when it came through a trusted proxy.
+pub struct StreamAdmission {
+    _connection: Arc<Admission>,
+    _client: Option<Slot>,
 }
 
 /// A connection's places under the connection limits: held by the connection, and by

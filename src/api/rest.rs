@@ -23,6 +23,7 @@ use crate::model::{
     format_time, now_micros, FieldError, Micros, NewReading, NewSensor, ReadingPatch, Sensor,
     SensorPatch,
 };
+use crate::sensors;
 use crate::store::{
     AggregateQuery, Bucket, Emission, EmissionKind, ReadingFilter, ReadingOrder, SensorFilter,
     SCHEMA_VERSION,
@@ -381,7 +382,8 @@ pub async fn create_sensor(
     req: Request<Incoming>,
     state: &State,
 ) -> Result<Response<Body>, ApiError> {
-    let new = NewSensor::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let new = NewSensor::from_json(read_json(req, state).await?, sensors::check_source)
+        .map_err(ApiError::invalid)?;
     let unknown = new
         .calibracion
         .unknown_tipos(&new.tipo, new.fuente.as_ref(), "calibracion");
@@ -404,7 +406,8 @@ pub async fn update_sensor(
     state: &State,
     id: i64,
 ) -> Result<Response<Body>, ApiError> {
-    let patch = SensorPatch::from_json(read_json(req, state).await?).map_err(ApiError::invalid)?;
+    let patch = SensorPatch::from_json(read_json(req, state).await?, sensors::check_source)
+        .map_err(ApiError::invalid)?;
     if patch.calibracion.is_some() {
         // Which tipos a sensor measures depends on its tipo and source as they will be
         // after the update.

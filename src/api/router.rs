@@ -15,7 +15,9 @@ use super::limits::{Key, Slot};
 use super::metrics::Limit;
 use super::query::Query;
 use super::realtime::{sse, ws};
-use super::{alerts, export, rest, tokens, Admission, ApiError, Body, State};
+use super::{
+    alerts, export, rest, tokens, Admission, ApiError, Body, Client, State, StreamAdmission,
+};
 use crate::auth::{Access, AuthError, Principal};
 
 /// Everything the API answers.
@@ -127,14 +129,6 @@ pub async fn route(
         }
         error.into_response()
     })
-}
-
-/// Who a request is from: the TCP peer and the client it is for (the same unless the
-/// peer is a trusted proxy).
-#[derive(Debug, Clone, Copy)]
-pub struct Client {
-    pub peer: SocketAddr,
-    pub address: IpAddr,
 }
 
 /// A place under `limits.max_connections_per_address` for a stream that comes through a
@@ -668,13 +662,6 @@ async fn dispatch(
         Route::CreateSilence => alerts::silence(req, state).await,
         Route::DeleteSilence(id) => alerts::unsilence(state, id).await,
     }
-}
-
-/// What a stream holds for as long as it lives: its connection's places under the
-/// limits, and the client's place when it came through a trusted proxy.
-pub struct StreamAdmission {
-    _connection: Arc<Admission>,
-    _client: Option<Slot>,
 }
 
 fn parse_id(text: &str) -> Result<i64, ApiError> {

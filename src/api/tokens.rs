@@ -1,8 +1,7 @@
 //! Token management over REST, for admins: list, create (the token is shown once),
-//! revoke. Tokens are not sensor data and emit no events; they are written on a short
-//! connection of their own, as the command line does.
+//! revoke. Tokens are not sensor data and emit no events; they are read and written
+//! through the store like everything else.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -20,7 +19,7 @@ impl From<TokenError> for ApiError {
             TokenError::InvalidName => ApiError::invalid_field("name", &e.to_string()),
             TokenError::NameTaken(_) => ApiError::conflict(e.to_string()),
             TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
-            TokenError::Random(_) | TokenError::Marker(_) | TokenError::Sqlite(_) => {
+            TokenError::Random(_) | TokenError::Marker(_) | TokenError::Store(_) => {
                 log::error!("token storage: {e}");
                 ApiError::unavailable(e.to_string())
             }
@@ -28,22 +27,8 @@ impl From<TokenError> for ApiError {
     }
 }
 
-async fn on_database<T: Send + 'static>(
-    state: &State,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, TokenError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let database = state.database.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let conn = rusqlite::Connection::open(database)?;
-        work(&conn)
-    })
-    .await
-    .map_err(|_| ApiError::unavailable("Shutting down"))?;
-    Ok(outcome?)
-}
-
 pub async fn list(state: &State) -> Result<Response<Body>, ApiError> {
-    let listed = on_database(state, tokens::list).await?;
+    let listed = tokens::list(&state.store).await?;
     Ok(json_response(StatusCode::OK, &listed))
 }
 
@@ -73,10 +58,7 @@ pub async fn create(
     if let Some(unknown) = body.keys().next() {
         return Err(ApiError::invalid_field(unknown, "unknown field"));
     }
-    let token = {
-        let name = name.clone();
-        on_database(state, move |c| tokens::create(c, &name, scope)).await?
-    };
+    let token = tokens::create(&state.store, &name, scope).await?;
     log::info!("token {name:?} created with scope {scope}");
     Ok(json_response(
         StatusCode::CREATED,
@@ -85,15 +67,7 @@ pub async fn create(
 }
 
 pub async fn revoke(state: &State, name: String) -> Result<Response<Body>, ApiError> {
-    let revoked = {
-        let name = name.clone();
-        let data_dir = state
-            .database
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_default();
-        on_database(state, move |c| tokens::revoke(c, &name, &data_dir)).await
-    };
+    let revoked = tokens::revoke(&state.store, &name, &state.data_dir).await;
     // This daemon forgets the tokens it knew whatever the marker's fate: the token is
     // gone from the table once the revocation got that far.
     state.auth.forget_known();

@@ -80,6 +80,21 @@ pub enum Policy {
     None,
 }
 
+/// Who may do what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `writes` (default), `all`, or `none` (development mode only).
+    pub policy: Policy,
+    /// Origins of browser pages, besides the gateway's own, allowed to open the socket
+    /// and the event stream (`"https://dash.example"`, or `"*"` for any).
+    pub allowed_origins: Vec<String>,
+    /// Names and addresses requests may use in `Host`, besides `localhost`, loopback, the
+    /// gateway's host name, `<host name>.local` and the address a request arrives on
+    /// (`"sensors.farm.example"`, or `"*"` for any).
+    pub allowed_hosts: Vec<String>,
+}
+
 /// What a request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -274,12 +289,8 @@ impl Authenticator {
             self.touch(principal.token_id);
             return Ok(Some(principal));
         }
-        let presented = hash.clone();
-        let found = self
-            .store
-            .read(move |c| tokens::find(c, &presented))
-            .await
-            .map_err(AuthError::Unavailable)?;
+        let rows = self.store.tokens().await.map_err(AuthError::Unavailable)?;
+        let found = tokens::find(&rows, &hash);
         let Some((token_id, name, scope)) = found else {
             return Ok(None);
         };
@@ -323,8 +334,9 @@ impl Authenticator {
             if !(asked || due || now_marker != marker) {
                 continue;
             }
-            match self.store.read(tokens::live).await {
+            match self.store.tokens().await {
                 Ok(rows) => {
+                    let rows = tokens::live(&rows);
                     marker = now_marker;
                     read_at = Some(Instant::now());
                     let fresh = LiveTokens {
@@ -357,9 +369,8 @@ impl Authenticator {
         let scope = match live.by_hash.get(&principal.hash) {
             Some(scope) => Some(*scope),
             None => {
-                let hash = principal.hash.clone();
-                match self.store.read(move |c| tokens::find(c, &hash)).await {
-                    Ok(found) => found.map(|(_, _, scope)| scope),
+                match self.store.tokens().await {
+                    Ok(rows) => tokens::find(&rows, &principal.hash).map(|(_, _, scope)| scope),
                     // Storage trouble is not a revocation: the stream goes on, and is
                     // checked again with the next reading of the tokens.
                     Err(_) => return Ok(()),
@@ -398,12 +409,11 @@ impl Authenticator {
 
 /// Creates the first admin token when there is none, writes it to `admin.token` in the
 /// data directory (readable by the daemon's user only) and says where it is.
-pub fn bootstrap_admin(database: &Path, data_dir: &Path) -> Result<(), tokens::TokenError> {
-    let conn = rusqlite::Connection::open(database)?;
-    if tokens::any(&conn)? {
+pub async fn bootstrap_admin(store: &Store, data_dir: &Path) -> Result<(), tokens::TokenError> {
+    if !store.tokens().await?.is_empty() {
         return Ok(());
     }
-    let token = tokens::create(&conn, "admin", Scope::Admin)?;
+    let token = tokens::create(store, "admin", Scope::Admin).await?;
     let path = data_dir.join("admin.token");
     write_private(&path, &format!("{token}\n")).map_err(tokens::TokenError::Random)?;
     log::warn!(

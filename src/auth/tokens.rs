@@ -10,12 +10,13 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::Scope;
 use crate::model::{now_micros, Micros};
+use crate::store::tokens::{OfflineTable, StoredToken};
+use crate::store::{Store, StoreError};
 
 /// What makes a token name acceptable: short, printable, no spaces.
 pub fn valid_name(name: &str) -> bool {
@@ -72,7 +73,8 @@ pub enum TokenError {
     Random(std::io::Error),
     /// The token was revoked, but a running daemon could not be told.
     Marker(std::io::Error),
-    Sqlite(rusqlite::Error),
+    /// The token table could not be read or written.
+    Store(StoreError),
 }
 
 impl fmt::Display for TokenError {
@@ -93,58 +95,91 @@ impl fmt::Display for TokenError {
                  {REVOKED_MARKER} not written: {e}",
                 super::TOKEN_RELOAD.as_secs()
             ),
-            TokenError::Sqlite(e) => write!(f, "database error: {e}"),
+            TokenError::Store(e) => e.fmt(f),
         }
     }
 }
 
 impl std::error::Error for TokenError {}
 
-impl From<rusqlite::Error> for TokenError {
-    fn from(e: rusqlite::Error) -> Self {
-        TokenError::Sqlite(e)
+impl From<StoreError> for TokenError {
+    fn from(e: StoreError) -> Self {
+        TokenError::Store(e)
     }
 }
 
-/// Makes a token and stores its hash; returns the token, which is shown once.
-pub fn create(conn: &Connection, name: &str, scope: Scope) -> Result<String, TokenError> {
+/// A new token for `name`: the secret, shown once, and the hash that is stored.
+fn new_token(name: &str) -> Result<(String, Vec<u8>), TokenError> {
     if !valid_name(name) {
         return Err(TokenError::InvalidName);
     }
     let token = generate().map_err(TokenError::Random)?;
-    let inserted = conn.execute(
-        "INSERT INTO tokens (name, scope, hash, created_at) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT (name) DO NOTHING",
-        params![name, scope.as_str(), hash(&token), now_micros()],
-    )?;
-    if inserted == 0 {
+    let hashed = hash(&token);
+    Ok((token, hashed))
+}
+
+/// The tokens as listed, from their rows.
+fn listed(rows: Vec<StoredToken>) -> Vec<TokenInfo> {
+    rows.into_iter()
+        .map(|row| TokenInfo {
+            scope: row.scope.parse().unwrap_or(Scope::Read),
+            name: row.name,
+            created_at: row.created_at,
+            last_used_at: row.last_used_at,
+        })
+        .collect()
+}
+
+/// Makes a token and stores its hash through the store's writer; returns the token,
+/// which is shown once.
+pub async fn create(store: &Store, name: &str, scope: Scope) -> Result<String, TokenError> {
+    let (token, hashed) = new_token(name)?;
+    if !store
+        .create_token(name.to_owned(), scope.as_str(), hashed)
+        .await?
+    {
         return Err(TokenError::NameTaken(name.to_owned()));
     }
     Ok(token)
 }
 
 /// Every token, by name.
-pub fn list(conn: &Connection) -> Result<Vec<TokenInfo>, TokenError> {
-    let mut stmt =
-        conn.prepare("SELECT name, scope, created_at, last_used_at FROM tokens ORDER BY name")?;
-    let rows = stmt.query_map([], |row| {
-        let scope: String = row.get(1)?;
-        Ok(TokenInfo {
-            name: row.get(0)?,
-            scope: scope.parse().unwrap_or(Scope::Read),
-            created_at: row.get(2)?,
-            last_used_at: row.get(3)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub async fn list(store: &Store) -> Result<Vec<TokenInfo>, TokenError> {
+    Ok(listed(store.tokens().await?))
 }
 
-/// Removes a token; it stops working at once, also in a daemon running on `data_dir`,
-/// which the marker there tells ([`revocations`]).
-pub fn revoke(conn: &Connection, name: &str, data_dir: &Path) -> Result<(), TokenError> {
-    match conn.execute("DELETE FROM tokens WHERE name = ?1", [name])? {
-        0 => Err(TokenError::NotFound(name.to_owned())),
-        _ => mark_revoked(data_dir).map_err(TokenError::Marker),
+/// Removes a token through the store's writer; it stops working at once, also in other
+/// processes on `data_dir`, which the marker there tells ([`revocations`]).
+pub async fn revoke(store: &Store, name: &str, data_dir: &Path) -> Result<(), TokenError> {
+    match store.delete_token(name.to_owned()).await? {
+        false => Err(TokenError::NotFound(name.to_owned())),
+        true => mark_revoked(data_dir).map_err(TokenError::Marker),
+    }
+}
+
+/// The same as [`create`], for the command line, on the table by itself.
+pub fn create_offline(
+    table: &OfflineTable,
+    name: &str,
+    scope: Scope,
+) -> Result<String, TokenError> {
+    let (token, hashed) = new_token(name)?;
+    if !table.insert(name, scope.as_str(), &hashed)? {
+        return Err(TokenError::NameTaken(name.to_owned()));
+    }
+    Ok(token)
+}
+
+/// The same as [`list`], for the command line.
+pub fn list_offline(table: &OfflineTable) -> Result<Vec<TokenInfo>, TokenError> {
+    Ok(listed(table.all()?))
+}
+
+/// The same as [`revoke`], for the command line.
+pub fn revoke_offline(table: &OfflineTable, name: &str, data_dir: &Path) -> Result<(), TokenError> {
+    match table.delete(name)? {
+        false => Err(TokenError::NotFound(name.to_owned())),
+        true => mark_revoked(data_dir).map_err(TokenError::Marker),
     }
 }
 
@@ -191,99 +226,80 @@ fn mark_revoked(data_dir: &Path) -> std::io::Result<()> {
 }
 
 /// The hash and scope of every token.
-pub fn live(conn: &Connection) -> rusqlite::Result<Vec<(Vec<u8>, Scope)>> {
-    let mut stmt = conn.prepare_cached("SELECT hash, scope FROM tokens")?;
-    let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, String>(1)?)))?;
-    let mut live = Vec::new();
-    for row in rows {
-        let (hash, scope) = row?;
-        if let Ok(scope) = scope.parse() {
-            live.push((hash, scope));
-        }
-    }
-    Ok(live)
-}
-
-/// Whether any token exists.
-pub fn any(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))
+pub fn live(rows: &[StoredToken]) -> Vec<(Vec<u8>, Scope)> {
+    rows.iter()
+        .filter_map(|row| Some((row.hash.clone(), row.scope.parse().ok()?)))
+        .collect()
 }
 
 /// The token whose secret has the hash `presented` ([`hash`]): every stored hash is
 /// compared in constant time, so neither the answer's timing nor the lookup path
 /// depends on the secret.
-pub fn find(conn: &Connection, presented: &[u8]) -> rusqlite::Result<Option<(i64, String, Scope)>> {
-    let mut stmt = conn.prepare_cached("SELECT id, name, scope, hash FROM tokens")?;
-    let mut rows = stmt.query([])?;
+pub fn find(rows: &[StoredToken], presented: &[u8]) -> Option<(i64, String, Scope)> {
     let mut found = None;
-    while let Some(row) = rows.next()? {
-        let stored: Vec<u8> = row.get(3)?;
-        if constant_time_eq(&stored, presented) {
-            let scope: String = row.get(2)?;
-            found = scope
+    for row in rows {
+        if constant_time_eq(&row.hash, presented) {
+            found = row
+                .scope
                 .parse()
                 .ok()
-                .map(|scope| (row.get(0), row.get(1), scope));
+                .map(|scope| (row.id, row.name.clone(), scope));
         }
     }
-    Ok(match found {
-        Some((Ok(id), Ok(name), scope)) => Some((id, name, scope)),
-        _ => None,
-    })
+    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::migrate;
 
-    fn db() -> Connection {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn).unwrap();
-        conn
+    fn db() -> OfflineTable {
+        OfflineTable::in_memory()
     }
 
     #[test]
     fn tokens_are_random_and_stored_hashed() {
         let conn = db();
-        let a = create(&conn, "kitchen-tablet", Scope::Write).unwrap();
-        let b = create(&conn, "wall", Scope::Read).unwrap();
+        let a = create_offline(&conn, "kitchen-tablet", Scope::Write).unwrap();
+        let b = create_offline(&conn, "wall", Scope::Read).unwrap();
         assert_ne!(a, b);
         assert!(a.starts_with("sg_") && a.len() == 67);
         let stored: Vec<Vec<u8>> = conn
-            .prepare("SELECT hash FROM tokens")
+            .all()
             .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
+            .into_iter()
+            .map(|row| row.hash)
             .collect();
         assert!(stored
             .iter()
             .all(|h| h.len() == 32 && !h.windows(3).any(|w| w == b"sg_")));
-        assert_eq!(find(&conn, &hash(&a)).unwrap().unwrap().2, Scope::Write);
-        assert_eq!(find(&conn, &hash("sg_wrong")).unwrap(), None);
+        assert_eq!(
+            find(&conn.all().unwrap(), &hash(&a)).unwrap().2,
+            Scope::Write
+        );
+        assert_eq!(find(&conn.all().unwrap(), &hash("sg_wrong")), None);
     }
 
     #[test]
     fn names_are_unique_and_revocation_works() {
         let conn = db();
-        let token = create(&conn, "x", Scope::Admin).unwrap();
+        let token = create_offline(&conn, "x", Scope::Admin).unwrap();
         assert!(matches!(
-            create(&conn, "x", Scope::Read),
+            create_offline(&conn, "x", Scope::Read),
             Err(TokenError::NameTaken(_))
         ));
         assert!(matches!(
-            create(&conn, "bad name", Scope::Read),
+            create_offline(&conn, "bad name", Scope::Read),
             Err(TokenError::InvalidName)
         ));
-        let listed = list(&conn).unwrap();
+        let listed = list_offline(&conn).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].last_used_at, None);
         let dir = tempfile::tempdir().unwrap();
-        revoke(&conn, "x", dir.path()).unwrap();
-        assert_eq!(find(&conn, &hash(&token)).unwrap(), None);
+        revoke_offline(&conn, "x", dir.path()).unwrap();
+        assert_eq!(find(&conn.all().unwrap(), &hash(&token)), None);
         assert!(matches!(
-            revoke(&conn, "x", dir.path()),
+            revoke_offline(&conn, "x", dir.path()),
             Err(TokenError::NotFound(_))
         ));
     }
@@ -294,18 +310,18 @@ mod tests {
         let conn = db();
         let marker = dir.path().join(REVOKED_MARKER);
         assert_eq!(revocations(&marker), None);
-        create(&conn, "a", Scope::Read).unwrap();
-        create(&conn, "b", Scope::Read).unwrap();
+        create_offline(&conn, "a", Scope::Read).unwrap();
+        create_offline(&conn, "b", Scope::Read).unwrap();
         assert_eq!(revocations(&marker), None, "creating revokes nothing");
-        revoke(&conn, "a", dir.path()).unwrap();
+        revoke_offline(&conn, "a", dir.path()).unwrap();
         let first = revocations(&marker).expect("marker after a revocation");
-        revoke(&conn, "b", dir.path()).unwrap();
+        revoke_offline(&conn, "b", dir.path()).unwrap();
         let second = revocations(&marker).unwrap();
         assert_ne!(
             first, second,
             "two revocations in the same instant still differ"
         );
-        assert!(revoke(&conn, "b", dir.path()).is_err());
+        assert!(revoke_offline(&conn, "b", dir.path()).is_err());
         assert_eq!(revocations(&marker), Some(second), "nothing revoked");
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -226,6 +226,7 @@ mod tests {
             event_type: "test".into(),
             sensor_id: None,
             tipo: None,
+            body: crate::events::Body::Data(serde_json::Value::Null),
             frame: "{}".into(),
         })
     }

@@ -8,9 +8,6 @@
 mod envelope;
 mod hub;
 
-pub use envelope::{
-    connection_message, error_message, resync_message, snapshot_message, stats_message,
-};
 pub(crate) use envelope::{
     reading_change_frame, reading_frame, sensor_frame, system_frame, test_frame,
 };
@@ -19,7 +16,10 @@ pub use hub::{ChannelStats, Hub, HubStats, QueueCounters, Registration};
 use std::fmt;
 use std::str::FromStr;
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::model::{Reading, Sensor};
 
 /// A topic clients subscribe to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,8 +72,20 @@ impl FromStr for Channel {
     }
 }
 
-/// One emitted event: its place in the sequence, what subscriptions filter on, and the
-/// frame every subscriber receives.
+/// What an event says, as values. Parts of the daemon that follow events read this,
+/// never the frame: the frame is for clients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A sensor created, updated (as it is now) or deleted (as it was).
+    Sensor(Sensor),
+    /// A reading created, updated (as it is now) or deleted (as it was).
+    Reading(Reading),
+    /// A system or test event: its `data`.
+    Data(Value),
+}
+
+/// One emitted event: its place in the sequence, what subscriptions filter on, what it
+/// says, and the frame every subscriber receives.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub seq: u64,
@@ -83,6 +95,49 @@ pub struct Event {
     /// The sensor the event is about (the reading's sensor for readings).
     pub sensor_id: Option<i64>,
     pub tipo: Option<String>,
+    /// What the frame says, for the daemon's own parts.
+    pub body: Body,
     /// The serialised JSON envelope, shared by every subscriber without copying.
-    pub frame: Utf8Bytes,
+    pub frame: Frame,
+}
+
+/// An event's frame: the JSON text every subscriber is sent, made once and shared. Any
+/// transport takes it as bytes; nothing here knows which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    /// The frame as text.
+    pub fn as_str(&self) -> &str {
+        // Always UTF-8: a frame is only made from text.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The frame as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A handle on the same bytes, for a transport that sends them as they are.
+    pub fn shared(&self) -> Bytes {
+        self.0.clone()
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame(Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for Frame {
+    fn from(text: &'static str) -> Frame {
+        Frame(Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

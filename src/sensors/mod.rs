@@ -8,13 +8,11 @@
 //! restarts or stops its thread.
 //!
 //! Between the source and the writer, the thread corrects each sample by the sensor's
-//! [`calibration`] and adds the values [`derived`] from it, so that they enter storage
+//! calibration and adds the values derived from it, so that they enter storage
 //! with the sample, as readings like any other. A change to either reaches the running
 //! thread without restarting it (a serial device stays open, a DHT's filter keeps its
 //! history).
 
-pub mod calibration;
-pub mod derived;
 pub mod dht;
 pub mod health;
 pub mod iio;
@@ -35,16 +33,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
-use crate::clock::Clock;
-use crate::events::{Channel, Hub};
-use crate::model::{now_micros, Sensor};
+use crate::clock::{Clock, ClockTrust};
+use crate::model::derived::{self, Derived};
+use crate::model::{now_micros, Calibration, Sample, Sensor};
 use crate::shutdown::Shutdown;
-use crate::store::{Emission, EmissionKind, Sample, SensorFilter, Store, StoreError};
-use calibration::Calibration;
-use derived::Derived;
 use health::{Tracker, Transition};
 
 /// Where a sensor's samples come from: the `fuente` of a sensor record, and the `source`
@@ -66,6 +60,33 @@ pub enum SourceSpec {
     GpioDht(dht::GpioDhtConfig),
     /// A Modbus RTU device on an RS-485 line, or a Modbus TCP device.
     Modbus(modbus::ModbusConfig),
+}
+
+/// Sensor sampling and health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// A sensor with no good sample for this many intervals is reported offline.
+    pub offline_after_intervals: u32,
+    /// Which sample times to trust; the others are stored flagged `hora_dudosa`.
+    pub trust_clock: ClockTrust,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            offline_after_intervals: 5,
+            trust_clock: ClockTrust::default(),
+        }
+    }
+}
+
+/// Whether a `fuente` describes a source the daemon can drive ([`SourceSpec`]), and if
+/// not, why: the check the model runs on every `fuente` a client sends.
+pub fn check_source(fuente: &Value) -> Result<(), String> {
+    serde_json::from_value::<SourceSpec>(fuente.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl SourceSpec {
@@ -118,9 +139,37 @@ impl Plan {
     }
 }
 
+/// Where the sensors' output goes: samples to storage, health changes to clients. Wired
+/// to the store in `app`; the sensors know nothing of what is behind it.
+pub trait SampleSink: Send + Sync {
+    /// Hands samples over for storage, waiting while storage is busy (a bounded queue:
+    /// a slow card pushes back on the sources). Fails once storage has stopped.
+    fn submit(&self, samples: Vec<Sample>) -> Result<(), SinkClosed>;
+
+    /// Tells clients of a sensor's health change (`sensor_offline`, `sensor_online`,
+    /// ...), with its `data`; stored and numbered like every event.
+    fn announce(&self, sensor_id: i64, event_type: &str, data: Value);
+}
+
+/// The sink takes nothing more: storage has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkClosed;
+
+/// A change to the sensor records, as the scheduler hears of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SensorChange {
+    /// Every sensor record: at start, and again after changes were missed. `None` when
+    /// they could not be read; the sensors sampled then stay as they are.
+    All(Option<Vec<Sensor>>),
+    /// A sensor created or updated, as it is now.
+    Saved(Sensor),
+    /// A sensor deleted.
+    Deleted(i64),
+}
+
 /// Runs one thread per sampled sensor and keeps the set in step with the sensor records.
 pub struct Scheduler {
-    store: Store,
+    sink: Arc<dyn SampleSink>,
     health: Arc<HealthBoard>,
     clock: Arc<Clock>,
     offline_after_intervals: u32,
@@ -146,13 +195,13 @@ const MAX_READ_TIME: Duration = Duration::from_secs(5);
 
 impl Scheduler {
     pub fn new(
-        store: Store,
+        sink: Arc<dyn SampleSink>,
         health: Arc<HealthBoard>,
         clock: Arc<Clock>,
         offline_after_intervals: u32,
     ) -> Scheduler {
         Scheduler {
-            store,
+            sink,
             health,
             clock,
             offline_after_intervals,
@@ -160,46 +209,38 @@ impl Scheduler {
         }
     }
 
-    /// Samples every sensor whose record has an active source, follows changes to the
-    /// records until `shutdown`, then stops every thread.
+    /// Samples every sensor whose record has an active source, follows `changes` to the
+    /// records until `shutdown`, then stops every thread. The first change is every
+    /// record.
     ///
     /// `started` is told, with their number, once the sensors sampled at start have
     /// their threads running.
-    pub async fn run(mut self, hub: Hub, mut shutdown: Shutdown, started: oneshot::Sender<usize>) {
+    pub async fn run(
+        mut self,
+        mut changes: tokio::sync::mpsc::Receiver<SensorChange>,
+        mut shutdown: Shutdown,
+        started: oneshot::Sender<usize>,
+    ) {
         let _running = RunningFlag::set(self.health.clone());
-        let mut changes = hub.subscribe_without_readings();
-        match self.store.sensors_told_offline().await {
-            Ok(ids) => self.health.told_offline_before(ids),
-            Err(e) => log::error!("cannot read which sensors were announced offline: {e}"),
-        }
-        self.resync().await;
-        let _ = started.send(self.running.len());
+        let mut started = Some(started);
         loop {
             tokio::select! {
                 _ = shutdown.recv() => break,
                 change = changes.recv() => match change {
-                    // Only the store's own sensor events describe sensor records: an
-                    // admin's test event on `sensors` carries whatever data it was given
-                    // and must not start or stop sampling.
-                    Ok(event)
-                        if event.channel == Channel::Sensors
-                            && matches!(
-                                event.event_type.as_str(),
-                                "created" | "updated" | "deleted"
-                            ) =>
-                    {
-                        match sensor_of(&event.frame) {
-                            Some(sensor) if event.event_type != "deleted" => self.apply(&sensor).await,
-                            Some(sensor) => {
-                                self.stop(sensor.id).await;
-                                self.health.forget(sensor.id);
-                            }
-                            None => log::error!("sensor event {} not understood", event.seq),
+                    Some(SensorChange::All(sensors)) => {
+                        if let Some(sensors) = sensors {
+                            self.resync(&sensors).await;
+                        }
+                        if let Some(started) = started.take() {
+                            let _ = started.send(self.running.len());
                         }
                     }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => self.resync().await,
-                    Err(RecvError::Closed) => break,
+                    Some(SensorChange::Saved(sensor)) => self.apply(&sensor).await,
+                    Some(SensorChange::Deleted(id)) => {
+                        self.stop(id).await;
+                        self.health.forget(id);
+                    }
+                    None => break,
                 }
             }
         }
@@ -207,30 +248,21 @@ impl Scheduler {
         self.stop_all(ids).await;
     }
 
-    /// Brings the running set in line with every stored sensor.
-    async fn resync(&mut self) {
-        let all = SensorFilter {
-            limit: u32::MAX,
-            ..SensorFilter::default()
-        };
-        match self.store.sensors(all).await {
-            Ok(sensors) => {
-                let ids: Vec<i64> = sensors.iter().map(|s| s.id).collect();
-                let gone: Vec<i64> = self
-                    .running
-                    .keys()
-                    .filter(|id| !ids.contains(id))
-                    .copied()
-                    .collect();
-                self.stop_all(gone.clone()).await;
-                gone.iter().for_each(|id| self.health.forget(*id));
-                for sensor in &sensors {
-                    self.apply(sensor).await;
-                }
-                log::info!("{} sensors sampled", self.running.len());
-            }
-            Err(e) => log::error!("cannot read sensors to sample: {e}"),
+    /// Brings the running set in line with every sensor record.
+    async fn resync(&mut self, sensors: &[Sensor]) {
+        let ids: Vec<i64> = sensors.iter().map(|s| s.id).collect();
+        let gone: Vec<i64> = self
+            .running
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        self.stop_all(gone.clone()).await;
+        gone.iter().for_each(|id| self.health.forget(*id));
+        for sensor in sensors {
+            self.apply(sensor).await;
         }
+        log::info!("{} sensors sampled", self.running.len());
     }
 
     /// Starts, restarts or stops a sensor's thread as its record says.
@@ -266,7 +298,7 @@ impl Scheduler {
             sensor_id: sensor.id,
             source,
             processing: shared.clone(),
-            store: self.store.clone(),
+            sink: self.sink.clone(),
             health: self.health.clone(),
             clock: self.clock.clone(),
             offline_after: pace * self.offline_after_intervals,
@@ -366,7 +398,9 @@ impl Processing {
     /// Corrects a sample and adds what is derived from the corrected values, or says why
     /// the corrected sample cannot be right.
     fn apply(&self, measurements: &mut Vec<Measurement>) -> Result<(), SensorError> {
-        self.calibration.apply(measurements)?;
+        self.calibration
+            .apply(measurements)
+            .map_err(SensorError::Implausible)?;
         let derived = derived::derive(measurements, &self.derive);
         measurements.extend(derived);
         Ok(())
@@ -394,39 +428,12 @@ impl Drop for RunningFlag {
     }
 }
 
-/// The sensor in a `sensors` event's frame.
-fn sensor_of(frame: &str) -> Option<Sensor> {
-    let envelope: Value = serde_json::from_str(frame).ok()?;
-    let data = envelope.get("data")?;
-    let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
-    Some(Sensor {
-        id: data.get("id")?.as_i64()?,
-        tipo: text("tipo")?,
-        modelo: text("modelo")?,
-        nombre: text("nombre"),
-        ubicacion: text("ubicacion"),
-        fuente: data.get("fuente").filter(|v| !v.is_null()).cloned(),
-        intervalo: data.get("intervalo").and_then(Value::as_f64),
-        activo: data.get("activo")?.as_bool()?,
-        calibracion: data
-            .get("calibracion")
-            .and_then(|v| Calibration::from_json(v, "calibracion").ok())
-            .unwrap_or_default(),
-        derivados: data
-            .get("derivados")
-            .and_then(|v| crate::model::parse_derived(v).ok())
-            .unwrap_or_default(),
-        created_at: 0,
-        updated_at: 0,
-    })
-}
-
 /// The sampling loop of one sensor, on its own thread.
 struct Worker {
     sensor_id: i64,
     source: Box<dyn Source>,
     processing: SharedProcessing,
-    store: Store,
+    sink: Arc<dyn SampleSink>,
     health: Arc<HealthBoard>,
     clock: Arc<Clock>,
     offline_after: Duration,
@@ -478,7 +485,7 @@ impl Worker {
                         .collect();
                     let stored = !samples.is_empty();
                     if stored {
-                        if let Err(StoreError::Closed) = self.store.submit_samples(samples) {
+                        if self.sink.submit(samples).is_err() {
                             return;
                         }
                         changes.extend(tracker.ok(now, taken_at));
@@ -530,16 +537,14 @@ impl Worker {
             Transition::PortFound => log::info!("sensor {}: device back", self.sensor_id),
         }
         self.health.announced(self.sensor_id, change);
-        let emission = Emission {
-            channel: Channel::General,
-            kind: EmissionKind::System(change.event_type().to_owned()),
-            sensor_id: Some(self.sensor_id),
-            data: json!({
+        self.sink.announce(
+            self.sensor_id,
+            change.event_type(),
+            json!({
                 "sensor_id": self.sensor_id,
                 "salud": salud,
             }),
-        };
-        let _ = self.store.submit_emission(emission);
+        );
     }
 }
 
@@ -578,6 +583,18 @@ impl FailureLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fuente_must_name_a_source_the_daemon_drives() {
+        assert_eq!(check_source(&json!({"kind": "sim"})), Ok(()));
+        for bad in [
+            json!({"kind": "laser"}),
+            json!({"kind": "serial"}),
+            json!("sim"),
+        ] {
+            assert!(check_source(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_dashboards_example_sources_are_valid() {

@@ -4,34 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-/// One value read from a sensor, before it is stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Measurement {
-    /// What was measured, in the wire vocabulary (`temperatura`, `humedad`, `presion`, ...).
-    pub tipo: String,
-    pub valor: f64,
-    /// Unit as shown to clients (`°C`, `%`, `hPa`).
-    pub unidad: String,
-}
-
-impl Measurement {
-    pub fn new(tipo: &str, valor: f64, unidad: &str) -> Self {
-        Measurement {
-            tipo: tipo.to_owned(),
-            valor,
-            unidad: unidad.to_owned(),
-        }
-    }
-
-    /// A value of a `tipo` in its known unit ([`crate::model::known_unit`]).
-    pub fn in_known_unit(tipo: &str, valor: f64) -> Self {
-        Measurement::new(
-            tipo,
-            valor,
-            crate::model::known_unit(tipo).unwrap_or_default(),
-        )
-    }
-}
+pub use crate::model::Measurement;
 
 /// Why a read produced no sample. These happen in normal operation (a DHT22 times out
 /// every few reads), so each is a variant that health counters can count, not a string.

@@ -7,7 +7,7 @@
 use rusqlite::{params, Connection, Transaction};
 use serde::Serialize;
 
-use super::writer::Emission;
+use super::Emission;
 use crate::model::Micros;
 
 /// Notifications kept per rule while its webhook is unreachable; past this the oldest

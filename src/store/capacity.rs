@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::StorageConfig;
+use super::StorageConfig;
 
 /// How far back the write rate is measured, for the budget and the figures.
 const RATE_WINDOW: Duration = Duration::from_secs(600);

@@ -9,35 +9,62 @@
 pub mod alerts;
 mod capacity;
 mod checkpointer;
+mod command;
+mod feed;
+mod health;
 mod publisher;
 mod reader;
 mod replay;
 mod retention;
 mod rollup;
 mod schema;
+mod settings;
+mod step;
+pub mod tokens;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
+pub use feed::Feed;
+pub use health::WriterHealth;
 pub use reader::{CalibrationChange, Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
 pub use schema::{migrate_up_to, SCHEMA_VERSION};
-pub use writer::{Emission, EmissionKind, Sample, WriterHandle, WriterHealth};
+pub use settings::{RetentionRule, StorageConfig, Synchronous};
+pub use writer::WriterHandle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{StorageConfig, Synchronous};
-use crate::events::Hub;
-use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sensor, SensorPatch};
+use crate::events::{Channel, Hub};
+use crate::model::{NewReading, NewSensor, Reading, ReadingPatch, Sample, Sensor, SensorPatch};
+use command::Command;
 use replay::ReplayPages;
 use rollup::OpenBuckets;
-use writer::Command;
+
+/// A system or test event to store and publish.
+#[derive(Debug, Clone)]
+pub struct Emission {
+    pub channel: Channel,
+    pub kind: EmissionKind,
+    pub sensor_id: Option<i64>,
+    pub data: Value,
+}
+
+/// The envelope an [`Emission`] goes out in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmissionKind {
+    /// `{"type": "system_event", "event_type": ...}`.
+    System(String),
+    /// `{"type": "test_event", ...}` from `POST /api/v1/ws/test-event`.
+    Test,
+}
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "sensorgate.db";
@@ -320,6 +347,32 @@ impl Store {
         let _ = self.commands.send(Command::TouchToken(token_id, at)).await;
     }
 
+    /// Every token, by name.
+    pub async fn tokens(&self) -> Result<Vec<tokens::StoredToken>, StoreError> {
+        self.read(tokens::all).await
+    }
+
+    /// Adds a token with the hash of its secret; `false` when the name is taken.
+    pub async fn create_token(
+        &self,
+        name: String,
+        scope: &'static str,
+        hash: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        self.call(|reply| Command::CreateToken {
+            name,
+            scope,
+            hash,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a token; `false` when there was none of that name.
+    pub async fn delete_token(&self, name: String) -> Result<bool, StoreError> {
+        self.call(|reply| Command::DeleteToken(name, reply)).await
+    }
+
     /// Saves how far the uplink `name` got: every event up to `seq` was delivered (or
     /// needs no delivery). Written through the writer like everything else.
     pub async fn save_uplink_cursor(&self, name: &'static str, seq: u64) -> Result<(), StoreError> {
@@ -367,7 +420,7 @@ impl Store {
     }
 
     /// Runs a query on a read-only connection off the async threads.
-    pub(crate) async fn read<T: Send + 'static>(
+    async fn read<T: Send + 'static>(
         &self,
         query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     ) -> Result<T, StoreError> {

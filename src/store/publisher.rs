@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::health::{self, WriterHealth};
 use super::reader;
-use super::writer::WriterHealth;
-use crate::events::{self, Channel, Event, Hub};
+use crate::events::{self, Body, Channel, Event, Hub};
 use crate::model::Reading;
 
 /// Commits waiting for the publisher before the writer waits for it in turn: the
@@ -79,7 +79,8 @@ impl Unpublished {
                     channel: Channel::Readings,
                     event_type: "created".into(),
                     sensor_id: Some(reading.sensor_id),
-                    tipo: Some(reading.tipo),
+                    tipo: Some(reading.tipo.clone()),
+                    body: Body::Reading(reading),
                     frame: frame.into(),
                 })
             }
@@ -288,7 +289,7 @@ fn run(
                 Err(why) => {
                     if !std::mem::replace(&mut failing, true) {
                         log::error!("{why}; events wait until it works");
-                        hub.publish(super::writer::outage_notice(&why, 0));
+                        hub.publish(health::outage_notice(&why, 0));
                     }
                 }
             }
@@ -313,6 +314,7 @@ mod tests {
             event_type: "sensor_updated".into(),
             sensor_id: Some(1),
             tipo: None,
+            body: Body::Data(serde_json::Value::Null),
             frame: format!("{{\"seq\":{seq}}}").into(),
         })
     }
@@ -380,7 +382,7 @@ mod tests {
         let total = (HELD_EVENTS + 2500) as u64;
         let newer = total + 1;
         let conn =
-            crate::store::open_database(dir.path(), crate::config::Synchronous::Normal).unwrap();
+            crate::store::open_database(dir.path(), crate::store::Synchronous::Normal).unwrap();
         let mut insert = conn
             .prepare(
                 "INSERT INTO events (seq, ts, channel, event_type, frame) \

@@ -4,10 +4,10 @@
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::events::{self, Channel, Event};
-use crate::model::{Micros, Reading, Sensor};
-use crate::sensors::calibration::Calibration;
+use crate::events::{self, Body, Channel, Event};
+use crate::model::{parse_derived, parse_time, Calibration, Micros, Reading, Sensor};
 
 const SENSOR_COLUMNS: &str = "id, tipo, modelo, nombre, ubicacion, fuente, intervalo, activo, \
      created_at, updated_at, calibracion, derivados";
@@ -328,6 +328,7 @@ fn reading_event(reading: Reading) -> Event {
         sensor_id: Some(reading.sensor_id),
         tipo: Some(reading.tipo.clone()),
         frame: events::reading_frame(&reading, reading.timestamp, seq).into(),
+        body: Body::Reading(reading),
     }
 }
 
@@ -358,8 +359,11 @@ fn event_rows(
         let channel: String = row.get(1)?;
         let sensor_id: Option<i64> = row.get(3)?;
         let tipo: Option<String> = row.get(4)?;
+        let event_type: String = row.get(2)?;
+        // Only this program writes the column, from `Channel::as_str`.
+        let channel = channel.parse().unwrap_or(Channel::General);
         let mut frame: String = row.get(5)?;
-        if frame.is_empty() {
+        let body = if frame.is_empty() {
             // A reading event, stored as the reading's fields (schema version 4).
             let reading = Reading {
                 id: row.get(7)?,
@@ -371,18 +375,81 @@ fn event_rows(
                 hora_dudosa: row.get(11)?,
             };
             frame = events::reading_frame(&reading, row.get(6)?, seq);
-        }
+            Body::Reading(reading)
+        } else {
+            stored_body(channel, &event_type, &frame)
+        };
         Ok(Event {
             seq,
-            // Only this program writes the column, from `Channel::as_str`.
-            channel: channel.parse().unwrap_or(Channel::General),
-            event_type: row.get(2)?,
+            channel,
+            event_type,
             sensor_id,
             tipo,
+            body,
             frame: frame.into(),
         })
     })?;
     rows.collect()
+}
+
+/// What a stored event says, read back from the frame it was stored as: the event log
+/// keeps sensor, reading-change, system and test events as the frames clients were sent,
+/// and this is the one place that reads them. A frame this program did not write (a
+/// damaged row) reads as its `data`, or as nothing.
+fn stored_body(channel: Channel, event_type: &str, frame: &str) -> Body {
+    let data = serde_json::from_str::<Value>(frame)
+        .ok()
+        .and_then(|mut envelope| envelope.get_mut("data").map(Value::take))
+        .unwrap_or(Value::Null);
+    let entity = matches!(event_type, "created" | "updated" | "deleted");
+    let decoded = match channel {
+        Channel::Sensors if entity => stored_sensor(&data).map(Body::Sensor),
+        Channel::Readings if entity => stored_reading(&data).map(Body::Reading),
+        _ => None,
+    };
+    decoded.unwrap_or(Body::Data(data))
+}
+
+/// A sensor as an event's `data` shows it.
+fn stored_sensor(data: &Value) -> Option<Sensor> {
+    let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
+    let time = |key: &str| data.get(key).and_then(Value::as_str).and_then(parse_time);
+    Some(Sensor {
+        id: data.get("id")?.as_i64()?,
+        tipo: text("tipo")?,
+        modelo: text("modelo")?,
+        nombre: text("nombre"),
+        ubicacion: text("ubicacion"),
+        fuente: data.get("fuente").filter(|v| !v.is_null()).cloned(),
+        intervalo: data.get("intervalo").and_then(Value::as_f64),
+        activo: data.get("activo")?.as_bool()?,
+        calibracion: data
+            .get("calibracion")
+            .and_then(|v| Calibration::from_json(v, "calibracion").ok())
+            .unwrap_or_default(),
+        derivados: data
+            .get("derivados")
+            .and_then(|v| parse_derived(v).ok())
+            .unwrap_or_default(),
+        created_at: time("created_at")?,
+        updated_at: time("updated_at")?,
+    })
+}
+
+/// A reading as an event's `data` shows it.
+fn stored_reading(data: &Value) -> Option<Reading> {
+    Some(Reading {
+        id: data.get("id")?.as_i64()?,
+        sensor_id: data.get("sensor_id")?.as_i64()?,
+        tipo: data.get("tipo")?.as_str()?.to_owned(),
+        valor: data.get("valor")?.as_f64()?,
+        unidad: data.get("unidad")?.as_str()?.to_owned(),
+        timestamp: parse_time(data.get("timestamp")?.as_str()?)?,
+        hora_dudosa: data
+            .get("hora_dudosa")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
 }
 
 /// Every sensor and the latest reading of each of its `tipo`s, with the `seq` they are
@@ -453,4 +520,85 @@ pub fn snapshot(conn: &Connection, max_future: Micros) -> rusqlite::Result<Snaps
         sensors,
         latest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::Derived;
+
+    fn sensor() -> Sensor {
+        Sensor {
+            id: 4,
+            tipo: "temperatura".into(),
+            modelo: "DHT22".into(),
+            nombre: Some("invernadero".into()),
+            ubicacion: None,
+            fuente: Some(json!({"kind": "sim", "seed": 7})),
+            intervalo: Some(2.5),
+            activo: true,
+            calibracion: Calibration::from_json(
+                &json!({"temperatura": {"offset": -0.5}}),
+                "calibracion",
+            )
+            .unwrap(),
+            derivados: vec![Derived::PuntoRocio],
+            created_at: 1_764_324_902_123_456,
+            updated_at: 1_764_324_999_000_001,
+        }
+    }
+
+    #[test]
+    fn a_stored_sensor_event_says_what_the_live_one_said() {
+        for (event_type, changed) in [
+            ("created", &[][..]),
+            ("updated", &["nombre", "intervalo"][..]),
+            ("deleted", &[][..]),
+        ] {
+            let frame = events::sensor_frame(event_type, &sensor(), changed, 5, 9);
+            assert_eq!(
+                stored_body(Channel::Sensors, event_type, &frame),
+                Body::Sensor(sensor()),
+                "{event_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_reading_change_says_what_the_live_one_said() {
+        let reading = Reading {
+            id: 12,
+            sensor_id: 4,
+            tipo: "humedad".into(),
+            valor: 41.25,
+            unidad: "%".into(),
+            timestamp: 1_764_324_902_000_007,
+            hora_dudosa: true,
+        };
+        for event_type in ["updated", "deleted"] {
+            let frame = events::reading_change_frame(event_type, &reading, &["valor"], 5, 13);
+            assert_eq!(
+                stored_body(Channel::Readings, event_type, &frame),
+                Body::Reading(reading.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn stored_system_and_test_events_say_their_data() {
+        let data = json!({"sensor_id": 4, "salud": {"estado": "offline"}});
+        let frame = events::system_frame("sensor_offline", &data, 5, 14);
+        assert_eq!(
+            stored_body(Channel::General, "sensor_offline", &frame),
+            Body::Data(data.clone())
+        );
+        // A test event on `sensors` is not a sensor, whatever its data.
+        let frame = events::test_frame(Channel::Sensors, &json!({"id": 4}), 5, 15);
+        assert_eq!(
+            stored_body(Channel::Sensors, "test", &frame),
+            Body::Data(json!({"id": 4}))
+        );
+    }
 }

@@ -112,6 +112,7 @@ mod tests {
                     event_type: "created".into(),
                     sensor_id: Some(1),
                     tipo: Some("temperatura".into()),
+                    body: crate::events::Body::Data(serde_json::Value::Null),
                     frame: "{}".into(),
                 })
             })

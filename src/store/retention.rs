@@ -11,7 +11,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, Transaction};
 
 use super::rollup::{Bucket, Pending};
-use crate::config::{RetentionRule, StorageConfig};
+use super::{RetentionRule, StorageConfig};
 use crate::model::Micros;
 
 /// Most rows one rule removes in one pass.

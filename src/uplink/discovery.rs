@@ -9,8 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Serialize;
 
 use super::topics::{topic_level, Topics};
 use crate::model::Sensor;
@@ -34,20 +33,16 @@ pub struct Announcement {
     pub payload: Vec<u8>,
 }
 
-/// What discovery needs of a sensor; read from snapshots and from event frames.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// What discovery needs of a sensor.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SensorInfo {
     pub id: i64,
     pub tipo: String,
     pub modelo: String,
-    #[serde(default)]
     pub nombre: Option<String>,
-    #[serde(default)]
     pub ubicacion: Option<String>,
-    #[serde(default)]
     pub intervalo: Option<f64>,
     /// The `tipo`s of the values it derives, announced before their first reading.
-    #[serde(default)]
     pub derivados: Vec<String>,
 }
 
@@ -166,21 +161,16 @@ impl Discovery {
         self.sensors.insert(sensor.id, sensor);
     }
 
-    /// A sensor event's frame: `created` and `updated` announce the sensor again,
-    /// `deleted` removes its entities. With `announce` false (the event is older than the
-    /// snapshot the announcements came from) only deletions are published.
+    /// A sensor event: `created` and `updated` announce the sensor again, `deleted`
+    /// removes its entities. With `announce` false (the event is older than the snapshot
+    /// the announcements came from) only deletions are published.
     pub fn sensor_event(
         &mut self,
         event_type: &str,
-        frame: &str,
+        sensor: &Sensor,
         announce: bool,
     ) -> Vec<Announcement> {
-        let Some(sensor) = serde_json::from_str::<Value>(frame)
-            .ok()
-            .and_then(|v| serde_json::from_value::<SensorInfo>(v.get("data")?.clone()).ok())
-        else {
-            return Vec::new();
-        };
+        let sensor = SensorInfo::from(sensor);
         let id = sensor.id;
         match event_type {
             "deleted" => {
@@ -307,7 +297,7 @@ impl Discovery {
 mod tests {
     use super::*;
     use crate::model::Reading;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn sensor(id: i64) -> Sensor {
         Sensor {
@@ -331,7 +321,7 @@ mod tests {
     /// reading, and its first reading in that unit announces nothing again.
     #[test]
     fn derived_values_get_their_classes_and_units() {
-        use crate::sensors::derived::Derived;
+        use crate::model::Derived;
         let mut d = discovery();
         let mut derives = sensor(4);
         derives.derivados = Derived::ALL.to_vec();
@@ -434,22 +424,15 @@ mod tests {
             sensors: vec![sensor(3)],
             latest: vec![],
         });
-        let frame = crate::events::sensor_frame(
-            "updated",
-            &Sensor {
-                nombre: Some("norte".into()),
-                ..sensor(3)
-            },
-            &["nombre"],
-            0,
-            2,
-        );
-        let a = d.sensor_event("updated", &frame, true);
+        let renamed = Sensor {
+            nombre: Some("norte".into()),
+            ..sensor(3)
+        };
+        let a = d.sensor_event("updated", &renamed, true);
         assert_eq!(a.len(), 1);
         assert_eq!(json_of(&a[0])["device"]["name"], "norte");
-        assert!(d.sensor_event("updated", &frame, false).is_empty());
-        let frame = crate::events::sensor_frame("deleted", &sensor(3), &[], 0, 3);
-        let a = d.sensor_event("deleted", &frame, false);
+        assert!(d.sensor_event("updated", &renamed, false).is_empty());
+        let a = d.sensor_event("deleted", &sensor(3), false);
         let topics: Vec<&str> = a.iter().map(|a| a.topic.as_str()).collect();
         assert_eq!(
             topics,

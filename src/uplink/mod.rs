@@ -20,6 +20,7 @@
 //! needs; `runner` owns the connection loop and the cursor; `topics`, `discovery` and
 //! `tracker` are the pure parts it uses.
 
+mod configured;
 mod discovery;
 mod error;
 mod runner;
@@ -27,6 +28,7 @@ mod settings;
 mod topics;
 mod tracker;
 
+pub use configured::UplinkConfig;
 pub use discovery::{Announcement, Discovery};
 pub use error::UplinkError;
 pub use runner::Stats;
@@ -37,7 +39,6 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
 use crate::events::Hub;
 use crate::shutdown::Trigger;
 use crate::store::Store;
@@ -55,9 +56,11 @@ impl Uplink {
     /// Starts the uplink when `uplink.broker` is configured; `None` otherwise, and then
     /// nothing is opened. Reads the cursor, or on the very first start sets it to the
     /// newest event (history from before the uplink was configured is not sent) and saves
-    /// it at once, so an outage right after the first start loses nothing either.
+    /// it at once, so an outage right after the first start loses nothing either. A
+    /// sensor is announced offline after `offline_after_intervals` quiet intervals.
     pub async fn start(
-        config: &Config,
+        config: &UplinkConfig,
+        offline_after_intervals: u32,
         store: Store,
         hub: Hub,
     ) -> Result<Option<Uplink>, UplinkError> {
@@ -92,7 +95,7 @@ impl Uplink {
                 prefix,
                 &settings.gateway,
                 settings.topics.clone(),
-                config.sampling.offline_after_intervals,
+                offline_after_intervals,
             )
         });
         let runner = Runner::new(settings, store, hub, discovery, cursor, stopped);

@@ -12,13 +12,12 @@ use tokio::time::{sleep, sleep_until, Instant};
 
 use super::discovery::{Announcement, Discovery};
 use super::settings::Settings;
-use super::topics::{frame_entity_id, frame_reading, reading_payload};
+use super::topics::reading_payload;
 use super::tracker::Tracker;
-use crate::api::realtime::feed::Feed;
 use crate::backoff::Backoff;
-use crate::events::{Channel, Event, Hub};
+use crate::events::{Body, Channel, Event, Hub};
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{Feed, Store};
 
 /// Name of the uplink's row in the cursor table.
 pub(super) const CURSOR_NAME: &str = "mqtt";
@@ -402,18 +401,18 @@ impl Runner {
         let (topic, payload) = match event.channel {
             Channel::Readings if event.event_type != "created" => {
                 // A stored reading updated or deleted: the envelope, as for sensors.
-                let Some(reading_id) = frame_entity_id(&event.frame) else {
+                let Body::Reading(reading) = &event.body else {
                     log::warn!("uplink: reading event {} is unreadable; skipped", event.seq);
                     s.outbox.push_back(Item::Skip(event.seq));
                     return;
                 };
                 (
-                    topics.reading_change(reading_id),
+                    topics.reading_change(reading.id),
                     event.frame.as_bytes().to_vec(),
                 )
             }
-            Channel::Readings => match frame_reading(&event.frame) {
-                Some(reading) => {
+            Channel::Readings => match &event.body {
+                Body::Reading(reading) => {
                     if let Some(discovery) = &mut self.discovery {
                         let found =
                             discovery.reading(reading.sensor_id, &reading.tipo, &reading.unidad);
@@ -421,22 +420,20 @@ impl Runner {
                     }
                     (
                         topics.reading(reading.sensor_id, &reading.tipo),
-                        reading_payload(&reading, event.seq),
+                        reading_payload(reading, event.seq),
                     )
                 }
-                None => {
+                _ => {
                     log::warn!("uplink: reading event {} is unreadable; skipped", event.seq);
                     s.outbox.push_back(Item::Skip(event.seq));
                     return;
                 }
             },
             Channel::Sensors => {
-                if let Some(discovery) = &mut self.discovery {
-                    let found = discovery.sensor_event(
-                        &event.event_type,
-                        &event.frame,
-                        event.seq > snapshot_seq,
-                    );
+                if let (Some(discovery), Body::Sensor(sensor)) = (&mut self.discovery, &event.body)
+                {
+                    let found =
+                        discovery.sensor_event(&event.event_type, sensor, event.seq > snapshot_seq);
                     s.outbox.extend(found.into_iter().map(retained));
                 }
                 let Some(sensor_id) = event.sensor_id else {
@@ -532,8 +529,10 @@ fn alert_rule_of(event: &Event) -> Option<i64> {
     if !event.event_type.starts_with("alert_") {
         return None;
     }
-    let frame: serde_json::Value = serde_json::from_str(&event.frame).ok()?;
-    frame["data"]["rule_id"].as_i64()
+    match &event.body {
+        Body::Data(data) => data["rule_id"].as_i64(),
+        _ => None,
+    }
 }
 
 fn retained(a: Announcement) -> Item {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
+use super::configured::UplinkConfig;
 use super::error::UplinkError;
 use super::topics::{topic_level, Topics};
-use crate::config::Config;
 
 /// The client's in-flight limit and packet id range.
 const CLIENT_INFLIGHT: u16 = 100;
@@ -96,8 +96,7 @@ pub(super) struct Settings {
 
 impl Settings {
     /// The settings of `[uplink]`; `None` when no broker is configured.
-    pub(super) fn from_config(config: &Config) -> Result<Option<Settings>, UplinkError> {
-        let uplink = &config.uplink;
+    pub(super) fn from_config(uplink: &UplinkConfig) -> Result<Option<Settings>, UplinkError> {
         let Some(broker) = &uplink.broker else {
             return Ok(None);
         };

@@ -8,7 +8,9 @@
 //! <prefix>/<gateway>/alerts/<rule_id>        the latest alert event of a rule, retained: the envelope
 //! ```
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+use crate::model::{format_time, Reading};
 
 /// Where this gateway publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,42 +74,6 @@ pub fn is_topic_name(text: &str) -> bool {
     !text.is_empty() && topic_level(text) == text
 }
 
-/// The reading inside a stored `readings` event frame (wire names, Spanish).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct FrameReading {
-    pub sensor_id: i64,
-    pub tipo: String,
-    pub valor: f64,
-    pub unidad: String,
-    pub timestamp: String,
-    #[serde(default)]
-    pub hora_dudosa: bool,
-}
-
-#[derive(Deserialize)]
-struct ReadingFrame {
-    data: FrameReading,
-}
-
-/// Reads the reading out of an event frame (`{"type": "entity_event", "data": {...}}`).
-pub fn frame_reading(frame: &str) -> Option<FrameReading> {
-    serde_json::from_str::<ReadingFrame>(frame)
-        .ok()
-        .map(|f| f.data)
-}
-
-#[derive(Deserialize)]
-struct EntityFrame {
-    entity_id: i64,
-}
-
-/// The id of the entity an event frame is about.
-pub fn frame_entity_id(frame: &str) -> Option<i64> {
-    serde_json::from_str::<EntityFrame>(frame)
-        .ok()
-        .map(|f| f.entity_id)
-}
-
 #[derive(Serialize)]
 struct ReadingPayload<'a> {
     sensor_id: i64,
@@ -124,13 +90,13 @@ struct ReadingPayload<'a> {
 /// `time` being when the sample was taken, and `"time_doubtful": true` when the gateway's
 /// clock was not trusted yet. Consumers drop a `seq` they have seen: QoS 1 delivers at
 /// least once.
-pub fn reading_payload(reading: &FrameReading, seq: u64) -> Vec<u8> {
+pub fn reading_payload(reading: &Reading, seq: u64) -> Vec<u8> {
     serde_json::to_vec(&ReadingPayload {
         sensor_id: reading.sensor_id,
         tipo: &reading.tipo,
         value: reading.valor,
         unit: &reading.unidad,
-        time: &reading.timestamp,
+        time: &format_time(reading.timestamp),
         time_doubtful: reading.hora_dudosa,
         seq,
     })
@@ -168,19 +134,27 @@ mod tests {
     }
 
     #[test]
-    fn reading_payload_from_a_stored_frame() {
-        let frame = r#"{"type":"entity_event","entity_type":"reading","event_type":"created","entity_id":9,
-            "data":{"id":9,"sensor_id":3,"tipo":"temperatura","valor":21.5,"unidad":"°C","timestamp":"2026-11-28T10:15:02.123456Z"},
-            "timestamp":"2026-11-28T10:15:02.200000Z","metadata":{"action":"create_reading"},"seq":41}"#;
-        let reading = frame_reading(frame).unwrap();
+    fn reading_payload_shows_the_time_it_was_taken() {
+        let reading = Reading {
+            id: 9,
+            sensor_id: 3,
+            tipo: "temperatura".into(),
+            valor: 21.5,
+            unidad: "°C".into(),
+            timestamp: crate::model::parse_time("2026-11-28T10:15:02.123456Z").unwrap(),
+            hora_dudosa: false,
+        };
         let payload: Value = serde_json::from_slice(&reading_payload(&reading, 41)).unwrap();
         assert_eq!(
             payload,
             json!({"sensor_id": 3, "tipo": "temperatura", "value": 21.5, "unit": "°C",
                    "time": "2026-11-28T10:15:02.123456Z", "seq": 41})
         );
-        assert_eq!(frame_reading("{}"), None);
-        assert_eq!(frame_entity_id(frame), Some(9));
-        assert_eq!(frame_entity_id("{}"), None);
+        let doubtful = Reading {
+            hora_dudosa: true,
+            ..reading
+        };
+        let payload: Value = serde_json::from_slice(&reading_payload(&doubtful, 42)).unwrap();
+        assert_eq!(payload["time_doubtful"], true);
     }
 }

@@ -1,12 +1,13 @@
 //! Live delivery to clients: WebSocket sessions and Server-Sent Events streams.
 //!
 //! Both are built from the same parts: a [`subscription::Subscription`] says what the
-//! client wants, a [`feed::Feed`] yields every event after the client's position (stored
-//! ones first when resuming, then live), and [`opening`] decides what the client is told
-//! before the first event (a snapshot, or that its `since` cannot be honoured).
+//! client wants, the store's [`Feed`](crate::store::Feed) yields every event after the
+//! client's position (stored ones first when resuming, then live), and [`opening`]
+//! decides what the client is told before the first event (a snapshot, or that its
+//! `since` cannot be honoured).
 
-pub mod feed;
 pub mod outbox;
+pub mod protocol;
 pub mod sse;
 pub mod subscription;
 pub mod throttle;
@@ -18,7 +19,6 @@ use hyper::header::{HOST, ORIGIN};
 use crate::api::metrics::Limit;
 use crate::api::{ApiError, State};
 use crate::auth::origin;
-use crate::events;
 use crate::model::now_micros;
 use crate::store::{Store, StoreError};
 use subscription::{Request, Subscription};
@@ -59,7 +59,7 @@ pub async fn opening(store: &Store, request: &Request) -> Result<Opening, StoreE
             None
         };
         if let Some(reason) = reason {
-            messages.push(events::resync_message(
+            messages.push(protocol::resync_message(
                 reason,
                 asked,
                 counts.oldest_seq,
@@ -108,6 +108,6 @@ pub async fn snapshot(
         .iter()
         .filter(|r| wanted_sensor(r.sensor_id) && wanted_tipo(&r.tipo))
         .collect();
-    let text = events::snapshot_message(snapshot.seq, &sensors, &readings, now_micros());
+    let text = protocol::snapshot_message(snapshot.seq, &sensors, &readings, now_micros());
     Ok((text, snapshot.seq))
 }

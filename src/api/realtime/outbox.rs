@@ -173,6 +173,7 @@ mod tests {
             event_type: "created".into(),
             sensor_id: Some(sensor),
             tipo: Some(tipo.into()),
+            body: crate::events::Body::Data(serde_json::Value::Null),
             frame: "{}".into(),
         }))
     }

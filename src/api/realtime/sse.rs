@@ -16,14 +16,13 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
 
-use super::feed::Feed;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
-use crate::api::router::StreamAdmission;
-use crate::api::{streamed, ApiError, Body, State, StreamFailed};
+use crate::api::{streamed, ApiError, Body, State, StreamAdmission, StreamFailed};
 use crate::auth::{Access, Principal};
 use crate::model::FieldError;
+use crate::store::Feed;
 
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -126,7 +125,7 @@ async fn run(
                 let mut text = String::new();
                 let mut sent = 0;
                 for event in events.iter().filter(|e| subscription.matches(e)) {
-                    event_chunk(&mut text, Some(event.seq), &event.frame);
+                    event_chunk(&mut text, Some(event.seq), event.frame.as_str());
                     sent += 1;
                 }
                 if sent > 0 {

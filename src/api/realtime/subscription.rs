@@ -295,6 +295,7 @@ mod tests {
             event_type: event_type.into(),
             sensor_id,
             tipo: tipo.map(Into::into),
+            body: crate::events::Body::Data(serde_json::Value::Null),
             frame: "{}".into(),
         }
     }

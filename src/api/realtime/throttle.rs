@@ -105,6 +105,7 @@ mod tests {
             event_type: "created".into(),
             sensor_id: Some(sensor),
             tipo: Some("t".into()),
+            body: crate::events::Body::Data(serde_json::Value::Null),
             frame: "{}".into(),
         })
     }
@@ -158,6 +159,7 @@ mod tests {
             event_type: "created".into(),
             sensor_id: Some(1),
             tipo: None,
+            body: crate::events::Body::Data(serde_json::Value::Null),
             frame: "{}".into(),
         });
         let now = Instant::now();

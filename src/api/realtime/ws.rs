@@ -41,18 +41,18 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::feed::Feed;
 use super::outbox::{Closing, Frame, Outbox};
+use super::protocol;
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
 use crate::api::limits::Key;
 use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
-use crate::api::router::{Client, StreamAdmission};
-use crate::api::{full, linger, ApiError, Body, State};
+use crate::api::{full, linger, ApiError, Body, Client, State, StreamAdmission};
 use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
+use crate::store::Feed;
 
 /// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
 /// memory per client and zero-fill time on every read.
@@ -233,12 +233,12 @@ impl Session {
         }
         let now = now_micros();
         let channels: Vec<&str> = self.subscription.channels.iter().copied().collect();
-        self.send_text(events::connection_message(
+        self.send_text(protocol::connection_message(
             &channels.join(","),
             &self.client_id,
             now,
         ));
-        self.send_text(events::stats_message(&self.state.hub.stats(), now));
+        self.send_text(protocol::stats_message(&self.state.hub.stats(), now));
         let end = match super::opening(&self.state.store, &self.request).await {
             Ok(opening) => {
                 let mut feed = Feed::new(&self.state.hub, self.state.store.clone(), opening.start);
@@ -450,7 +450,7 @@ impl Session {
                         self.answer(&text, feed, registration).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        self.send_text(events::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
+                        self.send_text(protocol::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
                     }
                     Some(Ok(Message::Close(frame))) => {
                         return End::ClosedByClient(frame.map(|f| f.code.into()));
@@ -512,7 +512,7 @@ impl Session {
         let message: Value = match serde_json::from_str(text) {
             Ok(value @ Value::Object(_)) => value,
             _ => {
-                self.send_text(events::error_message(
+                self.send_text(protocol::error_message(
                     None,
                     "malformed",
                     "Messages must be JSON objects",
@@ -552,7 +552,7 @@ impl Session {
                                     self.send_text(text);
                                     feed.skip_to(seq);
                                 }
-                                Err(e) => self.send_text(events::error_message(
+                                Err(e) => self.send_text(protocol::error_message(
                                     id,
                                     "unavailable",
                                     &e.to_string(),
@@ -562,7 +562,7 @@ impl Session {
                         }
                     }
                     Err(SubscriptionError::UnknownChannel(name)) => {
-                        self.send_text(events::error_message(
+                        self.send_text(protocol::error_message(
                             id,
                             "unknown_channel",
                             &format!(
@@ -572,7 +572,7 @@ impl Session {
                         ))
                     }
                     Err(SubscriptionError::Invalid(field)) => {
-                        self.send_text(events::error_message(
+                        self.send_text(protocol::error_message(
                             id,
                             "invalid",
                             &format!("{}: {}", field.field, field.message),
@@ -581,13 +581,13 @@ impl Session {
                     }
                 }
             }
-            Some(other) => self.send_text(events::error_message(
+            Some(other) => self.send_text(protocol::error_message(
                 id,
                 "unknown_action",
                 &format!("Unknown message type '{other}'"),
                 now,
             )),
-            None => self.send_text(events::error_message(
+            None => self.send_text(protocol::error_message(
                 id,
                 "malformed",
                 "Messages need a \"type\"",
@@ -738,7 +738,8 @@ async fn write_frames(
                     Frame::Event(event) => {
                         sent[event.channel.index()] += 1;
                         newest = Some(event.seq);
-                        Message::Text(event.frame.clone())
+                        // A frame is made from text: this checks it, it does not copy it.
+                        Message::Text(Utf8Bytes::try_from(event.frame.shared()).unwrap_or_default())
                     }
                     Frame::Text(text) => Message::Text(text),
                     Frame::Ping => Message::Ping(Default::default()),

@@ -1,4 +1,4 @@
-//! The events one client receives, in `seq` order, with no gap and no duplicate.
+//! The event log as one reader follows it (the feed): the events one client receives, in `seq` order, with no gap and no duplicate.
 //!
 //! A feed subscribes to the hub first and only then decides where it stands, so every
 //! event is either in the database already or still to come through the subscription.
@@ -16,8 +16,8 @@ use std::sync::Arc;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::{Store, StoreError};
 use crate::events::{Channel, Event, Hub};
-use crate::store::{Store, StoreError};
 
 /// Events read from the database in one go while replaying.
 const PAGE: usize = 256;

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::source::Measurement;
+use super::Measurement;
 
 /// Lowest temperature, in °C, at which the formulas are used.
 pub const MIN_TEMPERATURE: f64 = -40.0;

@@ -13,8 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::derived::Derived;
-use super::source::{Measurement, SensorError};
-use crate::model::{forbidden_char, FieldError};
+use super::{forbidden_char, FieldError, Measurement};
 
 /// The `tipo`s every source may report, besides the one a sensor is created with and
 /// those its source maps device keys and registers to.
@@ -123,8 +122,9 @@ impl Calibration {
 
     /// Corrects the measurements of one sample in place. A corrected value that cannot
     /// exist (a relative humidity outside 0 to 100 %, a temperature below absolute zero)
-    /// makes the whole sample implausible, as a value out of a device's range does.
-    pub fn apply(&self, measurements: &mut [Measurement]) -> Result<(), SensorError> {
+    /// makes the whole sample implausible, as a value out of a device's range does: the
+    /// error says why.
+    pub fn apply(&self, measurements: &mut [Measurement]) -> Result<(), String> {
         if self.is_empty() {
             return Ok(());
         }
@@ -142,10 +142,10 @@ impl Calibration {
                     _ => false,
                 };
             if impossible {
-                return Err(SensorError::Implausible(format!(
+                return Err(format!(
                     "{} {} {} after calibration (read {})",
                     m.tipo, value, m.unidad, m.valor
-                )));
+                ));
             }
         }
         for (m, value) in measurements.iter_mut().zip(corrected) {
@@ -434,10 +434,7 @@ mod tests {
         assert_eq!(sample[1].valor, 45.0);
         assert_eq!(sample[2].valor, 1013.0);
         let mut wet = vec![Measurement::new("humedad", 97.0, "%")];
-        assert!(matches!(
-            c.apply(&mut wet),
-            Err(SensorError::Implausible(_))
-        ));
+        assert!(c.apply(&mut wet).unwrap_err().contains("after calibration"));
         assert_eq!(wet[0].valor, 97.0, "a refused sample is left as read");
         // Only corrected values are judged: what the device sent was judged by it.
         let only_temperature =
