@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{temp_dir, Daemon};
+use common::Daemon;
 
 /// Sources that keep the writer's queue full all stop together at shutdown. Told one at
 /// a time, each waited for room in the queue behind all the others still running, and a
@@ -13,7 +13,6 @@ use common::{temp_dir, Daemon};
 /// ([`common::PATIENCE`] here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_busy_sources_stop_together() {
-    let dir = temp_dir();
     let sensors: String = (1..=100)
         .map(|i| {
             format!(
@@ -23,7 +22,7 @@ async fn many_busy_sources_stop_together() {
             )
         })
         .collect();
-    let daemon = Daemon::start_in(dir.path(), &sensors).await;
+    let daemon = Daemon::with(&sensors).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     daemon.stop().await;
 }
