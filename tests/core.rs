@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, Received, SENSOR};
+use common::{sensor_table, Daemon, Received, SENSOR};
 use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -116,17 +116,8 @@ async fn sensor_lifecycle_emits_created_updated_deleted() {
 
 #[tokio::test]
 async fn simulated_samples_are_stored_and_pushed() {
-    let daemon = Daemon::with(
-        r#"
-[[sensor]]
-name = "sim"
-tipo = "temperatura"
-modelo = "DHT22"
-interval_s = 0.05
-source = { kind = "sim", seed = 5 }
-"#,
-    )
-    .await;
+    let sim = r#"{ kind = "sim", seed = 5 }"#;
+    let daemon = Daemon::with(&sensor_table("sim", "temperatura", "DHT22", 0.05, sim)).await;
     let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let mut seen = Vec::new();
     while seen.len() < 6 {
@@ -164,17 +155,9 @@ source = { kind = "sim", seed = 5 }
 /// stored at the time it was taken, spread evenly over the interval, and pushed in order.
 #[tokio::test]
 async fn a_batched_read_stores_each_sample_at_its_own_time() {
-    let daemon = Daemon::with(
-        r#"
-[[sensor]]
-name = "buffered"
-tipo = "temperatura"
-modelo = "DS18B20"
-interval_s = 0.5
-source = { kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }
-"#,
-    )
-    .await;
+    let buffering = r#"{ kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }"#;
+    let config = sensor_table("buffered", "temperatura", "DS18B20", 0.5, buffering);
+    let daemon = Daemon::with(&config).await;
     let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let mut times = Vec::new();
     let mut seqs = Vec::new();
@@ -444,8 +427,12 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     );
     assert_eq!(daemon.get("/api/v1/sensores/").await.1, sensors_before);
     assert_eq!(daemon.get("/api/v1/lecturas/").await.1, json!([]));
-    assert_eq!(sensors_client.next_within(QUIET).await, None);
-    assert_eq!(readings_client.next_within(QUIET).await, None);
+    sensors_client
+        .assert_quiet(&daemon, "sensors", "a refused request emitted")
+        .await;
+    readings_client
+        .assert_quiet(&daemon, "readings", "a refused request emitted")
+        .await;
     daemon.stop().await;
 }
 

@@ -25,9 +25,13 @@ fn config(dir: &Path, synchronous: &str) -> std::path::PathBuf {
     // submissions are the writer's largest.
     for i in 0..20 {
         let per_read = if i == 0 { 100 } else { 1 };
-        text.push_str(&format!(
-            "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\n\
-             source = {{ kind = \"sim\", seed = {i}, samples_per_read = {per_read} }}\n"
+        let source = format!("{{ kind = \"sim\", seed = {i}, samples_per_read = {per_read} }}");
+        text.push_str(&common::sensor_table(
+            &format!("s{i}"),
+            "temperatura",
+            "DHT22",
+            0.05,
+            &source,
         ));
     }
     write_config(dir, &text)

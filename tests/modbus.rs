@@ -98,10 +98,8 @@ impl Drop for Devices {
 
 /// A `[[sensor]]` with a modbus source.
 fn sensor(name: &str, source: &str) -> String {
-    format!(
-        "[[sensor]]\nname = \"{name}\"\ntipo = \"modbus\"\nmodelo = \"test\"\n\
-         interval_s = 0.2\nsource = {{ kind = \"modbus\", {source} }}\n"
-    )
+    let source = format!("{{ kind = \"modbus\", {source} }}");
+    common::sensor_table(name, "modbus", "test", 0.2, &source)
 }
 
 /// The newest stored value of each `tipo` of a sensor, once every one of `tipos` has

@@ -4,14 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use common::events::*;
-use common::{database, Client, Daemon, Received, OPEN};
+use common::{database, until, Client, Daemon, Received, OPEN};
 use serde_json::json;
-
-/// How long a client waits to be sure nothing more arrives.
-const QUIET: Duration = Duration::from_millis(300);
 
 /// A client dropped mid-stream while samples keep flowing reconnects with `since` and
 /// receives exactly the events it missed, in order, none twice, then live ones, while
@@ -77,7 +73,11 @@ async fn resume_with_since_across_a_restart() {
     drop(client);
 
     let before_stop = daemon.http().reading(sensor, "humedad", 11.5).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let posted = daemon.last_seq().await;
+    until("samples after the posted reading", || async {
+        (daemon.last_seq().await > posted).then_some(())
+    })
+    .await;
     let dir = daemon.stop().await.unwrap();
     let last_before_restart = stored_last_seq(dir.path());
 
@@ -128,7 +128,9 @@ async fn since_ahead_of_numbering_is_told_unknown_seq() {
     assert_exactly_stored(daemon.dir(), "readings", 0, &replayed);
     http.reading(sensor, "temperatura", 9.0).await;
     assert_eq!(seq(&client.json().await), 5);
-    assert_eq!(client.next_within(QUIET).await, None);
+    client
+        .assert_quiet(&daemon, "readings", "nothing but the live reading")
+        .await;
     daemon.stop().await;
 }
 
@@ -183,8 +185,10 @@ async fn since_older_than_retention_is_told_since_too_old() {
     http.reading(sensor, "temperatura", 99.0).await;
     assert_eq!(seq(&client.json().await), 12);
     assert_eq!(seq(&exact.json().await), 12);
-    assert_eq!(client.next_within(QUIET).await, None);
-    assert_eq!(exact.next_within(QUIET).await, None);
+    let marker = daemon.marker("readings").await;
+    let why = "nothing but the live reading";
+    client.assert_next_is_marker(marker, why).await;
+    exact.assert_next_is_marker(marker, why).await;
     daemon.stop().await;
 }
 

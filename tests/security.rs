@@ -218,22 +218,15 @@ async fn tokens_are_managed_over_rest_by_admins() {
         .as_token(Some(&phone))
         .expect("GET", "/api/v1/tokens", None, 403)
         .await;
-    daemon
-        .expect(
-            "POST",
-            "/api/v1/tokens",
-            Some(r#"{"name": "phone", "scope": "read"}"#),
-            409,
-        )
-        .await;
-    daemon
-        .expect(
-            "POST",
-            "/api/v1/tokens",
-            Some(r#"{"name": "x", "scope": "root"}"#),
-            422,
-        )
-        .await;
+    // A name taken, a scope that does not exist.
+    for (made, status) in [
+        (r#"{"name": "phone", "scope": "read"}"#, 409),
+        (r#"{"name": "x", "scope": "root"}"#, 422),
+    ] {
+        daemon
+            .expect("POST", "/api/v1/tokens", Some(made), status)
+            .await;
+    }
     let (_, listed) = daemon.get("/api/v1/tokens").await;
     assert!(listed
         .as_array()

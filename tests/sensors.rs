@@ -91,10 +91,8 @@ fn millis_between(from: &Value, to: &Value) -> i64 {
 
 /// A config with one `[[sensor]]`; `extra` goes first (e.g. a `[sampling]` table).
 fn one_sensor(extra: &str, name: &str, interval_s: f64, source: &str) -> String {
-    format!(
-        "{extra}\n[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"test\"\n\
-         interval_s = {interval_s:?}\nsource = {source}\n"
-    )
+    let table = common::sensor_table(name, "temperatura", "test", interval_s, source);
+    format!("{extra}\n{table}")
 }
 
 /// A TOML literal string holding `path`.
@@ -347,6 +345,13 @@ async fn silent_serial_sensor_goes_offline_and_comes_back() {
 // ---------------------------------------------------------------------------------------
 // sysfs
 
+/// An empty sysfs tree in a temporary directory, which must outlive it.
+fn fake_sysfs() -> (tempfile::TempDir, Sysfs) {
+    let root = temp_dir();
+    let sysfs = Sysfs::at(root.path());
+    (root, sysfs)
+}
+
 /// Lays out an IIO device in `sysfs` with its attribute `files`; returns its directory.
 fn iio_device(sysfs: &Sysfs, n: u32, name: &str, files: &[(&str, &str)]) -> PathBuf {
     let device = sysfs.iio_device(n, name).unwrap();
@@ -381,8 +386,7 @@ async fn watched(config: &str, name: &str, channel: &str) -> (Daemon, i64, Clien
 
 #[tokio::test]
 async fn dht22_through_the_kernel_iio_driver() {
-    let root = temp_dir();
-    let sysfs = Sysfs::at(root.path());
+    let (_root, sysfs) = fake_sysfs();
     let device = iio_device(
         &sysfs,
         0,
@@ -460,8 +464,7 @@ async fn dht22_through_the_kernel_iio_driver() {
 
 #[tokio::test]
 async fn bme280_through_the_generic_iio_source() {
-    let root = temp_dir();
-    let sysfs = Sysfs::at(root.path());
+    let (_root, sysfs) = fake_sysfs();
     // Another IIO device probed first: the source finds its own by name.
     iio_device(
         &sysfs,
@@ -530,8 +533,7 @@ async fn bme280_through_the_generic_iio_source() {
 
 #[tokio::test]
 async fn ds18b20_on_the_one_wire_bus() {
-    let root = temp_dir();
-    let sysfs = Sysfs::at(root.path());
+    let (_root, sysfs) = fake_sysfs();
     let device = sysfs.w1_device("28-000005e2fdc3").unwrap();
     Sysfs::set(&device, "w1_slave", &w1_slave("YES", 23125)).unwrap();
     let (daemon, id, mut readings) = sample_sysfs(

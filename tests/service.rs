@@ -97,9 +97,8 @@ impl Service {
 }
 
 fn sim_sensor(name: &str, extra: &str) -> String {
-    format!(
-        "[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.1\nsource = {{ kind = \"sim\", seed = 1{extra} }}\n"
-    )
+    let source = format!("{{ kind = \"sim\", seed = 1{extra} }}");
+    common::sensor_table(name, "temperatura", "DHT22", 0.1, &source)
 }
 
 fn watchdogs(notes: &[(Instant, String)]) -> Vec<Instant> {

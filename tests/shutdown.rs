@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::Daemon;
+use common::{until, Daemon};
 
 /// Sources that keep the writer's queue full all stop together at shutdown. Told one at
 /// a time, each waited for room in the queue behind all the others still running, and a
@@ -15,14 +13,17 @@ use common::Daemon;
 async fn many_busy_sources_stop_together() {
     let sensors: String = (1..=100)
         .map(|i| {
-            format!(
-                "[[sensor]]\nname = \"busy-{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
-                 interval_s = 0.05\nsource = {{ kind = \"sim\", profile = \"dht22\", \
-                 failure_rate = 0.0, samples_per_read = 100, seed = {i} }}\n\n"
-            )
+            let source = format!(
+                "{{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, \
+                 samples_per_read = 100, seed = {i} }}"
+            );
+            common::sensor_table(&format!("busy-{i}"), "temperatura", "DHT22", 0.05, &source)
         })
         .collect();
     let daemon = Daemon::with(&sensors).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    until("the sources busy", || async {
+        (daemon.last_seq().await > 1000).then_some(())
+    })
+    .await;
     daemon.stop().await;
 }

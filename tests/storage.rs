@@ -175,9 +175,8 @@ async fn retention_removes_old_readings_and_rollups_in_the_background() {
 fn fast_sensors(count: usize) -> String {
     (0..count)
         .map(|i| {
-            format!(
-                "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\nsource = {{ kind = \"sim\", seed = {i} }}\n"
-            )
+            let source = format!("{{ kind = \"sim\", seed = {i} }}");
+            common::sensor_table(&format!("s{i}"), "temperatura", "DHT22", 0.05, &source)
         })
         .collect()
 }

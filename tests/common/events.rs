@@ -15,16 +15,8 @@ use super::{database, http, stored_frame, until, Client, Daemon, Received, EVENT
 /// A simulated DHT22 sampled every 50 ms (the fastest allowed): about 40 readings a
 /// second, temperature and humidity.
 pub fn fast_sim(name: &str, seed: u64) -> String {
-    format!(
-        r#"
-[[sensor]]
-name = "{name}"
-tipo = "temperatura"
-modelo = "DHT22"
-interval_s = 0.05
-source = {{ kind = "sim", seed = {seed} }}
-"#
-    )
+    let source = format!("{{ kind = \"sim\", seed = {seed} }}");
+    super::sensor_table(name, "temperatura", "DHT22", 0.05, &source)
 }
 
 /// A sensor update whose frame is large: an inactive serial source with a long key

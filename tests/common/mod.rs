@@ -251,3 +251,12 @@ pub fn check_config(dir: &Path, name: &str, text: &str) -> Run {
     std::fs::write(&file, text).unwrap();
     sensorgate(["check-config".as_ref(), file.as_os_str()])
 }
+
+/// A `[[sensor]]` table: `name`, of `tipo` and `modelo`, sampled every `interval_s` from
+/// `source` (an inline TOML table).
+pub fn sensor_table(name: &str, tipo: &str, modelo: &str, interval_s: f64, source: &str) -> String {
+    format!(
+        "[[sensor]]\nname = \"{name}\"\ntipo = \"{tipo}\"\nmodelo = \"{modelo}\"\n\
+         interval_s = {interval_s:?}\nsource = {source}\n"
+    )
+}

@@ -109,30 +109,16 @@ impl Client {
     /// now on `channel` (which this client must receive): events go out in `seq` order, so
     /// whatever was due before the marker would come first.
     pub async fn assert_quiet(&mut self, daemon: &Daemon, channel: &str, why: &str) {
-        let seq = daemon.marker(channel).await;
-        match self.next().await {
-            Received::Json(event) if event["event_type"] == "test_event" && event["seq"] == seq => {
-            }
-            other => panic!("{why}: expected nothing before the marker {seq}, got {other:?}"),
-        }
+        let marker = daemon.marker(channel).await;
+        self.assert_next_is_marker(marker, why).await;
     }
 
-    /// Events until the one with `seq`, which must come; panics on anything but events.
-    pub async fn events_through(&mut self, seq: u64) -> Vec<Value> {
-        let mut events = Vec::new();
-        loop {
-            match self.next().await {
-                Received::Json(event) => {
-                    let this = event["seq"]
-                        .as_u64()
-                        .unwrap_or_else(|| panic!("expected an event, got {event}"));
-                    events.push(event);
-                    if this >= seq {
-                        return events;
-                    }
-                }
-                other => panic!("socket ended before seq {seq}: {other:?}"),
-            }
+    /// Checks that the next thing this client receives is the marker event `seq` (see
+    /// [`Daemon::marker`]), so that nothing else was due to it before.
+    pub async fn assert_next_is_marker(&mut self, seq: u64, why: &str) {
+        match self.next().await {
+            Received::Json(event) if event["type"] == "test_event" && event["seq"] == seq => {}
+            other => panic!("{why}: expected nothing before the marker {seq}, got {other:?}"),
         }
     }
 }
