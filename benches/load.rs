@@ -468,12 +468,17 @@ impl Daemon {
 
     /// Resident set in KiB, from `/proc/PID/status`.
     fn rss_kib(&self) -> Result<u64, Error> {
+        self.status_kib("VmRSS")
+    }
+
+    /// A figure in KiB of the daemon's `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> Result<u64, Error> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS in /proc/PID/status".into())
+            .ok_or_else(|| format!("no {field} in /proc/PID/status").into())
     }
 
     /// User plus system CPU time the daemon used so far.
@@ -507,12 +512,7 @@ impl Daemon {
 
     /// Peak resident set since the process started, in KiB (`VmHWM`).
     fn peak_rss_kib(&self) -> Result<u64, Error> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmHWM in /proc/PID/status".into())
+        self.status_kib("VmHWM")
     }
 
     fn halt(&mut self) -> Result<ExitStatus, Error> {

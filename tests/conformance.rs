@@ -390,23 +390,28 @@ async fn quick_connect_close_cycles_from_one_address_are_never_refused() {
     daemon.stop().await;
 }
 
-/// Writes `request` whole, then reads the answer to the end.
-async fn write_all_then_read(daemon: &Daemon, request: &[u8]) -> String {
-    let answer = common::raw_exchange(daemon.addr, request.to_vec())
+/// Writes a `POST /api/v1/sensores/` that announces `length` bytes of body and sends
+/// `body`, all at once, then reads the answer to the end: the whole request must go out
+/// (the server reads what it does not use) and the answer come in time.
+async fn post_sensor(daemon: &Daemon, length: usize, token: Option<&str>, body: &[u8]) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let mut request = format!(
+        "POST /api/v1/sensores/ HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
+        daemon.addr
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let answer = common::raw_exchange(daemon.addr, request)
         .await
         .expect("the whole request written and the answer read to its end, in time");
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-fn post_head(daemon: &Daemon, path: &str, length: usize, token: Option<&str>) -> Vec<u8> {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
-        daemon.addr
-    )
-    .into_bytes()
+/// Whether a raw answer says that the server closes the connection.
+fn says_it_closes(answer: &str) -> bool {
+    answer.to_ascii_lowercase().contains("connection: close")
 }
 
 #[tokio::test]
@@ -416,20 +421,13 @@ async fn a_client_sending_a_large_body_in_one_write_reads_the_early_answer() {
     let token = daemon.token.clone();
 
     // Over the body limit: 413, with its JSON, and the connection ends.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", body.len(), token.as_deref());
-    request.extend_from_slice(&body);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, body.len(), token.as_deref(), &body).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:.200}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer:.400}"
-    );
+    assert!(says_it_closes(&answer), "{answer:.400}");
     assert!(answer.contains(r#""code":"too_large""#), "{answer:.400}");
 
     // A write without a token is refused before its body is read.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", body.len(), None);
-    request.extend_from_slice(&body);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, body.len(), None, &body).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:.200}");
     assert!(answer.contains(r#""code":"unauthorized""#), "{answer:.400}");
 
@@ -444,14 +442,9 @@ async fn a_client_sending_a_large_body_in_one_write_reads_the_early_answer() {
 #[tokio::test]
 async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_ends() {
     let daemon = Daemon::with("[server]\nbody_read_timeout_s = 1\n").await;
-    let mut request = post_head(&daemon, "/api/v1/sensores/", 100, daemon.token.as_deref());
-    request.extend_from_slice(br#"{"tipo": "#);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, 100, daemon.token.as_deref(), br#"{"tipo": "#).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(says_it_closes(&answer), "{answer}");
     assert!(answer.contains(r#""code":"timeout""#), "{answer}");
     daemon.stop().await;
 }
@@ -460,26 +453,17 @@ async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_
 async fn an_early_answer_on_a_keep_alive_connection_says_it_closes() {
     let daemon = Daemon::with("").await;
     // A write without a token on a keep-alive connection, its body not read.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", 20, None);
-    request.extend_from_slice(br#"{"tipo": "humedad"} "#);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, 20, None, br#"{"tipo": "humedad"} "#).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(says_it_closes(&answer), "{answer}");
 
     // A request read to the end keeps the connection.
-    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         daemon.addr, daemon.addr
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+    let answer = common::raw_exchange(daemon.addr, request.into_bytes())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&answer)

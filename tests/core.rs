@@ -497,11 +497,8 @@ async fn channels_are_isolated() {
 async fn restart_keeps_data_and_continues_seq() {
     let daemon = Daemon::with("").await;
     let first = daemon.create_sensor(SENSOR).await;
-    let body = format!(
-        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20.5}}"#,
-        first["id"]
-    );
-    daemon.post("/api/v1/lecturas/", &body).await;
+    let sensor = first["id"].as_i64().unwrap();
+    daemon.reading(sensor, "temperatura", 20.5).await;
     let seq = daemon.last_seq().await;
     let daemon = daemon.restart_with("").await;
     assert_eq!(daemon.last_seq().await, seq);
@@ -699,17 +696,9 @@ async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
 #[tokio::test]
 async fn metrics_follow_the_prometheus_naming_rules() {
     let daemon = Daemon::with("").await;
-    let sensor = daemon.create_sensor(SENSOR).await;
-    let body = format!(
-        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20}}"#,
-        sensor["id"]
-    );
-    daemon
-        .expect("POST", "/api/v1/lecturas/", Some(&body), 201)
-        .await;
-    let (status, raw) = daemon.try_request("GET", "/metrics", None).await.unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(raw).unwrap();
+    let sensor = daemon.sensor("temperatura").await;
+    daemon.reading(sensor, "temperatura", 20.0).await;
+    let text = daemon.metrics().await;
     daemon.stop().await;
 
     // The rules `promtool check metrics` applies to names and types.

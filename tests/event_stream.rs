@@ -168,8 +168,7 @@ impl EventStream {
 /// snapshots apply; bad requests get JSON errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_stream_delivers_and_resumes_exactly() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let x = http.create_sensor("temperatura").await;
     let y = http.create_sensor("humedad").await;
     for i in 0..5 {

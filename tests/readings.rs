@@ -430,22 +430,19 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
 
     let daemon = Daemon::in_dir(dir, config).await;
     assert_eq!(last_value(&daemon, id, "temperatura").await, Some(21.0));
-    daemon
-        .expect("DELETE", &format!("/api/v1/lecturas/{}", ids[1]), None, 200)
-        .await;
-    assert_eq!(
-        last_value(&daemon, id, "temperatura").await,
-        Some(20.0),
-        "the reading of year 9999 does not become the latest"
-    );
-    daemon
-        .expect("DELETE", &format!("/api/v1/lecturas/{}", ids[0]), None, 200)
-        .await;
-    assert_eq!(
-        last_value(&daemon, id, "temperatura").await,
-        Some(99.0),
-        "with nothing else left, it is"
-    );
+    for (deleted, latest, why) in [
+        (
+            ids[1],
+            20.0,
+            "the reading of year 9999 does not become the latest",
+        ),
+        (ids[0], 99.0, "with nothing else left, it is"),
+    ] {
+        let path = format!("/api/v1/lecturas/{deleted}");
+        daemon.expect("DELETE", &path, None, 200).await;
+        let now = last_value(&daemon, id, "temperatura").await;
+        assert_eq!(now, Some(latest), "{why}");
+    }
     // Correcting its time brings it back among the others.
     let (status, _) = daemon
         .put(

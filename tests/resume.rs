@@ -14,8 +14,7 @@ use serde_json::json;
 /// more are produced during the replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_with_since_replays_exactly_the_missed_events() {
-    let daemon = Daemon::open(&fast_sim("sim", 1)).await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open(&fast_sim("sim", 1)).await.with_http();
     let posted_to = http.create_sensor("temperatura").await;
 
     let mut first = daemon.subscribe("/api/v1/ws?channel=readings").await;
@@ -103,8 +102,7 @@ async fn resume_with_since_across_a_restart() {
 /// (`unknown_seq`), then the events from the oldest stored one on, then live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_ahead_of_numbering_is_told_unknown_seq() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let sensor = http.create_sensor("temperatura").await;
     for i in 0..3 {
         http.reading(sensor, "temperatura", f64::from(i)).await;
@@ -139,8 +137,7 @@ async fn since_ahead_of_numbering_is_told_unknown_seq() {
 /// before the oldest kept event is honoured without one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_older_than_retention_is_told_since_too_old() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let sensor = http.create_sensor("temperatura").await;
     for i in 0..10 {
         http.reading(sensor, "temperatura", f64::from(i)).await;
@@ -196,12 +193,10 @@ async fn since_older_than_retention_is_told_since_too_old() {
 /// missed event on resume: replaying is not "falling behind".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_with_a_small_client_queue_replays_every_missed_event() {
-    let daemon = Daemon::open("[realtime]\nclient_queue = 16\n").await;
-    let mut http = daemon.http();
-    let mut sensors = Vec::new();
-    for _ in 0..50 {
-        sensors.push(http.create_sensor("temperatura").await);
-    }
+    let (daemon, mut http) = Daemon::open("[realtime]\nclient_queue = 16\n")
+        .await
+        .with_http();
+    let sensors = http.create_sensors(50).await;
     let since = daemon.last_seq().await;
     for i in 0..100 {
         http.reading(sensors[i % sensors.len()], "temperatura", i as f64)
@@ -224,8 +219,7 @@ async fn resume_with_a_small_client_queue_replays_every_missed_event() {
 /// in order, and then the live ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_resuming_at_once_each_get_every_event_once_in_order() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let sensors = vec![http.create_sensor("temperatura").await];
     assert_eq!(
         post_in_background(daemon.addr, sensors, 700)
@@ -269,8 +263,9 @@ async fn many_clients_resuming_at_once_each_get_every_event_once_in_order() {
 /// loopback socket takes before the daemon's writes block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_while_resuming_do_not_hold_up_the_others() {
-    let daemon = Daemon::open("[realtime]\nclient_queue = 16\n").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("[realtime]\nclient_queue = 16\n")
+        .await
+        .with_http();
     let sensor = http.create_sensor("temperatura").await;
     let filler = "x".repeat(48 * 1024);
     for i in 0..120 {

@@ -609,6 +609,16 @@ fn is_reading_of(event: &Value, id: i64) -> bool {
     event["entity_type"] == "reading" && event["data"]["sensor_id"] == id
 }
 
+/// The next event about a sensor, past readings.
+async fn next_sensor_event(client: &mut Client, what: &str) -> Value {
+    loop {
+        let event = next_json(client, SETTLE, what).await;
+        if event["entity_type"] == "sensor" {
+            return event;
+        }
+    }
+}
+
 #[tokio::test]
 async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
     let daemon = Daemon::with("").await;
@@ -653,12 +663,7 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["activo"], false);
-    let update = loop {
-        let event = next_json(&mut events, SETTLE, "the update event").await;
-        if event["entity_type"] == "sensor" {
-            break event;
-        }
-    };
+    let update = next_sensor_event(&mut events, "the update event").await;
     assert_eq!(update["event_type"], "updated", "{update}");
     assert_eq!(update["entity_id"], a, "{update}");
     let updated_at = Instant::now();
@@ -705,12 +710,7 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
     // Deleted: its sampling stops likewise, and nothing of it is stored afterwards.
     let (status, _) = daemon.delete(&format!("/api/v1/sensores/{b}")).await;
     assert_eq!(status, 200);
-    let deleted = loop {
-        let event = next_json(&mut events, SETTLE, "the delete event").await;
-        if event["entity_type"] == "sensor" {
-            break event;
-        }
-    };
+    let deleted = next_sensor_event(&mut events, "the delete event").await;
     assert_eq!(deleted["event_type"], "deleted", "{deleted}");
     assert_eq!(deleted["entity_id"], b, "{deleted}");
     let deleted_seq = deleted["seq"].as_u64().unwrap();
@@ -871,6 +871,17 @@ async fn next_availability(client: &mut Client, sensor_id: i64, wait: Duration) 
     }
 }
 
+/// Good samples `when` make the sensor announced online, once: no other announcement
+/// follows for a while.
+async fn announced_online_once(general: &mut Client, id: i64, when: &str) {
+    let online = next_availability(general, id, SETTLE)
+        .await
+        .unwrap_or_else(|| panic!("good samples {when}, but no sensor_online"));
+    assert_eq!(online["event_type"], "sensor_online", "{online}");
+    let again = next_availability(general, id, QUIET).await;
+    assert_eq!(again, None, "announced once {when}, and staying online");
+}
+
 /// A simulated source whose every read fails.
 const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["timeout"] }"#;
 
@@ -934,15 +945,7 @@ async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
         .send(common::config(daemon.dir(), &good))
         .await
         .unwrap();
-    let online = next_availability(&mut general, id, SETTLE)
-        .await
-        .expect("good samples after a reload, but no sensor_online");
-    assert_eq!(online["event_type"], "sensor_online", "{online}");
-    assert_eq!(
-        next_availability(&mut general, id, QUIET).await,
-        None,
-        "back once, and staying online"
-    );
+    announced_online_once(&mut general, id, "after a reload").await;
     daemon.stop().await;
 }
 
@@ -970,15 +973,7 @@ async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_i
             "/api/v1/ws?channel=general&sensor_id={id}&since={seen}"
         ))
         .await;
-    let online = next_availability(&mut general, id, SETTLE)
-        .await
-        .expect("good samples after the restart, but no sensor_online");
-    assert_eq!(online["event_type"], "sensor_online", "{online}");
-    assert_eq!(
-        next_availability(&mut general, id, QUIET).await,
-        None,
-        "announced once"
-    );
+    announced_online_once(&mut general, id, "after the restart").await;
 
     // A sensor never announced offline starts without a sensor_online.
     let fresh = daemon

@@ -48,8 +48,7 @@ fn latest_readings_up_to(dir: &Path, seq: u64) -> Vec<Value> {
 /// the filters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
-    let daemon = Daemon::open(&fast_sim("sim", 3)).await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open(&fast_sim("sim", 3)).await.with_http();
     let x = http.create_sensor("temperatura").await;
     let y = http.create_sensor("humedad").await;
     for i in 0..3 {
@@ -112,12 +111,8 @@ async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
 /// after its seq: none lost between reading the snapshot and going live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_load_is_followed_by_every_later_event() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
-    let mut sensors = Vec::new();
-    for _ in 0..100 {
-        sensors.push(http.create_sensor("temperatura").await);
-    }
+    let (daemon, mut http) = Daemon::open("").await.with_http();
+    let sensors = http.create_sensors(100).await;
     for (i, &sensor) in sensors.iter().enumerate() {
         http.reading(sensor, "temperatura", i as f64).await;
         http.reading(sensor, "humedad", i as f64).await;

@@ -106,6 +106,17 @@ async fn rollups_match_the_raw_readings_over_months() {
     daemon.stop().await;
 }
 
+/// The `valor` of each reading a `GET` of readings at `path` answers.
+async fn valores(daemon: &Daemon, path: &str) -> Vec<f64> {
+    let (status, rows) = daemon.get(path).await;
+    assert_eq!(status, 200, "{rows}");
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["valor"].as_f64().unwrap())
+        .collect()
+}
+
 /// Raw readings and minute buckets past their retention go; hour buckets, kept longer,
 /// stay. Retention runs in the background on a short interval here.
 #[tokio::test]
@@ -123,17 +134,11 @@ async fn retention_removes_old_readings_and_rollups_in_the_background() {
     let remaining = loop {
         // Each write gives the writer a chance to run its retention pass.
         reading(&daemon, id, "humedad", now_micros(), 40.0).await;
-        let (_, rows) = daemon
-            .get(&format!(
-                "/api/v1/lecturas/?sensor_id={id}&tipo=temperatura&order=asc"
-            ))
-            .await;
-        let values: Vec<f64> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["valor"].as_f64().unwrap())
-            .collect();
+        let values = valores(
+            &daemon,
+            &format!("/api/v1/lecturas/?sensor_id={id}&tipo=temperatura&order=asc"),
+        )
+        .await;
         if values.len() == 2 || tokio::time::Instant::now() > deadline {
             break values;
         }
@@ -1367,20 +1372,12 @@ async fn a_late_reading_is_found_by_time_without_widening_its_second() {
     }
     // The second of the first reading again, 300 readings later.
     reading(&daemon, id, "temperatura", old + 1, 2.0).await;
-    let (_, found) = daemon
-        .get(&format!(
-            "/api/v1/lecturas/?sensor_id={id}&desde={}&hasta={}&order=asc",
-            format_time(old),
-            format_time(old + 1_000_000)
-        ))
-        .await;
-    let values: Vec<f64> = found
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["valor"].as_f64().unwrap())
-        .collect();
-    assert_eq!(values, [1.0, 2.0]);
+    let found = format!(
+        "/api/v1/lecturas/?sensor_id={id}&desde={}&hasta={}&order=asc",
+        format_time(old),
+        format_time(old + 1_000_000)
+    );
+    assert_eq!(valores(&daemon, &found).await, [1.0, 2.0]);
     let dir = daemon.stop().await.unwrap();
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     let widest: i64 = db

@@ -17,8 +17,7 @@ const QUIET: Duration = Duration::from_millis(300);
 /// Query filters deliver exactly the matching events, on one channel or several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_filters_deliver_exactly_the_matching_events() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let a = http.create_sensor("temperatura").await;
     let b = http.create_sensor("humedad").await;
 
@@ -108,8 +107,7 @@ async fn query_filters_deliver_exactly_the_matching_events() {
 /// socket stays open with its subscription unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_messages_change_the_subscription_and_errors_keep_the_socket() {
-    let daemon = Daemon::open("").await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open("").await.with_http();
     let a = http.create_sensor("temperatura").await;
     let b = http.create_sensor("humedad").await;
     let mut client = daemon.subscribe("/api/v1/ws?channel=sensors").await;
@@ -235,8 +233,7 @@ async fn collect_until(
 /// when it asked with a snapshot, every reading after the snapshot's `seq`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_readings_on_and_off_loses_and_repeats_nothing() {
-    let daemon = Daemon::open(&fast_sim("fast", 3)).await;
-    let mut http = daemon.http();
+    let (daemon, mut http) = Daemon::open(&fast_sim("fast", 3)).await.with_http();
     let updated = http.create_sensor("humedad").await;
     let base = daemon.last_seq().await;
     let mut client = daemon.subscribe("/api/v1/ws?channel=sensors").await;

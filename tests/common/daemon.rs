@@ -173,6 +173,12 @@ impl Daemon {
         self.dir.take()
     }
 
+    /// The daemon and a keep-alive HTTP client of it.
+    pub fn with_http(self) -> (Daemon, http::Client) {
+        let http = self.http();
+        (self, http)
+    }
+
     /// A keep-alive HTTP client of the daemon, with its admin token.
     pub fn http(&self) -> http::Client {
         http::Client::new(self.addr).with_token(self.token.clone())
@@ -242,7 +248,7 @@ impl Daemon {
         self.http().create_sensor(tipo).await
     }
 
-    /// Posts a reading in unit `u`; returns the stored reading.
+    /// Posts a reading in the unit the daemon knows for `tipo`; returns the stored reading.
     pub async fn reading(&self, sensor_id: i64, tipo: &str, valor: f64) -> Value {
         self.http().reading(sensor_id, tipo, valor).await
     }

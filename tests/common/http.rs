@@ -305,11 +305,18 @@ impl Client {
         sensor["id"].as_i64().unwrap()
     }
 
-    /// Posts a reading in unit `u`; returns the stored reading.
+    /// Creates `count` DHT22 sensors of `temperatura`; returns their ids.
+    pub async fn create_sensors(&mut self, count: usize) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            ids.push(self.create_sensor("temperatura").await);
+        }
+        ids
+    }
+
+    /// Posts a reading in the unit the daemon knows for `tipo`; returns the stored reading.
     pub async fn reading(&mut self, sensor_id: i64, tipo: &str, valor: f64) -> serde_json::Value {
-        let body = format!(
-            r#"{{"sensor_id": {sensor_id}, "tipo": "{tipo}", "valor": {valor}, "unidad": "u"}}"#
-        );
+        let body = format!(r#"{{"sensor_id": {sensor_id}, "tipo": "{tipo}", "valor": {valor}}}"#);
         let (status, reading) = self.call("POST", "/api/v1/lecturas/", Some(&body)).await;
         assert_eq!(status, 201, "{reading}");
         reading
