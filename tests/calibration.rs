@@ -294,8 +294,9 @@ async fn a_calibration_changed_over_rest_is_an_update_in_the_history_and_used_fr
         "{history}"
     );
     assert_eq!(history["historial"][1]["calibracion"], json!({}));
-    let (status, _) = daemon.get("/api/v1/sensores/999/calibracion").await;
-    assert_eq!(status, 404);
+    let _ = daemon
+        .expect("GET", "/api/v1/sensores/999/calibracion", None, 404)
+        .await;
     daemon.stop().await;
 }
 

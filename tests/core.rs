@@ -136,8 +136,9 @@ async fn simulated_samples_are_stored_and_pushed() {
         "{tipos:?}"
     );
 
-    let (status, stored) = daemon.get("/api/v1/lecturas/?order=asc&limit=10000").await;
-    assert_eq!(status, 200);
+    let stored = daemon
+        .expect("GET", "/api/v1/lecturas/?order=asc&limit=10000", None, 200)
+        .await;
     let stored = stored.as_array().unwrap();
     for reading in &seen {
         assert!(
@@ -483,8 +484,9 @@ async fn channels_are_isolated() {
     assert_eq!(stats["total_connections"], 3);
     assert_eq!(stats["channels"]["sensors"]["messages_sent"], 1);
     assert_eq!(stats["channels"]["general"]["events_emitted"], 1);
-    let (status, one) = daemon.get("/api/v1/ws/stats/readings").await;
-    assert_eq!(status, 200);
+    let one = daemon
+        .expect("GET", "/api/v1/ws/stats/readings", None, 200)
+        .await;
     assert_eq!(one["channel"], "readings");
     assert_eq!(one["connections"], 1);
     daemon
@@ -563,8 +565,7 @@ async fn client_messages_are_answered() {
 #[tokio::test]
 async fn health_reports_storage() {
     let daemon = Daemon::with("").await;
-    let (status, health) = daemon.get("/healthz").await;
-    assert_eq!(status, 200);
+    let health = daemon.expect("GET", "/healthz", None, 200).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["storage"]["ok"], true);
     assert_eq!(
@@ -622,8 +623,9 @@ async fn dashboard_files_are_served_from_the_binary() {
 #[tokio::test]
 async fn openapi_document_matches_the_server() {
     let daemon = Daemon::with("[server]\ndev = true\n").await;
-    let (status, doc) = daemon.get("/api/v1/openapi.json").await;
-    assert_eq!(status, 200);
+    let doc = daemon
+        .expect("GET", "/api/v1/openapi.json", None, 200)
+        .await;
     assert_eq!(doc["openapi"], "3.0.3");
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 12);

@@ -266,8 +266,9 @@ async fn event_stream_delivers_and_resumes_exactly() {
     assert!(snap.next_within(QUIET).await.is_none());
 
     // Bad requests.
-    let (status, body) = daemon.get("/api/v1/events?channel=weather").await;
-    assert_eq!(status, 400);
+    let body = daemon
+        .expect("GET", "/api/v1/events?channel=weather", None, 400)
+        .await;
     assert_eq!(body["code"], "unknown_channel");
     assert!(body["detail"].as_str().unwrap().contains("weather"));
     let request = format!(

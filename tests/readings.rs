@@ -47,8 +47,9 @@ async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
     let first_seq = created["seq"].as_u64().unwrap();
     let rid = posted["id"].as_i64().unwrap();
 
-    let (status, got) = daemon.get(&format!("/api/v1/lecturas/{rid}")).await;
-    assert_eq!(status, 200);
+    let got = daemon
+        .expect("GET", &format!("/api/v1/lecturas/{rid}"), None, 200)
+        .await;
     assert_eq!(got, posted);
     assert_eq!(
         daemon.get(&format!("/api/v1/readings/{rid}")).await.1,

@@ -103,19 +103,14 @@ async fn resume_with_since_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_ahead_of_numbering_is_told_unknown_seq() {
     let (daemon, mut http) = Daemon::open("").await.with_http();
-    let sensor = http.create_sensor("temperatura").await;
-    for i in 0..3 {
-        http.reading(sensor, "temperatura", f64::from(i)).await;
-    }
+    let sensor = sensor_with_readings(&mut http, 3).await;
     // One sensor event, then three readings.
     assert_eq!(daemon.last_seq().await, 4);
 
     let mut client = daemon
         .subscribe("/api/v1/ws?channel=readings&since=104")
         .await;
-    let mut resync = client.json().await;
-    assert!(resync["timestamp"].is_string(), "{resync}");
-    resync.as_object_mut().unwrap().remove("timestamp");
+    let resync = untimed(&mut client).await;
     assert_eq!(
         resync,
         json!({"type": "resync", "reason": "unknown_seq", "since": 104, "oldest_seq": 1, "last_seq": 4})
@@ -138,10 +133,7 @@ async fn since_ahead_of_numbering_is_told_unknown_seq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_older_than_retention_is_told_since_too_old() {
     let (daemon, mut http) = Daemon::open("").await.with_http();
-    let sensor = http.create_sensor("temperatura").await;
-    for i in 0..10 {
-        http.reading(sensor, "temperatura", f64::from(i)).await;
-    }
+    let sensor = sensor_with_readings(&mut http, 10).await;
     assert_eq!(daemon.last_seq().await, 11);
     // Retention removed everything up to seq 6 and moved the log's floor past it (done
     // by hand: the daemon's own retention only runs once a minute).
@@ -162,8 +154,7 @@ async fn since_older_than_retention_is_told_since_too_old() {
     let mut client = daemon
         .subscribe("/api/v1/ws?channel=readings&since=3")
         .await;
-    let mut resync = client.json().await;
-    resync.as_object_mut().unwrap().remove("timestamp");
+    let resync = untimed(&mut client).await;
     assert_eq!(
         resync,
         json!({"type": "resync", "reason": "since_too_old", "since": 3, "oldest_seq": 7, "last_seq": 11})

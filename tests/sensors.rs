@@ -487,13 +487,8 @@ async fn bme280_through_the_generic_iio_source() {
             ("in_pressure_oversampling_ratio", "16\n"),
         ],
     );
-    let (daemon, id, mut readings) = sample_sysfs(
-        &sysfs,
-        "bme",
-        1.0,
-        "kind = \"iio\", device_name = \"bme280\"",
-    )
-    .await;
+    let source = "kind = \"iio\", device_name = \"bme280\"";
+    let (daemon, id, mut readings) = sample_sysfs(&sysfs, "bme", 1.0, source).await;
     let pushed = [
         next_reading(&mut readings).await,
         next_reading(&mut readings).await,
@@ -536,13 +531,8 @@ async fn ds18b20_on_the_one_wire_bus() {
     let (_root, sysfs) = fake_sysfs();
     let device = sysfs.w1_device("28-000005e2fdc3").unwrap();
     Sysfs::set(&device, "w1_slave", &w1_slave("YES", 23125)).unwrap();
-    let (daemon, id, mut readings) = sample_sysfs(
-        &sysfs,
-        "ds",
-        1.0,
-        "kind = \"w1\", sensor_id = \"28-000005e2fdc3\"",
-    )
-    .await;
+    let source = "kind = \"w1\", sensor_id = \"28-000005e2fdc3\"";
+    let (daemon, id, mut readings) = sample_sysfs(&sysfs, "ds", 1.0, source).await;
 
     let first = salud_until(&daemon, id, "a first good sample", |s| count(s, "ok") >= 1).await;
     // Health counts a sample as it goes to storage; its event says it is stored.

@@ -226,7 +226,7 @@ fn daemon_panics(threads: &str) -> Vec<String> {
 }
 
 /// Runs a test on a runtime of its own whose worker threads are named `name`, so that
-/// [`daemon_panics`] can tell its daemon's panics from other tests'.
+/// [`daemon_panics`] can tell its daemon's panics from other tests', holding [`GATE`] shared.
 fn run_on_named_runtime(name: &str, test: impl std::future::Future<Output = ()>) {
     daemon_panics(name);
     tokio::runtime::Builder::new_multi_thread()
@@ -235,7 +235,10 @@ fn run_on_named_runtime(name: &str, test: impl std::future::Future<Output = ()>)
         .enable_all()
         .build()
         .unwrap()
-        .block_on(test)
+        .block_on(async {
+            let _gate = GATE.read().await;
+            test.await
+        })
 }
 
 fn assert_no_daemon_panics(threads: &str) {
@@ -250,7 +253,6 @@ fn assert_no_daemon_panics(threads: &str) {
 #[test]
 fn clients_vanishing_mid_stream_end_their_sessions_cleanly() {
     run_on_named_runtime("vanishing-clients", async {
-        let _gate = GATE.read().await;
         let (daemon, mut http) = Daemon::open("").await.with_http();
         let sensor = http.create_sensor("temperatura").await;
         let mut steady = daemon.subscribe("/api/v1/ws?channel=readings").await;
@@ -309,7 +311,6 @@ fn clients_vanishing_mid_stream_end_their_sessions_cleanly() {
 #[test]
 fn a_socket_that_accepts_nothing_for_the_write_timeout_is_dropped() {
     run_on_named_runtime("stuck-socket", async {
-        let _gate = GATE.read().await;
         let (daemon, mut http) = Daemon::open("").await.with_http();
         let sensor = http.create_sensor("temperatura").await;
         let mut stuck = Client::with_small_buffer(daemon.addr, "/api/v1/ws?channel=sensors").await;

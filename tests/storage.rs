@@ -106,6 +106,16 @@ async fn rollups_match_the_raw_readings_over_months() {
     daemon.stop().await;
 }
 
+/// How many readings the roll-up buckets in `buckets` count together.
+fn counted(buckets: &Value) -> u64 {
+    buckets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum()
+}
+
 /// The `valor` of each reading a `GET` of readings at `path` answers.
 async fn valores(daemon: &Daemon, path: &str) -> Vec<f64> {
     let (status, rows) = daemon.get(path).await;
@@ -1191,12 +1201,7 @@ async fn a_database_of_the_previous_schema_upgrades_in_place_with_nothing_lost()
             sensorgate::model::format_time(now_micros() + 3_600_000_000)
         ))
         .await;
-    let counted: i64 = hours
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_i64().unwrap())
-        .sum();
+    let counted = counted(&hours) as i64;
     assert!(counted > 0, "{hours}");
     daemon.stop().await;
 
@@ -1290,12 +1295,7 @@ async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay(
             "/api/v1/lecturas/agregadas?sensor_id={id}&bucket=minute&{range}"
         ))
         .await;
-    let counted: u64 = minutes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_u64().unwrap())
-        .sum();
+    let counted = counted(&minutes);
     assert!(
         counted > raw.as_array().unwrap().len() as u64,
         "roll-ups count {counted}, raw readings left {}",

@@ -91,6 +91,24 @@ pub fn stored_last_seq(dir: &Path) -> u64 {
         .unwrap() as u64
 }
 
+/// Creates a sensor of `temperatura` and posts `count` readings of it, valued 0, 1, ...;
+/// returns its id.
+pub async fn sensor_with_readings(http: &mut http::Client, count: u32) -> i64 {
+    let sensor = http.create_sensor("temperatura").await;
+    for i in 0..count {
+        http.reading(sensor, "temperatura", f64::from(i)).await;
+    }
+    sensor
+}
+
+/// The next message of `client` without its `timestamp`, which must be there.
+pub async fn untimed(client: &mut Client) -> Value {
+    let mut message = client.json().await;
+    assert!(message["timestamp"].is_string(), "{message}");
+    message.as_object_mut().unwrap().remove("timestamp");
+    message
+}
+
 pub fn seq(event: &Value) -> u64 {
     event["seq"]
         .as_u64()
