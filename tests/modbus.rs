@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use common::{count, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received};
+use common::{
+    count, last_error, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received,
+};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -294,10 +296,9 @@ async fn tcp_devices_exceptions_and_sensors_added_over_rest() {
         count(s, "illegal_address") >= 2
     })
     .await;
+    let error = last_error(&health);
     assert!(
-        health["ultimo_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exception 0x02 (illegal address)") && e.contains("1000")),
+        error.contains("exception 0x02 (illegal address)") && error.contains("1000"),
         "{health}"
     );
     assert_eq!(count(&health, "ok"), 0, "{health}");
@@ -411,12 +412,7 @@ async fn a_wrong_crc_is_counted_as_a_checksum_failure() {
         count(s, "checksum") >= 2
     })
     .await;
-    assert!(
-        health["ultimo_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("checksum")),
-        "{health}"
-    );
+    assert!(last_error(&health).contains("checksum"), "{health}");
     assert_eq!(health["conectado"], true, "{health}");
     devices.command("uncorrupt 1");
     let after = newest_reading(&daemon).await;

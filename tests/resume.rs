@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::events::*;
-use common::{database, until, Client, Daemon, Received, OPEN};
+use common::{database, Client, Daemon, Received, OPEN};
 use serde_json::json;
 
 /// A client dropped mid-stream while samples keep flowing reconnects with `since` and
@@ -73,10 +73,9 @@ async fn resume_with_since_across_a_restart() {
 
     let before_stop = daemon.http().reading(sensor, "humedad", 11.5).await;
     let posted = daemon.last_seq().await;
-    until("samples after the posted reading", || async {
-        (daemon.last_seq().await > posted).then_some(())
-    })
-    .await;
+    daemon
+        .wait_past(posted, "samples after the posted reading")
+        .await;
     let dir = daemon.stop().await.unwrap();
     let last_before_restart = stored_last_seq(dir.path());
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{until, Daemon};
+use common::Daemon;
 
 /// Sources that keep the writer's queue full all stop together at shutdown. Told one at
 /// a time, each waited for room in the queue behind all the others still running, and a
@@ -21,9 +21,6 @@ async fn many_busy_sources_stop_together() {
         })
         .collect();
     let daemon = Daemon::with(&sensors).await;
-    until("the sources busy", || async {
-        (daemon.last_seq().await > 1000).then_some(())
-    })
-    .await;
+    daemon.wait_past(1000, "the sources busy").await;
     daemon.stop().await;
 }

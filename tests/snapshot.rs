@@ -56,7 +56,10 @@ async fn snapshot_is_consistent_with_its_seq_and_followed_by_later_events() {
         http.reading(x, "humedad", 50.0 + f64::from(i)).await;
         http.reading(y, "humedad", 60.0 + f64::from(i)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let posted = daemon.last_seq().await;
+    daemon
+        .wait_past(posted, "samples after the posted readings")
+        .await;
 
     let mut client = daemon
         .subscribe("/api/v1/ws?channel=readings&snapshot=true")
@@ -133,7 +136,8 @@ async fn snapshot_under_load_is_followed_by_every_later_event() {
         }));
     }
     // Let the stream get going.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let going = daemon.last_seq().await;
+    daemon.wait_past(going + 20, "the stream going").await;
     let mut problems = Vec::new();
     for attempt in 0..8 {
         let mut client = daemon

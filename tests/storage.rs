@@ -5,7 +5,7 @@ mod common;
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{insert_reading_row, sensorgate, temp_dir, until, Daemon, SENSOR};
+use common::{insert_reading_row, sensorgate, temp_dir, Daemon, SENSOR};
 use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
@@ -355,19 +355,13 @@ async fn health_becomes(daemon: &Daemon, status: u16) -> bool {
     false
 }
 
-/// Waits until the daemon's last `seq` is past `seq`.
-async fn seq_passes(daemon: &Daemon, seq: u64, what: &str) {
-    until(what, || async {
-        (daemon.last_seq().await > seq).then_some(())
-    })
-    .await;
-}
-
 /// A backup taken while sensors are being sampled is a sound, complete copy.
 #[tokio::test]
 async fn backup_while_running_is_consistent() {
     let daemon = Daemon::with(&fast_sensors(4)).await;
-    seq_passes(&daemon, 20, "readings stored before the backup").await;
+    daemon
+        .wait_past(20, "readings stored before the backup")
+        .await;
     let target = daemon.dir().join("copy.db");
     let backup = || {
         sensorgate([
@@ -381,7 +375,9 @@ async fn backup_while_running_is_consistent() {
     assert!(out.ok, "{}", out.stderr);
     assert!(!backup().ok, "an existing file is never overwritten");
     let before = daemon.last_seq().await;
-    seq_passes(&daemon, before, "ingest going on after the backup").await;
+    daemon
+        .wait_past(before, "ingest going on after the backup")
+        .await;
     let _dir = daemon.stop().await;
 
     let copy = rusqlite::Connection::open(&target).unwrap();

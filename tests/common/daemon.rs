@@ -190,18 +190,22 @@ impl Daemon {
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 
+    /// `GET path`, as [`Daemon::request`].
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.request("GET", path, None).await
     }
 
+    /// `POST path` with a JSON `body`, as [`Daemon::request`].
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
         self.request("POST", path, Some(body)).await
     }
 
+    /// `PUT path` with a JSON `body`, as [`Daemon::request`].
     pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
         self.request("PUT", path, Some(body)).await
     }
 
+    /// `DELETE path`, as [`Daemon::request`].
     pub async fn delete(&self, path: &str) -> (u16, Value) {
         self.request("DELETE", path, None).await
     }
@@ -297,6 +301,14 @@ impl Daemon {
     /// The store's last `seq`, from `/healthz`.
     pub async fn last_seq(&self) -> u64 {
         self.storage_figure("last_seq").await
+    }
+
+    /// Waits until the store's last `seq` is past `seq`: `what` has been stored.
+    pub async fn wait_past(&self, seq: u64, what: &str) {
+        until(what, || async {
+            (self.last_seq().await > seq).then_some(())
+        })
+        .await;
     }
 
     /// Transactions the writer has committed, from `/healthz`.

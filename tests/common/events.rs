@@ -75,6 +75,7 @@ pub fn stored(dir: &Path, channel: &str, after: u64, upto: u64) -> Vec<Stored> {
     .unwrap()
 }
 
+/// The `seq`s of [`stored`] events.
 pub fn stored_seqs(dir: &Path, channel: &str, after: u64, upto: u64) -> Vec<u64> {
     stored(dir, channel, after, upto)
         .iter()
@@ -109,12 +110,14 @@ pub async fn untimed(client: &mut Client) -> Value {
     message
 }
 
+/// The `seq` of an event; panics on anything else.
 pub fn seq(event: &Value) -> u64 {
     event["seq"]
         .as_u64()
         .unwrap_or_else(|| panic!("no seq in {event}"))
 }
 
+/// The `seq` of each event.
 pub fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().map(seq).collect()
 }
@@ -162,6 +165,7 @@ pub fn assert_exactly_stored(dir: &Path, channel: &str, after: u64, received: &[
     }
 }
 
+/// The ids of the readings among `events`.
 pub fn reading_ids(events: &[Value]) -> BTreeSet<i64> {
     events
         .iter()
@@ -170,6 +174,7 @@ pub fn reading_ids(events: &[Value]) -> BTreeSet<i64> {
         .collect()
 }
 
+/// `/api/v1/ws/stats`.
 pub async fn ws_stats(daemon: &Daemon) -> Value {
     let (status, stats) = daemon.get("/api/v1/ws/stats").await;
     assert_eq!(status, 200);

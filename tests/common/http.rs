@@ -86,14 +86,17 @@ impl Client {
         Ok(())
     }
 
+    /// `GET path`.
     pub async fn get(&mut self, path: &str) -> io::Result<Response> {
         self.request("GET", path, &[], None).await
     }
 
+    /// `POST path` with a JSON `body`.
     pub async fn post_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
         self.request("POST", path, &[], Some(body)).await
     }
 
+    /// `PUT path` with a JSON `body`.
     pub async fn put_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
         self.request("PUT", path, &[], Some(body)).await
     }

@@ -216,6 +216,11 @@ pub async fn salud_until(
     .await
 }
 
+/// The last error a `salud` names; empty if none.
+pub fn last_error(salud: &Value) -> &str {
+    salud["ultimo_error"].as_str().unwrap_or_default()
+}
+
 /// How many read outcomes of `kind` a `salud` counted.
 pub fn count(salud: &Value, kind: &str) -> u64 {
     salud["conteo"][kind].as_u64().unwrap_or(0)

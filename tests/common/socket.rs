@@ -96,6 +96,7 @@ impl Client {
         self
     }
 
+    /// Sends a text message.
     pub async fn send_text(&mut self, text: &str) {
         self.socket
             .send(Message::text(text.to_owned()))
