@@ -449,7 +449,7 @@ impl Daemon {
         // The daemon made its first admin token before it said it was ready.
         let token = std::fs::read_to_string(data.join("admin.token"))
             .map_err(|e| format!("no admin token in the data directory: {e}"))?;
-        http::use_token(Some(token.trim().to_owned()));
+        *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = Some(token.trim().to_owned());
         eprintln!("  daemon pid {} on {}", daemon.pid(), daemon.addr);
         Ok(daemon)
     }
@@ -468,12 +468,17 @@ impl Daemon {
 
     /// Resident set in KiB, from `/proc/PID/status`.
     fn rss_kib(&self) -> Result<u64, Error> {
+        self.status_kib("VmRSS")
+    }
+
+    /// A figure in KiB of the daemon's `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> Result<u64, Error> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmRSS in /proc/PID/status".into())
+            .ok_or_else(|| format!("no {field} in /proc/PID/status").into())
     }
 
     /// User plus system CPU time the daemon used so far.
@@ -507,12 +512,7 @@ impl Daemon {
 
     /// Peak resident set since the process started, in KiB (`VmHWM`).
     fn peak_rss_kib(&self) -> Result<u64, Error> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| "no VmHWM in /proc/PID/status".into())
+        self.status_kib("VmHWM")
     }
 
     fn halt(&mut self) -> Result<ExitStatus, Error> {
@@ -658,257 +658,19 @@ source = { kind = "sim", profile = "ds18b20", base_temperature = 4.0, failure_ra
 "#;
 
 // ---------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client: keep-alive, Content-Length or chunked responses.
+// HTTP: the tests' client, with the admin token of the daemon under test.
 
-mod http {
-    use std::io;
-    use std::net::SocketAddr;
+#[path = "../tests/common/http.rs"]
+mod http;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+/// The token every request carries: the admin token of the daemon under test, set once
+/// it has started (each scenario starts a daemon of its own).
+static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
 
-    /// A response: status and whole body.
-    pub struct Response {
-        pub status: u16,
-        pub body: Vec<u8>,
-    }
-
-    /// The token every request carries: the admin token of the daemon under test, set
-    /// once it has started (each scenario starts a daemon of its own).
-    static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
-
-    pub fn use_token(token: Option<String>) {
-        *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = token;
-    }
-
-    /// One keep-alive connection, opened on first use and again after the server
-    /// closes it or an exchange fails.
-    pub struct Client {
-        addr: SocketAddr,
-        stream: Option<TcpStream>,
-        buf: Vec<u8>,
-    }
-
-    enum Framing {
-        Empty,
-        Length(usize),
-        Chunked,
-        UntilClose,
-    }
-
-    struct Head {
-        status: u16,
-        framing: Framing,
-        close: bool,
-    }
-
-    impl Client {
-        pub fn new(addr: SocketAddr) -> Client {
-            Client {
-                addr,
-                stream: None,
-                buf: Vec::with_capacity(8192),
-            }
-        }
-
-        /// Opens the connection now, so that timing does not include the handshake.
-        pub async fn connect(&mut self) -> io::Result<()> {
-            if self.stream.is_none() {
-                let stream = TcpStream::connect(self.addr).await?;
-                stream.set_nodelay(true)?;
-                self.stream = Some(stream);
-                self.buf.clear();
-            }
-            Ok(())
-        }
-
-        pub async fn get(&mut self, path: &str) -> io::Result<Response> {
-            self.request("GET", path, None).await
-        }
-
-        pub async fn post_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
-            self.request("POST", path, Some(body)).await
-        }
-
-        pub async fn put_json(&mut self, path: &str, body: &[u8]) -> io::Result<Response> {
-            self.request("PUT", path, Some(body)).await
-        }
-
-        async fn request(
-            &mut self,
-            method: &str,
-            path: &str,
-            body: Option<&[u8]>,
-        ) -> io::Result<Response> {
-            let result = self.exchange(method, path, body).await;
-            if result.is_err() {
-                self.stream = None;
-            }
-            result
-        }
-
-        async fn exchange(
-            &mut self,
-            method: &str,
-            path: &str,
-            body: Option<&[u8]>,
-        ) -> io::Result<Response> {
-            self.connect().await?;
-            let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
-            if let Some(token) = TOKEN.read().unwrap_or_else(|e| e.into_inner()).as_deref() {
-                request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-            }
-            if let Some(body) = body {
-                request.push_str("Content-Type: application/json\r\n");
-                request.push_str(&format!("Content-Length: {}\r\n", body.len()));
-            }
-            request.push_str("\r\n");
-            let mut bytes = request.into_bytes();
-            bytes.extend_from_slice(body.unwrap_or_default());
-            let Client { stream, buf, .. } = self;
-            let stream = stream.as_mut().expect("connected above");
-            stream.write_all(&bytes).await?;
-
-            let head_len = loop {
-                if let Some(at) = find(buf, b"\r\n\r\n") {
-                    break at + 4;
-                }
-                fill(stream, buf).await?;
-            };
-            let head = parse_head(&buf[..head_len], method == "HEAD")?;
-            let (body, used) = match head.framing {
-                Framing::Empty => (Vec::new(), head_len),
-                Framing::Length(n) => {
-                    while buf.len() < head_len + n {
-                        fill(stream, buf).await?;
-                    }
-                    (buf[head_len..head_len + n].to_vec(), head_len + n)
-                }
-                Framing::Chunked => loop {
-                    if let Some((body, used)) = dechunk(&buf[head_len..])? {
-                        break (body, head_len + used);
-                    }
-                    fill(stream, buf).await?;
-                },
-                Framing::UntilClose => {
-                    while fill(stream, buf).await.is_ok() {}
-                    (buf[head_len..].to_vec(), buf.len())
-                }
-            };
-            buf.drain(..used);
-            if head.close || matches!(head.framing, Framing::UntilClose) {
-                self.stream = None;
-            }
-            Ok(Response {
-                status: head.status,
-                body,
-            })
-        }
-    }
-
-    async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
-        buf.reserve(8192);
-        if stream.read_buf(buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(())
-    }
-
-    fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-        haystack.windows(needle.len()).position(|w| w == needle)
-    }
-
-    fn bad(what: &str) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
-    }
-
-    fn parse_head(head: &[u8], no_body: bool) -> io::Result<Head> {
-        let text = std::str::from_utf8(head).map_err(|_| bad("response head is not UTF-8"))?;
-        let mut lines = text.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or_default();
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("malformed status line"))?;
-        let mut close = match version {
-            "HTTP/1.1" => false,
-            "HTTP/1.0" => true,
-            _ => return Err(bad("not an HTTP/1.x response")),
-        };
-        let mut length = None;
-        let mut chunked = false;
-        for line in lines.filter(|l| !l.is_empty()) {
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| bad("malformed header"))?;
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|_| bad("bad Content-Length"))?,
-                );
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.to_ascii_lowercase().contains("chunked");
-            } else if name.eq_ignore_ascii_case("connection") {
-                let value = value.to_ascii_lowercase();
-                if value.contains("close") {
-                    close = true;
-                } else if value.contains("keep-alive") {
-                    close = false;
-                }
-            }
-        }
-        let framing = if no_body || (100..200).contains(&status) || status == 204 || status == 304 {
-            Framing::Empty
-        } else if chunked {
-            Framing::Chunked
-        } else if let Some(n) = length {
-            Framing::Length(n)
-        } else {
-            Framing::UntilClose
-        };
-        Ok(Head {
-            status,
-            framing,
-            close,
-        })
-    }
-
-    /// Decodes a chunked body if all of it is in `data`: the body and the bytes used.
-    fn dechunk(data: &[u8]) -> io::Result<Option<(Vec<u8>, usize)>> {
-        let mut body = Vec::new();
-        let mut at = 0;
-        loop {
-            let Some(line_len) = find(&data[at..], b"\r\n") else {
-                return Ok(None);
-            };
-            let line =
-                std::str::from_utf8(&data[at..at + line_len]).map_err(|_| bad("bad chunk size"))?;
-            let size_text = line.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
-            at += line_len + 2;
-            if size == 0 {
-                // Trailers, then an empty line.
-                loop {
-                    let Some(len) = find(&data[at..], b"\r\n") else {
-                        return Ok(None);
-                    };
-                    at += len + 2;
-                    if len == 0 {
-                        return Ok(Some((body, at)));
-                    }
-                }
-            }
-            if data.len() < at + size + 2 {
-                return Ok(None);
-            }
-            body.extend_from_slice(&data[at..at + size]);
-            at += size + 2;
-        }
-    }
+/// A keep-alive client of `addr` that sends the token of the daemon under test.
+fn http_client(addr: SocketAddr) -> http::Client {
+    let token = TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone();
+    http::Client::new(addr).with_token(token)
 }
 
 fn create_body(nombre: &str) -> Vec<u8> {
@@ -994,7 +756,7 @@ async fn rest_creates(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let mut workers = JoinSet::new();
     let mut connections = Vec::new();
     for _ in 0..clients {
-        let mut client = http::Client::new(addr);
+        let mut client = http_client(addr);
         client.connect().await?;
         connections.push(client);
     }
@@ -1141,7 +903,7 @@ async fn latency_stage(
 ) -> Result<(LatencyResult, Listeners), Error> {
     let clients = sockets.len();
     let (listeners, mut deliveries) = listen_for_names(sockets, prefix);
-    let mut client = http::Client::new(addr);
+    let mut client = http_client(addr);
     client.connect().await?;
     let mut sent_at = Vec::with_capacity(creates);
     let mut tally = Tally {
@@ -1300,7 +1062,7 @@ async fn fan_out(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         let failed = Arc::new(AtomicU64::new(0));
         let mut connections = Vec::new();
         for _ in 0..creators {
-            let mut client = http::Client::new(addr);
+            let mut client = http_client(addr);
             client.connect().await?;
             connections.push(client);
         }
@@ -1477,9 +1239,9 @@ struct IngestRates {
 /// longer than its `header_read_timeout_s` (10 s), shorter than a long window.
 async fn ingest_window(daemon: &Daemon, window: Duration) -> Result<IngestRates, Error> {
     let cpu = CpuShare::start(daemon)?;
-    let (seq0, emitted0, t0) = ingest_probe(&mut http::Client::new(daemon.addr)).await?;
+    let (seq0, emitted0, t0) = ingest_probe(&mut http_client(daemon.addr)).await?;
     tokio::time::sleep(window).await;
-    let (seq1, emitted1, t1) = ingest_probe(&mut http::Client::new(daemon.addr)).await?;
+    let (seq1, emitted1, t1) = ingest_probe(&mut http_client(daemon.addr)).await?;
     let secs = (t1 - t0).as_secs_f64();
     Ok(IngestRates {
         stored: (seq1 - seq0) as f64 / secs,
@@ -1528,7 +1290,7 @@ async fn startup(sizes: &Sizes) -> Result<Vec<Row>, Error> {
 
 /// Waits until the daemon's own ingest has stored `wanted` events; returns how many.
 async fn fill(daemon: &Daemon, wanted: u64) -> Result<u64, Error> {
-    let mut client = http::Client::new(daemon.addr);
+    let mut client = http_client(daemon.addr);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let (seq, _, _) = ingest_probe(&mut client).await?;
@@ -1562,7 +1324,7 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let daemon = start(&ingest_sensors_stopping(count, per_read, Some(reads)))?;
     fill(&daemon, wanted).await?;
     // The same data with its sensors switched off: the storm meets a quiet daemon.
-    let mut client = http::Client::new(daemon.addr);
+    let mut client = http_client(daemon.addr);
     let sensors = get_json(&mut client, "/api/v1/sensores/?limit=1000").await?;
     for sensor in sensors.as_array().ok_or("the sensor list is not a list")? {
         let path = format!("{SENSORS_PATH}{}", sensor["id"]);
@@ -1576,7 +1338,7 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let addr = daemon.addr;
     tokio::time::sleep(sizes.idle_wait).await;
     let idle = daemon.rss_kib()?;
-    let mut client = http::Client::new(addr);
+    let mut client = http_client(addr);
     let stored = get_json(&mut client, "/healthz").await?["storage"]["last_seq"]
         .as_u64()
         .ok_or("no storage.last_seq")?;

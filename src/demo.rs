@@ -28,21 +28,16 @@ impl Rig {
     /// Lays out the sysfs tree under `dir`, opens a pseudo-terminal, and starts
     /// writing values to both.
     pub fn start(dir: &Path) -> std::io::Result<Rig> {
-        let sysfs = dir.join("demo-sysfs");
-        let dht = sysfs.join("bus/iio/devices/iio:device0");
-        let bme = sysfs.join("bus/iio/devices/iio:device1");
-        let w1 = sysfs.join("bus/w1/devices/28-0000075e2fd1");
-        for (device, name) in [(&dht, "dht11"), (&bme, "bme280")] {
-            std::fs::create_dir_all(device)?;
-            std::fs::write(device.join("name"), format!("{name}\n"))?;
-        }
-        std::fs::create_dir_all(&w1)?;
+        let sysfs = Sysfs::at(&dir.join("demo-sysfs"));
+        let dht = sysfs.iio_device(0, "dht11")?;
+        let bme = sysfs.iio_device(1, "bme280")?;
+        let w1 = sysfs.w1_device("28-0000075e2fd1")?;
 
         let (mut controller, device_end) = TTYPort::pair().map_err(std::io::Error::other)?;
         let tty = device_end
             .name()
             .ok_or_else(|| std::io::Error::other("pseudo-terminal has no name"))?;
-        let sensors = sensors_toml(&tty, &sysfs);
+        let sensors = sensors_toml(&tty, sysfs.root());
 
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -152,38 +147,85 @@ impl Files {
     /// 1-Wire's two-line `w1_slave` text with milli-degrees.
     fn write(&self, t: f64) -> std::io::Result<()> {
         let milli = |x: f64| format!("{}\n", (x * 1000.0).round() as i64);
-        put(&self.dht, "in_temp_input", milli(wave(t, 23.0, 1.5, 600.0)))?;
+        let put = Sysfs::set;
+        put(
+            &self.dht,
+            "in_temp_input",
+            &milli(wave(t, 23.0, 1.5, 600.0)),
+        )?;
         put(
             &self.dht,
             "in_humidityrelative_input",
-            milli(wave(t, 58.0, 3.0, 500.0)),
+            &milli(wave(t, 58.0, 3.0, 500.0)),
         )?;
-        put(&self.bme, "in_temp_input", milli(wave(t, 17.5, 1.0, 700.0)))?;
+        put(
+            &self.bme,
+            "in_temp_input",
+            &milli(wave(t, 17.5, 1.0, 700.0)),
+        )?;
         put(
             &self.bme,
             "in_humidityrelative_input",
-            milli(wave(t, 66.0, 2.0, 650.0)),
+            &milli(wave(t, 66.0, 2.0, 650.0)),
         )?;
         put(
             &self.bme,
             "in_pressure_input",
-            format!("{:.3}\n", wave(t, 101.32, 0.05, 900.0)),
+            &format!("{:.3}\n", wave(t, 101.32, 0.05, 900.0)),
         )?;
         let water = (wave(t, 12.0, 0.4, 800.0) * 1000.0).round() as i64;
-        put(
-            &self.w1,
-            "w1_slave",
-            format!(
-                "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t={water}\n"
-            ),
-        )
+        put(&self.w1, "w1_slave", &w1_slave("YES", water))
     }
 }
 
-/// Replaces an attribute file in one step, as the kernel presents a value: a reader never
-/// sees it half written.
-fn put(dir: &Path, name: &str, text: String) -> std::io::Result<()> {
-    let staged = dir.join(format!(".{name}.new"));
-    std::fs::write(&staged, text)?;
-    std::fs::rename(staged, dir.join(name))
+/// A sysfs tree laid out as the kernel lays out IIO and 1-Wire devices: the demo's
+/// stand-in hardware, and the tests' fake sensors.
+pub struct Sysfs {
+    root: PathBuf,
+}
+
+impl Sysfs {
+    /// A tree under `root`, the `sysfs_root` of the sources that read it.
+    pub fn at(root: &Path) -> Sysfs {
+        Sysfs {
+            root: root.to_owned(),
+        }
+    }
+
+    /// The `sysfs_root` of the sources that read this tree.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Lays out `bus/iio/devices/iio:deviceN` with the driver's `name`; returns its
+    /// directory.
+    pub fn iio_device(&self, n: u32, name: &str) -> std::io::Result<PathBuf> {
+        let device = self.root.join(format!("bus/iio/devices/iio:device{n}"));
+        std::fs::create_dir_all(&device)?;
+        Sysfs::set(&device, "name", &format!("{name}\n"))?;
+        Ok(device)
+    }
+
+    /// Lays out `bus/w1/devices/<id>` beside the bus master's entry; returns its
+    /// directory.
+    pub fn w1_device(&self, id: &str) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(self.root.join("bus/w1/devices/w1_bus_master1"))?;
+        let device = self.root.join("bus/w1/devices").join(id);
+        std::fs::create_dir_all(&device)?;
+        Ok(device)
+    }
+
+    /// Replaces the attribute `name` of `device` in one step, as the kernel presents a
+    /// value: a reader never sees it half written.
+    pub fn set(device: &Path, name: &str, text: &str) -> std::io::Result<()> {
+        let staged = device.join(format!(".{name}.new"));
+        std::fs::write(&staged, text)?;
+        std::fs::rename(staged, device.join(name))
+    }
+}
+
+/// The `w1_slave` text of a DS18B20: the CRC check's verdict (`YES` or `NO`) and the
+/// temperature in milli-degrees.
+pub fn w1_slave(crc: &str, milli: i64) -> String {
+    format!("72 01 4b 46 7f ff 0e 10 57 : crc=57 {crc}\n72 01 4b 46 7f ff 0e 10 57 t={milli}\n")
 }

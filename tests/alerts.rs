@@ -8,9 +8,8 @@ mod mqtt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::{temp_dir, Client, Daemon, PATIENCE};
+use common::{check_config, temp_dir, until, Client, Daemon, PATIENCE};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -18,21 +17,6 @@ use tokio::net::TcpListener;
 /// Every alert and silence event type, as a socket filter.
 const ALERT_EVENTS: &str =
     "alert_firing,alert_resolved,alert_acknowledged,silence_created,silence_ended";
-
-/// Waits until `check` gives a value; panics with `what` after [`PATIENCE`].
-async fn until<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    loop {
-        if let Some(found) = check().await {
-            return found;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn create_sensor(daemon: &Daemon, name: &str) -> i64 {
     let body = json!({"tipo": "temperatura", "modelo": "PT100", "nombre": name}).to_string();
@@ -45,6 +29,15 @@ async fn post_reading(daemon: &Daemon, sensor_id: i64, valor: f64) {
     let body = json!({"sensor_id": sensor_id, "tipo": "temperatura", "valor": valor}).to_string();
     let (status, reading) = daemon.post("/api/v1/lecturas/", &body).await;
     assert_eq!(status, 201, "{reading}");
+}
+
+/// A daemon with a sensor `name` and an alert rule on it, made by `rule` from the
+/// sensor's id; returns the daemon and the ids of the sensor and the rule.
+async fn alerting(name: &str, rule: impl FnOnce(i64) -> Value) -> (Daemon, i64, i64) {
+    let daemon = Daemon::with("").await;
+    let sensor = create_sensor(&daemon, name).await;
+    let rule = create_rule(&daemon, rule(sensor)).await;
+    (daemon, sensor, rule)
 }
 
 async fn create_rule(daemon: &Daemon, rule: Value) -> i64 {
@@ -63,11 +56,9 @@ async fn phase(daemon: &Daemon, rule_id: i64) -> String {
 async fn alert_socket(daemon: &Daemon, since: Option<u64>) -> Client {
     let since = since.map(|s| format!("&since={s}")).unwrap_or_default();
     daemon
-        .websocket(&format!(
+        .subscribe(&format!(
             "/api/v1/ws?channel=general&event_type={ALERT_EVENTS}{since}"
         ))
-        .await
-        .greeted()
         .await
 }
 
@@ -117,14 +108,10 @@ fn micros(time: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sensor_crossing_its_threshold_fires_after_its_hold_and_resolves_past_the_hysteresis() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "freezer").await;
-    let rule = create_rule(
-        &daemon,
+    let (daemon, sensor, rule) = alerting("freezer", |_| {
         json!({"name": "freezer warm", "sensor": "freezer", "tipo": "temperatura",
-               "condition": "above", "threshold": 10, "for_s": 2, "hysteresis": 1}),
-    )
+               "condition": "above", "threshold": 10, "for_s": 2, "hysteresis": 1})
+    })
     .await;
     let before = daemon.last_seq().await;
     let mut socket = alert_socket(&daemon, None).await;
@@ -160,7 +147,7 @@ async fn a_sensor_crossing_its_threshold_fires_after_its_hold_and_resolves_past_
     assert_eq!(daemon.metric("sensorgate_alerts_firing").await, Some(0.0));
 
     // Exactly these two, stored; a client resuming from before hears the same.
-    let stored: Vec<_> = stored_events(dir.path())
+    let stored: Vec<_> = stored_events(daemon.dir())
         .into_iter()
         .map(|(seq, kind, _)| (seq, kind))
         .collect();
@@ -182,22 +169,16 @@ async fn a_sensor_crossing_its_threshold_fires_after_its_hold_and_resolves_past_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_stays_firing_across_a_restart_without_firing_again() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "camara").await;
-    let rule = create_rule(
-        &daemon,
-        json!({"name": "camara cold", "sensor_id": sensor, "tipo": "temperatura",
-               "condition": "below", "threshold": 2}),
-    )
+    let (daemon, sensor, rule) = alerting("camara", |id| {
+        json!({"name": "camara cold", "sensor_id": id, "tipo": "temperatura",
+               "condition": "below", "threshold": 2})
+    })
     .await;
     let mut socket = alert_socket(&daemon, None).await;
     post_reading(&daemon, sensor, 1.0).await;
     let firing = next_event(&mut socket).await;
     assert_eq!(firing["event_type"], "alert_firing");
-    daemon.stop().await;
-
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = daemon.restart_with("").await;
     assert_eq!(phase(&daemon, rule).await, "firing");
     let mut socket = alert_socket(&daemon, None).await;
     post_reading(&daemon, sensor, 0.5).await;
@@ -205,7 +186,7 @@ async fn a_firing_alert_stays_firing_across_a_restart_without_firing_again() {
     let resolved = next_event(&mut socket).await;
     assert_eq!(resolved["event_type"], "alert_resolved", "{resolved}");
     assert_eq!(resolved["data"]["started_at"], firing["data"]["started_at"]);
-    let kinds: Vec<String> = stored_events(dir.path())
+    let kinds: Vec<String> = stored_events(daemon.dir())
         .into_iter()
         .map(|(_, kind, _)| kind)
         .collect();
@@ -219,14 +200,10 @@ async fn a_firing_alert_stays_firing_across_a_restart_without_firing_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sensor_that_goes_quiet_fires_no_reading_and_resolves_at_its_next_reading() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "bodega").await;
-    let rule = create_rule(
-        &daemon,
+    let (daemon, sensor, rule) = alerting("bodega", |_| {
         json!({"name": "bodega quiet", "sensor": "bodega", "tipo": "temperatura",
-               "condition": "no_reading", "seconds": 1}),
-    )
+               "condition": "no_reading", "seconds": 1})
+    })
     .await;
     let mut socket = alert_socket(&daemon, None).await;
     post_reading(&daemon, sensor, 20.0).await;
@@ -316,15 +293,11 @@ impl Receiver {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_notifications_are_retried_in_order_and_survive_a_restart() {
     let receiver = Receiver::start(3).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "horno").await;
-    let rule = create_rule(
-        &daemon,
+    let (daemon, sensor, rule) = alerting("horno", |_| {
         json!({"name": "horno hot", "sensor": "horno", "tipo": "temperatura",
                "condition": "outside", "min": 0, "max": 100, "webhook": receiver.url(),
-               "webhook_per_minute": 600}),
-    )
+               "webhook_per_minute": 600})
+    })
     .await;
     post_reading(&daemon, sensor, 150.0).await;
     until("the receiver refused a first attempt", || async {
@@ -332,10 +305,10 @@ async fn webhook_notifications_are_retried_in_order_and_survive_a_restart() {
     })
     .await;
     // Stopped with the notification undelivered: it waits in the database.
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     assert_eq!(outbox_rows(dir.path()), 1);
 
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::in_dir(dir, "").await;
     post_reading(&daemon, sensor, 50.0).await;
     post_reading(&daemon, sensor, -5.0).await;
     let delivered = until("three notifications delivered", || async {
@@ -384,7 +357,7 @@ async fn webhook_notifications_are_retried_in_order_and_survive_a_restart() {
         "{failed:?}"
     );
     until("the outbox empties", || async {
-        (outbox_rows(dir.path()) == 0).then_some(())
+        (outbox_rows(daemon.dir()) == 0).then_some(())
     })
     .await;
     daemon.stop().await;
@@ -393,14 +366,10 @@ async fn webhook_notifications_are_retried_in_order_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silence_holds_notifications_back_until_it_ends_and_acks_are_events() {
     let receiver = Receiver::start(0).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "vacunas").await;
-    let rule = create_rule(
-        &daemon,
-        json!({"name": "vacunas warm", "sensor_id": sensor, "tipo": "temperatura",
-               "condition": "above", "threshold": 8, "webhook": receiver.url()}),
-    )
+    let (daemon, sensor, rule) = alerting("vacunas", |id| {
+        json!({"name": "vacunas warm", "sensor_id": id, "tipo": "temperatura",
+               "condition": "above", "threshold": 8, "webhook": receiver.url()})
+    })
     .await;
     let mut socket = alert_socket(&daemon, None).await;
     let (status, silence) = daemon
@@ -446,10 +415,8 @@ async fn a_silence_holds_notifications_back_until_it_ends_and_acks_are_events() 
     let ack = next_event(&mut socket).await;
     assert_eq!(ack["event_type"], "alert_acknowledged");
     assert_eq!(ack["data"]["comment"], "door fixed");
-    daemon.stop().await;
-
     // Acknowledgements and silences survive a restart: the ack is in the rule's state.
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = daemon.restart_with("").await;
     let (_, rule_now) = daemon.get(&format!("/api/v1/alertas/{rule}")).await;
     assert_eq!(
         rule_now["state"]["acknowledged"]["by"], "luis",
@@ -467,8 +434,7 @@ async fn a_silence_holds_notifications_back_until_it_ends_and_acks_are_events() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_rule_is_refused_naming_its_field_and_changes_nothing() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let before = daemon.last_seq().await;
     let (status, error) = daemon
         .post(
@@ -534,29 +500,17 @@ hysteresis = -1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_rule_in_the_config_is_named_by_line_and_sampling_goes_on() {
     let dir = temp_dir();
-    let file = dir.path().join("bad-alert.toml");
-    std::fs::write(&file, BAD_RULE_CONFIG).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let message = String::from_utf8_lossy(&out.stderr);
+    let out = check_config(dir.path(), "bad-alert.toml", BAD_RULE_CONFIG);
+    assert_eq!(out.code, Some(1));
+    let message = out.stderr;
     assert!(
         message.contains("bad-alert.toml: line 22: alert 2: hysteresis must be 0 or more"),
         "{message}"
     );
-    let good = dir.path().join("good-alert.toml");
     let without_bad = &BAD_RULE_CONFIG[..BAD_RULE_CONFIG.rfind("[[alert]]").unwrap()];
-    std::fs::write(&good, without_bad).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
+    let out = check_config(dir.path(), "good-alert.toml", without_bad);
+    let said = out.stdout;
+    assert!(out.ok, "{said}");
     assert!(said.contains("ok (1 sensor, 1 alert rule)"), "{said}");
 
     let data = dir.path().join("data");
@@ -593,14 +547,10 @@ async fn a_bad_rule_in_the_config_is_named_by_line_and_sampling_goes_on() {
 async fn each_rule_has_a_retained_topic_with_its_latest_alert_event() {
     let broker = mqtt::Broker::start().await;
     let gateway = format!("alerts{}", std::process::id());
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &format!(
-            "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gateway}\"\n",
-            broker.addr
-        ),
-    )
+    let daemon = Daemon::with(&format!(
+        "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gateway}\"\n",
+        broker.addr
+    ))
     .await;
     let sensor = create_sensor(&daemon, "silo").await;
     let rule = create_rule(
@@ -648,15 +598,11 @@ async fn each_rule_has_a_retained_topic_with_its_latest_alert_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firing_alert_is_notified_again_until_acknowledged() {
     let receiver = Receiver::start(0).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let sensor = create_sensor(&daemon, "incubadora").await;
-    let rule = create_rule(
-        &daemon,
-        json!({"name": "incubadora hot", "sensor_id": sensor, "tipo": "temperatura",
+    let (daemon, sensor, rule) = alerting("incubadora", |id| {
+        json!({"name": "incubadora hot", "sensor_id": id, "tipo": "temperatura",
                "condition": "above", "threshold": 38, "repeat_s": 1,
-               "webhook": receiver.url(), "webhook_per_minute": 600}),
-    )
+               "webhook": receiver.url(), "webhook_per_minute": 600})
+    })
     .await;
     let other = create_rule(
         &daemon,
@@ -722,8 +668,7 @@ async fn a_firing_alert_is_notified_again_until_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sensor_gone_offline_does_not_fire_a_value_rule_with_its_stale_value() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let source = |failure_rate: f64| {
         json!({"kind": "sim", "profile": "ds18b20", "base_temperature": 30.0, "seed": 3,
                "failure_rate": failure_rate})
@@ -744,9 +689,7 @@ async fn a_sensor_gone_offline_does_not_fire_a_value_rule_with_its_stale_value()
     })
     .await;
     let mut socket = daemon
-        .websocket("/api/v1/ws?channel=general&event_type=sensor_offline")
-        .await
-        .greeted()
+        .subscribe("/api/v1/ws?channel=general&event_type=sensor_offline")
         .await;
     // Every read fails from now on: the sensor goes offline.
     let (status, _) = daemon
@@ -764,6 +707,6 @@ async fn a_sensor_gone_offline_does_not_fire_a_value_rule_with_its_stale_value()
         (phase(&daemon, rule).await == "inactive").then_some(())
     })
     .await;
-    assert!(stored_events(dir.path()).is_empty());
+    assert!(stored_events(daemon.dir()).is_empty());
     daemon.stop().await;
 }

@@ -8,7 +8,7 @@ mod mqtt;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{sensor_named, temp_dir, Client, Daemon, Received, PATIENCE};
+use common::{sensor_named, Client, Daemon, Received, PATIENCE};
 use mqtt::{Broker, Subscriber};
 use serde_json::{json, Value};
 use serialport::{SerialPort, TTYPort};
@@ -88,19 +88,14 @@ fn assert_close(sample: &SampleReadings, tipo: &str, expected: f64, unit: &str, 
 
 async fn readings_socket(daemon: &Daemon, id: i64) -> Client {
     daemon
-        .websocket(&format!("/api/v1/ws?channel=readings&sensor_id={id}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=readings&sensor_id={id}"))
         .await
 }
 
 #[tokio::test]
 async fn a_calibration_in_the_config_corrects_readings_and_derived_values_follow_them() {
-    let dir = temp_dir();
     let (mut master, _slave, path) = pty();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &serial_sensor(
+    let daemon = Daemon::with(&serial_sensor(
             &path,
             "calibration = { temperatura = { offset = -0.8 }, humedad = { points = [[40, 41], [90, 91]] } }\n\
              derive = [\"punto_rocio\", \"vpd\", \"humedad_absoluta\"]\n",
@@ -192,16 +187,11 @@ async fn a_calibration_in_the_config_corrects_readings_and_derived_values_follow
 
 #[tokio::test]
 async fn a_calibration_changed_over_rest_is_an_update_in_the_history_and_used_from_then_on() {
-    let dir = temp_dir();
     let (mut master, _slave, path) = pty();
-    let daemon = Daemon::start_in(dir.path(), &serial_sensor(&path, "")).await;
+    let daemon = Daemon::with(&serial_sensor(&path, "")).await;
     let id = sensor_named(&daemon, "aula").await;
     let mut readings = readings_socket(&daemon, id).await;
-    let mut sensors = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
+    let mut sensors = daemon.subscribe("/api/v1/ws?channel=sensors").await;
 
     let before = sample_of(&mut master, &mut readings, "T=20.0 H=50").await;
     assert_close(&before, "temperatura", 20.0, "°C", 0.0);
@@ -304,8 +294,9 @@ async fn a_calibration_changed_over_rest_is_an_update_in_the_history_and_used_fr
         "{history}"
     );
     assert_eq!(history["historial"][1]["calibracion"], json!({}));
-    let (status, _) = daemon.get("/api/v1/sensores/999/calibracion").await;
-    assert_eq!(status, 404);
+    let _ = daemon
+        .expect("GET", "/api/v1/sensores/999/calibracion", None, 404)
+        .await;
     daemon.stop().await;
 }
 
@@ -318,17 +309,13 @@ async fn derived_values_reach_the_broker_and_home_assistant_with_their_classes()
     let gw = format!("derived-{}", std::process::id());
     let mut configs = Subscriber::start(broker.addr, &["homeassistant/sensor/+/config"]).await;
     let mut values = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/+/vpd")]).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &format!(
-            "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gw}\"\n\n\
+    let daemon = Daemon::with(&format!(
+        "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gw}\"\n\n\
              [[sensor]]\nname = \"sala\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
              interval_s = 0.2\nsource = {{ kind = \"sim\", profile = \"dht22\", seed = 3 }}\n\
              derive = [\"punto_rocio\", \"vpd\", \"humedad_absoluta\"]\n",
-            broker.addr
-        ),
-    )
+        broker.addr
+    ))
     .await;
     let id = sensor_named(&daemon, "sala").await;
 

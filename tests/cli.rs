@@ -1,26 +1,25 @@
 //! The `sensorgate` binary as a user runs it: the demo, the config commands, signals.
 
+mod common;
+
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{check_config, http, sensorgate, Run, BIN};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
-
+/// `GET path` from a daemon this test started as a child, as JSON.
 fn http_get(addr: &str, path: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).ok()?;
-    let start = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    serde_json::from_slice(&raw[start..]).ok()
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = http::Client::new(addr.parse().ok()?);
+    let response = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), client.get(path)).await });
+    serde_json::from_slice(&response.ok()?.ok()?.body).ok()
 }
 
 #[test]
@@ -100,85 +99,43 @@ fn demo_samples_every_kind_of_source_and_stops_cleanly_on_sigterm() {
 
 #[test]
 fn help_version_and_default_config() {
-    let help = Command::new(BIN).arg("--help").output().unwrap();
-    assert!(help.status.success());
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--demo"));
-    let version = Command::new(BIN).arg("--version").output().unwrap();
+    let help = sensorgate(["--help"]);
+    assert!(help.ok);
+    assert!(help.stdout.contains("--demo"));
+    let version = sensorgate(["--version"]);
     assert_eq!(
-        String::from_utf8_lossy(&version.stdout).trim(),
+        version.stdout.trim(),
         format!("sensorgate {}", env!("CARGO_PKG_VERSION"))
     );
-    let default = Command::new(BIN)
-        .arg("print-default-config")
-        .output()
-        .unwrap();
-    assert!(default.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&default.stdout),
-        sensorgate::config::DEFAULT_CONFIG
-    );
-    let unknown = Command::new(BIN).arg("--frobnicate").output().unwrap();
-    assert_eq!(unknown.status.code(), Some(2));
+    let default = sensorgate(["print-default-config"]);
+    assert!(default.ok);
+    assert_eq!(default.stdout, sensorgate::config::DEFAULT_CONFIG);
+    let unknown = sensorgate(["--frobnicate"]);
+    assert_eq!(unknown.code, Some(2));
 }
 
 #[test]
 fn check_config_names_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.toml");
-    std::fs::write(&good, sensorgate::config::DEFAULT_CONFIG).unwrap();
-    let ok = Command::new(BIN)
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let ok = check_config(dir.path(), "good.toml", sensorgate::config::DEFAULT_CONFIG);
+    assert!(ok.ok, "{}", ok.stderr);
 
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
+    let out = check_config(
+        dir.path(),
+        "bad.toml",
         "[server]\nlisten = \"127.0.0.1:8000\"\nmax_conections = 5\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let message = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(out.code, Some(1));
+    let message = out.stderr;
     assert!(message.contains("bad.toml"), "{message}");
     assert!(message.contains("line 3"), "{message}");
     assert!(message.contains("max_conections"), "{message}");
 
-    let invalid = dir.path().join("invalid.toml");
-    std::fs::write(
-        &invalid,
-        "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\ninterval_s = 0\nsource = { kind = \"sim\" }\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&invalid)
-        .output()
-        .unwrap();
-    let message = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let out = check_config(dir.path(), "invalid.toml", "[[sensor]]\nname = \"a\"\ntipo = \"t\"\nmodelo = \"m\"\ninterval_s = 0\nsource = { kind = \"sim\" }\n");
+    let message = out.stderr;
+    assert!(!out.ok);
     assert!(message.contains("interval_s"), "{message}");
     assert!(message.contains("line 5"), "{message}");
-}
-
-/// Runs the binary with `args`; returns exit success, stdout and stderr.
-fn sensorgate(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -195,7 +152,9 @@ fn token_and_backup_commands_refuse_a_data_directory_without_a_database() {
     ] {
         let mut full: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         full.extend(["--data-dir".as_ref(), typo.as_os_str()]);
-        let (ok, stdout, stderr) = sensorgate(&full);
+        let Run {
+            ok, stdout, stderr, ..
+        } = sensorgate(&full);
         assert!(!ok, "{args:?} must fail: {stdout}");
         assert!(stdout.is_empty(), "{args:?} printed {stdout}");
         assert!(
@@ -219,7 +178,7 @@ fn messages_name_what_they_are_about() {
         ("a-token-for-the-greenhouse-controller", "admin"),
         ("b", "read"),
     ] {
-        let (ok, _, stderr) = sensorgate(&[
+        let Run { ok, stderr, .. } = sensorgate([
             "token".as_ref(),
             "create".as_ref(),
             "--name".as_ref(),
@@ -231,7 +190,12 @@ fn messages_name_what_they_are_about() {
         ]);
         assert!(ok, "{stderr}");
     }
-    let (ok, list, stderr) = sensorgate(&[
+    let Run {
+        ok,
+        stdout: list,
+        stderr,
+        ..
+    } = sensorgate([
         "token".as_ref(),
         "list".as_ref(),
         "--data-dir".as_ref(),
@@ -255,7 +219,7 @@ fn messages_name_what_they_are_about() {
     // A backup onto an existing file talks about the backup file.
     let existing = dir.path().join("existing.db");
     std::fs::write(&existing, "keep me").unwrap();
-    let (ok, _, stderr) = sensorgate(&[
+    let Run { ok, stderr, .. } = sensorgate([
         "backup".as_ref(),
         existing.as_os_str(),
         "--data-dir".as_ref(),
@@ -273,25 +237,26 @@ fn messages_name_what_they_are_about() {
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
 
     // One sensor is one sensor.
-    let config = dir.path().join("one.toml");
-    std::fs::write(
-        &config,
+    let Run {
+        ok, stdout, stderr, ..
+    } = check_config(
+        dir.path(),
+        "one.toml",
         "[[sensor]]\nname = \"a\"\ntipo = \"temperatura\"\nmodelo = \"m\"\ninterval_s = 5\nsource = { kind = \"sim\" }\n",
-    )
-    .unwrap();
-    let (ok, stdout, stderr) = sensorgate(&["check-config".as_ref(), config.as_os_str()]);
+    );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("ok (1 sensor)"), "{stdout}");
 
     // A data directory the daemon cannot create or write is named.
     let blocked = existing.join("data");
-    let out = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&blocked)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let out = sensorgate([
+        OsStr::new("--listen"),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        blocked.as_ref(),
+    ]);
+    let stderr = out.stderr;
+    assert!(!out.ok);
     assert!(
         stderr.contains(&blocked.join("sensorgate.db").display().to_string()),
         "{stderr}"
@@ -314,7 +279,7 @@ fn check_config_reports_every_problem_with_its_line() {
         sensor("a", "5"),
     );
     std::fs::write(&path, &text).unwrap();
-    let (ok, _, stderr) = sensorgate(&["check-config".as_ref(), path.as_os_str()]);
+    let Run { ok, stderr, .. } = sensorgate(["check-config".as_ref(), path.as_os_str()]);
     assert!(!ok);
     let lines: Vec<&str> = stderr.lines().collect();
     let expected = [
@@ -341,7 +306,7 @@ fn check_config_names_the_line_of_a_bad_calibration() {
                 source = { kind = \"sim\" }\nderive = [\"vpd\"]\n\
                 calibration = { temperatura = { scale = 0 }, co2 = { offset = 1 } }\n";
     std::fs::write(&path, text).unwrap();
-    let (ok, _, stderr) = sensorgate(&["check-config".as_ref(), path.as_os_str()]);
+    let Run { ok, stderr, .. } = sensorgate(["check-config".as_ref(), path.as_os_str()]);
     assert!(!ok);
     let lines: Vec<&str> = stderr.lines().collect();
     let expected = [

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, PATIENCE};
+use common::{Daemon, PATIENCE, SENSOR};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -188,11 +188,6 @@ fn parse_frame(bytes: &[u8]) -> Option<(ServerFrame, usize)> {
     ))
 }
 
-/// A daemon with the default settings: reads need no token, writes the admin token.
-async fn open_daemon(dir: &std::path::Path) -> Daemon {
-    Daemon::start_in(dir, "").await
-}
-
 /// The value of the sample `series` (name and labels) in `/metrics`.
 async fn metric(daemon: &Daemon, series: &str) -> u64 {
     daemon
@@ -210,8 +205,7 @@ async fn closes_counted(daemon: &Daemon, code: u16, initiator: &str) -> u64 {
 
 #[tokio::test]
 async fn a_client_close_is_answered_with_its_code_and_the_connection_ends() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
+    let daemon = Daemon::with("").await;
 
     let mut socket = RawSocket::greeted(&daemon, "/api/v1/ws?channel=sensors").await;
     socket.send_close(Some(1000)).await;
@@ -236,13 +230,8 @@ async fn a_client_close_is_answered_with_its_code_and_the_connection_ends() {
 
 #[tokio::test]
 async fn a_tungstenite_client_closing_first_sees_its_code_back() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with("").await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     client
         .socket
         .send(Message::Close(Some(CloseFrame {
@@ -269,8 +258,7 @@ async fn a_tungstenite_client_closing_first_sees_its_code_back() {
 
 #[tokio::test]
 async fn pings_are_answered_with_their_payload_and_fragments_are_reassembled() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
+    let daemon = Daemon::with("").await;
     let mut socket = RawSocket::greeted(&daemon, "/api/v1/ws?channel=sensors").await;
 
     socket.send(FIN | PING, b"are you there", true).await;
@@ -298,13 +286,8 @@ async fn pings_are_answered_with_their_payload_and_fragments_are_reassembled() {
 /// Each way to break the protocol, and the code the server closes with.
 #[tokio::test]
 async fn protocol_violations_close_with_their_code_and_leave_other_sessions_alone() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
-    let mut bystander = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with("").await;
+    let mut bystander = daemon.subscribe("/api/v1/ws?channel=sensors").await;
 
     let oversized = vec![b'x'; 16 * 1024 + 1];
     let violations: [(&str, u8, &[u8], bool, u16); 8] = [
@@ -350,12 +333,7 @@ async fn protocol_violations_close_with_their_code_and_leave_other_sessions_alon
     }
 
     // The other session was not disturbed and still gets events.
-    daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    daemon.post("/api/v1/sensores/", SENSOR).await;
     let event = bystander.json().await;
     assert_eq!(event["event_type"], "created");
     assert_eq!(closes_counted(&daemon, 1002, "server").await, 5);
@@ -367,8 +345,7 @@ async fn protocol_violations_close_with_their_code_and_leave_other_sessions_alon
 
 #[tokio::test]
 async fn a_server_close_waits_for_the_client_then_ends_the_connection() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
+    let daemon = Daemon::with("").await;
     let mut answering = RawSocket::greeted(&daemon, "/api/v1/ws?channel=sensors").await;
     let mut silent = RawSocket::greeted(&daemon, "/api/v1/ws?channel=general").await;
     let stopped = tokio::spawn(daemon.stop());
@@ -389,8 +366,7 @@ async fn a_server_close_waits_for_the_client_then_ends_the_connection() {
 /// client count returns to zero once the last one closed.
 #[tokio::test]
 async fn quick_connect_close_cycles_from_one_address_are_never_refused() {
-    let dir = common::temp_dir();
-    let daemon = open_daemon(dir.path()).await;
+    let daemon = Daemon::with("").await;
     for cycle in 0..2000 {
         let mut socket = RawSocket::greeted(&daemon, "/api/v1/ws?channel=sensors").await;
         socket.send_close(Some(1000)).await;
@@ -414,54 +390,44 @@ async fn quick_connect_close_cycles_from_one_address_are_never_refused() {
     daemon.stop().await;
 }
 
-/// Writes `request` whole, then reads the answer to the end.
-async fn write_all_then_read(daemon: &Daemon, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
-    stream
-        .write_all(request)
-        .await
-        .expect("the server reads what it does not use");
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .expect("the answer in time")
-        .expect("the answer, not a reset");
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-fn post_head(daemon: &Daemon, path: &str, length: usize, token: Option<&str>) -> Vec<u8> {
+/// Writes a `POST /api/v1/sensores/` that announces `length` bytes of body and sends
+/// `body`, all at once, then reads the answer to the end: the whole request must go out
+/// (the server reads what it does not use) and the answer come in time.
+async fn post_sensor(daemon: &Daemon, length: usize, token: Option<&str>, body: &[u8]) -> String {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
+    let mut request = format!(
+        "POST /api/v1/sensores/ HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
         daemon.addr
     )
-    .into_bytes()
+    .into_bytes();
+    request.extend_from_slice(body);
+    let answer = common::raw_exchange(daemon.addr, request)
+        .await
+        .expect("the whole request written and the answer read to its end, in time");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Whether a raw answer says that the server closes the connection.
+fn says_it_closes(answer: &str) -> bool {
+    answer.to_ascii_lowercase().contains("connection: close")
 }
 
 #[tokio::test]
 async fn a_client_sending_a_large_body_in_one_write_reads_the_early_answer() {
-    let dir = common::temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let body = vec![b' '; 2 * 1024 * 1024];
     let token = daemon.token.clone();
 
     // Over the body limit: 413, with its JSON, and the connection ends.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", body.len(), token.as_deref());
-    request.extend_from_slice(&body);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, body.len(), token.as_deref(), &body).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:.200}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer:.400}"
-    );
+    assert!(says_it_closes(&answer), "{answer:.400}");
     assert!(answer.contains(r#""code":"too_large""#), "{answer:.400}");
 
     // A write without a token is refused before its body is read.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", body.len(), None);
-    request.extend_from_slice(&body);
-    let answer = write_all_then_read(&daemon, &request).await;
+    let answer = post_sensor(&daemon, body.len(), None, &body).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer:.200}");
     assert!(answer.contains(r#""code":"unauthorized""#), "{answer:.400}");
 
@@ -475,59 +441,29 @@ async fn a_client_sending_a_large_body_in_one_write_reads_the_early_answer() {
 
 #[tokio::test]
 async fn a_body_that_does_not_arrive_in_time_is_answered_408_and_the_connection_ends() {
-    let dir = common::temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[server]\nbody_read_timeout_s = 1\n").await;
-    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
-    let mut request = post_head(&daemon, "/api/v1/sensores/", 100, daemon.token.as_deref());
-    request.extend_from_slice(br#"{"tipo": "#);
-    stream.write_all(&request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .expect("the server gives up on the body")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let daemon = Daemon::with("[server]\nbody_read_timeout_s = 1\n").await;
+    let answer = post_sensor(&daemon, 100, daemon.token.as_deref(), br#"{"tipo": "#).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(says_it_closes(&answer), "{answer}");
     assert!(answer.contains(r#""code":"timeout""#), "{answer}");
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn an_early_answer_on_a_keep_alive_connection_says_it_closes() {
-    let dir = common::temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
+    let daemon = Daemon::with("").await;
     // A write without a token on a keep-alive connection, its body not read.
-    let mut request = post_head(&daemon, "/api/v1/sensores/", 20, None);
-    request.extend_from_slice(br#"{"tipo": "humedad"} "#);
-    stream.write_all(&request).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
-        .await
-        .expect("the connection ends")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = post_sensor(&daemon, 20, None, br#"{"tipo": "humedad"} "#).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
+    assert!(says_it_closes(&answer), "{answer}");
 
     // A request read to the end keeps the connection.
-    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         daemon.addr, daemon.addr
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+    let answer = common::raw_exchange(daemon.addr, request.into_bytes())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&answer)

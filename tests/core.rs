@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{temp_dir, Daemon, Received};
+use common::{sensor_table, Daemon, Received, SENSOR};
 use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -29,8 +29,7 @@ fn without_health(sensor: &Value) -> Value {
 
 #[tokio::test]
 async fn sensor_lifecycle_emits_created_updated_deleted() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let mut client = daemon.websocket("/api/v1/ws?channel=sensors").await;
 
     let connection = client.json().await;
@@ -47,12 +46,7 @@ async fn sensor_lifecycle_emits_created_updated_deleted() {
     assert_eq!(stats["data"]["channels"]["sensors"]["connections"], 1);
     assert_time(&stats["timestamp"]);
 
-    let (status, created) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let (status, created) = daemon.post("/api/v1/sensores/", SENSOR).await;
     assert_eq!(status, 201);
     let id = created["id"].as_i64().unwrap();
     assert_eq!(created["tipo"], "temperatura");
@@ -114,30 +108,17 @@ async fn sensor_lifecycle_emits_created_updated_deleted() {
     assert_eq!(event["metadata"]["action"], "delete_sensor");
     assert_eq!(event["seq"], first_seq + 2);
 
-    assert_eq!(daemon.get(&format!("/api/v1/sensores/{id}")).await.0, 404);
+    daemon
+        .expect("GET", &format!("/api/v1/sensores/{id}"), None, 404)
+        .await;
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn simulated_samples_are_stored_and_pushed() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        r#"
-[[sensor]]
-name = "sim"
-tipo = "temperatura"
-modelo = "DHT22"
-interval_s = 0.05
-source = { kind = "sim", seed = 5 }
-"#,
-    )
-    .await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let sim = r#"{ kind = "sim", seed = 5 }"#;
+    let daemon = Daemon::with(&sensor_table("sim", "temperatura", "DHT22", 0.05, sim)).await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let mut seen = Vec::new();
     while seen.len() < 6 {
         let event = client.json().await;
@@ -155,8 +136,9 @@ source = { kind = "sim", seed = 5 }
         "{tipos:?}"
     );
 
-    let (status, stored) = daemon.get("/api/v1/lecturas/?order=asc&limit=10000").await;
-    assert_eq!(status, 200);
+    let stored = daemon
+        .expect("GET", "/api/v1/lecturas/?order=asc&limit=10000", None, 200)
+        .await;
     let stored = stored.as_array().unwrap();
     for reading in &seen {
         assert!(
@@ -174,24 +156,10 @@ source = { kind = "sim", seed = 5 }
 /// stored at the time it was taken, spread evenly over the interval, and pushed in order.
 #[tokio::test]
 async fn a_batched_read_stores_each_sample_at_its_own_time() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        r#"
-[[sensor]]
-name = "buffered"
-tipo = "temperatura"
-modelo = "DS18B20"
-interval_s = 0.5
-source = { kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }
-"#,
-    )
-    .await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let buffering = r#"{ kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }"#;
+    let config = sensor_table("buffered", "temperatura", "DS18B20", 0.5, buffering);
+    let daemon = Daemon::with(&config).await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let mut times = Vec::new();
     let mut seqs = Vec::new();
     while times.len() < 15 {
@@ -216,25 +184,15 @@ source = { kind = "sim", profile = "ds18b20", samples_per_read = 5, seed = 2 }
 
 #[tokio::test]
 async fn posted_readings_are_stored_pushed_and_filtered() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (_, a) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let daemon = Daemon::with("").await;
+    let a = daemon.create_sensor(SENSOR).await;
     let (_, b) = daemon
         .post(
             "/api/v1/sensors/",
             r#"{"tipo": "humedad", "modelo": "SHT31"}"#,
         )
         .await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
 
     let body = format!(
         r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 21.4, "unidad": "°C", "timestamp": "2026-01-02T03:04:05.5+01:00"}}"#,
@@ -252,7 +210,9 @@ async fn posted_readings_are_stored_pushed_and_filtered() {
         r#"{{"sensor_id": {}, "tipo": "humedad", "valor": 40, "unidad": "%"}}"#,
         b["id"]
     );
-    assert_eq!(daemon.post("/api/v1/readings/", &body).await.0, 201);
+    daemon
+        .expect("POST", "/api/v1/readings/", Some(&body), 201)
+        .await;
 
     let (_, only_a) = daemon
         .get(&format!("/api/v1/lecturas/?sensor_id={}", a["id"]))
@@ -272,25 +232,11 @@ async fn posted_readings_are_stored_pushed_and_filtered() {
 
 #[tokio::test]
 async fn bad_input_is_rejected_and_changes_nothing() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[server]\nmax_body_bytes = 2048\n").await;
-    let (_, sensor) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let daemon = Daemon::with("[server]\nmax_body_bytes = 2048\n").await;
+    let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
-    let mut sensors_client = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
-    let mut readings_client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut sensors_client = daemon.subscribe("/api/v1/ws?channel=sensors").await;
+    let mut readings_client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let seq_before = daemon.last_seq().await;
     let (_, sensors_before) = daemon.get("/api/v1/sensores/").await;
 
@@ -482,15 +428,18 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     );
     assert_eq!(daemon.get("/api/v1/sensores/").await.1, sensors_before);
     assert_eq!(daemon.get("/api/v1/lecturas/").await.1, json!([]));
-    assert_eq!(sensors_client.next_within(QUIET).await, None);
-    assert_eq!(readings_client.next_within(QUIET).await, None);
+    sensors_client
+        .assert_quiet(&daemon, "sensors", "a refused request emitted")
+        .await;
+    readings_client
+        .assert_quiet(&daemon, "readings", "a refused request emitted")
+        .await;
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn unknown_channel_is_refused_with_json() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let request = format!(
         "GET /api/v1/ws?channel=weather HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -507,30 +456,12 @@ async fn unknown_channel_is_refused_with_json() {
 
 #[tokio::test]
 async fn channels_are_isolated() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
-    let mut sensors = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with("").await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
+    let mut sensors = daemon.subscribe("/api/v1/ws?channel=sensors").await;
 
-    daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    daemon.post("/api/v1/sensores/", SENSOR).await;
     let (status, sent) = daemon
         .post(
             "/api/v1/ws/test-event",
@@ -553,44 +484,29 @@ async fn channels_are_isolated() {
     assert_eq!(stats["total_connections"], 3);
     assert_eq!(stats["channels"]["sensors"]["messages_sent"], 1);
     assert_eq!(stats["channels"]["general"]["events_emitted"], 1);
-    let (status, one) = daemon.get("/api/v1/ws/stats/readings").await;
-    assert_eq!(status, 200);
+    let one = daemon
+        .expect("GET", "/api/v1/ws/stats/readings", None, 200)
+        .await;
     assert_eq!(one["channel"], "readings");
     assert_eq!(one["connections"], 1);
-    assert_eq!(daemon.get("/api/v1/ws/stats/weather").await.0, 404);
+    daemon
+        .expect("GET", "/api/v1/ws/stats/weather", None, 404)
+        .await;
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn restart_keeps_data_and_continues_seq() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (_, first) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
-    let body = format!(
-        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20.5}}"#,
-        first["id"]
-    );
-    daemon.post("/api/v1/lecturas/", &body).await;
+    let daemon = Daemon::with("").await;
+    let first = daemon.create_sensor(SENSOR).await;
+    let sensor = first["id"].as_i64().unwrap();
+    daemon.reading(sensor, "temperatura", 20.5).await;
     let seq = daemon.last_seq().await;
-    daemon.stop().await;
-
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = daemon.restart_with("").await;
     assert_eq!(daemon.last_seq().await, seq);
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
-    let (_, second) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "humedad", "modelo": "DHT22"}"#,
-        )
+    let mut client = daemon.subscribe("/api/v1/ws?channel=sensors").await;
+    let second = daemon
+        .create_sensor(r#"{"tipo": "humedad", "modelo": "DHT22"}"#)
         .await;
     assert!(second["id"].as_i64() > first["id"].as_i64());
     assert_eq!(client.json().await["seq"], seq + 1);
@@ -602,13 +518,8 @@ async fn restart_keeps_data_and_continues_seq() {
 
 #[tokio::test]
 async fn shutdown_closes_sockets_with_going_away() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with("").await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=general").await;
     daemon.stop().await;
     match client.next().await {
         Received::Closed(code, _) => assert_eq!(code, Some(1001)),
@@ -618,14 +529,8 @@ async fn shutdown_closes_sockets_with_going_away() {
 
 #[tokio::test]
 async fn development_routes_exist_only_in_dev_mode() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[server]\ndev = true\n").await;
-    let (status, created) = daemon
-        .post(
-            "/api/v1/test-sensors/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let daemon = Daemon::with("[server]\ndev = true\n").await;
+    let (status, created) = daemon.post("/api/v1/test-sensors/", SENSOR).await;
     assert_eq!(status, 201);
     let (status, same) = daemon
         .get(&format!("/api/v1/test-sensors/{}", created["id"]))
@@ -642,13 +547,8 @@ async fn development_routes_exist_only_in_dev_mode() {
 
 #[tokio::test]
 async fn client_messages_are_answered() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with("").await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=general").await;
     client.send_text(r#"{"type": "ping", "id": 7}"#).await;
     let pong = client.json().await;
     assert_eq!(pong["type"], "pong");
@@ -664,17 +564,15 @@ async fn client_messages_are_answered() {
 
 #[tokio::test]
 async fn health_reports_storage() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (status, health) = daemon.get("/healthz").await;
-    assert_eq!(status, 200);
+    let daemon = Daemon::with("").await;
+    let health = daemon.expect("GET", "/healthz", None, 200).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["storage"]["ok"], true);
     assert_eq!(
         health["storage"]["schema_version"],
         sensorgate::store::SCHEMA_VERSION
     );
-    assert!(dir.path().join("sensorgate.db").exists());
+    assert!(daemon.dir().join("sensorgate.db").exists());
     daemon.stop().await;
 }
 
@@ -682,8 +580,7 @@ async fn health_reports_storage() {
 /// types; nothing else is served under `/assets/`.
 #[tokio::test]
 async fn dashboard_files_are_served_from_the_binary() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let get = |path: &str| {
         let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         common::raw_exchange(daemon.addr, head.into_bytes())
@@ -725,10 +622,10 @@ async fn dashboard_files_are_served_from_the_binary() {
 /// document lists for it.
 #[tokio::test]
 async fn openapi_document_matches_the_server() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[server]\ndev = true\n").await;
-    let (status, doc) = daemon.get("/api/v1/openapi.json").await;
-    assert_eq!(status, 200);
+    let daemon = Daemon::with("[server]\ndev = true\n").await;
+    let doc = daemon
+        .expect("GET", "/api/v1/openapi.json", None, 200)
+        .await;
     assert_eq!(doc["openapi"], "3.0.3");
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 12);
@@ -738,12 +635,7 @@ async fn openapi_document_matches_the_server() {
             if method == "parameters" {
                 continue;
             }
-            let (_, sensor) = daemon
-                .post(
-                    "/api/v1/sensores/",
-                    r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-                )
-                .await;
+            let sensor = daemon.create_sensor(SENSOR).await;
             let concrete = path
                 .replace("{id}", &sensor["id"].to_string())
                 .replace("{channel}", "general");
@@ -779,13 +671,9 @@ async fn openapi_document_matches_the_server() {
 
 #[tokio::test]
 async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (_, sensor) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "BME280"}"#,
-        )
+    let daemon = Daemon::with("").await;
+    let sensor = daemon
+        .create_sensor(r#"{"tipo": "temperatura", "modelo": "BME280"}"#)
         .await;
     let id = &sensor["id"];
     for (tipo, unidad, extra) in [
@@ -809,22 +697,10 @@ async fn a_reading_without_unidad_gets_the_known_unit_of_its_tipo() {
 
 #[tokio::test]
 async fn metrics_follow_the_prometheus_naming_rules() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (_, sensor) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
-    let body = format!(
-        r#"{{"sensor_id": {}, "tipo": "temperatura", "valor": 20}}"#,
-        sensor["id"]
-    );
-    assert_eq!(daemon.post("/api/v1/lecturas/", &body).await.0, 201);
-    let (status, raw) = daemon.try_request("GET", "/metrics", None).await.unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(raw).unwrap();
+    let daemon = Daemon::with("").await;
+    let sensor = daemon.sensor("temperatura").await;
+    daemon.reading(sensor, "temperatura", 20.0).await;
+    let text = daemon.metrics().await;
     daemon.stop().await;
 
     // The rules `promtool check metrics` applies to names and types.
@@ -888,8 +764,7 @@ async fn metrics_follow_the_prometheus_naming_rules() {
 
 #[tokio::test]
 async fn dashboard_files_are_compressed_and_revalidated() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let addr = daemon.addr;
     let get = async |path: &str, extra: &str| {
         let head =

@@ -7,62 +7,34 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use std::time::Duration;
+
+use common::process::{write_config, Process};
 use common::{stored_frame, EVENT_COLUMNS};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
 const ROUNDS: u64 = 6;
 
 /// The config of one round; `synchronous` is `full` or `normal`, whose events wait for
 /// the writer's own flush of the WAL.
 fn config(dir: &Path, synchronous: &str) -> std::path::PathBuf {
-    let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\nsynchronous = \"{synchronous}\"\n",
-        dir.join("data").display().to_string()
-    );
+    let mut text = format!("synchronous = \"{synchronous}\"\n");
     // One sensor hands over 100 samples a read, as a buffering device does: its
     // submissions are the writer's largest.
     for i in 0..20 {
         let per_read = if i == 0 { 100 } else { 1 };
-        text.push_str(&format!(
-            "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\n\
-             source = {{ kind = \"sim\", seed = {i}, samples_per_read = {per_read} }}\n"
+        let source = format!("{{ kind = \"sim\", seed = {i}, samples_per_read = {per_read} }}");
+        text.push_str(&common::sensor_table(
+            &format!("s{i}"),
+            "temperatura",
+            "DHT22",
+            0.05,
+            &source,
         ));
     }
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Starts the daemon with its log in `log`.
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-/// The address the daemon logs once it listens.
-fn address(log: &Path) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(addr) = text
-            .lines()
-            .find_map(|l| l.split("listening on http://").nth(1))
-        {
-            return Some(addr.trim_end_matches('/').to_owned());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+    write_config(dir, &text)
 }
 
 #[tokio::test]
@@ -72,14 +44,9 @@ async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
     for round in 0..ROUNDS {
         let config = config(dir.path(), ["full", "normal"][round as usize % 2]);
         let log = dir.path().join(format!("daemon-{round}.log"));
-        let mut child = start(&config, &log);
-        let Some(addr) = address(&log) else {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!(
-                "daemon did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
+        let mut child = Process::start(&config, &log, &[]);
+        let Some(addr) = child.address() else {
+            panic!("daemon did not start: {}", child.log());
         };
         let url = format!("ws://{addr}/api/v1/ws?channel=readings,sensors,general");
         let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -95,8 +62,7 @@ async fn sigkill_during_ingest_loses_nothing_that_was_announced() {
                 }
             }
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
         drop(socket);
 
         let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();

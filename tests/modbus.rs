@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use common::{count, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received};
+use common::{
+    count, last_error, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received,
+};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -98,10 +100,8 @@ impl Drop for Devices {
 
 /// A `[[sensor]]` with a modbus source.
 fn sensor(name: &str, source: &str) -> String {
-    format!(
-        "[[sensor]]\nname = \"{name}\"\ntipo = \"modbus\"\nmodelo = \"test\"\n\
-         interval_s = 0.2\nsource = {{ kind = \"modbus\", {source} }}\n"
-    )
+    let source = format!("{{ kind = \"modbus\", {source} }}");
+    common::sensor_table(name, "modbus", "test", 0.2, &source)
 }
 
 /// The newest stored value of each `tipo` of a sensor, once every one of `tipos` has
@@ -182,19 +182,14 @@ async fn system_events(client: &mut Client, sensor_ids: &[i64], event_type: &str
     seen.into_iter().flatten().collect()
 }
 
-async fn metrics(daemon: &Daemon) -> String {
-    let (status, body) = daemon
-        .try_request("GET", "/metrics", None)
-        .await
-        .expect("metrics");
-    assert_eq!(status, 200);
-    String::from_utf8(body).unwrap()
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+/// A modbus series in `metrics` (the text of `/metrics`): `name` with the labels `bus`
+/// (`tcp://HOST:PORT` or the serial port) and `more`.
+fn bus_metric(metrics: &str, name: &str, bus: &str, more: &str) -> f64 {
+    let series = format!("sensorgate_modbus_{name}{{bus=\"{bus}\"{more}}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series}in\n{metrics}"))
         .trim()
         .parse()
         .unwrap()
@@ -206,7 +201,6 @@ async fn three_devices_share_one_rtu_bus() {
         return;
     };
     let port = format!("port = '{}', timeout_ms = 300", devices.serial);
-    let data = temp_dir();
     let config = [
         sensor("aire", &format!("{port}, unit = 1, preset = \"xy-md02\"")),
         sensor(
@@ -216,7 +210,7 @@ async fn three_devices_share_one_rtu_bus() {
         sensor("suelo", &format!("{port}, unit = 3, preset = \"soil-th\"")),
     ]
     .concat();
-    let daemon = Daemon::start_in(data.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     let aire = sensor_named(&daemon, "aire").await;
     let bomba = sensor_named(&daemon, "bomba").await;
     let suelo = sensor_named(&daemon, "suelo").await;
@@ -260,13 +254,10 @@ async fn three_devices_share_one_rtu_bus() {
         );
         assert_eq!(health["conectado"], true, "{health}");
     }
-    let text = metrics(&daemon).await;
-    let bus = format!("{{bus=\"{}\"}}", devices.serial);
-    assert!(metric(&text, &format!("sensorgate_modbus_requests_total{bus}")) >= 6.0);
-    assert_eq!(
-        metric(&text, &format!("sensorgate_modbus_connected{bus}")),
-        1.0
-    );
+    let text = daemon.metrics().await;
+    let bus = &devices.serial;
+    assert!(bus_metric(&text, "requests_total", bus, "") >= 6.0);
+    assert_eq!(bus_metric(&text, "connected", bus, ""), 1.0);
     // (Other tests' buses live in the same process, hence the label.)
     assert!(
         !text.contains(&format!(
@@ -284,7 +275,6 @@ async fn tcp_devices_exceptions_and_sensors_added_over_rest() {
         return;
     };
     let tcp = format!("tcp = \"{}\", timeout_ms = 500", devices.tcp);
-    let data = temp_dir();
     let config = [
         sensor("medidor", &format!("{tcp}, unit = 2, preset = \"sdm120\"")),
         sensor(
@@ -295,7 +285,7 @@ async fn tcp_devices_exceptions_and_sensors_added_over_rest() {
         ),
     ]
     .concat();
-    let daemon = Daemon::start_in(data.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     let medidor = sensor_named(&daemon, "medidor").await;
     let fuera = sensor_named(&daemon, "fuera").await;
     close(
@@ -306,10 +296,9 @@ async fn tcp_devices_exceptions_and_sensors_added_over_rest() {
         count(s, "illegal_address") >= 2
     })
     .await;
+    let error = last_error(&health);
     assert!(
-        health["ultimo_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exception 0x02 (illegal address)") && e.contains("1000")),
+        error.contains("exception 0x02 (illegal address)") && error.contains("1000"),
         "{health}"
     );
     assert_eq!(count(&health, "ok"), 0, "{health}");
@@ -353,14 +342,9 @@ async fn tcp_devices_exceptions_and_sensors_added_over_rest() {
     assert_eq!(status, 422, "{refused}");
     assert!(refused.to_string().contains("unknown preset"), "{refused}");
 
-    let text = metrics(&daemon).await;
-    let bus = format!("bus=\"tcp://{}\"", devices.tcp);
-    assert!(
-        metric(
-            &text,
-            &format!("sensorgate_modbus_errors_total{{{bus},kind=\"illegal_address\"}}")
-        ) >= 2.0
-    );
+    let bus = format!("tcp://{}", devices.tcp);
+    let text = daemon.metrics().await;
+    assert!(bus_metric(&text, "errors_total", &bus, ",kind=\"illegal_address\"") >= 2.0);
     daemon.stop().await;
 }
 
@@ -370,19 +354,16 @@ async fn a_silent_device_goes_offline_without_stalling_the_bus() {
         return;
     };
     let port = format!("port = '{}', timeout_ms = 200, retries = 1", devices.serial);
-    let data = temp_dir();
     let config = format!(
         "[sampling]\noffline_after_intervals = 3\n{}{}",
         sensor("aire", &format!("{port}, unit = 1, preset = \"xy-md02\"")),
         sensor("suelo", &format!("{port}, unit = 3, preset = \"soil-th\"")),
     );
-    let daemon = Daemon::start_in(data.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     let aire = sensor_named(&daemon, "aire").await;
     let suelo = sensor_named(&daemon, "suelo").await;
     let mut general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={aire}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=general&sensor_id={aire}"))
         .await;
     values_after(&daemon, aire, &["temperatura"], 0).await;
 
@@ -410,14 +391,8 @@ async fn a_silent_device_goes_offline_without_stalling_the_bus() {
         &values_after(&daemon, aire, &["temperatura"], after).await,
         &[(21.5, "°C")],
     );
-    let text = metrics(&daemon).await;
-    let bus = format!("bus=\"{}\"", devices.serial);
-    assert!(
-        metric(
-            &text,
-            &format!("sensorgate_modbus_errors_total{{{bus},kind=\"timeout\"}}")
-        ) >= 2.0
-    );
+    let text = daemon.metrics().await;
+    assert!(bus_metric(&text, "errors_total", &devices.serial, ",kind=\"timeout\"") >= 2.0);
     daemon.stop().await;
 }
 
@@ -427,9 +402,8 @@ async fn a_wrong_crc_is_counted_as_a_checksum_failure() {
         return;
     };
     let port = format!("port = '{}', timeout_ms = 300, retries = 0", devices.serial);
-    let data = temp_dir();
     let config = sensor("aire", &format!("{port}, unit = 1, preset = \"xy-md02\""));
-    let daemon = Daemon::start_in(data.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     let aire = sensor_named(&daemon, "aire").await;
     values_after(&daemon, aire, &["temperatura"], 0).await;
 
@@ -438,12 +412,7 @@ async fn a_wrong_crc_is_counted_as_a_checksum_failure() {
         count(s, "checksum") >= 2
     })
     .await;
-    assert!(
-        health["ultimo_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("checksum")),
-        "{health}"
-    );
+    assert!(last_error(&health).contains("checksum"), "{health}");
     assert_eq!(health["conectado"], true, "{health}");
     devices.command("uncorrupt 1");
     let after = newest_reading(&daemon).await;
@@ -460,20 +429,15 @@ async fn the_adapter_unplugged_and_plugged_back() {
         return;
     };
     let port = format!("port = '{}', timeout_ms = 300", devices.serial);
-    let data = temp_dir();
     let config = [
         sensor("aire", &format!("{port}, unit = 1, preset = \"xy-md02\"")),
         sensor("bomba", &format!("{port}, unit = 2, preset = \"sdm120\"")),
     ]
     .concat();
-    let daemon = Daemon::start_in(data.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     let aire = sensor_named(&daemon, "aire").await;
     let bomba = sensor_named(&daemon, "bomba").await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
     values_after(&daemon, aire, &["temperatura"], 0).await;
     values_after(&daemon, bomba, &["voltaje"], 0).await;
 
@@ -481,22 +445,15 @@ async fn the_adapter_unplugged_and_plugged_back() {
     for lost in system_events(&mut general, &[aire, bomba], "port_lost").await {
         assert_eq!(lost["data"]["salud"]["conectado"], false, "{lost}");
     }
-    let text = metrics(&daemon).await;
-    assert_eq!(
-        metric(
-            &text,
-            &format!("sensorgate_modbus_connected{{bus=\"{}\"}}", devices.serial)
-        ),
-        0.0
-    );
+    let text = daemon.metrics().await;
+    assert_eq!(bus_metric(&text, "connected", &devices.serial, ""), 0.0);
 
     assert_eq!(
-        metric(
+        bus_metric(
             &text,
-            &format!(
-                "sensorgate_modbus_errors_total{{bus=\"{}\",kind=\"port_lost\"}}",
-                devices.serial
-            )
+            "errors_total",
+            &devices.serial,
+            ",kind=\"port_lost\""
         ),
         1.0,
         "one loss, however many sensors and jobs met it"

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{insert_reading_row, temp_dir, Daemon, Received};
+use common::{insert_reading_row, Daemon, Received};
 use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(300);
@@ -33,14 +33,9 @@ async fn assert_silent(client: &mut common::Client, why: &str) {
 
 #[tokio::test]
 async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let id = sensor(&daemon, "temperatura").await;
-    let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let posted = post_reading(
         &daemon,
         json!({"sensor_id": id, "tipo": "temperatura", "valor": 21.4, "unidad": "°C",
@@ -52,8 +47,9 @@ async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
     let first_seq = created["seq"].as_u64().unwrap();
     let rid = posted["id"].as_i64().unwrap();
 
-    let (status, got) = daemon.get(&format!("/api/v1/lecturas/{rid}")).await;
-    assert_eq!(status, 200);
+    let got = daemon
+        .expect("GET", &format!("/api/v1/lecturas/{rid}"), None, 200)
+        .await;
     assert_eq!(got, posted);
     assert_eq!(
         daemon.get(&format!("/api/v1/readings/{rid}")).await.1,
@@ -135,8 +131,10 @@ async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
         assert_eq!(status, 404, "{answer}");
         assert_eq!(answer["code"], "not_found");
         assert_eq!(answer["detail"], format!("Reading {rid} not found"));
-        assert_eq!(daemon.put(&path, r#"{"valor": 1}"#).await.0, 404);
-        assert_eq!(daemon.delete(&path).await.0, 404);
+        daemon
+            .expect("PUT", &path, Some(r#"{"valor": 1}"#), 404)
+            .await;
+        daemon.expect("DELETE", &path, None, 404).await;
     }
     let (_, listed) = daemon
         .get(&format!("/api/v1/lecturas/?sensor_id={id}"))
@@ -145,12 +143,10 @@ async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
 
     // A client resuming from before the post gets the same four frames, in order.
     let mut resumed = daemon
-        .websocket(&format!(
+        .subscribe(&format!(
             "/api/v1/ws?channel=readings&since={}",
             first_seq - 1
         ))
-        .await
-        .greeted()
         .await;
     let mut got = Vec::new();
     for _ in 0..4 {
@@ -170,8 +166,7 @@ async fn a_reading_is_read_updated_and_deleted_with_events_like_a_sensor() {
 
 #[tokio::test]
 async fn bad_changes_of_a_reading_are_refused_and_change_nothing() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let id = sensor(&daemon, "temperatura").await;
     let reading = post_reading(
         &daemon,
@@ -209,17 +204,16 @@ async fn bad_changes_of_a_reading_are_refused_and_change_nothing() {
         named.sort_unstable();
         assert_eq!(named, fields, "{body}: {answer}");
     }
-    assert_eq!(daemon.put(&path, "{not json").await.0, 400);
+    daemon.expect("PUT", &path, Some("{not json"), 400).await;
     for bad_id in ["0", "-1", "abc"] {
         let (status, answer) = daemon
             .put(&format!("/api/v1/lecturas/{bad_id}"), "{}")
             .await;
         assert_eq!(status, 422, "{bad_id}: {answer}");
         assert_eq!(answer["errors"][0]["field"], "id");
-        assert_eq!(
-            daemon.delete(&format!("/api/v1/lecturas/{bad_id}")).await.0,
-            422
-        );
+        daemon
+            .expect("DELETE", &format!("/api/v1/lecturas/{bad_id}"), None, 422)
+            .await;
     }
     assert_eq!(
         daemon
@@ -229,8 +223,12 @@ async fn bad_changes_of_a_reading_are_refused_and_change_nothing() {
         405
     );
     // The other routes under the collection are not reading ids.
-    assert_eq!(daemon.delete("/api/v1/lecturas/export").await.0, 405);
-    assert_eq!(daemon.put("/api/v1/readings/aggregated", "{}").await.0, 405);
+    daemon
+        .expect("DELETE", "/api/v1/lecturas/export", None, 405)
+        .await;
+    daemon
+        .expect("PUT", "/api/v1/readings/aggregated", Some("{}"), 405)
+        .await;
 
     // Changing and deleting need a write token, as posting does; reading one does not.
     let (status, made) = daemon
@@ -245,23 +243,11 @@ async fn bad_changes_of_a_reading_are_refused_and_change_nothing() {
         ("PUT", Some(read_only), 403),
         ("DELETE", Some(read_only), 403),
     ] {
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let body = r#"{"valor": 1}"#;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-            daemon.addr,
-            body.len()
-        );
-        let raw = common::raw_exchange(daemon.addr, head.into_bytes())
-            .await
-            .unwrap();
-        assert_eq!(
-            common::split_response(&raw).0,
-            expected,
-            "{method} with {token:?}"
-        );
+        let (status, _) = daemon
+            .as_token(token)
+            .request(method, &path, Some(r#"{"valor": 1}"#))
+            .await;
+        assert_eq!(status, expected, "{method} with {token:?}");
     }
 
     assert_eq!(
@@ -297,9 +283,7 @@ async fn last_value(daemon: &Daemon, sensor_id: i64, tipo: &str) -> Option<f64> 
 /// The latest readings a snapshot gives for `sensor_id`, by `tipo`.
 async fn snapshot_latest(daemon: &Daemon, sensor_id: i64) -> Vec<(String, f64)> {
     let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings&snapshot=true")
-        .await
-        .greeted()
+        .subscribe("/api/v1/ws?channel=readings&snapshot=true")
         .await;
     let snapshot = loop {
         match client.next().await {
@@ -324,8 +308,7 @@ async fn snapshot_latest(daemon: &Daemon, sensor_id: i64) -> Vec<(String, f64)> 
 
 #[tokio::test]
 async fn roll_ups_and_latest_values_follow_changes_as_if_stored_that_way() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let edited = sensor(&daemon, "temperatura").await;
     let direct = sensor(&daemon, "temperatura").await;
     let at = |t: &str| format!("2026-11-28T{t}Z");
@@ -364,21 +347,13 @@ async fn roll_ups_and_latest_values_follow_changes_as_if_stored_that_way() {
     // The maximum of a bucket lowered; the minimum of another deleted; a reading moved
     // to another hour; the newest reading deleted; a reading moved to another tipo.
     put(2, json!({"valor": 15.0})).await;
-    assert_eq!(
-        daemon
-            .delete(&format!("/api/v1/lecturas/{}", ids[3]))
-            .await
-            .0,
-        200
-    );
+    daemon
+        .expect("DELETE", &format!("/api/v1/lecturas/{}", ids[3]), None, 200)
+        .await;
     put(0, json!({"timestamp": at("12:30:00")})).await;
-    assert_eq!(
-        daemon
-            .delete(&format!("/api/v1/lecturas/{}", ids[4]))
-            .await
-            .0,
-        200
-    );
+    daemon
+        .expect("DELETE", &format!("/api/v1/lecturas/{}", ids[4]), None, 200)
+        .await;
     put(5, json!({"tipo": "temperatura", "valor": 25.0})).await;
 
     // What the edited sensor holds now, posted as it is to the other sensor.
@@ -420,13 +395,9 @@ async fn roll_ups_and_latest_values_follow_changes_as_if_stored_that_way() {
         snapshot_latest(&daemon, edited).await,
         [("temperatura".to_owned(), 10.0)]
     );
-    assert_eq!(
-        daemon
-            .delete(&format!("/api/v1/lecturas/{}", ids[0]))
-            .await
-            .0,
-        200
-    );
+    daemon
+        .expect("DELETE", &format!("/api/v1/lecturas/{}", ids[0]), None, 200)
+        .await;
     assert_eq!(last_value(&daemon, edited, "temperatura").await, Some(25.0));
     assert_eq!(
         snapshot_latest(&daemon, edited).await,
@@ -437,9 +408,8 @@ async fn roll_ups_and_latest_values_follow_changes_as_if_stored_that_way() {
 
 #[tokio::test]
 async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() {
-    let dir = temp_dir();
     let config = "[sampling]\ntrust_clock = \"always\"\n";
-    let daemon = Daemon::start_in(dir.path(), config).await;
+    let daemon = Daemon::with(config).await;
     let id = sensor(&daemon, "temperatura").await;
     let at = |ago_s: i64| {
         sensorgate::model::format_time(sensorgate::model::now_micros() - ago_s * 1_000_000)
@@ -453,38 +423,27 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
         .await;
         ids.push(r["id"].as_i64().unwrap());
     }
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     // A reading of year 9999, from before the bound on sample times existed.
     let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     let far = insert_reading_row(&conn, id, 253402300799000000, "temperatura", 99.0, "");
     drop(conn);
 
-    let daemon = Daemon::start_in(dir.path(), config).await;
+    let daemon = Daemon::in_dir(dir, config).await;
     assert_eq!(last_value(&daemon, id, "temperatura").await, Some(21.0));
-    assert_eq!(
-        daemon
-            .delete(&format!("/api/v1/lecturas/{}", ids[1]))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        last_value(&daemon, id, "temperatura").await,
-        Some(20.0),
-        "the reading of year 9999 does not become the latest"
-    );
-    assert_eq!(
-        daemon
-            .delete(&format!("/api/v1/lecturas/{}", ids[0]))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        last_value(&daemon, id, "temperatura").await,
-        Some(99.0),
-        "with nothing else left, it is"
-    );
+    for (deleted, latest, why) in [
+        (
+            ids[1],
+            20.0,
+            "the reading of year 9999 does not become the latest",
+        ),
+        (ids[0], 99.0, "with nothing else left, it is"),
+    ] {
+        let path = format!("/api/v1/lecturas/{deleted}");
+        daemon.expect("DELETE", &path, None, 200).await;
+        let now = last_value(&daemon, id, "temperatura").await;
+        assert_eq!(now, Some(latest), "{why}");
+    }
     // Correcting its time brings it back among the others.
     let (status, _) = daemon
         .put(
@@ -506,8 +465,7 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
 
 #[tokio::test]
 async fn the_id_of_a_deleted_reading_is_never_handed_out_again() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let id = sensor(&daemon, "temperatura").await;
     let post = |valor: f64| {
         let daemon = &daemon;
@@ -523,24 +481,20 @@ async fn the_id_of_a_deleted_reading_is_never_handed_out_again() {
     };
     post(1.0).await;
     let newest = post(2.0).await;
-    assert_eq!(
-        daemon.delete(&format!("/api/v1/lecturas/{newest}")).await.0,
-        200
-    );
+    daemon
+        .expect("DELETE", &format!("/api/v1/lecturas/{newest}"), None, 200)
+        .await;
     let next = post(3.0).await;
     assert!(next > newest, "{next} after {newest} was deleted");
-    assert_eq!(
-        daemon.get(&format!("/api/v1/lecturas/{newest}")).await.0,
-        404
-    );
+    daemon
+        .expect("GET", &format!("/api/v1/lecturas/{newest}"), None, 404)
+        .await;
 
     // Across a restart too.
-    assert_eq!(
-        daemon.delete(&format!("/api/v1/lecturas/{next}")).await.0,
-        200
-    );
-    daemon.stop().await;
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    daemon
+        .expect("DELETE", &format!("/api/v1/lecturas/{next}"), None, 200)
+        .await;
+    let daemon = daemon.restart_with("").await;
     let (_, after) = daemon
         .post(
             "/api/v1/lecturas/",

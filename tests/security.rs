@@ -3,10 +3,13 @@
 
 mod common;
 
-use std::process::Command;
+use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{insert_reading_row, raw_exchange_first, split_response, temp_dir, Daemon, Received};
+use common::{
+    insert_reading_row, raw_exchange_first, sensorgate, split_response, until, Daemon, Received,
+    SENSOR,
+};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,48 +17,17 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
-const SENSOR: &str = r#"{"tipo": "temperatura", "modelo": "DHT22"}"#;
-
-/// A request with the given token (or none), whatever the daemon's own.
-async fn as_token(
-    daemon: &Daemon,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> (u16, Value) {
-    let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        daemon.addr,
-        body.len()
-    );
-    let raw = common::raw_exchange(daemon.addr, head.into_bytes())
-        .await
-        .unwrap();
-    let (status, body) = split_response(&raw);
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
 /// Runs `sensorgate token ...` on the daemon's data directory, as an operator would while
 /// it runs.
 fn token_cli(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("token")
-        .args(args)
-        .arg("--data-dir")
-        .arg(&daemon.data_dir)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let data_dir = ["--data-dir".as_ref(), daemon.dir().as_os_str()];
+    let args = args.iter().map(OsStr::new);
+    let run = sensorgate(
+        std::iter::once(OsStr::new("token"))
+            .chain(args)
+            .chain(data_dir),
+    );
+    (run.ok, run.stdout.trim().to_owned(), run.stderr)
 }
 
 fn create_token(daemon: &Daemon, name: &str, scope: &str) -> String {
@@ -68,42 +40,37 @@ fn create_token(daemon: &Daemon, name: &str, scope: &str) -> String {
 #[tokio::test]
 async fn first_start_creates_an_admin_token_readable_only_by_the_daemon() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let file = dir.path().join("admin.token");
+    let daemon = Daemon::with("").await;
+    let file = daemon.dir().join("admin.token");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let admin = daemon.token.clone().unwrap();
-    assert_eq!(
-        as_token(&daemon, Some(&admin), "GET", "/api/v1/tokens", None)
-            .await
-            .0,
-        200
-    );
+    daemon
+        .as_token(Some(&admin))
+        .expect("GET", "/api/v1/tokens", None, 200)
+        .await;
     // The database holds only a hash.
-    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
-    let stored: Vec<u8> = db
+    let stored: Vec<u8> = daemon
+        .database()
         .query_row("SELECT hash FROM tokens WHERE name = 'admin'", [], |r| {
             r.get(0)
         })
         .unwrap();
     assert_eq!(stored.len(), 32);
     assert!(!String::from_utf8_lossy(&stored).contains(&admin[3..]));
-    daemon.stop().await;
     // A restart does not make another.
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = daemon.restart().await;
     assert_eq!(daemon.token.as_deref(), Some(admin.as_str()));
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let read = create_token(&daemon, "wall-tablet", "read");
     let write = create_token(&daemon, "kitchen", "write");
     let admin = daemon.token.clone().unwrap();
-    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
     let reading = format!(r#"{{"sensor_id": {id}, "tipo": "temperatura", "valor": 20}}"#);
     let put_path = format!("/api/v1/sensores/{id}");
@@ -129,7 +96,7 @@ async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
     ];
     for (method, path, body, needed, ok) in &routes {
         for (token, level) in &tokens {
-            let (status, answer) = as_token(&daemon, *token, method, path, *body).await;
+            let (status, answer) = daemon.as_token(*token).request(method, path, *body).await;
             let expected = match (token, needed) {
                 (Some("sg_0000"), _) => 401,
                 (_, 0) => *ok,
@@ -158,28 +125,27 @@ async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
 
 #[tokio::test]
 async fn policy_all_closes_reads_and_the_socket() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[auth]\npolicy = \"all\"\n").await;
+    let daemon = Daemon::with("[auth]\npolicy = \"all\"\n").await;
     let read = create_token(&daemon, "reader", "read");
+    daemon
+        .as_token(None)
+        .expect("GET", "/api/v1/sensores/", None, 401)
+        .await;
+    daemon
+        .as_token(Some(&read))
+        .expect("GET", "/api/v1/sensores/", None, 200)
+        .await;
     assert_eq!(
-        as_token(&daemon, None, "GET", "/api/v1/sensores/", None)
+        daemon
+            .as_token(None)
+            .request("GET", "/healthz", None)
             .await
             .0,
-        401
-    );
-    assert_eq!(
-        as_token(&daemon, Some(&read), "GET", "/api/v1/sensores/", None)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        as_token(&daemon, None, "GET", "/healthz", None).await.0,
         200,
         "health stays open"
     );
     assert_eq!(
-        as_token(&daemon, None, "GET", "/", None).await.0,
+        daemon.as_token(None).request("GET", "/", None).await.0,
         200,
         "the page stays open"
     );
@@ -208,29 +174,25 @@ fn policy_none_needs_development_mode() {
 
 #[tokio::test]
 async fn command_line_tokens_work_at_once_and_revocation_is_immediate() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let token = create_token(&daemon, "kitchen-tablet", "write");
-    assert_eq!(
-        as_token(
-            &daemon,
-            Some(&token),
-            "POST",
-            "/api/v1/sensores/",
-            Some(SENSOR)
-        )
-        .await
-        .0,
-        201
-    );
-    let (ok, listed, _) = token_cli(&daemon, &["list"]);
-    assert!(ok);
-    let line = listed
-        .lines()
-        .find(|l| l.starts_with("kitchen-tablet"))
-        .expect("listed");
+    daemon
+        .as_token(Some(&token))
+        .expect("POST", "/api/v1/sensores/", Some(SENSOR), 201)
+        .await;
+    // The last use is written behind the request that made it.
+    let (listed, line) = until("the last use recorded", || async {
+        let (ok, listed, _) = token_cli(&daemon, &["list"]);
+        assert!(ok);
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with("kitchen-tablet"))
+            .expect("listed")
+            .to_owned();
+        (!line.contains("never")).then_some((listed, line))
+    })
+    .await;
     assert!(line.contains("write"), "{line}");
-    assert!(!line.contains("never"), "last use is recorded: {line}");
     assert!(!listed.contains(&token), "the secret is never listed");
     let (ok, _, err) = token_cli(
         &daemon,
@@ -240,14 +202,10 @@ async fn command_line_tokens_work_at_once_and_revocation_is_immediate() {
 
     let (ok, _, _) = token_cli(&daemon, &["revoke", "kitchen-tablet"]);
     assert!(ok);
-    let (status, answer) = as_token(
-        &daemon,
-        Some(&token),
-        "POST",
-        "/api/v1/sensores/",
-        Some(SENSOR),
-    )
-    .await;
+    let (status, answer) = daemon
+        .as_token(Some(&token))
+        .request("POST", "/api/v1/sensores/", Some(SENSOR))
+        .await;
     assert_eq!(status, 401, "{answer}");
     let (ok, _, err) = token_cli(&daemon, &["revoke", "kitchen-tablet"]);
     assert!(!ok && err.contains("no token named"), "{err}");
@@ -256,54 +214,47 @@ async fn command_line_tokens_work_at_once_and_revocation_is_immediate() {
 
 #[tokio::test]
 async fn tokens_are_managed_over_rest_by_admins() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let (status, made) = daemon
         .post("/api/v1/tokens", r#"{"name": "phone", "scope": "read"}"#)
         .await;
     assert_eq!(status, 201, "{made}");
     let phone = made["token"].as_str().unwrap().to_owned();
-    assert_eq!(
-        as_token(&daemon, Some(&phone), "GET", "/api/v1/tokens", None)
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
+    daemon
+        .as_token(Some(&phone))
+        .expect("GET", "/api/v1/tokens", None, 403)
+        .await;
+    // A name taken, a scope that does not exist.
+    for (made, status) in [
+        (r#"{"name": "phone", "scope": "read"}"#, 409),
+        (r#"{"name": "x", "scope": "root"}"#, 422),
+    ] {
         daemon
-            .post("/api/v1/tokens", r#"{"name": "phone", "scope": "read"}"#)
-            .await
-            .0,
-        409
-    );
-    assert_eq!(
-        daemon
-            .post("/api/v1/tokens", r#"{"name": "x", "scope": "root"}"#)
-            .await
-            .0,
-        422
-    );
+            .expect("POST", "/api/v1/tokens", Some(made), status)
+            .await;
+    }
     let (_, listed) = daemon.get("/api/v1/tokens").await;
     assert!(listed
         .as_array()
         .unwrap()
         .iter()
         .all(|t| t.get("token").is_none() && t.get("hash").is_none()));
-    assert_eq!(daemon.delete("/api/v1/tokens/phone").await.0, 200);
-    assert_eq!(
-        as_token(&daemon, Some(&phone), "GET", "/api/v1/sensores/", None)
-            .await
-            .0,
-        401
-    );
-    assert_eq!(daemon.delete("/api/v1/tokens/phone").await.0, 404);
+    daemon
+        .expect("DELETE", "/api/v1/tokens/phone", None, 200)
+        .await;
+    daemon
+        .as_token(Some(&phone))
+        .expect("GET", "/api/v1/sensores/", None, 401)
+        .await;
+    daemon
+        .expect("DELETE", "/api/v1/tokens/phone", None, 404)
+        .await;
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn secure_socket_needs_a_token_by_header_query_or_first_message() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let read = create_token(&daemon, "reader", "read");
     let base = format!("ws://{}/api/v1/ws/secure?channel=sensors", daemon.addr);
 
@@ -360,12 +311,7 @@ async fn secure_socket_needs_a_token_by_header_query_or_first_message() {
 
 #[tokio::test]
 async fn cross_origin_pages_cannot_open_the_socket() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[auth]\nallowed_origins = [\"https://dash.example\"]\n",
-    )
-    .await;
+    let daemon = Daemon::with("[auth]\nallowed_origins = [\"https://dash.example\"]\n").await;
     let url = format!("ws://{}/api/v1/ws", daemon.addr);
     let attempt = |origin: String| {
         let mut request = url.as_str().into_client_request().unwrap();
@@ -407,14 +353,11 @@ async fn cross_origin_pages_cannot_open_the_socket() {
 
 #[tokio::test]
 async fn write_rate_limit_trips_per_address_and_recovers() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[limits]\nwrites_per_second = 2.0\nwrite_burst = 3.0\n",
-    )
-    .await;
+    let daemon = Daemon::with("[limits]\nwrites_per_second = 2.0\nwrite_burst = 3.0\n").await;
     for _ in 0..3 {
-        assert_eq!(daemon.post("/api/v1/sensores/", SENSOR).await.0, 201);
+        daemon
+            .expect("POST", "/api/v1/sensores/", Some(SENSOR), 201)
+            .await;
     }
     let raw = common::raw_exchange(
         daemon.addr,
@@ -460,22 +403,11 @@ async fn metrics_text(daemon: &Daemon) -> String {
 
 #[tokio::test]
 async fn socket_message_flood_is_closed_with_4029() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\n",
-    )
-    .await;
-    let mut flooder = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
-    let mut calm = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let daemon =
+        Daemon::with("[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\n")
+            .await;
+    let mut flooder = daemon.subscribe("/api/v1/ws?channel=general").await;
+    let mut calm = daemon.subscribe("/api/v1/ws?channel=general").await;
     for i in 0..3 {
         flooder
             .send_text(&format!(r#"{{"type": "ping", "id": {i}}}"#))
@@ -499,15 +431,12 @@ async fn socket_message_flood_is_closed_with_4029() {
 
 #[tokio::test]
 async fn hard_limits_refuse_clearly_and_others_are_still_served() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[server]\nheader_read_timeout_s = 1\n[limits]\nmax_connections_per_address = 4\nmax_uri_bytes = 512\nmax_headers = 16\n",
+    let daemon = Daemon::with("[server]\nheader_read_timeout_s = 1\n[limits]\nmax_connections_per_address = 4\nmax_uri_bytes = 512\nmax_headers = 16\n",
     )
     .await;
     // URI too long.
     let long = format!("/api/v1/sensores/?tipo={}", "x".repeat(600));
-    assert_eq!(daemon.get(&long).await.0, 414);
+    daemon.expect("GET", &long, None, 414).await;
     // Too many headers.
     let headers: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
     let raw = common::raw_exchange(
@@ -552,7 +481,7 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // WebSocket message too large.
-    let mut client = daemon.websocket("/api/v1/ws").await.greeted().await;
+    let mut client = daemon.subscribe("/api/v1/ws").await;
     client
         .socket
         .send(Message::text(format!(
@@ -566,7 +495,9 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
         Received::Closed(Some(1009), _)
     ));
     // Still serving.
-    assert_eq!(daemon.post("/api/v1/sensores/", SENSOR).await.0, 201);
+    daemon
+        .expect("POST", "/api/v1/sensores/", Some(SENSOR), 201)
+        .await;
     let text = metrics_text(&daemon).await;
     for limit in [
         "uri_length",
@@ -588,10 +519,9 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
 /// though hyper stops tracking it once upgraded.
 #[tokio::test]
 async fn websockets_count_against_the_connection_limits() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[limits]\nmax_connections_per_address = 2\n").await;
-    let first = daemon.websocket("/api/v1/ws").await.greeted().await;
-    let _second = daemon.websocket("/api/v1/ws").await.greeted().await;
+    let daemon = Daemon::with("[limits]\nmax_connections_per_address = 2\n").await;
+    let first = daemon.subscribe("/api/v1/ws").await;
+    let _second = daemon.subscribe("/api/v1/ws").await;
     let url = format!("ws://{}/api/v1/ws", daemon.addr);
     assert!(
         tokio_tungstenite::connect_async(&url).await.is_err(),
@@ -611,8 +541,7 @@ async fn websockets_count_against_the_connection_limits() {
 /// text field, and exported text a spreadsheet would run as a formula stays text.
 #[tokio::test]
 async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     for (field, text) in [
         ("nombre", "invoice\u{202E}fdp.exe"),
         ("ubicacion", "shed\u{0}"),
@@ -625,7 +554,7 @@ async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
         assert_eq!(status, 422, "{field}: {answer}");
         assert_eq!(answer["errors"][0]["field"], field, "{answer}");
     }
-    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
     let (status, answer) = daemon
         .put(
@@ -690,10 +619,9 @@ async fn last_value(daemon: &Daemon, id: i64, tipo: &str) -> Option<String> {
 /// while the clock was not trusted) stays the latest value only until the next reading.
 #[tokio::test]
 async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_value() {
-    let dir = temp_dir();
     let config = "[sampling]\ntrust_clock = \"always\"\n";
-    let daemon = Daemon::start_in(dir.path(), config).await;
-    let (_, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
+    let daemon = Daemon::with(config).await;
+    let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
     let reading = |valor: f64, timestamp: String| {
         json!({"sensor_id": id, "tipo": "temperatura", "valor": valor, "unidad": "°C",
@@ -724,7 +652,7 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
         201,
         "a client clock a minute ahead is within the bound"
     );
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
 
     // A reading of year 9999 that got in before the bound existed.
     let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
@@ -737,28 +665,22 @@ async fn readings_from_the_far_future_are_refused_and_cannot_pin_the_latest_valu
     .unwrap();
     drop(conn);
 
-    let daemon = Daemon::start_in(dir.path(), config).await;
+    let daemon = Daemon::in_dir(dir, config).await;
     assert_eq!(
         last_value(&daemon, id, "temperatura").await.as_deref(),
         Some("99")
     );
     let now = sensorgate::model::format_time(sensorgate::model::now_micros());
-    assert_eq!(
-        daemon
-            .post("/api/v1/lecturas/", &reading(21.5, now))
-            .await
-            .0,
-        201
-    );
+    daemon
+        .expect("POST", "/api/v1/lecturas/", Some(&reading(21.5, now)), 201)
+        .await;
     assert_eq!(
         last_value(&daemon, id, "temperatura").await.as_deref(),
         Some("21.5"),
         "the reading of year 9999 no longer counts as the latest"
     );
     let mut client = daemon
-        .websocket("/api/v1/ws?channel=readings&snapshot=true")
-        .await
-        .greeted()
+        .subscribe("/api/v1/ws?channel=readings&snapshot=true")
         .await;
     let snapshot = client.json().await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
@@ -809,20 +731,15 @@ async fn stream_end(mut stream: TcpStream) -> String {
 /// on.
 #[tokio::test]
 async fn revoking_a_token_closes_the_streams_opened_with_it() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let wall = create_token(&daemon, "wall", "read");
     let phone = create_token(&daemon, "phone", "read");
     let other = create_token(&daemon, "other", "read");
     let secure = daemon
-        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={wall}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws/secure?channel=sensors&token={wall}"))
         .await;
     let plain = daemon
-        .websocket(&format!("/api/v1/ws?channel=sensors&token={wall}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=sensors&token={wall}"))
         .await;
     let mut by_message = daemon.websocket("/api/v1/ws/secure?channel=sensors").await;
     by_message
@@ -832,15 +749,9 @@ async fn revoking_a_token_closes_the_streams_opened_with_it() {
     let by_message = by_message.greeted().await;
     let events = event_stream(&daemon, &wall).await;
     let mut untouched = daemon
-        .websocket(&format!("/api/v1/ws/secure?channel=sensors&token={other}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws/secure?channel=sensors&token={other}"))
         .await;
-    let mut anonymous = daemon
-        .websocket("/api/v1/ws?channel=sensors")
-        .await
-        .greeted()
-        .await;
+    let mut anonymous = daemon.subscribe("/api/v1/ws?channel=sensors").await;
 
     let (ok, _, err) = token_cli(&daemon, &["revoke", "wall"]);
     assert!(ok, "{err}");
@@ -855,11 +766,11 @@ async fn revoking_a_token_closes_the_streams_opened_with_it() {
 
     // Over REST, too; the phone's socket is closed, the others go on.
     let mut phone_socket = daemon
-        .websocket(&format!("/api/v1/ws?channel=sensors&token={phone}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=sensors&token={phone}"))
         .await;
-    assert_eq!(daemon.delete("/api/v1/tokens/phone").await.0, 200);
+    daemon
+        .expect("DELETE", "/api/v1/tokens/phone", None, 200)
+        .await;
     assert!(matches!(
         phone_socket.next().await,
         Received::Closed(Some(4401), _)
@@ -890,8 +801,7 @@ const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocke
 /// the gateway's own names and addresses, and configured ones, are answered.
 #[tokio::test]
 async fn requests_that_name_another_host_are_refused() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let port = daemon.addr.port();
     let rebinding = "Origin: http://evil.example\r\n";
     for (path, extra) in [
@@ -939,13 +849,9 @@ async fn requests_that_name_another_host_are_refused() {
     )
     .await;
     assert_eq!(status, 101);
-    daemon.stop().await;
-
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[auth]\nallowed_hosts = [\"sensors.farm.example\"]\n",
-    )
-    .await;
+    let daemon = daemon
+        .restart_with("[auth]\nallowed_hosts = [\"sensors.farm.example\"]\n")
+        .await;
     let (status, _) = with_host(
         &daemon,
         "sensors.farm.example",
@@ -989,10 +895,7 @@ async fn socket_for(
 /// token, so one flooding client does not get its neighbours refused or closed.
 #[tokio::test]
 async fn behind_a_trusted_proxy_each_client_has_its_own_limits() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\nmax_connections_per_address = 2\nwrites_per_second = 1.0\nwrite_burst = 2.0\n",
+    let daemon = Daemon::with("[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n[limits]\nsocket_messages_per_second = 1.0\nsocket_message_burst = 3.0\nmax_connections_per_address = 2\nwrites_per_second = 1.0\nwrite_burst = 2.0\n",
     )
     .await;
     let path = "/api/v1/ws?channel=general";
@@ -1041,36 +944,20 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_limits() {
     let first = create_token(&daemon, "first", "write");
     let second = create_token(&daemon, "second", "write");
     for _ in 0..2 {
-        let status = as_token(
-            &daemon,
-            Some(&first),
-            "POST",
-            "/api/v1/sensores/",
-            Some(SENSOR),
-        )
+        daemon
+            .as_token(Some(&first))
+            .expect("POST", "/api/v1/sensores/", Some(SENSOR), 201)
+            .await;
+    }
+    daemon
+        .as_token(Some(&first))
+        .expect("POST", "/api/v1/sensores/", Some(SENSOR), 429)
+        .await;
+    let status = daemon
+        .as_token(Some(&second))
+        .request("POST", "/api/v1/sensores/", Some(SENSOR))
         .await
         .0;
-        assert_eq!(status, 201);
-    }
-    let status = as_token(
-        &daemon,
-        Some(&first),
-        "POST",
-        "/api/v1/sensores/",
-        Some(SENSOR),
-    )
-    .await
-    .0;
-    assert_eq!(status, 429);
-    let status = as_token(
-        &daemon,
-        Some(&second),
-        "POST",
-        "/api/v1/sensores/",
-        Some(SENSOR),
-    )
-    .await
-    .0;
     assert_eq!(status, 201, "another token from the same address");
     daemon.stop().await;
 }

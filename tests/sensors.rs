@@ -9,10 +9,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{count, salud, salud_until, sensor_named, temp_dir, Client, Daemon, Received};
+use common::{
+    count, salud, salud_until, sensor_named, temp_dir, until, Client, Daemon, Received, SENSOR,
+};
+use sensorgate::demo::{w1_slave, Sysfs};
 use serde_json::{json, Value};
 use serialport::{SerialPort, TTYPort};
 use tokio::time::Instant;
+
+/// Sensors go offline after two intervals without a good sample.
+const OFFLINE_AFTER_TWO: &str = "[sampling]\noffline_after_intervals = 2\n";
 
 /// How long to wait for something the daemon does on its own pace (a sample, a
 /// reconnection after back-off).
@@ -85,10 +91,8 @@ fn millis_between(from: &Value, to: &Value) -> i64 {
 
 /// A config with one `[[sensor]]`; `extra` goes first (e.g. a `[sampling]` table).
 fn one_sensor(extra: &str, name: &str, interval_s: f64, source: &str) -> String {
-    format!(
-        "{extra}\n[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"test\"\n\
-         interval_s = {interval_s:?}\nsource = {source}\n"
-    )
+    let table = common::sensor_table(name, "temperatura", "test", interval_s, source);
+    format!("{extra}\n{table}")
 }
 
 /// A TOML literal string holding `path`.
@@ -161,19 +165,10 @@ async fn sync_serial(master: &mut TTYPort, readings: &mut Client) -> Synced {
 
 #[tokio::test]
 async fn serial_lines_become_readings_and_garbage_is_counted() {
-    let dir = temp_dir();
     let (mut master, _slave, path) = pty();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &one_sensor("", "arduino", 1.0, &serial_source(&path)),
-    )
-    .await;
+    let daemon = Daemon::with(&one_sensor("", "arduino", 1.0, &serial_source(&path))).await;
     let id = sensor_named(&daemon, "arduino").await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let synced = sync_serial(&mut master, &mut readings).await;
     let before = salud(&daemon, id).await;
     assert_eq!(count(&before, "malformed"), 0, "{before}");
@@ -246,15 +241,9 @@ async fn serial_device_unplugged_and_plugged_back() {
     )
     .await;
     let id = sensor_named(&daemon, "by-id").await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let mut general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
         .await;
     sync_serial(&mut master, &mut readings).await;
     assert_eq!(salud(&daemon, id).await["conectado"], true);
@@ -309,29 +298,10 @@ async fn serial_device_unplugged_and_plugged_back() {
 
 #[tokio::test]
 async fn silent_serial_sensor_goes_offline_and_comes_back() {
-    let dir = temp_dir();
     let (mut master, _slave, path) = pty();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &one_sensor(
-            "[sampling]\noffline_after_intervals = 2\n",
-            "quiet",
-            0.2,
-            &serial_source(&path),
-        ),
-    )
-    .await;
-    let id = sensor_named(&daemon, "quiet").await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
-    let mut general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let config = one_sensor(OFFLINE_AFTER_TWO, "quiet", 0.2, &serial_source(&path));
+    let (daemon, id, mut general) = watched(&config, "quiet", "general").await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     // The probes are the last lines for a while: the line then stays silent.
     let synced = sync_serial(&mut master, &mut readings).await;
     let last_good = synced.last_timestamp().clone();
@@ -375,34 +345,50 @@ async fn silent_serial_sensor_goes_offline_and_comes_back() {
 // ---------------------------------------------------------------------------------------
 // sysfs
 
-/// Replaces a sysfs attribute at once, so that a concurrent read sees the old or the new
-/// value, never a truncated file.
-fn write_attr(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(
-        ".{}.new",
-        path.file_name().unwrap().to_str().unwrap()
-    ));
-    fs::write(&tmp, text).unwrap();
-    fs::rename(&tmp, path).unwrap();
+/// An empty sysfs tree in a temporary directory, which must outlive it.
+fn fake_sysfs() -> (tempfile::TempDir, Sysfs) {
+    let root = temp_dir();
+    let sysfs = Sysfs::at(root.path());
+    (root, sysfs)
 }
 
-/// Lays out `<root>/bus/iio/devices/iio:deviceN/` with its `name` and attribute files.
-fn iio_device(root: &Path, n: u32, name: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = root.join(format!("bus/iio/devices/iio:device{n}"));
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("name"), format!("{name}\n")).unwrap();
+/// Lays out an IIO device in `sysfs` with its attribute `files`; returns its directory.
+fn iio_device(sysfs: &Sysfs, n: u32, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let device = sysfs.iio_device(n, name).unwrap();
     for (file, text) in files {
-        fs::write(dir.join(file), text).unwrap();
+        Sysfs::set(&device, file, text).unwrap();
     }
-    dir
+    device
+}
+
+/// A daemon sampling the sensor `name` every `interval_s` from `source` (TOML keys) on
+/// `sysfs`, and a socket on that sensor's readings.
+async fn sample_sysfs(
+    sysfs: &Sysfs,
+    name: &str,
+    interval_s: f64,
+    source: &str,
+) -> (Daemon, i64, Client) {
+    let source = format!("{{ {source}, sysfs_root = {} }}", toml_path(sysfs.root()));
+    watched(&one_sensor("", name, interval_s, &source), name, "readings").await
+}
+
+/// A daemon started with `config`, the id of its sensor `name`, and a socket on `channel`
+/// for events about that sensor only.
+async fn watched(config: &str, name: &str, channel: &str) -> (Daemon, i64, Client) {
+    let daemon = Daemon::with(config).await;
+    let id = sensor_named(&daemon, name).await;
+    let socket = daemon
+        .subscribe(&format!("/api/v1/ws?channel={channel}&sensor_id={id}"))
+        .await;
+    (daemon, id, socket)
 }
 
 #[tokio::test]
 async fn dht22_through_the_kernel_iio_driver() {
-    let dir = temp_dir();
-    let sysfs = temp_dir();
+    let (_root, sysfs) = fake_sysfs();
     let device = iio_device(
-        sysfs.path(),
+        &sysfs,
         0,
         "dht11",
         &[
@@ -410,37 +396,22 @@ async fn dht22_through_the_kernel_iio_driver() {
             ("in_humidityrelative_input", "45200\n"),
         ],
     );
-    let source = format!(
-        "{{ kind = \"iio_dht\", model = \"dht22\", sysfs_root = {} }}",
-        toml_path(sysfs.path())
-    );
-    let daemon = Daemon::start_in(dir.path(), &one_sensor("", "dht", 2.0, &source)).await;
-    let id = sensor_named(&daemon, "dht").await;
-    let mut readings = daemon
-        .websocket(&format!("/api/v1/ws?channel=readings&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let (daemon, id, mut readings) =
+        sample_sysfs(&sysfs, "dht", 2.0, "kind = \"iio_dht\", model = \"dht22\"").await;
 
     // The first sample is taken at start, and a new client did not see it: find it
     // among the stored readings, or take the second one.
-    let first = {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let stored = stored_readings(&daemon, id).await;
-            if stored.len() >= 2 {
-                break stored;
-            }
-            assert!(Instant::now() < deadline, "no first sample: {stored:?}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    };
+    let first = until("a first sample stored", || async {
+        let stored = stored_readings(&daemon, id).await;
+        (stored.len() >= 2).then_some(stored)
+    })
+    .await;
     assert_eq!(measured(&first[0]), m("temperatura", 21.5, "°C"));
     assert_eq!(measured(&first[1]), m("humedad", 45.2, "%"));
     assert_eq!(first[0]["timestamp"], first[1]["timestamp"]);
 
     // A DHT22 glitch: the temperature doubled, with a valid checksum, one sample later.
-    write_attr(&device.join("in_temp_input"), "43000\n");
+    Sysfs::set(&device, "in_temp_input", "43000\n").unwrap();
     let health = salud_until(&daemon, id, "the doubled value rejected", |s| {
         count(s, "implausible") == 1
     })
@@ -452,8 +423,8 @@ async fn dht22_through_the_kernel_iio_driver() {
         "{health}"
     );
     // Back to a plausible new value before the next sample (2 s later).
-    write_attr(&device.join("in_temp_input"), "22000\n");
-    write_attr(&device.join("in_humidityrelative_input"), "46000\n");
+    Sysfs::set(&device, "in_temp_input", "22000\n").unwrap();
+    Sysfs::set(&device, "in_humidityrelative_input", "46000\n").unwrap();
 
     let mut pushed = Vec::new();
     while pushed.len() < 2 {
@@ -493,11 +464,10 @@ async fn dht22_through_the_kernel_iio_driver() {
 
 #[tokio::test]
 async fn bme280_through_the_generic_iio_source() {
-    let dir = temp_dir();
-    let sysfs = temp_dir();
+    let (_root, sysfs) = fake_sysfs();
     // Another IIO device probed first: the source finds its own by name.
     iio_device(
-        sysfs.path(),
+        &sysfs,
         0,
         "dht11",
         &[
@@ -506,7 +476,7 @@ async fn bme280_through_the_generic_iio_source() {
         ],
     );
     iio_device(
-        sysfs.path(),
+        &sysfs,
         1,
         "bme280",
         &[
@@ -517,17 +487,8 @@ async fn bme280_through_the_generic_iio_source() {
             ("in_pressure_oversampling_ratio", "16\n"),
         ],
     );
-    let source = format!(
-        "{{ kind = \"iio\", device_name = \"bme280\", sysfs_root = {} }}",
-        toml_path(sysfs.path())
-    );
-    let daemon = Daemon::start_in(dir.path(), &one_sensor("", "bme", 1.0, &source)).await;
-    let id = sensor_named(&daemon, "bme").await;
-    let mut readings = daemon
-        .websocket(&format!("/api/v1/ws?channel=readings&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let source = "kind = \"iio\", device_name = \"bme280\"";
+    let (daemon, id, mut readings) = sample_sysfs(&sysfs, "bme", 1.0, source).await;
     let pushed = [
         next_reading(&mut readings).await,
         next_reading(&mut readings).await,
@@ -565,30 +526,13 @@ async fn bme280_through_the_generic_iio_source() {
     daemon.stop().await;
 }
 
-fn w1_slave(crc: &str, milli: i64) -> String {
-    format!("72 01 4b 46 7f ff 0e 10 57 : crc=57 {crc}\n72 01 4b 46 7f ff 0e 10 57 t={milli}\n")
-}
-
 #[tokio::test]
 async fn ds18b20_on_the_one_wire_bus() {
-    let dir = temp_dir();
-    let sysfs = temp_dir();
-    let device = sysfs.path().join("bus/w1/devices/28-000005e2fdc3");
-    fs::create_dir_all(&device).unwrap();
-    fs::create_dir_all(sysfs.path().join("bus/w1/devices/w1_bus_master1")).unwrap();
-    let file = device.join("w1_slave");
-    fs::write(&file, w1_slave("YES", 23125)).unwrap();
-    let source = format!(
-        "{{ kind = \"w1\", sensor_id = \"28-000005e2fdc3\", sysfs_root = {} }}",
-        toml_path(sysfs.path())
-    );
-    let daemon = Daemon::start_in(dir.path(), &one_sensor("", "ds", 1.0, &source)).await;
-    let id = sensor_named(&daemon, "ds").await;
-    let mut readings = daemon
-        .websocket(&format!("/api/v1/ws?channel=readings&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let (_root, sysfs) = fake_sysfs();
+    let device = sysfs.w1_device("28-000005e2fdc3").unwrap();
+    Sysfs::set(&device, "w1_slave", &w1_slave("YES", 23125)).unwrap();
+    let source = "kind = \"w1\", sensor_id = \"28-000005e2fdc3\"";
+    let (daemon, id, mut readings) = sample_sysfs(&sysfs, "ds", 1.0, source).await;
 
     let first = salud_until(&daemon, id, "a first good sample", |s| count(s, "ok") >= 1).await;
     // Health counts a sample as it goes to storage; its event says it is stored.
@@ -598,7 +542,7 @@ async fn ds18b20_on_the_one_wire_bus() {
     assert_eq!(stored[0]["timestamp"], first["ultima_muestra"]);
 
     // The driver's CRC check failed: no value, counted as a checksum error.
-    write_attr(&file, &w1_slave("NO", 23125));
+    Sysfs::set(&device, "w1_slave", &w1_slave("NO", 23125)).unwrap();
     let health = salud_until(&daemon, id, "the bad CRC counted", |s| {
         count(s, "checksum") == 1
     })
@@ -606,7 +550,7 @@ async fn ds18b20_on_the_one_wire_bus() {
     assert_eq!(health["ultimo_error"], "checksum mismatch");
 
     // The power-on value with a good CRC: never a temperature.
-    write_attr(&file, &w1_slave("YES", 85000));
+    Sysfs::set(&device, "w1_slave", &w1_slave("YES", 85000)).unwrap();
     let health = salud_until(&daemon, id, "85 °C rejected", |s| {
         count(s, "implausible") == 1
     })
@@ -616,7 +560,7 @@ async fn ds18b20_on_the_one_wire_bus() {
         "implausible value: 85 °C is the DS18B20 power-on value"
     );
 
-    write_attr(&file, &w1_slave("YES", 23250));
+    Sysfs::set(&device, "w1_slave", &w1_slave("YES", 23250)).unwrap();
     let mut pushed = next_reading(&mut readings).await;
     while pushed["valor"] == 23.125 {
         // Samples of the first value taken before the test's first change.
@@ -655,14 +599,21 @@ fn is_reading_of(event: &Value, id: i64) -> bool {
     event["entity_type"] == "reading" && event["data"]["sensor_id"] == id
 }
 
+/// The next event about a sensor, past readings.
+async fn next_sensor_event(client: &mut Client, what: &str) -> Value {
+    loop {
+        let event = next_json(client, SETTLE, what).await;
+        if event["entity_type"] == "sensor" {
+            return event;
+        }
+    }
+}
+
 #[tokio::test]
 async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let mut events = daemon
-        .websocket("/api/v1/ws?channel=sensors&channel=readings")
-        .await
-        .greeted()
+        .subscribe("/api/v1/ws?channel=sensors&channel=readings")
         .await;
 
     let body = |seed: u64| {
@@ -702,12 +653,7 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["activo"], false);
-    let update = loop {
-        let event = next_json(&mut events, SETTLE, "the update event").await;
-        if event["entity_type"] == "sensor" {
-            break event;
-        }
-    };
+    let update = next_sensor_event(&mut events, "the update event").await;
     assert_eq!(update["event_type"], "updated", "{update}");
     assert_eq!(update["entity_id"], a, "{update}");
     let updated_at = Instant::now();
@@ -754,12 +700,7 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
     // Deleted: its sampling stops likewise, and nothing of it is stored afterwards.
     let (status, _) = daemon.delete(&format!("/api/v1/sensores/{b}")).await;
     assert_eq!(status, 200);
-    let deleted = loop {
-        let event = next_json(&mut events, SETTLE, "the delete event").await;
-        if event["entity_type"] == "sensor" {
-            break event;
-        }
-    };
+    let deleted = next_sensor_event(&mut events, "the delete event").await;
     assert_eq!(deleted["event_type"], "deleted", "{deleted}");
     assert_eq!(deleted["entity_id"], b, "{deleted}");
     let deleted_seq = deleted["seq"].as_u64().unwrap();
@@ -774,7 +715,9 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
         assert!(!is_reading_of(&event, a), "{event}");
     }
     assert_eq!(stored_readings(&daemon, b).await, stored_b);
-    assert_eq!(daemon.get(&format!("/api/v1/sensores/{b}")).await.0, 404);
+    daemon
+        .expect("GET", &format!("/api/v1/sensores/{b}"), None, 404)
+        .await;
 
     // Active again: sampled again, still without a restart.
     let (status, _) = daemon
@@ -818,14 +761,8 @@ async fn rest_sensors_with_a_source_are_sampled_until_deactivated_or_deleted() {
 /// starts no sampling.
 #[tokio::test]
 async fn a_test_event_shaped_like_a_sensor_starts_no_sampling() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
-    let (status, sensor) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let daemon = Daemon::with("").await;
+    let (status, sensor) = daemon.post("/api/v1/sensores/", SENSOR).await;
     assert_eq!(status, 201, "{sensor}");
     let id = sensor["id"].as_i64().unwrap();
     let forged = json!({
@@ -851,18 +788,9 @@ async fn a_test_event_shaped_like_a_sensor_starts_no_sampling() {
 
 #[tokio::test]
 async fn injected_checksum_failures_are_counted_and_take_the_sensor_offline() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "[sampling]\noffline_after_intervals = 2\n").await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with(OFFLINE_AFTER_TWO).await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let body = json!({
         "tipo": "temperatura",
         "modelo": "DHT22",
@@ -933,25 +861,24 @@ async fn next_availability(client: &mut Client, sensor_id: i64, wait: Duration) 
     }
 }
 
+/// Good samples `when` make the sensor announced online, once: no other announcement
+/// follows for a while.
+async fn announced_online_once(general: &mut Client, id: i64, when: &str) {
+    let online = next_availability(general, id, SETTLE)
+        .await
+        .unwrap_or_else(|| panic!("good samples {when}, but no sensor_online"));
+    assert_eq!(online["event_type"], "sensor_online", "{online}");
+    let again = next_availability(general, id, QUIET).await;
+    assert_eq!(again, None, "announced once {when}, and staying online");
+}
+
 /// A simulated source whose every read fails.
 const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["timeout"] }"#;
 
 #[tokio::test]
 async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
-    let dir = temp_dir();
-    let failing = one_sensor(
-        "[sampling]\noffline_after_intervals = 2\n",
-        "shed",
-        0.05,
-        FAILING_SIM,
-    );
-    let daemon = Daemon::start_in(dir.path(), &failing).await;
-    let id = sensor_named(&daemon, "shed").await;
-    let mut general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let failing = one_sensor(OFFLINE_AFTER_TWO, "shed", 0.05, FAILING_SIM);
+    let (daemon, id, mut general) = watched(&failing, "shed", "general").await;
     let failing_json = json!({"kind": "sim", "failure_rate": 1.0, "failures": ["timeout"]});
 
     // Each way back to good samples, from offline: a new source over REST; switched off,
@@ -998,76 +925,45 @@ async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
         .expect("offline before the reload");
     assert_eq!(offline["event_type"], "sensor_offline", "{offline}");
     let good = one_sensor(
-        "[sampling]\noffline_after_intervals = 2\n",
+        OFFLINE_AFTER_TWO,
         "shed",
         0.05,
         r#"{ kind = "sim", seed = 3 }"#,
     );
     daemon
         .reload
-        .send(common::config(dir.path(), &good))
+        .send(common::config(daemon.dir(), &good))
         .await
         .unwrap();
-    let online = next_availability(&mut general, id, SETTLE)
-        .await
-        .expect("good samples after a reload, but no sensor_online");
-    assert_eq!(online["event_type"], "sensor_online", "{online}");
-    assert_eq!(
-        next_availability(&mut general, id, QUIET).await,
-        None,
-        "back once, and staying online"
-    );
+    announced_online_once(&mut general, id, "after a reload").await;
     daemon.stop().await;
 }
 
 #[tokio::test]
 async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_it() {
-    let dir = temp_dir();
-    let failing = one_sensor(
-        "[sampling]\noffline_after_intervals = 2\n",
-        "cellar",
-        0.05,
-        FAILING_SIM,
-    );
-    let daemon = Daemon::start_in(dir.path(), &failing).await;
-    let id = sensor_named(&daemon, "cellar").await;
-    let mut general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={id}"))
-        .await
-        .greeted()
-        .await;
+    let failing = one_sensor(OFFLINE_AFTER_TWO, "cellar", 0.05, FAILING_SIM);
+    let (daemon, id, mut general) = watched(&failing, "cellar", "general").await;
     let offline = next_availability(&mut general, id, SETTLE)
         .await
         .expect("the failing sensor goes offline");
     assert_eq!(offline["event_type"], "sensor_offline", "{offline}");
     let seen = offline["seq"].as_u64().unwrap();
-    daemon.stop().await;
 
     // The same gateway, its sensor working again: a client resuming where it was sees
     // the sensor come back.
     let good = one_sensor(
-        "[sampling]\noffline_after_intervals = 2\n",
+        OFFLINE_AFTER_TWO,
         "cellar",
         0.05,
         r#"{ kind = "sim", seed = 4 }"#,
     );
-    let daemon = Daemon::start_in(dir.path(), &good).await;
+    let daemon = daemon.restart_with(&good).await;
     let mut general = daemon
-        .websocket(&format!(
+        .subscribe(&format!(
             "/api/v1/ws?channel=general&sensor_id={id}&since={seen}"
         ))
-        .await
-        .greeted()
         .await;
-    let online = next_availability(&mut general, id, SETTLE)
-        .await
-        .expect("good samples after the restart, but no sensor_online");
-    assert_eq!(online["event_type"], "sensor_online", "{online}");
-    assert_eq!(
-        next_availability(&mut general, id, QUIET).await,
-        None,
-        "announced once"
-    );
+    announced_online_once(&mut general, id, "after the restart").await;
 
     // A sensor never announced offline starts without a sensor_online.
     let fresh = daemon
@@ -1081,9 +977,7 @@ async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_i
         .as_i64()
         .unwrap();
     let mut fresh_general = daemon
-        .websocket(&format!("/api/v1/ws?channel=general&sensor_id={fresh}"))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=general&sensor_id={fresh}"))
         .await;
     salud_until(&daemon, fresh, "samples", |s| s["estado"] == "online").await;
     assert_eq!(

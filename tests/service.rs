@@ -5,10 +5,10 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+use common::process::{write_config, Process};
+use common::Client;
 
 /// A fake service manager: the datagram socket systemd would give as NOTIFY_SOCKET.
 struct Manager {
@@ -40,10 +40,10 @@ impl Manager {
         got
     }
 
-    /// Waits for READY=1 from the daemon whose log is in `dir`; fails with the log.
-    fn wait_ready(&self, dir: &Path) {
+    /// Waits for READY=1 from `daemon`; fails with its log.
+    fn wait_ready(&self, daemon: &Process) {
         let ready = self.wait_for("READY=1", Duration::from_secs(10));
-        assert_eq!(ready.as_deref(), Some("READY=1"), "{}", log(dir));
+        assert_eq!(ready.as_deref(), Some("READY=1"), "{}", daemon.log());
     }
 
     /// Waits for a notification starting with `prefix`.
@@ -62,58 +62,43 @@ impl Manager {
     }
 }
 
-fn write_config(dir: &Path, sensors: &str) -> std::path::PathBuf {
-    let path = dir.join("config.toml");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\ndata_dir = {:?}\n{sensors}",
-        dir.join("data").display().to_string()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+/// Starts the daemon on `config` as a service manager would, with the notification socket
+/// in `dir` and a watchdog of `watchdog_usec` if given; its log in `dir/daemon.log`.
+fn start(dir: &Path, config: &Path, watchdog_usec: Option<u64>) -> Process {
+    let socket = dir.join("notify.sock");
+    let watchdog = watchdog_usec.map(|usec| usec.to_string());
+    let mut env = vec![("NOTIFY_SOCKET", socket.as_os_str())];
+    if let Some(usec) = &watchdog {
+        env.push(("WATCHDOG_USEC", usec.as_ref()));
+    }
+    Process::start(config, &dir.join("daemon.log"), &env)
+}
+
+/// A daemon with `sensors` under a fake service manager, ready.
+struct Service {
+    dir: tempfile::TempDir,
+    manager: Manager,
+    daemon: Process,
+}
+
+impl Service {
+    fn start(sensors: &str, watchdog_usec: Option<u64>) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let manager = Manager::bind(dir.path());
+        let config = write_config(dir.path(), sensors);
+        let daemon = start(dir.path(), &config, watchdog_usec);
+        manager.wait_ready(&daemon);
+        Service {
+            dir,
+            manager,
+            daemon,
+        }
+    }
 }
 
 fn sim_sensor(name: &str, extra: &str) -> String {
-    format!(
-        "[[sensor]]\nname = \"{name}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.1\nsource = {{ kind = \"sim\", seed = 1{extra} }}\n"
-    )
-}
-
-fn start(dir: &Path, config: &Path, watchdog_usec: Option<u64>) -> Child {
-    let mut command = Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(config)
-        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap());
-    if let Some(usec) = watchdog_usec {
-        command.env("WATCHDOG_USEC", usec.to_string());
-    }
-    command.spawn().unwrap()
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{name}"), child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "daemon did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+    let source = format!("{{ kind = \"sim\", seed = 1{extra} }}");
+    common::sensor_table(name, "temperatura", "DHT22", 0.1, &source)
 }
 
 fn watchdogs(notes: &[(Instant, String)]) -> Vec<Instant> {
@@ -126,13 +111,8 @@ fn watchdogs(notes: &[(Instant, String)]) -> Vec<Instant> {
 
 #[test]
 fn ready_status_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::bind(dir.path());
-    let config = write_config(dir.path(), &sim_sensor("a", ""));
-    let mut child = start(dir.path(), &config, Some(1_000_000));
-
-    manager.wait_ready(dir.path());
-    let notes = manager.collect(Duration::from_millis(2600));
+    let mut service = Service::start(&sim_sensor("a", ""), Some(1_000_000));
+    let notes = service.manager.collect(Duration::from_millis(2600));
     let beats = watchdogs(&notes);
     assert!(
         beats.len() >= 3,
@@ -147,35 +127,33 @@ fn ready_status_watchdog_and_stopping() {
     assert!(status.contains("1 sensors online"), "{status}");
     assert!(status.contains("clients connected"), "{status}");
 
-    signal(&child, "TERM");
+    service.daemon.signal("TERM");
     assert_eq!(
-        manager
+        service
+            .manager
             .wait_for("STOPPING=1", Duration::from_secs(5))
             .as_deref(),
         Some("STOPPING=1")
     );
-    assert!(wait_exit(&mut child).success());
+    assert!(service.daemon.wait_exit().success());
 }
 
 /// Holding the database's write lock from outside wedges the writer, as a stuck card
 /// would: the watchdog stops until the lock goes.
 #[test]
 fn watchdog_stops_while_the_writer_is_wedged() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::bind(dir.path());
-    let config = write_config(dir.path(), &sim_sensor("a", ""));
-    let mut child = start(dir.path(), &config, Some(1_000_000));
-    manager.wait_ready(dir.path());
-    assert!(manager
+    let mut service = Service::start(&sim_sensor("a", ""), Some(1_000_000));
+    assert!(service
+        .manager
         .wait_for("WATCHDOG=1", Duration::from_secs(3))
         .is_some());
 
-    let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();
+    let db = rusqlite::Connection::open(service.dir.path().join("data/sensorgate.db")).unwrap();
     db.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let locked = Instant::now();
-    let during = manager.collect(Duration::from_millis(3500));
+    let during = service.manager.collect(Duration::from_millis(3500));
     db.execute_batch("COMMIT").unwrap();
-    let after = manager.collect(Duration::from_millis(3000));
+    let after = service.manager.collect(Duration::from_millis(3000));
 
     let petted: Vec<_> = watchdogs(&during)
         .into_iter()
@@ -190,12 +168,15 @@ fn watchdog_stops_while_the_writer_is_wedged() {
         "no WATCHDOG=1 after the writer recovered"
     );
     assert!(
-        log(dir.path()).contains("watchdog withheld: storage writer"),
+        service
+            .daemon
+            .log()
+            .contains("watchdog withheld: storage writer"),
         "{}",
-        log(dir.path())
+        service.daemon.log()
     );
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child).success());
+    service.daemon.signal("TERM");
+    assert!(service.daemon.wait_exit().success());
 }
 
 /// A stop asked for while the daemon is still starting (here: waiting to write a new
@@ -203,53 +184,41 @@ fn watchdog_stops_while_the_writer_is_wedged() {
 /// the signal with the queued work unwritten.
 #[test]
 fn sigterm_during_start_up_stops_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::bind(dir.path());
-    let config = write_config(dir.path(), &sim_sensor("a", ""));
-    let mut child = start(dir.path(), &config, None);
-    manager.wait_ready(dir.path());
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child).success());
+    let mut service = Service::start(&sim_sensor("a", ""), None);
+    service.daemon.signal("TERM");
+    assert!(service.daemon.wait_exit().success());
 
     let sensors = format!("{}{}", sim_sensor("a", ""), sim_sensor("b", ""));
-    let config = write_config(dir.path(), &sensors);
-    let db = rusqlite::Connection::open(dir.path().join("data/sensorgate.db")).unwrap();
+    let config = write_config(service.dir.path(), &sensors);
+    let db = rusqlite::Connection::open(service.dir.path().join("data/sensorgate.db")).unwrap();
     db.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let mut child = start(dir.path(), &config, None);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log(dir.path()).contains("storage open at") {
-        assert!(Instant::now() < deadline, "{}", log(dir.path()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start(service.dir.path(), &config, None);
+    assert!(child.wait_for_log("storage open at"), "{}", child.log());
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        !log(dir.path()).contains("ready:"),
+        !child.log().contains("ready:"),
         "started before the lock was released: {}",
-        log(dir.path())
+        child.log()
     );
-    signal(&child, "TERM");
+    child.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     db.execute_batch("COMMIT").unwrap();
-    let status = wait_exit(&mut child);
-    assert!(status.success(), "{status}: {}", log(dir.path()));
+    let status = child.wait_exit();
+    assert!(status.success(), "{status}: {}", child.log());
     assert!(
-        log(dir.path()).contains("storage writer stopped"),
+        child.log().contains("storage writer stopped"),
         "{}",
-        log(dir.path())
+        child.log()
     );
 }
 
 /// A sampling thread stuck in a read (a hung driver) stops the watchdog.
 #[test]
 fn watchdog_stops_when_sampling_hangs() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::bind(dir.path());
-    let config = write_config(dir.path(), &sim_sensor("a", ", hang_after_reads = 3"));
-    let mut child = start(dir.path(), &config, Some(1_000_000));
-    manager.wait_ready(dir.path());
+    let mut service = Service::start(&sim_sensor("a", ", hang_after_reads = 3"), Some(1_000_000));
     // The thread hangs after 0.3 s; it counts as stuck after twice its pace (at least
     // 1 s each) plus 5 s for a slow read.
-    let notes = manager.collect(Duration::from_secs(9));
+    let notes = service.manager.collect(Duration::from_secs(9));
     let last = watchdogs(&notes)
         .into_iter()
         .last()
@@ -260,34 +229,31 @@ fn watchdog_stops_when_sampling_hangs() {
         "watchdog still petted: {notes:?}"
     );
     assert!(
-        log(dir.path()).contains("sampling stuck for sensors [1]"),
+        service
+            .daemon
+            .log()
+            .contains("sampling stuck for sensors [1]"),
         "{}",
-        log(dir.path())
+        service.daemon.log()
     );
-    signal(&child, "KILL");
-    let _ = wait_exit(&mut child);
+    service.daemon.signal("KILL");
+    let _ = service.daemon.wait_exit();
 }
 
 #[tokio::test]
 async fn sighup_adds_and_removes_sources_without_dropping_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::bind(dir.path());
-    let config = write_config(dir.path(), &sim_sensor("a", ""));
-    let mut child = start(dir.path(), &config, None);
-    manager.wait_ready(dir.path());
-    let log_text = log(dir.path());
-    let addr = log_text
-        .lines()
-        .find_map(|l| l.split("listening on http://").nth(1))
-        .map(|a| a.trim_end_matches('/').to_owned())
+    let mut service = Service::start(&sim_sensor("a", ""), None);
+    let addr = service
+        .daemon
+        .address()
         .expect("the daemon logs its address");
+    let mut client = Client::connect(addr.parse().unwrap(), "/api/v1/ws?channel=sensors")
+        .await
+        .greeted()
+        .await;
 
-    let url = format!("ws://{addr}/api/v1/ws?channel=sensors");
-    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut client = common::Client { socket }.greeted().await;
-
-    write_config(dir.path(), &sim_sensor("b", ""));
-    signal(&child, "HUP");
+    write_config(service.dir.path(), &sim_sensor("b", ""));
+    service.daemon.signal("HUP");
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let event = client.json().await;
@@ -306,22 +272,21 @@ async fn sighup_adds_and_removes_sources_without_dropping_clients() {
         "{seen:?}"
     );
 
-    std::fs::write(&config, "[server\nbroken").unwrap();
-    signal(&child, "HUP");
-    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(service.dir.path().join("config.toml"), "[server\nbroken").unwrap();
+    service.daemon.signal("HUP");
     assert!(
-        log(dir.path()).contains("configuration not reloaded"),
+        service.daemon.wait_for_log("configuration not reloaded"),
         "{}",
-        log(dir.path())
+        service.daemon.log()
     );
-    // Still serving, the same client still connected and hearing events.
+    // Still serving, the same client still connected and hearing events, none of them
+    // from the invalid file: the answer to a ping is the next thing it hears.
+    client.send_text(r#"{"type": "ping", "id": 1}"#).await;
     assert_eq!(
-        client.next_within(Duration::from_millis(300)).await,
-        None,
+        client.json().await["type"],
+        "pong",
         "an invalid file changes nothing"
     );
-    client.send_text(r#"{"type": "ping", "id": 1}"#).await;
-    assert_eq!(client.json().await["type"], "pong");
-    signal(&child, "TERM");
-    assert!(wait_exit(&mut child).success());
+    service.daemon.signal("TERM");
+    assert!(service.daemon.wait_exit().success());
 }

@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{temp_dir, Daemon};
+use common::Daemon;
 
 /// Sources that keep the writer's queue full all stop together at shutdown. Told one at
 /// a time, each waited for room in the queue behind all the others still running, and a
@@ -13,17 +11,16 @@ use common::{temp_dir, Daemon};
 /// ([`common::PATIENCE`] here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_busy_sources_stop_together() {
-    let dir = temp_dir();
     let sensors: String = (1..=100)
         .map(|i| {
-            format!(
-                "[[sensor]]\nname = \"busy-{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\n\
-                 interval_s = 0.05\nsource = {{ kind = \"sim\", profile = \"dht22\", \
-                 failure_rate = 0.0, samples_per_read = 100, seed = {i} }}\n\n"
-            )
+            let source = format!(
+                "{{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, \
+                 samples_per_read = 100, seed = {i} }}"
+            );
+            common::sensor_table(&format!("busy-{i}"), "temperatura", "DHT22", 0.05, &source)
         })
         .collect();
-    let daemon = Daemon::start_in(dir.path(), &sensors).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let daemon = Daemon::with(&sensors).await;
+    daemon.wait_past(1000, "the sources busy").await;
     daemon.stop().await;
 }

@@ -2,9 +2,10 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{insert_reading_row, temp_dir, Daemon};
+use common::{insert_reading_row, sensorgate, temp_dir, Daemon, SENSOR};
 use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
@@ -14,12 +15,7 @@ const NO_RATE_LIMIT: &str = "[limits]\nwrites_per_second = 100000.0\nwrite_burst
 const DAY: i64 = 24 * HOUR;
 
 async fn sensor(daemon: &Daemon) -> i64 {
-    let (_, s) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let s = daemon.create_sensor(SENSOR).await;
     s["id"].as_i64().unwrap()
 }
 
@@ -36,8 +32,7 @@ async fn reading(daemon: &Daemon, sensor: i64, tipo: &str, at: i64, valor: f64) 
 /// readings give.
 #[tokio::test]
 async fn rollups_match_the_raw_readings_over_months() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let daemon = Daemon::with(NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
     let start = (now_micros() / DAY - 100) * DAY;
     let mut expected_days: Vec<(i64, f64, f64, f64, i64)> = Vec::new();
@@ -111,14 +106,32 @@ async fn rollups_match_the_raw_readings_over_months() {
     daemon.stop().await;
 }
 
+/// How many readings the roll-up buckets in `buckets` count together.
+fn counted(buckets: &Value) -> u64 {
+    buckets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// The `valor` of each reading a `GET` of readings at `path` answers.
+async fn valores(daemon: &Daemon, path: &str) -> Vec<f64> {
+    let (status, rows) = daemon.get(path).await;
+    assert_eq!(status, 200, "{rows}");
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["valor"].as_f64().unwrap())
+        .collect()
+}
+
 /// Raw readings and minute buckets past their retention go; hour buckets, kept longer,
 /// stay. Retention runs in the background on a short interval here.
 #[tokio::test]
 async fn retention_removes_old_readings_and_rollups_in_the_background() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        "[storage]\nreadings_retention_days = 30\nminute_rollup_retention_days = 7\nmaintenance_interval_s = 1\n",
+    let daemon = Daemon::with("[storage]\nreadings_retention_days = 30\nminute_rollup_retention_days = 7\nmaintenance_interval_s = 1\n",
     )
     .await;
     let id = sensor(&daemon).await;
@@ -131,17 +144,11 @@ async fn retention_removes_old_readings_and_rollups_in_the_background() {
     let remaining = loop {
         // Each write gives the writer a chance to run its retention pass.
         reading(&daemon, id, "humedad", now_micros(), 40.0).await;
-        let (_, rows) = daemon
-            .get(&format!(
-                "/api/v1/lecturas/?sensor_id={id}&tipo=temperatura&order=asc"
-            ))
-            .await;
-        let values: Vec<f64> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["valor"].as_f64().unwrap())
-            .collect();
+        let values = valores(
+            &daemon,
+            &format!("/api/v1/lecturas/?sensor_id={id}&tipo=temperatura&order=asc"),
+        )
+        .await;
         if values.len() == 2 || tokio::time::Instant::now() > deadline {
             break values;
         }
@@ -183,9 +190,8 @@ async fn retention_removes_old_readings_and_rollups_in_the_background() {
 fn fast_sensors(count: usize) -> String {
     (0..count)
         .map(|i| {
-            format!(
-                "[[sensor]]\nname = \"s{i}\"\ntipo = \"temperatura\"\nmodelo = \"DHT22\"\ninterval_s = 0.05\nsource = {{ kind = \"sim\", seed = {i} }}\n"
-            )
+            let source = format!("{{ kind = \"sim\", seed = {i} }}");
+            common::sensor_table(&format!("s{i}"), "temperatura", "DHT22", 0.05, &source)
         })
         .collect()
 }
@@ -194,17 +200,12 @@ fn fast_sensors(count: usize) -> String {
 /// in memory, and writes them once space is free again; the file stays sound.
 #[tokio::test]
 async fn a_full_database_degrades_and_recovers_without_corruption() {
-    let dir = temp_dir();
     let config = format!("[storage]\nmax_database_mb = 1\n{}", fast_sensors(8));
-    let daemon = Daemon::start_in(dir.path(), &config).await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with(&config).await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
     // Something else takes most of the space the database may use, so that the samples
     // fill the rest within moments.
-    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    let db = rusqlite::Connection::open(daemon.dir().join("sensorgate.db")).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
     // All but a few of the pages of the 1 MiB it may use.
     let (pages, page_size): (i64, i64) = db
@@ -293,7 +294,7 @@ async fn a_full_database_degrades_and_recovers_without_corruption() {
         .map(|r| r["sensor_id"].as_i64().unwrap())
         .collect();
     assert_eq!(waited.len(), 8, "sensors with buffered samples: {waited:?}");
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
 
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     let check: String = db
@@ -357,38 +358,27 @@ async fn health_becomes(daemon: &Daemon, status: u16) -> bool {
 /// A backup taken while sensors are being sampled is a sound, complete copy.
 #[tokio::test]
 async fn backup_while_running_is_consistent() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &fast_sensors(4)).await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let target = dir.path().join("copy.db");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .arg("backup")
-        .arg(&target)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .arg("backup")
-        .arg(&target)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        !again.status.success(),
-        "an existing file is never overwritten"
-    );
-    // Ingest went on.
+    let daemon = Daemon::with(&fast_sensors(4)).await;
+    daemon
+        .wait_past(20, "readings stored before the backup")
+        .await;
+    let target = daemon.dir().join("copy.db");
+    let backup = || {
+        sensorgate([
+            OsStr::new("backup"),
+            target.as_ref(),
+            "--data-dir".as_ref(),
+            daemon.dir().as_ref(),
+        ])
+    };
+    let out = backup();
+    assert!(out.ok, "{}", out.stderr);
+    assert!(!backup().ok, "an existing file is never overwritten");
     let before = daemon.last_seq().await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(daemon.last_seq().await > before);
-    daemon.stop().await;
+    daemon
+        .wait_past(before, "ingest going on after the backup")
+        .await;
+    let _dir = daemon.stop().await;
 
     let copy = rusqlite::Connection::open(&target).unwrap();
     let check: String = copy
@@ -422,8 +412,7 @@ async fn backup_while_running_is_consistent() {
 /// Export streams a range as CSV or JSON with exactly the stored readings.
 #[tokio::test]
 async fn export_streams_exactly_the_range() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let daemon = Daemon::with(NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
     let start = (now_micros() / DAY - 10) * DAY;
     for i in 0..2500 {
@@ -480,10 +469,9 @@ async fn export_streams_exactly_the_range() {
     assert_eq!(rows.len(), 2000);
     assert_eq!(rows[0]["valor"], 10.0);
     assert_eq!(rows[1999]["valor"], 209.9);
-    assert_eq!(
-        daemon.get("/api/v1/lecturas/export?format=xml").await.0,
-        422
-    );
+    daemon
+        .expect("GET", "/api/v1/lecturas/export?format=xml", None, 422)
+        .await;
     daemon.stop().await;
 }
 
@@ -526,17 +514,12 @@ fn clock_synchronized_here() -> bool {
 async fn readings_stamped_by_an_untrusted_clock_are_flagged() {
     let synchronized = clock_synchronized_here();
     for (trust, doubtful) in [("synchronized", !synchronized), ("always", false)] {
-        let dir = temp_dir();
         let config = format!(
             "[sampling]\ntrust_clock = \"{trust}\"\n{NO_RATE_LIMIT}{}",
             fast_sensors(1)
         );
-        let daemon = Daemon::start_in(dir.path(), &config).await;
-        let mut readings = daemon
-            .websocket("/api/v1/ws?channel=readings")
-            .await
-            .greeted()
-            .await;
+        let daemon = Daemon::with(&config).await;
+        let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
         let sampled = readings.json().await;
         let flag = |reading: &Value| match reading.get("hora_dudosa") {
             None => false,
@@ -593,14 +576,9 @@ async fn readings_stamped_by_an_untrusted_clock_are_flagged() {
 /// write does not wait for the window, and takes the waiting samples with it.
 #[tokio::test]
 async fn samples_wait_for_the_commit_window_and_writes_do_not() {
-    let dir = temp_dir();
     let config = format!("[storage]\ncommit_window_ms = 30000\n{}", fast_sensors(1));
-    let daemon = Daemon::start_in(dir.path(), &config).await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let daemon = Daemon::with(&config).await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     // The watchdog's first ping, at start, ends a window early (the next comes 10 s later):
     // let what it committed arrive.
     let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -642,14 +620,9 @@ async fn samples_wait_for_the_commit_window_and_writes_do_not() {
 /// a later read or replay gives back.
 #[tokio::test]
 async fn negative_zero_is_answered_as_it_is_stored() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let daemon = Daemon::with(NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let body = format!(r#"{{"sensor_id": {id}, "tipo": "t", "valor": -0.0}}"#);
     let (status, answer) = daemon
         .try_request("POST", "/api/v1/lecturas/", Some(&body))
@@ -811,10 +784,9 @@ fn the_latest_reading_of_a_commit_is_its_newest_and_leaves_with_its_sensor() {
 /// and the operator told what to do.
 #[tokio::test]
 async fn a_damaged_database_refuses_writes_and_fails_exports_that_meet_the_damage() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let id = sensor(&daemon).await;
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     let path = dir.path().join("sensorgate.db");
     let start = now_micros() - 30 * DAY;
     {
@@ -951,7 +923,7 @@ fn the_wal_stays_within_a_small_disk() {
     )
     .unwrap();
     let log_path = dir.path().join("daemon.log");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"));
+    let mut command = std::process::Command::new(common::BIN);
     command
         .arg("--config")
         .arg(&config)
@@ -1062,14 +1034,9 @@ async fn next_notice(general: &mut common::Client, notices: &mut Vec<Value>) -> 
 /// for good.
 #[tokio::test]
 async fn a_flapping_outage_is_one_outage_from_first_failure_to_recovery() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &fast_sensors(2)).await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
-    let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
+    let daemon = Daemon::with(&fast_sensors(2)).await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
+    let db = rusqlite::Connection::open(daemon.dir().join("sensorgate.db")).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(30)).unwrap();
     let time_of = |event: &Value| {
         sensorgate::model::parse_time(event["timestamp"].as_str().unwrap()).unwrap()
@@ -1205,9 +1172,7 @@ async fn a_database_of_the_previous_schema_upgrades_in_place_with_nothing_lost()
 
     // The kept events replay as they were sent; a new reading continues the log.
     let mut client = daemon
-        .websocket(&format!("/api/v1/ws?channel=readings&since={}", last - 2))
-        .await
-        .greeted()
+        .subscribe(&format!("/api/v1/ws?channel=readings&since={}", last - 2))
         .await;
     for seq in [last - 1, last] {
         let event = client.json().await;
@@ -1234,12 +1199,7 @@ async fn a_database_of_the_previous_schema_upgrades_in_place_with_nothing_lost()
             sensorgate::model::format_time(now_micros() + 3_600_000_000)
         ))
         .await;
-    let counted: i64 = hours
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_i64().unwrap())
-        .sum();
+    let counted = counted(&hours) as i64;
     assert!(counted > 0, "{hours}");
     daemon.stop().await;
 
@@ -1294,11 +1254,7 @@ async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay(
         fast_sensors(2)
     );
     let daemon = Daemon::start_in(dir.path(), &config).await;
-    let mut general = daemon
-        .websocket("/api/v1/ws?channel=general")
-        .await
-        .greeted()
-        .await;
+    let mut general = daemon.subscribe("/api/v1/ws?channel=general").await;
     let pruned = loop {
         let event = general.json().await;
         if event["event_type"] == "storage_pruned" {
@@ -1337,23 +1293,14 @@ async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay(
             "/api/v1/lecturas/agregadas?sensor_id={id}&bucket=minute&{range}"
         ))
         .await;
-    let counted: u64 = minutes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_u64().unwrap())
-        .sum();
+    let counted = counted(&minutes);
     assert!(
         counted > raw.as_array().unwrap().len() as u64,
         "roll-ups count {counted}, raw readings left {}",
         raw.as_array().unwrap().len()
     );
     // Sampling goes on.
-    let mut readings = daemon
-        .websocket("/api/v1/ws?channel=readings")
-        .await
-        .greeted()
-        .await;
+    let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     assert_eq!(readings.json().await["event_type"], "created");
     daemon.stop().await;
 }
@@ -1362,12 +1309,11 @@ async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay(
 /// bound, and `/metrics` and `/healthz` show the rate against the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_budget_widens_the_commit_window() {
-    let dir = temp_dir();
     let config = format!(
         "[storage]\ncommit_window_ms = 200\nwrite_budget_mb_per_day = 1\nmax_commit_window_ms = 1000\n{}",
         fast_sensors(4)
     );
-    let daemon = Daemon::start_in(dir.path(), &config).await;
+    let daemon = Daemon::with(&config).await;
     assert_eq!(
         daemon
             .metric("sensorgate_storage_commit_window_seconds")
@@ -1414,8 +1360,7 @@ async fn a_write_budget_widens_the_commit_window() {
 /// and queries by time find it and the others alike.
 #[tokio::test]
 async fn a_late_reading_is_found_by_time_without_widening_its_second() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), NO_RATE_LIMIT).await;
+    let daemon = Daemon::with(NO_RATE_LIMIT).await;
     let id = sensor(&daemon).await;
     let now = now_micros();
     let old = now - 200 * DAY;
@@ -1425,21 +1370,13 @@ async fn a_late_reading_is_found_by_time_without_widening_its_second() {
     }
     // The second of the first reading again, 300 readings later.
     reading(&daemon, id, "temperatura", old + 1, 2.0).await;
-    let (_, found) = daemon
-        .get(&format!(
-            "/api/v1/lecturas/?sensor_id={id}&desde={}&hasta={}&order=asc",
-            format_time(old),
-            format_time(old + 1_000_000)
-        ))
-        .await;
-    let values: Vec<f64> = found
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["valor"].as_f64().unwrap())
-        .collect();
-    assert_eq!(values, [1.0, 2.0]);
-    daemon.stop().await;
+    let found = format!(
+        "/api/v1/lecturas/?sensor_id={id}&desde={}&hasta={}&order=asc",
+        format_time(old),
+        format_time(old + 1_000_000)
+    );
+    assert_eq!(valores(&daemon, &found).await, [1.0, 2.0]);
+    let dir = daemon.stop().await.unwrap();
     let db = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     let widest: i64 = db
         .query_row(

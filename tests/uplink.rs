@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{stored_frame, temp_dir, Daemon, EVENT_COLUMNS};
+use common::{stored_frame, temp_dir, Daemon, EVENT_COLUMNS, SENSOR};
 use mqtt::{Broker, Link, Message, Subscriber};
 use serde_json::json;
 
@@ -269,8 +269,7 @@ async fn readings_and_sensor_events_arrive_under_the_documented_topics() {
     let broker = Broker::start().await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &config(broker.addr, &gw, "discovery = false")).await;
+    let daemon = Daemon::with(&config(broker.addr, &gw, "discovery = false")).await;
 
     let mut got = sub.until(PATIENCE, status_is(&gw, "online")).await;
     got.extend(
@@ -281,7 +280,7 @@ async fn readings_and_sensor_events_arrive_under_the_documented_topics() {
         })
         .await,
     );
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     got.extend(sub.until(PATIENCE, status_is(&gw, "offline")).await);
     got.extend(sub.drain(Duration::from_millis(300)).await);
 
@@ -332,11 +331,11 @@ async fn a_broker_outage_loses_nothing_and_repeats_nothing() {
     let mut link = Link::start(broker.addr).await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(
-        dir.path(),
-        &config(link.addr, &gw, "discovery = false\nreplay_per_second = 100"),
-    )
+    let daemon = Daemon::with(&config(
+        link.addr,
+        &gw,
+        "discovery = false\nreplay_per_second = 100",
+    ))
     .await;
     let mut got = sub
         .until(PATIENCE, |m| {
@@ -370,7 +369,7 @@ async fn a_broker_outage_loses_nothing_and_repeats_nothing() {
     );
     let after = metrics_until(&daemon, |m| m["sensorgate_uplink_connected"] == 1.0).await;
     assert!(after["sensorgate_uplink_cursor"] > restored_at as f64);
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     got.extend(sub.drain(Duration::from_millis(300)).await);
 
     let readings = readings_in(&gw, &got);
@@ -407,13 +406,12 @@ async fn a_restart_during_an_outage_loses_nothing_and_repeats_nothing() {
     let mut link = Link::start(broker.addr).await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
     let text = config(
         link.addr,
         &gw,
         "discovery = false\nreplay_per_second = 1000",
     );
-    let daemon = Daemon::start_in(dir.path(), &text).await;
+    let daemon = Daemon::with(&text).await;
     let mut got = sub
         .until(PATIENCE, |m| {
             is_reading(&gw, m) && m.json()["seq"].as_u64() > Some(10)
@@ -424,11 +422,11 @@ async fn a_restart_during_an_outage_loses_nothing_and_repeats_nothing() {
     got.extend(sub.until(PATIENCE, status_is(&gw, "offline")).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cursor = metrics(&daemon).await["sensorgate_uplink_cursor"];
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     let stopped_at = stored_readings(dir.path()).last().unwrap().seq;
 
     // Still no broker: the new daemon samples on, and resumes from the saved cursor.
-    let daemon = Daemon::start_in(dir.path(), &text).await;
+    let daemon = Daemon::in_dir(dir, &text).await;
     let m = metrics_until(&daemon, |m| {
         m["sensorgate_uplink_backlog_events"] >= (stopped_at as f64 - cursor) + 20.0
     })
@@ -446,7 +444,7 @@ async fn a_restart_during_an_outage_loses_nothing_and_repeats_nothing() {
         })
         .await,
     );
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     got.extend(sub.drain(Duration::from_millis(300)).await);
 
     let readings = readings_in(&gw, &got);
@@ -465,13 +463,12 @@ async fn events_removed_by_retention_during_an_outage_are_counted_and_skipped() 
     let mut link = Link::start(broker.addr).await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
     // Keep only the newest 40 events, pruned every second.
     let text = format!(
         "[storage]\nmax_events = 40\nmaintenance_interval_s = 1\n{}",
         config(link.addr, &gw, "discovery = false")
     );
-    let daemon = Daemon::start_in(dir.path(), &text).await;
+    let daemon = Daemon::with(&text).await;
     sub.until(PATIENCE, |m| {
         is_reading(&gw, m) && m.json()["seq"].as_u64() > Some(10)
     })
@@ -494,7 +491,7 @@ async fn events_removed_by_retention_during_an_outage_are_counted_and_skipped() 
         })
         .await;
     let m = metrics(&daemon).await;
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
 
     let readings = readings_in(&gw, &after);
     let first = readings[0].seq;
@@ -534,8 +531,7 @@ async fn home_assistant_discovery_is_retained_and_follows_the_sensors() {
         ],
     )
     .await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &config(broker.addr, &gw, "")).await;
+    let daemon = Daemon::with(&config(broker.addr, &gw, "")).await;
     let (_, sensors) = daemon.get("/api/v1/sensores/").await;
     let id = sensors[0]["id"].as_i64().unwrap();
     live.until(PATIENCE, |m| {
@@ -654,8 +650,7 @@ async fn metrics_parse_and_move_as_samples_arrive() {
     let broker = Broker::start().await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), &config(broker.addr, &gw, "")).await;
+    let daemon = Daemon::with(&config(broker.addr, &gw, "")).await;
     sub.until(PATIENCE, |m| {
         is_reading(&gw, m) && m.json()["tipo"] == "humedad"
     })
@@ -714,8 +709,8 @@ async fn metrics_parse_and_move_as_samples_arrive() {
     assert!(second.contains_key(&temperature));
 
     // The last value follows what is stored.
-    let (_, sensor) = daemon
-        .post("/api/v1/sensores/", r#"{"tipo": "co2", "modelo": "SCD30"}"#)
+    let sensor = daemon
+        .create_sensor(r#"{"tipo": "co2", "modelo": "SCD30"}"#)
         .await;
     let co2 = sensor["id"].as_i64().unwrap();
     let series = format!("sensorgate_last_value{{sensor_id=\"{co2}\",tipo=\"co2\"}}");
@@ -723,7 +718,9 @@ async fn metrics_parse_and_move_as_samples_arrive() {
     for valor in [412.5, 398.25] {
         let body =
             format!(r#"{{"sensor_id": {co2}, "tipo": "co2", "valor": {valor}, "unidad": "ppm"}}"#);
-        assert_eq!(daemon.post("/api/v1/lecturas/", &body).await.0, 201);
+        daemon
+            .expect("POST", "/api/v1/lecturas/", Some(&body), 201)
+            .await;
         assert_eq!(metrics(&daemon).await[&series], valor);
     }
     daemon.stop().await;
@@ -787,15 +784,14 @@ async fn tls_to_the_broker_is_checked_against_the_configured_ca() {
 
 #[tokio::test]
 async fn without_a_broker_configured_there_is_no_uplink() {
-    let dir = temp_dir();
-    let daemon = Daemon::start_in(dir.path(), "").await;
+    let daemon = Daemon::with("").await;
     let m = metrics(&daemon).await;
     assert!(
         m.keys().all(|k| !k.starts_with("sensorgate_uplink_")),
         "{m:?}"
     );
     assert!(m.contains_key("sensorgate_writer_commit_seconds_sum"));
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
     let conn = rusqlite::Connection::open(dir.path().join("sensorgate.db")).unwrap();
     let rows: i64 = conn
         .query_row("SELECT COUNT(*) FROM uplink_cursor", [], |r| r.get(0))
@@ -808,19 +804,13 @@ async fn a_changed_or_deleted_reading_reaches_the_broker_apart_from_readings() {
     let broker = Broker::start().await;
     let gw = gateway();
     let mut sub = Subscriber::start(broker.addr, &[&format!("sensorgate/{gw}/#")]).await;
-    let dir = temp_dir();
     let uplink = format!(
         "[uplink]\nbroker = \"mqtt://{}\"\ngateway = \"{gw}\"\ndiscovery = false\n",
         broker.addr
     );
-    let daemon = Daemon::start_in(dir.path(), &uplink).await;
+    let daemon = Daemon::with(&uplink).await;
     sub.until(PATIENCE, status_is(&gw, "online")).await;
-    let (_, sensor) = daemon
-        .post(
-            "/api/v1/sensores/",
-            r#"{"tipo": "temperatura", "modelo": "DHT22"}"#,
-        )
-        .await;
+    let sensor = daemon.create_sensor(SENSOR).await;
     let sensor_id = sensor["id"].as_i64().unwrap();
     let body =
         json!({"sensor_id": sensor_id, "tipo": "temperatura", "valor": 85.0, "unidad": "°C"});
@@ -840,7 +830,7 @@ async fn a_changed_or_deleted_reading_reaches_the_broker_apart_from_readings() {
         })
         .await;
     got.extend(sub.drain(Duration::from_millis(300)).await);
-    daemon.stop().await;
+    let dir = daemon.stop().await.unwrap();
 
     // On the readings' topic, only the reading as it was taken.
     let readings = readings_in(&gw, &got);

@@ -1,203 +1,54 @@
-//! A real daemon on loopback for end-to-end tests, with a minimal HTTP/1.1 client and a
-//! real WebSocket client.
+//! The harness of the end-to-end tests: a real daemon on loopback that owns its data
+//! directory, a real WebSocket client, the one HTTP client (shared with the load
+//! benchmark), waits that poll for a condition, and the database read directly.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::{Path, PathBuf};
+pub mod daemon;
+pub mod events;
+pub mod http;
+pub mod process;
+pub mod socket;
+
+use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use sensorgate::config::Config;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio::net::TcpStream;
+
+pub use daemon::{config, Daemon, OPEN, SENSOR};
+pub use socket::{Client, Received};
 
 /// How long a test waits for something that should arrive at once.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A daemon started by a test; stops on [`Daemon::stop`].
-pub struct Daemon {
-    pub addr: std::net::SocketAddr,
-    pub data_dir: PathBuf,
-    /// Hands the daemon a new config, as SIGHUP does.
-    pub reload: tokio::sync::mpsc::Sender<Config>,
-    /// The admin token the daemon created on first start, sent with every request made
-    /// through [`Daemon::request`]; `None` under the `none` policy.
-    pub token: Option<String>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-/// A test daemon's config: `text` (TOML), with data in `data_dir`.
-/// Samples are committed as they come (the tests time their waits by the sample
-/// interval), unless the test is about the commit window and sets it.
-pub fn config(data_dir: &Path, text: &str) -> Config {
-    let mut config = Config::parse(text, Path::new("test.toml")).expect("test config is valid");
-    config.storage.data_dir = data_dir.to_owned();
-    if !text.contains("commit_window_ms") {
-        config.storage.commit_window_ms = 0;
-    }
-    config
-}
-
-impl Daemon {
-    /// Starts a daemon on `127.0.0.1:0` with the given config.
-    pub async fn start(config: Config) -> Daemon {
-        Daemon::start_answering(config, &[200]).await
-    }
-
-    /// Starts a daemon, ready once `/healthz` answers one of `ready` (503 for a daemon
-    /// whose storage fails from the start).
-    pub async fn start_answering(config: Config, ready: &[u16]) -> Daemon {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let data_dir = config.storage.data_dir.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (reload, reloads) = tokio::sync::mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stopped.await;
-            };
-            sensorgate::app::run(config, listener, stopped, reloads)
-                .await
-                .expect("daemon runs");
-        });
-        let mut daemon = Daemon {
-            addr,
-            data_dir,
-            reload,
-            token: None,
-            stop: Some(stop),
-            task: Some(task),
-        };
-        // Ready when it answers.
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok((status, _)) = daemon.try_request("GET", "/healthz", None).await {
-                if ready.contains(&status) {
-                    break;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "daemon did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits until `check` gives a value, looking again every few milliseconds; panics with
+/// `what` after twice [`PATIENCE`].
+pub async fn until<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        if let Some(found) = check().await {
+            return found;
         }
-        daemon.token = std::fs::read_to_string(daemon.data_dir.join("admin.token"))
-            .ok()
-            .map(|t| t.trim().to_owned());
-        daemon
-    }
-
-    /// Starts a daemon with default settings in `dir` and `extra` config.
-    pub async fn start_in(dir: &Path, extra: &str) -> Daemon {
-        Daemon::start(config(dir, extra)).await
-    }
-
-    /// Stops the daemon the way SIGTERM does and waits for it.
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(PATIENCE, task)
-                .await
-                .expect("daemon stops in time")
-                .expect("daemon task ends cleanly");
-        }
-    }
-
-    /// One HTTP request; returns status and the body parsed as JSON (Null if empty or not JSON).
-    pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let (status, body) = self.try_request(method, path, body).await.expect("request");
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-    }
-
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.request("GET", path, None).await
-    }
-
-    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        self.request("POST", path, Some(body)).await
-    }
-
-    pub async fn put(&self, path: &str, body: &str) -> (u16, Value) {
-        self.request("PUT", path, Some(body)).await
-    }
-
-    pub async fn delete(&self, path: &str) -> (u16, Value) {
-        self.request("DELETE", path, None).await
-    }
-
-    /// A raw request with `Connection: close`; returns status and raw body bytes.
-    pub async fn try_request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-    ) -> std::io::Result<(u16, Vec<u8>)> {
-        let body = body.unwrap_or("");
-        let auth = self
-            .token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {:?} in vain for {what}",
+            PATIENCE * 2
         );
-        let raw = raw_exchange(self.addr, [head.as_bytes(), body.as_bytes()].concat()).await?;
-        Ok(split_response(&raw))
+        tokio::time::sleep(daemon::POLL).await;
     }
+}
 
-    /// Opens a WebSocket at `path_and_query` (e.g. `/api/v1/ws?channel=sensors`).
-    pub async fn websocket(&self, path_and_query: &str) -> Client {
-        let url = format!("ws://{}{}", self.addr, path_and_query);
-        let (socket, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket connects");
-        Client { socket }
-    }
-
-    /// The value of one sample (`name{labels}`) in `/metrics`, if it is there.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let (status, body) = self
-            .try_request("GET", "/metrics", None)
-            .await
-            .expect("metrics");
-        assert_eq!(status, 200);
-        let wanted = format!("{series} ");
-        String::from_utf8_lossy(&body).lines().find_map(|line| {
-            let value = line.strip_prefix(&wanted)?;
-            Some(
-                value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{line}: not a number")),
-            )
-        })
-    }
-
-    /// The store's last `seq`, from `/healthz`.
-    pub async fn last_seq(&self) -> u64 {
-        self.storage_figure("last_seq").await
-    }
-
-    /// Transactions the writer has committed, from `/healthz`.
-    pub async fn commits(&self) -> u64 {
-        self.storage_figure("commits").await
-    }
-
-    async fn storage_figure(&self, name: &str) -> u64 {
-        self.get("/healthz").await.1["storage"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no storage.{name} in /healthz"))
-    }
+/// The database in a daemon's data directory, opened beside the daemon.
+pub fn database(data_dir: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(data_dir.join("sensorgate.db")).unwrap();
+    conn.busy_timeout(PATIENCE).unwrap();
+    conn
 }
 
 /// Sends raw bytes, reads until the server closes.
@@ -228,75 +79,6 @@ pub fn split_response(raw: &[u8]) -> (u16, Vec<u8>) {
         .map(|p| p + 4)
         .unwrap_or(raw.len());
     (status, raw[body_start..].to_vec())
-}
-
-/// A test's WebSocket client.
-pub struct Client {
-    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-/// What a client received, other than JSON text.
-#[derive(Debug, PartialEq)]
-pub enum Received {
-    Json(Value),
-    Closed(Option<u16>, String),
-}
-
-impl Client {
-    /// The next message, skipping pings; panics after [`PATIENCE`].
-    pub async fn next(&mut self) -> Received {
-        self.next_within(PATIENCE).await.expect("a message in time")
-    }
-
-    /// The next message, or `None` if nothing arrives within `wait`.
-    pub async fn next_within(&mut self, wait: Duration) -> Option<Received> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let message = tokio::time::timeout_at(deadline, self.socket.next())
-                .await
-                .ok()?;
-            match message {
-                Some(Ok(Message::Text(text))) => {
-                    return Some(Received::Json(
-                        serde_json::from_str(&text).expect("JSON text"),
-                    ))
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Some(Received::Closed(
-                        frame.as_ref().map(|f| u16::from(f.code)),
-                        frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    ))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Some(Received::Closed(None, e.to_string())),
-                None => return Some(Received::Closed(None, "stream ended".into())),
-            }
-        }
-    }
-
-    /// The next JSON message; panics on anything else.
-    pub async fn json(&mut self) -> Value {
-        match self.next().await {
-            Received::Json(v) => v,
-            other => panic!("expected JSON, got {other:?}"),
-        }
-    }
-
-    /// Skips the connection and stats greeting, checking its shape.
-    pub async fn greeted(mut self) -> Client {
-        let connection = self.json().await;
-        assert_eq!(connection["type"], "connection");
-        let stats = self.json().await;
-        assert_eq!(stats["type"], "stats");
-        self
-    }
-
-    pub async fn send_text(&mut self, text: &str) {
-        self.socket
-            .send(Message::text(text.to_owned()))
-            .await
-            .unwrap();
-    }
 }
 
 /// A fresh temporary data directory.
@@ -427,21 +209,59 @@ pub async fn salud_until(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    until(what, || async {
         let salud = salud(daemon, id).await;
-        if done(&salud) {
-            return salud;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: salud is {salud}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        done(&salud).then_some(salud)
+    })
+    .await
+}
+
+/// The last error a `salud` names; empty if none.
+pub fn last_error(salud: &Value) -> &str {
+    salud["ultimo_error"].as_str().unwrap_or_default()
 }
 
 /// How many read outcomes of `kind` a `salud` counted.
 pub fn count(salud: &Value, kind: &str) -> u64 {
     salud["conteo"][kind].as_u64().unwrap_or(0)
+}
+
+/// The daemon's binary, as cargo built it for the tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_sensorgate");
+
+/// What a run of the `sensorgate` binary gave.
+pub struct Run {
+    /// Whether it exited 0.
+    pub ok: bool,
+    /// Its exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `sensorgate` with `args`, as an operator would, and waits for it.
+pub fn sensorgate<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Run {
+    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes `text` to the file `name` in `dir` and runs `sensorgate check-config` on it.
+pub fn check_config(dir: &Path, name: &str, text: &str) -> Run {
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    sensorgate(["check-config".as_ref(), file.as_os_str()])
+}
+
+/// A `[[sensor]]` table: `name`, of `tipo` and `modelo`, sampled every `interval_s` from
+/// `source` (an inline TOML table).
+pub fn sensor_table(name: &str, tipo: &str, modelo: &str, interval_s: f64, source: &str) -> String {
+    format!(
+        "[[sensor]]\nname = \"{name}\"\ntipo = \"{tipo}\"\nmodelo = \"{modelo}\"\n\
+         interval_s = {interval_s:?}\nsource = {source}\n"
+    )
 }
