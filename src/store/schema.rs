@@ -294,13 +294,9 @@ fn check_room_to_rewrite_readings(
     if current == 0 || current >= READINGS_REWRITTEN_AT || wanted < READINGS_REWRITTEN_AT {
         return Ok(());
     }
-    // Ids of the old `readings` table are its rowids: the span is read from the index's
-    // two ends, not by counting a million rows.
-    let readings: i64 = conn.query_row(
-        "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM readings",
-        [],
-        |row| row.get(0),
-    )?;
+    // Counted, not taken from the span of ids: retention may have removed readings from
+    // the middle of it. A million readings count in well under a second.
+    let readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |row| row.get(0))?;
     let readings = readings.max(0) as u64;
     let needed = readings * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
     if free < needed {
@@ -391,7 +387,7 @@ mod tests {
     }
 
     /// A database as the build before the readings' rewrite left it, with `readings`
-    /// readings of one sensor.
+    /// readings of one sensor in a row and one more far past them.
     fn database_before_the_rewrite(path: &std::path::Path, readings: i64) -> Connection {
         let mut conn = Connection::open(path).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
@@ -410,6 +406,13 @@ mod tests {
             [readings],
         )
         .unwrap();
+        // Retention took readings from the middle: the ids span far more than are left.
+        tx.execute(
+            "INSERT INTO readings (id, sensor_id, ts, tipo, valor, unidad) \
+             VALUES (?1 * 1000, 1, ?1 * 2000000000, 'temperatura', 0, '°C')",
+            [readings],
+        )
+        .unwrap();
         tx.commit().unwrap();
         conn
     }
@@ -418,14 +421,14 @@ mod tests {
     fn an_upgrade_that_would_fill_the_file_system_is_refused_before_it_writes() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = database_before_the_rewrite(&dir.path().join("old.db"), 1000);
-        let needed = 1000 * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
+        let needed = 1001 * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
         let refused = migrate_with_room(&mut conn, SCHEMA_VERSION, Some(needed - 1));
         assert!(
             matches!(
                 refused,
                 Err(StoreError::NoRoomToUpgrade {
                     version: READINGS_REWRITTEN_AT,
-                    readings: 1000,
+                    readings: 1001,
                     ..
                 })
             ),
@@ -440,7 +443,7 @@ mod tests {
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM reading_rows", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(rows, 1000);
+        assert_eq!(rows, 1001);
         // Past the rewrite, a full card stops no upgrade: the next ones add a table
         // or a column.
         migrate_with_room(&mut conn, SCHEMA_VERSION, Some(0)).unwrap();
