@@ -736,10 +736,19 @@ async fn write_frames(
             for frame in frames {
                 let message = match frame {
                     Frame::Event(event) => {
+                        // A frame is made from text, so the check passes; it reads the
+                        // bytes once and does not copy them. Were it ever to fail, the
+                        // event is left out and said so, never sent as an empty message.
+                        let Ok(text) = Utf8Bytes::try_from(event.frame.shared()) else {
+                            log::error!(
+                                "event {} has a frame that is not UTF-8; not sent",
+                                event.seq
+                            );
+                            continue;
+                        };
                         sent[event.channel.index()] += 1;
                         newest = Some(event.seq);
-                        // A frame is made from text: this checks it, it does not copy it.
-                        Message::Text(Utf8Bytes::try_from(event.frame.shared()).unwrap_or_default())
+                        Message::Text(text)
                     }
                     Frame::Text(text) => Message::Text(text),
                     Frame::Ping => Message::Ping(Default::default()),
