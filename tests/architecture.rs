@@ -524,17 +524,15 @@ impl Crate {
         for file in &krate.files {
             let (text, _) = strip_comments(&file.text);
             for statement in String::from_utf8_lossy(&text).split(';') {
-                let Some(at) = statement
-                    .find("pub use ")
-                    .or_else(|| statement.find("pub(crate) use "))
-                else {
+                // Any `use`, not only a public one: a private import is seen by the
+                // module's descendants, which reach it as `super::Name` or `crate::Name`.
+                let Some(tree) = use_tree_of(statement) else {
                     continue;
                 };
-                let tree = &statement[at..];
-                let tree = &tree[tree.find("use ").unwrap() + 4..];
                 let tree: String = tree.split_whitespace().collect::<Vec<_>>().join(" ");
                 for path in expand_use_tree(&tree) {
-                    let Some(name) = path.last().cloned() else {
+                    // A glob names nothing: `use super::*` in a test module is no door.
+                    let Some(name) = path.last().filter(|n| *n != "*").cloned() else {
                         continue;
                     };
                     let Some(target) = absolute(&file.module, &path, file.is_dir_module) else {
@@ -661,14 +659,42 @@ fn permits(entry: &str, to: &[String]) -> bool {
     to.len() >= segments.len() && to.iter().zip(&segments).all(|(a, b)| a == b)
 }
 
-/// The lines of `text` that name the crate `name` in code (`name::...`).
+/// The tree of the `use` declaration a statement (text up to a `;`) ends with, of any
+/// visibility: `pub use a::b`, `pub(super) use {a, b}`, `use a as b`.
+fn use_tree_of(statement: &str) -> Option<&str> {
+    let at = statement.rfind("use ")?;
+    let head = &statement[..at];
+    let start = head.rfind(['\n', '{', '}', ']']).map_or(0, |i| i + 1);
+    let visibility = head[start..].trim();
+    let is_visibility = visibility.is_empty()
+        || visibility == "pub"
+        || (visibility.starts_with("pub(") && visibility.ends_with(')'));
+    is_visibility.then(|| &statement[at + 4..])
+}
+
+/// The lines of `text` that name the crate `name` in code: as a path (`name::...`, also
+/// `::name::...`) or in a `use` (`use name as other`).
 fn lines_naming_crate(text: &str, name: &str) -> Vec<usize> {
     let (bytes, _) = strip_comments(text);
-    let pattern = format!("{name}::");
     let mut lines = Vec::new();
     for i in 0..bytes.len() {
-        let before_ok = i == 0 || !(is_ident_byte(bytes[i - 1]) || bytes[i - 1] == b':');
-        if before_ok && bytes[i..].starts_with(pattern.as_bytes()) {
+        if !bytes[i..].starts_with(name.as_bytes()) {
+            continue;
+        }
+        let after = bytes.get(i + name.len()).copied();
+        if after.is_some_and(is_ident_byte) {
+            continue;
+        }
+        // `other::name` is another crate's module of that name; `::name` is this one.
+        let before = &bytes[..i];
+        let mid_path = before.ends_with(b"::")
+            && before[..before.len() - 2]
+                .last()
+                .is_some_and(|&b| is_ident_byte(b));
+        let in_word = before
+            .last()
+            .is_some_and(|&b| is_ident_byte(b) || b == b'.');
+        if !mid_path && !in_word {
             let line = bytes[..i].iter().filter(|&&b| b == b'\n').count() + 1;
             if lines.last() != Some(&line) {
                 lines.push(line);
@@ -746,6 +772,25 @@ fn violations(krate: &Crate) -> Vec<String> {
     }
     for file in &krate.files {
         let Some(module) = top(&file.module) else {
+            // The crate root declares modules and nothing else: a `use` there would let
+            // every module reach anything as `crate::Name`, past the table.
+            let (text, _) = strip_comments(&file.text);
+            let text = String::from_utf8_lossy(&text);
+            let mut line = 1;
+            for statement in text.split_inclusive(';') {
+                if let Some(tree) = use_tree_of(statement.trim_end_matches(';')) {
+                    let at = line
+                        + statement[..statement.len() - tree.len()]
+                            .matches('\n')
+                            .count();
+                    problems.push(format!(
+                        "{}:{at}: the crate root imports `{}`; it declares modules only",
+                        file.shown,
+                        tree.trim().trim_end_matches(';')
+                    ));
+                }
+                line += statement.matches('\n').count();
+            }
             continue;
         };
         for (name, owners, _) in OWNED_CRATES {
@@ -836,6 +881,48 @@ fn the_table_names_every_module_once_and_has_no_circle() {
         circles(&graph),
         Vec::<Vec<String>>::new(),
         "the table itself has a circle"
+    );
+}
+
+#[test]
+fn imports_through_the_root_private_re_exports_and_renamed_crates_are_seen() {
+    let krate = fixture(&[
+        ("lib.rs", "pub mod store;\npub mod sensors;\npub mod api;\nuse store::Store;\n"),
+        (
+            "store/mod.rs",
+            "mod writer;\nmod publisher;\npub struct Store;\npub(super) use writer::Sample;\nuse writer::Batch;\n",
+        ),
+        ("store/writer.rs", "use super::publisher::Publish;\n"),
+        ("store/publisher.rs", "use super::Batch;\n"),
+        ("sensors.rs", "use crate::Store;\nfn f(_: ::rusqlite::Connection) {}\n"),
+        ("api.rs", "use rusqlite as db;\nuse tokio_tungstenite::tungstenite::Message;\n"),
+    ]);
+    let problems = violations(&krate);
+    assert!(
+        problems.contains(
+            &"src/lib.rs:4: the crate root imports `store::Store`; it declares modules only"
+                .to_string()
+        ),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| p
+            .starts_with("import circle inside `store` between publisher, writer:")
+            && p.contains("src/store/publisher.rs:1")),
+        "a private re-export in mod.rs still draws the arrow to where the name lives: {problems:#?}"
+    );
+    for expected in [
+        "src/sensors.rs:2: sensors uses `rusqlite`, which only store may use",
+        "src/api.rs:1: api uses `rusqlite`, which only store may use",
+    ] {
+        assert!(
+            problems.contains(&expected.to_string()),
+            "{expected}: {problems:#?}"
+        );
+    }
+    assert!(
+        !problems.iter().any(|p| p.contains("tungstenite")),
+        "a module of another crate is not the crate: {problems:#?}"
     );
 }
 
