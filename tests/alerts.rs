@@ -620,13 +620,10 @@ async fn a_firing_alert_is_notified_again_until_acknowledged() {
             .then_some(())
     })
     .await;
-    let (status, acked) = daemon
-        .post(
-            &format!("/api/v1/alertas/{rule}/ack"),
-            &json!({"by": "eva"}).to_string(),
-        )
+    let ack = format!("/api/v1/alertas/{rule}/ack");
+    let acked = daemon
+        .expect("POST", &ack, Some(r#"{"by": "eva"}"#), 200)
         .await;
-    assert_eq!(status, 200, "{acked}");
     let acked_at = micros(&acked["state"]["acknowledged"]["at"]);
     // A second rule, never acknowledged, shows the clock going on: once it has been
     // notified again well after the acknowledgement, the first one was due as often.
@@ -692,13 +689,9 @@ async fn a_sensor_gone_offline_does_not_fire_a_value_rule_with_its_stale_value()
         .subscribe("/api/v1/ws?channel=general&event_type=sensor_offline")
         .await;
     // Every read fails from now on: the sensor goes offline.
-    let (status, _) = daemon
-        .put(
-            &format!("/api/v1/sensores/{sensor}"),
-            &json!({"fuente": source(1.0)}).to_string(),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let failing = json!({"fuente": source(1.0)}).to_string();
+    let path = format!("/api/v1/sensores/{sensor}");
+    daemon.expect("PUT", &path, Some(&failing), 200).await;
     let offline = next_event(&mut socket).await;
     assert_eq!(offline["event_type"], "sensor_offline");
     // Dropped once the sensor is offline, rather than left to fire an hour later on a

@@ -233,8 +233,7 @@ async fn posted_readings_are_stored_pushed_and_filtered() {
 #[tokio::test]
 async fn bad_input_is_rejected_and_changes_nothing() {
     let daemon = Daemon::with("[server]\nmax_body_bytes = 2048\n").await;
-    let sensor = daemon.create_sensor(SENSOR).await;
-    let id = sensor["id"].as_i64().unwrap();
+    let id = daemon.create_sensor(SENSOR).await["id"].as_i64().unwrap();
     let mut sensors_client = daemon.subscribe("/api/v1/ws?channel=sensors").await;
     let mut readings_client = daemon.subscribe("/api/v1/ws?channel=readings").await;
     let seq_before = daemon.last_seq().await;
@@ -398,13 +397,10 @@ async fn bad_input_is_rejected_and_changes_nothing() {
         ("GET", "/api/v1/ws/test-event", "POST"),
         ("POST", "/api/v1/tokens/kitchen", "DELETE"),
     ] {
-        let raw = common::raw_exchange(
-            daemon.addr,
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-                .into_bytes(),
-        )
-        .await
-        .unwrap();
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        let raw = common::raw_exchange(daemon.addr, request.into_bytes())
+            .await
+            .unwrap();
         let head = String::from_utf8_lossy(&raw).to_lowercase();
         assert!(head.starts_with("http/1.1 405"), "{method} {path}: {head}");
         assert!(
@@ -489,9 +485,8 @@ async fn channels_are_isolated() {
         .await;
     assert_eq!(one["channel"], "readings");
     assert_eq!(one["connections"], 1);
-    daemon
-        .expect("GET", "/api/v1/ws/stats/weather", None, 404)
-        .await;
+    let unknown_channel = "/api/v1/ws/stats/weather";
+    daemon.expect("GET", unknown_channel, None, 404).await;
     daemon.stop().await;
 }
 

@@ -32,6 +32,14 @@ struct SseEvent {
 }
 
 impl EventStream {
+    /// Opens a stream as [`EventStream::open`] and reads its first frame, which must ask
+    /// for a 2 s reconnection delay.
+    async fn open_past_retry(addr: SocketAddr, path: &str, headers: &str) -> EventStream {
+        let mut stream = EventStream::open(addr, path, headers).await;
+        assert_eq!(stream.next().await.retry, Some(2000));
+        stream
+    }
+
     /// Opens a stream; asserts the response is a chunked `text/event-stream`.
     async fn open(addr: SocketAddr, path: &str, headers: &str) -> EventStream {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -194,13 +202,12 @@ async fn event_stream_delivers_and_resumes_exactly() {
 
     // Resume with Last-Event-ID while more readings are being posted.
     let producer = post_in_background(daemon.addr, vec![x, y], 100);
-    let mut resumed = EventStream::open(
+    let mut resumed = EventStream::open_past_retry(
         daemon.addr,
         "/api/v1/events?channel=readings",
         "Last-Event-ID: 4\r\n",
     )
     .await;
-    assert_eq!(resumed.next().await.retry, Some(2000));
     producer.await.unwrap();
     let marker = daemon.last_seq().await;
     let got = resumed.events_until(marker).await;
@@ -212,13 +219,12 @@ async fn event_stream_delivers_and_resumes_exactly() {
     assert_exactly_stored(daemon.dir(), "readings", 10, &more);
 
     // Resume with ?since, filtered to one sensor.
-    let mut since = EventStream::open(
+    let mut since = EventStream::open_past_retry(
         daemon.addr,
         &format!("/api/v1/events?channel=readings&since=6&sensor_id={y}"),
         "",
     )
     .await;
-    assert_eq!(since.next().await.retry, Some(2000));
     let expected: Vec<Stored> = stored(daemon.dir(), "readings", 6, marker)
         .into_iter()
         .filter(|e| e.frame["data"]["sensor_id"] == y)
@@ -232,25 +238,23 @@ async fn event_stream_delivers_and_resumes_exactly() {
 
     // A browser reconnecting to a URL with `since` and `snapshot` sends what it saw
     // last: it resumes from there, with no second snapshot and nothing seen again.
-    let mut reconnected = EventStream::open(
+    let mut reconnected = EventStream::open_past_retry(
         daemon.addr,
         "/api/v1/events?channel=readings&since=6&snapshot=true",
         &format!("Last-Event-ID: {}\r\n", marker - 2),
     )
     .await;
-    assert_eq!(reconnected.next().await.retry, Some(2000));
     let got = reconnected.events_until(marker).await;
     assert_eq!(seqs(&got), [marker - 1, marker]);
     assert!(reconnected.next_within(QUIET).await.is_none());
 
     // A snapshot carries its seq as id.
-    let mut snap = EventStream::open(
+    let mut snap = EventStream::open_past_retry(
         daemon.addr,
         &format!("/api/v1/events?channel=readings&snapshot=true&sensor_id={x}"),
         "",
     )
     .await;
-    assert_eq!(snap.next().await.retry, Some(2000));
     let snapshot = snap.next().await;
     let data = snapshot.data.unwrap();
     assert_eq!(data["type"], "snapshot");

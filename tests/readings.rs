@@ -445,20 +445,11 @@ async fn a_deleted_latest_value_falls_back_past_a_reading_from_the_far_future() 
         assert_eq!(now, Some(latest), "{why}");
     }
     // Correcting its time brings it back among the others.
-    let (status, _) = daemon
-        .put(
-            &format!("/api/v1/lecturas/{far}"),
-            &json!({"timestamp": at(5)}).to_string(),
-        )
-        .await;
-    assert_eq!(status, 200);
-    let (status, answer) = daemon
-        .put(
-            &format!("/api/v1/lecturas/{far}"),
-            r#"{"timestamp": "9999-12-31T23:59:59Z"}"#,
-        )
-        .await;
-    assert_eq!(status, 422, "{answer}");
+    let corrected = json!({"timestamp": at(5)}).to_string();
+    let path = format!("/api/v1/lecturas/{far}");
+    daemon.expect("PUT", &path, Some(&corrected), 200).await;
+    let far_future = r#"{"timestamp": "9999-12-31T23:59:59Z"}"#;
+    let answer = daemon.expect("PUT", &path, Some(far_future), 422).await;
     assert_eq!(answer["errors"][0]["field"], "timestamp");
     daemon.stop().await;
 }

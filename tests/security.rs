@@ -127,14 +127,11 @@ async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
 async fn policy_all_closes_reads_and_the_socket() {
     let daemon = Daemon::with("[auth]\npolicy = \"all\"\n").await;
     let read = create_token(&daemon, "reader", "read");
-    daemon
-        .as_token(None)
+    let (anonymous, reader) = (daemon.as_token(None), daemon.as_token(Some(&read)));
+    anonymous
         .expect("GET", "/api/v1/sensores/", None, 401)
         .await;
-    daemon
-        .as_token(Some(&read))
-        .expect("GET", "/api/v1/sensores/", None, 200)
-        .await;
+    reader.expect("GET", "/api/v1/sensores/", None, 200).await;
     assert_eq!(
         daemon
             .as_token(None)
@@ -239,16 +236,11 @@ async fn tokens_are_managed_over_rest_by_admins() {
         .unwrap()
         .iter()
         .all(|t| t.get("token").is_none() && t.get("hash").is_none()));
-    daemon
-        .expect("DELETE", "/api/v1/tokens/phone", None, 200)
-        .await;
-    daemon
-        .as_token(Some(&phone))
-        .expect("GET", "/api/v1/sensores/", None, 401)
-        .await;
-    daemon
-        .expect("DELETE", "/api/v1/tokens/phone", None, 404)
-        .await;
+    let phone_token = "/api/v1/tokens/phone";
+    daemon.expect("DELETE", phone_token, None, 200).await;
+    let revoked = daemon.as_token(Some(&phone));
+    revoked.expect("GET", "/api/v1/sensores/", None, 401).await;
+    daemon.expect("DELETE", phone_token, None, 404).await;
     daemon.stop().await;
 }
 
@@ -439,13 +431,11 @@ async fn hard_limits_refuse_clearly_and_others_are_still_served() {
     daemon.expect("GET", &long, None, 414).await;
     // Too many headers.
     let headers: String = (0..40).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let raw = common::raw_exchange(
-        daemon.addr,
-        format!("GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n")
-            .into_bytes(),
-    )
-    .await
-    .unwrap();
+    let request =
+        format!("GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n");
+    let raw = common::raw_exchange(daemon.addr, request.into_bytes())
+        .await
+        .unwrap();
     assert_eq!(split_response(&raw).0, 431);
     // A slow client sending headers forever is cut off.
     let mut slow = TcpStream::connect(daemon.addr).await.unwrap();
@@ -556,13 +546,9 @@ async fn control_characters_are_refused_and_csv_cells_never_run_as_formulas() {
     }
     let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
-    let (status, answer) = daemon
-        .put(
-            &format!("/api/v1/sensores/{id}"),
-            &json!({"ubicacion": "shed\u{85}"}).to_string(),
-        )
-        .await;
-    assert_eq!(status, 422, "{answer}");
+    let body = json!({"ubicacion": "shed\u{85}"}).to_string();
+    let path = format!("/api/v1/sensores/{id}");
+    let answer = daemon.expect("PUT", &path, Some(&body), 422).await;
     assert_eq!(answer["errors"][0]["field"], "ubicacion");
     assert_eq!(
         daemon.get(&format!("/api/v1/sensores/{id}")).await.1["ubicacion"],

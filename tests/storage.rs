@@ -1266,12 +1266,8 @@ async fn below_the_free_space_floor_the_oldest_readings_go_and_the_rollups_stay(
         "{pruned}"
     );
     assert!(pruned["data"]["free_bytes"].as_u64() < pruned["data"]["floor_bytes"].as_u64());
-    assert!(
-        daemon
-            .metric("sensorgate_storage_pruned_readings_total")
-            .await
-            > Some(0.0)
-    );
+    let pruned_total = daemon.metric("sensorgate_storage_pruned_readings_total");
+    assert!(pruned_total.await > Some(0.0));
     let (_, health) = daemon.get("/healthz").await;
     assert_eq!(health["status"], "ok", "nothing else breaks: {health}");
     assert!(health["storage"]["pruned_readings"].as_u64() > Some(0));
@@ -1340,12 +1336,8 @@ async fn a_write_budget_widens_the_commit_window() {
     })
     .await;
     assert!(widened.is_ok(), "the window never reached its bound");
-    assert!(
-        daemon
-            .metric("sensorgate_storage_write_budget_used_ratio")
-            .await
-            > Some(1.0)
-    );
+    let budget_used = daemon.metric("sensorgate_storage_write_budget_used_ratio");
+    assert!(budget_used.await > Some(1.0));
     let (_, health) = daemon.get("/healthz").await;
     assert!(
         health["storage"]["written_bytes_per_day"].as_u64() > Some(1_000_000),

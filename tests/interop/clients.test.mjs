@@ -12,12 +12,12 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { chromium } from "playwright-core";
 import WebSocketPackage from "ws";
+import { CHROMIUM, CHROMIUM_ARGS } from "./chromium.mjs";
 import { Daemon, entityEvents, waitFor } from "./daemon.mjs";
 import { countedWebSocket, definedIn, localSocket, pageSocket } from "./recording-socket.mjs";
 import { CLOSE_WAIT_MS, checkCleanClose, socketChecks } from "./socket-checks.mjs";
 import { SensorgateClient } from "../../assets/sensorgate.js";
 
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const NodeWebSocket = globalThis.WebSocket;
 const WS_VERSION = (await import("ws/package.json", { with: { type: "json" } })).default.version;
 
@@ -32,15 +32,7 @@ before(async () => {
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
+    args: CHROMIUM_ARGS,
   });
   page = await browser.newPage();
   // A page of the daemon's own origin, so that its sockets pass the Origin check.

@@ -353,41 +353,40 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(
     let Ok(server) = TcpStream::connect(target).await else {
         return;
     };
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = server.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if flow.hold.load(Ordering::SeqCst) {
-                continue;
-            }
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    let down = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match server_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            *flow.last_down.lock().unwrap() = Instant::now();
-            if client_write.write_all(&buf[..n]).await.is_err()
-                || client_write.flush().await.is_err()
-            {
-                break;
-            }
-        }
-    };
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = server.into_split();
+    let up = relay(client_read, server_write, || {
+        !flow.hold.load(Ordering::SeqCst)
+    });
+    let down = relay(server_read, client_write, || {
+        *flow.last_down.lock().unwrap() = Instant::now();
+        true
+    });
     tokio::select! {
         _ = up => {}
         _ = down => {}
+    }
+}
+
+/// Copies from `from` to `to` until either side closes; a chunk is passed on only when
+/// `pass` says so, and read all the same otherwise.
+async fn relay<R, W>(mut from: R, mut to: W, mut pass: impl FnMut() -> bool)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !pass() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
+            break;
+        }
     }
 }
 
