@@ -16,9 +16,10 @@
 //! between the broker taking a publish and its PUBACK arriving sends that event again,
 //! with the same `seq`, which consumers use to drop it.
 //!
-//! `settings` resolves the configured broker, identity and TLS into what the client
-//! needs; `runner` owns the connection loop and the cursor; `topics`, `discovery` and
-//! `tracker` are the pure parts it uses.
+//! `configured` is the `[uplink]` table as the config file gives it; `settings`
+//! resolves its broker, identity and TLS into what the client needs; `runner` owns the
+//! connection loop and the cursor; `topics`, `discovery` and `tracker` are the pure parts
+//! it uses.
 
 mod configured;
 mod discovery;
