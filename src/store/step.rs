@@ -204,6 +204,26 @@ impl Step<'_> {
         Ok(())
     }
 
+    /// A stored reading's `updated` or `deleted` event, as [`Self::sensor_event`] is a
+    /// sensor's.
+    fn reading_change_event(
+        &mut self,
+        event_type: &str,
+        reading: &Reading,
+        changed: &[&str],
+    ) -> rusqlite::Result<()> {
+        let frame = events::reading_change_frame(event_type, reading, changed, self.now, *self.seq);
+        self.record(
+            Channel::Readings,
+            event_type,
+            Some(reading.sensor_id),
+            Some(&reading.tipo),
+            frame,
+            Body::Reading(reading.clone()),
+        )?;
+        Ok(())
+    }
+
     pub(super) fn create_sensor(&mut self, new: NewSensor) -> Result<Sensor, rusqlite::Error> {
         let fuente = new.fuente.as_ref().map(Value::to_string);
         self.tx
@@ -341,16 +361,7 @@ impl Step<'_> {
             .execute(params![id, series, reading.valor, reading.timestamp])?;
         self.readings.note_moved(reading.timestamp, id);
         self.derived_after_change(&old, Some(&reading))?;
-        let frame =
-            events::reading_change_frame("updated", &reading, &changed, self.now, *self.seq);
-        self.record(
-            Channel::Readings,
-            "updated",
-            Some(reading.sensor_id),
-            Some(&reading.tipo),
-            frame,
-            Body::Reading(reading.clone()),
-        )?;
+        self.reading_change_event("updated", &reading, &changed)?;
         Ok(Ok(reading))
     }
 
@@ -370,15 +381,7 @@ impl Step<'_> {
             .prepare_cached("DELETE FROM reading_rows WHERE id = ?1")?
             .execute([id])?;
         self.derived_after_change(&reading, None)?;
-        let frame = events::reading_change_frame("deleted", &reading, &[], self.now, *self.seq);
-        self.record(
-            Channel::Readings,
-            "deleted",
-            Some(reading.sensor_id),
-            Some(&reading.tipo),
-            frame,
-            Body::Reading(reading.clone()),
-        )?;
+        self.reading_change_event("deleted", &reading, &[])?;
         Ok(Ok(reading))
     }
 
