@@ -98,20 +98,25 @@ mod tests {
         }
     }
 
+    /// A DHT as the kernel's driver lays it out: temperature and humidity in milli-units.
+    fn dht_device(root: &Path, n: u32, temperature: &str, humidity: &str) -> PathBuf {
+        add_device(
+            root,
+            n,
+            "dht11",
+            &[
+                ("in_temp_input", temperature),
+                ("in_humidityrelative_input", humidity),
+            ],
+        )
+    }
+
     #[test]
     fn dht_device_is_found_by_name_and_read_in_milli_units() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         add_device(root, 0, "bmp280", &[("in_temp_input", "30000\n")]);
-        add_device(
-            root,
-            1,
-            "dht11",
-            &[
-                ("in_temp_input", "21500\n"),
-                ("in_humidityrelative_input", "40250\n"),
-            ],
-        );
+        dht_device(root, 1, "21500\n", "40250\n");
         let mut source = IioDhtSource::new(&dht_config(root), Duration::from_secs(1));
         assert_eq!(source.pacing(), Pacing::Every(Duration::from_secs(2)));
         assert!(!source.is_connected());
@@ -165,15 +170,7 @@ mod tests {
     #[test]
     fn dht_rejects_implausible_values_and_jumps() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "21000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
+        let dir = dht_device(tmp.path(), 0, "21000\n", "40000\n");
         let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
         assert!(source.read().unwrap().is_some());
 
@@ -190,15 +187,7 @@ mod tests {
     #[test]
     fn dht11_model_uses_its_narrower_range() {
         let tmp = tempfile::tempdir().unwrap();
-        add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "-5000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
+        dht_device(tmp.path(), 0, "-5000\n", "40000\n");
         let config = IioDhtConfig {
             model: DhtModel::Dht11,
             ..dht_config(tmp.path())
@@ -218,15 +207,7 @@ mod tests {
     #[test]
     fn missing_channel_file_is_a_loss_reported_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "21000\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
+        let dir = dht_device(tmp.path(), 0, "21000\n", "40000\n");
         let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
         assert!(source.read().unwrap().is_some());
 
@@ -235,15 +216,7 @@ mod tests {
         assert!(!source.is_connected());
         assert_eq!(source.read(), Ok(None));
 
-        add_device(
-            tmp.path(),
-            4,
-            "dht11",
-            &[
-                ("in_temp_input", "21500\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
+        dht_device(tmp.path(), 4, "21500\n", "40000\n");
         assert_eq!(source.read().unwrap().unwrap()[0].valor, 21.5);
         assert!(source.is_connected());
     }
@@ -251,15 +224,7 @@ mod tests {
     #[test]
     fn garbage_in_a_channel_is_malformed() {
         let tmp = tempfile::tempdir().unwrap();
-        add_device(
-            tmp.path(),
-            0,
-            "dht11",
-            &[
-                ("in_temp_input", "twenty\n"),
-                ("in_humidityrelative_input", "40000\n"),
-            ],
-        );
+        dht_device(tmp.path(), 0, "twenty\n", "40000\n");
         let mut source = IioDhtSource::new(&dht_config(tmp.path()), Duration::from_secs(2));
         assert!(matches!(source.read(), Err(SensorError::Malformed(_))));
         assert!(source.is_connected());
