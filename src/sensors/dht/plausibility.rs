@@ -128,19 +128,11 @@ impl PlausibilityFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sensors::dht::datasheet::Bounds;
+    use crate::sensors::dht::datasheet::DhtModel;
     use std::time::Duration;
 
-    const ROOM: Limits = Limits {
-        temperature: Bounds {
-            min: -40.0,
-            max: 80.0,
-        },
-        humidity: Bounds {
-            min: 0.0,
-            max: 100.0,
-        },
-    };
+    /// The DHT22's datasheet range, which the filter is tried against.
+    const ROOM: DhtModel = DhtModel::Dht22;
 
     fn r(temperature: f64, humidity: f64) -> Reading {
         Reading {
@@ -156,7 +148,7 @@ mod tests {
     #[test]
     fn accepts_first_reading_in_range_and_small_changes() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         assert_eq!(f.check(r(21.0, 40.0), t0), Ok(r(21.0, 40.0)));
         assert_eq!(f.check(r(22.5, 45.0), t0 + secs(2)), Ok(r(22.5, 45.0)));
     }
@@ -164,7 +156,7 @@ mod tests {
     #[test]
     fn rejects_out_of_range_without_touching_history() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         assert!(matches!(
             f.check(r(81.0, 40.0), t0),
             Err(SensorError::Implausible(_))
@@ -184,7 +176,7 @@ mod tests {
     #[test]
     fn rejects_doubled_and_halved_glitches_between_good_readings() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         f.check(r(21.0, 40.0), t0).unwrap();
         let doubled = f.check(r(42.0, 40.0), t0 + secs(2));
         assert!(
@@ -203,7 +195,7 @@ mod tests {
     #[test]
     fn allowance_grows_with_elapsed_time() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         f.check(r(20.0, 40.0), t0).unwrap();
         // 11 °C: too much after 2 s, fine after a minute (2 + 10 = 12 allowed).
         let mut early = f.clone();
@@ -214,7 +206,7 @@ mod tests {
     #[test]
     fn a_confirmed_step_is_followed_after_one_rejection() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         f.check(r(20.0, 40.0), t0).unwrap();
         assert!(f.check(r(30.0, 40.0), t0 + secs(2)).is_err());
         assert_eq!(f.check(r(30.2, 40.0), t0 + secs(4)), Ok(r(30.2, 40.0)));
@@ -225,7 +217,7 @@ mod tests {
     #[test]
     fn two_different_glitches_in_a_row_are_both_rejected() {
         let t0 = Instant::now();
-        let mut f = PlausibilityFilter::new(ROOM);
+        let mut f = PlausibilityFilter::new(ROOM.limits());
         f.check(r(20.0, 40.0), t0).unwrap();
         assert!(f.check(r(40.0, 40.0), t0 + secs(2)).is_err());
         assert!(f.check(r(10.0, 40.0), t0 + secs(4)).is_err());
