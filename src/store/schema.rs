@@ -285,15 +285,19 @@ const MIGRATION_MARGIN_BYTES: u64 = 16 * 1024 * 1024;
 /// Refuses, before anything is written, an upgrade across [`READINGS_REWRITTEN_AT`] that
 /// would fill the file system: it would fail at the full card after writing most of the
 /// copy, roll back, and do the same at every restart, wearing the card for nothing.
+/// `free` is asked only when that upgrade is due.
 fn check_room_to_rewrite_readings(
     conn: &Connection,
     current: u32,
     wanted: u32,
-    free: u64,
+    free: impl FnOnce() -> Option<u64>,
 ) -> Result<(), StoreError> {
     if current == 0 || current >= READINGS_REWRITTEN_AT || wanted < READINGS_REWRITTEN_AT {
         return Ok(());
     }
+    let Some(free) = free() else {
+        return Ok(());
+    };
     // Counted, not taken from the span of ids: retention may have removed readings from
     // the middle of it. A million readings count in well under a second.
     let readings: i64 = conn.query_row("SELECT COUNT(*) FROM readings", [], |row| row.get(0))?;
@@ -322,21 +326,24 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// Brings the database up to `version` and no further: [`migrate`], and how the upgrade
 /// tests make a database as an older build left it.
 pub fn migrate_up_to(conn: &mut Connection, version: u32) -> Result<(), StoreError> {
-    let free = conn
+    let directory = conn
         .path()
-        .map(std::path::Path::new)
-        .and_then(std::path::Path::parent)
-        .and_then(super::file_system_space)
-        .map(|(free, _)| free);
-    migrate_with_room(conn, version, free)
+        .and_then(|path| std::path::Path::new(path).parent())
+        .map(std::path::Path::to_owned);
+    migrate_with_room(conn, version, || {
+        directory
+            .as_deref()
+            .and_then(super::file_system_space)
+            .map(|(free, _)| free)
+    })
 }
 
-/// [`migrate_up_to`] on a file system with `free` bytes left (`None`: unknown, as for an
-/// in-memory database).
+/// [`migrate_up_to`] on a file system with the bytes `free` tells left (`None`: unknown,
+/// as for an in-memory database).
 fn migrate_with_room(
     conn: &mut Connection,
     version: u32,
-    free: Option<u64>,
+    free: impl FnOnce() -> Option<u64>,
 ) -> Result<(), StoreError> {
     let current: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if current > SCHEMA_VERSION {
@@ -346,9 +353,7 @@ fn migrate_with_room(
         });
     }
     let wanted = version.min(SCHEMA_VERSION) as usize;
-    if let Some(free) = free {
-        check_room_to_rewrite_readings(conn, current, wanted as u32, free)?;
-    }
+    check_room_to_rewrite_readings(conn, current, wanted as u32, free)?;
     for (version, sql) in MIGRATIONS
         .iter()
         .enumerate()
@@ -422,7 +427,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = database_before_the_rewrite(&dir.path().join("old.db"), 1000);
         let needed = 1001 * REWRITE_BYTES_PER_READING + MIGRATION_MARGIN_BYTES;
-        let refused = migrate_with_room(&mut conn, SCHEMA_VERSION, Some(needed - 1));
+        let refused = migrate_with_room(&mut conn, SCHEMA_VERSION, || Some(needed - 1));
         assert!(
             matches!(
                 refused,
@@ -439,14 +444,14 @@ mod tests {
             .unwrap();
         assert_eq!(version, READINGS_REWRITTEN_AT - 1, "nothing migrated");
 
-        migrate_with_room(&mut conn, SCHEMA_VERSION, Some(needed)).unwrap();
+        migrate_with_room(&mut conn, SCHEMA_VERSION, || Some(needed)).unwrap();
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM reading_rows", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1001);
         // Past the rewrite, a full card stops no upgrade: the next ones add a table
         // or a column.
-        migrate_with_room(&mut conn, SCHEMA_VERSION, Some(0)).unwrap();
+        migrate_with_room(&mut conn, SCHEMA_VERSION, || Some(0)).unwrap();
     }
 
     #[test]
