@@ -18,6 +18,7 @@ mod replay;
 mod retention;
 mod rollup;
 mod schema;
+mod seconds;
 mod settings;
 mod step;
 pub mod tokens;

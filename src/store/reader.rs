@@ -6,6 +6,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::seconds::{self, SECOND};
 use crate::events::{self, Body, Channel, Event};
 use crate::model::{parse_derived, parse_time, Calibration, Micros, Reading, Sensor};
 
@@ -140,21 +141,19 @@ pub struct ReadingFilter {
 }
 
 /// A reading's columns (`id, sensor_id, tipo, valor, unidad, ts, hora_dudosa`, as
-/// [`reading_from_row`] takes them) from `reading_rows r` and its series `s`, for
-/// queries by id. CROSS JOIN keeps the readings the outer loop.
-pub(super) const READING_COLUMNS: &str =
-    "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
-     FROM reading_rows r CROSS JOIN series s ON s.id = r.series";
+/// [`reading_from_row`] takes them) of `reading_rows r` and its series `s`.
+macro_rules! reading_fields {
+    () => {
+        "r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa"
+    };
+}
 
-/// The same for queries by sample time: the seconds `m` (`reading_seconds`) in order,
-/// the readings of each by its id ranges. A range also holds readings of neighbouring
-/// seconds, stored in between; each reading is taken from its own second only. Bound the
-/// seconds with `m.second`, and order by `m.second` first.
-pub(super) const READINGS_BY_SECOND: &str =
-    "SELECT r.id, s.sensor_id, s.tipo, r.valor, s.unidad, r.ts, s.hora_dudosa \
-     FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
-     WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
-     AND s.id = r.series";
+/// The reading's columns for queries by id. CROSS JOIN keeps the readings the outer loop.
+pub(super) const READING_COLUMNS: &str = concat!(
+    "SELECT ",
+    reading_fields!(),
+    " FROM reading_rows r CROSS JOIN series s ON s.id = r.series"
+);
 
 /// The newest `seq` stored: of an event row, or of a reading that is its own event, or
 /// below the log's floor when the newest events were removed with their readings to free
@@ -172,34 +171,48 @@ pub(super) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
 /// Readings matching the filter, ordered by sample time (then id). Time bounds are
 /// given twice, on the second (which bounds the rows read) and on the exact time.
 pub fn readings(conn: &Connection, filter: &ReadingFilter) -> rusqlite::Result<Vec<Reading>> {
-    let mut sql = READINGS_BY_SECOND.to_owned();
+    let mut conditions = String::new();
     let mut args: Vec<SqlValue> = Vec::new();
+    let mut arg = |value: SqlValue| {
+        args.push(value);
+        args.len()
+    };
     if let Some(id) = filter.sensor_id {
-        sql.push_str(" AND s.sensor_id = ?");
-        args.push(id.into());
+        let id = arg(id.into());
+        conditions.push_str(&format!(" AND s.sensor_id = ?{id}"));
     }
     if let Some(tipo) = &filter.tipo {
-        sql.push_str(" AND s.tipo = ?");
-        args.push(tipo.clone().into());
+        let tipo = arg(tipo.clone().into());
+        conditions.push_str(&format!(" AND s.tipo = ?{tipo}"));
     }
     if let Some(from) = filter.from {
-        sql.push_str(" AND m.second >= ? / 1000000 AND r.ts >= ?");
-        args.extend([from.into(), from.into()]);
+        let from = arg(from.into());
+        conditions.push_str(&format!(
+            " AND {SECOND} >= ?{from} / 1000000 AND r.ts >= ?{from}"
+        ));
     }
     if let Some(to) = filter.to {
-        sql.push_str(" AND m.second <= (? - 1) / 1000000 AND r.ts < ?");
-        args.extend([to.into(), to.into()]);
+        let to = arg(to.into());
+        conditions.push_str(&format!(
+            " AND {SECOND} <= (?{to} - 1) / 1000000 AND r.ts < ?{to}"
+        ));
     }
     if let Some((ts, id)) = filter.after {
-        sql.push_str(" AND m.second >= ? / 1000000 AND (r.ts > ? OR (r.ts = ? AND r.id > ?))");
-        args.extend([ts.into(), ts.into(), ts.into(), id.into()]);
+        let (ts, id) = (arg(ts.into()), arg(id.into()));
+        conditions.push_str(&format!(
+            " AND {SECOND} >= ?{ts} / 1000000 AND (r.ts > ?{ts} OR (r.ts = ?{ts} AND r.id > ?{id}))"
+        ));
     }
-    sql.push_str(match filter.order {
-        ReadingOrder::Asc => " ORDER BY m.second ASC, r.ts ASC, r.id ASC",
-        ReadingOrder::Desc => " ORDER BY m.second DESC, r.ts DESC, r.id DESC",
-    });
-    sql.push_str(" LIMIT ?");
-    args.push(i64::from(filter.limit).into());
+    let limit = arg(i64::from(filter.limit).into());
+    // Columns 1 and 6 are the id and the time, 8 the second.
+    let order = match filter.order {
+        ReadingOrder::Asc => "8 ASC, 6 ASC, 1 ASC",
+        ReadingOrder::Desc => "8 DESC, 6 DESC, 1 DESC",
+    };
+    let sql = format!(
+        "{} ORDER BY {order} LIMIT ?{limit}",
+        seconds::by_time(reading_fields!(), &conditions)
+    );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params_from_iter(args), reading_from_row)?;
     rows.collect()

@@ -163,7 +163,8 @@ pub(super) enum RemovedEvents {
 /// Deletes up to `limit` readings taken before `cutoff` whose series passes `filter`
 /// (SQL on the series `s`, with `args` for its placeholders), oldest first, of those
 /// the stored roll-ups count already (a restart folds only the readings still stored
-/// into the open buckets again). Returns how many.
+/// into the open buckets again). Returns how many. Those are all in `reading_seconds`:
+/// their seconds are indexed when the roll-ups are written out, in the same commit.
 pub(super) fn delete_readings(
     conn: &Connection,
     cutoff: Micros,
@@ -282,7 +283,7 @@ fn raise_log_floor(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::schema;
+    use crate::store::{schema, seconds};
 
     const DAY: i64 = 86_400_000_000;
 
@@ -320,14 +321,19 @@ mod tests {
                 .unwrap();
             }
         }
-        // The roll-ups count them all (retention never removes a reading they do not).
-        conn.execute_batch(
-            "INSERT INTO reading_seconds (second, first_id, last_id) \
-             SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000; \
-             UPDATE store_meta SET value = (SELECT MAX(id) FROM reading_rows) \
-             WHERE key = 'rollups_through';",
+        // The roll-ups count them all (retention never removes a reading they do not),
+        // and their seconds are indexed with them.
+        let tx = conn.unchecked_transaction().unwrap();
+        let through: i64 = tx
+            .query_row("SELECT MAX(id) FROM reading_rows", [], |r| r.get(0))
+            .unwrap();
+        seconds::index_readings(&tx, through).unwrap();
+        tx.execute(
+            "UPDATE store_meta SET value = ?1 WHERE key = 'rollups_through'",
+            [through],
         )
         .unwrap();
+        tx.commit().unwrap();
         let config = StorageConfig {
             readings_retention_days: 365,
             retention: vec![

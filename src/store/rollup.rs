@@ -14,6 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
+use super::seconds::{self, SECOND};
 use crate::model::Micros;
 
 /// A roll-up granularity.
@@ -278,13 +279,16 @@ fn refold_bucket(
         })
         .optional()?;
     let raw: (Option<f64>, Option<f64>, f64, i64) = tx
-        .prepare_cached(
-            "SELECT MIN(r.valor), MAX(r.valor), COALESCE(SUM(r.valor), 0), COUNT(*) \
-             FROM reading_seconds m CROSS JOIN reading_rows r CROSS JOIN series s \
-             WHERE r.id BETWEEN m.first_id AND m.last_id AND r.ts / 1000000 = m.second \
-             AND s.id = r.series AND m.second BETWEEN ?2 / 1000000 AND (?3 - 1) / 1000000 \
-             AND r.ts >= ?2 AND r.ts < ?3 AND s.sensor_id = ?1 AND s.tipo = ?4",
-        )?
+        .prepare_cached(&format!(
+            "SELECT MIN(valor), MAX(valor), COALESCE(SUM(valor), 0), COUNT(*) FROM ({})",
+            seconds::by_time(
+                "r.valor AS valor",
+                &format!(
+                    " AND {SECOND} BETWEEN ?2 / 1000000 AND (?3 - 1) / 1000000 \
+                     AND r.ts >= ?2 AND r.ts < ?3 AND s.sensor_id = ?1 AND s.tipo = ?4"
+                ),
+            )
+        ))?
         .query_row(
             params![sensor_id, start, start + bucket.micros(), tipo],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -480,11 +484,6 @@ mod tests {
         assert_eq!(Bucket::Hour.start(-1), -3_600_000_000);
     }
 
-    /// The id range of each second, from the readings rows as they are.
-    const SECONDS_OF_ROWS: &str =
-        "INSERT OR REPLACE INTO reading_seconds (second, first_id, last_id) \
-        SELECT ts / 1000000, MIN(id), MAX(id) FROM reading_rows GROUP BY ts / 1000000";
-
     /// Stores readings `(id, t, valor)` of sensor 1 and folds them into their buckets.
     fn stored(conn: &mut Connection, readings: &[(i64, Micros, f64)]) {
         let tx = conn.transaction().unwrap();
@@ -502,7 +501,8 @@ mod tests {
             .unwrap();
             pending.add(1, "t", t, v);
         }
-        tx.execute_batch(SECONDS_OF_ROWS).unwrap();
+        let through = readings.iter().map(|&(id, ..)| id).max().unwrap_or(0);
+        seconds::index_readings(&tx, through).unwrap();
         pending.flush(&tx).unwrap();
         tx.commit().unwrap();
     }

@@ -265,6 +265,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alert_outbox_rule ON alert_outbox(rule_id, id);
 "#,
+    r#"
+    -- `reading_seconds` covers the readings up to this one; those stored since are found
+    -- by id, and their seconds are written with the roll-ups rather than in each commit.
+    -- Until now every commit wrote them: all are covered.
+    INSERT INTO store_meta (key, value)
+        VALUES ('seconds_through', (SELECT COALESCE(MAX(id), 0) FROM reading_rows));
+"#,
 ];
 
 /// The version whose migration copies every reading into `reading_rows`: the one

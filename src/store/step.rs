@@ -11,6 +11,7 @@ use super::command::{Command, Done};
 use super::publisher::Unpublished;
 use super::retention;
 use super::rollup::{self, Folded, Pending};
+use super::seconds::{self, SECOND};
 use super::tokens;
 use super::{reader, Emission, EmissionKind, StoreError};
 use crate::events::{self, Body, Channel, Event};
@@ -359,7 +360,7 @@ impl Step<'_> {
                 "UPDATE reading_rows SET series = ?2, valor = ?3, ts = ?4 WHERE id = ?1",
             )?
             .execute(params![id, series, reading.valor, reading.timestamp])?;
-        self.readings.note_moved(reading.timestamp, id);
+        seconds::cover_moved(self.tx, reading.timestamp, id)?;
         self.derived_after_change(&old, Some(&reading))?;
         self.reading_change_event("updated", &reading, &changed)?;
         Ok(Ok(reading))
@@ -393,7 +394,6 @@ impl Step<'_> {
         old: &Reading,
         new: Option<&Reading>,
     ) -> rusqlite::Result<()> {
-        self.readings.write_seconds()?;
         write_out_latest(self.tx, *self.seq as i64 - 1, self.max_future)?;
         self.rollups.flush(self.tx)?;
         self.rollups.clear();
@@ -552,13 +552,17 @@ pub(super) fn refresh_latest(
     horizon: Micros,
 ) -> rusqlite::Result<()> {
     let newest_until = |until: Micros| -> rusqlite::Result<Option<(i64, Micros)>> {
-        tx.prepare_cached(
-            "SELECT r.id, r.ts FROM reading_seconds m CROSS JOIN reading_rows r \
-             CROSS JOIN series s WHERE r.id BETWEEN m.first_id AND m.last_id \
-             AND r.ts / 1000000 = m.second AND s.id = r.series \
-             AND s.sensor_id = ?1 AND s.tipo = ?2 AND m.second <= ?3 / 1000000 \
-             AND r.ts <= ?3 ORDER BY m.second DESC, r.ts DESC, r.id DESC LIMIT 1",
-        )?
+        // Columns: id, ts, second.
+        tx.prepare_cached(&format!(
+            "{} ORDER BY 3 DESC, 2 DESC, 1 DESC LIMIT 1",
+            seconds::by_time(
+                "r.id, r.ts",
+                &format!(
+                    " AND s.sensor_id = ?1 AND s.tipo = ?2 AND {SECOND} <= ?3 / 1000000 \
+                     AND r.ts <= ?3"
+                ),
+            )
+        ))?
         .query_row(params![sensor_id, tipo, until], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
@@ -589,33 +593,20 @@ pub(super) fn refresh_latest(
 /// The insert of every reading, prepared once per transaction: a busy gateway stores
 /// thousands of readings per commit, and looking the statement up in the connection's
 /// cache by its text for every reading cost the writer a good part of its ingest rate.
+/// The readings' seconds are indexed later, with the roll-ups (see [`seconds`]).
 pub(super) struct ReadingInserts<'tx> {
-    tx: &'tx Transaction<'tx>,
     row: CachedStatement<'tx>,
-    /// The id range of each second of sample time in this transaction, written to
-    /// `reading_seconds` once (see [`ReadingInserts::write_seconds`]).
-    seconds: HashMap<i64, (i64, i64)>,
-    /// Readings of earlier transactions moved to another second (over REST).
-    moved: Vec<(i64, i64)>,
 }
-
-/// How far past the end of its second's last range a reading may lie and still extend
-/// it, in ids: what a query of that second reads of other seconds' readings.
-pub(super) const SECOND_RANGE_GAP: i64 = 256;
 
 impl<'tx> ReadingInserts<'tx> {
     pub(super) fn prepare(tx: &'tx Transaction<'tx>) -> rusqlite::Result<Self> {
         Ok(ReadingInserts {
-            tx,
             row: tx.prepare_cached(
                 "INSERT INTO reading_rows (id, series, ts, valor) VALUES (?1, ?2, ?3, ?4)",
             )?,
-            seconds: HashMap::new(),
-            moved: Vec::new(),
         })
     }
 
-    /// Stores a reading's row; its second's id range is written with the others.
     pub(super) fn insert(
         &mut self,
         id: i64,
@@ -624,56 +615,6 @@ impl<'tx> ReadingInserts<'tx> {
         valor: f64,
     ) -> rusqlite::Result<()> {
         self.row.execute(params![id, series, taken_at, valor])?;
-        self.note_second(taken_at, id);
-        Ok(())
-    }
-
-    /// `id`, new in this transaction, was taken in the second of `taken_at` (as SQLite
-    /// divides, towards zero).
-    pub(super) fn note_second(&mut self, taken_at: Micros, id: i64) {
-        let range = self.seconds.entry(taken_at / 1_000_000).or_insert((id, id));
-        range.0 = range.0.min(id);
-        range.1 = range.1.max(id);
-    }
-
-    /// The stored reading `id` now lies in the second of `taken_at`.
-    pub(super) fn note_moved(&mut self, taken_at: Micros, id: i64) {
-        self.moved.push((taken_at / 1_000_000, id));
-    }
-
-    /// Records the ids of this transaction's readings in their seconds' ranges: each
-    /// second's range extends its last one where that ends close enough before it, or
-    /// starts one of its own. Ids of this transaction lie above every stored one.
-    pub(super) fn write_seconds(&mut self) -> rusqlite::Result<()> {
-        let mut last_range = self.tx.prepare_cached(
-            "SELECT first_id, last_id FROM reading_seconds WHERE second = ?1 \
-             ORDER BY first_id DESC LIMIT 1",
-        )?;
-        let mut extend = self.tx.prepare_cached(
-            "UPDATE reading_seconds SET last_id = ?3 WHERE second = ?1 AND first_id = ?2",
-        )?;
-        let mut start = self.tx.prepare_cached(
-            "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1, ?2, ?3)",
-        )?;
-        for (second, (first, last)) in self.seconds.drain() {
-            let kept: Option<(i64, i64)> = last_range
-                .query_row([second], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            match kept {
-                Some((kept_first, kept_last)) if first - kept_last <= SECOND_RANGE_GAP => {
-                    extend.execute(params![second, kept_first, last.max(kept_last)])?;
-                }
-                _ => drop(start.execute(params![second, first, last])?),
-            }
-        }
-        let mut covered = self.tx.prepare_cached(
-            "SELECT 1 FROM reading_seconds WHERE second = ?1 AND first_id <= ?2 AND last_id >= ?2",
-        )?;
-        for (second, id) in self.moved.drain(..) {
-            if !covered.exists(params![second, id])? {
-                start.execute(params![second, id, id])?;
-            }
-        }
         Ok(())
     }
 }
@@ -813,9 +754,7 @@ mod tests {
                 max_future: 300_000_000,
                 now: now_micros(),
             };
-            let result = apply(&mut step);
-            step.readings.write_seconds().unwrap();
-            result
+            apply(&mut step)
         };
         tx.commit().unwrap();
         (result, events, seq)

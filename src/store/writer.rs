@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::capacity::{self, Meter};
@@ -28,8 +28,11 @@ use super::health::{outage_notice, WriterHealth};
 use super::publisher::{self, Handover, Publisher};
 use super::retention::{self, Retention, SLICE};
 use super::rollup::{OpenBuckets, Pending};
+use super::seconds;
 use super::step::{write_out_latest, ReadingInserts, SeriesIds, Step};
-use super::{reader, SampleGate, StorageConfig, StoreError, Synchronous};
+use super::{
+    reader, ReadingFilter, ReadingOrder, SampleGate, StorageConfig, StoreError, Synchronous,
+};
 use super::{Emission, EmissionKind};
 use crate::events::{Channel, Hub};
 use crate::model::{now_micros, Micros, Sample};
@@ -50,6 +53,12 @@ const LATEST_WRITE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the roll-up buckets folded in memory are written to their tables (see
 /// [`rollup`]): a restart folds what came since again, so this bounds only that work.
 const ROLLUP_WRITE_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Most `seq`s stored past the indexed seconds (see [`seconds`]) before the roll-ups and
+/// the seconds are written out whether due or not: a query by time reads those readings
+/// by id. A gateway reaches [`ROLLUP_WRITE_INTERVAL`] long before; a burst of ingest
+/// would otherwise leave minutes of it, millions of readings, to read for each query.
+const UNINDEXED_MAX: u64 = 50_000;
 
 /// Most work gathered into one transaction, in samples and other commands (see
 /// [`Command::weight`]); bounds the latency of the batch's first command and the memory
@@ -103,6 +112,7 @@ pub(crate) fn spawn(
         }
     }
     let next_seq = last_seq(&conn)? + 1;
+    let indexed_through = reader::meta(&conn, "seconds_through")? as u64;
     if let Err(e) = fold_unwritten(&conn, &open) {
         // A damaged page must not keep the daemon from serving what can still be read.
         if !health.note_damage(&config.data_dir.join(super::DATABASE_FILE), &e) {
@@ -122,6 +132,7 @@ pub(crate) fn spawn(
         queue,
         queued,
         next_seq,
+        indexed_through,
         retention: Retention::new(config),
         maintenance_every: Duration::from_secs(config.maintenance_interval_s),
         health,
@@ -193,6 +204,8 @@ struct Writer {
     /// Told how many samples each batch took off `queue`.
     queued: Arc<SampleGate>,
     next_seq: u64,
+    /// The newest `seq` whose reading, if it is one, `reading_seconds` covers.
+    indexed_through: u64,
     retention: Retention,
     maintenance_every: Duration,
     health: Arc<WriterHealth>,
@@ -335,7 +348,8 @@ impl Writer {
         let open = self.open.clone();
         let mut writing_out = (changes_readings
             || self.write_rollups
-            || self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL)
+            || self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL
+            || self.next_seq.saturating_sub(self.indexed_through) > UNINDEXED_MAX)
             .then(|| open.lock());
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
@@ -383,13 +397,13 @@ impl Writer {
                 }
             }
             drop(commands);
-            step.readings.write_seconds()?;
             drop(step);
             if write_latest {
                 write_out_latest(&tx, seq as i64 - 1, self.max_future)?;
             }
             if writing_out.is_some() {
                 rollups.flush(&tx)?;
+                seconds::index_readings(&tx, seq as i64 - 1)?;
                 tx.execute(
                     "UPDATE store_meta SET value = ?1 WHERE key = 'rollups_through'",
                     [seq as i64 - 1],
@@ -413,6 +427,7 @@ impl Writer {
         match &mut writing_out {
             Some(open) if outcome.is_ok() => {
                 open.clear();
+                self.indexed_through = self.next_seq - 1;
                 self.rollups_written = Instant::now();
                 self.write_rollups = false;
             }
@@ -648,20 +663,17 @@ impl Writer {
         log::warn!(
             "{free} bytes free, below the floor of {floor}: removed the {removed} oldest raw readings"
         );
-        let oldest = self
-            .conn
-            .query_row(
-                &format!(
-                    "{} ORDER BY m.second, r.ts LIMIT 1",
-                    reader::READINGS_BY_SECOND
-                ),
-                [],
-                reader::reading_from_row,
-            )
-            .optional()
-            .ok()
-            .flatten()
-            .map(|r| crate::model::format_time(r.timestamp));
+        let oldest = reader::readings(
+            &self.conn,
+            &ReadingFilter {
+                limit: 1,
+                order: ReadingOrder::Asc,
+                ..ReadingFilter::default()
+            },
+        )
+        .ok()
+        .and_then(|found| found.into_iter().next())
+        .map(|r| crate::model::format_time(r.timestamp));
         let (reply, _) = oneshot::channel();
         let emission = Emission {
             channel: Channel::General,
@@ -678,9 +690,11 @@ impl Writer {
         true
     }
 
-    /// Writes the open roll-up buckets to their tables now, in a commit of their own.
+    /// Writes the open roll-up buckets to their tables, and the seconds of the readings
+    /// since, now, in a commit of their own.
     fn write_out_rollups(&mut self) {
-        if self.open.lock().is_empty() || self.health.damage().is_some() {
+        let nothing_open = self.open.lock().is_empty() && self.indexed_through + 1 == self.next_seq;
+        if nothing_open || self.health.damage().is_some() {
             return;
         }
         self.write_rollups = true;

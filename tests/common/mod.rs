@@ -131,11 +131,6 @@ pub fn insert_reading_row(
     .unwrap();
     let id = conn.last_insert_rowid();
     conn.execute(
-        "INSERT INTO reading_seconds (second, first_id, last_id) VALUES (?1 / 1000000, ?2, ?2)",
-        [ts, id],
-    )
-    .unwrap();
-    conn.execute(
         "UPDATE store_meta SET value = ?1 WHERE key = 'latest_through'",
         [id],
     )
