@@ -54,10 +54,10 @@ const LATEST_WRITE_INTERVAL: Duration = Duration::from_secs(60);
 /// [`rollup`]): a restart folds what came since again, so this bounds only that work.
 const ROLLUP_WRITE_INTERVAL: Duration = Duration::from_secs(300);
 
-/// Most `seq`s stored past the indexed seconds (see [`seconds`]) before the roll-ups and
-/// the seconds are written out whether due or not: a query by time reads those readings
-/// by id. A gateway reaches [`ROLLUP_WRITE_INTERVAL`] long before; a burst of ingest
-/// would otherwise leave minutes of it, millions of readings, to read for each query.
+/// Most `seq`s stored past the indexed seconds (see [`seconds`]) before these are indexed
+/// ahead of the roll-ups: a query by time reads those readings by id. A gateway reaches
+/// [`ROLLUP_WRITE_INTERVAL`] long before; a burst of ingest would otherwise leave
+/// minutes of it, millions of readings, to read for each query.
 const UNINDEXED_MAX: u64 = 50_000;
 
 /// Most work gathered into one transaction, in samples and other commands (see
@@ -348,9 +348,10 @@ impl Writer {
         let open = self.open.clone();
         let mut writing_out = (changes_readings
             || self.write_rollups
-            || self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL
-            || self.next_seq.saturating_sub(self.indexed_through) > UNINDEXED_MAX)
+            || self.rollups_written.elapsed() >= ROLLUP_WRITE_INTERVAL)
             .then(|| open.lock());
+        let index_seconds = writing_out.is_some()
+            || self.next_seq.saturating_sub(self.indexed_through) > UNINDEXED_MAX;
         let mut done = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let first_seq = self.next_seq;
@@ -401,9 +402,11 @@ impl Writer {
             if write_latest {
                 write_out_latest(&tx, seq as i64 - 1, self.max_future)?;
             }
+            if index_seconds {
+                seconds::index_readings(&tx, seq as i64 - 1)?;
+            }
             if writing_out.is_some() {
                 rollups.flush(&tx)?;
-                seconds::index_readings(&tx, seq as i64 - 1)?;
                 tx.execute(
                     "UPDATE store_meta SET value = ?1 WHERE key = 'rollups_through'",
                     [seq as i64 - 1],
@@ -421,13 +424,15 @@ impl Writer {
             e.to_string()
         });
         self.health.record(&outcome);
+        if index_seconds && outcome.is_ok() {
+            self.indexed_through = self.next_seq - 1;
+        }
         if write_latest && outcome.is_ok() {
             self.latest_written = Instant::now();
         }
         match &mut writing_out {
             Some(open) if outcome.is_ok() => {
                 open.clear();
-                self.indexed_through = self.next_seq - 1;
                 self.rollups_written = Instant::now();
                 self.write_rollups = false;
             }
