@@ -54,10 +54,11 @@ const LATEST_WRITE_INTERVAL: Duration = Duration::from_secs(60);
 /// [`rollup`]): a restart folds what came since again, so this bounds only that work.
 const ROLLUP_WRITE_INTERVAL: Duration = Duration::from_secs(300);
 
-/// Most `seq`s stored past the indexed seconds (see [`seconds`]) before these are indexed
-/// ahead of the roll-ups: a query by time reads those readings by id. A gateway reaches
-/// [`ROLLUP_WRITE_INTERVAL`] long before; a burst of ingest would otherwise leave
-/// minutes of it, millions of readings, to read for each query.
+/// `seq`s stored past the indexed seconds (see [`seconds`]) beyond which the next commit
+/// indexes them ahead of the roll-ups: a query by time reads those readings by id, and
+/// sorts them. A gateway reaches [`ROLLUP_WRITE_INTERVAL`] long before; a burst of
+/// ingest would otherwise leave minutes of it, millions of readings, to read for each
+/// query. One commit may add a batch's worth past it.
 const UNINDEXED_MAX: u64 = 50_000;
 
 /// Most work gathered into one transaction, in samples and other commands (see
@@ -521,10 +522,9 @@ impl Writer {
 
     /// Waits up to the commit window for more samples when the batch holds nothing else,
     /// so that a gateway sampling a few sensors every few seconds commits once a window
-    /// rather than once a sample: the pages every commit rewrites (the last page of the
-    /// readings and of their seconds, the first page) reach the card once for many
-    /// samples. The window is the configured one, or wider under a write budget (see
-    /// [`Meter`]). A token's "last
+    /// rather than once a sample: the pages every commit rewrites (the last pages of the
+    /// readings, the first page) reach the card once for many samples. The window is the
+    /// configured one, or wider under a write budget (see [`Meter`]). A token's "last
     /// used" time waits with them; anything else (a REST write, the watchdog's ping,
     /// shutdown) ends the wait. `weight` is what the batch counts for so far.
     fn gather_samples(&mut self, batch: &mut Vec<Command>, mut weight: usize) {
