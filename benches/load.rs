@@ -356,8 +356,9 @@ const DATA: &str = "data";
 const LOG_TAIL: usize = 40;
 
 impl Daemon {
-    /// Starts the daemon with `sensors` (TOML `[[sensor]]` tables) and waits until it
-    /// listens and has started its sensors.
+    /// Starts the daemon with `sensors` (TOML `[[sensor]]` tables, after any more keys of
+    /// the `[storage]` table, which it follows) and waits until it listens and has started
+    /// its sensors.
     fn launch(sensors: &str) -> Result<Daemon, Error> {
         let dir = tempfile::tempdir()?;
         Daemon::configure(dir.path(), sensors)?;
@@ -1137,6 +1138,9 @@ fn ingest_sensors(count: usize, per_read: usize) -> String {
     ingest_sensors_stopping(count, per_read, None)
 }
 
+/// Readings in each sample of the sim sensors' DHT22 profile: temperature and humidity.
+const READINGS_PER_SAMPLE: usize = 2;
+
 /// [`ingest_sensors`] that stop after `reads` reads each, when given (their next read
 /// hangs): a database filled to a size, not past it.
 fn ingest_sensors_stopping(count: usize, per_read: usize, reads: Option<u64>) -> String {
@@ -1318,10 +1322,14 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let (clients, wanted) = (sizes.storm_clients, sizes.storm_events);
     eprintln!("resume-storm: {clients} clients resuming from since=0 over {wanted} events");
     // Sensors that stop once they have given what was asked, as ingest outruns any
-    // polling: a database past `storage.max_events` would be pruned under the storm.
+    // polling, and room for all of it and what the storm adds: a database past
+    // `storage.max_events` (a million by default) would be pruned under the storm, and
+    // its clients moved past what was pruned.
+    let storage = format!("max_events = {}\n\n", 2 * wanted);
     let (count, per_read) = (sizes.ingest_sensors, sizes.ingest_samples_per_read);
-    let reads = wanted.div_ceil((count * per_read) as u64);
-    let daemon = start(&ingest_sensors_stopping(count, per_read, Some(reads)))?;
+    let reads = wanted.div_ceil((count * per_read * READINGS_PER_SAMPLE) as u64);
+    let sensors = ingest_sensors_stopping(count, per_read, Some(reads));
+    let daemon = start(&format!("{storage}{sensors}"))?;
     fill(&daemon, wanted).await?;
     // The same data with its sensors switched off: the storm meets a quiet daemon.
     let mut client = http_client(daemon.addr);
@@ -1334,7 +1342,7 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         }
     }
     drop(client);
-    let daemon = tokio::task::block_in_place(|| daemon.restart_with(Some("")))?;
+    let daemon = tokio::task::block_in_place(|| daemon.restart_with(Some(&storage)))?;
     let addr = daemon.addr;
     tokio::time::sleep(sizes.idle_wait).await;
     let idle = daemon.rss_kib()?;
