@@ -14,7 +14,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 /// How far past the end of its second's last range a reading may lie and still extend
 /// it, in ids: what a query of that second reads of other seconds' readings.
-pub(super) const SECOND_RANGE_GAP: i64 = 256;
+const SECOND_RANGE_GAP: i64 = 256;
 
 /// Stands for a reading's second in the conditions given to [`by_time`].
 pub(super) const SECOND: &str = "{second}";
