@@ -16,6 +16,9 @@ use rusqlite::{params, OptionalExtension, Transaction};
 /// it, in ids: what a query of that second reads of other seconds' readings.
 const SECOND_RANGE_GAP: i64 = 256;
 
+/// The newest reading `reading_seconds` covers.
+const INDEXED_THROUGH: &str = "(SELECT value FROM store_meta WHERE key = 'seconds_through')";
+
 /// Stands for a reading's second in the conditions given to [`by_time`].
 pub(super) const SECOND: &str = "{second}";
 
@@ -31,8 +34,7 @@ pub(super) fn by_time(columns: &str, conditions: &str) -> String {
          AND r.ts / 1000000 = m.second AND s.id = r.series{indexed} \
          UNION ALL \
          SELECT {columns}, r.ts / 1000000 FROM reading_rows r CROSS JOIN series s \
-         WHERE r.id > (SELECT value FROM store_meta WHERE key = 'seconds_through') \
-         AND s.id = r.series{recent}",
+         WHERE r.id > {INDEXED_THROUGH} AND s.id = r.series{recent}",
         indexed = conditions.replace(SECOND, "m.second"),
         recent = conditions.replace(SECOND, "(r.ts / 1000000)"),
     )
@@ -45,7 +47,7 @@ pub(super) fn by_time(columns: &str, conditions: &str) -> String {
 /// everything stored since.
 pub(super) fn index_readings(tx: &Transaction<'_>, through: i64) -> rusqlite::Result<()> {
     let from: i64 = tx
-        .prepare_cached("SELECT value FROM store_meta WHERE key = 'seconds_through'")?
+        .prepare_cached(&format!("SELECT {INDEXED_THROUGH}"))?
         .query_row([], |r| r.get(0))?;
     if through <= from {
         return Ok(());
@@ -98,12 +100,12 @@ pub(super) fn index_readings(tx: &Transaction<'_>, through: i64) -> rusqlite::Re
 /// a range of its own there, unless one covers it already. A reading not yet indexed
 /// needs none: it is read by id, and indexed where it lies then.
 pub(super) fn cover_moved(tx: &Transaction<'_>, taken_at: i64, id: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    tx.prepare_cached(&format!(
         "INSERT INTO reading_seconds (second, first_id, last_id) SELECT ?1, ?2, ?2 \
-         WHERE ?2 <= (SELECT value FROM store_meta WHERE key = 'seconds_through') \
+         WHERE ?2 <= {INDEXED_THROUGH} \
          AND NOT EXISTS (SELECT 1 FROM reading_seconds \
-                         WHERE second = ?1 AND first_id <= ?2 AND last_id >= ?2)",
-    )?
+                         WHERE second = ?1 AND first_id <= ?2 AND last_id >= ?2)"
+    ))?
     .execute(params![taken_at / 1_000_000, id])?;
     Ok(())
 }
