@@ -904,13 +904,13 @@ async fn read_until_closed(addr: std::net::SocketAddr, request: String) -> Vec<u
     }
 }
 
-/// A small disk: the daemon runs with every file limited to 8 MiB (the file size limit,
+/// A small disk: the daemon runs with every file limited to 2 MiB (the file size limit,
 /// a real `LimitFSIZE=`); samples commit far more WAL than that, and the WAL is copied
 /// back and truncated before it runs out of room, so storage never fails.
 #[test]
 fn the_wal_stays_within_a_small_disk() {
     use std::os::unix::process::CommandExt;
-    const LIMIT: u64 = 8 * 1024 * 1024;
+    const LIMIT: u64 = 2 * 1024 * 1024;
     let dir = temp_dir();
     let config = dir.path().join("config.toml");
     std::fs::write(
