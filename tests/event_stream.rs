@@ -290,3 +290,32 @@ async fn event_stream_delivers_and_resumes_exactly() {
     assert_eq!(body["errors"][0]["field"], "Last-Event-ID");
     daemon.stop().await;
 }
+
+/// Events removed by retention before a resuming stream was sent them: a `resync` event
+/// (`since_too_old`, no id) names where the log starts now, then the events from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_removed_during_a_replay_are_told_with_a_resync() {
+    let burst = Burst::start(150_000).await;
+    let mut stream = EventStream::open_past_retry(
+        burst.daemon.addr,
+        "/api/v1/events?channel=readings&since=0",
+        "",
+    )
+    .await;
+    // While the client is not reading.
+    let floor = burst.keep_newest(1000);
+
+    let mut before = Vec::new();
+    let resync = loop {
+        let event = stream.next().await;
+        let data = event.data.expect("an event with data");
+        if event.id.is_none() {
+            break data;
+        }
+        assert_eq!(event.id, Some(seq(&data)), "id is not the seq: {data}");
+        before.push(seq(&data));
+    };
+    let after = seqs(&stream.events_until(burst.last()).await);
+    burst.assert_told(&before, &resync, &after, floor);
+    burst.daemon.stop().await;
+}

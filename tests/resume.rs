@@ -179,6 +179,32 @@ async fn since_older_than_retention_is_told_since_too_old() {
     daemon.stop().await;
 }
 
+/// Retention that removes events a resuming client has not been sent yet (it reads more
+/// slowly than they are removed) is told mid-stream: a `resync` (`since_too_old`) naming
+/// where the log starts now, then the events from there; never a silent jump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_removed_during_a_replay_are_told_with_a_resync() {
+    let burst = Burst::start(150_000).await;
+    let mut client = burst
+        .daemon
+        .subscribe("/api/v1/ws?channel=readings&since=0")
+        .await;
+    // While the client is not reading.
+    let floor = burst.keep_newest(1000);
+
+    let mut before = Vec::new();
+    let resync = loop {
+        let message = client.json().await;
+        if message["type"] == "resync" {
+            break message;
+        }
+        before.push(seq(&message));
+    };
+    let after = seqs(&events_until(&mut client, burst.last()).await);
+    burst.assert_told(&before, &resync, &after, floor);
+    burst.daemon.stop().await;
+}
+
 /// With the smallest allowed client queue, a client that reads promptly still gets every
 /// missed event on resume: replaying is not "falling behind".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,17 +10,36 @@
 //! A client that wants no readings follows the hub's ring without them; when its
 //! subscription changes, the feed moves to the other ring and catches up from the
 //! database, as after falling behind.
+//!
+//! Should retention remove events before the feed has read them (a replay or a client
+//! that fell that far behind), the feed says so ([`Pulled::Removed`]) and goes on from
+//! the oldest event kept: its reader must learn that it missed some, which a jump in
+//! `seq` alone would not tell a client of a few channels.
 
 use std::sync::Arc;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Store, StoreError};
+use super::{Replay, Store, StoreError};
 use crate::events::{Channel, Event, Hub};
 
 /// Events read from the database in one go while replaying.
 const PAGE: usize = 256;
+
+/// What [`Feed::next`] hands out.
+#[derive(Debug)]
+pub enum Pulled {
+    /// The next events, oldest first, never empty.
+    Events(Vec<Arc<Event>>),
+    /// Retention removed events after `since` that this feed had not handed out; it goes
+    /// on from `oldest_seq`. `last_seq` is the newest event published by then.
+    Removed {
+        since: u64,
+        oldest_seq: u64,
+        last_seq: u64,
+    },
+}
 
 /// A client's position in the event sequence.
 pub struct Feed {
@@ -101,14 +120,11 @@ impl Feed {
         self.snapshot_at = Some(seq);
     }
 
-    /// The next events on `channels`, oldest first, at most `limit` of them, never
-    /// empty. Cancel-safe: a change of ring is made before the first wait and is whole,
-    /// and every other change of state comes after a result is in hand.
-    pub async fn next(
-        &mut self,
-        channels: &[Channel],
-        limit: usize,
-    ) -> Result<Vec<Arc<Event>>, StoreError> {
+    /// The next events on `channels`, oldest first, at most `limit` of them, or that
+    /// some were removed before they could be read. Cancel-safe: a change of ring is made
+    /// before the first wait and is whole, and every other change of state comes after a
+    /// result is in hand.
+    pub async fn next(&mut self, channels: &[Channel], limit: usize) -> Result<Pulled, StoreError> {
         let limit = limit.clamp(1, PAGE);
         let wants_readings = channels.contains(&Channel::Readings);
         let snapshot_at = self.snapshot_at.take();
@@ -128,9 +144,22 @@ impl Feed {
                     None => (self.hub.published(), channels.to_vec()),
                 };
                 let page = if upto > self.position && !wanted.is_empty() {
-                    self.store
+                    match self
+                        .store
                         .events_after(self.position, upto, wanted, limit as u32)
                         .await?
+                    {
+                        Replay::Events(page) => page,
+                        Replay::Removed { oldest_seq } => {
+                            let since = self.position;
+                            self.position = oldest_seq - 1;
+                            return Ok(Pulled::Removed {
+                                since,
+                                oldest_seq,
+                                last_seq: self.hub.published(),
+                            });
+                        }
+                    }
                 } else {
                     Vec::new()
                 };
@@ -144,7 +173,7 @@ impl Feed {
                     },
                     Some(last) => {
                         self.position = last.seq;
-                        return Ok(page);
+                        return Ok(Pulled::Events(page));
                     }
                 }
                 continue;
@@ -184,7 +213,7 @@ impl Feed {
                 }
             }
             if !batch.is_empty() {
-                return Ok(batch);
+                return Ok(Pulled::Events(batch));
             }
         }
     }

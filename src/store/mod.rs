@@ -25,9 +25,11 @@ pub mod tokens;
 mod writer;
 
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
-pub use feed::Feed;
+pub use feed::{Feed, Pulled};
 pub use health::WriterHealth;
-pub use reader::{CalibrationChange, Counts, ReadingFilter, ReadingOrder, SensorFilter, Snapshot};
+pub use reader::{
+    CalibrationChange, Counts, ReadingFilter, ReadingOrder, Replay, SensorFilter, Snapshot,
+};
 pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
@@ -489,29 +491,34 @@ impl Store {
     }
 
     /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a
-    /// resuming client missed. Clients resuming together share the pages they read.
+    /// resuming client missed, or that retention removed some of it. Clients resuming
+    /// together share the pages they read.
     pub async fn events_after(
         &self,
         after: u64,
         upto: u64,
         channels: Vec<crate::events::Channel>,
         limit: u32,
-    ) -> Result<Vec<Arc<crate::events::Event>>, StoreError> {
+    ) -> Result<Replay<Arc<crate::events::Event>>, StoreError> {
         if let Some(page) = self.pages.get(after, upto, &channels, limit) {
-            return Ok(page);
+            return Ok(Replay::Events(page));
         }
         let pages = self.pages.clone();
         self.read(move |c| {
             // Another client may have read the page while this one waited for a reader.
             if let Some(page) = pages.get(after, upto, &channels, limit) {
-                return Ok(page);
+                return Ok(Replay::Events(page));
             }
-            let page: Vec<_> = reader::events_after(c, after, upto, &channels, limit)?
-                .into_iter()
-                .map(Arc::new)
-                .collect();
-            pages.put(after, upto, &channels, limit, &page);
-            Ok(page)
+            Ok(
+                match reader::events_after(c, after, upto, &channels, limit)? {
+                    Replay::Events(events) => {
+                        let page: Vec<_> = events.into_iter().map(Arc::new).collect();
+                        pages.put(after, upto, &channels, limit, &page);
+                        Replay::Events(page)
+                    }
+                    Replay::Removed { oldest_seq } => Replay::Removed { oldest_seq },
+                },
+            )
         })
         .await
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::health::{self, WriterHealth};
-use super::reader;
+use super::reader::{self, Replay};
 use crate::events::{self, Body, Channel, Event, Hub};
 use crate::model::Reading;
 
@@ -216,17 +216,22 @@ impl<'a> Backlog<'a> {
     fn read_back(&self, hub: &Hub, after: &mut u64, last: u64) -> rusqlite::Result<()> {
         let conn = super::open_reader(self.database)?;
         while *after < last {
-            let events = reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?;
-            let (Some(oldest), Some(newest)) = (events.first(), events.last()) else {
+            let events = match reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?
+            {
+                Replay::Events(events) => events,
+                Replay::Removed { oldest_seq } => {
+                    log::warn!(
+                        "events {} to {} were removed by retention before they could go out live",
+                        *after + 1,
+                        oldest_seq - 1
+                    );
+                    *after = oldest_seq - 1;
+                    continue;
+                }
+            };
+            let Some(newest) = events.last() else {
                 break;
             };
-            if oldest.seq != *after + 1 {
-                log::warn!(
-                    "events {} to {} were removed by retention before they could go out live",
-                    *after + 1,
-                    oldest.seq - 1
-                );
-            }
             *after = newest.seq;
             events
                 .into_iter()

@@ -288,18 +288,44 @@ pub fn told_offline(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
     .collect()
 }
 
+/// What the event log holds after a `seq`.
+#[derive(Debug)]
+pub enum Replay<E = Event> {
+    /// The events after it, oldest first (see [`events_after`]).
+    Events(Vec<E>),
+    /// Retention removed events right after it: the log starts at `oldest_seq`. Below the
+    /// floor a removal may be under way, so nothing there is read.
+    Removed { oldest_seq: u64 },
+}
+
 /// Stored events with `after < seq <= upto` on the given channels, oldest first, at most
-/// `limit`, from the log's floor on: rows of the `events` table merged with the readings
-/// that are their own `created` events. Where both hold a `seq` (a reading changed or
-/// deleted over REST keeps its first event as a row), the row wins.
+/// `limit`: rows of the `events` table merged with the readings that are their own
+/// `created` events. Where both hold a `seq` (a reading changed or deleted over REST
+/// keeps its first event as a row), the row wins. [`Replay::Removed`] when the log's
+/// floor lies past `after + 1`: a reader must learn that it missed events, which a
+/// replay that started at the floor would hide from it.
 pub fn events_after(
     conn: &Connection,
     after: u64,
     upto: u64,
     channels: &[Channel],
     limit: u32,
+) -> rusqlite::Result<Replay> {
+    let floor = meta(conn, "log_floor")?.max(1) as u64;
+    if after + 1 < floor {
+        return Ok(Replay::Removed { oldest_seq: floor });
+    }
+    event_page(conn, after, upto, channels, limit).map(Replay::Events)
+}
+
+/// [`events_after`] from the log's floor on.
+fn event_page(
+    conn: &Connection,
+    after: u64,
+    upto: u64,
+    channels: &[Channel],
+    limit: u32,
 ) -> rusqlite::Result<Vec<Event>> {
-    let after = after.max(meta(conn, "log_floor")?.max(1) as u64 - 1);
     let mut rows = event_rows(conn, after, upto, channels, limit)?;
     if !channels.contains(&Channel::Readings) {
         return Ok(rows);

@@ -17,7 +17,7 @@ use super::tracker::Tracker;
 use crate::backoff::Backoff;
 use crate::events::{Body, Channel, Event, Hub};
 use crate::shutdown::Shutdown;
-use crate::store::{Feed, Store};
+use crate::store::{Feed, Pulled, Store};
 
 /// Name of the uplink's row in the cursor table.
 pub(super) const CURSOR_NAME: &str = "mqtt";
@@ -317,12 +317,15 @@ impl Runner {
                 }
                 page = feed.next(&Channel::ALL, PAGE), if s.outbox.is_empty() => {
                     match page {
-                        Ok(page) => {
+                        Ok(Pulled::Events(page)) => {
                             let replayed = feed.is_replaying();
                             for event in page {
                                 self.take(s, &event, replayed, snapshot_seq);
                             }
                         }
+                        // The uplink takes every channel: the next event's `seq` shows
+                        // the gap, and taking it counts and logs what was lost.
+                        Ok(Pulled::Removed { .. }) => {}
                         Err(e) => return lost(format!("reading events: {e}")),
                     }
                 }

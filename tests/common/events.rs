@@ -12,6 +12,100 @@ use serde_json::Value;
 
 use super::{database, http, stored_frame, until, Client, Daemon, Received, EVENT_COLUMNS};
 
+/// A daemon whose one sensor stored a burst of readings and then hung (see
+/// [`Burst::start`]), for the tests of events removed while a client replays them.
+pub struct Burst {
+    pub daemon: Daemon,
+    /// The ids (`seq`s) of the readings, in order.
+    pub readings: Vec<u64>,
+}
+
+impl Burst {
+    /// At least `count` readings (a multiple of 2,000: a thousand samples a read, two
+    /// readings each), far more than a socket's buffers hold, so that a replay of them
+    /// waits for its client long before its end.
+    pub async fn start(count: u64) -> Burst {
+        let source = format!(
+            "{{ kind = \"sim\", profile = \"dht22\", failure_rate = 0.0, \
+             samples_per_read = 1000, hang_after_reads = {}, seed = 1 }}",
+            count / 2000
+        );
+        let daemon = Daemon::open(&super::sensor_table(
+            "burst",
+            "temperatura",
+            "DHT22",
+            0.05,
+            &source,
+        ))
+        .await;
+        let db = daemon.database();
+        until("the burst stored", || async {
+            let stored: i64 = db
+                .query_row("SELECT COUNT(*) FROM reading_rows", [], |r| r.get(0))
+                .unwrap();
+            (stored as u64 >= count).then_some(())
+        })
+        .await;
+        let readings = db
+            .prepare("SELECT id FROM reading_rows ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get::<_, i64>(0).map(|id| id as u64))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        Burst { daemon, readings }
+    }
+
+    /// The newest reading's `seq`.
+    pub fn last(&self) -> u64 {
+        *self.readings.last().unwrap()
+    }
+
+    /// Removes every event but the newest `keep` readings, as retention does: in one
+    /// transaction, with the log's floor. Returns the floor.
+    pub fn keep_newest(&self, keep: u64) -> u64 {
+        let floor = self.last() + 1 - keep;
+        self.daemon
+            .database()
+            .execute_batch(&format!(
+                "BEGIN IMMEDIATE; \
+                 DELETE FROM events WHERE seq < {floor}; \
+                 DELETE FROM reading_rows WHERE id < {floor}; \
+                 UPDATE store_meta SET value = {floor} WHERE key = 'log_floor'; \
+                 COMMIT;"
+            ))
+            .unwrap();
+        floor
+    }
+
+    /// Checks what a client received around a removal with [`Burst::keep_newest`]: the
+    /// readings from the first on without a gap (`before`), a `resync` naming the last of
+    /// them and the floor, then every reading kept, once each, in order (`after`).
+    pub fn assert_told(&self, before: &[u64], resync: &Value, after: &[u64], floor: u64) {
+        assert!(
+            !before.is_empty() && before.len() < self.readings.len() / 2,
+            "{} sent before the removal",
+            before.len()
+        );
+        assert_eq!(before[..], self.readings[..before.len()]);
+        assert_eq!(resync["type"], "resync");
+        assert_eq!(resync["reason"], "since_too_old");
+        assert_eq!(resync["since"], *before.last().unwrap());
+        assert_eq!(resync["oldest_seq"], floor);
+        assert!(
+            resync["last_seq"].as_u64().unwrap() >= self.last(),
+            "{resync}"
+        );
+        let kept: Vec<u64> = self
+            .readings
+            .iter()
+            .copied()
+            .filter(|&id| id >= floor)
+            .collect();
+        assert_eq!(after[..], kept[..]);
+    }
+}
+
 /// A simulated DHT22 sampled every 50 ms (the fastest allowed): about 40 readings a
 /// second, temperature and humidity.
 pub fn fast_sim(name: &str, seed: u64) -> String {

@@ -52,7 +52,7 @@ use crate::api::{full, linger, ApiError, Body, Client, State, StreamAdmission};
 use crate::auth::{Access, Principal};
 use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
-use crate::store::Feed;
+use crate::store::{Feed, Pulled};
 
 /// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
 /// memory per client and zero-fill time on every read.
@@ -415,7 +415,23 @@ impl Session {
                 }
                 batch = feed.next(&channels, self.batch_limit()), if may_pull && !channels.is_empty() => {
                     let events = match batch {
-                        Ok(events) => events,
+                        Ok(Pulled::Events(events)) => events,
+                        Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
+                            log::info!(
+                                "WebSocket client {}: events {} to {} were removed by retention before it read them; told to resync",
+                                self.client_id,
+                                since + 1,
+                                oldest_seq - 1
+                            );
+                            self.send_text(protocol::resync_message(
+                                "since_too_old",
+                                since,
+                                oldest_seq,
+                                last_seq,
+                                now_micros(),
+                            ));
+                            continue;
+                        }
                         Err(e) => return End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
                     };
                     let now = Instant::now();
