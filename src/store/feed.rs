@@ -33,7 +33,8 @@ pub enum Pulled {
     /// The next events, oldest first, never empty.
     Events(Vec<Arc<Event>>),
     /// Retention removed events after `since` that this feed had not handed out; it goes
-    /// on from `oldest_seq`. `last_seq` is the newest event published by then.
+    /// on from `oldest_seq`. `last_seq` is the newest event stored by then, as in the
+    /// `resync` a client gets on connecting.
     Removed {
         since: u64,
         oldest_seq: u64,
@@ -156,7 +157,7 @@ impl Feed {
                             return Ok(Pulled::Removed {
                                 since,
                                 oldest_seq,
-                                last_seq: self.hub.published(),
+                                last_seq: self.store.health().committed(),
                             });
                         }
                     }
