@@ -23,6 +23,9 @@ pub enum Frame {
     Ping,
 }
 
+/// Frames a replaying client may have queued and still take another page.
+pub const REPLAY_AHEAD: usize = 64;
+
 /// The queue was full even after coalescing.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflow;
@@ -100,9 +103,14 @@ impl Outbox {
         result
     }
 
-    /// Whether a replaying session may add another page without crowding the queue.
+    /// Whether a replaying session may add another page: only while the queue holds less
+    /// than [`REPLAY_AHEAD`] frames (or half its capacity, if smaller). Clients resuming
+    /// together soon stand at different places in the log, so each holds stored events
+    /// of its own; a storm of hundreds of them, each with a full queue, took hundreds of
+    /// megabytes. The writer takes the whole queue at once, so a page still waits while
+    /// the one before it is written.
     pub fn has_room(&self) -> bool {
-        self.lock().frames.len() < self.capacity / 2
+        self.lock().frames.len() < REPLAY_AHEAD.min(self.capacity / 2)
     }
 
     /// Asks the writer to close the socket with this code and reason after sending what
@@ -246,9 +254,20 @@ mod tests {
     }
 
     #[test]
-    fn room_is_half_the_capacity() {
+    fn room_is_half_a_small_capacity() {
         let (outbox, _) = outbox(4);
         outbox.push([Frame::Ping]).unwrap();
+        assert!(outbox.has_room());
+        outbox.push([Frame::Ping]).unwrap();
+        assert!(!outbox.has_room());
+        outbox.take();
+        assert!(outbox.has_room());
+    }
+
+    #[test]
+    fn room_ends_at_the_replay_ahead_in_a_large_queue() {
+        let (outbox, _) = outbox(1024);
+        outbox.push((1..REPLAY_AHEAD).map(|_| Frame::Ping)).unwrap();
         assert!(outbox.has_room());
         outbox.push([Frame::Ping]).unwrap();
         assert!(!outbox.has_room());

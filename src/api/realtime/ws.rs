@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use super::outbox::{Closing, Frame, Outbox};
+use super::outbox::{Closing, Frame, Outbox, REPLAY_AHEAD};
 use super::protocol;
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
@@ -413,7 +413,7 @@ impl Session {
                         _ => End::Gone,
                     };
                 }
-                batch = feed.next(&channels, self.batch_limit()), if may_pull && !channels.is_empty() => {
+                batch = feed.next(&channels, self.batch_limit(feed.is_replaying())), if may_pull && !channels.is_empty() => {
                     let events = match batch {
                         Ok(Pulled::Events(events)) => events,
                         Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
@@ -503,10 +503,16 @@ impl Session {
         }
     }
 
-    /// Most events taken from the feed at once: half the queue, so that a replay page
-    /// always fits and a live burst is coalesced before it overflows.
-    fn batch_limit(&self) -> usize {
-        (self.state.realtime.client_queue / 2).max(1)
+    /// Most events taken from the feed at once: half the queue, so that a live burst is
+    /// coalesced before it overflows; while replaying, a page of [`REPLAY_AHEAD`] at most,
+    /// so that what a replaying client holds stays small (see [`Outbox::has_room`]).
+    fn batch_limit(&self, replaying: bool) -> usize {
+        let half = (self.state.realtime.client_queue / 2).max(1);
+        if replaying {
+            half.min(REPLAY_AHEAD)
+        } else {
+            half
+        }
     }
 
     fn resume_hint(&self, delivered: &AtomicU64) -> String {
