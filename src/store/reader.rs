@@ -311,11 +311,14 @@ pub fn events_after(
     channels: &[Channel],
     limit: u32,
 ) -> rusqlite::Result<Replay> {
-    let floor = meta(conn, "log_floor")?.max(1) as u64;
+    // One read transaction: a removal committed between reading the floor and reading
+    // the page would otherwise show as a page that starts past `after + 1`.
+    let read = conn.unchecked_transaction()?;
+    let floor = meta(&read, "log_floor")?.max(1) as u64;
     if after + 1 < floor {
         return Ok(Replay::Removed { oldest_seq: floor });
     }
-    event_page(conn, after, upto, channels, limit).map(Replay::Events)
+    event_page(&read, after, upto, channels, limit).map(Replay::Events)
 }
 
 /// [`events_after`] from the log's floor on.
