@@ -302,10 +302,11 @@ async fn events_removed_during_a_replay_are_told_with_a_resync() {
         "",
     )
     .await;
-    // While the client is not reading.
+    // Once the replay has begun, while the client is not reading.
+    let first = stream.next().await;
+    let mut before = vec![first.id.expect("an event")];
     let floor = burst.keep_newest(1000);
 
-    let mut before = Vec::new();
     let resync = loop {
         let event = stream.next().await;
         let data = event.data.expect("an event with data");

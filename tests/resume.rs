@@ -185,14 +185,16 @@ async fn since_older_than_retention_is_told_since_too_old() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_removed_during_a_replay_are_told_with_a_resync() {
     let burst = Burst::start(150_000).await;
-    let mut client = burst
-        .daemon
-        .subscribe("/api/v1/ws?channel=readings&since=0")
-        .await;
-    // While the client is not reading.
+    // A small receive buffer, so that what the socket holds stays far below the burst.
+    let mut client =
+        Client::with_small_buffer(burst.daemon.addr, "/api/v1/ws?channel=readings&since=0")
+            .await
+            .greeted()
+            .await;
+    // Once the replay has begun, while the client is not reading.
+    let mut before = vec![seq(&client.json().await)];
     let floor = burst.keep_newest(1000);
 
-    let mut before = Vec::new();
     let resync = loop {
         let message = client.json().await;
         if message["type"] == "resync" {

@@ -321,7 +321,8 @@ pub fn events_after(
     event_page(&read, after, upto, channels, limit).map(Replay::Events)
 }
 
-/// [`events_after`] from the log's floor on.
+/// The page of [`events_after`], whose caller checked the log's floor in the same read
+/// transaction.
 fn event_page(
     conn: &Connection,
     after: u64,

@@ -70,6 +70,12 @@ impl Throttle {
             .map(|at| *at + self.every)
     }
 
+    /// Forgets the held readings: they came before a `resync`, after which the client
+    /// reloads its state.
+    pub fn drop_held(&mut self) {
+        self.held.clear();
+    }
+
     /// Held readings whose interval has passed, in `seq` order.
     pub fn release(&mut self, now: Instant) -> Vec<Arc<Event>> {
         let due: Vec<Key> = self
@@ -126,6 +132,19 @@ mod tests {
         let released = throttle.release(t0 + Duration::from_millis(1000));
         assert_eq!(released.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
         assert_eq!(throttle.next_due(), None);
+    }
+
+    #[test]
+    fn held_readings_are_dropped_at_a_resync() {
+        let mut throttle = Throttle::new(Duration::from_millis(1000));
+        let t0 = Instant::now();
+        assert_eq!(seqs(throttle.admit(reading(1, 1), t0)), [1]);
+        assert!(seqs(throttle.admit(reading(2, 1), t0 + Duration::from_millis(100))).is_empty());
+        throttle.drop_held();
+        assert_eq!(throttle.next_due(), None);
+        assert!(throttle
+            .release(t0 + Duration::from_millis(1000))
+            .is_empty());
     }
 
     fn seqs(admitted: Admitted) -> Vec<u64> {

@@ -423,13 +423,20 @@ impl Session {
                                 since + 1,
                                 oldest_seq - 1
                             );
-                            self.send_text(protocol::resync_message(
+                            if let Some(throttle) = &mut self.throttle {
+                                throttle.drop_held();
+                            }
+                            let resync = protocol::resync_message(
                                 "since_too_old",
                                 since,
                                 oldest_seq,
                                 last_seq,
                                 now_micros(),
-                            ));
+                            );
+                            // Never left out: the next events start at `oldest_seq`.
+                            if self.outbox.push([Frame::Text(resync.into())]).is_err() {
+                                return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                            }
                             continue;
                         }
                         Err(e) => return End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
