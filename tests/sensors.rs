@@ -878,7 +878,15 @@ const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["ti
 #[tokio::test]
 async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
     let failing = one_sensor(OFFLINE_AFTER_TWO, "shed", 0.05, FAILING_SIM);
-    let (daemon, id, mut general) = watched(&failing, "shed", "general").await;
+    let daemon = Daemon::with(&failing).await;
+    let id = sensor_named(&daemon, "shed").await;
+    // From the first event on: on a slow machine the failing sensor is told offline
+    // before the socket is open.
+    let mut general = daemon
+        .subscribe(&format!(
+            "/api/v1/ws?channel=general&sensor_id={id}&since=0"
+        ))
+        .await;
     let failing_json = json!({"kind": "sim", "failure_rate": 1.0, "failures": ["timeout"]});
 
     // Each way back to good samples, from offline: a new source over REST; switched off,
