@@ -84,6 +84,18 @@ pub async fn opening(store: &Store, request: &Request) -> Result<Opening, StoreE
     })
 }
 
+/// The `resync` for a client whose stream stood at `since` when retention removed the
+/// events after it up to `oldest_seq` (see [`crate::store::Pulled::Removed`]); said in
+/// the log under `client`.
+pub fn resync_after_removal(client: &str, since: u64, oldest_seq: u64, last_seq: u64) -> String {
+    log::info!(
+        "{client}: events {} to {} were removed by retention before it read them; told to resync",
+        since + 1,
+        oldest_seq - 1
+    );
+    protocol::resync_message("since_too_old", since, oldest_seq, last_seq, now_micros())
+}
+
 /// A snapshot message narrowed to the subscription's sensor and `tipo` filters, and its
 /// `seq`.
 pub async fn snapshot(

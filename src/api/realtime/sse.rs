@@ -16,13 +16,12 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
 
-use super::protocol;
 use super::subscription::Request as SubscriptionRequest;
 use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
 use crate::api::{streamed, ApiError, Body, State, StreamAdmission, StreamFailed};
 use crate::auth::{Access, Principal};
-use crate::model::{now_micros, FieldError};
+use crate::model::FieldError;
 use crate::store::{Feed, Pulled};
 
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
@@ -125,17 +124,11 @@ async fn run(
                 let events = match batch {
                     Ok(Pulled::Events(events)) => events,
                     Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
-                        log::info!(
-                            "event stream client: events {} to {} were removed by retention before it read them; told to resync",
-                            since + 1,
-                            oldest_seq - 1
-                        );
-                        let resync = protocol::resync_message(
-                            "since_too_old",
+                        let resync = super::resync_after_removal(
+                            "event stream client",
                             since,
                             oldest_seq,
                             last_seq,
-                            now_micros(),
                         );
                         let mut text = String::new();
                         event_chunk(&mut text, None, &resync);

@@ -417,21 +417,14 @@ impl Session {
                     let events = match batch {
                         Ok(Pulled::Events(events)) => events,
                         Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
-                            log::info!(
-                                "WebSocket client {}: events {} to {} were removed by retention before it read them; told to resync",
-                                self.client_id,
-                                since + 1,
-                                oldest_seq - 1
-                            );
                             if let Some(throttle) = &mut self.throttle {
                                 throttle.drop_held();
                             }
-                            let resync = protocol::resync_message(
-                                "since_too_old",
+                            let resync = super::resync_after_removal(
+                                &format!("WebSocket client {}", self.client_id),
                                 since,
                                 oldest_seq,
                                 last_seq,
-                                now_micros(),
                             );
                             // Never left out: the next events start at `oldest_seq`.
                             if self.outbox.push([Frame::Text(resync.into())]).is_err() {
