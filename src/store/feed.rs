@@ -19,9 +19,8 @@
 use std::sync::Arc;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Replay, Store, StoreError};
+use super::{Replay, ReplayTurn, Store, StoreError};
 use crate::events::{Channel, Event, Hub};
 
 /// Events read from the database in one go while replaying.
@@ -59,7 +58,7 @@ pub struct Feed {
     /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
     snapshot_at: Option<u64>,
     /// The turn to replay, held from the first page read until caught up or paused.
-    turn: Option<OwnedSemaphorePermit>,
+    turn: Option<ReplayTurn>,
 }
 
 impl Feed {

@@ -482,12 +482,19 @@ impl Store {
     /// [`REPLAYING_CLIENTS`] fill their queues and sockets from the log at a time, so the
     /// memory and the cores they take stay bounded and live clients keep their latency;
     /// the others wait, connected, and their live events wait in the log.
-    pub async fn replay_turn(&self) -> Result<OwnedSemaphorePermit, StoreError> {
-        self.replay_turns
+    pub async fn replay_turn(&self) -> Result<ReplayTurn, StoreError> {
+        let permit = self
+            .replay_turns
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| StoreError::Closed)
+            .map_err(|_| StoreError::Closed)?;
+        Ok(ReplayTurn {
+            permit: Some(permit),
+            turns: self.replay_turns.clone(),
+            pages: self.pages.clone(),
+            readers: self.readers.clone(),
+        })
     }
 
     /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a
@@ -658,6 +665,31 @@ fn check_in_background(path: PathBuf, health: Arc<WriterHealth>) {
     }
 }
 
+/// A client's turn to replay stored events (see [`Store::replay_turn`]).
+///
+/// The last turn to end, with nobody waiting for one, lets go of what replaying took:
+/// the shared pages and the readers' page caches, which a room of resuming clients
+/// filled with the whole log and which the live clients that stay do not need. A client
+/// that replays again later reads its pages anew.
+pub struct ReplayTurn {
+    permit: Option<OwnedSemaphorePermit>,
+    turns: Arc<Semaphore>,
+    pages: Arc<ReplayPages>,
+    readers: Arc<Readers>,
+}
+
+impl Drop for ReplayTurn {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        // A permit released while others wait goes to one of them: all of them free
+        // means that nobody replays or waits to.
+        if self.turns.available_permits() == REPLAYING_CLIENTS {
+            self.pages.clear();
+            self.readers.release_memory();
+        }
+    }
+}
+
 /// Read-only connections. Reads wait for one of [`READERS`] permits before they
 /// take a blocking thread, so that however many clients replay at once, the daemon holds
 /// that many reader connections (each with its page cache) and threads, not one each.
@@ -688,6 +720,18 @@ impl Readers {
             idle.push(conn);
         }
         Ok(result?)
+    }
+}
+
+impl Readers {
+    /// Frees what the idle connections' page caches hold; the pages are in the
+    /// operating system's cache still, and read again from there when needed.
+    fn release_memory(&self) {
+        for conn in self.idle.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+                log::debug!("a reader's page cache was not freed: {e}");
+            }
+        }
     }
 }
 
@@ -794,5 +838,43 @@ mod tests {
         told.recv_timeout(Duration::from_secs(10))
             .expect("a writer that stopped holds no source back");
         source.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_replay_turn_to_end_lets_go_of_the_shared_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let (store, writer) = Store::open(&config, Hub::new(64)).unwrap();
+        for _ in 0..3 {
+            let emission = Emission {
+                channel: Channel::General,
+                kind: EmissionKind::Test,
+                sensor_id: None,
+                data: Value::Null,
+            };
+            store.emit(emission).await.unwrap();
+        }
+        let general = || vec![Channel::General];
+        let cached = |store: &Store| store.pages.get(0, 3, &general(), 10).is_some();
+
+        let first = store.replay_turn().await.unwrap();
+        let second = store.replay_turn().await.unwrap();
+        let Replay::Events(page) = store.events_after(0, 3, general(), 10).await.unwrap() else {
+            panic!("nothing was removed");
+        };
+        assert_eq!(page.len(), 3);
+        assert!(cached(&store), "the page is kept for the next client");
+        drop(first);
+        assert!(cached(&store), "a client still replays: its page stays");
+        drop(second);
+        assert!(!cached(&store), "nobody replays: the page is let go");
+
+        store.close().await;
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
     }
 }

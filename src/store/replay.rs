@@ -3,7 +3,8 @@
 //! When a room of dashboards reconnects after an outage, they all resume from about the
 //! same `seq` and read the same pages of the event log. Each page is read and its frames
 //! built once; every client takes the same events, shared, so that memory grows with the
-//! pages cached here, not with the number of clients replaying.
+//! pages cached here, not with the number of clients replaying. Once nobody replays, the
+//! pages go (see [`super::ReplayTurn`]): live clients never read them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -72,6 +73,11 @@ impl ReplayPages {
             .iter()
             .filter(|p| p.key.after == after && p.key.limit == limit && p.key.channels == channels)
             .find_map(|p| p.answer(upto))
+    }
+
+    /// Drops every page.
+    pub fn clear(&self) {
+        self.lock().clear();
     }
 
     /// Keeps a page just read, dropping the oldest beyond [`CACHED_PAGES`].
