@@ -112,6 +112,7 @@ pub async fn run(
     let sampling = tokio::spawn(scheduler.run(sensor_changes, signal.clone(), started));
     let supervisor = Supervisor::new(store.clone(), hub.clone(), health.clone());
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
+    tokio::spawn(service::give_back_memory_periodically(signal.clone()));
     let (drain, guard) = Drain::new();
     let state = Arc::new(
         State::new(

@@ -5,10 +5,12 @@
 //! (`NOTIFY_SOCKET` unset), so the same binary runs on a terminal.
 
 mod logging;
+mod memory;
 mod signals;
 mod supervisor;
 
 pub use logging::init as init_logging;
+pub use memory::give_back_periodically as give_back_memory_periodically;
 pub use signals::{hangups, terminate};
 pub use supervisor::Supervisor;
 
