@@ -1316,8 +1316,9 @@ const ALL_CHANNELS: &str = "sensors,readings,general";
 
 /// A room of dashboards reconnecting after an outage: a database of stored events, then
 /// many clients resuming from `since=0` at once, while one live client times the events
-/// of a sensor created every 50 ms. Memory is sampled throughout; every resuming client
-/// must see every event exactly once, in order.
+/// of a sensor created every 50 ms. Memory is sampled throughout, and measured again with
+/// every client caught up and still connected, and once they have left; every resuming
+/// client must see every event exactly once, in order.
 async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
     let (clients, wanted) = (sizes.storm_clients, sizes.storm_events);
     eprintln!("resume-storm: {clients} clients resuming from since=0 over {wanted} events");
@@ -1395,7 +1396,8 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
                 last = seq;
                 positions[client].store(seq, Ordering::Relaxed);
             }
-            Ok::<Duration, Error>(started.elapsed())
+            // Still connected, live, until memory is measured.
+            Ok::<_, Error>((started.elapsed(), socket))
         });
     }
 
@@ -1430,12 +1432,20 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         .ok_or("no storage.last_seq")?;
     target.store(last, Ordering::Relaxed);
     let mut slowest = Duration::ZERO;
+    let mut live = Vec::new();
     while let Some(done) = resuming.join_next().await {
-        slowest = slowest.max(done??);
+        let (took, socket) = done??;
+        slowest = slowest.max(took);
+        live.push(socket);
     }
     let peak = daemon.peak_rss_kib()?;
-    tokio::time::sleep(sizes.idle_wait).await;
+    // The daemon gives freed memory back to the system every 10 s.
+    let settle = sizes.idle_wait + Duration::from_secs(10);
+    tokio::time::sleep(settle).await;
     let settled = daemon.rss_kib()?;
+    drop(live);
+    tokio::time::sleep(settle).await;
+    let left = daemon.rss_kib()?;
 
     let mut latencies = Vec::new();
     while let Ok((_, event, at)) = deliveries.try_recv() {
@@ -1453,11 +1463,12 @@ async fn resume_storm(sizes: &Sizes) -> Result<Vec<Row>, Error> {
         Row::new(
             &name,
             format!(
-                "peak RSS {} (sampled {}), idle before {}, {} after, every client caught up in {:.1} s, each got all {} events once, in order",
+                "peak RSS {} (sampled {}), idle before {}, {} after with the {clients} clients live, {} once they left, every client caught up in {:.1} s, each got all {} events once, in order",
                 mib(peak),
                 mib(peak_sampled),
                 mib(idle),
                 mib(settled),
+                mib(left),
                 slowest.as_secs_f64(),
                 thousands(last),
             ),
