@@ -950,7 +950,15 @@ async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
 #[tokio::test]
 async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_it() {
     let failing = one_sensor(OFFLINE_AFTER_TWO, "cellar", 0.05, FAILING_SIM);
-    let (daemon, id, mut general) = watched(&failing, "cellar", "general").await;
+    let daemon = Daemon::with(&failing).await;
+    let id = sensor_named(&daemon, "cellar").await;
+    // From the first event: on a slow machine the sensor is told offline before the
+    // socket is open.
+    let mut general = daemon
+        .subscribe(&format!(
+            "/api/v1/ws?channel=general&sensor_id={id}&since=0"
+        ))
+        .await;
     let offline = next_availability(&mut general, id, SETTLE)
         .await
         .expect("the failing sensor goes offline");
