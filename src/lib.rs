@@ -32,12 +32,14 @@
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`backoff`]: the waits between attempts at something that failed.
 //! - [`demo`]: stand-in hardware for `--demo`.
-//! - [`service`]: systemd readiness, status and watchdog; logs; signals.
+//! - [`service`]: systemd readiness, status and watchdog; logs; signals; giving freed
+//!   memory back.
 //! - [`uplink`]: the fleet uplink to an MQTT broker (store-and-forward, Home Assistant
 //!   discovery); off unless configured.
 
-// Two exceptions, allowed where they are: reading the kernel's clock status (`clock`),
-// and the room left for the WAL (`store::checkpointer`).
+// Four exceptions, allowed where they are: reading the kernel's clock status (`clock`),
+// the room left for the WAL (`store::checkpointer`), the file system's free space
+// (`store::capacity`) and giving freed memory back (`service::memory`).
 #![deny(unsafe_code)]
 
 pub mod alerts;

@@ -1,18 +1,21 @@
 //! Giving memory the daemon freed back to the system.
 //!
-//! glibc keeps what a program frees for its next allocations, in one arena per thread
-//! that allocated (up to eight per core): after a burst, a room of dashboards resuming
-//! from the start of the log or a thousand clients that came and went, the daemon would
-//! stay near its peak for good while using a fraction of it, and a 512 MB board needs
-//! that memory elsewhere. Every [`GIVE_BACK_EVERY`] the free pages of every arena go back
-//! to the kernel; on a quiet daemon that finds little to do.
+//! glibc keeps what a program frees for its next allocations, in arenas that threads
+//! add as they contend (up to eight per core on 64-bit systems, two on 32-bit): after a
+//! burst, a room of dashboards resuming from the start of the log or a thousand clients
+//! that came and went, the daemon would stay near its peak for good while using a
+//! fraction of it, and a 512 MB board needs that memory elsewhere. Every
+//! [`GIVE_BACK_EVERY`] the free pages of every arena go back to the kernel, on a
+//! blocking thread: the trim takes each arena's lock in turn, and tasks must not wait for
+//! it. On a quiet daemon it finds little to do. Other C libraries (musl) get nothing
+//! here.
 
 use std::time::Duration;
 
 use crate::shutdown::Shutdown;
 
 /// How often freed memory is given back.
-pub const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
+const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
 
 /// Gives freed memory back every [`GIVE_BACK_EVERY`] until `shutdown`.
 pub async fn give_back_periodically(mut shutdown: Shutdown) {
@@ -21,7 +24,10 @@ pub async fn give_back_periodically(mut shutdown: Shutdown) {
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
-            _ = tick.tick() => give_back(),
+            _ = tick.tick() => {
+                // Only fails when the runtime shuts down.
+                let _ = tokio::task::spawn_blocking(give_back).await;
+            }
         }
     }
 }

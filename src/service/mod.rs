@@ -1,5 +1,6 @@
 //! Living under systemd: readiness and status notifications, a watchdog that only pets
-//! while the daemon really works, journald-friendly logs, and signals.
+//! while the daemon really works, journald-friendly logs, signals, and memory given back
+//! to the system after a burst.
 //!
 //! Every notification is a no-op when the daemon was not started by systemd
 //! (`NOTIFY_SOCKET` unset), so the same binary runs on a terminal.

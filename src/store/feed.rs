@@ -19,8 +19,9 @@
 use std::sync::Arc;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Replay, ReplayTurn, Store, StoreError};
+use super::{Replay, Replaying, Store, StoreError};
 use crate::events::{Channel, Event, Hub};
 
 /// Events read from the database in one go while replaying.
@@ -50,7 +51,8 @@ pub struct Feed {
     live_has_readings: bool,
     /// The newest `seq` handed out (wanted or not).
     position: u64,
-    replaying: bool,
+    /// Held while the feed reads stored events rather than following the hub.
+    replaying: Option<Replaying>,
     /// Set when a client that had no readings asks for them: what was published then
     /// (or the `seq` of the snapshot it was just sent). Its other channels are replayed
     /// up to there; readings start after it, not from wherever the position stood.
@@ -58,7 +60,7 @@ pub struct Feed {
     /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
     snapshot_at: Option<u64>,
     /// The turn to replay, held from the first page read until caught up or paused.
-    turn: Option<ReplayTurn>,
+    turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Feed {
@@ -71,13 +73,14 @@ impl Feed {
         // REST write answered before it connected must not reach it as an event.
         let position = since.unwrap_or_else(|| store.health().committed());
         let live = hub.subscribe();
+        let replaying = Some(store.replaying());
         Feed {
             store,
             hub: hub.clone(),
             live,
             live_has_readings: true,
             position,
-            replaying: true,
+            replaying,
             readings_from: None,
             snapshot_at: None,
             turn: None,
@@ -101,7 +104,7 @@ impl Feed {
         };
         self.live_has_readings = readings;
         self.readings_from = readings.then(|| snapshot_at.unwrap_or_else(|| self.hub.published()));
-        self.replaying = true;
+        self.replaying = Some(self.store.replaying());
     }
 
     /// The newest `seq` handed out.
@@ -111,7 +114,7 @@ impl Feed {
 
     /// Whether the feed is reading stored events rather than following the hub.
     pub fn is_replaying(&self) -> bool {
-        self.replaying
+        self.replaying.is_some()
     }
 
     /// Skips to `seq` when the client was just sent a snapshot consistent with it.
@@ -132,7 +135,7 @@ impl Feed {
             self.follow(wants_readings, snapshot_at);
         }
         loop {
-            if self.replaying {
+            if self.replaying.is_some() {
                 if self.turn.is_none() {
                     self.turn = Some(self.store.replay_turn().await?);
                 }
@@ -167,7 +170,7 @@ impl Feed {
                     None => match self.readings_from.take() {
                         Some(from) => self.position = self.position.max(from),
                         None => {
-                            self.replaying = false;
+                            self.replaying = None;
                             self.turn = None;
                         }
                     },
@@ -181,7 +184,7 @@ impl Feed {
             let first = match self.live.recv().await {
                 Ok(event) => event,
                 Err(RecvError::Lagged(_)) => {
-                    self.replaying = true;
+                    self.replaying = Some(self.store.replaying());
                     continue;
                 }
                 Err(RecvError::Closed) => return Err(StoreError::Closed),
@@ -206,7 +209,7 @@ impl Feed {
                 match self.live.try_recv() {
                     Ok(event) => next = Some(event),
                     Err(TryRecvError::Lagged(_)) => {
-                        self.replaying = true;
+                        self.replaying = Some(self.store.replaying());
                         break;
                     }
                     Err(_) => break,

@@ -39,6 +39,7 @@ pub use writer::WriterHandle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rusqlite::{Connection, OpenFlags};
@@ -183,6 +184,8 @@ pub struct Store {
     pages: Arc<ReplayPages>,
     /// Turns to replay stored events; see [`Store::replay_turn`].
     replay_turns: Arc<Semaphore>,
+    /// Feeds replaying; see [`Replaying`].
+    replaying: Arc<AtomicUsize>,
     health: Arc<WriterHealth>,
     /// Roll-up buckets not yet written to their tables, which queries merge in.
     open_buckets: Arc<OpenBuckets>,
@@ -225,6 +228,7 @@ impl Store {
             }),
             pages: Arc::default(),
             replay_turns: Arc::new(Semaphore::new(REPLAYING_CLIENTS)),
+            replaying: Arc::default(),
             health,
             open_buckets,
             max_future: (config.max_future_s as i64).saturating_mul(1_000_000),
@@ -482,19 +486,22 @@ impl Store {
     /// [`REPLAYING_CLIENTS`] fill their queues and sockets from the log at a time, so the
     /// memory and the cores they take stay bounded and live clients keep their latency;
     /// the others wait, connected, and their live events wait in the log.
-    pub async fn replay_turn(&self) -> Result<ReplayTurn, StoreError> {
-        let permit = self
-            .replay_turns
+    pub async fn replay_turn(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        self.replay_turns
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(ReplayTurn {
-            permit: Some(permit),
-            turns: self.replay_turns.clone(),
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Counts a feed as replaying until the guard is dropped; see [`Replaying`].
+    pub fn replaying(&self) -> Replaying {
+        self.replaying.fetch_add(1, AtomicOrdering::Relaxed);
+        Replaying {
+            count: self.replaying.clone(),
             pages: self.pages.clone(),
             readers: self.readers.clone(),
-        })
+        }
     }
 
     /// Stored events with `after < seq <= upto` on `channels`, oldest first: what a
@@ -665,26 +672,25 @@ fn check_in_background(path: PathBuf, health: Arc<WriterHealth>) {
     }
 }
 
-/// A client's turn to replay stored events (see [`Store::replay_turn`]).
+/// A feed that reads stored events rather than following the hub (see
+/// [`Store::replaying`]).
 ///
-/// The last turn to end, with nobody waiting for one, lets go of what replaying took:
-/// the shared pages and the readers' page caches, which a room of resuming clients
-/// filled with the whole log and which the live clients that stay do not need. A client
-/// that replays again later reads its pages anew.
-pub struct ReplayTurn {
-    permit: Option<OwnedSemaphorePermit>,
-    turns: Arc<Semaphore>,
+/// When the last of them catches up (or goes), what replaying took goes too: the pages
+/// shared by replaying clients and the readers' page caches (up to about 2 MB each),
+/// which a room of resuming clients filled from the log and the live clients that stay
+/// do not need. A client that replays again later reads its pages anew.
+pub struct Replaying {
+    count: Arc<AtomicUsize>,
     pages: Arc<ReplayPages>,
     readers: Arc<Readers>,
 }
 
-impl Drop for ReplayTurn {
+impl Drop for Replaying {
     fn drop(&mut self) {
-        drop(self.permit.take());
-        // A permit released while others wait goes to one of them: all of them free
-        // means that nobody replays or waits to.
-        if self.turns.available_permits() == REPLAYING_CLIENTS {
-            self.pages.clear();
+        let last = self.count.fetch_sub(1, AtomicOrdering::Relaxed) == 1;
+        // A feed that found nothing to replay read no pages: the readers keep their
+        // caches for the queries of live clients.
+        if last && self.pages.clear() {
             self.readers.release_memory();
         }
     }
@@ -721,17 +727,19 @@ impl Readers {
         }
         Ok(result?)
     }
-}
 
-impl Readers {
     /// Frees what the idle connections' page caches hold; the pages are in the
     /// operating system's cache still, and read again from there when needed.
     fn release_memory(&self) {
-        for conn in self.idle.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for conn in &idle {
             if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
                 log::debug!("a reader's page cache was not freed: {e}");
             }
         }
+        let mut kept = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let room = READERS.saturating_sub(kept.len());
+        kept.extend(idle.into_iter().take(room));
     }
 }
 
@@ -841,7 +849,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_last_replay_turn_to_end_lets_go_of_the_shared_pages() {
+    async fn the_last_feed_to_stop_replaying_lets_go_of_the_shared_pages() {
         let dir = tempfile::tempdir().unwrap();
         let config = StorageConfig {
             data_dir: dir.path().to_owned(),
@@ -860,13 +868,16 @@ mod tests {
         let general = || vec![Channel::General];
         let cached = |store: &Store| store.pages.get(0, 3, &general(), 10).is_some();
 
-        let first = store.replay_turn().await.unwrap();
-        let second = store.replay_turn().await.unwrap();
+        let first = store.replaying();
+        let second = store.replaying();
         let Replay::Events(page) = store.events_after(0, 3, general(), 10).await.unwrap() else {
             panic!("nothing was removed");
         };
         assert_eq!(page.len(), 3);
         assert!(cached(&store), "the page is kept for the next client");
+        // Waiting for a turn or paused, a replaying client still counts.
+        let turn = store.replay_turn().await.unwrap();
+        drop(turn);
         drop(first);
         assert!(cached(&store), "a client still replays: its page stays");
         drop(second);

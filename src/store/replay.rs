@@ -4,7 +4,7 @@
 //! same `seq` and read the same pages of the event log. Each page is read and its frames
 //! built once; every client takes the same events, shared, so that memory grows with the
 //! pages cached here, not with the number of clients replaying. Once nobody replays, the
-//! pages go (see [`super::ReplayTurn`]): live clients never read them.
+//! pages go (see [`super::Replaying`]): live clients never read them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -75,9 +75,12 @@ impl ReplayPages {
             .find_map(|p| p.answer(upto))
     }
 
-    /// Drops every page.
-    pub fn clear(&self) {
-        self.lock().clear();
+    /// Drops every page; whether there were any.
+    pub fn clear(&self) -> bool {
+        let mut pages = self.lock();
+        let had = !pages.is_empty();
+        pages.clear();
+        had
     }
 
     /// Keeps a page just read, dropping the oldest beyond [`CACHED_PAGES`].
