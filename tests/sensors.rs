@@ -875,18 +875,23 @@ async fn announced_online_once(general: &mut Client, id: i64, when: &str) {
 /// A simulated source whose every read fails.
 const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["timeout"] }"#;
 
-#[tokio::test]
-async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
-    let failing = one_sensor(OFFLINE_AFTER_TWO, "shed", 0.05, FAILING_SIM);
-    let daemon = Daemon::with(&failing).await;
-    let id = sensor_named(&daemon, "shed").await;
-    // From the first event on: on a slow machine the failing sensor is told offline
-    // before the socket is open.
-    let mut general = daemon
+/// A daemon with one sensor `name` whose every read fails, its id, and a socket on
+/// `general` for that sensor's events from the first on: on a slow machine the sensor is
+/// told offline before the socket is open.
+async fn failing_and_watched(name: &str) -> (Daemon, i64, Client) {
+    let daemon = Daemon::with(&one_sensor(OFFLINE_AFTER_TWO, name, 0.05, FAILING_SIM)).await;
+    let id = sensor_named(&daemon, name).await;
+    let general = daemon
         .subscribe(&format!(
             "/api/v1/ws?channel=general&sensor_id={id}&since=0"
         ))
         .await;
+    (daemon, id, general)
+}
+
+#[tokio::test]
+async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
+    let (daemon, id, mut general) = failing_and_watched("shed").await;
     let failing_json = json!({"kind": "sim", "failure_rate": 1.0, "failures": ["timeout"]});
 
     // Each way back to good samples, from offline: a new source over REST; switched off,
@@ -949,16 +954,7 @@ async fn a_sensor_brought_back_by_a_change_of_its_source_is_announced_online() {
 
 #[tokio::test]
 async fn a_sensor_announced_offline_before_a_restart_is_announced_online_after_it() {
-    let failing = one_sensor(OFFLINE_AFTER_TWO, "cellar", 0.05, FAILING_SIM);
-    let daemon = Daemon::with(&failing).await;
-    let id = sensor_named(&daemon, "cellar").await;
-    // From the first event: on a slow machine the sensor is told offline before the
-    // socket is open.
-    let mut general = daemon
-        .subscribe(&format!(
-            "/api/v1/ws?channel=general&sensor_id={id}&since=0"
-        ))
-        .await;
+    let (daemon, id, mut general) = failing_and_watched("cellar").await;
     let offline = next_availability(&mut general, id, SETTLE)
         .await
         .expect("the failing sensor goes offline");
