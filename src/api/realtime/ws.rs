@@ -401,7 +401,9 @@ impl Session {
         loop {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
-            if !may_pull {
+            // A client that takes no pages, for want of room or of channels, must not keep
+            // a turn that others wait for.
+            if !may_pull || channels.is_empty() {
                 feed.pause();
             }
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
