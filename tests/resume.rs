@@ -207,6 +207,32 @@ async fn events_removed_during_a_replay_are_told_with_a_resync() {
     burst.daemon.stop().await;
 }
 
+/// A client that unsubscribes from every channel while it resumes gives its turn to
+/// replay up, as one that stops reading does: more such clients than there are turns
+/// must not keep the ones resuming after them waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_drop_every_channel_while_resuming_do_not_hold_up_the_others() {
+    let burst = Burst::start(20_000).await;
+    let path = "/api/v1/ws?channel=readings&since=0";
+    let mut quiet = Vec::new();
+    for id in 0..10 {
+        let mut client = burst.daemon.subscribe(path).await;
+        // Its replay has begun: it holds a turn.
+        seq(&client.json().await);
+        client
+            .send_text(&format!(
+                r#"{{"type": "unsubscribe", "id": {id}, "channels": ["readings"]}}"#
+            ))
+            .await;
+        quiet.push(client);
+    }
+    let mut reader = burst.daemon.subscribe(path).await;
+    let received = events_until(&mut reader, burst.last()).await;
+    assert_eq!(seqs(&received), burst.readings);
+    drop(quiet);
+    burst.daemon.stop().await;
+}
+
 /// With the smallest allowed client queue, a client that reads promptly still gets every
 /// missed event on resume: replaying is not "falling behind".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
