@@ -17,7 +17,7 @@ use crate::shutdown::Shutdown;
 /// How often freed memory is given back.
 const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
 
-/// Gives freed memory back every [`GIVE_BACK_EVERY`] until `shutdown`.
+/// Gives freed memory back every `GIVE_BACK_EVERY` until `shutdown`.
 pub async fn give_back_periodically(mut shutdown: Shutdown) {
     let mut tick = tokio::time::interval(GIVE_BACK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

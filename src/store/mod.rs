@@ -856,15 +856,7 @@ mod tests {
             ..StorageConfig::default()
         };
         let (store, writer) = Store::open(&config, Hub::new(64)).unwrap();
-        for _ in 0..3 {
-            let emission = Emission {
-                channel: Channel::General,
-                kind: EmissionKind::Test,
-                sensor_id: None,
-                data: Value::Null,
-            };
-            store.emit(emission).await.unwrap();
-        }
+        emit_three(&store).await;
         let general = || vec![Channel::General];
         let cached = |store: &Store| store.pages.get(0, 3, &general(), 10).is_some();
 
@@ -887,5 +879,55 @@ mod tests {
         tokio::task::spawn_blocking(move || writer.join())
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_feed_that_catches_up_lets_go_of_the_pages_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let hub = Hub::new(64);
+        let (store, writer) = Store::open(&config, hub.clone()).unwrap();
+        let mut published = hub.subscribe();
+        emit_three(&store).await;
+        for _ in 0..3 {
+            published.recv().await.unwrap();
+        }
+        let general = [Channel::General];
+
+        let mut feed = Feed::new(&hub, store.clone(), Some(0));
+        let Ok(Pulled::Events(events)) = feed.next(&general, 10).await else {
+            panic!("the three stored events");
+        };
+        assert_eq!(events.len(), 3);
+        assert!(feed.is_replaying());
+        let cached = |store: &Store| store.pages.get(0, 3, &general, 10).is_some();
+        assert!(cached(&store), "the page read is kept");
+        // Caught up, the feed waits for live events: nobody replays any more.
+        let live = tokio::time::timeout(Duration::from_millis(200), feed.next(&general, 10));
+        assert!(live.await.is_err(), "nothing new was published");
+        assert!(!feed.is_replaying());
+        assert!(!cached(&store), "the page is let go");
+
+        drop(feed);
+        store.close().await;
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+    }
+
+    /// Stores three test events on `general`.
+    async fn emit_three(store: &Store) {
+        for _ in 0..3 {
+            let emission = Emission {
+                channel: Channel::General,
+                kind: EmissionKind::Test,
+                sensor_id: None,
+                data: Value::Null,
+            };
+            store.emit(emission).await.unwrap();
+        }
     }
 }
