@@ -300,7 +300,7 @@ async fn serial_device_unplugged_and_plugged_back() {
 async fn silent_serial_sensor_goes_offline_and_comes_back() {
     let (mut master, _slave, path) = pty();
     let config = one_sensor(OFFLINE_AFTER_TWO, "quiet", 0.2, &serial_source(&path));
-    let (daemon, id, mut general) = watched(&config, "quiet", "general").await;
+    let (daemon, id, mut general) = watched(&config, "quiet", "general", None).await;
     let mut readings = daemon.subscribe("/api/v1/ws?channel=readings").await;
     // The probes are the last lines for a while: the line then stays silent.
     let synced = sync_serial(&mut master, &mut readings).await;
@@ -370,16 +370,30 @@ async fn sample_sysfs(
     source: &str,
 ) -> (Daemon, i64, Client) {
     let source = format!("{{ {source}, sysfs_root = {} }}", toml_path(sysfs.root()));
-    watched(&one_sensor("", name, interval_s, &source), name, "readings").await
+    watched(
+        &one_sensor("", name, interval_s, &source),
+        name,
+        "readings",
+        None,
+    )
+    .await
 }
 
 /// A daemon started with `config`, the id of its sensor `name`, and a socket on `channel`
-/// for events about that sensor only.
-async fn watched(config: &str, name: &str, channel: &str) -> (Daemon, i64, Client) {
+/// for events about that sensor only, from after `since` if given (else from now).
+async fn watched(
+    config: &str,
+    name: &str,
+    channel: &str,
+    since: Option<u64>,
+) -> (Daemon, i64, Client) {
     let daemon = Daemon::with(config).await;
     let id = sensor_named(&daemon, name).await;
+    let since = since.map(|seq| format!("&since={seq}")).unwrap_or_default();
     let socket = daemon
-        .subscribe(&format!("/api/v1/ws?channel={channel}&sensor_id={id}"))
+        .subscribe(&format!(
+            "/api/v1/ws?channel={channel}&sensor_id={id}{since}"
+        ))
         .await;
     (daemon, id, socket)
 }
@@ -879,14 +893,8 @@ const FAILING_SIM: &str = r#"{ kind = "sim", failure_rate = 1.0, failures = ["ti
 /// `general` for that sensor's events from the first on: on a slow machine the sensor is
 /// told offline before the socket is open.
 async fn failing_and_watched(name: &str) -> (Daemon, i64, Client) {
-    let daemon = Daemon::with(&one_sensor(OFFLINE_AFTER_TWO, name, 0.05, FAILING_SIM)).await;
-    let id = sensor_named(&daemon, name).await;
-    let general = daemon
-        .subscribe(&format!(
-            "/api/v1/ws?channel=general&sensor_id={id}&since=0"
-        ))
-        .await;
-    (daemon, id, general)
+    let config = one_sensor(OFFLINE_AFTER_TWO, name, 0.05, FAILING_SIM);
+    watched(&config, name, "general", Some(0)).await
 }
 
 #[tokio::test]
