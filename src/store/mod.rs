@@ -850,12 +850,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_last_feed_to_stop_replaying_lets_go_of_the_shared_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = StorageConfig {
-            data_dir: dir.path().to_owned(),
-            ..StorageConfig::default()
-        };
-        let (store, writer) = Store::open(&config, Hub::new(64)).unwrap();
+        let (_dir, store, writer) = open_store(Hub::new(64));
         emit_three(&store).await;
         let general = || vec![Channel::General];
         let cached = |store: &Store| store.pages.get(0, 3, &general(), 10).is_some();
@@ -875,21 +870,13 @@ mod tests {
         drop(second);
         assert!(!cached(&store), "nobody replays: the page is let go");
 
-        store.close().await;
-        tokio::task::spawn_blocking(move || writer.join())
-            .await
-            .unwrap();
+        close_store(store, writer).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_feed_that_catches_up_lets_go_of_the_pages_it_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = StorageConfig {
-            data_dir: dir.path().to_owned(),
-            ..StorageConfig::default()
-        };
         let hub = Hub::new(64);
-        let (store, writer) = Store::open(&config, hub.clone()).unwrap();
+        let (_dir, store, writer) = open_store(hub.clone());
         let mut published = hub.subscribe();
         emit_three(&store).await;
         for _ in 0..3 {
@@ -912,6 +899,22 @@ mod tests {
         assert!(!cached(&store), "the page is let go");
 
         drop(feed);
+        close_store(store, writer).await;
+    }
+
+    /// A store in a new temporary directory, with its default settings.
+    fn open_store(hub: Hub) -> (tempfile::TempDir, Store, WriterHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let (store, writer) = Store::open(&config, hub).unwrap();
+        (dir, store, writer)
+    }
+
+    /// Stops the writer once what is queued is committed.
+    async fn close_store(store: Store, writer: WriterHandle) {
         store.close().await;
         tokio::task::spawn_blocking(move || writer.join())
             .await
