@@ -55,8 +55,10 @@ use crate::model::{format_time, now_micros};
 use crate::store::{Feed, Pulled};
 
 /// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
-/// memory per client and zero-fill time on every read.
-const READ_BUFFER: usize = 4 * 1024;
+/// memory per client and zero-fill time on every read. The read buffer is filled whole
+/// (zeroed first) by every read, so all of it is resident for every client; clients send
+/// a few small commands, and a larger message only takes more reads.
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest message a client may send; client messages are small JSON commands.
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
@@ -125,20 +127,14 @@ pub fn upgrade(
     tokio::spawn(async move {
         match upgrading.await {
             Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(socket_config()),
-                )
-                .await;
-                let mut session = Session::new(state, request, peer);
+                let mut session = Box::new(Session::new(state, request, peer));
                 session.client = from.address;
                 session.principal = principal;
                 session.must_authenticate = secure && session.principal.is_none();
                 if secure {
                     session.access = Access::Secure;
                 }
-                session.run(socket).await;
+                Box::pin(session.run(upgraded)).await;
                 // The session counted as a connection until now.
                 drop(admission);
             }
@@ -212,7 +208,19 @@ impl Session {
         }
     }
 
-    async fn run(mut self, socket: Socket) {
+    /// Runs the session to its end. This future is most of what a connected client
+    /// costs, for as long as it stays, so it is kept small: a future keeps room of its
+    /// own for what is moved into it and for each step it awaits, not always sharing
+    /// it, so the session comes boxed, the socket is made here rather than moved in,
+    /// and the larger steps (following the feed, answering a message, authenticating,
+    /// closing) are boxed too, each allocated while it runs.
+    async fn run(mut self: Box<Self>, upgraded: Upgraded) {
+        let socket = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(socket_config()),
+        )
+        .await;
         let _drain = self.state.drain.clone();
         let mut registration = self.state.hub.register(&self.subscription.channel_list());
         let (sink, mut stream) = socket.split();
@@ -225,9 +233,9 @@ impl Session {
         ));
 
         if self.must_authenticate {
-            if let Err(end) = self.authenticate(&mut stream).await {
+            if let Err(end) = Box::pin(self.authenticate(&mut stream)).await {
                 drop(registration);
-                self.end(end, writer, stream).await;
+                Box::pin(self.end(end, writer, stream)).await;
                 return;
             }
         }
@@ -252,20 +260,20 @@ impl Session {
                     self.peer,
                     channels.join(",")
                 );
-                self.follow(
+                Box::pin(self.follow(
                     &mut feed,
                     &mut stream,
                     &mut writer,
                     &mut registration,
                     &delivered,
-                )
+                ))
                 .await
             }
             Err(e) => End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
         };
         // A closing client gets no more events and no longer counts as connected.
         drop(registration);
-        self.end(end, writer, stream).await;
+        Box::pin(self.end(end, writer, stream)).await;
         log::debug!("client {} disconnected", self.client_id);
     }
 
@@ -465,7 +473,7 @@ impl Session {
                         if !self.within_rate() {
                             return End::Close(CLOSE_RATE_LIMITED, "rate limited: too many messages".into());
                         }
-                        self.answer(&text, feed, registration).await;
+                        Box::pin(self.answer(&text, feed, registration)).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
                         self.send_text(protocol::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
