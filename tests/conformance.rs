@@ -283,6 +283,27 @@ async fn pings_are_answered_with_their_payload_and_fragments_are_reassembled() {
     daemon.stop().await;
 }
 
+/// A message of exactly the largest size a client may send arrives over many reads of
+/// the session's small read buffer and is answered; one byte more closes with 1009 (below).
+#[tokio::test]
+async fn a_message_of_the_largest_size_allowed_is_read_whole_and_answered() {
+    let daemon = Daemon::with("").await;
+    let mut socket = RawSocket::greeted(&daemon, "/api/v1/ws?channel=sensors").await;
+
+    let envelope = r#"{"type": "ping", "id": ""}"#.len();
+    let id = "x".repeat(16 * 1024 - envelope);
+    let message = format!(r#"{{"type": "ping", "id": "{id}"}}"#);
+    assert_eq!(message.len(), 16 * 1024);
+    socket.send(FIN | TEXT, message.as_bytes(), true).await;
+    let answer = socket.frame_skipping_pings().await.json();
+    assert_eq!(answer["type"], "pong");
+    assert_eq!(answer["id"], id.as_str());
+
+    socket.send_close(Some(1000)).await;
+    assert_eq!(socket.frame_skipping_pings().await.close_code(), Some(1000));
+    daemon.stop().await;
+}
+
 /// Each way to break the protocol, and the code the server closes with.
 #[tokio::test]
 async fn protocol_violations_close_with_their_code_and_leave_other_sessions_alone() {
