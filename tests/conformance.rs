@@ -283,8 +283,8 @@ async fn pings_are_answered_with_their_payload_and_fragments_are_reassembled() {
     daemon.stop().await;
 }
 
-/// A message of exactly the largest size a client may send arrives over many reads of
-/// the session's small read buffer and is answered; one byte more closes with 1009 (below).
+/// A message of exactly the largest size a client may send is read whole and answered;
+/// one byte more closes with 1009 (below).
 #[tokio::test]
 async fn a_message_of_the_largest_size_allowed_is_read_whole_and_answered() {
     let daemon = Daemon::with("").await;

@@ -55,9 +55,9 @@ use crate::model::{format_time, now_micros};
 use crate::store::{Feed, Pulled};
 
 /// Socket buffers sized for many small JSON frames: tungstenite's 128 KiB defaults cost
-/// memory per client and zero-fill time on every read. The read buffer is filled whole
-/// (zeroed first) by every read, so all of it is resident for every client; clients send
-/// a few small commands, and a larger message only takes more reads.
+/// memory per client and zero-fill time on every read. The read buffer is zeroed whole
+/// before every read, so all of it is resident for every client; clients send a few
+/// small commands, and a larger one takes more reads (and leaves the buffer its size).
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest message a client may send; client messages are small JSON commands.
@@ -134,7 +134,7 @@ pub fn upgrade(
                 if secure {
                     session.access = Access::Secure;
                 }
-                Box::pin(session.run(upgraded)).await;
+                session.run(upgraded).await;
                 // The session counted as a connection until now.
                 drop(admission);
             }
@@ -208,12 +208,12 @@ impl Session {
         }
     }
 
-    /// Runs the session to its end. This future is most of what a connected client
-    /// costs, for as long as it stays, so it is kept small: a future keeps room of its
-    /// own for what is moved into it and for each step it awaits, not always sharing
-    /// it, so the session comes boxed, the socket is made here rather than moved in,
-    /// and the larger steps (following the feed, answering a message, authenticating,
-    /// closing) are boxed too, each allocated while it runs.
+    /// Runs the session to its end. This future is the largest part of what a connected
+    /// client holds, so it is kept small. A future reserves room for a value moved into
+    /// it besides its caller's, and for each step it awaits, often without reusing one
+    /// step's room for another: so the session comes boxed, the socket is made here
+    /// rather than moved in, and the larger steps are boxed (following the feed, for the
+    /// whole connection; answering, authenticating and closing, while they run).
     async fn run(mut self: Box<Self>, upgraded: Upgraded) {
         let socket = WebSocketStream::from_raw_socket(
             TokioIo::new(upgraded),
