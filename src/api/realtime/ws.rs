@@ -409,9 +409,10 @@ impl Session {
         loop {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
+            let pulls = may_pull && !channels.is_empty();
             // A client that takes no pages, for want of room or of channels, must not keep
             // a turn that others wait for.
-            if !may_pull || channels.is_empty() {
+            if !pulls {
                 feed.pause();
             }
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
@@ -423,7 +424,7 @@ impl Session {
                         _ => End::Gone,
                     };
                 }
-                batch = feed.next(&channels, self.batch_limit(feed.is_replaying())), if may_pull && !channels.is_empty() => {
+                batch = feed.next(&channels, self.batch_limit(feed.is_replaying())), if pulls => {
                     let events = match batch {
                         Ok(Pulled::Events(events)) => events,
                         Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
