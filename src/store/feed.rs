@@ -59,7 +59,7 @@ pub struct Feed {
     readings_from: Option<u64>,
     /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
     snapshot_at: Option<u64>,
-    /// The turn to replay, held from the first page read until caught up or paused.
+    /// The turn to replay, held while a page is read (see [`Store::replay_turn`]).
     turn: Option<OwnedSemaphorePermit>,
 }
 
@@ -87,8 +87,9 @@ impl Feed {
         }
     }
 
-    /// Gives up the turn to replay while the client cannot take more: a client that
-    /// reads slowly must not keep others waiting. The next page waits for a turn again.
+    /// Gives up the turn to replay kept from a read that was interrupted, for a client
+    /// that cannot take more: a client that reads slowly must not keep others waiting.
+    /// The next page waits for a turn again.
     pub fn pause(&mut self) {
         self.turn = None;
     }
@@ -154,6 +155,7 @@ impl Feed {
                     {
                         Replay::Events(page) => page,
                         Replay::Removed { oldest_seq } => {
+                            self.turn = None;
                             let since = self.position;
                             self.position = oldest_seq - 1;
                             return Ok(Pulled::Removed {
@@ -176,6 +178,7 @@ impl Feed {
                     },
                     Some(last) => {
                         self.position = last.seq;
+                        self.turn = None;
                         return Ok(Pulled::Events(page));
                     }
                 }
