@@ -8,6 +8,7 @@
 
 pub mod outbox;
 pub mod protocol;
+pub mod socket;
 pub mod sse;
 pub mod subscription;
 pub mod throttle;

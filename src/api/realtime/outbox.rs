@@ -1,15 +1,15 @@
 //! A WebSocket client's bounded queue of outgoing frames.
 //!
-//! The session pushes, the client's writer task drains. When the queue is full, readings
-//! already superseded by a newer reading of the same sensor and `tipo` are dropped
-//! (a dashboard only shows the latest); if it is still full the client cannot keep up
-//! and is disconnected. Memory per client is bounded by the capacity, and the frames
-//! themselves are shared with every other client.
+//! The session pushes, and takes everything queued whenever the socket has room (see
+//! [`super::socket`]). When the queue is full, readings already superseded by a newer
+//! reading of the same sensor and `tipo` are dropped (a dashboard only shows the
+//! latest); if it is still full the client cannot keep up and is disconnected. Memory
+//! per client is bounded by the capacity, and the frames themselves are shared with
+//! every other client.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::events::{Channel, Event, QueueCounters};
@@ -34,31 +34,13 @@ pub struct Overflow;
 pub struct Outbox {
     capacity: usize,
     counters: Arc<QueueCounters>,
-    inner: Mutex<Inner>,
-    /// Wakes the writer when there is something to send.
-    pub ready: Notify,
-    /// Wakes the session when the writer made room.
-    pub room: Notify,
-}
-
-/// What the session asked the writer to do instead of waiting for more frames.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Closing {
-    /// Send what is queued, then a Close frame with this code and reason.
-    Close(u16, String),
-    /// Stop at once and hand the socket back: the client closed, or the socket broke.
-    Stop,
-}
-
-#[derive(Default)]
-struct Inner {
-    frames: VecDeque<Frame>,
-    closing: Option<Closing>,
+    /// Only the session's task touches it; the lock is never contended.
+    frames: Mutex<VecDeque<Frame>>,
 }
 
 impl Drop for Outbox {
     fn drop(&mut self) {
-        self.counters.dequeued(self.lock().frames.len());
+        self.counters.dequeued(self.lock().len());
     }
 }
 
@@ -67,38 +49,37 @@ impl Outbox {
         Outbox {
             capacity,
             counters,
-            inner: Mutex::new(Inner::default()),
-            ready: Notify::new(),
-            room: Notify::new(),
+            frames: Mutex::new(VecDeque::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues frames, coalescing readings if the queue is full.
     pub fn push(&self, frames: impl IntoIterator<Item = Frame>) -> Result<(), Overflow> {
-        let mut inner = self.lock();
-        let before = inner.frames.len();
+        let mut queued = self.lock();
+        let mut added = 0;
         let mut result = Ok(());
         for frame in frames {
-            if inner.frames.len() >= self.capacity {
-                let dropped = inner.coalesce();
+            if queued.len() >= self.capacity {
+                // What coalescing drops may have come in with this push: count it first.
+                self.counters.queued(std::mem::take(&mut added));
+                let dropped = coalesce(&mut queued);
                 self.counters.coalesced(dropped);
                 self.counters.dequeued(dropped);
-                if inner.frames.len() >= self.capacity {
+                if queued.len() >= self.capacity {
                     result = Err(Overflow);
                     break;
                 }
             }
-            inner.frames.push_back(frame);
-            self.counters.queued(1);
+            queued.push_back(frame);
+            added += 1;
         }
-        let grew = inner.frames.len() > before;
-        drop(inner);
-        if grew {
-            self.ready.notify_one();
+        // The counters are shared by every client: one update per push, not per frame.
+        if added > 0 {
+            self.counters.queued(added);
         }
         result
     }
@@ -107,66 +88,44 @@ impl Outbox {
     /// than [`REPLAY_AHEAD`] frames (or half its capacity, if smaller). Clients resuming
     /// together soon stand at different places in the log, so each holds stored events
     /// of its own; a storm of hundreds of them, each with a full queue, took hundreds of
-    /// megabytes. The writer takes the whole queue at once, so a page still waits while
-    /// the one before it is written.
+    /// megabytes. The session takes the whole queue when the socket has room, so a page
+    /// still waits while the one before it is written.
     pub fn has_room(&self) -> bool {
-        self.lock().frames.len() < REPLAY_AHEAD.min(self.capacity / 2)
+        self.lock().len() < REPLAY_AHEAD.min(self.capacity / 2)
     }
 
-    /// Asks the writer to close the socket with this code and reason after sending what
-    /// is queued.
-    pub fn close(&self, code: u16, reason: String) {
-        self.finish(Closing::Close(code, reason));
-    }
-
-    /// Asks the writer to stop at once, leaving what is queued unsent.
-    pub fn stop(&self) {
-        self.finish(Closing::Stop);
-    }
-
-    fn finish(&self, closing: Closing) {
-        self.lock().closing = Some(closing);
-        self.ready.notify_one();
-    }
-
-    /// What the writer was asked to finish with, if anything.
-    pub fn closing(&self) -> Option<Closing> {
-        self.lock().closing.clone()
-    }
-
-    /// Takes everything queued, for the writer.
-    pub fn take(&self) -> Vec<Frame> {
-        let frames: Vec<Frame> = self.lock().frames.drain(..).collect();
-        self.counters.dequeued(frames.len());
-        self.room.notify_one();
+    /// Takes everything queued, to be written.
+    pub fn take(&self) -> VecDeque<Frame> {
+        let frames = std::mem::take(&mut *self.lock());
+        if !frames.is_empty() {
+            self.counters.dequeued(frames.len());
+        }
         frames
     }
 }
 
-impl Inner {
-    /// Drops every reading event for which a newer one of the same sensor and `tipo` is
-    /// queued behind it; returns how many were dropped.
-    fn coalesce(&mut self) -> usize {
-        let mut newest = HashSet::new();
-        let before = self.frames.len();
-        let mut kept: VecDeque<Frame> = VecDeque::with_capacity(before);
-        for frame in self.frames.drain(..).rev() {
-            if let Frame::Event(event) = &frame {
-                // Only new readings supersede each other: a change or deletion of a
-                // stored reading is news a dashboard cannot learn from a later sample.
-                if event.channel == Channel::Readings
-                    && event.event_type == "created"
-                    && !newest.insert((event.sensor_id, event.tipo.clone()))
-                {
-                    continue;
-                }
+/// Drops every reading event for which a newer one of the same sensor and `tipo` is
+/// queued behind it; returns how many were dropped.
+fn coalesce(frames: &mut VecDeque<Frame>) -> usize {
+    let mut newest = HashSet::new();
+    let before = frames.len();
+    let mut kept: VecDeque<Frame> = VecDeque::with_capacity(before);
+    for frame in frames.drain(..).rev() {
+        if let Frame::Event(event) = &frame {
+            // Only new readings supersede each other: a change or deletion of a stored
+            // reading is news a dashboard cannot learn from a later sample.
+            if event.channel == Channel::Readings
+                && event.event_type == "created"
+                && !newest.insert((event.sensor_id, event.tipo.clone()))
+            {
+                continue;
             }
-            kept.push_front(frame);
         }
-        let dropped = before - kept.len();
-        self.frames = kept;
-        dropped
+        kept.push_front(frame);
     }
+    let dropped = before - kept.len();
+    *frames = kept;
+    dropped
 }
 
 #[cfg(test)]

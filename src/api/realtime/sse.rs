@@ -16,8 +16,8 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response};
 use tokio::sync::mpsc;
 
+use super::socket::WRITE_TIMEOUT;
 use super::subscription::Request as SubscriptionRequest;
-use super::ws::WRITE_TIMEOUT;
 use crate::api::query::Query;
 use crate::api::{streamed, ApiError, Body, State, StreamAdmission, StreamFailed};
 use crate::auth::{Access, Principal};

@@ -1,48 +1,44 @@
-//! WebSocket sessions: the upgrade, then per client one session task that follows its
-//! [`Feed`] and answers its messages, and one writer task that drains its [`Outbox`] to
-//! the socket, so a client that reads slowly never holds up the session, the hub or
-//! anyone else.
+//! WebSocket sessions: the upgrade, then per client one task that follows its [`Feed`],
+//! answers its messages and writes to its socket as far as the socket takes frames
+//! without waiting (see [`socket`](super::socket)), so a client that reads slowly never
+//! holds up its session, the hub or anyone else.
 //!
 //! Close codes: 1001 the daemon is shutting down; 4008 the client cannot keep up (its
 //! queue overflowed after coalescing, or its socket accepted nothing for
-//! [`WRITE_TIMEOUT`]), the reason says the `since` to resume from; 4000 the client did
-//! not answer pings; 4029 the client sent messages faster than its rate limit; 4401 a
-//! secure socket was not authenticated, or the token a socket was opened with was
-//! revoked or lost the scope the socket needs; 1009 a client message was too large; 1007
-//! a text message was not UTF-8; 1002 any other breach of the protocol; 1011 storage failed.
+//! [`WRITE_TIMEOUT`](super::socket::WRITE_TIMEOUT)), the reason says the `since` to
+//! resume from; 4000 the client did not answer pings; 4029 the client sent messages
+//! faster than its rate limit; 4401 a secure socket was not authenticated, or the token a
+//! socket was opened with was revoked or lost the scope the socket needs; 1009 a client
+//! message was too large; 1007 a text message was not UTF-8; 1002 any other breach of
+//! the protocol; 1011 storage failed.
 //!
 //! The close handshake (RFC 6455 §5.5.1, §7) runs both ways. A client's Close is answered
 //! at once with a Close carrying its code (1000 when it gave none), and the connection
-//! ends: the reader hands the socket back from the writer task, because tungstenite only
-//! sends its queued answer with the socket's next write. A close the server starts sends
-//! its Close after what is queued, waits [`CLOSE_WAIT`] at most for the client's, then
-//! ends the connection. A client that breaks the protocol gets its Close and the
-//! connection ends without waiting, its unread bytes drained first so that the Close is
-//! not lost to a reset.
+//! ends. A close the server starts sends its Close after what is queued, waits
+//! [`CLOSE_WAIT`](super::socket::CLOSE_WAIT) at most for the client's, then ends the
+//! connection. A client that breaks the protocol gets its Close and the connection ends
+//! without waiting, its unread bytes drained first so that the Close is not lost to a
+//! reset.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::outbox::{Closing, Frame, Outbox, REPLAY_AHEAD};
+use super::outbox::{Frame, Outbox, REPLAY_AHEAD};
 use super::protocol;
+use super::socket::{Connection, Step};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
 use crate::api::limits::Key;
@@ -50,7 +46,7 @@ use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
 use crate::api::{full, linger, ApiError, Body, Client, State, StreamAdmission};
 use crate::auth::{Access, Principal};
-use crate::events::{self, Channel};
+use crate::events;
 use crate::model::{format_time, now_micros};
 use crate::store::{Feed, Pulled};
 
@@ -62,11 +58,6 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest message a client may send; client messages are small JSON commands.
 pub const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
-/// A client whose socket accepts nothing for this long cannot keep up.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Longest the server waits for the client's answer to a Close it sent.
-pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -83,12 +74,6 @@ const CLOSE_RATE_LIMITED: u16 = 4029;
 /// How long a secure socket opened without a token waits for its `auth` message.
 const AUTH_WAIT: Duration = Duration::from_secs(5);
 const CLOSE_SLOW: u16 = 4008;
-
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
-type Sink = SplitSink<Socket, Message>;
-
-/// A Close frame with code 1000, as a server sends it (unmasked).
-const NORMAL_CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
 
 fn socket_config() -> WebSocketConfig {
     WebSocketConfig::default()
@@ -161,7 +146,7 @@ struct Session {
     /// The client's address: the peer's, or the one a trusted proxy forwarded for.
     client: IpAddr,
     client_id: String,
-    outbox: Arc<Outbox>,
+    outbox: Outbox,
     /// The token the client connected with, if any; rate limits are kept per token.
     principal: Option<Principal>,
     /// A secure socket opened without a token: its first message must be `auth`.
@@ -186,10 +171,7 @@ enum End {
 impl Session {
     fn new(state: Arc<State>, request: SubscriptionRequest, peer: SocketAddr) -> Session {
         let client_id = client_id(&state);
-        let outbox = Arc::new(Outbox::new(
-            state.realtime.client_queue,
-            state.hub.queue_counters(),
-        ));
+        let outbox = Outbox::new(state.realtime.client_queue, state.hub.queue_counters());
         let subscription = request.subscription.clone();
         Session {
             throttle: subscription
@@ -221,21 +203,14 @@ impl Session {
             Some(socket_config()),
         )
         .await;
+        let mut connection = Connection::new(socket);
         let _drain = self.state.drain.clone();
         let mut registration = self.state.hub.register(&self.subscription.channel_list());
-        let (sink, mut stream) = socket.split();
-        let delivered = Arc::new(AtomicU64::new(0));
-        let mut writer = Writer::spawn(write_loop(
-            sink,
-            self.outbox.clone(),
-            self.state.clone(),
-            delivered.clone(),
-        ));
 
         if self.must_authenticate {
-            if let Err(end) = Box::pin(self.authenticate(&mut stream)).await {
+            if let Err(end) = Box::pin(self.authenticate(&mut connection)).await {
                 drop(registration);
-                Box::pin(self.end(end, writer, stream)).await;
+                Box::pin(self.end(end, connection)).await;
                 return;
             }
         }
@@ -252,7 +227,7 @@ impl Session {
                 let mut feed = Feed::new(&self.state.hub, self.state.store.clone(), opening.start);
                 // Until something is written, a client told to resume should resume from
                 // where it started, not from the beginning.
-                delivered.store(feed.position(), Ordering::Relaxed);
+                connection.delivered = feed.position();
                 opening.messages.into_iter().for_each(|m| self.send_text(m));
                 log::debug!(
                     "client {} ({}) connected to {}",
@@ -260,40 +235,24 @@ impl Session {
                     self.peer,
                     channels.join(",")
                 );
-                Box::pin(self.follow(
-                    &mut feed,
-                    &mut stream,
-                    &mut writer,
-                    &mut registration,
-                    &delivered,
-                ))
-                .await
+                Box::pin(self.follow(&mut feed, &mut connection, &mut registration)).await
             }
             Err(e) => End::Close(CLOSE_STORAGE, format!("storage unavailable: {e}")),
         };
         // A closing client gets no more events and no longer counts as connected.
         drop(registration);
-        Box::pin(self.end(end, writer, stream)).await;
+        Box::pin(self.end(end, connection)).await;
         log::debug!("client {} disconnected", self.client_id);
     }
 
     /// Runs the close handshake that `end` calls for, and counts the close.
-    async fn end(&self, end: End, writer: Writer, mut stream: SplitStream<Socket>) {
+    async fn end(&self, end: End, mut connection: Connection) {
         let counters = &self.state.counters;
         match end {
-            End::Gone => {
-                counters.count_close(CLOSE_ABNORMAL, CloseInitiator::Client);
-                self.outbox.stop();
-                writer.finish().await;
-            }
+            End::Gone => counters.count_close(CLOSE_ABNORMAL, CloseInitiator::Client),
             End::ClosedByClient(code) => {
                 counters.count_close(code.unwrap_or(CLOSE_NORMAL), CloseInitiator::Client);
-                self.outbox.stop();
-                if let Some((_, sink)) = writer.finish().await {
-                    if let Ok(socket) = sink.reunite(stream) {
-                        answer_close(socket, code.is_some()).await;
-                    }
-                }
+                connection.answer_close(code.is_some()).await;
             }
             End::Close(code, reason) => {
                 counters.count_close(code, CloseInitiator::Server);
@@ -307,22 +266,22 @@ impl Session {
                         self.peer
                     );
                 }
-                // The writer sends what is queued, then the Close frame, within its
-                // timeout; a client that is still there answers it.
-                self.outbox.close(code, reason);
-                if let Some((WriteEnd::Closed, _)) = writer.finish().await {
-                    await_client_close(&mut stream).await;
+                // What is queued goes first, then the Close frame, which a client that
+                // is still there answers.
+                if connection
+                    .close(&self.outbox, &self.state.hub, code, reason)
+                    .await
+                {
+                    connection.await_client_close().await;
                 }
             }
             End::Fail(code, reason) => {
                 counters.count_close(code, CloseInitiator::Server);
                 log::debug!("client {} ({}): {reason}", self.client_id, self.peer);
-                self.outbox.close(code, reason);
-                if let Some((_, sink)) = writer.finish().await {
-                    if let Ok(mut socket) = sink.reunite(stream) {
-                        linger::drain(socket.get_mut()).await;
-                    }
-                }
+                connection
+                    .close(&self.outbox, &self.state.hub, code, reason)
+                    .await;
+                linger::drain(connection.io()).await;
             }
         }
     }
@@ -330,8 +289,8 @@ impl Session {
     /// Waits for the first message of a secure socket opened without a token: it must be
     /// `{"type": "auth", "token": "..."}` and arrive within [`AUTH_WAIT`]. Answers with an
     /// `auth_result`; otherwise says how the session ends.
-    async fn authenticate(&mut self, stream: &mut SplitStream<Socket>) -> Result<(), End> {
-        let text = match tokio::time::timeout(AUTH_WAIT, stream.next()).await {
+    async fn authenticate(&mut self, connection: &mut Connection) -> Result<(), End> {
+        let text = match tokio::time::timeout(AUTH_WAIT, connection.read()).await {
             Ok(Some(Ok(Message::Text(text)))) => text,
             Ok(Some(Ok(Message::Close(frame)))) => {
                 return Err(End::ClosedByClient(frame.map(|f| f.code.into())))
@@ -395,10 +354,8 @@ impl Session {
     async fn follow(
         &mut self,
         feed: &mut Feed,
-        stream: &mut SplitStream<Socket>,
-        writer: &mut Writer,
+        connection: &mut Connection,
         registration: &mut events::Registration,
-        delivered: &AtomicU64,
     ) -> End {
         let mut shutdown = self.state.shutdown.clone();
         let ping_every = Duration::from_secs(self.state.realtime.ping_interval_s);
@@ -407,6 +364,11 @@ impl Session {
         let mut tokens = self.state.auth.live_tokens();
         tokens.mark_changed();
         loop {
+            // What the last turn queued goes out now, as far as the socket takes it.
+            if !connection.write_now(&self.outbox, &self.state.hub).await {
+                return End::Gone;
+            }
+            let stalls_at = connection.stalls_at();
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
             let pulls = may_pull && !channels.is_empty();
@@ -418,11 +380,15 @@ impl Session {
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
-                ended = writer.ended() => {
-                    return match ended {
-                        WriteEnd::Slow => End::Close(CLOSE_SLOW, self.resume_hint(delivered)),
-                        _ => End::Gone,
-                    };
+                // The socket may have taken something since, or takes it now; then it
+                // is not stalled yet.
+                _ = sleep_until(stalls_at), if stalls_at.is_some() => {
+                    if !connection.write_now(&self.outbox, &self.state.hub).await {
+                        return End::Gone;
+                    }
+                    if connection.stalled() {
+                        return End::Close(CLOSE_SLOW, self.resume_hint(connection));
+                    }
                 }
                 batch = feed.next(&channels, self.batch_limit(feed.is_replaying())), if pulls => {
                     let events = match batch {
@@ -439,7 +405,7 @@ impl Session {
                             );
                             // Never left out: the next events start at `oldest_seq`.
                             if self.outbox.push([Frame::Text(resync.into())]).is_err() {
-                                return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                                return End::Close(CLOSE_SLOW, self.resume_hint(connection));
                             }
                             continue;
                         }
@@ -456,36 +422,43 @@ impl Session {
                         .map(Frame::Event)
                         .collect();
                     if self.outbox.push(frames).is_err() {
-                        return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                        return End::Close(CLOSE_SLOW, self.resume_hint(connection));
+                    }
+                    // A page of stored events is often ready at once, and a socket that
+                    // takes each at once would let one task replay thousands in a
+                    // single run: it steps aside after each page, so that live clients
+                    // and REST answers are not held up behind a resuming client.
+                    if feed.is_replaying() {
+                        step_aside().await;
                     }
                 }
-                _ = self.outbox.room.notified(), if !may_pull => {}
                 _ = sleep_until(due), if due.is_some() => {
                     if let Some(throttle) = &mut self.throttle {
                         let released = throttle.release(Instant::now());
                         if self.outbox.push(released.into_iter().map(Frame::Event)).is_err() {
-                            return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                            return End::Close(CLOSE_SLOW, self.resume_hint(connection));
                         }
                     }
                 }
-                incoming = stream.next() => match incoming {
-                    Some(Ok(Message::Text(text))) => {
+                step = connection.next(&self.outbox, &self.state.hub, !may_pull) => match step {
+                    Step::Room => {}
+                    Step::Broken | Step::Read(None) => return End::Gone,
+                    Step::Read(Some(Ok(Message::Text(text)))) => {
                         answered_ping = true;
                         if !self.within_rate() {
                             return End::Close(CLOSE_RATE_LIMITED, "rate limited: too many messages".into());
                         }
                         Box::pin(self.answer(&text, feed, registration)).await;
                     }
-                    Some(Ok(Message::Binary(_))) => {
+                    Step::Read(Some(Ok(Message::Binary(_)))) => {
                         self.send_text(protocol::error_message(None, "unsupported", "Binary messages are not supported; send JSON text", now_micros()));
                     }
-                    Some(Ok(Message::Close(frame))) => {
+                    Step::Read(Some(Ok(Message::Close(frame)))) => {
                         return End::ClosedByClient(frame.map(|f| f.code.into()));
                     }
-                    None => return End::Gone,
-                    // tungstenite has queued the pong; the next read sends it.
-                    Some(Ok(_)) => answered_ping = true,
-                    Some(Err(e)) => {
+                    // tungstenite has queued the pong; the next read or write sends it.
+                    Step::Read(Some(Ok(_))) => answered_ping = true,
+                    Step::Read(Some(Err(e))) => {
                         if matches!(e, WsError::Capacity(_)) {
                             self.state.counters.hit(Limit::SocketMessageSize);
                         }
@@ -507,7 +480,7 @@ impl Session {
                     }
                     answered_ping = false;
                     if self.outbox.push([Frame::Ping]).is_err() {
-                        return End::Close(CLOSE_SLOW, self.resume_hint(delivered));
+                        return End::Close(CLOSE_SLOW, self.resume_hint(connection));
                     }
                 }
             }
@@ -526,11 +499,8 @@ impl Session {
         }
     }
 
-    fn resume_hint(&self, delivered: &AtomicU64) -> String {
-        format!(
-            "too slow; reconnect with since={}",
-            delivered.load(Ordering::Relaxed)
-        )
+    fn resume_hint(&self, connection: &Connection) -> String {
+        format!("too slow; reconnect with since={}", connection.delivered)
     }
 
     /// Answers one client message; every message gets an answer, a result or an error,
@@ -643,178 +613,25 @@ fn failure(error: &WsError) -> End {
     }
 }
 
-/// Answers a client's Close and ends the connection. tungstenite has queued its answer,
-/// which echoes the client's code, and sends it on the next flush. A Close without a code
-/// would be echoed without one, which clients report as 1005 ("no status"): it is
-/// answered with 1000 instead, written past tungstenite, whose queued echo is then never
-/// sent.
-async fn answer_close(mut socket: Socket, client_gave_code: bool) {
-    let answer = async {
-        if client_gave_code {
-            socket.flush().await.map_err(std::io::Error::other)?;
+/// Lets the tasks queued on this worker run before this one goes on. Unlike
+/// `tokio::task::yield_now`, which waits for the next poll of the reactor, the task
+/// goes straight to the back of the run queue.
+async fn step_aside() {
+    let mut stepped = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut stepped, true) {
+            std::task::Poll::Ready(())
         } else {
-            socket.get_mut().write_all(&NORMAL_CLOSE_FRAME).await?;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
         }
-        socket.get_mut().shutdown().await
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, answer).await;
-}
-
-/// After the server's Close: reads and drops what the client still sends until its
-/// Close arrives, for at most [`CLOSE_WAIT`].
-async fn await_client_close(stream: &mut SplitStream<Socket>) {
-    let answered = async {
-        while let Some(Ok(message)) = stream.next().await {
-            if message.is_close() {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
-}
-
-/// A session's writer task, and what it handed back once it ended.
-struct Writer {
-    task: JoinHandle<(WriteEnd, Sink)>,
-    /// Set once the task ended; `None` inside if it panicked.
-    ended: Option<Option<(WriteEnd, Sink)>>,
-}
-
-impl Writer {
-    fn spawn(task: impl std::future::Future<Output = (WriteEnd, Sink)> + Send + 'static) -> Writer {
-        Writer {
-            task: tokio::spawn(task),
-            ended: None,
-        }
-    }
-
-    /// Waits until the writer ends by itself (the socket failed or stalled); cancel-safe.
-    async fn ended(&mut self) -> WriteEnd {
-        if self.ended.is_none() {
-            self.ended = Some((&mut self.task).await.ok());
-        }
-        match &self.ended {
-            Some(Some((end, _))) => *end,
-            _ => WriteEnd::Broken,
-        }
-    }
-
-    /// Lets the writer finish what the outbox asks of it, for at most [`WRITE_TIMEOUT`],
-    /// and hands back how it ended with its half of the socket.
-    async fn finish(mut self) -> Option<(WriteEnd, Sink)> {
-        if self.ended.is_none() {
-            match tokio::time::timeout(WRITE_TIMEOUT, &mut self.task).await {
-                Ok(ended) => self.ended = Some(ended.ok()),
-                Err(_) => {
-                    self.task.abort();
-                    return None;
-                }
-            }
-        }
-        self.ended.flatten()
-    }
+    })
+    .await
 }
 
 async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// How the writer task ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WriteEnd {
-    /// The session asked it to close, and it sent the Close frame.
-    Closed,
-    /// The session asked it to stop.
-    Stopped,
-    /// The socket failed.
-    Broken,
-    /// The socket accepted nothing for [`WRITE_TIMEOUT`].
-    Slow,
-}
-
-/// Drains the outbox to the socket: everything queued, then one flush. Hands its half of
-/// the socket back when it ends.
-async fn write_loop(
-    mut sink: Sink,
-    outbox: Arc<Outbox>,
-    state: Arc<State>,
-    delivered: Arc<AtomicU64>,
-) -> (WriteEnd, Sink) {
-    let end = write_frames(&mut sink, &outbox, &state, &delivered).await;
-    (end, sink)
-}
-
-async fn write_frames(
-    sink: &mut Sink,
-    outbox: &Outbox,
-    state: &State,
-    delivered: &AtomicU64,
-) -> WriteEnd {
-    loop {
-        let closing = outbox.closing();
-        if closing == Some(Closing::Stop) {
-            return WriteEnd::Stopped;
-        }
-        let frames = outbox.take();
-        if frames.is_empty() && closing.is_none() {
-            outbox.ready.notified().await;
-            continue;
-        }
-        let mut sent = [0u64; 3];
-        let mut newest = None;
-        let write = async {
-            for frame in frames {
-                let message = match frame {
-                    Frame::Event(event) => {
-                        // A frame is made from text, so the check passes; it reads the
-                        // bytes once and does not copy them. Were it ever to fail, the
-                        // event is left out and said so, never sent as an empty message.
-                        let Ok(text) = Utf8Bytes::try_from(event.frame.shared()) else {
-                            log::error!(
-                                "event {} has a frame that is not UTF-8; not sent",
-                                event.seq
-                            );
-                            continue;
-                        };
-                        sent[event.channel.index()] += 1;
-                        newest = Some(event.seq);
-                        Message::Text(text)
-                    }
-                    Frame::Text(text) => Message::Text(text),
-                    Frame::Ping => Message::Ping(Default::default()),
-                };
-                sink.feed(message).await?;
-            }
-            sink.flush().await
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return WriteEnd::Broken,
-            Err(_) => return WriteEnd::Slow,
-        }
-        if let Some(seq) = newest {
-            delivered.fetch_max(seq, Ordering::Relaxed);
-        }
-        for channel in Channel::ALL {
-            if sent[channel.index()] > 0 {
-                state.hub.count_sent(channel, sent[channel.index()]);
-            }
-        }
-        if let Some(Closing::Close(code, reason)) = closing {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: Utf8Bytes::from(reason),
-            };
-            return match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame))))
-                .await
-            {
-                Ok(Ok(())) => WriteEnd::Closed,
-                Ok(Err(_)) => WriteEnd::Broken,
-                Err(_) => WriteEnd::Slow,
-            };
-        }
     }
 }
