@@ -881,11 +881,7 @@ mod tests {
     async fn a_feed_that_catches_up_lets_go_of_the_pages_it_read() {
         let hub = Hub::new(64);
         let (_dir, store, writer) = open_store(hub.clone());
-        let mut published = hub.subscribe();
-        emit_three(&store).await;
-        for _ in 0..3 {
-            published.recv().await.unwrap();
-        }
+        emit_three_published(&store, &hub).await;
         let general = [Channel::General];
 
         let mut feed = Feed::new(&hub, store.clone(), Some(0));
@@ -913,11 +909,7 @@ mod tests {
     async fn feeds_resuming_together_take_pages_in_turn() {
         let hub = Hub::new(64);
         let (_dir, store, writer) = open_store(hub.clone());
-        let mut published = hub.subscribe();
-        emit_three(&store).await;
-        for _ in 0..3 {
-            published.recv().await.unwrap();
-        }
+        emit_three_published(&store, &hub).await;
         let general = [Channel::General];
         let mut feeds: Vec<Feed> = (0..=REPLAYING_CLIENTS)
             .map(|_| Feed::new(&hub, store.clone(), Some(0)))
@@ -932,6 +924,15 @@ mod tests {
 
         drop(feeds);
         close_store(store, writer).await;
+    }
+
+    /// Three events, committed and published, so that a feed can replay them.
+    async fn emit_three_published(store: &Store, hub: &Hub) {
+        let mut published = hub.subscribe();
+        emit_three(store).await;
+        for _ in 0..3 {
+            published.recv().await.unwrap();
+        }
     }
 
     /// A store in a new temporary directory, with its default settings.
