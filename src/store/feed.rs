@@ -19,7 +19,6 @@
 use std::sync::Arc;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::{Replay, Replaying, Store, StoreError};
 use crate::events::{Channel, Event, Hub};
@@ -59,8 +58,6 @@ pub struct Feed {
     readings_from: Option<u64>,
     /// The `seq` of a snapshot just sent, until the next call of [`Feed::next`].
     snapshot_at: Option<u64>,
-    /// The turn to replay, held while a page is read (see [`Store::replay_turn`]).
-    turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Feed {
@@ -83,15 +80,7 @@ impl Feed {
             replaying,
             readings_from: None,
             snapshot_at: None,
-            turn: None,
         }
-    }
-
-    /// Gives up the turn to replay kept from a read that was interrupted, for a client
-    /// that cannot take more: a client that reads slowly must not keep others waiting.
-    /// The next page waits for a turn again.
-    pub fn pause(&mut self) {
-        self.turn = None;
     }
 
     /// Moves to the hub's ring with or without readings, subscribing before reading
@@ -137,9 +126,9 @@ impl Feed {
         }
         loop {
             if self.replaying.is_some() {
-                if self.turn.is_none() {
-                    self.turn = Some(self.store.replay_turn().await?);
-                }
+                // Held while this page is read (see `Store::replay_turn`); a read that is
+                // cancelled, because the client's session had other work, lets it go.
+                let _turn = self.store.replay_turn().await?;
                 // Never past what the hub has published: a committed event may still wait
                 // for its flush to the card (`synchronous = "normal"`), and no client may
                 // hear of it before.
@@ -155,7 +144,6 @@ impl Feed {
                     {
                         Replay::Events(page) => page,
                         Replay::Removed { oldest_seq } => {
-                            self.turn = None;
                             let since = self.position;
                             self.position = oldest_seq - 1;
                             return Ok(Pulled::Removed {
@@ -171,14 +159,10 @@ impl Feed {
                 match page.last() {
                     None => match self.readings_from.take() {
                         Some(from) => self.position = self.position.max(from),
-                        None => {
-                            self.replaying = None;
-                            self.turn = None;
-                        }
+                        None => self.replaying = None,
                     },
                     Some(last) => {
                         self.position = last.seq;
-                        self.turn = None;
                         return Ok(Pulled::Events(page));
                     }
                 }

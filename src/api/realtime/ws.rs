@@ -372,11 +372,6 @@ impl Session {
             let channels = self.subscription.channel_list();
             let may_pull = !feed.is_replaying() || self.outbox.has_room();
             let pulls = may_pull && !channels.is_empty();
-            // A client that takes no pages, for want of room or of channels, must not keep
-            // a turn that others wait for.
-            if !pulls {
-                feed.pause();
-            }
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
