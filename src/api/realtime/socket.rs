@@ -34,6 +34,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the server waits for the client's answer to a Close it sent.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// Pages of a replay are flushed every this many bytes. tungstenite's write buffer keeps
+/// the largest size it ever reached for the life of the connection: a room of dashboards
+/// that resumed together would otherwise each keep room for a page of the replay once
+/// they are live. Live events go out as they come, in one write per batch.
+const REPLAY_CHUNK: usize = 4 * 1024;
+
 /// A Close frame with code 1000, as a server sends it (unmasked).
 const NORMAL_CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
 
@@ -56,6 +62,12 @@ pub struct Connection {
     writing: VecDeque<Frame>,
     /// Frames were handed to the socket and not yet flushed.
     unflushed: bool,
+    /// Bytes of the frames handed to the socket since the last flush, and how many may
+    /// wait for one (see [`REPLAY_CHUNK`]).
+    unflushed_bytes: usize,
+    flush_at: usize,
+    /// A page of a replay was queued since frames were last taken from the outbox.
+    replay_queued: bool,
     /// Events handed over since the last flush, per channel, and the newest `seq`.
     sent: [u64; 3],
     newest: Option<u64>,
@@ -73,6 +85,9 @@ impl Connection {
             socket,
             writing: VecDeque::new(),
             unflushed: false,
+            unflushed_bytes: 0,
+            flush_at: usize::MAX,
+            replay_queued: false,
             sent: [0; 3],
             newest: None,
             blocked_since: None,
@@ -89,6 +104,12 @@ impl Connection {
     /// Whether the socket has accepted nothing for [`WRITE_TIMEOUT`].
     pub fn stalled(&self) -> bool {
         self.stalls_at().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// The session queued a page of a replay: the frames taken with it are written in
+    /// chunks of [`REPLAY_CHUNK`].
+    pub fn replay_queued(&mut self) {
+        self.replay_queued = true;
     }
 
     /// Writes what the outbox holds as far as the socket takes it now, without waiting.
@@ -134,23 +155,39 @@ impl Connection {
     ) -> Poll<Result<(), WsError>> {
         loop {
             while !self.writing.is_empty() {
+                if self.unflushed_bytes >= self.flush_at {
+                    ready!(self.poll_flush(cx, hub))?;
+                }
                 ready!(self.poll_socket(cx, |socket, cx| socket.poll_ready(cx)))?;
                 if let Some(message) = self.writing.pop_front().and_then(|f| self.message(f)) {
+                    self.unflushed_bytes += message.len();
                     Pin::new(&mut self.socket).start_send(message)?;
                     self.unflushed = true;
                 }
             }
             if self.unflushed {
-                ready!(self.poll_socket(cx, |socket, cx| socket.poll_flush(cx)))?;
-                self.unflushed = false;
-                self.count_flushed(hub);
+                ready!(self.poll_flush(cx, hub))?;
             }
             self.writing = outbox.take();
             if self.writing.is_empty() {
                 return Poll::Ready(Ok(()));
             }
+            self.flush_at = if std::mem::take(&mut self.replay_queued) {
+                REPLAY_CHUNK
+            } else {
+                usize::MAX
+            };
             self.took_from_outbox = true;
         }
+    }
+
+    /// Flushes what was handed to the socket, and counts it as sent.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, hub: &Hub) -> Poll<Result<(), WsError>> {
+        ready!(self.poll_socket(cx, |socket, cx| socket.poll_flush(cx)))?;
+        self.unflushed = false;
+        self.unflushed_bytes = 0;
+        self.count_flushed(hub);
+        Poll::Ready(Ok(()))
     }
 
     /// Polls the socket for room, noting when it started refusing.

@@ -370,7 +370,8 @@ impl Session {
             }
             let stalls_at = connection.stalls_at();
             let channels = self.subscription.channel_list();
-            let may_pull = !feed.is_replaying() || self.outbox.has_room();
+            let replaying = feed.is_replaying();
+            let may_pull = !replaying || self.outbox.has_room();
             let pulls = may_pull && !channels.is_empty();
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
@@ -385,7 +386,7 @@ impl Session {
                         return End::Close(CLOSE_SLOW, self.resume_hint(connection));
                     }
                 }
-                batch = feed.next(&channels, self.batch_limit(feed.is_replaying())), if pulls => {
+                batch = feed.next(&channels, self.batch_limit(replaying)), if pulls => {
                     let events = match batch {
                         Ok(Pulled::Events(events)) => events,
                         Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
@@ -418,6 +419,10 @@ impl Session {
                         .collect();
                     if self.outbox.push(frames).is_err() {
                         return End::Close(CLOSE_SLOW, self.resume_hint(connection));
+                    }
+                    // A page that began or ended a replay is one as well.
+                    if replaying || feed.is_replaying() {
+                        connection.replay_queued();
                     }
                     // A page of stored events is often ready at once, and a socket that
                     // takes each at once would let one task replay thousands in a
