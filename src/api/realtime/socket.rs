@@ -34,10 +34,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the server waits for the client's answer to a Close it sent.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Pages of a replay are flushed every this many bytes. tungstenite's write buffer keeps
-/// the largest size it ever reached for the life of the connection: a room of dashboards
-/// that resumed together would otherwise each keep room for a page of the replay once
-/// they are live. Live events go out as they come, in one write per batch.
+/// The frames taken with a page of a replay are flushed each time this many bytes of
+/// them wait. tungstenite's write buffer keeps the largest size it ever reached for the
+/// life of the connection (4 to 8 KiB this way), and a room of dashboards that resumed
+/// together would otherwise each keep room for a page of the replay once live. Live
+/// batches are not cut up: under heavy fan-out a client's batches often pass this size,
+/// and more writes per batch cost deliveries (see PERFORMANCE.md).
 const REPLAY_CHUNK: usize = 4 * 1024;
 
 /// A Close frame with code 1000, as a server sends it (unmasked).
@@ -62,12 +64,12 @@ pub struct Connection {
     writing: VecDeque<Frame>,
     /// Frames were handed to the socket and not yet flushed.
     unflushed: bool,
-    /// Bytes of the frames handed to the socket since the last flush, and how many may
-    /// wait for one (see [`REPLAY_CHUNK`]).
+    /// Payload bytes handed to the socket since the last flush.
     unflushed_bytes: usize,
-    flush_at: usize,
-    /// A page of a replay was queued since frames were last taken from the outbox.
-    replay_queued: bool,
+    /// The frames being written are flushed every [`REPLAY_CHUNK`].
+    chunked: bool,
+    /// The next frames taken from the outbox are to be written in chunks.
+    chunk_next: bool,
     /// Events handed over since the last flush, per channel, and the newest `seq`.
     sent: [u64; 3],
     newest: Option<u64>,
@@ -86,8 +88,8 @@ impl Connection {
             writing: VecDeque::new(),
             unflushed: false,
             unflushed_bytes: 0,
-            flush_at: usize::MAX,
-            replay_queued: false,
+            chunked: false,
+            chunk_next: false,
             sent: [0; 3],
             newest: None,
             blocked_since: None,
@@ -106,10 +108,10 @@ impl Connection {
         self.stalls_at().is_some_and(|at| Instant::now() >= at)
     }
 
-    /// The session queued a page of a replay: the frames taken with it are written in
-    /// chunks of [`REPLAY_CHUNK`].
-    pub fn replay_queued(&mut self) {
-        self.replay_queued = true;
+    /// The session queued a page of a replay: the frames taken with it are flushed
+    /// every [`REPLAY_CHUNK`].
+    pub fn chunk_next_batch(&mut self) {
+        self.chunk_next = true;
     }
 
     /// Writes what the outbox holds as far as the socket takes it now, without waiting.
@@ -155,34 +157,31 @@ impl Connection {
     ) -> Poll<Result<(), WsError>> {
         loop {
             while !self.writing.is_empty() {
-                if self.unflushed_bytes >= self.flush_at {
-                    ready!(self.poll_flush(cx, hub))?;
+                if self.chunked && self.unflushed_bytes >= REPLAY_CHUNK {
+                    ready!(self.poll_flush_counted(cx, hub))?;
                 }
                 ready!(self.poll_socket(cx, |socket, cx| socket.poll_ready(cx)))?;
                 if let Some(message) = self.writing.pop_front().and_then(|f| self.message(f)) {
-                    self.unflushed_bytes += message.len();
+                    let bytes = message.len();
                     Pin::new(&mut self.socket).start_send(message)?;
                     self.unflushed = true;
+                    self.unflushed_bytes += bytes;
                 }
             }
             if self.unflushed {
-                ready!(self.poll_flush(cx, hub))?;
+                ready!(self.poll_flush_counted(cx, hub))?;
             }
             self.writing = outbox.take();
             if self.writing.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            self.flush_at = if std::mem::take(&mut self.replay_queued) {
-                REPLAY_CHUNK
-            } else {
-                usize::MAX
-            };
+            self.chunked = std::mem::take(&mut self.chunk_next);
             self.took_from_outbox = true;
         }
     }
 
     /// Flushes what was handed to the socket, and counts it as sent.
-    fn poll_flush(&mut self, cx: &mut Context<'_>, hub: &Hub) -> Poll<Result<(), WsError>> {
+    fn poll_flush_counted(&mut self, cx: &mut Context<'_>, hub: &Hub) -> Poll<Result<(), WsError>> {
         ready!(self.poll_socket(cx, |socket, cx| socket.poll_flush(cx)))?;
         self.unflushed = false;
         self.unflushed_bytes = 0;

@@ -420,9 +420,11 @@ impl Session {
                     if self.outbox.push(frames).is_err() {
                         return End::Close(CLOSE_SLOW, self.resume_hint(connection));
                     }
-                    // A page that began or ended a replay is one as well.
+                    // The pull where the feed moved between the hub and the store is
+                    // chunked too: the one that found a replay caught up, or a live
+                    // batch that ran into a lag.
                     if replaying || feed.is_replaying() {
-                        connection.replay_queued();
+                        connection.chunk_next_batch();
                     }
                     // A page of stored events is often ready at once, and a socket that
                     // takes each at once would let one task replay thousands in a
