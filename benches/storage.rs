@@ -10,8 +10,9 @@
 //! The `gateway` scenario runs the writer at the pace of a real gateway, with the default
 //! storage settings: `GATEWAY_SENSORS` (10) DHT22-like sensors, each giving temperature
 //! and humidity every `GATEWAY_INTERVAL_MS` (2000), spread evenly over the interval, for
-//! `GATEWAY_SECONDS` (600). `GATEWAY_WINDOW_MS` and `GATEWAY_BUDGET_MB` override
-//! `storage.commit_window_ms` and `storage.write_budget_mb_per_day`. It prints bytes
+//! `GATEWAY_SECONDS` (600). `GATEWAY_WINDOW_MS`, `GATEWAY_BUDGET_MB` and
+//! `GATEWAY_LOCKING=exclusive` override `storage.commit_window_ms`,
+//! `storage.write_budget_mb_per_day` and `storage.locking`. It prints bytes
 //! written per reading and per day, database bytes per reading and how long a sample
 //! took from being taken to its event.
 //!
@@ -31,7 +32,7 @@ use sensorgate::model::{Measurement, Sample};
 use sensorgate::store::{
     process_write_bytes, AggregateQuery, Bucket, ReadingFilter, ReadingOrder, Store,
 };
-use sensorgate::store::{StorageConfig, Synchronous};
+use sensorgate::store::{Locking, StorageConfig, Synchronous};
 
 const SENSORS: i64 = 10;
 const CHUNK: usize = 1000;
@@ -263,6 +264,9 @@ fn gateway() {
     if let Ok(budget) = std::env::var("GATEWAY_BUDGET_MB") {
         config.write_budget_mb_per_day = budget.parse().unwrap();
     }
+    if std::env::var("GATEWAY_LOCKING").is_ok_and(|l| l == "exclusive") {
+        config.locking = Locking::Exclusive;
+    }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let hub = Hub::new(4096);
     let mut events = hub.subscribe();
@@ -340,11 +344,12 @@ fn gateway() {
     println!("| gateway scenario | figure |");
     println!("| --- | --- |");
     println!(
-        "| setup | {sensors} sensors, temperature and humidity every {} ms, {elapsed:.0} s, commit window {} ms, write budget {} MB/day, synchronous={:?} |",
+        "| setup | {sensors} sensors, temperature and humidity every {} ms, {elapsed:.0} s, commit window {} ms, write budget {} MB/day, synchronous={:?}, locking={:?} |",
         interval.as_millis(),
         config.commit_window_ms,
         config.write_budget_mb_per_day,
-        config.synchronous
+        config.synchronous,
+        config.locking
     );
     println!(
         "| bytes written per reading | {:.0} (`/proc/self/io` write_bytes: {written} bytes for {readings} readings, WAL, checkpoints and the final one included) |",

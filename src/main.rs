@@ -275,7 +275,7 @@ fn backup_command(args: &RunArgs, target: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match sensorgate::store::backup(&config.storage.data_dir, target) {
+    match sensorgate::store::backup(&config.storage, target) {
         Ok(bytes) => {
             eprintln!("backup written to {} ({bytes} bytes)", target.display());
             ExitCode::SUCCESS
@@ -297,7 +297,7 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let table = match open_existing_database(&config.storage.data_dir, config.storage.synchronous) {
+    let table = match open_existing_database(&config.storage) {
         Ok(conn) => OfflineTable::new(conn),
         Err(e) => {
             eprintln!("sensorgate: {e}");

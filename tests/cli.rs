@@ -170,7 +170,13 @@ fn token_and_backup_commands_refuse_a_data_directory_without_a_database() {
 fn messages_name_what_they_are_about() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    drop(sensorgate::store::open_database(&data, sensorgate::store::Synchronous::Normal).unwrap());
+    drop(
+        sensorgate::store::open_database(&sensorgate::store::StorageConfig {
+            data_dir: data.clone(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let data_dir = data.as_os_str();
 
     // Token list: every column starts where its heading does, whatever the name's length.

@@ -409,6 +409,71 @@ async fn backup_while_running_is_consistent() {
     assert_eq!(orphans, 0);
 }
 
+/// With `storage.locking = "exclusive"` the daemon works as with the default (samples
+/// stored, a client replays them from `since=0`), keeps no `-shm` file for the card to
+/// write back, and keeps other processes out: the backup and token commands say why and
+/// leave nothing behind, and work again once the daemon has stopped.
+#[tokio::test]
+async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card() {
+    let config = format!("[storage]\nlocking = \"exclusive\"\n{}", fast_sensors(2));
+    let daemon = Daemon::with(&config).await;
+    let dir = daemon.dir().to_owned();
+    daemon.wait_past(10, "samples stored").await;
+    let mut replay = daemon
+        .subscribe("/api/v1/ws?channel=readings&since=0")
+        .await;
+    let replayed = common::events::events_until(&mut replay, 10).await;
+    assert!(
+        !dir.join("sensorgate.db-shm").exists(),
+        "the WAL index lives in the daemon's memory"
+    );
+
+    let target = dir.join("copy.db");
+    let backup = || {
+        sensorgate([
+            OsStr::new("backup"),
+            target.as_ref(),
+            "--data-dir".as_ref(),
+            dir.as_ref(),
+        ])
+    };
+    let refused = backup();
+    assert!(!refused.ok, "a backup while the daemon holds the database");
+    assert!(
+        refused.stderr.contains("storage.locking = \"exclusive\""),
+        "{}",
+        refused.stderr
+    );
+    assert!(!target.exists(), "a refused backup leaves no file behind");
+    let tokens = sensorgate(
+        ["token", "list", "--data-dir"]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([dir.as_os_str()]),
+    );
+    assert!(
+        !tokens.ok,
+        "a token command while the daemon holds the database"
+    );
+    assert!(
+        tokens.stderr.contains("locked by another process"),
+        "{}",
+        tokens.stderr
+    );
+    let before = daemon.last_seq().await;
+    daemon.wait_past(before, "sampling going on").await;
+
+    let _dir = daemon.stop().await;
+    common::events::assert_exactly_stored(&dir, "readings", 0, &replayed);
+    let copied = backup();
+    assert!(copied.ok, "{}", copied.stderr);
+    let copy = rusqlite::Connection::open(&target).unwrap();
+    let sensors: i64 = copy
+        .query_row("SELECT COUNT(*) FROM sensors", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(sensors, 2);
+}
+
 /// Export streams a range as CSV or JSON with exactly the stored readings.
 #[tokio::test]
 async fn export_streams_exactly_the_range() {

@@ -34,7 +34,7 @@ pub use rollup::{Aggregate, AggregateQuery, Bucket};
 #[cfg(test)]
 pub(crate) use schema::migrate;
 pub use schema::{migrate_up_to, SCHEMA_VERSION};
-pub use settings::{RetentionRule, StorageConfig, Synchronous};
+pub use settings::{Locking, RetentionRule, StorageConfig, Synchronous};
 pub use writer::WriterHandle;
 
 use std::fmt;
@@ -121,6 +121,8 @@ pub enum StoreError {
     NoDatabase(PathBuf),
     /// The database at this path could not be opened or set up.
     Open(PathBuf, Box<StoreError>),
+    /// Another process holds the database at this path to itself.
+    Locked(PathBuf),
     /// A backup would overwrite this file.
     BackupExists(PathBuf),
     /// The database is damaged; writes are refused. What was found and what to do.
@@ -156,6 +158,11 @@ impl fmt::Display for StoreError {
                 path.display()
             ),
             StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
+            StoreError::Locked(path) => write!(
+                f,
+                "{} is locked by another process: a sensorgate running with storage.locking = \"exclusive\" keeps its database to itself; stop it first, or use its REST API meanwhile",
+                path.display()
+            ),
             StoreError::Damaged(what) => f.write_str(what),
             StoreError::BackupExists(path) => write!(
                 f,
@@ -167,6 +174,20 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+impl StoreError {
+    /// Whether SQLite found the database locked by someone else, past its busy timeout.
+    fn is_locked(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            StoreError::Open(_, e) => e.is_locked(),
+            _ => false,
+        }
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -197,8 +218,8 @@ impl Store {
     /// Opens (creating if needed) the database in `config.data_dir`, migrates it, and
     /// starts the writer thread and the threads beside it; committed events go to `hub`.
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
-        let conn = open_database(&config.data_dir, config.synchronous)?;
-        let checkpoints = open_database(&config.data_dir, config.synchronous)?;
+        let conn = open_database(config)?;
+        let checkpoints = open_database(config)?;
         let path = config.data_dir.join(DATABASE_FILE);
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
@@ -216,12 +237,13 @@ impl Store {
                 open: open_buckets.clone(),
             },
         )?;
-        check_in_background(path.clone(), health.clone());
+        check_in_background(path.clone(), config.locking, health.clone());
         let store = Store {
             commands,
             queued,
             readers: Arc::new(Readers {
                 path,
+                locking: config.locking,
                 idle: Mutex::new(Vec::new()),
                 health: health.clone(),
                 permits: Arc::new(Semaphore::new(READERS)),
@@ -565,19 +587,23 @@ impl Store {
     }
 }
 
-/// Opens (creating if needed) the database in `data_dir` read-write and migrates it: for
-/// the writer, and for the command line's token and backup commands.
-pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+/// Opens (creating if needed) the database in `storage.data_dir` read-write and migrates
+/// it: for the writer, and for the command line's token commands.
+pub fn open_database(storage: &StorageConfig) -> Result<Connection, StoreError> {
+    let data_dir = &storage.data_dir;
     let path = data_dir.join(DATABASE_FILE);
     // Every failure names the path: "attempt to write a readonly database" alone does
     // not say which directory to fix.
     let at = |e: StoreError| match e {
         e @ StoreError::NewerSchema { .. } => e,
+        e if e.is_locked() => StoreError::Locked(path.clone()),
         e => StoreError::Open(path.clone(), Box::new(e)),
     };
     std::fs::create_dir_all(data_dir).map_err(|e| at(StoreError::Io(e)))?;
-    let mut conn = Connection::open(&path).map_err(|e| at(e.into()))?;
-    configure(&conn, synchronous).map_err(|e| at(e.into()))?;
+    let mut conn =
+        Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), storage.locking.vfs())
+            .map_err(|e| at(e.into()))?;
+    configure(&conn, storage.synchronous).map_err(|e| at(e.into()))?;
     schema::migrate(&mut conn).map_err(at)?;
     Ok(conn)
 }
@@ -585,33 +611,49 @@ pub fn open_database(data_dir: &Path, synchronous: Synchronous) -> Result<Connec
 /// Opens the database that a daemon created in `data_dir`, as [`open_database`] does,
 /// but refuses a directory without one: a mistyped path must not get a new, empty
 /// database that no daemon reads.
-pub fn open_existing_database(
-    data_dir: &Path,
-    synchronous: Synchronous,
-) -> Result<Connection, StoreError> {
-    let path = data_dir.join(DATABASE_FILE);
+pub fn open_existing_database(storage: &StorageConfig) -> Result<Connection, StoreError> {
+    let path = storage.data_dir.join(DATABASE_FILE);
     if !path.is_file() {
         return Err(StoreError::NoDatabase(path));
     }
-    open_database(data_dir, synchronous)
+    open_database(storage)
 }
 
 /// Writes a consistent copy of the database to `target` while the daemon keeps running
 /// (`VACUUM INTO` reads one snapshot; ingest goes on). Returns the copy's size. Refuses to
-/// overwrite an existing file.
-pub fn backup(data_dir: &Path, target: &Path) -> Result<u64, StoreError> {
-    if target.exists() {
-        return Err(StoreError::BackupExists(target.to_owned()));
-    }
-    let source = data_dir.join(DATABASE_FILE);
+/// overwrite an existing file, and leaves none behind when it fails.
+pub fn backup(storage: &StorageConfig, target: &Path) -> Result<u64, StoreError> {
+    let source = storage.data_dir.join(DATABASE_FILE);
     if !source.is_file() {
         return Err(StoreError::NoDatabase(source));
     }
-    let conn = open_reader(&source)?;
-    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
-    std::fs::metadata(target)
-        .map(|m| m.len())
-        .map_err(StoreError::Io)
+    // Created here, empty (which `VACUUM INTO` accepts), so that nothing else's file at
+    // that path is ever taken over or removed.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StoreError::BackupExists(target.to_owned()))
+        }
+        Err(e) => return Err(StoreError::Io(e)),
+    }
+    let copied = open_reader(&source, storage.locking)
+        .and_then(|conn| conn.execute("VACUUM INTO ?1", [target.to_string_lossy()]))
+        .map_err(|e| match StoreError::from(e) {
+            e if e.is_locked() => StoreError::Locked(source.clone()),
+            e => e,
+        })
+        .and_then(|_| std::fs::metadata(target).map_err(StoreError::Io));
+    match copied {
+        Ok(metadata) => Ok(metadata.len()),
+        Err(e) => {
+            let _ = std::fs::remove_file(target);
+            Err(e)
+        }
+    }
 }
 
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`
@@ -647,10 +689,10 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
 /// must refuse writes from the start, not only once a read happens upon the damage.
 /// `quick_check` reads every page once; on a card that is seconds per hundred MiB, spent
 /// while the daemon already serves.
-fn check_in_background(path: PathBuf, health: Arc<WriterHealth>) {
+fn check_in_background(path: PathBuf, locking: Locking, health: Arc<WriterHealth>) {
     let check = move || {
         let started = std::time::Instant::now();
-        let found = open_reader(&path).and_then(|conn| {
+        let found = open_reader(&path, locking).and_then(|conn| {
             let mut statement = conn.prepare("PRAGMA quick_check(5)")?;
             let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
             rows.collect::<Result<Vec<_>, _>>()
@@ -705,6 +747,7 @@ impl Drop for Replaying {
 /// that many reader connections (each with its page cache) and threads, not one each.
 struct Readers {
     path: PathBuf,
+    locking: Locking,
     idle: Mutex<Vec<Connection>>,
     /// Told when a query finds the database damaged.
     health: Arc<WriterHealth>,
@@ -719,7 +762,7 @@ impl Readers {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match idle {
             Some(conn) => conn,
-            None => open_reader(&self.path)?,
+            None => open_reader(&self.path, self.locking)?,
         };
         let result = query(&conn);
         if let Err(e) = &result {
@@ -747,12 +790,12 @@ impl Readers {
     }
 }
 
-fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
-    let conn = Connection::open_with_flags(
+fn open_reader(path: &Path, locking: Locking) -> Result<Connection, rusqlite::Error> {
+    Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    Ok(conn)
+        locking.vfs(),
+    )
 }
 
 /// Counts the samples queued for the writer, and holds source threads back while there

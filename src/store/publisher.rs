@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::health::{self, WriterHealth};
 use super::reader::{self, Replay};
+use super::settings::Locking;
 use crate::events::{self, Body, Channel, Event, Hub};
 use crate::model::Reading;
 
@@ -96,10 +97,11 @@ pub(super) struct Publisher {
 
 impl Publisher {
     /// Starts the thread that publishes to `hub`, flushing `wal` first when it is given;
-    /// events held back too long are read back from `database`.
+    /// events held back too long are read back from `database`, opened with `locking`.
     pub(super) fn spawn(
         wal: Option<PathBuf>,
         database: PathBuf,
+        locking: Locking,
         hub: Hub,
         health: Arc<WriterHealth>,
     ) -> std::io::Result<Self> {
@@ -107,7 +109,7 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("store-publisher".into())
             .spawn(move || {
-                let mut backlog = Backlog::new(&database);
+                let mut backlog = Backlog::new(&database, locking);
                 run(wal.as_deref(), &handovers, &mut backlog, &hub, &health);
             })?;
         Ok(Publisher { queue, thread })
@@ -154,15 +156,17 @@ struct Backlog<'a> {
     /// Reading them back failed last time: logged once, tried again every round.
     read_back_failing: bool,
     database: &'a Path,
+    locking: Locking,
 }
 
 impl<'a> Backlog<'a> {
-    fn new(database: &'a Path) -> Self {
+    fn new(database: &'a Path, locking: Locking) -> Self {
         Backlog {
             held: Vec::new(),
             dropped: None,
             read_back_failing: false,
             database,
+            locking,
         }
     }
 
@@ -214,7 +218,7 @@ impl<'a> Backlog<'a> {
 
     /// Publishes the stored events after `after` up to `last`, moving `after` along.
     fn read_back(&self, hub: &Hub, after: &mut u64, last: u64) -> rusqlite::Result<()> {
-        let conn = super::open_reader(self.database)?;
+        let conn = super::open_reader(self.database, self.locking)?;
         while *after < last {
             let events = match reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?
             {
@@ -343,8 +347,14 @@ mod tests {
         let mut events = hub.subscribe();
         let health = Arc::new(WriterHealth::default());
         let database = dir.path().join(crate::store::DATABASE_FILE);
-        let publisher =
-            Publisher::spawn(Some(wal.clone()), database, hub.clone(), health.clone()).unwrap();
+        let publisher = Publisher::spawn(
+            Some(wal.clone()),
+            database,
+            Locking::Shared,
+            hub.clone(),
+            health.clone(),
+        )
+        .unwrap();
 
         let (ping, pong) = oneshot::channel();
         publisher.send(Handover::Committed(vec![built(1), built(2)], vec![ping]));
@@ -386,8 +396,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let total = (HELD_EVENTS + 2500) as u64;
         let newer = total + 1;
-        let conn =
-            crate::store::open_database(dir.path(), crate::store::Synchronous::Normal).unwrap();
+        let conn = crate::store::open_database(&crate::store::StorageConfig {
+            data_dir: dir.path().to_owned(),
+            synchronous: crate::store::Synchronous::Normal,
+            ..Default::default()
+        })
+        .unwrap();
         let mut insert = conn
             .prepare(
                 "INSERT INTO events (seq, ts, channel, event_type, frame) \
@@ -406,6 +420,7 @@ mod tests {
         let publisher = Publisher::spawn(
             Some(wal.clone()),
             database.clone(),
+            Locking::Shared,
             hub.clone(),
             Arc::new(WriterHealth::default()),
         )

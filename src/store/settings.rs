@@ -13,12 +13,41 @@ pub enum Synchronous {
     Full,
 }
 
+/// Whether other processes may open the database while the daemon has it open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Locking {
+    /// Anyone may: `sensorgate token` and `sensorgate backup` while the daemon runs, an
+    /// `sqlite3` shell. SQLite keeps the WAL's index in a file beside it (`-shm`), which
+    /// the kernel writes back to the card about every 30 s while commits touch it.
+    #[default]
+    Shared,
+    /// Nobody else may: the daemon holds an exclusive lock on the file for as long as it
+    /// runs, and SQLite keeps the WAL's index in the daemon's memory, so it is never
+    /// written to the card.
+    Exclusive,
+}
+
+impl Locking {
+    /// The SQLite VFS that opens the database this way. Every connection of a process
+    /// must use the same one: a connection opened the other way would keep an index of
+    /// its own.
+    pub(crate) fn vfs(self) -> &'static str {
+        match self {
+            Locking::Shared => "unix",
+            Locking::Exclusive => "unix-excl",
+        }
+    }
+}
+
 /// The database and what it keeps.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub synchronous: Synchronous,
+    /// Whether other processes may open the database while the daemon runs.
+    pub locking: Locking,
     /// Samples from sensors wait up to this long for others before they are committed
     /// together; 0 commits each at once. REST writes never wait.
     pub commit_window_ms: u64,
@@ -70,6 +99,7 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
             synchronous: Synchronous::Full,
+            locking: Locking::Shared,
             commit_window_ms: 1000,
             write_budget_mb_per_day: 0,
             max_commit_window_ms: 30_000,
