@@ -27,8 +27,14 @@ use crate::store::{Feed, Pulled};
 /// A comment line every so often keeps proxies and idle timers from closing the stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// Chunks waiting for the connection; the stream writer waits when it is full.
-const QUEUE: usize = 64;
+/// Most events taken from the feed at once, and so written as one chunk.
+const BATCH: usize = 64;
+
+/// Chunks waiting for the connection; the stream writer waits when it is full. A few
+/// are enough to keep the socket busy: the rest wait in the hub or, for a client far
+/// behind, in the database, so that a room of slow streams replaying at once holds a
+/// few batches each, not a queue of them.
+const QUEUE: usize = 4;
 
 /// Starts an event stream.
 pub fn stream(
@@ -120,7 +126,7 @@ async fn run(
         tokio::select! {
             _ = shutdown.recv() => return,
             _ = chunks.closed() => return,
-            batch = feed.next(&channels, QUEUE) => {
+            batch = feed.next(&channels, BATCH) => {
                 let events = match batch {
                     Ok(Pulled::Events(events)) => events,
                     Ok(Pulled::Removed { since, oldest_seq, last_seq }) => {
