@@ -264,8 +264,12 @@ fn gateway() {
     if let Ok(budget) = std::env::var("GATEWAY_BUDGET_MB") {
         config.write_budget_mb_per_day = budget.parse().unwrap();
     }
-    if std::env::var("GATEWAY_LOCKING").is_ok_and(|l| l == "exclusive") {
-        config.locking = Locking::Exclusive;
+    if let Ok(locking) = std::env::var("GATEWAY_LOCKING") {
+        config.locking = match locking.as_str() {
+            "shared" => Locking::Shared,
+            "exclusive" => Locking::Exclusive,
+            other => panic!("GATEWAY_LOCKING={other:?}: expected shared or exclusive"),
+        };
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let hub = Hub::new(4096);

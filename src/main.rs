@@ -49,7 +49,7 @@ modbus scan probes each unit id (holding register 0) at each setting and prints 
 each probe waits at most --timeout-ms. Stop the daemon first if it uses the same port.
 
 Token and backup commands use the database of --config (or /etc/sensorgate/config.toml) or --data-dir;
-a running daemon sees new and revoked tokens at once.
+a running daemon sees new and revoked tokens at once (with storage.locking = \"exclusive\", stop it first).
 
 Logging is set with RUST_LOG (default: info).
 ";

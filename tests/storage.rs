@@ -429,15 +429,14 @@ async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card(
     );
 
     let target = dir.join("copy.db");
-    let backup = || {
-        sensorgate([
-            OsStr::new("backup"),
-            target.as_ref(),
-            "--data-dir".as_ref(),
-            dir.as_ref(),
-        ])
-    };
-    let refused = backup();
+    let backup = [
+        OsStr::new("backup"),
+        target.as_ref(),
+        "--data-dir".as_ref(),
+        dir.as_ref(),
+    ];
+    let before = daemon.last_seq().await;
+    let refused = beside_the_daemon(&backup).await;
     assert!(!refused.ok, "a backup while the daemon holds the database");
     assert!(
         refused.stderr.contains("storage.locking = \"exclusive\""),
@@ -445,12 +444,13 @@ async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card(
         refused.stderr
     );
     assert!(!target.exists(), "a refused backup leaves no file behind");
-    let tokens = sensorgate(
-        ["token", "list", "--data-dir"]
-            .map(OsStr::new)
-            .into_iter()
-            .chain([dir.as_os_str()]),
-    );
+    let tokens = beside_the_daemon(&[
+        "token".as_ref(),
+        "list".as_ref(),
+        "--data-dir".as_ref(),
+        dir.as_ref(),
+    ])
+    .await;
     assert!(
         !tokens.ok,
         "a token command while the daemon holds the database"
@@ -460,18 +460,29 @@ async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card(
         "{}",
         tokens.stderr
     );
-    let before = daemon.last_seq().await;
-    daemon.wait_past(before, "sampling going on").await;
+    assert!(
+        daemon.last_seq().await > before,
+        "sampling went on while the commands waited for the database"
+    );
 
     let _dir = daemon.stop().await;
     common::events::assert_exactly_stored(&dir, "readings", 0, &replayed);
-    let copied = backup();
+    let copied = beside_the_daemon(&backup).await;
     assert!(copied.ok, "{}", copied.stderr);
     let copy = rusqlite::Connection::open(&target).unwrap();
     let sensors: i64 = copy
         .query_row("SELECT COUNT(*) FROM sensors", [], |r| r.get(0))
         .unwrap();
     assert_eq!(sensors, 2);
+}
+
+/// Runs the `sensorgate` command on a blocking thread, so that the daemon of the test
+/// goes on meanwhile.
+async fn beside_the_daemon(args: &[&OsStr]) -> common::Run {
+    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.to_os_string()).collect();
+    tokio::task::spawn_blocking(move || sensorgate(args))
+        .await
+        .unwrap()
 }
 
 /// Export streams a range as CSV or JSON with exactly the stored readings.

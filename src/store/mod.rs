@@ -38,6 +38,7 @@ pub use settings::{Locking, RetentionRule, StorageConfig, Synchronous};
 pub use writer::WriterHandle;
 
 use std::fmt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -125,6 +126,8 @@ pub enum StoreError {
     Locked(PathBuf),
     /// A backup would overwrite this file.
     BackupExists(PathBuf),
+    /// The backup file could not be made at this path.
+    BackupTarget(PathBuf, String),
     /// The database is damaged; writes are refused. What was found and what to do.
     Damaged(String),
 }
@@ -160,7 +163,7 @@ impl fmt::Display for StoreError {
             StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
             StoreError::Locked(path) => write!(
                 f,
-                "{} is locked by another process: a sensorgate running with storage.locking = \"exclusive\" keeps its database to itself; stop it first, or use its REST API meanwhile",
+                "{} is locked by another process (a sensorgate running with storage.locking = \"exclusive\" keeps its database to itself, and so does an sqlite3 shell in the middle of a write): stop that process first",
                 path.display()
             ),
             StoreError::Damaged(what) => f.write_str(what),
@@ -169,6 +172,9 @@ impl fmt::Display for StoreError {
                 "backup file {} exists already; choose a new file name",
                 path.display()
             ),
+            StoreError::BackupTarget(path, why) => {
+                write!(f, "backup file {}: {why}", path.display())
+            }
         }
     }
 }
@@ -176,16 +182,11 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 impl StoreError {
-    /// Whether SQLite found the database locked by someone else, past its busy timeout.
+    /// Whether SQLite found the database locked by another process, past its busy
+    /// timeout.
     fn is_locked(&self) -> bool {
-        match self {
-            StoreError::Sqlite(e) => matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ),
-            StoreError::Open(_, e) => e.is_locked(),
-            _ => false,
-        }
+        matches!(self, StoreError::Sqlite(e)
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy))
     }
 }
 
@@ -619,36 +620,51 @@ pub fn open_existing_database(storage: &StorageConfig) -> Result<Connection, Sto
     open_database(storage)
 }
 
-/// Writes a consistent copy of the database to `target` while the daemon keeps running
-/// (`VACUUM INTO` reads one snapshot; ingest goes on). Returns the copy's size. Refuses to
-/// overwrite an existing file, and leaves none behind when it fails.
+/// Writes a consistent copy of the database to `target` (`VACUUM INTO` reads one
+/// snapshot; a daemon with shared locking goes on ingesting meanwhile). Returns the
+/// copy's size. Refuses to overwrite an existing file, and leaves none behind when it
+/// fails.
 pub fn backup(storage: &StorageConfig, target: &Path) -> Result<u64, StoreError> {
     let source = storage.data_dir.join(DATABASE_FILE);
     if !source.is_file() {
         return Err(StoreError::NoDatabase(source));
     }
+    let refuse = |why: String| StoreError::BackupTarget(target.to_owned(), why);
+    // SQLite takes the name as text, and a `file:` name as a URI naming another file.
+    let name = match target.to_str() {
+        Some(name) if !name.starts_with("file:") => name,
+        _ => {
+            return Err(refuse(
+                "use a plain UTF-8 path not starting with \"file:\"".into(),
+            ))
+        }
+    };
     // Created here, empty (which `VACUUM INTO` accepts), so that nothing else's file at
     // that path is ever taken over or removed.
-    match std::fs::OpenOptions::new()
+    if let Err(e) = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o644)
         .open(target)
     {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(StoreError::BackupExists(target.to_owned()))
-        }
-        Err(e) => return Err(StoreError::Io(e)),
+        return Err(match e.kind() {
+            std::io::ErrorKind::AlreadyExists => StoreError::BackupExists(target.to_owned()),
+            _ => refuse(e.to_string()),
+        });
     }
     let copied = open_reader(&source, storage.locking)
-        .and_then(|conn| conn.execute("VACUUM INTO ?1", [target.to_string_lossy()]))
+        .and_then(|conn| conn.execute("VACUUM INTO ?1", [name]))
         .map_err(|e| match StoreError::from(e) {
             e if e.is_locked() => StoreError::Locked(source.clone()),
             e => e,
         })
-        .and_then(|_| std::fs::metadata(target).map_err(StoreError::Io));
+        .and_then(|_| std::fs::metadata(target).map_err(|e| refuse(e.to_string())));
     match copied {
-        Ok(metadata) => Ok(metadata.len()),
+        Ok(metadata) if metadata.len() > 0 => Ok(metadata.len()),
+        Ok(_) => {
+            let _ = std::fs::remove_file(target);
+            Err(refuse("the copy came out empty".into()))
+        }
         Err(e) => {
             let _ = std::fs::remove_file(target);
             Err(e)

@@ -29,9 +29,11 @@ pub enum Locking {
 }
 
 impl Locking {
-    /// The SQLite VFS that opens the database this way. Every connection of a process
-    /// must use the same one: a connection opened the other way would keep an index of
-    /// its own.
+    /// The SQLite VFS that opens the database this way. Under `unix-excl` only a
+    /// read-write connection takes the exclusive lock and moves the index into memory;
+    /// read-only ones share what the process holds. So the writer must open the file
+    /// before any reader does, or the index of a daemon with exclusive locking would be
+    /// a `-shm` file again.
     pub(crate) fn vfs(self) -> &'static str {
         match self {
             Locking::Shared => "unix",
