@@ -221,7 +221,7 @@ impl Store {
     pub fn open(config: &StorageConfig, hub: Hub) -> Result<(Store, WriterHandle), StoreError> {
         let conn = open_database(config)?;
         let checkpoints = open_database(config)?;
-        let path = config.data_dir.join(DATABASE_FILE);
+        let file = DatabaseFile::of(config);
         let (commands, queue) = mpsc::channel(WRITER_QUEUE);
         let health = Arc::new(WriterHealth::default());
         let queued = Arc::new(SampleGate::new(QUEUED_SAMPLES));
@@ -238,13 +238,12 @@ impl Store {
                 open: open_buckets.clone(),
             },
         )?;
-        check_in_background(path.clone(), config.locking, health.clone());
+        check_in_background(file.clone(), health.clone());
         let store = Store {
             commands,
             queued,
             readers: Arc::new(Readers {
-                path,
-                locking: config.locking,
+                file,
                 idle: Mutex::new(Vec::new()),
                 health: health.clone(),
                 permits: Arc::new(Semaphore::new(READERS)),
@@ -625,9 +624,9 @@ pub fn open_existing_database(storage: &StorageConfig) -> Result<Connection, Sto
 /// copy's size. Refuses to overwrite an existing file, and leaves none behind when it
 /// fails.
 pub fn backup(storage: &StorageConfig, target: &Path) -> Result<u64, StoreError> {
-    let source = storage.data_dir.join(DATABASE_FILE);
-    if !source.is_file() {
-        return Err(StoreError::NoDatabase(source));
+    let source = DatabaseFile::of(storage);
+    if !source.path.is_file() {
+        return Err(StoreError::NoDatabase(source.path));
     }
     let refuse = |why: String| StoreError::BackupTarget(target.to_owned(), why);
     // SQLite takes the name as text, and a `file:` name as a URI naming another file.
@@ -652,10 +651,11 @@ pub fn backup(storage: &StorageConfig, target: &Path) -> Result<u64, StoreError>
             _ => refuse(e.to_string()),
         });
     }
-    let copied = open_reader(&source, storage.locking)
+    let copied = source
+        .open_reader()
         .and_then(|conn| conn.execute("VACUUM INTO ?1", [name]))
         .map_err(|e| match StoreError::from(e) {
-            e if e.is_locked() => StoreError::Locked(source.clone()),
+            e if e.is_locked() => StoreError::Locked(source.path.clone()),
             e => e,
         })
         .and_then(|_| std::fs::metadata(target).map_err(|e| refuse(e.to_string())));
@@ -705,10 +705,11 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite
 /// must refuse writes from the start, not only once a read happens upon the damage.
 /// `quick_check` reads every page once; on a card that is seconds per hundred MiB, spent
 /// while the daemon already serves.
-fn check_in_background(path: PathBuf, locking: Locking, health: Arc<WriterHealth>) {
+fn check_in_background(file: DatabaseFile, health: Arc<WriterHealth>) {
     let check = move || {
+        let path = &file.path;
         let started = std::time::Instant::now();
-        let found = open_reader(&path, locking).and_then(|conn| {
+        let found = file.open_reader().and_then(|conn| {
             let mut statement = conn.prepare("PRAGMA quick_check(5)")?;
             let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
             rows.collect::<Result<Vec<_>, _>>()
@@ -718,9 +719,9 @@ fn check_in_background(path: PathBuf, locking: Locking, health: Arc<WriterHealth
                 "database check found no damage in {:.1} s",
                 started.elapsed().as_secs_f64()
             ),
-            Ok(rows) => health.mark_damaged(&path, &rows.join("; ")),
+            Ok(rows) => health.mark_damaged(path, &rows.join("; ")),
             Err(e) => {
-                if !health.note_damage(&path, &e) {
+                if !health.note_damage(path, &e) {
                     log::warn!("database check could not run: {e}");
                 }
             }
@@ -762,8 +763,7 @@ impl Drop for Replaying {
 /// take a blocking thread, so that however many clients replay at once, the daemon holds
 /// that many reader connections (each with its page cache) and threads, not one each.
 struct Readers {
-    path: PathBuf,
-    locking: Locking,
+    file: DatabaseFile,
     idle: Mutex<Vec<Connection>>,
     /// Told when a query finds the database damaged.
     health: Arc<WriterHealth>,
@@ -778,11 +778,11 @@ impl Readers {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match idle {
             Some(conn) => conn,
-            None => open_reader(&self.path, self.locking)?,
+            None => self.file.open_reader()?,
         };
         let result = query(&conn);
         if let Err(e) = &result {
-            self.health.note_damage(&self.path, e);
+            self.health.note_damage(&self.file.path, e);
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < READERS {
@@ -806,12 +806,31 @@ impl Readers {
     }
 }
 
-fn open_reader(path: &Path, locking: Locking) -> Result<Connection, rusqlite::Error> {
-    Connection::open_with_flags_and_vfs(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        locking.vfs(),
-    )
+/// The database file and how this process opens it, carried together so that every
+/// reader opens it the way the writer did (see [`Locking::vfs`]).
+#[derive(Debug, Clone)]
+struct DatabaseFile {
+    path: PathBuf,
+    locking: Locking,
+}
+
+impl DatabaseFile {
+    /// The database of these settings.
+    fn of(storage: &StorageConfig) -> DatabaseFile {
+        DatabaseFile {
+            path: storage.data_dir.join(DATABASE_FILE),
+            locking: storage.locking,
+        }
+    }
+
+    /// A read-only connection to it.
+    fn open_reader(&self) -> Result<Connection, rusqlite::Error> {
+        Connection::open_with_flags_and_vfs(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            self.locking.vfs(),
+        )
+    }
 }
 
 /// Counts the samples queued for the writer, and holds source threads back while there

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::health::{self, WriterHealth};
 use super::reader::{self, Replay};
-use super::settings::Locking;
+use super::DatabaseFile;
 use crate::events::{self, Body, Channel, Event, Hub};
 use crate::model::Reading;
 
@@ -97,11 +97,10 @@ pub(super) struct Publisher {
 
 impl Publisher {
     /// Starts the thread that publishes to `hub`, flushing `wal` first when it is given;
-    /// events held back too long are read back from `database`, opened with `locking`.
+    /// events held back too long are read back from `database`.
     pub(super) fn spawn(
         wal: Option<PathBuf>,
-        database: PathBuf,
-        locking: Locking,
+        database: DatabaseFile,
         hub: Hub,
         health: Arc<WriterHealth>,
     ) -> std::io::Result<Self> {
@@ -109,7 +108,7 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("store-publisher".into())
             .spawn(move || {
-                let mut backlog = Backlog::new(&database, locking);
+                let mut backlog = Backlog::new(&database);
                 run(wal.as_deref(), &handovers, &mut backlog, &hub, &health);
             })?;
         Ok(Publisher { queue, thread })
@@ -155,18 +154,16 @@ struct Backlog<'a> {
     dropped: Option<(u64, u64)>,
     /// Reading them back failed last time: logged once, tried again every round.
     read_back_failing: bool,
-    database: &'a Path,
-    locking: Locking,
+    database: &'a DatabaseFile,
 }
 
 impl<'a> Backlog<'a> {
-    fn new(database: &'a Path, locking: Locking) -> Self {
+    fn new(database: &'a DatabaseFile) -> Self {
         Backlog {
             held: Vec::new(),
             dropped: None,
             read_back_failing: false,
             database,
-            locking,
         }
     }
 
@@ -218,7 +215,7 @@ impl<'a> Backlog<'a> {
 
     /// Publishes the stored events after `after` up to `last`, moving `after` along.
     fn read_back(&self, hub: &Hub, after: &mut u64, last: u64) -> rusqlite::Result<()> {
-        let conn = super::open_reader(self.database, self.locking)?;
+        let conn = self.database.open_reader()?;
         while *after < last {
             let events = match reader::events_after(&conn, *after, last, &Channel::ALL, READ_BACK)?
             {
@@ -315,6 +312,7 @@ fn run(
 mod tests {
     use super::*;
     use crate::events::Channel;
+    use crate::store::StorageConfig;
 
     fn event(seq: u64) -> Arc<Event> {
         Arc::new(Event {
@@ -346,15 +344,12 @@ mod tests {
         let hub = Hub::new(64);
         let mut events = hub.subscribe();
         let health = Arc::new(WriterHealth::default());
-        let database = dir.path().join(crate::store::DATABASE_FILE);
-        let publisher = Publisher::spawn(
-            Some(wal.clone()),
-            database,
-            Locking::Shared,
-            hub.clone(),
-            health.clone(),
-        )
-        .unwrap();
+        let database = DatabaseFile::of(&StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        });
+        let publisher =
+            Publisher::spawn(Some(wal.clone()), database, hub.clone(), health.clone()).unwrap();
 
         let (ping, pong) = oneshot::channel();
         publisher.send(Handover::Committed(vec![built(1), built(2)], vec![ping]));
@@ -396,12 +391,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let total = (HELD_EVENTS + 2500) as u64;
         let newer = total + 1;
-        let conn = crate::store::open_database(&crate::store::StorageConfig {
+        let storage = StorageConfig {
             data_dir: dir.path().to_owned(),
             synchronous: crate::store::Synchronous::Normal,
             ..Default::default()
-        })
-        .unwrap();
+        };
+        let conn = crate::store::open_database(&storage).unwrap();
         let mut insert = conn
             .prepare(
                 "INSERT INTO events (seq, ts, channel, event_type, frame) \
@@ -413,14 +408,13 @@ mod tests {
                 .execute(rusqlite::params![seq as i64, format!("stored {seq}")])
                 .unwrap();
         }
-        let database = dir.path().join(crate::store::DATABASE_FILE);
+        let database = DatabaseFile::of(&storage);
         let wal = dir.path().join("refused-wal");
         let hub = Hub::new(newer as usize + 16);
         let mut events = hub.subscribe();
         let publisher = Publisher::spawn(
             Some(wal.clone()),
             database.clone(),
-            Locking::Shared,
             hub.clone(),
             Arc::new(WriterHealth::default()),
         )
@@ -458,7 +452,7 @@ mod tests {
         // The flush works, but the events past the bound cannot be read back yet.
         std::fs::write(&wal, b"").unwrap();
         let away = dir.path().join("elsewhere.db");
-        std::fs::rename(&database, &away).unwrap();
+        std::fs::rename(&database.path, &away).unwrap();
         hand_over(&[]);
         assert_eq!(
             published(&mut events),
@@ -466,7 +460,7 @@ mod tests {
             "the events kept in memory go out"
         );
 
-        std::fs::rename(&away, &database).unwrap();
+        std::fs::rename(&away, &database.path).unwrap();
         hand_over(&[newer]);
         assert_eq!(
             published(&mut events),

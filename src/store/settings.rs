@@ -14,13 +14,12 @@ pub enum Synchronous {
 }
 
 /// Whether other processes may open the database while the daemon has it open.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Locking {
     /// Anyone may: `sensorgate token` and `sensorgate backup` while the daemon runs, an
     /// `sqlite3` shell. SQLite keeps the WAL's index in a file beside it (`-shm`), which
     /// the kernel writes back to the card about every 30 s while commits touch it.
-    #[default]
     Shared,
     /// Nobody else may: the daemon holds an exclusive lock on the file for as long as it
     /// runs, and SQLite keeps the WAL's index in the daemon's memory, so it is never

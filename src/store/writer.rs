@@ -123,9 +123,8 @@ pub(crate) fn spawn(
     hub.start_at(next_seq - 1);
     health.committed.store(next_seq - 1, Ordering::Release);
     let wal = (config.synchronous == Synchronous::Normal).then_some(wal);
-    let database = config.data_dir.join(super::DATABASE_FILE);
-    let publisher = Publisher::spawn(wal, database, config.locking, hub, health.clone())
-        .map_err(StoreError::Io)?;
+    let database = super::DatabaseFile::of(config);
+    let publisher = Publisher::spawn(wal, database, hub, health.clone()).map_err(StoreError::Io)?;
     let checkpointer = Checkpointer::spawn(checkpoints, &mut conn, config.data_dir.clone())?;
     let meter = Meter::new(config, &health.storage);
     let writer = Writer {
