@@ -7,6 +7,7 @@
 //! connections on the blocking thread pool, a few at a time, so they never wait behind a commit.
 
 pub mod alerts;
+mod backup;
 mod capacity;
 mod checkpointer;
 mod command;
@@ -24,6 +25,7 @@ mod step;
 pub mod tokens;
 mod writer;
 
+pub use backup::{backup, DatabaseCopy};
 pub use capacity::{file_system_space, process_write_bytes, StorageFigures};
 pub use feed::{Feed, Pulled};
 pub use health::WriterHealth;
@@ -38,8 +40,7 @@ pub use settings::{Locking, RetentionRule, StorageConfig, Synchronous};
 pub use writer::WriterHandle;
 
 use std::fmt;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -130,6 +131,10 @@ pub enum StoreError {
     BackupTarget(PathBuf, String),
     /// The database is damaged; writes are refused. What was found and what to do.
     Damaged(String),
+    /// A page-by-page copy could not be read whole; what went wrong.
+    CopyIncomplete(String),
+    /// A page-by-page copy could not be passed on to whoever asked for it.
+    CopyNotSent(std::io::Error),
 }
 
 impl fmt::Display for StoreError {
@@ -175,6 +180,8 @@ impl fmt::Display for StoreError {
             StoreError::BackupTarget(path, why) => {
                 write!(f, "backup file {}: {why}", path.display())
             }
+            StoreError::CopyIncomplete(why) => write!(f, "copy of the database failed: {why}"),
+            StoreError::CopyNotSent(e) => write!(f, "copy of the database not sent: {e}"),
         }
     }
 }
@@ -619,59 +626,6 @@ pub fn open_existing_database(storage: &StorageConfig) -> Result<Connection, Sto
     open_database(storage)
 }
 
-/// Writes a consistent copy of the database to `target` (`VACUUM INTO` reads one
-/// snapshot; a daemon with shared locking goes on ingesting meanwhile). Returns the
-/// copy's size. Refuses to overwrite an existing file, and leaves none behind when it
-/// fails.
-pub fn backup(storage: &StorageConfig, target: &Path) -> Result<u64, StoreError> {
-    let source = DatabaseFile::of(storage);
-    if !source.path.is_file() {
-        return Err(StoreError::NoDatabase(source.path));
-    }
-    let refuse = |why: String| StoreError::BackupTarget(target.to_owned(), why);
-    // SQLite takes the name as text, and a `file:` name as a URI naming another file.
-    let name = match target.to_str() {
-        Some(name) if !name.starts_with("file:") => name,
-        _ => {
-            return Err(refuse(
-                "use a plain UTF-8 path not starting with \"file:\"".into(),
-            ))
-        }
-    };
-    // Created here, empty (which `VACUUM INTO` accepts), so that nothing else's file at
-    // that path is ever taken over or removed.
-    if let Err(e) = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(target)
-    {
-        return Err(match e.kind() {
-            std::io::ErrorKind::AlreadyExists => StoreError::BackupExists(target.to_owned()),
-            _ => refuse(e.to_string()),
-        });
-    }
-    let copied = source
-        .open_reader()
-        .and_then(|conn| conn.execute("VACUUM INTO ?1", [name]))
-        .map_err(|e| match StoreError::from(e) {
-            e if e.is_locked() => StoreError::Locked(source.path.clone()),
-            e => e,
-        })
-        .and_then(|_| std::fs::metadata(target).map_err(|e| refuse(e.to_string())));
-    match copied {
-        Ok(metadata) if metadata.len() > 0 => Ok(metadata.len()),
-        Ok(_) => {
-            let _ = std::fs::remove_file(target);
-            Err(refuse("the copy came out empty".into()))
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(target);
-            Err(e)
-        }
-    }
-}
-
 /// Per-connection settings. WAL lets readers run beside the writer; `synchronous`
 /// decides what a power cut may take (see the README's storage section).
 fn configure(conn: &Connection, synchronous: Synchronous) -> Result<(), rusqlite::Error> {
@@ -1011,6 +965,60 @@ mod tests {
         for _ in 0..3 {
             published.recv().await.unwrap();
         }
+    }
+
+    /// A copy holds what was committed when it began, the pages still in the WAL
+    /// included, and nothing committed after; it opens as a database without a WAL.
+    #[tokio::test]
+    async fn a_copy_is_the_snapshot_it_began_with() {
+        let (dir, store, writer) = open_store(Hub::new(16));
+        emit_three(&store).await;
+        let reading = store.clone();
+        let copy = tokio::task::spawn_blocking(move || reading.copy_database())
+            .await
+            .unwrap()
+            .unwrap();
+        emit_three(&store).await;
+        let size = copy.size();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            copy.write_to(&mut bytes, || false).map(|_| bytes)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        assert_eq!(bytes[18..20], [1, 1], "marked as a database without a WAL");
+        let path = dir.path().join("copy.db");
+        std::fs::write(&path, &bytes).unwrap();
+        let copied = Connection::open(&path).unwrap();
+        let check: String = copied
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        let events: i64 = copied
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(events, 3, "the events of the snapshot, not those after it");
+        close_store(store, writer).await;
+    }
+
+    /// A copy stops at the next page once asked to, and says so.
+    #[tokio::test]
+    async fn a_copy_stops_when_cancelled() {
+        let (_dir, store, writer) = open_store(Hub::new(16));
+        let reading = store.clone();
+        let stopped = tokio::task::spawn_blocking(move || {
+            let copy = reading.copy_database()?;
+            copy.write_to(&mut Vec::new(), || true)
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(stopped, Err(StoreError::CopyIncomplete(_))),
+            "{stopped:?}"
+        );
+        close_store(store, writer).await;
     }
 
     /// A store in a new temporary directory, with its default settings.
