@@ -11,7 +11,7 @@
 //! storage settings: `GATEWAY_SENSORS` (10) DHT22-like sensors, each giving temperature
 //! and humidity every `GATEWAY_INTERVAL_MS` (2000), spread evenly over the interval, for
 //! `GATEWAY_SECONDS` (600). `GATEWAY_WINDOW_MS`, `GATEWAY_BUDGET_MB` and
-//! `GATEWAY_LOCKING=exclusive` override `storage.commit_window_ms`,
+//! `GATEWAY_LOCKING=shared` override `storage.commit_window_ms`,
 //! `storage.write_budget_mb_per_day` and `storage.locking`. It prints bytes
 //! written per reading and per day, database bytes per reading and how long a sample
 //! took from being taken to its event.

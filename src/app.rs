@@ -23,6 +23,7 @@ use crate::api::{self, State};
 use crate::auth::{self, Policy};
 use crate::clock::Clock;
 use crate::config::{Config, SensorConfig};
+use crate::control::server::ControlSocket;
 use crate::events::{Body, Channel, Event, Hub};
 use crate::model::{NewSensor, Sample, Sensor, SensorPatch};
 use crate::sensors::{HealthBoard, SampleSink, Scheduler, SensorChange, SinkClosed};
@@ -114,6 +115,23 @@ pub async fn run(
     let supervising = tokio::spawn(supervisor.run(signal.clone()));
     tokio::spawn(service::give_back_memory_periodically(signal.clone()));
     let (drain, guard) = Drain::new();
+    // A daemon without it still samples and serves; only the command line's token and
+    // backup commands then need the daemon stopped (under exclusive locking).
+    let control = match ControlSocket::bind(&config.storage.data_dir) {
+        Ok(socket) => {
+            log::info!("control socket at {}", socket.path().display());
+            Some(tokio::spawn(socket.serve(
+                store.clone(),
+                config.storage.data_dir.clone(),
+                signal.clone(),
+                guard.clone(),
+            )))
+        }
+        Err(e) => {
+            log::error!("{e}; `sensorgate token` and `backup` cannot reach this daemon");
+            None
+        }
+    };
     let state = Arc::new(
         State::new(
             api::settings::Settings {
@@ -163,6 +181,9 @@ pub async fn run(
     service::notify(&[NotifyState::Stopping]);
     trigger.fire();
     let _ = server.await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     drop(state);
     if !drain.wait(DRAIN_DEADLINE).await {
         log::warn!("some connections did not close within {DRAIN_DEADLINE:?}");

@@ -28,6 +28,8 @@
 //! - [`api`]: accept loop, routing, REST handlers, WebSocket and SSE sessions and their
 //!   client protocol, limits, metrics.
 //! - [`auth`]: tokens, scopes, the policy, the origin and `Host` checks, trusted proxies.
+//! - [`control`]: the control socket, through which the command line's token and backup
+//!   commands reach a running daemon.
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`shutdown`]: the shutdown signal and drain.
 //! - [`backoff`]: the waits between attempts at something that failed.
@@ -49,6 +51,7 @@ pub mod auth;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod events;
 pub mod model;

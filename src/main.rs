@@ -7,15 +7,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sensorgate::auth::{tokens, Scope};
 use sensorgate::config::{Config, DEFAULT_CONFIG, DEMO_CONFIG};
+use sensorgate::control::client::{self, TokenCommand, TokenOutcome};
+use sensorgate::control::ListedToken;
 use sensorgate::demo::Rig;
 use sensorgate::model::format_time;
 use sensorgate::sensors::modbus::scan::{self, ScanOptions};
 use sensorgate::sensors::modbus::Parity;
 use sensorgate::service;
-use sensorgate::store::open_existing_database;
-use sensorgate::store::tokens::OfflineTable;
 use tokio::sync::mpsc;
 
 const SYSTEM_CONFIG: &str = "/etc/sensorgate/config.toml";
@@ -48,8 +47,8 @@ OPTIONS:
 modbus scan probes each unit id (holding register 0) at each setting and prints what answers;
 each probe waits at most --timeout-ms. Stop the daemon first if it uses the same port.
 
-Token and backup commands use the database of --config (or /etc/sensorgate/config.toml) or --data-dir;
-a running daemon sees new and revoked tokens at once (with storage.locking = \"exclusive\", stop it first).
+Token and backup commands use the database of --config (or /etc/sensorgate/config.toml) or --data-dir:
+through the daemon when one runs on it (as the service's user or root), otherwise the file itself.
 
 Logging is set with RUST_LOG (default: info).
 ";
@@ -64,13 +63,6 @@ enum Command {
     PrintDefaultConfig,
     Help,
     Version,
-}
-
-/// `sensorgate token ...`.
-enum TokenCommand {
-    Create { name: String, scope: Scope },
-    List,
-    Revoke(String),
 }
 
 #[derive(Default)]
@@ -266,7 +258,8 @@ fn parse_token_command(
     }
 }
 
-/// Copies the database of the configured data directory while the daemon runs.
+/// Copies the database of the configured data directory: through the daemon when one
+/// serves it, otherwise from the file.
 fn backup_command(args: &RunArgs, target: &Path) -> ExitCode {
     let config = match resolve_config(args, None) {
         Ok(config) => config,
@@ -275,7 +268,7 @@ fn backup_command(args: &RunArgs, target: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match sensorgate::store::backup(&config.storage, target) {
+    match client::backup(&config.storage, target) {
         Ok(bytes) => {
             eprintln!("backup written to {} ({bytes} bytes)", target.display());
             ExitCode::SUCCESS
@@ -287,8 +280,8 @@ fn backup_command(args: &RunArgs, target: &Path) -> ExitCode {
     }
 }
 
-/// Runs a token command on the database the config points at; a running daemon sees the
-/// change at once.
+/// Runs a token command: through the daemon when one serves the configured data
+/// directory (it sees the change at once), otherwise on the database file.
 fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
     let config = match resolve_config(args, None) {
         Ok(config) => config,
@@ -297,46 +290,38 @@ fn token_command(args: &RunArgs, command: TokenCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let table = match open_existing_database(&config.storage) {
-        Ok(conn) => OfflineTable::new(conn),
+    match client::token(&config.storage, command) {
+        Ok(TokenOutcome::Created { name, scope, token }) => {
+            println!("{token}");
+            eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
+        }
+        Ok(TokenOutcome::Listed(list)) => print_tokens(&list),
+        Ok(TokenOutcome::Revoked(name)) => eprintln!("token {name:?} revoked"),
         Err(e) => {
             eprintln!("sensorgate: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let outcome = match command {
-        TokenCommand::Create { name, scope } => {
-            tokens::create_offline(&table, &name, scope).map(|token| {
-                println!("{token}");
-                eprintln!("token {name:?} created with scope {scope}; it is shown only this once");
-            })
-        }
-        TokenCommand::List => tokens::list_offline(&table).map(|list| {
-            let rows: Vec<[String; 4]> = list
-                .into_iter()
-                .map(|t| {
-                    let last = t
-                        .last_used_at
-                        .map(format_time)
-                        .unwrap_or_else(|| "never".into());
-                    [t.name, t.scope.to_string(), format_time(t.created_at), last]
-                })
-                .collect();
-            print_table(["NAME", "SCOPE", "CREATED", "LAST USED"], &rows);
-        }),
-        TokenCommand::Revoke(name) => {
-            tokens::revoke_offline(&table, &name, &config.storage.data_dir).map(|()| {
-                eprintln!("token {name:?} revoked");
-            })
-        }
-    };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sensorgate: {e}");
-            ExitCode::FAILURE
-        }
     }
+    ExitCode::SUCCESS
+}
+
+fn print_tokens(list: &[ListedToken]) {
+    let rows: Vec<[String; 4]> = list
+        .iter()
+        .map(|t| {
+            let last = t
+                .last_used_at
+                .map(format_time)
+                .unwrap_or_else(|| "never".into());
+            [
+                t.name.clone(),
+                t.scope.to_string(),
+                format_time(t.created_at),
+                last,
+            ]
+        })
+        .collect();
+    print_table(["NAME", "SCOPE", "CREATED", "LAST USED"], &rows);
 }
 
 /// Prints rows under a header, each column as wide as its widest cell.

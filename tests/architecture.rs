@@ -93,6 +93,12 @@ const LAYERS: &[(&str, &[&str], &str)] = &[
          metrics over every part's figures; owns its server, limits and realtime settings",
     ),
     (
+        "control",
+        &["model", "auth", "store", "shutdown"],
+        "the control socket: the command line's token and backup commands, answered by \
+         a running daemon that keeps its database to itself; the protocol and both ends",
+    ),
+    (
         "config",
         &[
             "model",
@@ -111,7 +117,7 @@ const LAYERS: &[(&str, &[&str], &str)] = &[
         "app",
         &[
             "model", "events", "store", "auth", "sensors", "alerts", "uplink", "api", "service",
-            "clock", "config", "shutdown",
+            "clock", "config", "control", "shutdown",
         ],
         "wiring and ordered shutdown: the only place that sees every part, and the only \
          one that sees `api` beyond its settings",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::time::Duration;
 
 use common::{
@@ -18,20 +18,22 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Runs `sensorgate token ...` on the daemon's data directory, as an operator would while
-/// it runs.
-fn token_cli(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let data_dir = ["--data-dir".as_ref(), daemon.dir().as_os_str()];
-    let args = args.iter().map(OsStr::new);
-    let run = sensorgate(
-        std::iter::once(OsStr::new("token"))
-            .chain(args)
-            .chain(data_dir),
-    );
+/// it runs: the command asks the daemon, so it waits on a blocking thread while the
+/// daemon of the test answers.
+async fn token_cli(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let args: Vec<OsString> = std::iter::once(OsStr::new("token"))
+        .chain(args.iter().map(OsStr::new))
+        .chain(["--data-dir".as_ref(), daemon.dir().as_os_str()])
+        .map(OsStr::to_os_string)
+        .collect();
+    let run = tokio::task::spawn_blocking(move || sensorgate(args))
+        .await
+        .unwrap();
     (run.ok, run.stdout.trim().to_owned(), run.stderr)
 }
 
-fn create_token(daemon: &Daemon, name: &str, scope: &str) -> String {
-    let (ok, token, err) = token_cli(daemon, &["create", "--name", name, "--scope", scope]);
+async fn create_token(daemon: &Daemon, name: &str, scope: &str) -> String {
+    let (ok, token, err) = token_cli(daemon, &["create", "--name", name, "--scope", scope]).await;
     assert!(ok, "{err}");
     assert!(token.starts_with("sg_"), "{token}");
     token
@@ -67,8 +69,8 @@ async fn first_start_creates_an_admin_token_readable_only_by_the_daemon() {
 #[tokio::test]
 async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
     let daemon = Daemon::with("").await;
-    let read = create_token(&daemon, "wall-tablet", "read");
-    let write = create_token(&daemon, "kitchen", "write");
+    let read = create_token(&daemon, "wall-tablet", "read").await;
+    let write = create_token(&daemon, "kitchen", "write").await;
     let admin = daemon.token.clone().unwrap();
     let sensor = daemon.create_sensor(SENSOR).await;
     let id = sensor["id"].as_i64().unwrap();
@@ -126,7 +128,7 @@ async fn scopes_decide_what_each_token_may_do_under_the_default_policy() {
 #[tokio::test]
 async fn policy_all_closes_reads_and_the_socket() {
     let daemon = Daemon::with("[auth]\npolicy = \"all\"\n").await;
-    let read = create_token(&daemon, "reader", "read");
+    let read = create_token(&daemon, "reader", "read").await;
     let (anonymous, reader) = (daemon.as_token(None), daemon.as_token(Some(&read)));
     anonymous
         .expect("GET", "/api/v1/sensores/", None, 401)
@@ -172,14 +174,14 @@ fn policy_none_needs_development_mode() {
 #[tokio::test]
 async fn command_line_tokens_work_at_once_and_revocation_is_immediate() {
     let daemon = Daemon::with("").await;
-    let token = create_token(&daemon, "kitchen-tablet", "write");
+    let token = create_token(&daemon, "kitchen-tablet", "write").await;
     daemon
         .as_token(Some(&token))
         .expect("POST", "/api/v1/sensores/", Some(SENSOR), 201)
         .await;
     // The last use is written behind the request that made it.
     let (listed, line) = until("the last use recorded", || async {
-        let (ok, listed, _) = token_cli(&daemon, &["list"]);
+        let (ok, listed, _) = token_cli(&daemon, &["list"]).await;
         assert!(ok);
         let line = listed
             .lines()
@@ -194,17 +196,18 @@ async fn command_line_tokens_work_at_once_and_revocation_is_immediate() {
     let (ok, _, err) = token_cli(
         &daemon,
         &["create", "--name", "kitchen-tablet", "--scope", "read"],
-    );
+    )
+    .await;
     assert!(!ok && err.contains("exists already"), "{err}");
 
-    let (ok, _, _) = token_cli(&daemon, &["revoke", "kitchen-tablet"]);
+    let (ok, _, _) = token_cli(&daemon, &["revoke", "kitchen-tablet"]).await;
     assert!(ok);
     let (status, answer) = daemon
         .as_token(Some(&token))
         .request("POST", "/api/v1/sensores/", Some(SENSOR))
         .await;
     assert_eq!(status, 401, "{answer}");
-    let (ok, _, err) = token_cli(&daemon, &["revoke", "kitchen-tablet"]);
+    let (ok, _, err) = token_cli(&daemon, &["revoke", "kitchen-tablet"]).await;
     assert!(!ok && err.contains("no token named"), "{err}");
     daemon.stop().await;
 }
@@ -247,7 +250,7 @@ async fn tokens_are_managed_over_rest_by_admins() {
 #[tokio::test]
 async fn secure_socket_needs_a_token_by_header_query_or_first_message() {
     let daemon = Daemon::with("").await;
-    let read = create_token(&daemon, "reader", "read");
+    let read = create_token(&daemon, "reader", "read").await;
     let base = format!("ws://{}/api/v1/ws/secure?channel=sensors", daemon.addr);
 
     // ?token= on the URL.
@@ -718,9 +721,9 @@ async fn stream_end(mut stream: TcpStream) -> String {
 #[tokio::test]
 async fn revoking_a_token_closes_the_streams_opened_with_it() {
     let daemon = Daemon::with("").await;
-    let wall = create_token(&daemon, "wall", "read");
-    let phone = create_token(&daemon, "phone", "read");
-    let other = create_token(&daemon, "other", "read");
+    let wall = create_token(&daemon, "wall", "read").await;
+    let phone = create_token(&daemon, "phone", "read").await;
+    let other = create_token(&daemon, "other", "read").await;
     let secure = daemon
         .subscribe(&format!("/api/v1/ws/secure?channel=sensors&token={wall}"))
         .await;
@@ -739,7 +742,7 @@ async fn revoking_a_token_closes_the_streams_opened_with_it() {
         .await;
     let mut anonymous = daemon.subscribe("/api/v1/ws?channel=sensors").await;
 
-    let (ok, _, err) = token_cli(&daemon, &["revoke", "wall"]);
+    let (ok, _, err) = token_cli(&daemon, &["revoke", "wall"]).await;
     assert!(ok, "{err}");
     for mut client in [secure, plain, by_message] {
         match client.next().await {
@@ -927,8 +930,8 @@ async fn behind_a_trusted_proxy_each_client_has_its_own_limits() {
     assert!(socket_for(&daemon, path, "198.51.100.8").await.is_ok());
 
     // Writes with a token spend the token's budget, not the address's.
-    let first = create_token(&daemon, "first", "write");
-    let second = create_token(&daemon, "second", "write");
+    let first = create_token(&daemon, "first", "write").await;
+    let second = create_token(&daemon, "second", "write").await;
     for _ in 0..2 {
         daemon
             .as_token(Some(&first))

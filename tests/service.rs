@@ -138,11 +138,16 @@ fn ready_status_watchdog_and_stopping() {
     assert!(service.daemon.wait_exit().success());
 }
 
+/// Lets this test hold the database's lock from outside while the daemon runs, which
+/// stands in for a stuck card; the default exclusive locking keeps other processes out.
+const SHARED_LOCKING: &str = "locking = \"shared\"\n";
+
 /// Holding the database's write lock from outside wedges the writer, as a stuck card
 /// would: the watchdog stops until the lock goes.
 #[test]
 fn watchdog_stops_while_the_writer_is_wedged() {
-    let mut service = Service::start(&sim_sensor("a", ""), Some(1_000_000));
+    let sensors = format!("{SHARED_LOCKING}{}", sim_sensor("a", ""));
+    let mut service = Service::start(&sensors, Some(1_000_000));
     assert!(service
         .manager
         .wait_for("WATCHDOG=1", Duration::from_secs(3))
@@ -188,7 +193,11 @@ fn sigterm_during_start_up_stops_cleanly() {
     service.daemon.signal("TERM");
     assert!(service.daemon.wait_exit().success());
 
-    let sensors = format!("{}{}", sim_sensor("a", ""), sim_sensor("b", ""));
+    let sensors = format!(
+        "{SHARED_LOCKING}{}{}",
+        sim_sensor("a", ""),
+        sim_sensor("b", "")
+    );
     let config = write_config(service.dir.path(), &sensors);
     let db = rusqlite::Connection::open(service.dir.path().join("data/sensorgate.db")).unwrap();
     db.execute_batch("BEGIN EXCLUSIVE").unwrap();

@@ -355,7 +355,8 @@ async fn health_becomes(daemon: &Daemon, status: u16) -> bool {
     false
 }
 
-/// A backup taken while sensors are being sampled is a sound, complete copy.
+/// A backup taken while sensors are being sampled (through the daemon, which holds the
+/// database) is a sound, complete copy.
 #[tokio::test]
 async fn backup_while_running_is_consistent() {
     let daemon = Daemon::with(&fast_sensors(4)).await;
@@ -363,17 +364,20 @@ async fn backup_while_running_is_consistent() {
         .wait_past(20, "readings stored before the backup")
         .await;
     let target = daemon.dir().join("copy.db");
-    let backup = || {
-        sensorgate([
-            OsStr::new("backup"),
-            target.as_ref(),
-            "--data-dir".as_ref(),
-            daemon.dir().as_ref(),
-        ])
-    };
-    let out = backup();
+    let backup = [
+        OsStr::new("backup"),
+        target.as_ref(),
+        "--data-dir".as_ref(),
+        daemon.dir().as_ref(),
+    ];
+    let out = beside_the_daemon(&backup).await;
     assert!(out.ok, "{}", out.stderr);
-    assert!(!backup().ok, "an existing file is never overwritten");
+    let again = beside_the_daemon(&backup).await;
+    assert!(
+        !again.ok && again.stderr.contains("exists already"),
+        "an existing file is never overwritten: {}",
+        again.stderr
+    );
     let before = daemon.last_seq().await;
     daemon
         .wait_past(before, "ingest going on after the backup")
@@ -409,14 +413,14 @@ async fn backup_while_running_is_consistent() {
     assert_eq!(orphans, 0);
 }
 
-/// With `storage.locking = "exclusive"` the daemon works as with the default (samples
-/// stored, a client replays them from `since=0`), keeps no `-shm` file for the card to
-/// write back, and keeps other processes out: the backup and token commands say why and
-/// leave nothing behind, and work again once the daemon has stopped.
+/// With the default `storage.locking = "exclusive"` the daemon keeps no `-shm` file for
+/// the card to write back and keeps other processes out of its database, while the token
+/// and backup commands work through its control socket: a backup holds what the WAL
+/// holds, tokens are created, listed and revoked. Without the socket the commands find the
+/// database locked and say so; once the daemon has stopped, they use the file.
 #[tokio::test]
-async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card() {
-    let config = format!("[storage]\nlocking = \"exclusive\"\n{}", fast_sensors(2));
-    let daemon = Daemon::with(&config).await;
+async fn exclusive_locking_keeps_the_index_off_the_card_and_commands_go_through_the_daemon() {
+    let daemon = Daemon::with(&fast_sensors(2)).await;
     let dir = daemon.dir().to_owned();
     daemon.wait_past(10, "samples stored").await;
     let mut replay = daemon
@@ -427,59 +431,173 @@ async fn exclusive_locking_keeps_other_processes_out_and_the_index_off_the_card(
         !dir.join("sensorgate.db-shm").exists(),
         "the WAL index lives in the daemon's memory"
     );
+    let data_dir = ["--data-dir".as_ref(), dir.as_os_str()];
+    let command = |words: &[&str]| -> Vec<std::ffi::OsString> {
+        words
+            .iter()
+            .map(OsStr::new)
+            .chain(data_dir)
+            .map(OsStr::to_os_string)
+            .collect()
+    };
 
     let target = dir.join("copy.db");
-    let backup = [
-        OsStr::new("backup"),
-        target.as_ref(),
-        "--data-dir".as_ref(),
-        dir.as_ref(),
-    ];
+    let backup = [&[OsStr::new("backup"), target.as_ref()][..], &data_dir].concat();
     let before = daemon.last_seq().await;
-    let refused = beside_the_daemon(&backup).await;
-    assert!(!refused.ok, "a backup while the daemon holds the database");
+    let copied = beside_the_daemon(&backup).await;
+    assert!(copied.ok, "{}", copied.stderr);
+    // The pages still in the WAL are in the copy too.
+    let readings: i64 = rusqlite::Connection::open(&target)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM readings", [], |r| r.get(0))
+        .unwrap();
     assert!(
-        refused.stderr.contains("storage.locking = \"exclusive\""),
-        "{}",
-        refused.stderr
+        readings as usize >= replayed.len(),
+        "{readings} readings in the copy, {} sent before it",
+        replayed.len()
     );
-    assert!(!target.exists(), "a refused backup leaves no file behind");
-    let tokens = beside_the_daemon(&[
-        "token".as_ref(),
-        "list".as_ref(),
-        "--data-dir".as_ref(),
-        dir.as_ref(),
-    ])
+
+    let created = beside_the_daemon(&command(&[
+        "token", "create", "--name", "cli", "--scope", "read",
+    ]))
     .await;
+    assert!(created.ok, "{}", created.stderr);
+    assert!(created.stdout.starts_with("sg_"), "{}", created.stdout);
+    let listed = beside_the_daemon(&command(&["token", "list"])).await;
     assert!(
-        !tokens.ok,
-        "a token command while the daemon holds the database"
+        listed.ok && listed.stdout.contains("cli "),
+        "{}{}",
+        listed.stdout,
+        listed.stderr
     );
+    let revoked = beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
+    assert!(revoked.ok, "{}", revoked.stderr);
+    let listed = beside_the_daemon(&command(&["token", "list"])).await;
     assert!(
-        tokens.stderr.contains("locked by another process"),
+        listed.ok && !listed.stdout.contains("cli "),
         "{}",
-        tokens.stderr
+        listed.stdout
+    );
+    let unknown = beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
+    assert!(
+        !unknown.ok && unknown.stderr.contains("no token named"),
+        "{}",
+        unknown.stderr
+    );
+
+    // Without the socket the command opens the file, which the daemon holds.
+    let socket = dir.join("control.sock");
+    let aside = dir.join("control.sock.aside");
+    std::fs::rename(&socket, &aside).unwrap();
+    let locked = beside_the_daemon(&command(&["token", "list"])).await;
+    std::fs::rename(&aside, &socket).unwrap();
+    assert!(!locked.ok, "a token command past the daemon");
+    assert!(
+        locked.stderr.contains("locked by another process"),
+        "{}",
+        locked.stderr
     );
     assert!(
         daemon.last_seq().await > before,
-        "sampling went on while the commands waited for the database"
+        "sampling went on while the commands ran"
     );
 
     let _dir = daemon.stop().await;
+    assert!(!socket.exists(), "a stopped daemon removes its socket");
     common::events::assert_exactly_stored(&dir, "readings", 0, &replayed);
-    let copied = beside_the_daemon(&backup).await;
-    assert!(copied.ok, "{}", copied.stderr);
-    let copy = rusqlite::Connection::open(&target).unwrap();
-    let sensors: i64 = copy
-        .query_row("SELECT COUNT(*) FROM sensors", [], |r| r.get(0))
+    std::fs::remove_file(&target).unwrap();
+    let offline = beside_the_daemon(&backup).await;
+    assert!(offline.ok, "{}", offline.stderr);
+    let listed = beside_the_daemon(&command(&["token", "list"])).await;
+    assert!(
+        listed.ok && listed.stdout.contains("admin"),
+        "{}",
+        listed.stderr
+    );
+}
+
+/// The control socket answers what is not a request with an error, and refuses a user
+/// other than the daemon's (and root) even when the socket's mode would let them in; it
+/// goes on serving.
+#[tokio::test]
+async fn the_control_socket_refuses_what_is_not_a_request_and_other_users() {
+    use std::io::{BufRead, BufReader, Write};
+    let daemon = Daemon::with("").await;
+    let socket = daemon.dir().join("control.sock");
+    for sent in [
+        "hello\n".to_owned(),
+        "{\"command\": \"drop_tables\"}\n".to_owned(),
+        format!("{}\n", "x".repeat(10_000)),
+    ] {
+        let answer = tokio::task::spawn_blocking({
+            let socket = socket.clone();
+            move || {
+                let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+                stream.write_all(sent.as_bytes()).unwrap();
+                let mut answer = String::new();
+                BufReader::new(stream).read_line(&mut answer).unwrap();
+                answer
+            }
+        })
+        .await
         .unwrap();
-    assert_eq!(sensors, 2);
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    refuses_another_user(daemon.dir()).await;
+    let listed = beside_the_daemon(&[
+        "token".as_ref(),
+        "list".as_ref(),
+        "--data-dir".as_ref(),
+        daemon.dir().as_os_str(),
+    ])
+    .await;
+    assert!(listed.ok, "{}", listed.stderr);
+    daemon.stop().await;
+}
+
+/// Opens the way to the socket for everyone, then runs `sensorgate token list` as
+/// `nobody`: the daemon looks at who connects and refuses. Only root can run a command
+/// as another user, so other runs say they left this out.
+async fn refuses_another_user(dir: &std::path::Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if std::fs::metadata(dir).unwrap().uid() != 0 {
+        eprintln!("not run as root: the refusal of another user was not tried");
+        return;
+    }
+    let open = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(dir, 0o711);
+    open(&dir.join("control.sock"), 0o666);
+    let dir = dir.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(common::BIN)
+            .args([
+                "token".as_ref(),
+                "list".as_ref(),
+                "--data-dir".as_ref(),
+                dir.as_os_str(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "another user listed the tokens");
+    assert!(
+        stderr.contains("only the daemon's user and root may use its control socket"),
+        "{stderr}"
+    );
 }
 
 /// Runs the `sensorgate` command on a blocking thread, so that the daemon of the test
 /// goes on meanwhile.
-async fn beside_the_daemon(args: &[&OsStr]) -> common::Run {
-    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.to_os_string()).collect();
+async fn beside_the_daemon(args: &[impl AsRef<OsStr>]) -> common::Run {
+    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
     tokio::task::spawn_blocking(move || sensorgate(args))
         .await
         .unwrap()

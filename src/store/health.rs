@@ -109,10 +109,10 @@ impl WriterHealth {
         }
         let error = format!(
             "the database {path} is damaged ({found}); writes are refused until it is replaced. \
-             Save what can still be read with `sensorgate backup FILE` (under storage.locking = \
-             \"exclusive\", stop sensorgate first), or if that fails with \
-             `sqlite3 {path} .recover | sqlite3 FILE`, then stop sensorgate, move the damaged \
-             file and its -wal aside and the saved copy to {path}, and start it again",
+             Stop sensorgate, then save what can still be read with `sensorgate backup FILE` \
+             or, if that fails, with `sqlite3 {path} .recover | sqlite3 FILE`; move the \
+             damaged file and its -wal aside and the saved copy to {path}, and start \
+             sensorgate again",
             path = database.display()
         );
         log::error!("{error}");

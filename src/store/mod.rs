@@ -168,7 +168,7 @@ impl fmt::Display for StoreError {
             StoreError::Open(path, e) => write!(f, "cannot open {}: {e}", path.display()),
             StoreError::Locked(path) => write!(
                 f,
-                "{} is locked by another process (a sensorgate running with storage.locking = \"exclusive\" keeps its database to itself, and so does an sqlite3 shell in the middle of a write): stop that process first",
+                "{} is locked by another process (a program in the middle of a write, or a sensorgate with storage.locking = \"exclusive\" that is starting, stopping or without its control socket: its log says which): stop that process first",
                 path.display()
             ),
             StoreError::Damaged(what) => f.write_str(what),

@@ -17,13 +17,14 @@ pub enum Synchronous {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Locking {
-    /// Anyone may: `sensorgate token` and `sensorgate backup` while the daemon runs, an
-    /// `sqlite3` shell. SQLite keeps the WAL's index in a file beside it (`-shm`), which
-    /// the kernel writes back to the card about every 30 s while commits touch it.
+    /// Anyone may: an `sqlite3` shell, a program reading the file. SQLite keeps the WAL's
+    /// index in a file beside it (`-shm`), which the kernel writes back to the card about
+    /// every 30 s while commits touch it.
     Shared,
-    /// Nobody else may: the daemon holds an exclusive lock on the file for as long as it
-    /// runs, and SQLite keeps the WAL's index in the daemon's memory, so it is never
-    /// written to the card.
+    /// Nobody else may (the default): the daemon holds an exclusive lock on the file for
+    /// as long as it runs, and SQLite keeps the WAL's index in the daemon's memory, so it
+    /// is never written to the card. `sensorgate token` and `sensorgate backup` reach
+    /// the database through the daemon's control socket.
     Exclusive,
 }
 
@@ -100,7 +101,7 @@ impl Default for StorageConfig {
         StorageConfig {
             data_dir: PathBuf::from("/var/lib/sensorgate"),
             synchronous: Synchronous::Full,
-            locking: Locking::Shared,
+            locking: Locking::Exclusive,
             commit_window_ms: 1000,
             write_budget_mb_per_day: 0,
             max_commit_window_ms: 30_000,
