@@ -23,8 +23,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// `sensorgate token ...`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenCommand {
+    /// Make a token named `name` with `scope`.
     Create { name: String, scope: Scope },
+    /// List every token.
     List,
+    /// Remove the token of this name.
     Revoke(String),
 }
 
@@ -37,7 +40,9 @@ pub enum TokenOutcome {
         scope: Scope,
         token: String,
     },
+    /// Every token, by name.
     Listed(Vec<ListedToken>),
+    /// The token of this name is gone.
     Revoked(String),
 }
 
@@ -196,7 +201,8 @@ impl ControlClient {
 
     /// Writes a copy of the daemon's database to `target`, a new file; returns its size.
     /// The copy goes to a file of its own beside `target` first and takes the name once
-    /// complete, so a copy cut short never looks like a backup.
+    /// complete, so a copy cut short never looks like a backup (a command killed in the
+    /// middle leaves that hidden file, never the target).
     pub fn backup(self, target: &Path) -> Result<u64, ControlError> {
         let exists = || ControlError::Store(StoreError::BackupExists(target.to_owned()));
         if target.symlink_metadata().is_ok() {
@@ -211,16 +217,19 @@ impl ControlClient {
             .map_err(|e| target_error(target, e))?;
         let copied = self.receive_copy(&mut file, target).and_then(|bytes| {
             file.sync_all().map_err(|e| target_error(target, e))?;
-            // Checked again: the copy took a while.
-            if target.symlink_metadata().is_ok() {
-                return Err(exists());
+            // A link never replaces a file that appeared meanwhile.
+            match fs::hard_link(&partial, target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+                // A file system without links (a FAT-formatted stick): rename it, after
+                // one more look.
+                Err(_) if target.symlink_metadata().is_ok() => return Err(exists()),
+                Err(_) => fs::rename(&partial, target).map_err(|e| target_error(target, e))?,
             }
-            fs::rename(&partial, target).map_err(|e| target_error(target, e))?;
             Ok(bytes)
         });
-        if copied.is_err() {
-            let _ = fs::remove_file(&partial);
-        }
+        // Gone once linked, or on a failure; already gone once renamed.
+        let _ = fs::remove_file(&partial);
         copied
     }
 
@@ -260,7 +269,17 @@ impl ControlClient {
         self.stream
             .set_read_timeout(Some(ANSWER_TIMEOUT))
             .map_err(unreachable)?;
-        (&self.stream).write_all(&line).map_err(unreachable)?;
+        match (&self.stream).write_all(&line) {
+            Ok(()) => {}
+            // A daemon that refuses this user (or is too busy) may answer and close before
+            // reading the request; its answer is still there to read.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(e) => return Err(unreachable(e)),
+        }
         let mut reader = BufReader::new(self.stream);
         let mut answer = String::new();
         reader.read_line(&mut answer).map_err(read_failed)?;

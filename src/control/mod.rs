@@ -73,7 +73,9 @@ pub enum Reply {
 /// A token as listed, never the secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListedToken {
+    /// Its name, unique.
     pub name: String,
+    /// What it allows.
     pub scope: Scope,
     /// When it was made, in microseconds since the epoch.
     pub created_at: Micros,

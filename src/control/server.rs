@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{socket_path, Answer, Reply, Request, MAX_REQUEST};
 use crate::auth::tokens;
@@ -201,35 +201,83 @@ impl Connection {
             )
             .await;
         };
-        let store = self.store.clone();
-        let shutdown = self.shutdown.clone();
-        let sent = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let stream = stream.into_std().map_err(StoreError::CopyNotSent)?;
-            stream
-                .set_nonblocking(false)
-                .and_then(|()| stream.set_write_timeout(Some(COPY_WRITE_TIMEOUT)))
-                .map_err(StoreError::CopyNotSent)?;
-            let mut out = BufWriter::with_capacity(64 * 1024, stream);
-            let copy = match store.copy_database() {
-                Ok(copy) => copy,
-                Err(e) => {
-                    let _ = write_line(&mut out, &Answer::Error(e.to_string()))
-                        .and_then(|()| out.flush());
-                    return Err(e);
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                log::warn!("backup for the command line: {e}");
+                return;
+            }
+        };
+        // Shutdown closes the socket under a write that waits for the command to read:
+        // a stalled copy ends with the daemon, not a write timeout later.
+        let (copied, finished) = oneshot::channel::<()>();
+        if let Ok(closer) = stream.try_clone() {
+            let mut shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.recv() => {
+                        let _ = closer.shutdown(std::net::Shutdown::Both);
+                    }
+                    _ = finished => {}
                 }
-            };
-            let bytes = copy.size();
-            write_line(&mut out, &Answer::Ok(Reply::Backup { bytes }))
-                .map_err(StoreError::CopyNotSent)?;
-            copy.write_to(&mut out, || shutdown.is_fired())
-        })
-        .await;
+            });
+        }
+        let store = self.store.clone();
+        let stopping = self.shutdown.clone();
+        let shutdown = self.shutdown;
+        let sent =
+            tokio::task::spawn_blocking(move || send_pages(&store, stream, || stopping.is_fired()))
+                .await;
+        drop(copied);
         match sent {
             Ok(Ok(bytes)) => log::info!("backup: {bytes} bytes sent to the command line"),
+            Ok(Err(_)) if shutdown.is_fired() => {
+                log::warn!("backup for the command line cut short: the daemon is stopping")
+            }
+            Ok(Err(StoreError::CopyNotSent(e)))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                log::warn!(
+                    "backup for the command line stopped: it read nothing for {} s",
+                    COPY_WRITE_TIMEOUT.as_secs()
+                )
+            }
             Ok(Err(e)) => log::warn!("backup for the command line: {e}"),
             Err(e) => log::error!("backup for the command line: {e}"),
         }
     }
+}
+
+/// Writes a backup's answer and pages to the blocking socket `stream`; returns the
+/// bytes of the copy. On a failure past the answer the buffered rest is thrown away:
+/// flushing it could wait out the write timeout once more.
+fn send_pages(
+    store: &Store,
+    stream: std::os::unix::net::UnixStream,
+    cancelled: impl Fn() -> bool,
+) -> Result<u64, StoreError> {
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_write_timeout(Some(COPY_WRITE_TIMEOUT)))
+        .map_err(StoreError::CopyNotSent)?;
+    let mut out = BufWriter::with_capacity(64 * 1024, stream);
+    let copy = match store.copy_database() {
+        Ok(copy) => copy,
+        Err(e) => {
+            let _ = write_line(&mut out, &Answer::Error(e.to_string())).and_then(|()| out.flush());
+            return Err(e);
+        }
+    };
+    let sent = write_line(&mut out, &Answer::Ok(Reply::Backup { bytes: copy.size() }))
+        .map_err(StoreError::CopyNotSent)
+        .and_then(|()| copy.write_to(&mut out, cancelled));
+    if sent.is_err() {
+        let _ = out.into_parts();
+    }
+    sent
 }
 
 /// Answers a connection with `why` and closes it.

@@ -115,8 +115,8 @@ impl DatabaseCopy {
     /// Writes every page of the snapshot to `out`, in order: the database file a
     /// checkpoint at that moment would have left, the pages still in the WAL included,
     /// marked as a database without a WAL (as `VACUUM INTO` leaves one), so that the copy
-    /// opens on read-only media too. Stops with an error once `cancelled` says so, which
-    /// it is asked before each page. Returns the bytes written, which are
+    /// opens on read-only media too. Stops with [`StoreError::CopyCancelled`] once
+    /// `cancelled` says so, which it is asked before each page. Returns the bytes written, which are
     /// [`DatabaseCopy::size`].
     pub fn write_to(
         self,
@@ -136,7 +136,7 @@ impl DatabaseCopy {
                 )));
             }
             if cancelled() {
-                return Err(StoreError::CopyIncomplete("the daemon is stopping".into()));
+                return Err(StoreError::CopyCancelled);
             }
             if number == 1 {
                 data[WRITE_VERSION..=READ_VERSION].fill(LEGACY_JOURNAL);

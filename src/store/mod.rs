@@ -135,6 +135,8 @@ pub enum StoreError {
     CopyIncomplete(String),
     /// A page-by-page copy could not be passed on to whoever asked for it.
     CopyNotSent(std::io::Error),
+    /// A page-by-page copy was stopped before its end, as its caller asked.
+    CopyCancelled,
 }
 
 impl fmt::Display for StoreError {
@@ -182,6 +184,7 @@ impl fmt::Display for StoreError {
             }
             StoreError::CopyIncomplete(why) => write!(f, "copy of the database failed: {why}"),
             StoreError::CopyNotSent(e) => write!(f, "copy of the database not sent: {e}"),
+            StoreError::CopyCancelled => write!(f, "copy of the database stopped: the daemon is stopping"),
         }
     }
 }
@@ -1003,20 +1006,31 @@ mod tests {
         close_store(store, writer).await;
     }
 
-    /// A copy stops at the next page once asked to, and says so.
+    /// A copy asks before each page whether to go on, and stops at once when told not.
     #[tokio::test]
     async fn a_copy_stops_when_cancelled() {
         let (_dir, store, writer) = open_store(Hub::new(16));
         let reading = store.clone();
-        let stopped = tokio::task::spawn_blocking(move || {
-            let copy = reading.copy_database()?;
-            copy.write_to(&mut Vec::new(), || true)
+        let (stopped, written) = tokio::task::spawn_blocking(move || {
+            let copy = reading.copy_database().unwrap();
+            let asked = std::cell::Cell::new(0);
+            let mut written = Vec::new();
+            let stopped = copy.write_to(&mut written, || {
+                asked.set(asked.get() + 1);
+                asked.get() > 3
+            });
+            (stopped, written.len())
         })
         .await
         .unwrap();
         assert!(
-            matches!(stopped, Err(StoreError::CopyIncomplete(_))),
+            matches!(stopped, Err(StoreError::CopyCancelled)),
             "{stopped:?}"
+        );
+        assert_eq!(
+            written,
+            3 * PAGE_SIZE as usize,
+            "three pages, then it stopped"
         );
         close_store(store, writer).await;
     }
