@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::time::Duration;
 
 use common::{
-    insert_reading_row, raw_exchange_first, sensorgate, split_response, until, Daemon, Received,
-    SENSOR,
+    insert_reading_row, raw_exchange_first, sensorgate_beside_the_daemon, split_response, until,
+    Daemon, Received, SENSOR,
 };
 use futures_util::SinkExt;
 use serde_json::{json, Value};
@@ -21,14 +21,10 @@ use tokio_tungstenite::tungstenite::Message;
 /// it runs: the command asks the daemon, so it waits on a blocking thread while the
 /// daemon of the test answers.
 async fn token_cli(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let args: Vec<OsString> = std::iter::once(OsStr::new("token"))
+    let args = std::iter::once(OsStr::new("token"))
         .chain(args.iter().map(OsStr::new))
-        .chain(["--data-dir".as_ref(), daemon.dir().as_os_str()])
-        .map(OsStr::to_os_string)
-        .collect();
-    let run = tokio::task::spawn_blocking(move || sensorgate(args))
-        .await
-        .unwrap();
+        .chain(["--data-dir".as_ref(), daemon.dir().as_os_str()]);
+    let run = sensorgate_beside_the_daemon(args).await;
     (run.ok, run.stdout.trim().to_owned(), run.stderr)
 }
 

@@ -5,7 +5,7 @@ mod common;
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{insert_reading_row, sensorgate, temp_dir, Daemon, SENSOR};
+use common::{insert_reading_row, sensorgate_beside_the_daemon, temp_dir, Daemon, SENSOR};
 use sensorgate::model::{format_time, now_micros};
 use serde_json::Value;
 
@@ -370,7 +370,7 @@ async fn backup_while_running_is_consistent() {
         "--data-dir".as_ref(),
         daemon.dir().as_ref(),
     ];
-    let out = beside_the_daemon(&backup).await;
+    let out = sensorgate_beside_the_daemon(&backup).await;
     assert!(out.ok, "{}", out.stderr);
     let names: Vec<String> = std::fs::read_dir(daemon.dir())
         .unwrap()
@@ -380,7 +380,7 @@ async fn backup_while_running_is_consistent() {
         !names.iter().any(|name| name.contains("partial")),
         "the copy took the target's name: {names:?}"
     );
-    let again = beside_the_daemon(&backup).await;
+    let again = sensorgate_beside_the_daemon(&backup).await;
     assert!(
         !again.ok && again.stderr.contains("exists already"),
         "an existing file is never overwritten: {}",
@@ -456,7 +456,7 @@ async fn exclusive_locking_keeps_the_index_off_the_card_and_commands_go_through_
         .unwrap()
         .len();
     assert!(wal > 0, "the events so far wait in the WAL");
-    let copied = beside_the_daemon(&backup).await;
+    let copied = sensorgate_beside_the_daemon(&backup).await;
     assert!(copied.ok, "{}", copied.stderr);
     // What waited in the WAL is in the copy too.
     let copied_up_to: i64 = rusqlite::Connection::open(&target)
@@ -468,28 +468,28 @@ async fn exclusive_locking_keeps_the_index_off_the_card_and_commands_go_through_
         "the copy ends at seq {copied_up_to}, the daemon was at {before} before it"
     );
 
-    let created = beside_the_daemon(&command(&[
+    let created = sensorgate_beside_the_daemon(&command(&[
         "token", "create", "--name", "cli", "--scope", "read",
     ]))
     .await;
     assert!(created.ok, "{}", created.stderr);
     assert!(created.stdout.starts_with("sg_"), "{}", created.stdout);
-    let listed = beside_the_daemon(&command(&["token", "list"])).await;
+    let listed = sensorgate_beside_the_daemon(&command(&["token", "list"])).await;
     assert!(
         listed.ok && listed.stdout.contains("cli "),
         "{}{}",
         listed.stdout,
         listed.stderr
     );
-    let revoked = beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
+    let revoked = sensorgate_beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
     assert!(revoked.ok, "{}", revoked.stderr);
-    let listed = beside_the_daemon(&command(&["token", "list"])).await;
+    let listed = sensorgate_beside_the_daemon(&command(&["token", "list"])).await;
     assert!(
         listed.ok && !listed.stdout.contains("cli "),
         "{}",
         listed.stdout
     );
-    let unknown = beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
+    let unknown = sensorgate_beside_the_daemon(&command(&["token", "revoke", "cli"])).await;
     assert!(
         !unknown.ok && unknown.stderr.contains("no token named"),
         "{}",
@@ -500,7 +500,7 @@ async fn exclusive_locking_keeps_the_index_off_the_card_and_commands_go_through_
     let socket = dir.join("control.sock");
     let aside = dir.join("control.sock.aside");
     std::fs::rename(&socket, &aside).unwrap();
-    let locked = beside_the_daemon(&command(&["token", "list"])).await;
+    let locked = sensorgate_beside_the_daemon(&command(&["token", "list"])).await;
     std::fs::rename(&aside, &socket).unwrap();
     assert!(!locked.ok, "a token command past the daemon");
     assert!(
@@ -517,9 +517,9 @@ async fn exclusive_locking_keeps_the_index_off_the_card_and_commands_go_through_
     assert!(!socket.exists(), "a stopped daemon removes its socket");
     common::events::assert_exactly_stored(&dir, "readings", 0, &replayed);
     std::fs::remove_file(&target).unwrap();
-    let offline = beside_the_daemon(&backup).await;
+    let offline = sensorgate_beside_the_daemon(&backup).await;
     assert!(offline.ok, "{}", offline.stderr);
-    let listed = beside_the_daemon(&command(&["token", "list"])).await;
+    let listed = sensorgate_beside_the_daemon(&command(&["token", "list"])).await;
     assert!(
         listed.ok && listed.stdout.contains("admin"),
         "{}",
@@ -565,7 +565,7 @@ async fn the_control_socket_refuses_what_is_not_a_request_and_other_users() {
         );
     }
     refuses_another_user(daemon.dir()).await;
-    let listed = beside_the_daemon(&[
+    let listed = sensorgate_beside_the_daemon(&[
         "token".as_ref(),
         "list".as_ref(),
         "--data-dir".as_ref(),
@@ -612,15 +612,6 @@ async fn refuses_another_user(dir: &std::path::Path) {
         stderr.contains("only the daemon's user and root may use its control socket"),
         "{stderr}"
     );
-}
-
-/// Runs the `sensorgate` command on a blocking thread, so that the daemon of the test
-/// goes on meanwhile.
-async fn beside_the_daemon(args: &[impl AsRef<OsStr>]) -> common::Run {
-    let args: Vec<std::ffi::OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
-    tokio::task::spawn_blocking(move || sensorgate(args))
-        .await
-        .unwrap()
 }
 
 /// Export streams a range as CSV or JSON with exactly the stored readings.

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{socket_path, Answer, ListedToken, Reply, Request};
+use super::{json_line, socket_path, Answer, ListedToken, Reply, Request};
 use crate::auth::tokens::{self, TokenError};
 use crate::auth::Scope;
 use crate::store::tokens::OfflineTable;
@@ -264,8 +264,7 @@ impl ControlClient {
     /// stream.
     fn ask(self, request: &Request) -> Result<(Reply, BufReader<UnixStream>), ControlError> {
         let unreachable = |e| ControlError::Unreachable(self.path.clone(), e);
-        let mut line = serde_json::to_vec(request).map_err(|e| unreachable(io::Error::other(e)))?;
-        line.push(b'\n');
+        let line = json_line(request).map_err(unreachable)?;
         self.stream
             .set_read_timeout(Some(ANSWER_TIMEOUT))
             .map_err(unreachable)?;

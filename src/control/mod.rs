@@ -94,5 +94,12 @@ impl From<TokenInfo> for ListedToken {
     }
 }
 
+/// `message` as one line of the protocol: its JSON and a newline.
+fn json_line(message: &impl Serialize) -> std::io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 /// The longest request line a daemon reads: a token name is at most 64 characters.
 const MAX_REQUEST: u64 = 4096;

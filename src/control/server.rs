@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::{socket_path, Answer, Reply, Request, MAX_REQUEST};
+use super::{json_line, socket_path, Answer, Reply, Request, MAX_REQUEST};
 use crate::auth::tokens;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::store::{Store, StoreError};
@@ -307,13 +307,10 @@ async fn read_request(stream: &mut UnixStream) -> Result<Option<Request>, String
 }
 
 async fn send(stream: &mut UnixStream, answer: &Answer) -> io::Result<()> {
-    let mut line = serde_json::to_vec(answer).map_err(io::Error::other)?;
-    line.push(b'\n');
-    stream.write_all(&line).await?;
+    stream.write_all(&json_line(answer)?).await?;
     stream.shutdown().await
 }
 
 fn write_line(out: &mut impl Write, answer: &Answer) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, answer).map_err(io::Error::other)?;
-    out.write_all(b"\n")
+    out.write_all(&json_line(answer)?)
 }

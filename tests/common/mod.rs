@@ -245,6 +245,21 @@ pub fn sensorgate<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) 
     }
 }
 
+/// Runs `sensorgate` with `args` as [`sensorgate`] does, on a blocking thread, so that a
+/// daemon of the test, which the command may ask through its control socket, goes on
+/// meanwhile.
+pub async fn sensorgate_beside_the_daemon<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> Run {
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    tokio::task::spawn_blocking(move || sensorgate(args))
+        .await
+        .unwrap()
+}
+
 /// Writes `text` to the file `name` in `dir` and runs `sensorgate check-config` on it.
 pub fn check_config(dir: &Path, name: &str, text: &str) -> Run {
     let file = dir.join(name);
