@@ -193,6 +193,94 @@ async fn a_client_that_never_reads_is_closed_and_others_get_every_event() {
     daemon.stop().await;
 }
 
+/// Live clients that have everything are written to by one task, past their sessions,
+/// until one stops reading and its socket fills: then its session takes over, with
+/// what the socket did not take, and hands it back once the client has caught up. A
+/// client that pauses while large frames arrive, one that wants a single sensor's
+/// readings and one that wants no readings (they follow the hub's other ring) each get
+/// exactly their events, once and in order, and nobody is dropped.
+#[tokio::test]
+async fn clients_that_pause_or_filter_while_live_get_their_events_once_in_order() {
+    let _gate = GATE.read().await;
+    let (daemon, mut http) = Daemon::open("").await.with_http();
+    let sensors = http.create_sensors(10).await;
+    let start = daemon.last_seq().await;
+    let mut paused = Client::with_small_buffer(daemon.addr, "/api/v1/ws?channel=sensors,readings")
+        .await
+        .greeted()
+        .await;
+    let one_sensor = format!("/api/v1/ws?channel=readings&sensor_id={}", sensors[0]);
+    let mut filtered = daemon.subscribe(&one_sensor).await;
+    let mut quiet = daemon.subscribe("/api/v1/ws?channel=sensors").await;
+
+    // Rounds of large updates (several MB in all, more than loopback buffers hold for a
+    // client with a small receive buffer) and readings, while `paused` reads nothing.
+    let filler = "x".repeat(48 * 1024);
+    for round in 0..4 {
+        for i in 0..15 {
+            let body = big_update(round * 15 + i, &filler);
+            http.put(
+                &format!("/api/v1/sensores/{}", sensors[i % sensors.len()]),
+                &body,
+            )
+            .await;
+        }
+        let posted = post_in_background(daemon.addr, sensors.clone(), 50)
+            .await
+            .unwrap();
+        assert_eq!(posted.len(), 50);
+    }
+    let end = daemon.last_seq().await;
+    let readings = stored(daemon.dir(), "readings", start, end);
+    let updates = stored_seqs(daemon.dir(), "sensors", start, end);
+    let mut every = updates.clone();
+    every.extend(readings.iter().map(|r| r.seq));
+    every.sort_unstable();
+    assert_eq!(every, (start + 1..=end).collect::<Vec<_>>());
+    let of_one_sensor: Vec<u64> = readings
+        .iter()
+        .filter(|r| r.frame["data"]["sensor_id"] == sensors[0])
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(of_one_sensor.len(), 20);
+
+    async fn seqs_until(client: &mut Client, last: u64, who: &str) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.last().is_none_or(|&s| s < last) {
+            match client.next().await {
+                Received::Json(event) if event["type"] == "entity_event" => {
+                    seqs.push(event["seq"].as_u64().unwrap())
+                }
+                Received::Json(_) => {}
+                Received::Closed(code, reason) => panic!("{who} closed: {code:?} {reason}"),
+            }
+        }
+        seqs
+    }
+    assert_eq!(seqs_until(&mut paused, end, "paused").await, every);
+    assert_eq!(
+        seqs_until(&mut filtered, *of_one_sensor.last().unwrap(), "filtered").await,
+        of_one_sensor
+    );
+    assert_eq!(
+        seqs_until(&mut quiet, *updates.last().unwrap(), "quiet").await,
+        updates
+    );
+
+    // Caught up, `paused` is written to as the others are: the next event reaches all
+    // three, and nothing more.
+    let next = http.reading(sensors[0], "temperatura", 1.0).await;
+    let seq = daemon.last_seq().await;
+    assert_eq!(seqs_until(&mut paused, seq, "paused").await, [seq]);
+    assert_eq!(seqs_until(&mut filtered, seq, "filtered").await, [seq]);
+    assert!(next["id"].is_i64());
+    quiet.assert_quiet(&daemon, "sensors", "a reading").await;
+    let stats = ws_stats(&daemon).await;
+    assert_eq!(stats["channels"]["sensors"]["slow_disconnects"], 0);
+    assert_eq!(stats["channels"]["readings"]["slow_disconnects"], 0);
+    daemon.stop().await;
+}
+
 /// Panics outside test code on threads named `threads`, recorded from the moment this is
 /// first called. The daemon runs in-process, so a panic in one of its tasks (which tokio
 /// catches, and which aborts the release build) shows up here, on the worker threads of

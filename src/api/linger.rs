@@ -60,6 +60,14 @@ impl LingeringStream {
         }
     }
 
+    /// The socket itself, for a connection that outlives hyper (an upgraded one), which
+    /// then closes it as it sees fit: it no longer lingers on drop.
+    pub fn into_stream(mut self) -> TcpStream {
+        self.stream
+            .take()
+            .expect("the stream is taken only when dropped")
+    }
+
     fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
         Pin::new(
             self.get_mut()

@@ -152,6 +152,8 @@ pub struct State {
     pub shutdown: Shutdown,
     /// Cloned into every WebSocket session, which hyper no longer tracks once upgraded.
     pub drain: DrainGuard,
+    /// Writes live events to WebSocket clients that are idle (see [`realtime::fanout`]).
+    pub fanout: Arc<realtime::fanout::Fanout>,
     /// The fleet uplink's counters, when it runs.
     pub uplink: Option<Arc<crate::uplink::Stats>>,
     /// The alert watcher, when it runs.
@@ -206,6 +208,7 @@ impl State {
             started_at: crate::model::now_micros(),
             shutdown,
             drain,
+            fanout: Arc::default(),
             uplink: None,
             alerts: None,
         }
@@ -232,6 +235,12 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         let state = state.clone();
         tokio::spawn(async move { state.auth.watch_tokens(state.shutdown.clone()).await });
     }
+    tokio::spawn(
+        state
+            .fanout
+            .clone()
+            .run(state.hub.clone(), state.shutdown.clone()),
+    );
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => break,

@@ -107,6 +107,28 @@ impl Feed {
         self.replaying.is_some()
     }
 
+    /// Whether the feed has handed out all it received from the hub, with nothing to
+    /// read from the database first, and follows the ring that `channels` call for: its
+    /// reader is live and has had every event up to [`Feed::position`] on that ring.
+    pub fn is_caught_up(&self, channels: &[Channel]) -> bool {
+        channels.contains(&Channel::Readings) == self.live_has_readings
+            && self.replaying.is_none()
+            && self.readings_from.is_none()
+            && self.snapshot_at.is_none()
+            && self.live.is_empty()
+    }
+
+    /// Whether the feed follows the hub's ring with readings (or the one without).
+    pub fn follows_readings(&self) -> bool {
+        self.live_has_readings
+    }
+
+    /// Moves past events up to `seq` that reached the reader another way; those still
+    /// to come from the hub are skipped as duplicates.
+    pub fn advance_to(&mut self, seq: u64) {
+        self.position = self.position.max(seq);
+    }
+
     /// Skips to `seq` when the client was just sent a snapshot consistent with it.
     pub fn skip_to(&mut self, seq: u64) {
         self.position = self.position.max(seq);

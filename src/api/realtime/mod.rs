@@ -6,6 +6,7 @@
 //! decides what the client is told before the first event (a snapshot, or that its
 //! `since` cannot be honoured).
 
+pub mod fanout;
 pub mod outbox;
 pub mod protocol;
 pub mod socket;

@@ -94,6 +94,11 @@ impl Outbox {
         self.lock().len() < REPLAY_AHEAD.min(self.capacity / 2)
     }
 
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Takes everything queued, to be written.
     pub fn take(&self) -> VecDeque<Frame> {
         let frames = std::mem::take(&mut *self.lock());

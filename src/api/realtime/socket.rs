@@ -8,23 +8,32 @@
 //!
 //! A socket that accepts nothing for [`WRITE_TIMEOUT`] belongs to a client that cannot
 //! keep up; it is not written to again.
+//!
+//! While the client is idle its session may lend the socket to the
+//! [`fanout`](super::fanout), which writes whole frames into it past tungstenite; the
+//! socket is therefore shared ([`SharedStream`]), and the session makes sure that
+//! tungstenite has nothing half-written when it lends it and that what the fan-out left
+//! half-written goes out before anything else when it takes it back.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Buf;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
+use super::fanout::{Unparked, Unwritten};
 use super::outbox::{Frame, Outbox};
 use crate::events::{Channel, Hub};
 
@@ -45,7 +54,69 @@ const REPLAY_CHUNK: usize = 4 * 1024;
 /// A Close frame with code 1000, as a server sends it (unmasked).
 const NORMAL_CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Socket = WebSocketStream<SharedStream>;
+
+/// A client's TCP socket, which its session reads and writes through tungstenite and
+/// the fan-out writes to while the session has lent it.
+pub struct SharedStream(Arc<TcpStream>);
+
+impl SharedStream {
+    pub fn new(stream: TcpStream) -> SharedStream {
+        SharedStream(Arc::new(stream))
+    }
+}
+
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            // A read that would block clears the readiness, and the next poll waits.
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Shuts the write side, which only the sole holder may: a session takes its socket
+    /// back from the fan-out before it closes.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Arc::get_mut(&mut self.get_mut().0) {
+            Some(stream) => Pin::new(stream).poll_shutdown(cx),
+            None => Poll::Ready(Err(io::Error::other(
+                "the socket is still lent to the fan-out",
+            ))),
+        }
+    }
+}
 
 /// What the socket gave while the session waited on it.
 pub enum Step {
@@ -60,6 +131,11 @@ pub enum Step {
 
 pub struct Connection {
     socket: Socket,
+    /// A message tungstenite had read when the session looked whether the client was
+    /// idle, for the next read.
+    read_ahead: Option<Option<Result<Message, WsError>>>,
+    /// What the fan-out wrote only part of: it goes out before anything else.
+    unwritten: Option<Unwritten>,
     /// Frames taken from the outbox and not yet handed to the socket.
     writing: VecDeque<Frame>,
     /// Frames were handed to the socket and not yet flushed.
@@ -85,6 +161,8 @@ impl Connection {
     pub fn new(socket: Socket) -> Connection {
         Connection {
             socket,
+            read_ahead: None,
+            unwritten: None,
             writing: VecDeque::new(),
             unflushed: false,
             unflushed_bytes: 0,
@@ -96,6 +174,49 @@ impl Connection {
             took_from_outbox: false,
             delivered: 0,
         }
+    }
+
+    /// The socket, to lend to the fan-out.
+    pub fn shared_socket(&self) -> Arc<TcpStream> {
+        self.socket.get_ref().0.clone()
+    }
+
+    /// Whether everything queued is written and flushed, tungstenite has nothing of its
+    /// own to send (a pong) and has read no message that waits: then the socket may be
+    /// lent to the fan-out, which writes past tungstenite. A message found waiting is
+    /// kept for the next read.
+    pub fn is_idle(&mut self) -> bool {
+        let quiet = self.writing.is_empty()
+            && !self.unflushed
+            && self.blocked_since.is_none()
+            && self.unwritten.is_none()
+            && self.read_ahead.is_none();
+        if !quiet {
+            return false;
+        }
+        // Polled without a waker: the session waits on the socket itself next, and
+        // polls tungstenite again with its own waker if the socket is not lent.
+        let mut cx = Context::from_waker(Waker::noop());
+        if !matches!(
+            Pin::new(&mut self.socket).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ) {
+            return false;
+        }
+        match Pin::new(&mut self.socket).poll_next(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(message) => {
+                self.read_ahead = Some(message);
+                false
+            }
+        }
+    }
+
+    /// Takes the socket back from the fan-out: what it delivered counts as delivered,
+    /// and what it left half-written goes out first.
+    pub fn take_back(&mut self, unparked: Unparked) {
+        self.delivered = self.delivered.max(unparked.delivered);
+        self.unwritten = unparked.unwritten;
     }
 
     /// When the socket will have accepted nothing for [`WRITE_TIMEOUT`], if it is full.
@@ -136,13 +257,31 @@ impl Connection {
             if std::mem::take(&mut self.took_from_outbox) && until_room {
                 return Poll::Ready(Step::Room);
             }
+            // A read may make tungstenite send a pong, which must not land in the middle
+            // of a frame the fan-out left half-written.
+            if self.unwritten.is_some() {
+                return Poll::Pending;
+            }
+            if let Some(message) = self.read_ahead.take() {
+                return Poll::Ready(Step::Read(message));
+            }
             Pin::new(&mut self.socket).poll_next(cx).map(Step::Read)
         })
         .await
     }
 
+    /// Waits until the client sends something (or the connection ends), without reading
+    /// it: for a session that has lent its socket, which must take it back before
+    /// tungstenite reads.
+    pub async fn readable(socket: &TcpStream) {
+        let _ = poll_fn(|cx| socket.poll_read_ready(cx)).await;
+    }
+
     /// Reads the client's next message and nothing else, for before frames are queued.
     pub async fn read(&mut self) -> Option<Result<Message, WsError>> {
+        if let Some(message) = self.read_ahead.take() {
+            return message;
+        }
         self.socket.next().await
     }
 
@@ -155,6 +294,7 @@ impl Connection {
         outbox: &Outbox,
         hub: &Hub,
     ) -> Poll<Result<(), WsError>> {
+        ready!(self.poll_unwritten(cx))?;
         loop {
             while !self.writing.is_empty() {
                 if self.chunked && self.unflushed_bytes >= REPLAY_CHUNK {
@@ -178,6 +318,32 @@ impl Connection {
             self.chunked = std::mem::take(&mut self.chunk_next);
             self.took_from_outbox = true;
         }
+    }
+
+    /// Writes what the fan-out left half-written, past tungstenite, whose buffer was empty
+    /// when the socket was lent and has stayed so.
+    fn poll_unwritten(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        while let Some(unwritten) = &mut self.unwritten {
+            if !unwritten.bytes.has_remaining() {
+                self.delivered = self.delivered.max(unwritten.newest);
+                self.unwritten = None;
+                break;
+            }
+            let polled = Pin::new(self.socket.get_mut()).poll_write(cx, &unwritten.bytes);
+            match polled {
+                Poll::Pending => {
+                    self.blocked_since.get_or_insert_with(Instant::now);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(WsError::ConnectionClosed)),
+                Poll::Ready(Ok(n)) => {
+                    self.blocked_since = None;
+                    unwritten.bytes.advance(n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(WsError::Io(e))),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Flushes what was handed to the socket, and counts it as sent.
@@ -260,6 +426,12 @@ impl Connection {
     /// After the server's Close: reads and drops what the client still sends until its
     /// Close arrives, for at most [`CLOSE_WAIT`].
     pub async fn await_client_close(&mut self) {
+        match self.read_ahead.take() {
+            // Anything but the Close is dropped, as below.
+            Some(Some(Ok(message))) if !message.is_close() => {}
+            Some(_) => return,
+            None => {}
+        }
         let answered = async {
             while let Some(Ok(message)) = self.socket.next().await {
                 if message.is_close() {
@@ -278,8 +450,11 @@ impl Connection {
     /// buffer, which the raw frame would land in the middle of.
     pub async fn answer_close(mut self, client_gave_code: bool) {
         let echo = client_gave_code || self.unflushed;
-        let socket = &mut self.socket;
         let answer = async {
+            poll_fn(|cx| self.poll_unwritten(cx))
+                .await
+                .map_err(io::Error::other)?;
+            let socket = &mut self.socket;
             if echo {
                 socket.flush().await.map_err(std::io::Error::other)?;
             } else {
@@ -291,7 +466,7 @@ impl Connection {
     }
 
     /// The connection under the WebSocket, for ending it.
-    pub fn io(&mut self) -> &mut TokioIo<Upgraded> {
+    pub fn io(&mut self) -> &mut SharedStream {
         self.socket.get_mut()
     }
 }

@@ -1,7 +1,9 @@
 //! WebSocket sessions: the upgrade, then per client one task that follows its [`Feed`],
 //! answers its messages and writes to its socket as far as the socket takes frames
 //! without waiting (see [`socket`](super::socket)), so a client that reads slowly never
-//! holds up its session, the hub or anyone else.
+//! holds up its session, the hub or anyone else. A client that is live and has
+//! everything is parked with the [`fanout`](super::fanout) meanwhile, which writes live
+//! events to many idle clients at once.
 //!
 //! Close codes: 1001 the daemon is shutting down; 4008 the client cannot keep up (its
 //! queue overflowed after coalescing, or its socket accepted nothing for
@@ -30,21 +32,24 @@ use hyper::upgrade::Upgraded;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::fanout::Parking;
 use super::outbox::{Frame, Outbox, REPLAY_AHEAD};
 use super::protocol;
-use super::socket::{Connection, Step};
+use super::socket::{Connection, SharedStream, Step};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
 use crate::api::limits::Key;
+use crate::api::linger::{self, LingeringStream};
 use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
-use crate::api::{full, linger, ApiError, Body, Client, State, StreamAdmission};
+use crate::api::{full, ApiError, Body, Client, State, StreamAdmission};
 use crate::auth::{Access, Principal};
 use crate::events;
 use crate::model::{format_time, now_micros};
@@ -153,6 +158,9 @@ struct Session {
     must_authenticate: bool,
     /// What the socket needs its token to allow, checked again when tokens change.
     access: Access,
+    /// While the client is parked with the fan-out: its place there, and its socket to
+    /// watch for the client's next message.
+    parked: Option<(Arc<Parking>, Arc<TcpStream>)>,
 }
 
 /// How a session ended.
@@ -187,6 +195,7 @@ impl Session {
             principal: None,
             must_authenticate: false,
             access: Access::Read,
+            parked: None,
         }
     }
 
@@ -197,8 +206,19 @@ impl Session {
     /// rather than moved in, and the larger steps are boxed (following the feed, for the
     /// whole connection; answering, authenticating and closing, while they run).
     async fn run(mut self: Box<Self>, upgraded: Upgraded) {
-        let socket = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
+        // The server serves every connection on this type; the socket itself is needed to
+        // share it with the fan-out.
+        let parts = match upgraded.downcast::<TokioIo<LingeringStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                log::error!("WebSocket from {}: not a TCP connection; closed", self.peer);
+                return;
+            }
+        };
+        let stream = SharedStream::new(parts.io.into_inner().into_stream());
+        let socket = WebSocketStream::from_partially_read(
+            stream,
+            parts.read_buf.to_vec(),
             Role::Server,
             Some(socket_config()),
         )
@@ -351,7 +371,40 @@ impl Session {
         let _ = self.outbox.push([Frame::Text(text.into())]);
     }
 
+    /// Follows the feed and the client until the session ends, and takes the client back
+    /// from the fan-out if it is parked there then.
     async fn follow(
+        &mut self,
+        feed: &mut Feed,
+        connection: &mut Connection,
+        registration: &mut events::Registration,
+    ) -> End {
+        let end = self.follow_until_end(feed, connection, registration).await;
+        self.unpark(feed, connection);
+        end
+    }
+
+    /// Whether the client can be left to the fan-out: it is live and has every event
+    /// (so nothing it should get first waits anywhere) and is not throttled (the
+    /// throttle decides when it gets what).
+    fn may_park(&self, feed: &Feed, connection: &mut Connection) -> bool {
+        self.throttle.is_none()
+            && feed.is_caught_up(&self.subscription.channel_list())
+            && self.outbox.is_empty()
+            && connection.is_idle()
+    }
+
+    /// Takes the client back from the fan-out, if it is parked: the feed moves past what
+    /// the fan-out sent, and what it left half-written is written first.
+    fn unpark(&mut self, feed: &mut Feed, connection: &mut Connection) {
+        if let Some((parking, _)) = self.parked.take() {
+            let unparked = parking.unpark();
+            feed.advance_to(unparked.position);
+            connection.take_back(unparked);
+        }
+    }
+
+    async fn follow_until_end(
         &mut self,
         feed: &mut Feed,
         connection: &mut Connection,
@@ -364,15 +417,29 @@ impl Session {
         let mut tokens = self.state.auth.live_tokens();
         tokens.mark_changed();
         loop {
+            // Whatever woke a parked session, it takes its socket back before it writes
+            // or reads.
+            self.unpark(feed, connection);
             // What the last turn queued goes out now, as far as the socket takes it.
             if !connection.write_now(&self.outbox, &self.state.hub).await {
                 return End::Gone;
             }
+            if self.may_park(feed, connection) {
+                let socket = connection.shared_socket();
+                let parking = self.state.fanout.park(
+                    feed.follows_readings(),
+                    socket.clone(),
+                    self.subscription.clone(),
+                    feed.position(),
+                );
+                self.parked = Some((parking, socket));
+            }
+            let parked = self.parked.clone();
             let stalls_at = connection.stalls_at();
             let channels = self.subscription.channel_list();
             let replaying = feed.is_replaying();
             let may_pull = !replaying || self.outbox.has_room();
-            let pulls = may_pull && !channels.is_empty();
+            let pulls = may_pull && !channels.is_empty() && parked.is_none();
             let due = self.throttle.as_ref().and_then(Throttle::next_due);
             tokio::select! {
                 _ = shutdown.recv() => return End::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
@@ -442,7 +509,9 @@ impl Session {
                         }
                     }
                 }
-                step = connection.next(&self.outbox, &self.state.hub, !may_pull) => match step {
+                // The client has sent something, or the fan-out handed it back.
+                _ = wait_parked(parked.as_ref()), if parked.is_some() => {}
+                step = connection.next(&self.outbox, &self.state.hub, !may_pull), if parked.is_none() => match step {
                     Step::Room => {}
                     Step::Broken | Step::Read(None) => return End::Gone,
                     Step::Read(Some(Ok(Message::Text(text)))) => {
@@ -629,6 +698,17 @@ async fn step_aside() {
         }
     })
     .await
+}
+
+/// Until the parked client sends something or the fan-out hands it back.
+async fn wait_parked(parked: Option<&(Arc<Parking>, Arc<TcpStream>)>) {
+    let Some((parking, socket)) = parked else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = parking.handed_back() => {}
+        _ = Connection::readable(socket) => {}
+    }
 }
 
 async fn sleep_until(due: Option<Instant>) {
