@@ -216,9 +216,13 @@ impl Session {
             }
         };
         let stream = SharedStream::new(parts.io.into_inner().into_stream());
+        // What hyper read past the request is copied out: its bytes share hyper's whole
+        // read buffer, which would otherwise stay for the life of the connection.
+        let read_past_request = parts.read_buf.to_vec();
+        drop(parts.read_buf);
         let socket = WebSocketStream::from_partially_read(
             stream,
-            parts.read_buf.to_vec(),
+            read_past_request,
             Role::Server,
             Some(socket_config()),
         )
