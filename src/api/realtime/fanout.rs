@@ -330,19 +330,21 @@ impl<'a> Framed<'a> {
         sent: &mut [u64; 3],
     ) -> Option<Bytes> {
         let from = self.events.iter().position(|e| e.seq > position)?;
-        let wanted: Vec<usize> = (from..self.events.len())
-            .filter(|&i| subscription.matches(&self.events[i]))
-            .collect();
-        for &i in &wanted {
+        let mut wanted =
+            (from..self.events.len()).filter(|&i| subscription.matches(&self.events[i]));
+        let first = wanted.next()?;
+        let (mut last, mut count) = (first, 1);
+        sent[self.events[first].channel.index()] += 1;
+        for i in wanted {
             sent[self.events[i].channel.index()] += 1;
+            (last, count) = (i, count + 1);
         }
-        let (&first, &last) = (wanted.first()?, wanted.last()?);
-        if last - first + 1 == wanted.len() {
+        if last - first + 1 == count {
             // One run of frames: a slice of the shared bytes, nothing copied.
             return Some(self.bytes.slice(self.starts[first]..self.starts[last + 1]));
         }
         let mut bytes = BytesMut::new();
-        for i in wanted {
+        for i in (first..=last).filter(|&i| subscription.matches(&self.events[i])) {
             bytes.extend_from_slice(&self.bytes[self.starts[i]..self.starts[i + 1]]);
         }
         Some(bytes.freeze())
@@ -440,26 +442,37 @@ mod tests {
         let hub = Hub::new(64);
         let fanout = Fanout::default();
         let (every_socket, every_client) = pair().await;
+        let (two_socket, two_client) = pair().await;
         let (one_socket, one_client) = pair().await;
         let every = fanout
             .every
             .park(every_socket, subscription("channel=readings"), 0);
+        let two = fanout
+            .every
+            .park(two_socket, subscription("channel=readings&sensor_id=2"), 0);
         let one = fanout
             .every
-            .park(one_socket, subscription("channel=readings&sensor_id=2"), 0);
-        // Lengths that take each of the three length encodings.
-        let batch = [reading(1, 1, 10), reading(2, 2, 300), reading(3, 2, 70_000)];
+            .park(one_socket, subscription("channel=readings&sensor_id=1"), 0);
+        // Lengths that take each of the three length encodings; sensor 2's events follow
+        // each other in the batch, sensor 1's do not.
+        let batch = [
+            reading(1, 1, 10),
+            reading(2, 2, 300),
+            reading(3, 2, 70_000),
+            reading(4, 1, 20),
+        ];
         fanout.every.write_out(&batch, Some(0), &hub);
 
         let frames: Vec<&str> = batch.iter().map(|e| e.frame.as_str()).collect();
-        assert_eq!(texts(every_client, 3).await, frames);
-        assert_eq!(texts(one_client, 2).await, &frames[1..]);
-        for parking in [every, one] {
+        assert_eq!(texts(every_client, 4).await, frames);
+        assert_eq!(texts(two_client, 2).await, &frames[1..3]);
+        assert_eq!(texts(one_client, 2).await, [frames[0], frames[3]]);
+        for parking in [every, two, one] {
             let back = parking.unpark();
-            assert_eq!((back.position, back.delivered), (3, 3));
+            assert_eq!((back.position, back.delivered), (4, 4));
             assert!(back.unwritten.is_none());
         }
-        assert_eq!(hub.stats().total_messages_sent, 5);
+        assert_eq!(hub.stats().total_messages_sent, 8);
     }
 
     #[tokio::test]
