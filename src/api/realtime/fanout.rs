@@ -24,6 +24,7 @@
 //! clients and their close stay the session's.
 
 use std::mem;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -41,8 +42,10 @@ const BATCH: usize = 256;
 /// The parked clients, shared by the sessions that park and the task that writes.
 #[derive(Default)]
 pub struct Fanout {
+    /// While the fan-out runs: sessions park only then.
+    running: AtomicBool,
     /// Clients whose feeds follow the hub's ring with readings.
-    every: Lane,
+    with_readings: Lane,
     /// Clients whose feeds follow the ring without readings.
     without_readings: Lane,
 }
@@ -66,7 +69,9 @@ struct Parked {
     subscription: Subscription,
     /// The newest `seq` the client has been sent or was not subscribed to.
     position: u64,
-    /// The newest `seq` whose frame the socket took whole.
+    /// The newest `seq` the client is known to have: its position when it parked (its
+    /// session had written and flushed everything), then each batch the socket took
+    /// whole.
     delivered: u64,
     /// What the socket did not take, for the session to write first.
     unwritten: Option<Unwritten>,
@@ -97,20 +102,40 @@ impl Fanout {
         position: u64,
     ) -> Arc<Parking> {
         let lane = if with_readings {
-            &self.every
+            &self.with_readings
         } else {
             &self.without_readings
         };
         lane.park(socket, subscription, position)
     }
 
+    /// Whether the fan-out runs: a client parked otherwise would wait for nothing.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
     /// Follows the hub and writes its events to the parked clients, until `shutdown`.
     pub async fn run(self: Arc<Self>, hub: Hub, shutdown: Shutdown) {
+        self.running.store(true, Ordering::Release);
+        // However the fan-out ends (a panic included), no client is left waiting in it.
+        let _stopped = Stopped(&self);
         tokio::join!(
-            self.every.run(hub.subscribe(), &hub, shutdown.clone()),
+            self.with_readings
+                .run(hub.subscribe(), &hub, shutdown.clone()),
             self.without_readings
                 .run(hub.subscribe_without_readings(), &hub, shutdown),
         );
+    }
+}
+
+/// Marks the fan-out stopped and hands its clients back, when it ends.
+struct Stopped<'a>(&'a Fanout);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        self.0.with_readings.hand_back_all();
+        self.0.without_readings.hand_back_all();
     }
 }
 
@@ -133,7 +158,8 @@ impl Lane {
         });
         let mut parked = lock(&self.parked);
         // Sessions come back often and the list is pruned only when events flow: prune it
-        // here too before it grows, so a quiet gateway's list stays as long as its clients.
+        // here too before it grows, so a quiet gateway's list stays within about twice
+        // its clients.
         if parked.len() == parked.capacity() {
             parked.retain(|p| p.is_parked());
         }
@@ -270,12 +296,9 @@ impl Parking {
             return true;
         };
         state.position = newest;
-        let written = match socket.try_write(&bytes) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-            // The session finds the socket broken when it writes the rest.
-            Err(_) => 0,
-        };
+        // A socket that is full or broken took nothing: the session writes the rest, or
+        // finds it broken.
+        let written = socket.try_write(&bytes).unwrap_or(0);
         if written == bytes.len() {
             state.delivered = newest;
             return true;
@@ -445,14 +468,16 @@ mod tests {
         let (two_socket, two_client) = pair().await;
         let (one_socket, one_client) = pair().await;
         let every = fanout
-            .every
+            .with_readings
             .park(every_socket, subscription("channel=readings"), 0);
-        let two = fanout
-            .every
-            .park(two_socket, subscription("channel=readings&sensor_id=2"), 0);
-        let one = fanout
-            .every
-            .park(one_socket, subscription("channel=readings&sensor_id=1"), 0);
+        let two =
+            fanout
+                .with_readings
+                .park(two_socket, subscription("channel=readings&sensor_id=2"), 0);
+        let one =
+            fanout
+                .with_readings
+                .park(one_socket, subscription("channel=readings&sensor_id=1"), 0);
         // Lengths that take each of the three length encodings; sensor 2's events follow
         // each other in the batch, sensor 1's do not.
         let batch = [
@@ -461,7 +486,7 @@ mod tests {
             reading(3, 2, 70_000),
             reading(4, 1, 20),
         ];
-        fanout.every.write_out(&batch, Some(0), &hub);
+        fanout.with_readings.write_out(&batch, Some(0), &hub);
 
         let frames: Vec<&str> = batch.iter().map(|e| e.frame.as_str()).collect();
         assert_eq!(texts(every_client, 4).await, frames);
@@ -482,14 +507,14 @@ mod tests {
         let (behind_socket, _behind_client) = pair().await;
         let (ahead_socket, ahead_client) = pair().await;
         let behind = fanout
-            .every
+            .with_readings
             .park(behind_socket, subscription("channel=readings"), 1);
         let ahead = fanout
-            .every
+            .with_readings
             .park(ahead_socket, subscription("channel=readings"), 4);
         // The fan-out stood at 3: events 2 and 3 may not have reached `behind`.
         fanout
-            .every
+            .with_readings
             .write_out(&[reading(4, 1, 5), reading(5, 1, 5)], Some(3), &hub);
         tokio::time::timeout(Duration::from_secs(1), behind.handed_back())
             .await
@@ -500,12 +525,12 @@ mod tests {
         let texts_ahead = texts(ahead_client, 1).await;
         assert!(texts_ahead[0].starts_with("{\"seq\":5,"), "{texts_ahead:?}");
 
-        fanout.every.write_out(&[notice()], Some(5), &hub);
+        fanout.with_readings.write_out(&[notice()], Some(5), &hub);
         tokio::time::timeout(Duration::from_secs(1), ahead.handed_back())
             .await
             .expect("handed back");
         assert_eq!(ahead.unpark().position, 5);
-        assert!(lock(&fanout.every.parked).is_empty());
+        assert!(lock(&fanout.with_readings.parked).is_empty());
     }
 
     #[tokio::test]
@@ -514,12 +539,13 @@ mod tests {
         let fanout = Fanout::default();
         // The session's own handle keeps the socket open once the fan-out lets it go.
         let (socket, mut client) = pair().await;
-        let parking = fanout
-            .every
-            .park(socket.clone(), subscription("channel=readings"), 0);
+        let parking =
+            fanout
+                .with_readings
+                .park(socket.clone(), subscription("channel=readings"), 0);
         let event = reading(1, 1, 32 * 1024 * 1024);
         fanout
-            .every
+            .with_readings
             .write_out(std::slice::from_ref(&event), Some(0), &hub);
         tokio::time::timeout(Duration::from_secs(1), parking.handed_back())
             .await
@@ -540,7 +566,9 @@ mod tests {
         client.read_exact(&mut received).await.unwrap();
         assert_eq!(received[..], framed[..taken]);
         // Nothing more is written once the client is back with its session.
-        fanout.every.write_out(&[reading(2, 1, 5)], Some(1), &hub);
+        fanout
+            .with_readings
+            .write_out(&[reading(2, 1, 5)], Some(1), &hub);
         let mut more = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_millis(200), client.read(&mut more)).await;
         assert!(

@@ -56,6 +56,13 @@ const NORMAL_CLOSE_FRAME: [u8; 4] = [0x88, 0x02, 0x03, 0xE8];
 
 type Socket = WebSocketStream<SharedStream>;
 
+/// Waits until the client sends something (or the connection ends), without reading it:
+/// for a session that has lent its socket, which must take it back before tungstenite
+/// reads.
+pub async fn readable(socket: &TcpStream) {
+    let _ = poll_fn(|cx| socket.poll_read_ready(cx)).await;
+}
+
 /// A client's TCP socket, which its session reads and writes through tungstenite and
 /// the fan-out writes to while the session has lent it.
 pub struct SharedStream(Arc<TcpStream>);
@@ -106,15 +113,9 @@ impl AsyncWrite for SharedStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Shuts the write side, which only the sole holder may: a session takes its socket
-    /// back from the fan-out before it closes.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Arc::get_mut(&mut self.get_mut().0) {
-            Some(stream) => Pin::new(stream).poll_shutdown(cx),
-            None => Poll::Ready(Err(io::Error::other(
-                "the socket is still lent to the fan-out",
-            ))),
-        }
+    /// Shuts the write side, as tokio's own stream does, whoever else holds the socket.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -201,6 +202,9 @@ impl Connection {
             Pin::new(&mut self.socket).poll_flush(&mut cx),
             Poll::Ready(Ok(()))
         ) {
+            // What tungstenite holds (a pong) is flushed by the next write, with the
+            // session's waker.
+            self.unflushed = true;
             return false;
         }
         match Pin::new(&mut self.socket).poll_next(&mut cx) {
@@ -268,13 +272,6 @@ impl Connection {
             Pin::new(&mut self.socket).poll_next(cx).map(Step::Read)
         })
         .await
-    }
-
-    /// Waits until the client sends something (or the connection ends), without reading
-    /// it: for a session that has lent its socket, which must take it back before
-    /// tungstenite reads.
-    pub async fn readable(socket: &TcpStream) {
-        let _ = poll_fn(|cx| socket.poll_read_ready(cx)).await;
     }
 
     /// Reads the client's next message and nothing else, for before frames are queued.

@@ -42,7 +42,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::fanout::Parking;
 use super::outbox::{Frame, Outbox, REPLAY_AHEAD};
 use super::protocol;
-use super::socket::{Connection, SharedStream, Step};
+use super::socket::{self, Connection, SharedStream, Step};
 use super::subscription::{self, Request as SubscriptionRequest, Subscription, SubscriptionError};
 use super::throttle::Throttle;
 use crate::api::limits::Key;
@@ -161,6 +161,16 @@ struct Session {
     /// While the client is parked with the fan-out: its place there, and its socket to
     /// watch for the client's next message.
     parked: Option<(Arc<Parking>, Arc<TcpStream>)>,
+}
+
+/// A session that ends while parked (a panic in one of its steps included) takes its
+/// socket back, so that the fan-out stops writing to a connection nobody serves.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((parking, _)) = self.parked.take() {
+            parking.unpark();
+        }
+    }
 }
 
 /// How a session ended.
@@ -392,7 +402,8 @@ impl Session {
     /// (so nothing it should get first waits anywhere) and is not throttled (the
     /// throttle decides when it gets what).
     fn may_park(&self, feed: &Feed, connection: &mut Connection) -> bool {
-        self.throttle.is_none()
+        self.state.fanout.is_running()
+            && self.throttle.is_none()
             && feed.is_caught_up(&self.subscription.channel_list())
             && self.outbox.is_empty()
             && connection.is_idle()
@@ -437,6 +448,12 @@ impl Session {
                     feed.position(),
                 );
                 self.parked = Some((parking, socket));
+                // An event published since the feed was found caught up may have passed
+                // the fan-out before the client joined it: the session delivers it.
+                // Anything published later reaches the fan-out after the client did.
+                if !feed.is_caught_up(&self.subscription.channel_list()) {
+                    self.unpark(feed, connection);
+                }
             }
             let parked = self.parked.clone();
             let stalls_at = connection.stalls_at();
@@ -550,6 +567,7 @@ impl Session {
                     }
                 }
                 _ = ping.tick() => {
+                    self.unpark(feed, connection);
                     if !answered_ping {
                         return End::Close(CLOSE_PING_TIMEOUT, "no answer to ping".into());
                     }
@@ -711,7 +729,7 @@ async fn wait_parked(parked: Option<&(Arc<Parking>, Arc<TcpStream>)>) {
     };
     tokio::select! {
         _ = parking.handed_back() => {}
-        _ = Connection::readable(socket) => {}
+        _ = socket::readable(socket) => {}
     }
 }
 
