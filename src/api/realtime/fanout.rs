@@ -54,6 +54,8 @@ pub struct Fanout {
 #[derive(Default)]
 struct Lane {
     parked: Mutex<Vec<Arc<Parking>>>,
+    /// Wakes a lane without clients when one parks.
+    arrived: Notify,
 }
 
 /// One parked client, as its session and the fan-out share it.
@@ -121,9 +123,9 @@ impl Fanout {
         let _stopped = Stopped(&self);
         tokio::join!(
             self.with_readings
-                .run(hub.subscribe(), &hub, shutdown.clone()),
+                .run(|| hub.subscribe(), &hub, shutdown.clone()),
             self.without_readings
-                .run(hub.subscribe_without_readings(), &hub, shutdown),
+                .run(|| hub.subscribe_without_readings(), &hub, shutdown),
         );
     }
 }
@@ -164,22 +166,46 @@ impl Lane {
             parked.retain(|p| p.is_parked());
         }
         parked.push(parking.clone());
+        drop(parked);
+        self.arrived.notify_one();
         parking
     }
 
     /// Follows `live`, one of the hub's rings, and writes its events to the clients
     /// parked in this lane, until `shutdown`.
+    ///
+    /// A lane without clients leaves the ring: following it costs a wake-up per commit,
+    /// and the ring with readings carries hundreds of thousands a second at full ingest.
     async fn run(
         &self,
-        mut live: broadcast::Receiver<Arc<Event>>,
+        subscribe: impl Fn() -> broadcast::Receiver<Arc<Event>>,
         hub: &Hub,
         mut shutdown: Shutdown,
     ) {
-        // The `seq` of the last event written out, `None` at first and after falling
-        // behind the ring.
+        let mut live = None;
+        // The `seq` of the last event written out, `None` after joining or falling behind
+        // the ring.
         let mut last: Option<u64> = None;
         let mut batch: Vec<Arc<Event>> = Vec::with_capacity(BATCH);
         loop {
+            if lock(&self.parked).is_empty() {
+                live = None;
+                tokio::select! {
+                    _ = shutdown.recv() => break,
+                    _ = self.arrived.notified() => continue,
+                }
+            }
+            let live = match &mut live {
+                Some(live) => live,
+                None => {
+                    // Events sent before the subscription passed the lane by: the
+                    // clients parked meanwhile may be waiting for one, and go back.
+                    let subscribed = live.insert(subscribe());
+                    self.hand_back_all();
+                    last = None;
+                    subscribed
+                }
+            };
             let first = tokio::select! {
                 _ = shutdown.recv() => break,
                 first = live.recv() => first,
