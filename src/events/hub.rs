@@ -35,6 +35,8 @@ pub struct Hub {
     without_readings: broadcast::Sender<Arc<Event>>,
     /// `seq` of the newest published event.
     published: Arc<AtomicU64>,
+    /// `seq` of the newest published event not on `readings`.
+    published_without_readings: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
     channels: Arc<[Counters; 3]>,
     queues: Arc<QueueCounters>,
@@ -91,6 +93,7 @@ impl Hub {
             sender,
             without_readings,
             published: Arc::new(AtomicU64::new(0)),
+            published_without_readings: Arc::new(AtomicU64::new(0)),
             connections: Arc::new(AtomicU64::new(0)),
             channels: Arc::new(Default::default()),
             queues: Arc::default(),
@@ -102,6 +105,10 @@ impl Hub {
     pub fn publish(&self, event: Arc<Event>) {
         if event.seq > 0 {
             self.published.store(event.seq, Ordering::Release);
+            if event.channel != Channel::Readings {
+                self.published_without_readings
+                    .store(event.seq, Ordering::Release);
+            }
         }
         self.channels[event.channel.index()]
             .events_emitted
@@ -118,9 +125,18 @@ impl Hub {
         self.published.load(Ordering::Acquire)
     }
 
+    /// `seq` of the newest published event not on `readings` (or where numbering stood
+    /// at start): what a subscriber of the ring without readings has missed if it
+    /// subscribes now.
+    pub fn published_without_readings(&self) -> u64 {
+        self.published_without_readings.load(Ordering::Acquire)
+    }
+
     /// Sets where numbering stands when the daemon starts on an existing database.
     pub fn start_at(&self, seq: u64) {
         self.published.store(seq, Ordering::Release);
+        self.published_without_readings
+            .store(seq, Ordering::Release);
     }
 
     /// A new subscription that sees every event published from now on.
@@ -280,5 +296,8 @@ mod tests {
         assert_eq!(quiet.recv().await.unwrap().seq, 4);
         assert!(quiet.try_recv().is_err());
         assert_eq!(hub.published(), 4);
+        assert_eq!(hub.published_without_readings(), 4);
+        hub.publish(on(Channel::Readings, 5));
+        assert_eq!(hub.published_without_readings(), 4);
     }
 }

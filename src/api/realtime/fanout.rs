@@ -121,11 +121,15 @@ impl Fanout {
         self.running.store(true, Ordering::Release);
         // However the fan-out ends (a panic included), no client is left waiting in it.
         let _stopped = Stopped(&self);
+        let with_readings = || (hub.subscribe(), hub.published());
+        let without_readings = || {
+            let live = hub.subscribe_without_readings();
+            (live, hub.published_without_readings())
+        };
         tokio::join!(
             self.with_readings
-                .run(|| hub.subscribe(), &hub, shutdown.clone()),
-            self.without_readings
-                .run(|| hub.subscribe_without_readings(), &hub, shutdown),
+                .run(with_readings, &hub, shutdown.clone()),
+            self.without_readings.run(without_readings, &hub, shutdown),
         );
     }
 }
@@ -178,13 +182,13 @@ impl Lane {
     /// and the ring with readings carries hundreds of thousands a second at full ingest.
     async fn run(
         &self,
-        subscribe: impl Fn() -> broadcast::Receiver<Arc<Event>>,
+        subscribe: impl Fn() -> (broadcast::Receiver<Arc<Event>>, u64),
         hub: &Hub,
         mut shutdown: Shutdown,
     ) {
         let mut live = None;
-        // The `seq` of the last event written out, `None` after joining or falling behind
-        // the ring.
+        // The `seq` of the last event written out (or missed before joining the ring),
+        // `None` after falling behind it.
         let mut last: Option<u64> = None;
         let mut batch: Vec<Arc<Event>> = Vec::with_capacity(BATCH);
         loop {
@@ -198,12 +202,13 @@ impl Lane {
             let live = match &mut live {
                 Some(live) => live,
                 None => {
-                    // Events sent before the subscription passed the lane by: the
-                    // clients parked meanwhile may be waiting for one, and go back.
-                    let subscribed = live.insert(subscribe());
-                    self.hand_back_all();
-                    last = None;
-                    subscribed
+                    // Events sent before the subscription passed the lane by (the
+                    // newest of them numbered `missed`): clients parked meanwhile that
+                    // may be waiting for one go back.
+                    let (subscribed, missed) = subscribe();
+                    self.hand_back_behind(missed);
+                    last = Some(missed);
+                    live.insert(subscribed)
                 }
             };
             let first = tokio::select! {
@@ -270,6 +275,18 @@ impl Lane {
         // Clients parked while this batch was written come after the ones kept.
         parked.append(&mut list);
         *list = parked;
+    }
+
+    /// Hands back the clients whose position is before `seq`.
+    fn hand_back_behind(&self, seq: u64) {
+        let mut parked = lock(&self.parked);
+        parked.retain(|parking| {
+            let behind = lock(&parking.state).position < seq;
+            if behind {
+                parking.hand_back();
+            }
+            !behind
+        });
     }
 
     fn hand_back_all(&self) {
@@ -557,6 +574,25 @@ mod tests {
             .expect("handed back");
         assert_eq!(ahead.unpark().position, 5);
         assert!(lock(&fanout.with_readings.parked).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_lane_joining_the_ring_hands_back_the_clients_behind_what_it_missed() {
+        let fanout = Fanout::default();
+        let (behind_socket, _behind_client) = pair().await;
+        let (level_socket, level_client) = pair().await;
+        let lane = &fanout.with_readings;
+        let behind = lane.park(behind_socket, subscription("channel=readings"), 4);
+        let level = lane.park(level_socket, subscription("channel=readings"), 5);
+        // Event 5 was sent before the lane subscribed.
+        lane.hand_back_behind(5);
+        tokio::time::timeout(Duration::from_secs(1), behind.handed_back())
+            .await
+            .expect("handed back");
+        assert_eq!(behind.unpark().position, 4);
+        lane.write_out(&[reading(6, 1, 5)], Some(5), &Hub::new(8));
+        assert!(texts(level_client, 1).await[0].starts_with("{\"seq\":6,"));
+        assert_eq!(level.unpark().position, 6);
     }
 
     #[tokio::test]
