@@ -325,7 +325,7 @@ impl Parking {
     /// Writes what of `framed` the client wants; false once it is no longer parked.
     fn write(&self, framed: &Framed, before: u64, sent: &mut [u64; 3]) -> bool {
         let mut state = lock(&self.state);
-        let Some(socket) = state.socket.clone() else {
+        let Some(socket) = &state.socket else {
             return false;
         };
         let newest = framed.newest();
@@ -338,10 +338,10 @@ impl Parking {
             state.position = state.position.max(newest);
             return true;
         };
-        state.position = newest;
         // A socket that is full or broken took nothing: the session writes the rest, or
         // finds it broken.
         let written = socket.try_write(&bytes).unwrap_or(0);
+        state.position = newest;
         if written == bytes.len() {
             state.delivered = newest;
             return true;
@@ -350,9 +350,8 @@ impl Parking {
             bytes: bytes.slice(written..),
             newest,
         });
-        state.socket = None;
         drop(state);
-        self.handed_back.notify_one();
+        self.hand_back();
         false
     }
 }
@@ -490,6 +489,12 @@ mod tests {
         (Arc::new(server), client)
     }
 
+    async fn handed_back_soon(parking: &Parking) {
+        tokio::time::timeout(Duration::from_secs(1), parking.handed_back())
+            .await
+            .expect("handed back within 1 s");
+    }
+
     async fn texts(client: TcpStream, count: usize) -> Vec<String> {
         let mut socket = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         let mut texts = Vec::new();
@@ -559,9 +564,7 @@ mod tests {
         fanout
             .with_readings
             .write_out(&[reading(4, 1, 5), reading(5, 1, 5)], Some(3), &hub);
-        tokio::time::timeout(Duration::from_secs(1), behind.handed_back())
-            .await
-            .expect("handed back");
+        handed_back_soon(&behind).await;
         let back = behind.unpark();
         assert_eq!((back.position, back.delivered), (1, 1));
         // `ahead` had 4 already: only 5 is written.
@@ -569,9 +572,7 @@ mod tests {
         assert!(texts_ahead[0].starts_with("{\"seq\":5,"), "{texts_ahead:?}");
 
         fanout.with_readings.write_out(&[notice()], Some(5), &hub);
-        tokio::time::timeout(Duration::from_secs(1), ahead.handed_back())
-            .await
-            .expect("handed back");
+        handed_back_soon(&ahead).await;
         assert_eq!(ahead.unpark().position, 5);
         assert!(lock(&fanout.with_readings.parked).is_empty());
     }
@@ -586,9 +587,7 @@ mod tests {
         let level = lane.park(level_socket, subscription("channel=readings"), 5);
         // Event 5 was sent before the lane subscribed.
         lane.hand_back_behind(5);
-        tokio::time::timeout(Duration::from_secs(1), behind.handed_back())
-            .await
-            .expect("handed back");
+        handed_back_soon(&behind).await;
         assert_eq!(behind.unpark().position, 4);
         lane.write_out(&[reading(6, 1, 5)], Some(5), &Hub::new(8));
         assert!(texts(level_client, 1).await[0].starts_with("{\"seq\":6,"));
@@ -609,9 +608,7 @@ mod tests {
         fanout
             .with_readings
             .write_out(std::slice::from_ref(&event), Some(0), &hub);
-        tokio::time::timeout(Duration::from_secs(1), parking.handed_back())
-            .await
-            .expect("handed back");
+        handed_back_soon(&parking).await;
         let back = parking.unpark();
         assert_eq!((back.position, back.delivered), (1, 0));
         let unwritten = back

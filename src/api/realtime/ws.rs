@@ -51,7 +51,7 @@ use crate::api::metrics::{CloseInitiator, Limit};
 use crate::api::query::Query;
 use crate::api::{full, ApiError, Body, Client, State, StreamAdmission};
 use crate::auth::{Access, Principal};
-use crate::events;
+use crate::events::{self, Channel};
 use crate::model::{format_time, now_micros};
 use crate::store::{Feed, Pulled};
 
@@ -401,10 +401,10 @@ impl Session {
     /// Whether the client can be left to the fan-out: it is live and has every event
     /// (so nothing it should get first waits anywhere) and is not throttled (the
     /// throttle decides when it gets what).
-    fn may_park(&self, feed: &Feed, connection: &mut Connection) -> bool {
+    fn may_park(&self, feed: &Feed, channels: &[Channel], connection: &mut Connection) -> bool {
         self.state.fanout.is_running()
             && self.throttle.is_none()
-            && feed.is_caught_up(&self.subscription.channel_list())
+            && feed.is_caught_up(channels)
             && self.outbox.is_empty()
             && connection.is_idle()
     }
@@ -439,7 +439,9 @@ impl Session {
             if !connection.write_now(&self.outbox, &self.state.hub).await {
                 return End::Gone;
             }
-            if self.may_park(feed, connection) {
+            // The subscription changes only in the turn's answer to a client message.
+            let channels = self.subscription.channel_list();
+            if self.may_park(feed, &channels, connection) {
                 let socket = connection.shared_socket();
                 let parking = self.state.fanout.park(
                     feed.follows_readings(),
@@ -451,13 +453,12 @@ impl Session {
                 // An event published since the feed was found caught up may have passed
                 // the fan-out before the client joined it: the session delivers it.
                 // Anything published later reaches the fan-out after the client did.
-                if !feed.is_caught_up(&self.subscription.channel_list()) {
+                if !feed.is_caught_up(&channels) {
                     self.unpark(feed, connection);
                 }
             }
             let parked = self.parked.clone();
             let stalls_at = connection.stalls_at();
-            let channels = self.subscription.channel_list();
             let replaying = feed.is_replaying();
             let may_pull = !replaying || self.outbox.has_room();
             let pulls = may_pull && !channels.is_empty() && parked.is_none();
