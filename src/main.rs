@@ -526,6 +526,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
+            service::give_back_memory_promptly();
             service::init_logging();
             run(args)
         }

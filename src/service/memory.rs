@@ -32,6 +32,32 @@ pub async fn give_back_periodically(mut shutdown: Shutdown) {
     }
 }
 
+/// Has glibc give back the free top of every arena as it frees, instead of only when a
+/// threshold it raises with every large block is passed. Call before any thread starts.
+///
+/// `malloc_trim` releases free pages inside an arena, but not the free space at the top
+/// of the arenas other threads use: glibc keeps 128 KiB of padding there, and shrinks
+/// them only when a free leaves more than its trim threshold on top, a threshold it
+/// raises towards 64 MiB (on 64-bit systems) as large blocks come and go. After a resume storm, with the
+/// blocking threads that read the log each on an arena of their own, no padding and a
+/// fixed 64 KiB threshold left 15.9 to 16.5 MiB resident instead of 16.2 to 18.1 MiB
+/// once the clients had left, with the same fan-out and latency figures (README).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn give_back_promptly() {
+    const TRIM_THRESHOLD: libc::c_int = 64 * 1024;
+    // SAFETY: `mallopt` only sets glibc's own tuning values, under its lock; it takes
+    // no pointer.
+    unsafe {
+        libc::mallopt(libc::M_TOP_PAD, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
+/// Other C libraries have no such tuning.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn give_back_promptly() {}
+
 /// Returns the whole free pages of glibc's arenas to the kernel.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]

@@ -12,6 +12,7 @@ mod supervisor;
 
 pub use logging::init as init_logging;
 pub use memory::give_back_periodically as give_back_memory_periodically;
+pub use memory::give_back_promptly as give_back_memory_promptly;
 pub use signals::{hangups, terminate};
 pub use supervisor::Supervisor;
 
